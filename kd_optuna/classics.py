@@ -64,8 +64,8 @@ CLASSICS: dict[str, tuple[DistillerSpec, str]] = {
     ),
     "emb_cos": (
         _spec("emb", "no", "no", "no", "cos", "no", 1, 10),
-        "Embedding cosine alignment, as in CRD's and SRRL's embedding-matching baselines: "
-        "1 - cos(student embedding after a linear adapter, teacher embedding).",
+        "Embedding hint: FitNets' hint (Romero et al. 2015) moved to the pooled embedding, "
+        "with a cosine distance, 1 - cos(linear adapter(student emb), teacher emb).",
     ),
 }
 

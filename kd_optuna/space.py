@@ -293,7 +293,7 @@ class SearchSpace:
         """A copy with the given genes limited to the given options."""
         for gene in genes:
             _check_gene(gene)
-        return SearchSpace({**self.options, **{g: tuple(v) for g, v in genes.items()}})
+        return SearchSpace({**self.options, **genes})
 
     def contains(self, spec: DistillerSpec) -> bool:
         return all(getattr(spec, gene) in self.options[gene] for gene in GENES)
