@@ -1,0 +1,98 @@
+"""One registry of model names: ``build_model(name, num_classes)`` and the tap nodes of each.
+
+Names follow RepDistiller / mdistiller for the CIFAR zoo (``resnet8`` .. ``ShuffleV2``;
+``mobile_half`` is an alias of ``MobileNetV2``), ``digits_teacher`` / ``digits_student`` for the
+embedded task, torchvision's ImageNet ``resnet18/34/50`` and ``mobilenet_v2`` (random init), and
+``vit_tiny_cifar`` (timm, optional).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from ..errors import KdOptunaError
+from . import digits, mobilenetv2, resnet, shufflenet, vgg, vit, wrn
+
+
+class UnknownModel(KdOptunaError, KeyError):
+    """A model name that the registry does not have."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """How to build a model and which graph nodes the tap reads.
+
+    ``nodes`` maps ``feat``, ``emb`` and ``logit`` to torch.fx node names (a module path names
+    the last node inside that module); ``feat_transform(model)``, when set, returns a function
+    applied to the tapped ``feat`` tensor (ViT tokens -> patch grid)."""
+
+    factory: Callable[..., nn.Module]
+    nodes: dict[str, str]
+    input_shape: tuple[int, int, int]
+    feat_transform: Callable[[nn.Module], Callable] | None = field(default=None)
+
+
+def _torchvision(name: str):
+    def build(num_classes: int = 1000, **kwargs) -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kwargs)
+
+    return build
+
+
+_TV_RESNET = {"feat": "layer4", "emb": "flatten", "logit": "fc"}
+_CIFAR = (3, 32, 32)
+
+_REGISTRY: dict[str, ModelEntry] = {
+    "digits_teacher": ModelEntry(digits.digits_teacher, digits.DigitsCNN.tap_nodes, (1, 16, 16)),
+    "digits_student": ModelEntry(digits.digits_student, digits.DigitsCNN.tap_nodes, (1, 16, 16)),
+    **{
+        f"resnet{d}": ModelEntry(resnet.cifar_resnet(d), resnet.CifarResNet.tap_nodes, _CIFAR)
+        for d in (8, 14, 20, 32, 44, 56, 110)
+    },
+    "resnet8x4": ModelEntry(resnet.cifar_resnet(8, wide=True), resnet.CifarResNet.tap_nodes, _CIFAR),
+    "resnet32x4": ModelEntry(resnet.cifar_resnet(32, wide=True), resnet.CifarResNet.tap_nodes, _CIFAR),
+    **{
+        f"wrn_{d}_{k}": ModelEntry(wrn.wide_resnet(d, k), wrn.WideResNet.tap_nodes, _CIFAR)
+        for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))
+    },
+    **{name: ModelEntry(vgg.vgg_bn(name), vgg.VGG.tap_nodes, _CIFAR) for name in vgg.CONFIGS},
+    "MobileNetV2": ModelEntry(mobilenetv2.mobilenet_v2_half, mobilenetv2.MobileNetV2.tap_nodes, _CIFAR),
+    "mobile_half": ModelEntry(mobilenetv2.mobilenet_v2_half, mobilenetv2.MobileNetV2.tap_nodes, _CIFAR),
+    "ShuffleV1": ModelEntry(shufflenet.ShuffleNetV1, shufflenet.ShuffleNetV1.tap_nodes, _CIFAR),
+    "ShuffleV2": ModelEntry(shufflenet.ShuffleNetV2, shufflenet.ShuffleNetV2.tap_nodes, _CIFAR),
+    **{n: ModelEntry(_torchvision(n), _TV_RESNET, (3, 224, 224)) for n in ("resnet18", "resnet34", "resnet50")},
+    "mobilenet_v2": ModelEntry(
+        _torchvision("mobilenet_v2"), {"feat": "features", "emb": "flatten", "logit": "classifier"}, (3, 224, 224)
+    ),
+    "vit_tiny_cifar": ModelEntry(
+        vit.vit_tiny_cifar,
+        {"feat": "norm", "emb": "fc_norm", "logit": "head"},
+        _CIFAR,
+        feat_transform=lambda model: vit.tokens_to_map(getattr(model, "num_prefix_tokens", 1)),
+    ),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; an unknown name raises UnknownModel listing the known."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownModel(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}") from None
+
+
+def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """A freshly initialised model ``name`` with ``num_classes`` outputs; kwargs go to its factory."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise KdOptunaError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return model_entry(name).factory(num_classes=num_classes, **kwargs)

@@ -1,0 +1,194 @@
+"""The tap: any classifier's ``{feat, emb, logit}`` from one forward pass, without editing it.
+
+``tap_model(model, name)`` or ``tap_model(model, nodes={"feat": ..., "emb": ..., "logit": ...})``
+wraps ``model`` in a :class:`TappedModel` whose forward returns
+
+- ``feat``: the last-stage feature map, the tensor that global pooling reduces to ``emb``,
+  (N, C, H, W) for CNNs; for a ViT the patch-token grid (N, D, h, w) (class token dropped),
+- ``emb``: the pooled vector before the classifier (N, D) (flattened if the node gives more dims),
+- ``logit``: the classifier output (N, K).
+
+The graph is built with torchvision's ``models.feature_extraction.create_feature_extractor``
+(torch.fx). The extractor shares the model's modules and parameters, so training the tapped
+model trains the model; ``train()``/``eval()`` on either one is honoured. A model torch.fx
+cannot trace falls back to forward hooks on the named modules (node names must then be module
+paths), with the same result and still one forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import KdOptunaError
+from .registry import model_entry
+
+KNOWLEDGE = ("feat", "emb", "logit")
+
+
+class TapError(KdOptunaError, ValueError):
+    """Tap node names that the model's graph does not have, or a model with no known nodes."""
+
+
+def _default_nodes(model: nn.Module) -> dict[str, str] | None:
+    nodes = getattr(model, "tap_nodes", None)
+    if nodes is not None:
+        return dict(nodes)
+    import torchvision
+
+    if isinstance(model, torchvision.models.ResNet):
+        return {"feat": "layer4", "emb": "flatten", "logit": "fc"}
+    if isinstance(model, torchvision.models.MobileNetV2):
+        return {"feat": "features", "emb": "flatten", "logit": "classifier"}
+    return None
+
+
+def _available_nodes(model: nn.Module) -> str:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        _, names = get_graph_node_names(model)
+    except Exception:
+        names = [n for n, _ in model.named_modules() if n]
+    top = [n for n in names if "." not in n]
+    return f"top-level nodes: {', '.join(top)}; last nodes: {', '.join(names[-8:])}"
+
+
+def _fx_extractor(model: nn.Module, node_names: list[str]) -> nn.Module:
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    return create_feature_extractor(model, return_nodes={n: n for n in node_names})
+
+
+class _HookExtractor(nn.Module):
+    """Fallback for untraceable models: forward hooks record the named modules' outputs."""
+
+    def __init__(self, model: nn.Module, node_names: list[str]):
+        super().__init__()
+        modules = dict(model.named_modules())
+        missing = [n for n in node_names if n not in modules]
+        if missing:
+            raise TapError(
+                f"torch.fx cannot trace {type(model).__name__} and {', '.join(missing)} "
+                f"are not module paths; module paths: {', '.join(n for n in modules if n and '.' not in n)}"
+            )
+        self.model = model
+        self.node_names = node_names
+        self._outputs: dict[str, torch.Tensor] = {}
+        for n in node_names:
+            modules[n].register_forward_hook(self._recorder(n))
+
+    def _recorder(self, name: str):
+        def hook(module, args, output):
+            self._outputs[name] = output
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._outputs = {}
+        self.model(x)
+        out, self._outputs = self._outputs, {}
+        return out
+
+
+class TappedModel(nn.Module):
+    """``model`` plus a feature extractor: forward(x (N, ...)) -> {feat, emb, logit}.
+
+    ``model`` is a registered submodule (``tapped.parameters()`` are the model's parameters,
+    ``tapped.model.state_dict()`` is the plain model's checkpoint); the extractor is kept out of
+    the module tree so nothing is counted or saved twice, and ``to()``/``train()`` reach it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        nodes: Mapping[str, str],
+        extractor: nn.Module,
+        feat_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mechanism: str = "fx",
+    ):
+        super().__init__()
+        self.model = model
+        self.nodes = dict(nodes)
+        self.mechanism = mechanism
+        object.__setattr__(self, "_extractor", extractor)
+        object.__setattr__(self, "_feat_transform", feat_transform)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._extractor._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True) -> "TappedModel":
+        super().train(mode)
+        self._extractor.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._extractor.training != self.model.training:
+            self._extractor.train(self.model.training)
+        raw = self._extractor(x)
+        out = {k: raw[self.nodes[k]] for k in KNOWLEDGE}
+        if self._feat_transform is not None:
+            out["feat"] = self._feat_transform(out["feat"])
+        if out["emb"].dim() > 2:
+            out["emb"] = torch.flatten(out["emb"], 1)
+        return out
+
+
+def tap_model(model: nn.Module, name: str | None = None, nodes: Mapping[str, str] | None = None) -> TappedModel:
+    """Wrap ``model`` so that one forward pass returns ``{feat, emb, logit}``.
+
+    Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
+    the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 are
+    recognised). ``nodes`` needs the keys feat, emb, logit; values are torch.fx node names as
+    listed by ``torchvision.models.feature_extraction.get_graph_node_names`` (a module path
+    names the last node inside it). A wrong name raises TapError listing the available nodes.
+    """
+    feat_transform = None
+    if nodes is None and name is not None:
+        entry = model_entry(name)
+        nodes = entry.nodes
+        if entry.feat_transform is not None:
+            feat_transform = entry.feat_transform(model)
+    if nodes is None:
+        nodes = _default_nodes(model)
+    if nodes is None:
+        raise TapError(
+            f"no known tap nodes for {type(model).__name__}: pass nodes={{'feat': ..., 'emb': ..., "
+            f"'logit': ...}}; {_available_nodes(model)}"
+        )
+    missing = [k for k in KNOWLEDGE if k not in nodes]
+    if missing:
+        raise TapError(f"tap nodes need the keys feat, emb, logit; missing: {', '.join(missing)}")
+    node_names = list(dict.fromkeys(nodes[k] for k in KNOWLEDGE))
+    mechanism = "fx"
+    try:
+        extractor = _fx_extractor(model, node_names)
+    except ValueError as exc:
+        if "is not present in model" in str(exc):
+            raise TapError(
+                f"tap nodes {node_names} not all in {type(model).__name__}'s graph ({exc}); "
+                f"{_available_nodes(model)}"
+            ) from None
+        extractor, mechanism = _HookExtractor(model, node_names), "hooks"
+    except Exception:
+        extractor, mechanism = _HookExtractor(model, node_names), "hooks"
+    return TappedModel(model, {k: nodes[k] for k in KNOWLEDGE}, extractor, feat_transform, mechanism)
+
+
+@torch.no_grad()
+def knowledge_shapes(tapped: TappedModel, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes {feat: (C, H, W), emb: (D,), logit: (K,)} for inputs of ``input_shape``
+    (no batch dimension), from one eval-mode forward of a zero batch of 2; the mode is restored."""
+    was_training = tapped.training or tapped.model.training
+    param = next(tapped.model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    tapped.eval()
+    try:
+        out = tapped(torch.zeros((2, *input_shape), device=device, dtype=dtype))
+    finally:
+        tapped.train(was_training)
+    return {k: tuple(v.shape[1:]) for k, v in out.items()}

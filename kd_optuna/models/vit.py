@@ -1,0 +1,54 @@
+"""A small DeiT-style Vision Transformer from timm, an optional extra (``pip install timm``).
+
+``vit_tiny_cifar``: DeiT-Ti's width (embed 192, 3 heads, MLP ratio 4) at CIFAR resolution,
+patch 4 on 32x32 images -> 64 patch tokens + 1 class token; depth 12 (5.4M parameters for 100
+classes). Keyword arguments go to timm's ``VisionTransformer`` (``depth``, ``embed_dim``,
+``img_size``, ``in_chans``, ...), so smaller students or other inputs are one call away.
+
+Tapped with torch.fx like every model: feat = output of the final ``norm`` (N, 1 + L, D),
+given to users as the patch-token grid (N, D, h, w) with the class token dropped (see
+``tokens_to_map``), emb = the class token after ``fc_norm`` (N, D), logit = ``head`` (N, K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import KdOptunaError
+
+
+class MissingExtra(KdOptunaError, ImportError):
+    """An optional dependency that a requested model needs is not installed."""
+
+
+def _timm_vision_transformer():
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as exc:
+        raise MissingExtra("ViT students need timm: install it with `pip install timm`") from exc
+    return VisionTransformer
+
+
+def vit_tiny_cifar(num_classes: int = 100, **kwargs) -> nn.Module:
+    settings = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0)
+    settings.update(kwargs)
+    return _timm_vision_transformer()(num_classes=num_classes, **settings)
+
+
+def tokens_to_map(prefix_tokens: int):
+    """(N, P + L, D) tokens -> (N, D, h, w) patch grid, dropping the P prefix (class) tokens;
+    L must be a square h * w, otherwise the tokens are returned unchanged as (N, P + L, D)."""
+
+    def convert(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 3:
+            return tokens
+        patches = tokens[:, prefix_tokens:]
+        side = math.isqrt(patches.shape[1])
+        if side * side != patches.shape[1]:
+            return tokens
+        return patches.transpose(1, 2).unflatten(2, (side, side))
+
+    return convert

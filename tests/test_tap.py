@@ -1,0 +1,170 @@
+"""The tap: {feat, emb, logit} from one forward pass, sharing parameters and mode with the model."""
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from kd_optuna.models import MODEL_NAMES, MissingExtra, TapError, build_model, knowledge_shapes, tap_model
+
+CNN_INPUTS = {"digits_teacher": (1, 16, 16), "digits_student": (1, 16, 16)}
+IMAGENET = {"resnet18", "resnet34", "resnet50", "mobilenet_v2"}
+
+
+def input_shape(name):
+    if name in IMAGENET:
+        return (3, 64, 64)
+    return CNN_INPUTS.get(name, (3, 32, 32))
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "vit_tiny_cifar"])
+def test_tap_gives_pooled_feature_map_and_the_models_logits(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=5).eval()
+    tapped = tap_model(model, name)
+    x = torch.randn(2, *input_shape(name))
+    with torch.no_grad():
+        out = tapped(x)
+        expected_logits = model(x)
+    feat, emb, logit = out["feat"], out["emb"], out["logit"]
+    assert feat.dim() == 4 and emb.dim() == 2 and logit.shape == (2, 5)
+    torch.testing.assert_close(feat.mean(dim=(2, 3)), emb)
+    torch.testing.assert_close(logit, expected_logits)
+
+
+def test_knowledge_shapes_per_sample():
+    model = build_model("resnet20", num_classes=100).train()
+    tapped = tap_model(model, "resnet20")
+    shapes = knowledge_shapes(tapped, input_shape=(3, 32, 32))
+    assert shapes == {"feat": (64, 8, 8), "emb": (64,), "logit": (100,)}
+    assert model.training, "knowledge_shapes must restore the training mode"
+
+
+def test_one_forward_pass_per_call():
+    model = build_model("resnet8", 10)
+    calls = []
+    model.conv1.register_forward_hook(lambda *args: calls.append(1))
+    tap_model(model, "resnet8")(torch.randn(2, 3, 32, 32))
+    assert len(calls) == 1
+
+
+def test_training_through_the_tap_trains_the_model():
+    torch.manual_seed(0)
+    model = build_model("digits_student", 10)
+    tapped = tap_model(model, "digits_student")
+    assert {id(p) for p in tapped.parameters()} == {id(p) for p in model.parameters()}
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    before = model.fc.weight.detach().clone()
+    opt = torch.optim.SGD(tapped.parameters(), lr=0.1)
+    F.cross_entropy(tapped(x)["logit"], y).backward()
+    opt.step()
+    assert not torch.equal(before, model.fc.weight)
+
+
+def test_mode_follows_the_model_and_the_wrapper():
+    torch.manual_seed(0)
+    model = build_model("digits_student", 10)
+    tapped = tap_model(model, "digits_student")
+    x = torch.randn(8, 1, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(tapped(x)["logit"], model(x))
+    tapped.train()
+    assert model.training and model.features[0][1].training
+    running = model.features[0][1].running_mean.clone()
+    tapped(x)
+    assert not torch.equal(running, model.features[0][1].running_mean), "train mode updates BN statistics"
+
+
+def test_dtype_conversion_reaches_the_extractor():
+    tapped = tap_model(build_model("resnet8", 10), "resnet8").double()
+    assert tapped(torch.randn(2, 3, 32, 32, dtype=torch.float64))["logit"].dtype == torch.float64
+
+
+def test_wrong_node_name_lists_available_nodes():
+    model = build_model("resnet8", 10)
+    with pytest.raises(TapError) as info:
+        tap_model(model, nodes={"feat": "layer9", "emb": "flatten", "logit": "fc"})
+    message = str(info.value)
+    assert "layer9" in message and "layer3" in message and "\n" not in message
+
+
+def test_missing_knowledge_key_is_an_error():
+    with pytest.raises(TapError, match="logit"):
+        tap_model(build_model("resnet8", 10), nodes={"feat": "layer3", "emb": "flatten"})
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.pool(self.body(x)).flatten(1))
+
+
+class Untraceable(Custom):
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum() > -1e9:  # data-dependent branch: torch.fx cannot trace it
+            h = h * 1.0
+        return self.head(self.pool(h).flatten(1))
+
+
+def test_user_model_with_user_nodes_and_pooled_emb_flattened():
+    model = Custom().eval()
+    out = tap_model(model, nodes={"feat": "body", "emb": "pool", "logit": "head"})(torch.randn(3, 3, 8, 8))
+    assert out["feat"].shape == (3, 8, 8, 8) and out["emb"].shape == (3, 8) and out["logit"].shape == (3, 4)
+
+
+def test_model_without_known_nodes_asks_for_them():
+    with pytest.raises(TapError, match="nodes="):
+        tap_model(Custom())
+
+
+def test_untraceable_model_falls_back_to_hooks():
+    model = Untraceable().eval()
+    tapped = tap_model(model, nodes={"feat": "body", "emb": "pool", "logit": "head"})
+    assert tapped.mechanism == "hooks"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = tapped(x)
+        torch.testing.assert_close(out["logit"], model(x))
+    assert out["emb"].shape == (2, 8)
+
+
+def test_torchvision_models_are_recognised_without_a_name():
+    import torchvision
+
+    tapped = tap_model(torchvision.models.resnet18(weights=None, num_classes=3))
+    assert knowledge_shapes(tapped, (3, 64, 64)) == {"feat": (512, 2, 2), "emb": (512,), "logit": (3,)}
+
+
+def test_vit_student_distils_logits_and_embeddings_from_a_cnn_teacher():
+    torch.manual_seed(0)
+    teacher = tap_model(build_model("resnet8", 10).eval(), "resnet8")
+    student = tap_model(build_model("vit_tiny_cifar", 10, depth=2), "vit_tiny_cifar")
+    assert student.mechanism == "fx"
+    shapes = knowledge_shapes(student, (3, 32, 32))
+    assert shapes == {"feat": (192, 8, 8), "emb": (192,), "logit": (10,)}
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        t = teacher(x)
+    s = student(x)
+    adapter = nn.Linear(192, 64)
+    kd = F.kl_div(F.log_softmax(s["logit"] / 4, 1), F.softmax(t["logit"] / 4, 1), reduction="batchmean")
+    emb = F.mse_loss(adapter(s["emb"]), t["emb"])
+    (kd + emb).backward()
+    assert torch.isfinite(kd + emb)
+    grad = student.model.patch_embed.proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_vit_without_timm_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)
+    with pytest.raises(MissingExtra, match="pip install timm"):
+        build_model("vit_tiny_cifar", 10)
