@@ -1,0 +1,173 @@
+"""Scoring a proxy student: validation CE, accuracy, sharpness gap, CKA gap, and the score.
+
+Every function here is deterministic for fixed inputs (a seed is an argument where randomness
+enters) and reads held-out data only; none knows of Optuna or of other trials.
+
+    val_ce        calibrated_cross_entropy(logits (N, K), labels (N,)): the CE after the one
+                  temperature that minimises it (raw CE punishes an under-confident student
+                  that ranks classes well, as high-temperature distillers make it).
+    val_acc       accuracy(logits, labels) in [0, 1].
+    sharpness     adaptive_sharpness(model, inputs, labels, rho): L(w + e) - L(w), with
+                  e = rho * |w|^2 * g / || |w| * g || one normalised (ASAM-style) ascent step.
+    sharpness_gap student sharpness - teacher sharpness (same data, same rho).
+    cka_gap       1 - linear_cka(student emb (N, Ds), teacher emb (N, Dt)).
+    score         combined_score(metrics, weights): sum of weight * metric; lower is better.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: The interval of T searched by calibration.
+_LOG_T_RANGE = (math.log(1e-3), math.log(1e3))
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows of ``logits`` (N, K) whose argmax equals ``labels`` (N,)."""
+    return float((logits.argmax(dim=1) == labels).double().mean())
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> float:
+    """mean_n(-log softmax(logits_n / T)[y_n]), computed in float64."""
+    return float(F.cross_entropy(logits.double() / temperature, labels.long()))
+
+
+def fit_temperature(logits: Tensor, labels: Tensor, iterations: int = 60) -> float:
+    """The T > 0 minimising cross_entropy(logits, labels, T), by golden-section search on log T.
+
+    CE is convex in 1/T, so it is unimodal in log T; the search is over T in [1e-3, 1e3].
+    """
+    logits, labels = logits.double(), labels.long()
+
+    def ce(log_t: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(log_t), labels))
+
+    lo, hi = _LOG_T_RANGE
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = ce(a), ce(b)
+    for _ in range(iterations):
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = ce(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = ce(b)
+    return math.exp((lo + hi) / 2)
+
+
+def calibrated_cross_entropy(logits: Tensor, labels: Tensor) -> float:
+    """cross_entropy at the fitted temperature: never above the raw CE (T=1 is a candidate)."""
+    fitted = cross_entropy(logits, labels, fit_temperature(logits, labels))
+    return min(fitted, cross_entropy(logits, labels))
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA of two representations of the same N samples, x (N, Dx) and y (N, Dy).
+
+    With column-centred X and Y: ``||Y^T X||_F^2 / (||X^T X||_F * ||Y^T Y||_F)`` (Kornblith et
+    al. 2019), in [0, 1]; 1 for X = Y, invariant to orthogonal maps and isotropic scaling of
+    either side. Computed in float64; a constant representation gives 0.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"linear_cka needs (N, Dx) and (N, Dy), got {tuple(x.shape)}, {tuple(y.shape)}")
+    x = x.double() - x.double().mean(dim=0, keepdim=True)
+    y = y.double() - y.double().mean(dim=0, keepdim=True)
+    cross = torch.linalg.matrix_norm(y.T @ x) ** 2
+    norms = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
+    if float(norms) == 0.0:
+        return 0.0
+    return float(cross / norms)
+
+
+def cka_gap(student_emb: Tensor, teacher_emb: Tensor) -> float:
+    """1 - linear_cka(student_emb (N, Ds), teacher_emb (N, Dt)): 0 when they match up to rotation."""
+    return 1.0 - linear_cka(student_emb.flatten(1), teacher_emb.flatten(1))
+
+
+def _logits_of(model: nn.Module, inputs: Tensor) -> Tensor:
+    out = model(inputs)
+    return out["logit"] if isinstance(out, Mapping) else out
+
+
+def adaptive_sharpness(
+    model: nn.Module,
+    inputs: Tensor,
+    labels: Tensor,
+    rho: float = 0.05,
+    seed: int = 0,
+) -> float:
+    """Loss rise after one normalised, weight-scaled gradient-ascent step of radius ``rho``.
+
+    With L(w) the mean CE of ``model`` (eval mode: BatchNorm uses running statistics) on
+    ``inputs`` (N, ...) and ``labels`` (N,), g = dL/dw and |w| element-wise::
+
+        e = rho * |w|^2 * g / || |w| * g ||_2          (ASAM, Kwon et al. 2021)
+        sharpness = L(w + e) - L(w)
+
+    Scaling by |w| makes models of different sizes comparable (a rescaled network has the
+    same value). When g is zero, a direction drawn from a generator seeded with ``seed`` is
+    used instead. The model's weights and mode are restored.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            loss = F.cross_entropy(_logits_of(model, inputs).float(), labels.long())
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        scaled = [p.detach().abs() * g for p, g in zip(params, grads)]
+        norm = torch.sqrt(sum((s.double() ** 2).sum() for s in scaled))
+        if float(norm) == 0.0:
+            generator = torch.Generator().manual_seed(seed)
+            scaled = [
+                p.detach().abs() * torch.randn(p.shape, generator=generator).to(p.device)
+                for p in params
+            ]
+            norm = torch.sqrt(sum((s.double() ** 2).sum() for s in scaled))
+        if float(norm) == 0.0:
+            return 0.0
+        steps = [float(rho) * p.detach().abs() * s / norm.to(s.dtype) for p, s in zip(params, scaled)]
+        with torch.no_grad():
+            for p, e in zip(params, steps):
+                p.add_(e)
+            try:
+                raised = F.cross_entropy(_logits_of(model, inputs).float(), labels.long())
+            finally:
+                for p, e in zip(params, steps):
+                    p.sub_(e)
+        return float(raised.detach()) - float(loss.detach())
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class ScoreWeights:
+    """Weights of the combined score ``ce * val_ce + sharpness * |sharpness_gap| + cka * cka_gap``."""
+
+    ce: float = 1.0
+    sharpness: float = 0.0
+    cka: float = 0.0
+
+
+def combined_score(metrics: Mapping[str, float], weights: ScoreWeights) -> float:
+    """The trial value, lower is better: a fixed weighted sum of the trial's own metrics.
+
+    ``metrics`` needs ``val_ce``, ``sharpness_gap``, ``cka_gap``. The sharpness gap enters by
+    its size (a student flatter or sharper than its teacher both count). Nothing here depends
+    on other trials, so the value of a trial is the same whatever finished before it.
+    """
+    return (
+        weights.ce * float(metrics["val_ce"])
+        + weights.sharpness * abs(float(metrics["sharpness_gap"]))
+        + weights.cka * float(metrics["cka_gap"])
+    )
