@@ -110,5 +110,5 @@ def sim(inputs: CalibrationInputs) -> Tensor:
 
 @CALIBRATIONS.register("no")
 def no(inputs: CalibrationInputs) -> Tensor:
-    """1 for every sample."""
+    """w = 1 for every sample, (N,)."""
     return torch.ones(inputs.student.shape[0], device=inputs.student.device)

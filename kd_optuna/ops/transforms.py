@@ -86,43 +86,43 @@ def exp(x: Tensor) -> Tensor:
 
 @transform("mish")
 def mish(x: Tensor) -> Tensor:
-    """x * tanh(softplus(x))."""
+    """x * tanh(softplus(x)), element-wise, same shape."""
     return F.mish(x)
 
 
 @transform("leaky")
 def leaky(x: Tensor) -> Tensor:
-    """leaky_relu(x) = max(x, 0.01 x)."""
+    """leaky_relu(x) = max(x, 0.01 x), element-wise, same shape."""
     return F.leaky_relu(x, 0.01)
 
 
 @transform("relu")
 def relu(x: Tensor) -> Tensor:
-    """max(x, 0)."""
+    """max(x, 0), element-wise, same shape."""
     return F.relu(x)
 
 
 @transform("tanh")
 def tanh(x: Tensor) -> Tensor:
-    """tanh(x)."""
+    """tanh(x), element-wise, same shape."""
     return torch.tanh(x)
 
 
 @transform("sigmoid")
 def sigmoid(x: Tensor) -> Tensor:
-    """1 / (1 + exp(-x))."""
+    """1 / (1 + exp(-x)), element-wise, same shape."""
     return torch.sigmoid(x)
 
 
 @transform("pow2")
 def pow2(x: Tensor) -> Tensor:
-    """x^2."""
+    """x^2, element-wise, same shape."""
     return x * x
 
 
 @transform("pow4")
 def pow4(x: Tensor) -> Tensor:
-    """x^4."""
+    """x^4, element-wise, same shape."""
     square = x * x
     return square * square
 
@@ -147,25 +147,25 @@ def sqrt(x: Tensor) -> Tensor:
 
 @transform("abs")
 def abs_(x: Tensor) -> Tensor:
-    """|x|."""
+    """|x|, element-wise, same shape."""
     return x.abs()
 
 
 @transform("swish")
 def swish(x: Tensor) -> Tensor:
-    """x * sigmoid(x)."""
+    """x * sigmoid(x), element-wise, same shape."""
     return F.silu(x)
 
 
 @transform("scale")
 def scale(x: Tensor) -> Tensor:
-    """(x + 1) / 2: maps [-1, 1] to [0, 1]."""
+    """(x + 1) / 2: maps [-1, 1] to [0, 1], element-wise, same shape."""
     return (x + 1.0) * 0.5
 
 
 @transform("no")
 def no(x: Tensor) -> Tensor:  # pragma: no cover - TRANSFORM_RANKS lists no rank for it
-    """Identity."""
+    """Identity at every rank (the table lists none)."""
     return x
 
 
