@@ -19,7 +19,7 @@ from kd_optuna.baselines import (
     build_baseline,
     mutual_kl,
 )
-from kd_optuna.baselines.crd import draw_negatives, nce_loss
+from kd_optuna.baselines.crd import bank_dot, draw_negatives, nce_loss
 from kd_optuna.baselines.pkt import neighbour_probabilities, pkt_divergence
 from kd_optuna.baselines.rkd import normalised_distances, rkd_angle_loss, rkd_distance_loss
 from kd_optuna.errors import KdOptunaError
@@ -126,6 +126,15 @@ def test_rkd_of_repeated_samples_is_finite_with_finite_gradient():
 def test_nce_loss_by_hand():
     # K = 1 negative, P_n = 1/2: -log(1 / (1 + .5)) - log(.5 / (.5 + .5)) = log 1.5 + log 2 = log 3
     assert nce_loss(torch.tensor([[1.0, 0.5]]), 0.5).item() == pytest.approx(math.log(3.0))
+
+
+@pytest.mark.parametrize("bank_rows", [5, 500])  # fewer rows than drawn (one product), more (gather)
+def test_bank_dot_gives_each_anchor_its_rows_dot_products(bank_rows):
+    g = torch.Generator().manual_seed(15)
+    anchor, memory = torch.randn(3, 4, generator=g), torch.randn(bank_rows, 4, generator=g)
+    rows = torch.randint(0, bank_rows, (3, 6), generator=g)
+    expected = torch.stack([memory[rows[n]] @ anchor[n] for n in range(3)])
+    assert torch.allclose(bank_dot(anchor, memory, rows), expected, atol=1e-5)
 
 
 def test_negatives_exclude_the_positive_and_cover_every_other_index():

@@ -52,6 +52,18 @@ def draw_negatives(index: torch.Tensor, num_data: int, count: int) -> torch.Tens
     return draws + (draws >= index[:, None]).long()
 
 
+def bank_dot(anchor: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(N, d) anchors, (B, d) bank, (N, R) row indices -> (N, R) dot products <a_n, M[rows[n, r]]>.
+
+    Gathering M[rows] reads N * R rows (about 1e6 for CRD's batch of 64 and 16384 negatives);
+    when that is more than the bank holds, one product with the whole bank, then a gather of
+    the scores, computes the same numbers with far less memory traffic.
+    """
+    if rows.numel() > memory.shape[0]:
+        return (anchor @ memory.t()).gather(1, rows)
+    return torch.einsum("nrd,nd->nr", memory[rows], anchor)
+
+
 def nce_loss(scores: torch.Tensor, noise_probability: float) -> torch.Tensor:
     """NCE loss of (N, 1 + K) normalised scores h (column 0 the positive), summed over the
     K + 1 terms and averaged over the batch; 0-dim."""
@@ -119,24 +131,25 @@ class CRD(BaselineLoss):
         noise = 1.0 / self.num_data
         loss = nce_loss(scores_s, noise) + nce_loss(scores_t, noise)
         if self.training:
-            self._update(self.memory_student, g_s, index)
-            self._update(self.memory_teacher, g_t, index)
+            self.memory_student = self._updated(self.memory_student, g_s, index)
+            self.memory_teacher = self._updated(self.memory_teacher, g_t, index)
         return self.weight * loss
 
     def _scores(
         self, anchor: torch.Tensor, memory: torch.Tensor, rows: torch.Tensor, z: torch.Tensor
     ) -> torch.Tensor:
         """(N, d) anchors, (N, 1+K) bank rows -> (N, 1+K) h = exp(<a, M[row]>/tau) / Z."""
-        bank = memory[rows]
-        raw = torch.exp(torch.einsum("nkd,nd->nk", bank, anchor) / self.temperature)
+        raw = torch.exp(bank_dot(anchor, memory, rows) / self.temperature)
         if z.item() < 0:
             z.fill_(raw.detach().mean().item() * self.num_data)
         return raw / z
 
     @torch.no_grad()
-    def _update(self, memory: torch.Tensor, embedded: torch.Tensor, index: torch.Tensor) -> None:
+    def _updated(self, memory: torch.Tensor, embedded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """A new bank with rows ``index`` moved towards ``embedded``. Out of place: the scores'
+        backward still needs the bank they were computed from."""
         mixed = self.momentum * memory[index] + (1.0 - self.momentum) * embedded.detach()
-        memory[index] = F.normalize(mixed, dim=1)
+        return memory.index_copy(0, index, F.normalize(mixed, dim=1))
 
 
 def _random_unit_rows(rows: int, dim: int) -> torch.Tensor:
