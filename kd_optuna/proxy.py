@@ -1,0 +1,469 @@
+"""The proxy trial: a short, seeded training of the student with one distiller, then its metrics.
+
+Regime (DESIGN.md "Scoring"): the student sees ``labels_per_class`` labelled images for its CE
+term, while the distillation term runs on batches drawn from the KD pool (the whole train
+split by default: the teacher's outputs on unlabelled images). Every trial uses the same
+seeds, labelled subset and views, so trials differ only by their distiller.
+
+All proxy data lives on the device as tensors. Augmentation is a fixed pool of ``views``
+shifted (and optionally flipped) copies per image, rendered in batches on the device; the
+teacher's outputs for each (image, view) are what ``kd_optuna.cache`` stores. One step::
+
+    labelled batch xl (L, C, H, W), labels yl (L,)     KD batch xk (B, C, H, W), view v (B,)
+    out = student(cat(xl, xk))                          t = teacher outputs of (xk, v)
+    loss = ce_weight * CE(out.logit[:L], yl) + distiller({k: out[k][L:]}, t)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_optuna.errors import InvalidDistiller, KdOptunaError
+from kd_optuna.metrics import (
+    ScoreWeights,
+    accuracy,
+    adaptive_sharpness,
+    calibrated_cross_entropy,
+    cka_gap,
+    combined_score,
+    cross_entropy,
+)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+AUGMENTS = ("none", "shift", "shift_flip")
+KD_SOURCES = ("train", "labelled")
+CACHE_DTYPES = ("float16", "float32")
+
+
+class InvalidProxySettings(KdOptunaError, ValueError):
+    """A proxy setting out of its range or not among its options."""
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Every setting of a proxy trial; the study config's ``[proxy]`` table maps onto the fields.
+
+    Data: ``labels_per_class`` labelled train images per class (0: all) chosen with
+    ``label_seed``; KD batches from ``kd_source`` ("train": the whole train split, "labelled":
+    the labelled images only), at most ``kd_pool_size`` of them (0: all); validation on the
+    first ``val_size`` images of the val split (0: all). Augmentation: ``views`` copies per
+    image (view 0 is the image itself), shifted by up to ``shift`` pixels (``augment`` =
+    "shift") and flipped left-right with probability 1/2 ("shift_flip"), drawn with
+    ``view_seed``. Training: ``steps`` optimiser steps of ``batch_size`` KD images plus
+    ``label_batch_size`` labelled ones, ``optimizer`` at ``lr`` with ``schedule``, once per seed
+    in ``seeds`` (the metrics are averaged); validation CE is reported every ``report_every``
+    steps. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
+    score = ``score_ce`` * val_ce + ``score_sharpness`` * |sharpness_gap| + ``score_cka`` *
+    cka_gap. Rejection: ``reject_steps`` steps on fixed batches of ``reject_batch_size``, a KD
+    term over ``reject_ratio`` x CE is "exploding". ``cache_dtype``: storage of the teacher's
+    feat and emb (logits are always float32).
+    """
+
+    labels_per_class: int = 5
+    label_seed: int = 0
+    kd_source: str = "train"
+    kd_pool_size: int = 0
+    val_size: int = 0
+    views: int = 1
+    augment: str = "none"
+    shift: int = 2
+    view_seed: int = 0
+    steps: int = 200
+    batch_size: int = 128
+    label_batch_size: int = 50
+    ce_weight: float = 1.0
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seeds: tuple[int, ...] = (0,)
+    report_every: int = 50
+    eval_batch_size: int = 1024
+    sharpness_rho: float = 0.05
+    sharpness_size: int = 256
+    score_ce: float = 1.0
+    score_sharpness: float = 0.0
+    score_cka: float = 0.0
+    reject_steps: int = 2
+    reject_batch_size: int = 64
+    reject_ratio: float = 1000.0
+    cache_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, list):
+            object.__setattr__(self, "seeds", tuple(self.seeds))
+        for name, options in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("augment", AUGMENTS),
+            ("kd_source", KD_SOURCES),
+            ("cache_dtype", CACHE_DTYPES),
+        ):
+            if getattr(self, name) not in options:
+                raise InvalidProxySettings(
+                    f"proxy {name} = {getattr(self, name)!r}; choose one of: {', '.join(options)}"
+                )
+        positive = ("views", "steps", "batch_size", "label_batch_size", "report_every",
+                    "eval_batch_size", "sharpness_size", "reject_batch_size")
+        non_negative = ("labels_per_class", "kd_pool_size", "val_size", "shift", "reject_steps")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name in positive):
+                low = 1 if name in positive else 0
+                raise InvalidProxySettings(f"proxy {name} must be an integer >= {low}, got {value!r}")
+        for name in ("lr", "reject_ratio"):
+            if not getattr(self, name) > 0:
+                raise InvalidProxySettings(f"proxy {name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("ce_weight", "momentum", "weight_decay", "sharpness_rho",
+                     "score_ce", "score_sharpness", "score_cka"):
+            if not getattr(self, name) >= 0:
+                raise InvalidProxySettings(f"proxy {name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise InvalidProxySettings(f"proxy seeds must be a non-empty list of integers, got {self.seeds!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, object]) -> "ProxySettings":
+        """Build from a config table; an unknown key raises, listing the fields."""
+        unknown = sorted(set(table) - set(cls.field_names()))
+        if unknown:
+            raise InvalidProxySettings(
+                f"unknown proxy settings {unknown}; the settings are: {', '.join(cls.field_names())}"
+            )
+        return cls(**table)
+
+    @property
+    def score_weights(self) -> ScoreWeights:
+        return ScoreWeights(self.score_ce, self.score_sharpness, self.score_cka)
+
+    def data_key(self) -> dict[str, object]:
+        """The settings that decide the proxy data and views (what the teacher cache depends on)."""
+        names = ("labels_per_class", "label_seed", "kd_source", "kd_pool_size", "views",
+                 "augment", "shift", "view_seed")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True)
+class ViewPool:
+    """``views`` fixed augmented copies of each of ``n`` images: crop offsets and flips.
+
+    offsets (n, views, 2) in [0, 2 * shift], flips (n, views) bool; view 0 is the identity.
+    ``render(images (B, C, H, W), rows (B,), views (B,))`` pads by ``shift`` with zeros and
+    crops each image at its offset, on the images' device, in one gather.
+    """
+
+    offsets: Tensor
+    flips: Tensor
+    shift: int
+
+    @classmethod
+    def build(cls, n: int, settings: ProxySettings, device: torch.device | str = "cpu") -> "ViewPool":
+        generator = torch.Generator().manual_seed(settings.view_seed)
+        shift = settings.shift if settings.augment != "none" else 0
+        offsets = torch.randint(0, 2 * shift + 1, (n, settings.views, 2), generator=generator)
+        flips = torch.rand(n, settings.views, generator=generator) < 0.5
+        if settings.augment != "shift_flip":
+            flips[:] = False
+        offsets[:, 0] = shift
+        flips[:, 0] = False
+        return cls(offsets.to(device), flips.to(device), shift)
+
+    @property
+    def views(self) -> int:
+        return self.offsets.shape[1]
+
+    def render(self, images: Tensor, rows: Tensor, views: Tensor) -> Tensor:
+        if self.shift == 0 and not bool(self.flips.any()):
+            return images
+        b, _, h, w = images.shape
+        offsets = self.offsets[rows, views]
+        s = self.shift
+        padded = F.pad(images, (s, s, s, s))
+        ys = offsets[:, 0, None] + torch.arange(h, device=images.device)
+        xs = offsets[:, 1, None] + torch.arange(w, device=images.device)
+        xs = torch.where(self.flips[rows, views][:, None], xs.flip(1), xs)
+        batch = torch.arange(b, device=images.device)[:, None, None]
+        return padded[batch, :, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+    def fingerprint(self) -> bytes:
+        return self.offsets.cpu().numpy().tobytes() + self.flips.cpu().numpy().tobytes()
+
+
+def class_balanced_indices(labels: Tensor, per_class: int, seed: int) -> Tensor:
+    """Sorted indices of ``per_class`` images of every class (all when 0), drawn with ``seed``."""
+    if per_class == 0:
+        return torch.arange(labels.shape[0])
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        chosen.append(members[torch.randperm(members.shape[0], generator=generator)[:per_class]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+@dataclass
+class ProxyData:
+    """Proxy tensors on one device.
+
+    train_x (N, C, H, W), train_y (N,); labelled (L,) and pool (P,) index train; val_x (M, ...),
+    val_y (M,) is held out (training never sees it); views covers the P pool images.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    labelled: Tensor
+    pool: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    views: ViewPool
+    num_classes: int
+
+    @classmethod
+    def build(
+        cls,
+        train_x: Tensor,
+        train_y: Tensor,
+        val_x: Tensor,
+        val_y: Tensor,
+        settings: ProxySettings,
+        device: torch.device | str = "cpu",
+        num_classes: int | None = None,
+    ) -> "ProxyData":
+        labelled = class_balanced_indices(train_y, settings.labels_per_class, settings.label_seed)
+        pool = torch.arange(train_y.shape[0]) if settings.kd_source == "train" else labelled
+        if settings.kd_pool_size:
+            pool = pool[: settings.kd_pool_size]
+        if settings.val_size:
+            val_x, val_y = val_x[: settings.val_size], val_y[: settings.val_size]
+        classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+        return cls(
+            train_x.float().to(device), train_y.long().to(device), labelled.to(device),
+            pool.to(device), val_x.float().to(device), val_y.long().to(device),
+            ViewPool.build(pool.shape[0], settings, device), classes,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def pool_images(self, positions: Tensor, views: Tensor) -> Tensor:
+        """Rendered pool images at pool positions (B,) and views (B,) -> (B, C, H, W)."""
+        return self.views.render(self.train_x[self.pool[positions]], positions, views)
+
+
+TeacherLookup = Callable[[Tensor, Tensor], Mapping[str, Tensor]]
+"""(pool positions (B,), views (B,)) -> teacher outputs {feat, emb, logit} as float32."""
+
+
+def live_teacher(teacher: nn.Module, data: ProxyData) -> TeacherLookup:
+    """A lookup that runs the frozen teacher (eval mode) on the rendered views every time."""
+
+    @torch.no_grad()
+    def lookup(positions: Tensor, views: Tensor) -> Mapping[str, Tensor]:
+        teacher.eval()
+        return {k: v.float() for k, v in teacher(data.pool_images(positions, views)).items()}
+
+    return lookup
+
+
+@dataclass
+class ProxyResult:
+    """Metrics of one proxy trial, averaged over seeds; ``curve`` = [(step, val_ce)]."""
+
+    val_ce: float
+    val_ce_raw: float
+    val_acc: float
+    sharpness_gap: float
+    cka_gap: float
+    score: float
+    train_seconds: float
+    score_seconds: float
+    curve: list[tuple[int, float]]
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "val_ce": self.val_ce, "val_ce_raw": self.val_ce_raw, "val_acc": self.val_acc,
+            "sharpness_gap": self.sharpness_gap, "cka_gap": self.cka_gap,
+        }
+
+
+def make_optimizer(params, settings: ProxySettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay, nesterov=settings.momentum > 0)
+    kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def lr_factor(step: int, settings: ProxySettings) -> float:
+    """Multiplier of ``lr`` at ``step``: 0.5 * (1 + cos(pi * step / steps)) for cosine, else 1."""
+    if settings.schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * step / settings.steps))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """Eval-mode {emb (M, D), logit (M, K)} of ``model`` over ``images`` (M, ...), float32."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[Tensor]] = {"emb": [], "logit": []}
+    for start in range(0, images.shape[0], batch_size):
+        out = model(images[start : start + batch_size])
+        for k in parts:
+            parts[k].append(out[k].float())
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def train_student(
+    student: nn.Module,
+    distiller: nn.Module,
+    data: ProxyData,
+    teacher: TeacherLookup,
+    settings: ProxySettings,
+    seed: int,
+    report: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """Train ``student`` (and the distiller's adapter) for ``settings.steps`` steps in place.
+
+    Batches are drawn with a generator seeded by ``seed``. Every ``report_every`` steps and at
+    the end, ``report(step, calibrated val CE)`` is called. A non-finite loss raises
+    ``InvalidDistiller("non-finite loss during training")``, checked at each report.
+    """
+    device = data.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    params = list(student.parameters()) + list(distiller.parameters())
+    optimizer = make_optimizer(params, settings)
+    n_labelled, n_pool = data.labelled.shape[0], data.pool.shape[0]
+    label_batch = min(settings.label_batch_size, n_labelled)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    student.train()
+    distiller.train()
+    for step in range(settings.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, settings)
+        if label_batch < n_labelled:
+            rows = data.labelled[torch.randperm(n_labelled, generator=generator, device=device)[:label_batch]]
+        else:
+            rows = data.labelled
+        positions = torch.randint(0, n_pool, (settings.batch_size,), generator=generator, device=device)
+        views = torch.randint(0, data.views.views, (settings.batch_size,), generator=generator, device=device)
+        x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
+        out = student(x)
+        ce = F.cross_entropy(out["logit"][:label_batch], data.train_y[rows])
+        kd = distiller({k: v[label_batch:] for k, v in out.items()}, teacher(positions, views))
+        loss = settings.ce_weight * ce + kd
+        bad |= ~torch.isfinite(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        if done % settings.report_every == 0 or done == settings.steps:
+            if bool(bad):
+                raise InvalidDistiller("non-finite loss during training")
+            if report is not None:
+                logits = predict(student, data.val_x, settings.eval_batch_size)["logit"]
+                report(done, calibrated_cross_entropy(logits, data.val_y))
+    return student
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """Study-level teacher values on the held-out split: val emb (M, D) and sharpness."""
+
+    val_emb: Tensor
+    val_logit: Tensor
+    sharpness: float
+
+    @classmethod
+    def compute(cls, teacher: nn.Module, data: ProxyData, settings: ProxySettings) -> "TeacherReference":
+        out = predict(teacher, data.val_x, settings.eval_batch_size)
+        n = settings.sharpness_size
+        sharp = adaptive_sharpness(teacher, data.val_x[:n], data.val_y[:n], settings.sharpness_rho)
+        return cls(out["emb"], out["logit"], sharp)
+
+
+def evaluate_student(
+    student: nn.Module,
+    data: ProxyData,
+    reference: TeacherReference,
+    settings: ProxySettings,
+    images: Tensor | None = None,
+    labels: Tensor | None = None,
+) -> dict[str, float]:
+    """val_ce (calibrated), val_ce_raw, val_acc, sharpness_gap, cka_gap on held-out images.
+
+    ``images``/``labels`` default to the val split; the CKA and sharpness terms always use the
+    val split, where the teacher reference was computed.
+    """
+    x = data.val_x if images is None else images
+    y = data.val_y if labels is None else labels
+    out = predict(student, x, settings.eval_batch_size)
+    val_out = out if images is None else predict(student, data.val_x, settings.eval_batch_size)
+    n = settings.sharpness_size
+    sharp = adaptive_sharpness(student, data.val_x[:n], data.val_y[:n], settings.sharpness_rho)
+    return {
+        "val_ce": calibrated_cross_entropy(out["logit"], y),
+        "val_ce_raw": cross_entropy(out["logit"], y),
+        "val_acc": accuracy(out["logit"], y),
+        "sharpness_gap": sharp - reference.sharpness,
+        "cka_gap": cka_gap(val_out["emb"], reference.val_emb),
+    }
+
+
+def run_proxy(
+    new_student: Callable[[], nn.Module],
+    new_distiller: Callable[[], nn.Module],
+    data: ProxyData,
+    teacher: TeacherLookup,
+    reference: TeacherReference,
+    settings: ProxySettings,
+    report: Callable[[int, float], None] | None = None,
+    test: tuple[Tensor, Tensor] | None = None,
+) -> ProxyResult:
+    """One proxy trial: for each seed, seed torch, build a student and a distiller, train, score.
+
+    ``report(global_step, val_ce)`` gets steps counted across seeds (seed i's step s is
+    ``i * steps + s``). ``test`` = (images, labels) scores CE/accuracy there instead of val.
+    """
+    per_seed, curve = [], []
+    train_seconds = score_seconds = 0.0
+    for i, seed in enumerate(settings.seeds):
+        torch.manual_seed(seed)
+        student = new_student()
+        distiller = new_distiller()
+
+        def record(step: int, value: float, offset: int = i * settings.steps) -> None:
+            curve.append((offset + step, value))
+            if report is not None:
+                report(offset + step, value)
+
+        start = time.perf_counter()
+        train_student(student, distiller, data, teacher, settings, seed, record)
+        middle = time.perf_counter()
+        images, labels = test if test is not None else (None, None)
+        per_seed.append(evaluate_student(student, data, reference, settings, images, labels))
+        train_seconds += middle - start
+        score_seconds += time.perf_counter() - middle
+    mean = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in per_seed[0]}
+    return ProxyResult(
+        val_ce=mean["val_ce"], val_ce_raw=mean["val_ce_raw"], val_acc=mean["val_acc"],
+        sharpness_gap=mean["sharpness_gap"], cka_gap=mean["cka_gap"],
+        score=combined_score(mean, settings.score_weights),
+        train_seconds=train_seconds, score_seconds=score_seconds, curve=curve,
+    )
