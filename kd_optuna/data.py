@@ -1,0 +1,366 @@
+"""Datasets: ``load_dataset(name, root=None, download=False, seed=0) -> DatasetSplits``.
+
+Every dataset comes as three disjoint splits: ``train``, ``val`` (held out from the training set,
+seeded and class-balanced; proxy training never touches it) and ``test``.
+
+- ``digits``: scikit-learn's bundled handwritten digits (1797 images of 8x8, 10 classes), no
+  download. Pixels (0..16) are scaled to [0, 1], upscaled to 16x16 by bilinear interpolation
+  (align_corners=False) and normalised by the dataset's pixel mean and std: inputs are
+  (1, 16, 16). A class-balanced 20% (360 images) is the test split, 25% of the rest (360) the
+  validation split, 1077 images train. No augmentation.
+- ``cifar10`` / ``cifar100``: torchvision's datasets from ``root`` (the folder holding
+  ``cifar-10-batches-py`` / ``cifar-100-python``); downloaded only with ``download=True``.
+  torchvision checks every file's md5 against the official archive before unpickling it, so only
+  the genuine files are ever read. Training augmentation: random crop 32 with padding 4 and
+  horizontal flip; normalisation by the usual per-channel mean and std. 10% of the training set
+  (class-balanced) is the validation split; the official test set is the test split.
+- ``imagefolder``: torchvision ``ImageFolder`` on ``root/train/<class>/*`` and ``root/val/<class>/*``
+  (the ImageNet layout); ``root/val`` is the test split and 10% of ``root/train`` the validation
+  split. Training: RandomResizedCrop(224) and flip; evaluation: resize to 256 and centre crop 224;
+  ImageNet normalisation.
+
+``root=None`` means ``$KD_OPTUNA_DATA`` or ``./data``. Splits depend only on ``seed``: use the same
+seed for the teacher and for the search. ``DatasetSplits.tensors(split, indices)`` gives
+un-augmented, normalised images and labels as tensors (for teacher caches and on-device proxy
+training), and ``DatasetSplits.augment_batch`` applies the training augmentation to such a batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .errors import KdOptunaError
+
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder")
+SPLITS = ("train", "val", "test")
+
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DIGITS_SIZE = 16
+
+
+class DataError(KdOptunaError):
+    """A dataset that is missing, corrupt, unknown, or asked for in a way it cannot serve."""
+
+
+@dataclass
+class DatasetSplits:
+    """Train / val / test splits of one dataset and how its images are prepared.
+
+    ``train`` yields augmented images (for torch DataLoaders); ``val`` and ``test`` un-augmented.
+    Each item is (image (C, H, W) float32 normalised, label int). ``input_shape`` is (C, H, W).
+    """
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+    augmentation: str
+    train_transform: Callable | None = None
+    eval_transform: Callable | None = None
+    augment_batch: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None
+    _plain: dict[str, Dataset] = field(default_factory=dict, repr=False)
+    _labels: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _fast_tensors: Callable[[str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+
+    def labels(self, split: str) -> torch.Tensor:
+        """All labels of ``split`` as a LongTensor (N,), without reading any image."""
+        return self._labels[_check_split(split)]
+
+    def tensors(
+        self, split: str, indices: Sequence[int] | torch.Tensor | None = None, batch_size: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-augmented normalised images (N, C, H, W) float32 and labels (N,) of ``split``
+        (optionally only ``indices`` into it), on the CPU."""
+        labels = self.labels(split)
+        idx = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        if self._fast_tensors is not None:
+            return self._fast_tensors(split, idx), labels[idx]
+        subset = torch.utils.data.Subset(self._plain[split], idx.tolist())
+        xs = [x for x, _ in DataLoader(subset, batch_size=batch_size, shuffle=False)]
+        if not xs:
+            return torch.empty((0, *self.input_shape)), labels[idx]
+        return torch.cat(xs), labels[idx]
+
+    def loader(
+        self, split: str, batch_size: int, *, shuffle: bool | None = None, num_workers: int = 0, seed: int = 0
+    ) -> DataLoader:
+        """A DataLoader over ``split``; the train split shuffles (seeded) and augments by default."""
+        dataset = {"train": self.train, "val": self.val, "test": self.test}[_check_split(split)]
+        shuffle = split == "train" if shuffle is None else shuffle
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            generator=generator,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=num_workers > 0,
+        )
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    return split
+
+
+def class_balanced_subset(
+    labels: Sequence[int] | torch.Tensor,
+    per_class: int | None = None,
+    fraction: float | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Sorted indices (M,) of a seeded class-balanced subset of ``labels`` (N,).
+
+    Exactly one of ``per_class`` (that many per class) or ``fraction`` (per class c, max(1,
+    round(fraction * n_c)) of its n_c items). The same labels and seed give the same subset.
+    """
+    if (per_class is None) == (fraction is None):
+        raise DataError("class_balanced_subset needs exactly one of per_class or fraction")
+    if per_class is not None and per_class < 1:
+        raise DataError(f"per_class must be at least 1, got {per_class}")
+    if fraction is not None and not 0.0 < fraction <= 1.0:
+        raise DataError(f"fraction must be in (0, 1], got {fraction}")
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == c).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        take = per_class if per_class is not None else max(1, round(fraction * len(members)))
+        if take > len(members):
+            raise DataError(f"class {c} has {len(members)} items, fewer than per_class={per_class}")
+        chosen.append(members[:take])
+    if not chosen:
+        return torch.empty(0, dtype=torch.long)
+    return torch.sort(torch.cat(chosen)).values
+
+
+def _complement(n: int, indices: torch.Tensor) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[indices] = False
+    return torch.nonzero(keep).flatten()
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("KD_OPTUNA_DATA", "data"))
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    *,
+    val_fraction: float = 0.1,
+    image_size: int = 224,
+) -> DatasetSplits:
+    """Load ``name`` (one of DATASET_NAMES) as seeded train / val / test splits.
+
+    ``val_fraction`` is the class-balanced share of the training set held out as ``val`` for
+    cifar10/cifar100/imagefolder (digits uses its fixed 360/360 split); ``image_size`` is the
+    crop of imagefolder. A missing or corrupt root raises DataError naming the path and the fix.
+    """
+    root = default_root() if root is None else Path(root)
+    if name == "digits":
+        return _digits(seed)
+    if name in CIFAR_STATS:
+        return _cifar(name, root, download, seed, val_fraction)
+    if name == "imagefolder":
+        return _imagefolder(root, seed, val_fraction, image_size)
+    raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
+
+
+def _digits(seed: int) -> DatasetSplits:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    mean, std = images.mean().item(), images.std().item()
+    images = (images - mean) / std
+    labels = torch.as_tensor(bunch.target, dtype=torch.long)
+
+    test_idx = class_balanced_subset(labels, fraction=0.2, seed=seed)
+    rest = _complement(len(labels), test_idx)
+    val_in_rest = class_balanced_subset(labels[rest], fraction=0.25, seed=seed + 1)
+    val_idx = rest[val_in_rest]
+    train_idx = rest[_complement(len(rest), val_in_rest)]
+    parts = {s: (images[i], labels[i]) for s, i in zip(SPLITS, (train_idx, val_idx, test_idx))}
+    datasets = {s: TensorDataset(*parts[s]) for s in SPLITS}
+    return DatasetSplits(
+        name="digits",
+        num_classes=10,
+        input_shape=(1, DIGITS_SIZE, DIGITS_SIZE),
+        mean=(mean,),
+        std=(std,),
+        train=datasets["train"],
+        val=datasets["val"],
+        test=datasets["test"],
+        classes=[str(d) for d in range(10)],
+        augmentation="none",
+        _plain=datasets,
+        _labels={s: parts[s][1] for s in SPLITS},
+        _fast_tensors=lambda split, idx: parts[split][0][idx],
+    )
+
+
+class _TransformedSubset(Dataset):
+    """Items ``indices`` of ``base`` (which yields (PIL image, label)) with ``transform`` applied."""
+
+    def __init__(self, base: Dataset, indices: torch.Tensor | None, transform: Callable):
+        self.base = base
+        self.indices = indices
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i if self.indices is None else int(self.indices[i])]
+        return self.transform(image), label
+
+
+def random_crop_flip(padding: int, fill: Sequence[float]):
+    """Batch augmentation on tensors: pad each (N, C, H, W) image by ``padding`` with the
+    per-channel value ``fill`` (C,), crop a random H x W window, flip horizontally with p = 1/2.
+    Equals torchvision's RandomCrop(padding) + RandomHorizontalFlip applied before normalising
+    when ``fill`` is the normalised value of black, -mean / std."""
+
+    def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        fill_t = torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+        padded = F.pad(x - fill_t, (padding,) * 4) + fill_t
+        draw_on = generator.device if generator is not None else x.device
+        dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=draw_on).to(x.device)
+        dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=draw_on).to(x.device)
+        flip = (torch.rand(n, 1, generator=generator, device=draw_on) < 0.5).to(x.device)
+        rows = dy + torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device).expand(n, w)
+        cols = torch.where(flip, cols.flip(1), cols) + dx
+        batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+        channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+    return augment
+
+
+def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float) -> DatasetSplits:
+    import torchvision
+    from torchvision import transforms as T
+
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = root / cls.base_folder
+    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    try:
+        base_train = cls(str(root), train=True, download=download)
+        base_test = cls(str(root), train=False, download=False)
+    except RuntimeError:
+        state = "is missing or corrupt (md5 mismatch)" if folder.exists() else "is missing"
+        raise DataError(
+            f"{label} at {folder} {state}: load it with download=True (the CLI's --download) or "
+            f"extract {cls.filename} from {cls.url} into {root}"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"could not download {label} into {root}: {exc}; copy {cls.filename} there by hand") from None
+
+    mean, std = CIFAR_STATS[name]
+    normalise = [T.ToTensor(), T.Normalize(mean, std)]
+    train_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalise])
+    eval_transform = T.Compose(normalise)
+    train_labels_all = torch.as_tensor(base_train.targets, dtype=torch.long)
+    val_idx = class_balanced_subset(train_labels_all, fraction=val_fraction, seed=seed)
+    train_idx = _complement(len(train_labels_all), val_idx)
+    sources = {"train": (base_train, train_idx), "val": (base_train, val_idx), "test": (base_test, None)}
+    mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def fast_tensors(split: str, idx: torch.Tensor) -> torch.Tensor:
+        base, chosen = sources[split]
+        rows = idx if chosen is None else chosen[idx]
+        pixels = torch.as_tensor(base.data[rows.numpy()]).permute(0, 3, 1, 2).float() / 255.0
+        return (pixels - mean_t) / std_t
+
+    def split_labels(split: str) -> torch.Tensor:
+        base, chosen = sources[split]
+        labels = torch.as_tensor(base.targets, dtype=torch.long)
+        return labels if chosen is None else labels[chosen]
+
+    return DatasetSplits(
+        name=name,
+        num_classes=len(base_train.classes),
+        input_shape=(3, 32, 32),
+        mean=mean,
+        std=std,
+        train=_TransformedSubset(base_train, train_idx, train_transform),
+        val=_TransformedSubset(base_train, val_idx, eval_transform),
+        test=_TransformedSubset(base_test, None, eval_transform),
+        classes=list(base_train.classes),
+        augmentation="random crop 32 padding 4, horizontal flip",
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        augment_batch=random_crop_flip(4, [-m / s for m, s in zip(mean, std)]),
+        _plain={s: _TransformedSubset(b, i, eval_transform) for s, (b, i) in sources.items()},
+        _labels={s: split_labels(s) for s in SPLITS},
+        _fast_tensors=fast_tensors,
+    )
+
+
+def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) -> DatasetSplits:
+    import torchvision
+    from torchvision import transforms as T
+
+    layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (the ImageNet layout)"
+    for part in ("train", "val"):
+        if not (root / part).is_dir():
+            raise DataError(f"image folder {root / part} does not exist: {layout}")
+    try:
+        base_train = torchvision.datasets.ImageFolder(str(root / "train"))
+        base_test = torchvision.datasets.ImageFolder(str(root / "val"))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"image folder {root} holds no usable images ({exc}); {layout}") from None
+    if base_train.classes != base_test.classes:
+        raise DataError(f"{root}/train and {root}/val must hold the same class folders; {layout}")
+
+    mean, std = IMAGENET_STATS
+    normalise = [T.ToTensor(), T.Normalize(mean, std)]
+    train_transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *normalise])
+    resize = round(image_size * 256 / 224)
+    eval_transform = T.Compose([T.Resize(resize), T.CenterCrop(image_size), *normalise])
+    train_labels_all = torch.as_tensor(base_train.targets, dtype=torch.long)
+    val_idx = class_balanced_subset(train_labels_all, fraction=val_fraction, seed=seed)
+    train_idx = _complement(len(train_labels_all), val_idx)
+    sources = {"train": (base_train, train_idx), "val": (base_train, val_idx), "test": (base_test, None)}
+    test_labels = torch.as_tensor(base_test.targets, dtype=torch.long)
+    return DatasetSplits(
+        name="imagefolder",
+        num_classes=len(base_train.classes),
+        input_shape=(3, image_size, image_size),
+        mean=mean,
+        std=std,
+        train=_TransformedSubset(base_train, train_idx, train_transform),
+        val=_TransformedSubset(base_train, val_idx, eval_transform),
+        test=_TransformedSubset(base_test, None, eval_transform),
+        classes=list(base_train.classes),
+        augmentation=f"random resized crop {image_size}, horizontal flip",
+        train_transform=train_transform,
+        eval_transform=eval_transform,
+        _plain={s: _TransformedSubset(b, i, eval_transform) for s, (b, i) in sources.items()},
+        _labels={"train": train_labels_all[train_idx], "val": train_labels_all[val_idx], "test": test_labels},
+    )

@@ -1,0 +1,158 @@
+"""Datasets: digits splits, CIFAR-100 in its real pickled format, an ImageFolder tree, subsets."""
+
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from kd_optuna.data import DataError, class_balanced_subset, load_dataset, random_crop_flip
+from kd_optuna.errors import KdOptunaError
+
+
+def test_digits_splits_are_disjoint_balanced_and_seeded():
+    a, b, other = load_dataset("digits", seed=0), load_dataset("digits", seed=0), load_dataset("digits", seed=1)
+    assert a.num_classes == 10 and a.input_shape == (1, 16, 16)
+    sizes = {s: len(a.labels(s)) for s in ("train", "val", "test")}
+    assert sum(sizes.values()) == 1797 and 355 <= sizes["val"] <= 365 and 355 <= sizes["test"] <= 365
+    x_train, _ = a.tensors("train")
+    x_val, _ = a.tensors("val")
+    x_test, _ = a.tensors("test")
+    rows = {tuple(r.tolist()) for r in x_train.flatten(1)}
+    assert not rows & {tuple(r.tolist()) for r in x_test.flatten(1)}
+    assert not rows & {tuple(r.tolist()) for r in x_val.flatten(1)}
+    assert torch.equal(a.tensors("val")[0], b.tensors("val")[0])
+    assert not torch.equal(a.tensors("val")[1], other.tensors("val")[1])
+    counts = a.labels("val").bincount()
+    assert counts.max() - counts.min() <= 1
+    assert x_train.shape[1:] == (1, 16, 16) and abs(x_train.mean()) < 0.1
+
+
+def test_class_balanced_subset_per_class_and_fraction():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    idx = class_balanced_subset(labels, per_class=5, seed=3)
+    assert labels[idx].bincount().tolist() == [5, 5, 5]
+    assert torch.equal(idx, class_balanced_subset(labels, per_class=5, seed=3))
+    assert not torch.equal(idx, class_balanced_subset(labels, per_class=5, seed=4))
+    assert labels[class_balanced_subset(labels, fraction=0.1)].bincount().tolist() == [5, 3, 2]
+    with pytest.raises(DataError, match="per_class"):
+        class_balanced_subset(labels, per_class=21)
+    with pytest.raises(DataError):
+        class_balanced_subset(labels, per_class=2, fraction=0.5)
+
+
+def test_batch_augmentation_is_a_padded_crop_with_random_flip():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(64, 1, 1, 1)
+    out = random_crop_flip(1, [-7.0])(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x[0, 0], (1, 1, 1, 1), value=-7.0)
+    crops = [padded[dy : dy + 4, dx : dx + 4] for dy in range(3) for dx in range(3)]
+    seen_flip = set()
+    for o in out[:, 0]:
+        matches = [flip for c in crops for flip in (False, True) if torch.equal(o, c.flip(1) if flip else c)]
+        assert matches, "every output is one padded crop, flipped or not"
+        seen_flip.update(matches)
+    assert seen_flip == {False, True}
+    assert len({tuple(o.flatten().tolist()) for o in out}) > 9
+
+
+def _write_pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def tiny_cifar100(tmp_path, monkeypatch):
+    """CIFAR-100 files in torchvision's format: 20 train and 10 test images over 5 classes;
+    the md5 table torchvision checks is pointed at these files."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+
+    def batch(n):
+        labels = [i % 5 for i in range(n)]
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": labels,
+                "coarse_labels": [0] * n, "filenames": [f"{i}.png" for i in range(n)], "batch_label": "tiny"}
+
+    train_md5 = _write_pickle(folder / "train", batch(20))
+    test_md5 = _write_pickle(folder / "test", batch(10))
+    names = ["apple", "bear", "cloud", "dolphin", "elephant"]
+    meta_md5 = _write_pickle(folder / "meta", {"fine_label_names": names, "coarse_label_names": ["all"]})
+    cls = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(cls, "train_list", [["train", train_md5]])
+    monkeypatch.setattr(cls, "test_list", [["test", test_md5]])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": meta_md5})
+    return tmp_path
+
+
+def test_cifar100_loads_from_a_local_root(tiny_cifar100):
+    splits = load_dataset("cifar100", root=tiny_cifar100, seed=0, val_fraction=0.25)
+    assert splits.num_classes == 5 and splits.input_shape == (3, 32, 32)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 5, 10)
+    assert splits.labels("val").bincount().tolist() == [1, 1, 1, 1, 1]
+    image, label = splits.train[0]
+    assert image.shape == (3, 32, 32) and 0 <= label < 5
+    x, y = splits.tensors("val")
+    via_transform = torch.stack([splits.val[i][0] for i in range(len(splits.val))])
+    torch.testing.assert_close(x, via_transform)
+    assert torch.equal(y, splits.labels("val"))
+    xb, yb = next(iter(splits.loader("train", batch_size=8)))
+    assert xb.shape == (8, 3, 32, 32) and yb.shape == (8,)
+    aug = splits.augment_batch(x, torch.Generator().manual_seed(0))
+    assert aug.shape == x.shape
+
+
+def test_cifar100_corrupt_file_is_a_one_line_error(tiny_cifar100):
+    path = tiny_cifar100 / "cifar-100-python" / "train"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar100", root=tiny_cifar100)
+    message = str(info.value)
+    assert "corrupt" in message and str(tiny_cifar100) in message and "download=True" in message
+    assert "\n" not in message
+
+
+def test_missing_cifar_root_names_the_path_and_the_fix(tmp_path):
+    with pytest.raises(KdOptunaError) as info:
+        load_dataset("cifar10", root=tmp_path / "absent")
+    assert "absent" in str(info.value) and "download=True" in str(info.value)
+
+
+@pytest.fixture
+def tiny_imagefolder(tmp_path):
+    rng = np.random.default_rng(0)
+    for part, count in (("train", 10), ("val", 2)):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / part / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return tmp_path
+
+
+def test_imagefolder_loads_train_val_test(tiny_imagefolder):
+    splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)
+    assert splits.classes == ["cat", "dog"] and splits.num_classes == 2
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 4)
+    assert splits.train[0][0].shape == (3, 32, 32)
+    x, y = splits.tensors("test")
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]
+
+
+def test_imagefolder_without_val_folder_is_an_error(tiny_imagefolder):
+    import shutil
+
+    shutil.rmtree(tiny_imagefolder / "val")
+    with pytest.raises(DataError, match="val"):
+        load_dataset("imagefolder", root=tiny_imagefolder)
+
+
+def test_unknown_dataset_lists_the_known():
+    with pytest.raises(DataError, match="cifar100"):
+        load_dataset("mnist")
