@@ -48,6 +48,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.samplers._lazy_random_state import LazyRandomState
+from optuna.storages import InMemoryStorage
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -73,6 +74,7 @@ PROPOSED_KEY_ATTR = "kd_optuna:proposed_key"
 _GROUP = {gene: ("transform" if gene in TRANSFORM_GENES else gene) for gene in GENES}
 
 _FLOOR = 0.05
+_CLAIM_ROUNDS = 4
 
 
 class SamplerConfigError(KdOptunaError, ValueError):
@@ -135,6 +137,7 @@ class _History:
         self.version = 0
         self.finished_keys: set[str] = set()
         self.running_keys: list[str] = []
+        self.unfinished: list[FrozenTrial] = []
         self.best: dict[str, tuple[float, int]] = {}
         self.best_spec: dict[str, DistillerSpec] = {}
         self.top: list[tuple[float, int, str]] = []
@@ -147,7 +150,7 @@ class _History:
         self._members: tuple[int, list[Member]] = (-1, [])
 
     def update(self, trials: Sequence[FrozenTrial]) -> None:
-        running = []
+        running, unfinished = [], []
         advancing = True
         for i in range(self.frontier, len(trials)):
             trial = trials[i]
@@ -160,10 +163,12 @@ class _History:
                     self.frontier = i + 1
             else:
                 advancing = False
+                unfinished.append(trial)
                 key = _announced_key(trial)
                 if key is not None:
                     running.append(key)
         self.running_keys = running
+        self.unfinished = unfinished
 
     def _absorb(self, trial: FrozenTrial) -> None:
         self.version += 1
@@ -376,16 +381,25 @@ class EvolutionSampler(BaseSampler):
 
     # -- what the study says -------------------------------------------------------------
 
-    def _history(self, study: Study) -> _History:
-        """Bring this process's cache of ``study`` up to date and return it (hold the lock)."""
+    def _history(self, study: Study, fresh: bool = False) -> _History:
+        """Bring this process's cache of ``study`` up to date and return it (hold the lock).
+
+        Reads Optuna's per-trial snapshot of the trial list, or the storage if ``fresh``.
+        A snapshot older than what the cache has absorbed is ignored: trials are never
+        deleted, so a shorter list can only be an older one.
+        """
         sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
         cache_key = (id(study._storage), study._study_id)
         history = self._histories.get(cache_key)
-        trials = study._get_trials(deepcopy=False, use_cache=True)
+        if fresh:
+            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+        else:
+            trials = study._get_trials(deepcopy=False, use_cache=True)
         stale = history is None or history.storage is not study._storage
         if not stale and history.frontier:
-            before = history.frontier - 1
-            stale = len(trials) < history.frontier or trials[before].number != before
+            if len(trials) < history.frontier:
+                return history
+            stale = trials[history.frontier - 1].number != history.frontier - 1
         if stale or history.sign != sign:
             history = _History(study._storage, study._study_id, sign, self.population_size)
             self._histories[cache_key] = history
@@ -467,10 +481,33 @@ class EvolutionSampler(BaseSampler):
     # -- one child -------------------------------------------------------------------------
 
     def _propose(self, study: Study, trial: FrozenTrial, space: SearchSpace) -> dict[str, Any]:
+        """Choose, announce and record one child; yield to an earlier trial with its key."""
+        lost: list[str] = []
+        for _ in range(_CLAIM_ROUNDS):
+            child, attrs = self._announce(study, trial, space, lost)
+            if not self._claimed_elsewhere(study, trial, child.spec.key):
+                break
+            lost.append(child.spec.key)
+        if lost:
+            attrs["sampler_note"] = f"yielded {len(lost)} key(s) to workers that claimed them"
+        lineage = {
+            "proposer": child.proposer,
+            "parent": child.parent,
+            "mutated": list(child.mutated),
+        }
+        if child.second_parent is not None:
+            lineage["crossover_parent"] = child.second_parent
+        for key, value in {**lineage, **attrs}.items():
+            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+        return child.spec.to_params()
+
+    def _announce(
+        self, study: Study, trial: FrozenTrial, space: SearchSpace, lost: list[str]
+    ) -> tuple[Candidate, dict[str, Any]]:
         with self._lock:
-            history = self._history(study)
+            history = self._history(study, fresh=bool(lost))
             weights = self._weights(history, space)
-            seen = _Seen(history.finished_keys, history.running_keys)
+            seen = _Seen(history.finished_keys, history.running_keys + lost)
             attrs: dict[str, Any] = {}
             if len(history.best) < self.population_size:
                 child = self._initial(space, weights, seen)
@@ -480,18 +517,27 @@ class EvolutionSampler(BaseSampler):
                 child = self._last_resort(space, weights, seen, attrs)
             if history.n_complete >= self.shrink_after:
                 attrs["space_state"] = _summary(weights, history.n_complete)
-        storage, trial_id = study._storage, trial._trial_id
-        storage.set_trial_system_attr(trial_id, PROPOSED_KEY_ATTR, child.spec.key)
-        lineage = {
-            "proposer": child.proposer,
-            "parent": child.parent,
-            "mutated": list(child.mutated),
-        }
-        if child.second_parent is not None:
-            lineage["crossover_parent"] = child.second_parent
-        for key, value in {**lineage, **attrs}.items():
-            storage.set_trial_user_attr(trial_id, key, value)
-        return child.spec.to_params()
+            study._storage.set_trial_system_attr(
+                trial._trial_id, PROPOSED_KEY_ATTR, child.spec.key
+            )
+        return child, attrs
+
+    def _claimed_elsewhere(self, study: Study, trial: FrozenTrial, key: str) -> bool:
+        """Whether another trial finished, waits or runs with ``key`` (read afresh).
+
+        Each worker announces its key and only then looks, so of two workers that chose one
+        key at the same moment at least one sees the other and chooses again (both may: the
+        key is then simply left for later). Threads of one process are already serialised
+        by the sampler's lock and an in-memory storage has no other process: not read again.
+        """
+        if isinstance(study._storage, InMemoryStorage):
+            return False
+        with self._lock:
+            history = self._history(study, fresh=True)
+            return key in history.finished_keys or any(
+                other.number != trial.number and _announced_key(other) == key
+                for other in history.unfinished
+            )
 
     def _context(self, history, space, weights, seen, parents) -> ProposalContext:
         return ProposalContext(

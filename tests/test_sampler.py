@@ -1,0 +1,353 @@
+"""EvolutionSampler on the distiller space: population, lineage, dedup, shrinkage, seeds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from kd_optuna.classics import classic_specs
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.proposers import RandomProposer
+from kd_optuna.sampler import PROPOSED_KEY_ATTR, EvolutionSampler
+from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def score_of(spec: DistillerSpec) -> float:
+    """A deterministic score with structure to find: feat + l2 + T1 is good."""
+    jitter = zlib.crc32(spec.key.encode()) % 1000 / 10_000
+    return (
+        (spec.knowledge != "feat") * 1.0
+        + (spec.distance != "l2") * 0.5
+        + (spec.temperature != 1) * 0.25
+        + jitter
+    )
+
+
+def objective(trial: optuna.Trial) -> float:
+    return score_of(suggest_distiller(trial))
+
+
+def key_of(trial) -> str:
+    return DistillerSpec.from_params(trial.params).key
+
+
+def run(sampler, n_trials, func=objective, direction="minimize"):
+    study = optuna.create_study(sampler=sampler, direction=direction)
+    study.optimize(func, n_trials=n_trials)
+    return study
+
+
+def test_initial_population_starts_with_the_classics_in_order():
+    study = run(EvolutionSampler(seed=1), len(classic_specs()) + 3)
+    keys = [key_of(t) for t in study.trials]
+    assert keys[: len(classic_specs())] == [spec.key for spec in classic_specs()]
+    assert all(t.user_attrs["proposer"] == "classic" for t in study.trials[:9])
+    assert all(t.user_attrs["proposer"] == "random" for t in study.trials[9:])
+    assert all(t.user_attrs["parent"] is None for t in study.trials)
+
+
+def test_a_narrowed_space_skips_classics_outside_it():
+    space = SearchSpace().narrow(knowledge=["logit"])
+    sampler = EvolutionSampler(space=space, seed=0)
+    study = run(sampler, 5, func=lambda t: score_of(suggest_distiller(t, space)))
+    logit_classics = [s.key for s in classic_specs() if s.knowledge == "logit"]
+    assert [key_of(t) for t in study.trials[: len(logit_classics)]] == logit_classics
+    assert all(t.params["knowledge"] == "logit" for t in study.trials)
+
+
+def test_no_canonical_key_is_evaluated_twice_and_children_follow_the_lineage():
+    sampler = EvolutionSampler(population_size=10, seed=3, warm_start=False)
+    study = run(sampler, 120)
+    keys = [key_of(t) for t in study.trials]
+    assert len(set(keys)) == len(keys)
+    evolved = [t for t in study.trials if t.user_attrs["proposer"] == "mutation"]
+    assert len(evolved) > 60
+    by_number = {t.number: t for t in study.trials}
+    for trial in evolved:
+        parent = by_number[trial.user_attrs["parent"]]
+        changed = [g for g in GENES if trial.params[g] != parent.params[g]]
+        assert changed and changed == trial.user_attrs["mutated"]
+
+
+def _best_distinct(trials, size, sign=1.0):
+    best: dict[str, tuple[float, int]] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            entry = (sign * t.value, t.number)
+            key = key_of(t)
+            best[key] = min(best.get(key, entry), entry)
+    return {number for _, number in sorted(best.values())[:size]}
+
+
+@pytest.mark.parametrize("direction, sign", [("minimize", 1.0), ("maximize", -1.0)])
+def test_parents_come_from_the_best_distinct_completed_trials(direction, sign):
+    sampler = EvolutionSampler(population_size=8, seed=5, warm_start=False, crossover_prob=0.5)
+    study = run(sampler, 80, direction=direction)
+    for trial in study.trials:
+        parents = [trial.user_attrs["parent"], trial.user_attrs.get("crossover_parent")]
+        population = _best_distinct(study.trials[: trial.number], 8, sign)
+        for parent in filter(lambda p: p is not None, parents):
+            assert parent in population
+
+
+def test_search_improves_on_its_initial_population():
+    study = run(EvolutionSampler(population_size=10, seed=0), 100)
+    first = min(t.value for t in study.trials[:20])
+    assert study.best_value < first
+    assert study.best_trial.params["knowledge"] == "feat"
+    assert study.best_trial.params["distance"] == "l2"
+
+
+def test_crossover_children_take_each_gene_from_a_parent_unless_mutated():
+    sampler = EvolutionSampler(population_size=6, seed=2, crossover_prob=1.0, warm_start=False)
+    study = run(sampler, 50)
+    by_number = {t.number: t for t in study.trials}
+    crossed = [t for t in study.trials if t.user_attrs["proposer"] == "crossover"]
+    assert len(crossed) > 20
+    for trial in crossed:
+        a = by_number[trial.user_attrs["parent"]].params
+        b = by_number[trial.user_attrs["crossover_parent"]].params
+        for gene in GENES:
+            if gene not in trial.user_attrs["mutated"]:
+                assert trial.params[gene] in (a[gene], b[gene])
+
+
+#: 2 x 2 x 2 x 2 = 16 distinct distillers (no transforms, so no two params share a key).
+TINY = SearchSpace().narrow(
+    knowledge=["logit", "emb"],
+    transform1=["no"],
+    transform2=["no"],
+    transform3=["no"],
+    distance=["l2", "kl"],
+    calibration=["no", "entropy"],
+    temperature=[1, 4],
+    magnitude=[1],
+)
+
+
+def test_rejected_and_failed_keys_are_never_proposed_again_nor_parents():
+    space = TINY.narrow(distance=["l2", "kl", "cos", "pear"])
+    sampler = EvolutionSampler(population_size=4, seed=0, space=space, warm_start=False)
+    study = optuna.create_study(sampler=sampler)
+
+    def func(trial):
+        spec = suggest_distiller(trial, space)
+        if spec.distance == "cos":
+            trial.set_user_attr("reject_reason", "non-finite loss")
+            raise optuna.TrialPruned()
+        if spec.distance == "pear":
+            raise RuntimeError("worker crashed")
+        return score_of(spec)
+
+    study.optimize(func, n_trials=space.size(), catch=(RuntimeError,))
+    keys = [key_of(t) for t in study.trials]
+    assert sorted(keys) == sorted({DistillerSpec(*v).key for v in _product(space)})
+    complete = {t.number for t in study.trials if t.state == TrialState.COMPLETE}
+    parents = {t.user_attrs["parent"] for t in study.trials} - {None}
+    assert parents and parents <= complete
+
+
+def _product(space):
+    import itertools
+
+    return itertools.product(*(space[g] for g in GENES))
+
+
+def test_running_and_waiting_keys_are_not_proposed():
+    space = SearchSpace().narrow(
+        knowledge=["logit"], transform1=["no"], transform2=["no"], transform3=["no"],
+        distance=["kl"], calibration=["no"], temperature=[1, 4, 8], magnitude=[1, 10],
+    )
+    specs = [DistillerSpec(*v) for v in _product(space)]
+    study = optuna.create_study(sampler=EvolutionSampler(space=space, seed=0))
+    dists = {g: optuna.distributions.CategoricalDistribution(list(space[g])) for g in GENES}
+    study.add_trial(optuna.create_trial(params=specs[0].to_params(), distributions=dists, value=1))
+    study.enqueue_trial(specs[1].to_params())
+    announced = study._storage.create_new_trial(study._study_id)
+    study._storage.set_trial_system_attr(announced, PROPOSED_KEY_ATTR, specs[2].key)
+    half_suggested = study.ask()
+    for gene in GENES:
+        half_suggested._suggest(gene, dists[gene])
+    params_keys = {specs[0].key, specs[1].key, specs[2].key, key_of(half_suggested)}
+    for _ in range(2):
+        trial = study.ask()
+        spec = suggest_distiller(trial, space)
+        assert spec.key not in params_keys
+        params_keys.add(spec.key)
+
+
+def test_an_exhausted_space_proposes_a_repeat_and_says_so():
+    space = TINY.narrow(knowledge=["logit"], distance=["l2"], calibration=["no"])
+    study = run(EvolutionSampler(space=space, seed=0), 3,
+                func=lambda t: score_of(suggest_distiller(t, space)))
+    assert len({key_of(t) for t in study.trials}) == 2
+    assert "repeat" in study.trials[-1].user_attrs["sampler_note"]
+
+
+def test_space_weights_drop_rejected_options_and_damp_the_unpromising():
+    space = SearchSpace().narrow(
+        transform1=["no"], transform2=["no"], transform3=["no"], calibration=["no"]
+    )
+    sampler = EvolutionSampler(population_size=5, shrink_after=40, seed=0, space=space)
+    study = optuna.create_study(sampler=sampler)
+    assert all(w == 1.0 for ws in sampler.space_weights(study).values() for w in ws.values())
+
+    def func(trial):
+        spec = suggest_distiller(trial, space)
+        if spec.distance == "hard":
+            trial.set_user_attr("reject_reason", "no gradient")
+            raise optuna.TrialPruned()
+        return score_of(spec)
+
+    study.optimize(func, n_trials=90)
+    weights = sampler.space_weights(study)
+    assert weights["distance"]["hard"] == 0.0
+    assert weights["knowledge"]["feat"] == 1.0
+    assert weights["knowledge"]["logit"] < 1.0 and weights["knowledge"]["emb"] < 1.0
+    after = [t for t in study.trials if t.user_attrs.get("space_state")]
+    assert after and after[-1].user_attrs["space_state"]["dropped"] == {"distance": ["hard"]}
+    late = study.trials[-30:]
+    assert all(t.params["distance"] != "hard" for t in late)
+
+    twin = optuna.create_study()
+    twin.add_trials(study.trials)
+    other = EvolutionSampler(population_size=5, shrink_after=40, seed=99, space=space)
+    assert other.space_weights(twin) == weights
+
+
+def test_a_gene_keeps_one_option_when_every_option_is_rejected():
+    space = TINY.narrow(distance=["l2", "kl"])
+    sampler = EvolutionSampler(population_size=2, shrink_after=1, seed=0, space=space)
+    study = optuna.create_study(sampler=sampler)
+    dists = {g: optuna.distributions.CategoricalDistribution(list(space[g])) for g in GENES}
+    specs = [DistillerSpec(*v) for v in _product(space)]
+    kept = next(s for s in specs if s.distance == "l2")
+    for spec in specs:
+        state = TrialState.COMPLETE if spec == kept else TrialState.PRUNED
+        study.add_trial(optuna.create_trial(
+            params=spec.to_params(), distributions=dists, state=state,
+            value=1.0 if state == TrialState.COMPLETE else None,
+            user_attrs={} if state == TrialState.COMPLETE else {"reject_reason": "nan"},
+        ))
+    weights = sampler.space_weights(study)["distance"]
+    assert weights == {"l2": 0.05, "kl": 0.0}
+
+
+def test_extra_params_are_sampled_at_random_beside_the_genes():
+    def func(trial):
+        spec = suggest_distiller(trial)
+        lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+        width = trial.suggest_int("width", 8, 64)
+        return score_of(spec) + lr + width / 1000
+
+    study = run(EvolutionSampler(seed=0, population_size=5), 30, func=func)
+    assert len({t.params["lr"] for t in study.trials}) == 30
+    assert all(1e-4 <= t.params["lr"] <= 1e-1 and 8 <= t.params["width"] <= 64
+               for t in study.trials)
+
+
+def test_invalid_arguments_raise_a_kd_optuna_error():
+    for kwargs in [{"population_size": 0}, {"sample_ratio": 1.5}, {"crossover_prob": -1}]:
+        with pytest.raises(KdOptunaError):
+            EvolutionSampler(**kwargs)
+
+
+def _params(seed, n=40):
+    study = run(EvolutionSampler(seed=seed, population_size=8, proposer=RandomProposer()), n)
+    return [t.params for t in study.trials]
+
+
+def test_same_seed_same_params_and_different_seed_different_params():
+    assert _params(7) == _params(7)
+    assert _params(7) != _params(8)
+
+
+def test_same_seed_in_another_process_gives_the_same_params():
+    script = textwrap.dedent(
+        """
+        import json, sys
+        sys.path.insert(0, "tests")
+        from test_sampler import _params
+        print(json.dumps(_params(7)))
+        """
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(_params(7)))
+
+
+def test_reseed_rng_makes_two_copies_of_a_seeded_sampler_differ():
+    a, b = EvolutionSampler(seed=4, warm_start=False), EvolutionSampler(seed=4, warm_start=False)
+    b.reseed_rng()
+    keys = [[key_of(t) for t in run(s, 5).trials] for s in (a, b)]
+    assert keys[0] != keys[1]
+
+
+def test_threads_share_one_sampler_without_repeating_keys():
+    study = optuna.create_study(sampler=EvolutionSampler(seed=0, population_size=6))
+    study.optimize(objective, n_trials=40, n_jobs=2)
+    keys = [key_of(t) for t in study.trials]
+    assert len(keys) == 40 and len(set(keys)) == 40
+
+
+def test_the_sampler_derives_its_space_from_the_study_when_not_given():
+    space = TINY
+    study = optuna.create_study()
+    dists = {g: optuna.distributions.CategoricalDistribution(list(space[g])) for g in GENES}
+    spec = DistillerSpec(*next(_product(space)))
+    study.add_trial(optuna.create_trial(params=spec.to_params(), distributions=dists, value=1))
+    study.sampler = EvolutionSampler(seed=0)
+    study.optimize(lambda t: score_of(suggest_distiller(t, space)), n_trials=10)
+    assert all(space.contains(DistillerSpec.from_params(t.params)) for t in study.trials)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, zlib, optuna
+    from kd_optuna.sampler import EvolutionSampler
+    from kd_optuna.space import suggest_distiller
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        spec = suggest_distiller(trial)
+        return (spec.knowledge != "feat") + zlib.crc32(spec.key.encode()) % 1000 / 1000
+
+    study = optuna.load_study(study_name="s", storage=sys.argv[1],
+                              sampler=EvolutionSampler(population_size=6))
+    study.optimize(objective, n_trials=int(sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.slow
+def test_worker_processes_share_one_sqlite_study(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="s", storage=storage)
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, storage, "15"], cwd=REPO)
+        for _ in range(3)
+    ]
+    assert all(w.wait(timeout=300) == 0 for w in workers)
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert len(trials) == 45 and all(t.state == TrialState.COMPLETE for t in trials)
+    keys = [key_of(t) for t in trials]
+    duplicates = len(keys) - len(set(keys))
+    print(f"duplicate keys among 45 trials of 3 workers: {duplicates}")
+    assert duplicates == 0
+    proposers = {t.user_attrs["proposer"] for t in trials}
+    assert {"classic", "mutation"} <= proposers
+    numbers = {t.number for t in trials}
+    assert all(t.user_attrs["parent"] in numbers | {None} for t in trials)

@@ -1,0 +1,34 @@
+"""Optuna's own sampler test suite, run against EvolutionSampler on generic search spaces.
+
+Floats, ints, categoricals and conditional params that are not distiller genes must be
+sampled as Optuna's RandomSampler would; a multi-objective study must be refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+from optuna.testing.pytest_samplers import (
+    BasicSamplerTestCase,
+    RelativeSamplerTestCase,
+    SingleOnlySamplerTestCase,
+)
+
+from kd_optuna.sampler import EvolutionSampler
+
+
+class TestEvolutionSamplerBasic(BasicSamplerTestCase):
+    @pytest.fixture
+    def sampler(self):
+        return lambda: EvolutionSampler(seed=0)
+
+
+class TestEvolutionSamplerRelative(RelativeSamplerTestCase):
+    @pytest.fixture
+    def sampler(self):
+        return lambda: EvolutionSampler(seed=0)
+
+
+class TestEvolutionSamplerSingleOnly(SingleOnlySamplerTestCase):
+    @pytest.fixture
+    def sampler(self):
+        return lambda: EvolutionSampler(seed=0)
