@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import itertools
 import math
 import threading
@@ -124,6 +125,9 @@ class _Counts:
     rejected: int = 0
 
 
+_NONE = _Counts()
+
+
 class _History:
     """What one process has derived from one study's trials; see the module docstring."""
 
@@ -140,6 +144,8 @@ class _History:
         self.unfinished: list[FrozenTrial] = []
         self.best: dict[str, tuple[float, int]] = {}
         self.best_spec: dict[str, DistillerSpec] = {}
+        self.best_features: dict[str, list[tuple[str, Any]]] = {}
+        self._weights: tuple[Any, dict[str, dict[Any, float]]] = (None, {})
         self.top: list[tuple[float, int, str]] = []
         self.n_complete = 0
         self.counts: dict[tuple[str, Any], _Counts] = {}
@@ -198,7 +204,8 @@ class _History:
             return
         self.n_complete += 1
         self.predictor.add(spec, score)
-        for feature in _features(spec):
+        features = _features(spec)
+        for feature in features:
             self.counts.setdefault(feature, _Counts()).complete += 1
         entry = (score, number)
         old = self.best.get(key)
@@ -206,6 +213,7 @@ class _History:
             return
         self.best[key] = entry
         self.best_spec[key] = spec
+        self.best_features[key] = features
         if old is not None:
             at = bisect.bisect_left(self.top, (old[0], old[1], key))
             if at < len(self.top) and self.top[at] == (old[0], old[1], key):
@@ -227,31 +235,45 @@ class _History:
         reject_min: int,
         reject_rate: float,
     ) -> dict[str, dict[Any, float]]:
-        weights = {g: {o: 1.0 for o in space[g]} for g in GENES}
+        """See ``EvolutionSampler.space_weights``; cached until the next trial is absorbed."""
+        cache_key = (self.version, space, shrink_after, reject_min, reject_rate)
+        if self._weights[0] == cache_key:
+            return self._weights[1]
         if self.n_complete < shrink_after or not self.top:
-            return weights
+            weights = {g: {o: 1.0 for o in space[g]} for g in GENES}
+        else:
+            weights = self._shrunk(space, reject_min, reject_rate)
+        self._weights = (cache_key, weights)
+        return weights
+
+    def _shrunk(self, space, reject_min, reject_rate) -> dict[str, dict[Any, float]]:
         elite: dict[tuple[str, Any], int] = {}
-        for member in self.members():
-            for feature in _features(member.spec):
+        for _, _, key in self.top:
+            for feature in self.best_features[key]:
                 elite[feature] = elite.get(feature, 0) + 1
         share = len(self.top) / self.n_complete
+        by_feature: dict[tuple[str, Any], float] = {}
+
+        def weight(feature: tuple[str, Any]) -> float:
+            if feature not in by_feature:
+                counts = self.counts.get(feature, _NONE)
+                ratio = (elite.get(feature, 0) + 1.0) / (counts.complete * share + 1.0)
+                tried = counts.complete + counts.rejected
+                dropped = counts.rejected >= reject_min and counts.rejected >= reject_rate * tried
+                by_feature[feature] = 0.0 if dropped else max(_FLOOR, min(1.0, ratio))
+            return by_feature[feature]
+
+        weights = {}
         for gene in GENES:
             group = _GROUP[gene]
-            for option in weights[gene]:
-                counts = self.counts.get((group, option), _Counts())
-                expected = counts.complete * share
-                ratio = (elite.get((group, option), 0) + 1.0) / (expected + 1.0)
-                weights[gene][option] = max(_FLOOR, min(1.0, ratio))
-                tried = counts.complete + counts.rejected
-                if counts.rejected >= reject_min and counts.rejected >= reject_rate * tried:
-                    weights[gene][option] = 0.0
+            weights[gene] = {o: weight((group, o)) for o in space[gene]}
             if not any(w > 0 for w in weights[gene].values()):
                 weights[gene] = self._least_rejected(group, weights[gene])
         return weights
 
     def _least_rejected(self, group: str, options: Mapping[Any, float]) -> dict[Any, float]:
         def rate(option: Any) -> float:
-            c = self.counts.get((group, option), _Counts())
+            c = self.counts.get((group, option), _NONE)
             return c.rejected / max(1, c.complete + c.rejected)
 
         lowest = min(rate(o) for o in options)
@@ -274,14 +296,24 @@ def _space_of(distributions: Mapping[str, BaseDistribution]) -> SearchSpace | No
     dists = [distributions.get(g) for g in GENES]
     if not all(isinstance(d, CategoricalDistribution) for d in dists):
         return None
+    return _space_of_choices(tuple(d.choices for d in dists))  # type: ignore[union-attr]
+
+
+@functools.lru_cache(maxsize=64)
+def _space_of_choices(choices: tuple[tuple[Any, ...], ...]) -> SearchSpace | None:
     try:
-        return SearchSpace({g: d.choices for g, d in zip(GENES, dists)})  # type: ignore[union-attr]
+        return SearchSpace(dict(zip(GENES, choices)))
     except KdOptunaError:
         return None
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_distributions(space: SearchSpace) -> tuple[tuple[str, BaseDistribution], ...]:
+    return tuple((g, CategoricalDistribution(list(space[g]))) for g in GENES)
+
+
 def _distributions_of(space: SearchSpace) -> dict[str, BaseDistribution]:
-    return {g: CategoricalDistribution(list(space[g])) for g in GENES}
+    return dict(_cached_distributions(space))
 
 
 class EvolutionSampler(BaseSampler):

@@ -1,0 +1,179 @@
+"""How long it takes to propose one distiller as a study grows: Evolution vs TPE vs Random.
+
+For each study size N (completed trials with random distiller params and scores, 5% of them
+rejected), each storage (in memory, SQLite file) and each sampler, it times ``repeats``
+proposals after one untimed warm-up proposal:
+
+- ``sampler``: time spent inside the sampler's own methods (``infer_relative_search_space``,
+  ``sample_relative``, ``sample_independent``), lineage writes included;
+- ``ask+suggest``: ``study.ask()`` plus the eight ``suggest_categorical`` calls, which is
+  what a worker waits for before training starts (storage writes included);
+- ``first``: the warm-up proposal, where EvolutionSampler reads every trial once.
+
+Each proposal is then told a score, so the study grows by ``repeats`` trials per sampler.
+
+    .venv/bin/python benchmarks/sampler_cost.py                     # 100, 1000, 5000
+    .venv/bin/python benchmarks/sampler_cost.py --sizes 100 --repeats 10 --storages memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+import zlib
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.samplers import BaseSampler, RandomSampler, TPESampler
+from optuna.trial import TrialState
+
+from kd_optuna.sampler import EvolutionSampler
+from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
+
+SPACE = SearchSpace()
+DISTRIBUTIONS = {g: CategoricalDistribution(list(SPACE[g])) for g in GENES}
+
+
+def score(spec: DistillerSpec) -> float:
+    """A deterministic stand-in for the combined score."""
+    return (spec.knowledge != "feat") + 0.3 * (spec.distance != "l2") + (
+        zlib.crc32(spec.key.encode()) % 1000
+    ) / 2000
+
+
+def random_trials(n: int, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
+    rng = np.random.RandomState(seed)
+    trials = []
+    for _ in range(n):
+        spec = DistillerSpec.from_params(
+            {g: SPACE[g][rng.randint(len(SPACE[g]))] for g in GENES}
+        )
+        if rng.random_sample() < 0.05:
+            trial = optuna.trial.create_trial(
+                params=spec.to_params(),
+                distributions=DISTRIBUTIONS,
+                state=TrialState.PRUNED,
+                user_attrs={"reject_reason": "non-finite loss"},
+            )
+        else:
+            trial = optuna.trial.create_trial(
+                params=spec.to_params(), distributions=DISTRIBUTIONS, value=score(spec)
+            )
+        trials.append(trial)
+    return trials
+
+
+class TimedSampler(BaseSampler):
+    """Delegates to ``inner`` and adds up the seconds spent in its sampling methods."""
+
+    def __init__(self, inner: BaseSampler) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def _timed(self, method: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def infer_relative_search_space(self, study, trial):
+        return self._timed(self.inner.infer_relative_search_space, study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._timed(self.inner.sample_relative, study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self._timed(self.inner.sample_independent, study, trial, name, distribution)
+
+    def before_trial(self, study, trial):
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self.inner.after_trial(study, trial, state, values)
+
+
+SAMPLERS: dict[str, Callable[[], BaseSampler]] = {
+    "Evolution": lambda: EvolutionSampler(seed=0),
+    "TPE": lambda: TPESampler(seed=0),
+    "Random": lambda: RandomSampler(seed=0),
+}
+
+
+def measure(study: optuna.Study, timed: TimedSampler, repeats: int) -> dict[str, float]:
+    def propose() -> tuple[float, float]:
+        timed.seconds = 0.0
+        start = time.perf_counter()
+        trial = study.ask()
+        spec = suggest_distiller(trial, SPACE)
+        wall = time.perf_counter() - start
+        study.tell(trial, score(spec))
+        return timed.seconds, wall
+
+    first = propose()[1]
+    runs = [propose() for _ in range(repeats)]
+    return {
+        "sampler": statistics.median(r[0] for r in runs) * 1e3,
+        "ask+suggest": statistics.median(r[1] for r in runs) * 1e3,
+        "first": first * 1e3,
+    }
+
+
+def memory_study(trials, sampler):
+    study = optuna.create_study(sampler=sampler)
+    study.add_trials(trials)
+    return study
+
+
+def sqlite_template(trials, directory: str, n: int) -> str:
+    path = os.path.join(directory, f"template-{n}.db")
+    study = optuna.create_study(study_name="bench", storage=f"sqlite:///{path}")
+    study.add_trials(trials)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--storages", nargs="+", default=["memory", "sqlite"])
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
+          f"{os.cpu_count()} CPUs | Python {platform.python_version()} | "
+          f"optuna {optuna.__version__} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# median over {args.repeats} proposals, milliseconds")
+    header = f"| {'storage':7} | {'N':>5} | {'sampler':9} | {'sampler ms':>10} | " \
+             f"{'ask+suggest ms':>14} | {'first ms':>8} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    with tempfile.TemporaryDirectory() as directory:
+        for storage in args.storages:
+            for n in args.sizes:
+                trials = random_trials(n)
+                template = sqlite_template(trials, directory, n) if storage == "sqlite" else ""
+                for name, make in SAMPLERS.items():
+                    timed = TimedSampler(make())
+                    if storage == "memory":
+                        study = memory_study(trials, timed)
+                    else:
+                        path = os.path.join(directory, f"{name}-{n}.db")
+                        shutil.copy(template, path)
+                        study = optuna.load_study(
+                            study_name="bench", storage=f"sqlite:///{path}", sampler=timed
+                        )
+                    result = measure(study, timed, args.repeats)
+                    print(f"| {storage:7} | {n:5d} | {name:9} | {result['sampler']:10.2f} | "
+                          f"{result['ask+suggest']:14.2f} | {result['first']:8.1f} |",
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
