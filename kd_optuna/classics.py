@@ -26,8 +26,8 @@ CLASSICS: dict[str, tuple[DistillerSpec, str]] = {
     "fitnets": (
         _spec("feat", "no", "no", "no", "l2", "no", 1, 100),
         "FitNets, Romero et al. 2015: hint loss, mean squared error between the teacher's "
-        "feature map and the student's after a trainable 1x1-conv regressor (the adapter), "
-        "weight 100 as in CRD's benchmark.",
+        "feature map and the student's after a trainable 1x1-conv + BN regressor (the adapter, "
+        "present when the channel counts differ), weight 100 as in CRD's benchmark.",
     ),
     "at": (
         _spec("feat", "satt", "norm_HW", "no", "l2", "no", 1, 100),
