@@ -8,7 +8,9 @@ proposals after one untimed warm-up proposal:
   ``sample_relative``, ``sample_independent``), lineage writes included;
 - ``ask+suggest``: ``study.ask()`` plus the eight ``suggest_categorical`` calls, which is
   what a worker waits for before training starts (storage writes included);
-- ``first``: the warm-up proposal, where EvolutionSampler reads every trial once.
+- ``first``: the warm-up proposal, where EvolutionSampler reads every trial once;
+- ``(read)`` rows: listing the trials without copying them, which every sampler that looks
+  at the history pays at least once per proposal.
 
 Each proposal is then told a score, so the study grows by ``repeats`` trials per sampler.
 
@@ -126,6 +128,17 @@ def measure(study: optuna.Study, timed: TimedSampler, repeats: int) -> dict[str,
     }
 
 
+def read_cost(study: optuna.Study, repeats: int) -> float:
+    """Median ms to list the study's trials as samplers do (no copy): the floor of any
+    sampler that looks at the history."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        study._storage.get_all_trials(study._study_id, deepcopy=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def memory_study(trials, sampler):
     study = optuna.create_study(sampler=sampler)
     study.add_trials(trials)
@@ -173,6 +186,9 @@ def main() -> None:
                     print(f"| {storage:7} | {n:5d} | {name:9} | {result['sampler']:10.2f} | "
                           f"{result['ask+suggest']:14.2f} | {result['first']:8.1f} |",
                           flush=True)
+                read = read_cost(study, args.repeats)
+                print(f"| {storage:7} | {n:5d} | {'(read)':9} | {read:10.2f} | "
+                      f"{'':14} | {'':8} |", flush=True)
 
 
 if __name__ == "__main__":

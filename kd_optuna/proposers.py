@@ -23,6 +23,7 @@ import dataclasses
 import http.client
 import json
 import logging
+import math
 import os
 import re
 import urllib.error
@@ -229,6 +230,10 @@ def _host_of(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
+def _json_number(value: float) -> float | None:
+    return round(float(value), 6) if math.isfinite(value) else None
+
+
 def parse_candidates(content: str) -> list[dict[str, Any]]:
     """The candidate param dicts in a model's reply, read strictly as JSON data.
 
@@ -334,7 +339,7 @@ class LLMProposer(Proposer):
             g: [o for o, w in context.weights[g].items() if w > 0] for g in GENES
         }
         best = [
-            {"params": m.spec.to_params(), "score": round(float(m.score), 6)}
+            {"params": m.spec.to_params(), "score": _json_number(m.score)}
             for m in list(context.population)[: self.top]
         ]
         request = {

@@ -107,11 +107,14 @@ def _spec_of(params: Mapping[str, Any]) -> DistillerSpec | None:
 
 
 def _announced_key(trial: FrozenTrial) -> str | None:
-    """The key an unfinished trial will evaluate: announced, fully suggested or enqueued."""
+    """The key an unfinished trial will evaluate: its params, announced key, or enqueued."""
+    spec = _spec_of(trial.params)
+    if spec is not None:
+        return spec.key
     key = trial.system_attrs.get(PROPOSED_KEY_ATTR)
     if isinstance(key, str):
         return key
-    spec = _spec_of(trial.params) or _spec_of(trial.system_attrs.get("fixed_params", {}))
+    spec = _spec_of(trial.system_attrs.get("fixed_params", {}))
     return spec.key if spec else None
 
 
@@ -316,6 +319,19 @@ def _distributions_of(space: SearchSpace) -> dict[str, BaseDistribution]:
     return dict(_cached_distributions(space))
 
 
+def _with_fixed(space: SearchSpace, trial: FrozenTrial) -> SearchSpace:
+    """``space`` narrowed to the genes an enqueued trial fixes, so lineage tells the truth."""
+    fixed = trial.system_attrs.get("fixed_params", {})
+    genes = {g: [fixed[g]] for g in GENES if g in fixed}
+    if not genes:
+        return space
+    try:
+        narrowed = space.narrow(**genes)
+    except KdOptunaError:
+        return space
+    return narrowed if all(set(narrowed[g]) <= set(space[g]) for g in genes) else space
+
+
 class EvolutionSampler(BaseSampler):
     """KD-Zero's evolutionary search over the distiller genes; see the module docstring.
 
@@ -494,7 +510,7 @@ class EvolutionSampler(BaseSampler):
         params: dict[str, Any] = {}
         space = _space_of(search_space)
         if space is not None:
-            params.update(self._propose(study, trial, space))
+            params.update(self._propose(study, trial, _with_fixed(space, trial)))
         for name, distribution in search_space.items():
             if name not in params:
                 params[name] = self._random.sample_independent(study, trial, name, distribution)

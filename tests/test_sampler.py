@@ -351,3 +351,14 @@ def test_worker_processes_share_one_sqlite_study(tmp_path):
     assert {"classic", "mutation"} <= proposers
     numbers = {t.number for t in trials}
     assert all(t.user_attrs["parent"] in numbers | {None} for t in trials)
+
+
+def test_genes_fixed_by_an_enqueued_trial_shape_the_child_and_its_lineage():
+    sampler = EvolutionSampler(seed=0, population_size=4, warm_start=False)
+    study = run(sampler, 8)
+    study.enqueue_trial({"knowledge": "emb", "distance": "cos"})
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[-1]
+    assert trial.params["knowledge"] == "emb" and trial.params["distance"] == "cos"
+    assert trial.system_attrs[PROPOSED_KEY_ATTR] == key_of(trial)
+    assert trial.user_attrs["proposer"] in {"mutation", "crossover", "random"}
