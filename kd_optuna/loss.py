@@ -237,8 +237,9 @@ class DistillerLoss(nn.Module):
     def _check(loss: Tensor, watched: list[Tensor]) -> None:
         flags = [~torch.isfinite(loss.detach())]
         if watched:
-            peaks = torch.stack([x.detach().abs().amax() for x in watched])
-            flags.append(~(peaks <= OVERFLOW_LIMIT).all())
+            low, high = zip(*(x.detach().aminmax() for x in watched))
+            inside = (torch.stack(low) >= -OVERFLOW_LIMIT) & (torch.stack(high) <= OVERFLOW_LIMIT)
+            flags.append(~inside.all())
         non_finite, overflow = (torch.stack(flags).tolist() + [False])[:2]
         if non_finite:
             raise InvalidDistiller("non-finite loss")
