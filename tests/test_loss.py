@@ -224,3 +224,26 @@ def test_repr_shows_the_formula():
     assert "16 * mean_n(KL(softmax(t_logit/4) || softmax(s_logit/4)))" in repr(
         DistillerLoss(spec(), SHAPES, SHAPES)
     )
+
+
+@pytest.mark.parametrize("calibration", ["entropy", "conf", "focal", "sim", "no"])
+def test_loss_creates_no_tensor_off_the_inputs_device(calibration):
+    """On the meta device every op, mask and weight must follow the inputs (no .cuda(), no CPU
+    constants): a stand-in for a GPU check on machines without one."""
+    for t1, t2, distance in (("mask", "drop", "cor"), ("satt", "norm_HW", "kl"), ("bmm", "batchnorm", "hard")):
+        loss = DistillerLoss(spec("feat", t1, t2, distance=distance, calibration=calibration),
+                             SHAPES, WIDE, check_finite=False).to("meta")
+        student = {k: torch.empty((3, *v), device="meta") for k, v in SHAPES.items()}
+        teacher = {k: torch.empty((3, *v), device="meta") for k, v in WIDE.items()}
+        value = loss(student, teacher, torch.empty(3, dtype=torch.long, device="meta"))
+        assert value.device.type == "meta" and value.shape == ()
+
+
+def test_defect_raise_string_shape_errors_are_real_exceptions():
+    """The seed did ``raise f'invalid shape ...'`` (a TypeError at best); a knowledge tensor of
+    the wrong rank is an InvalidDistiller, a KdOptunaError with a message."""
+    loss = DistillerLoss(spec("feat", "norm_HW", distance="l2"), SHAPES, SHAPES)
+    with pytest.raises(InvalidDistiller, match=r"student feat has per-sample shape \(6, 4, 4, 1\)"):
+        loss({"feat": torch.zeros(2, 6, 4, 4, 1)}, {"feat": torch.zeros(2, 6, 4, 4)})
+    with pytest.raises(InvalidDistiller, match=r"teacher feat shape \(6, 4, 4, 1\) must have 3"):
+        DistillerLoss(spec("feat", distance="l2"), SHAPES, {"feat": (6, 4, 4, 1)})
