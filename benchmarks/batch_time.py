@@ -10,8 +10,9 @@ step is the student's plus the peer student's forward, backward and step (two re
 Methods: KD (the classic "kd" spec through kd_optuna.loss.DistillerLoss), PKT, CRD (50,000-row
 memory bank, 16,384 negatives), RKD, DML, the other classic specs of kd_optuna.classics, and
 with ``--searched`` a DistillerSpec JSON (a file or the JSON text). Repeats are interleaved:
-every repeat times each method once, in a fresh random order, for ``--steps`` batches after
-its own warm-up, so slow drifts of a shared machine hit all methods alike. A method's time is
+every repeat times each method once, in a fresh random order, for ``--steps`` batches (after
+``--warmup`` untimed batches per method at the start), so slow drifts of a shared machine hit
+all methods alike. A method's time is
 the median over repeats, its ratio is median(method) / median(KD); the range shown is the
 min-max of the per-repeat paired ratios. Random inputs: the time does not depend on the data.
 
@@ -171,7 +172,6 @@ def time_methods(
         shuffled = methods[:]
         order.shuffle(shuffled)
         for method in shuffled:
-            method.step()
             _synchronise(device)
             start = time.perf_counter()
             for _ in range(steps):

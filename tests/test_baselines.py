@@ -313,3 +313,14 @@ def test_baselines_run_on_tapped_zoo_models():
     for name, kw in [("pkt", {}), ("rkd", {}), ("crd", {"num_data": 20, "num_negatives": 4})]:
         loss = build_baseline(name, s_shapes, t_shapes, **kw)(student(images), t_out, None, torch.arange(4))
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["pkt", "rkd", "crd"])
+def test_half_precision_knowledge_gives_a_float32_loss(name):
+    loss_fn = _build(name)
+    g = torch.Generator().manual_seed(16)
+    student = {k: v.bfloat16() for k, v in _outputs(STUDENT, 6, g).items()}
+    teacher = {k: v.bfloat16() for k, v in _outputs(TEACHER, 6, g).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(student, teacher, None, torch.arange(6))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

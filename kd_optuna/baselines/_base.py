@@ -7,6 +7,7 @@ student's and the teacher's knowledge dicts (batch first: ``emb`` is (N, D), ``f
 0-dim tensor: the weighted distillation term only (the trainer adds cross-entropy). Teacher
 tensors are detached here, so no gradient ever reaches the teacher; any trainable part of a
 baseline (CRD's embedding heads) is in ``.parameters()`` and is trained with the student.
+As in ``DistillerLoss``, the loss is computed in float32 whatever the inputs' dtype or autocast.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class BaselineLoss(nn.Module):
                 f"{self.name} needs the dataset index of every sample; pass index= "
                 "(a loader yielding (image, label, index))"
             )
-        return self.compute(s.flatten(1), t.flatten(1), labels, index)
+        with torch.autocast(s.device.type, enabled=False):
+            return self.compute(s.flatten(1).float(), t.flatten(1).float(), labels, index)
 
     def compute(
         self,

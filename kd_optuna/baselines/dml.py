@@ -33,8 +33,8 @@ def mutual_kl(logit: torch.Tensor, peer_logit: torch.Tensor, temperature: float 
 
     The peer's prediction is detached: the gradient reaches ``logit`` only.
     """
-    target = F.log_softmax(peer_logit.detach() / temperature, dim=1)
-    log_p = F.log_softmax(logit / temperature, dim=1)
+    target = F.log_softmax(peer_logit.detach().float() / temperature, dim=1)
+    log_p = F.log_softmax(logit.float() / temperature, dim=1)
     return F.kl_div(log_p, target, reduction="batchmean", log_target=True) * temperature**2
 
 
