@@ -17,6 +17,7 @@ tensors are detached. Everything is computed in float32, whatever the inputs' dt
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -188,6 +189,10 @@ class DistillerLoss(nn.Module):
                 f"batch sizes differ: student {s.shape[0]}, teacher {t.shape[0]}"
             )
         s = self.adapter(s.float()).float()
+        with _float32(s.device):
+            return self._distil(s, t, student, teacher, labels, seed)
+
+    def _distil(self, s, t, student, teacher, labels, seed):
         watched = []
         for slot, (op, random) in enumerate(zip(self._transforms, self._random)):
             if random:
@@ -271,6 +276,14 @@ class DistillerLoss(nn.Module):
             ) from exc
         finally:
             self.train(training)
+
+
+def _float32(device: torch.device):
+    """Turn autocast off around the ops, so a caller's fp16/bf16 autocast region leaves the
+    distiller in float32 (the adapter before it runs under the caller's autocast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _generator(seed: int | None, slot: int, device: torch.device) -> torch.Generator | None:

@@ -247,3 +247,13 @@ def test_defect_raise_string_shape_errors_are_real_exceptions():
         loss({"feat": torch.zeros(2, 6, 4, 4, 1)}, {"feat": torch.zeros(2, 6, 4, 4)})
     with pytest.raises(InvalidDistiller, match=r"teacher feat shape \(6, 4, 4, 1\) must have 3"):
         DistillerLoss(spec("feat", distance="l2"), SHAPES, {"feat": (6, 4, 4, 1)})
+
+
+def test_autocast_regions_leave_the_distiller_in_float32():
+    loss = DistillerLoss(spec("feat", "mm", distance="l2", magnitude=100), SHAPES, SHAPES)
+    s, t = outputs(SHAPES), outputs(SHAPES, seed=1)
+    reference = loss(s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(s, t)
+    assert value.dtype == torch.float32
+    assert torch.equal(value, reference)
