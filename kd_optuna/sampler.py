@@ -11,9 +11,10 @@ processes on one storage cooperate without talking to each other:
 - **child** (lines 5-8): draw ``sample_ratio`` of the population, keep its ``top_k``, pick a
   parent among them; with ``crossover_prob`` uniform crossover with a second top-k parent,
   otherwise mutation of one or more genes (each with ``mutation_prob``).
-- **guided selection** (lines 9-15): the ``proposer`` (random by default, or a language
-  model) offers a rival; the additive predictor rho fitted on the completed trials keeps the
-  one predicted to score lower. Ties and an untrained predictor keep the mutated child.
+- **guided selection** (lines 9-15): the ``proposer`` (a random spec by default, as in
+  Algorithm 1, or a language model) offers a rival E; the additive predictor rho fitted on
+  the completed trials keeps the one predicted to score lower. Ties and an untrained
+  predictor keep the mutated child.
 - **never again**: a key that is COMPLETE, PRUNED (rejected), FAILED, RUNNING or WAITING is
   never proposed; only COMPLETE trials are parents. A worker announces its child's key in the
   system attr ``kd_optuna:proposed_key`` before the params are written, so workers starting
@@ -347,8 +348,9 @@ class EvolutionSampler(BaseSampler):
         shrink_after: completed trials before search-space shrinkage starts.
         space: the gene options; must equal what the objective suggests. ``None`` takes them
             from the study's trials, or the whole space for a study without KD trials.
-        proposer: the rival of the mutated child in guided selection (Algorithm 1's E);
-            ``None`` for pure mutation/crossover.
+        proposer: the rival of the mutated child in guided selection (Algorithm 1's E):
+            a random spec by default, or e.g. an ``LLMProposer``; ``None`` for pure
+            mutation/crossover without a contest.
         seed: seed of the random number generator.
         reject_min, reject_rate: an option drops out once at least ``reject_min`` trials with
             it were rejected and they make at least ``reject_rate`` of the trials with it.
@@ -365,7 +367,7 @@ class EvolutionSampler(BaseSampler):
         warm_start: bool | Sequence[DistillerSpec] = True,
         shrink_after: int = 50,
         space: SearchSpace | None = None,
-        proposer: Proposer | None = None,
+        proposer: Proposer | None = RandomProposer(),
         seed: int | None = None,
         *,
         reject_min: int = 3,
