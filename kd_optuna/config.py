@@ -4,7 +4,7 @@ A config has these tables (every key but ``data.dataset``, ``teacher.model`` and
 ``student.model`` has a default)::
 
     [study]    name                         the study name create-study uses by default
-    [data]     dataset, root, download      digits | cifar10 | cifar100 | imagenet
+    [data]     dataset, root, download      digits | cifar10 | cifar100 | imagefolder (ImageNet)
     [teacher]  model, checkpoint, nodes, num_classes     checkpoint absent: train one, cache it
     [student]  model, nodes, num_classes
     [proxy]    the fields of kd_optuna.proxy.ProxySettings
@@ -50,6 +50,8 @@ class ConfigError(KdOptunaError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+    """``num_classes`` of imagefolder is ImageNet's unless teacher/student.num_classes say otherwise."""
+
     num_classes: int
     input_shape: tuple[int, int, int]
     needs_root: bool
@@ -61,7 +63,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(10, (1, 16, 16), needs_root=False, family="digits"),
     "cifar10": DatasetInfo(10, (3, 32, 32), needs_root=True, family="cifar"),
     "cifar100": DatasetInfo(100, (3, 32, 32), needs_root=True, family="cifar"),
-    "imagenet": DatasetInfo(1000, (3, 224, 224), needs_root=True, family="imagenet"),
+    "imagefolder": DatasetInfo(1000, (3, 224, 224), needs_root=True, family="imagenet"),
 }
 
 #: Students trained with lr 0.01 instead of 0.05 on CIFAR (seed F.1, following CRD).
@@ -169,11 +171,14 @@ class StudyConfig:
 
     @property
     def num_classes(self) -> int:
-        return DATASETS[self.data.dataset].num_classes
+        return self.teacher.num_classes or self.student.num_classes or DATASETS[self.data.dataset].num_classes
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "config") -> "StudyConfig":
-        """Validate a parsed config (TOML tables or stored JSON); raise ConfigError naming the key."""
+    def from_dict(cls, data: Any, source: str = "config", check_models: bool = True) -> "StudyConfig":
+        """Validate a parsed config (TOML tables or stored JSON); raise ConfigError naming the key.
+
+        ``check_models=False`` skips the model registry (and so the torch import) for a config
+        that was checked when its study was created; building the models checks the names again."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"{source}: a study config must be a table of tables")
         tables = ("study", "data", "teacher", "student", "proxy", "space", "search", "train")
@@ -193,7 +198,8 @@ class StudyConfig:
             )
         teacher = _build(TeacherConfig, data["teacher"], source, "teacher")
         student = _build(StudentConfig, data["student"], source, "student")
-        _check_models(source, dataset_config.dataset, teacher, student)
+        if check_models:
+            _check_models(source, dataset_config.dataset, teacher, student)
         proxy = _build(_proxy_settings_class(), data.get("proxy", {}), source, "proxy")
         space = _build_space(source, data.get("space", {}))
         search = _build_search(source, data.get("search", {}))
@@ -221,25 +227,37 @@ class StudyConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, source: str = "stored config") -> "StudyConfig":
+    def from_json(cls, text: str, source: str = "stored config", check_models: bool = True) -> "StudyConfig":
         try:
             data = json.loads(text)
         except (TypeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{source}: not valid JSON ({exc}); recreate the study with create-study") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(data, source, check_models)
 
     def check_files(self) -> None:
         """Check that the data root and the teacher checkpoint exist on this machine."""
         info = DATASETS[self.data.dataset]
         if info.needs_root:
-            if not self.data.root:
-                raise ConfigError(f"data.root is missing; set it to the directory of the {self.data.dataset} data")
-            root = Path(self.data.root).expanduser()
+            if self.data.root:
+                root = Path(self.data.root).expanduser()
+            else:
+                from kd_optuna.data import default_root
+
+                root = default_root()
+            shown = f"data.root = {self.data.root!r}" if self.data.root else f"the default data root {str(root)!r}"
+            fix = " or set data.download = true" if self.data.dataset != "imagefolder" else ""
             if not root.is_dir() and not self.data.download:
                 raise ConfigError(
-                    f"data.root = {self.data.root!r} is not a directory; put the {self.data.dataset} data "
-                    "there, fix the path, or set data.download = true"
+                    f"{shown} is not a directory; put the {self.data.dataset} data there or fix the path{fix}"
                 )
+            train = root / "train"
+            if self.data.dataset == "imagefolder" and train.is_dir():
+                found = sum(1 for p in train.iterdir() if p.is_dir())
+                if found != self.num_classes:
+                    raise ConfigError(
+                        f"{train} holds {found} class folders but the models have {self.num_classes} classes; "
+                        f"set teacher.num_classes and student.num_classes = {found}"
+                    )
         if self.teacher.checkpoint is not None and not Path(self.teacher.checkpoint).expanduser().is_file():
             raise ConfigError(
                 f"teacher.checkpoint = {self.teacher.checkpoint!r} is not a file; fix the path, or remove "
@@ -422,7 +440,9 @@ def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: St
                 f"{source}: {role}.model = {part.model!r} takes {shape} inputs but {dataset} images are "
                 f"{info.input_shape}; pick a {dataset} model"
             )
-        if part.num_classes is not None and part.num_classes != info.num_classes:
+        if part.num_classes is not None and part.num_classes < 1:
+            raise ConfigError(f"{source}: {role}.num_classes must be at least 1, got {part.num_classes}")
+        if part.num_classes is not None and info.family != "imagenet" and part.num_classes != info.num_classes:
             raise ConfigError(
                 f"{source}: {role}.num_classes = {part.num_classes} but {dataset} has {info.num_classes} classes; "
                 f"remove the key or set it to {info.num_classes}"
@@ -433,9 +453,12 @@ def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: St
                     raise ConfigError(
                         f"{source}: {role}.nodes has unknown knowledge {knowledge!r}; use {', '.join(KNOWLEDGE_NODES)}"
                     )
-    if (teacher.num_classes or info.num_classes) != (student.num_classes or info.num_classes):
+    t_classes = teacher.num_classes or student.num_classes or info.num_classes
+    s_classes = student.num_classes or teacher.num_classes or info.num_classes
+    if t_classes != s_classes:
         raise ConfigError(
-            f"{source}: teacher.num_classes and student.num_classes differ; both must be {info.num_classes}"
+            f"{source}: teacher.num_classes = {t_classes} but student.num_classes = {s_classes}; "
+            "a distiller needs the same classes on both sides"
         )
 
 

@@ -91,8 +91,24 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
         try:
             parsed.get_dialect().import_dbapi()
         except ImportError:
-            raise StorageError("PostgreSQL storages need psycopg2: pip install 'kd-optuna[postgres]'") from None
+            if parsed.drivername != "postgresql":
+                raise StorageError(
+                    f"the driver of {parsed.drivername!r} is not installed; install it or use postgresql+psycopg2://"
+                ) from None
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+            try:
+                parsed.get_dialect().import_dbapi()
+            except ImportError:
+                raise StorageError("PostgreSQL storages need psycopg2: pip install 'kd-optuna[postgres]'") from None
     return parsed
+
+
+def resolve_url(url: str) -> str:
+    """``url`` as given, except ``postgresql://`` names the installed driver (psycopg or psycopg2)."""
+    parsed = check_url(url)
+    if parsed.drivername != make_url(url).drivername:
+        return parsed.render_as_string(hide_password=False)
+    return url
 
 
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -116,22 +132,23 @@ def open_storage(
     """An RDBStorage for ``url``; with ``heartbeat_interval`` (seconds) a heartbeat whose stale
     trials are failed after ``grace_period`` (default 2 x interval) and retried ``max_retry`` times."""
     parsed = check_url(url)
+    engine_url = resolve_url(url)
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True
     heartbeat: dict[str, Any] = {}
-    if heartbeat_interval is not None:
-        heartbeat = {
-            "heartbeat_interval": int(heartbeat_interval),
-            "grace_period": int(grace_period or 2 * heartbeat_interval),
-            "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-        }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if heartbeat_interval is not None:
+            heartbeat = {
+                "heartbeat_interval": int(heartbeat_interval),
+                "grace_period": int(grace_period or 2 * heartbeat_interval),
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+            }
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            storage = optuna.storages.RDBStorage(engine_url, engine_kwargs=engine_kwargs, **heartbeat)
         except (SQLAlchemyError, OSError, ImportError, RuntimeError, ValueError) as exc:
             raise StorageError(f"cannot open storage {mask_url(url)}: {describe_error(exc, url)}") from None
     if parsed.get_backend_name() == "sqlite":
@@ -173,6 +190,6 @@ def study_config(study: optuna.Study) -> StudyConfig:
             "create a study with `kd-optuna create-study CONFIG --study-name NAME`"
         )
     try:
-        return StudyConfig.from_json(text, source=f"config stored in study {study.study_name!r}")
+        return StudyConfig.from_json(text, source=f"config stored in study {study.study_name!r}", check_models=False)
     except ConfigError as exc:
         raise StorageError(str(exc)) from None

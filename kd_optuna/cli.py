@@ -1,0 +1,357 @@
+"""The `kd-optuna` command line (click), following the `optuna` CLI's conventions.
+
+    kd-optuna create-study CONFIG [--study-name NAME] [--storage URL] [--skip-if-exists]
+    kd-optuna optimize [--study-name] [--storage] --n-trials N [--timeout S] [--n-workers N] [--device]
+    kd-optuna trials | best | space [--study-name] [--storage] [-f table|json|yaml]
+    kd-optuna train-teacher CONFIG [-o PATH] [--epochs N] [--device]
+    kd-optuna correlate CONFIG [--n-candidates N] [-f]
+    kd-optuna dashboard [--storage] [--host 127.0.0.1] [--port 8080]
+    kd-optuna export [--study-name] [--storage] [--trial best|N] [-o train_best.py]
+
+The default storage is ``sqlite:///kd_optuna.db``; ``--study-name`` may be left out when the
+storage holds one study. Every error a user can cause prints one line on stderr and exits
+with code 2; passwords in storage URLs are masked in every message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.storage import DEFAULT_STORAGE, describe_error, mask_secrets
+
+FORMATS = click.Choice(["table", "json", "yaml"])
+
+
+def _storage_option(func):
+    return click.option(
+        "--storage", default=DEFAULT_STORAGE, show_default=True, envvar="KD_OPTUNA_STORAGE",
+        help="SQLAlchemy URL of the study database (env KD_OPTUNA_STORAGE).",
+    )(func)
+
+
+def _study_option(func):
+    return click.option("--study-name", default=None, help="Study name; optional when the storage holds one study.")(func)
+
+
+def _format_option(func):
+    return click.option("-f", "--format", "fmt", type=FORMATS, default="table", show_default=True, help="Output format.")(func)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kd-optuna", prog_name="kd-optuna")
+def cli() -> None:
+    """Search the best knowledge-distillation loss for a teacher/student pair (KD-Zero on Optuna)."""
+
+
+def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None):
+    """(storage, study, config) for a kd-optuna study."""
+    from kd_optuna.storage import StorageError, load_study, open_storage, study_config, study_names
+
+    storage = open_storage(storage_url, heartbeat_interval=heartbeat)
+    if study_name is None:
+        names = study_names(storage)
+        if len(names) != 1:
+            shown = ", ".join(repr(n) for n in names) if names else "none"
+            raise StorageError(f"give --study-name (studies in the storage: {shown})")
+        study_name = names[0]
+    study = load_study(storage, study_name, storage_url)
+    return storage, study, study_config(study)
+
+
+@cli.command("create-study")
+@click.argument("config")
+@_study_option
+@_storage_option
+@click.option("--skip-if-exists", is_flag=True, help="Keep an existing study of that name instead of failing.")
+def create_study(config: str, study_name: str | None, storage: str, skip_if_exists: bool) -> None:
+    """Validate CONFIG (a TOML file or a shipped name such as `digits`) and create its study."""
+    import optuna
+
+    from kd_optuna.config import CONFIG_ATTR, StudySection, load_config
+    from kd_optuna.storage import StorageError, load_study, open_storage, study_config, study_names
+
+    loaded = load_config(config)
+    loaded.check_files()
+    name = study_name or loaded.name
+    loaded = type(loaded)(**{**loaded.__dict__, "study": StudySection(name=name)})
+    rdb = open_storage(storage, heartbeat_interval=None)
+    if name in study_names(rdb):
+        if not skip_if_exists:
+            raise StorageError(f"study {name!r} already exists; pass --skip-if-exists to keep it, or another --study-name")
+        study_config(load_study(rdb, name, storage))
+        click.echo(f"study {name!r} exists; kept it")
+        return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=rdb, study_name=name, direction="minimize")
+    try:
+        study.set_user_attr(CONFIG_ATTR, loaded.to_json())
+    except BaseException:
+        optuna.delete_study(study_name=name, storage=rdb)
+        raise
+    click.echo(f"created study {name!r}: {loaded.teacher.model} -> {loaded.student.model} on {loaded.data.dataset}")
+
+
+@cli.command()
+@_study_option
+@_storage_option
+@click.option("--n-trials", type=int, required=True, help="Finished trials the study should hold (all workers together).")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
+@click.option("--n-workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, or a device such as cuda:1.")
+@click.option("--heartbeat", type=int, default=20, show_default=True, help="Heartbeat interval in seconds; a trial silent for twice that is failed and retried.")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+def optimize(study_name, storage, n_trials, timeout, n_workers, device, heartbeat, progress) -> None:
+    """Run N worker processes on the study until it holds --n-trials finished trials."""
+    from kd_optuna.workers import check_counts, optimize as run
+
+    check_counts({"--n-trials": n_trials, "--n-workers": n_workers, "--heartbeat": heartbeat})
+    _, study, _ = _open(storage, study_name)
+    summary = run(
+        storage, study.study_name, n_trials, n_workers=n_workers, timeout=timeout, device=device,
+        heartbeat_interval=heartbeat, progress=progress,
+    )
+    best = "none yet" if summary.best_value is None else f"trial {summary.best_number}, score {summary.best_value:.5g}: {summary.best_formula}"
+    click.echo(
+        f"{summary.finished} finished ({summary.complete} complete, {summary.rejected} rejected), "
+        f"{summary.failed} failed; best: {best}"
+    )
+    if summary.interrupted:
+        click.echo("interrupted; run the same command to resume", err=True)
+        sys.exit(130)
+    if summary.worker_errors and summary.finished < n_trials:
+        raise KdOptunaError(f"workers stopped early: {summary.worker_errors[-1]}")
+
+
+def _trial_row(trial) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "value": trial.value,
+        "formula": attrs.get("formula"),
+        "val_acc": attrs.get("val_acc"),
+        "val_ce": attrs.get("val_ce"),
+        "reject_reason": attrs.get("reject_reason") or attrs.get("fail_reason"),
+        "seconds": trial.duration.total_seconds() if trial.duration else None,
+    }
+
+
+def _trial_record(trial) -> dict[str, Any]:
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "value": trial.value,
+        "params": dict(trial.params),
+        "user_attrs": dict(trial.user_attrs),
+        "datetime_start": str(trial.datetime_start) if trial.datetime_start else None,
+        "datetime_complete": str(trial.datetime_complete) if trial.datetime_complete else None,
+    }
+
+
+def _emit(data: Any, fmt: str, table_rows: Sequence[dict[str, Any]] | None = None) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(data, indent=2, default=str))
+    elif fmt == "yaml":
+        import yaml
+
+        click.echo(yaml.safe_dump(json.loads(json.dumps(data, default=str)), sort_keys=False).rstrip())
+    else:
+        click.echo(_table(table_rows if table_rows is not None else data))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.5g}"
+    return " ".join(str(value).split())
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    if not rows:
+        return "(none)"
+    columns = list(rows[0])
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+@cli.command()
+@_study_option
+@_storage_option
+@_format_option
+@click.option("--state", "states", multiple=True, type=click.Choice(["COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"], case_sensitive=False), help="Only trials in these states.")
+def trials(study_name, storage, fmt, states) -> None:
+    """List the study's trials: state, score, formula, accuracy, rejection reason."""
+    _, study, _ = _open(storage, study_name)
+    chosen = [t for t in study.get_trials(deepcopy=False) if not states or t.state.name in {s.upper() for s in states}]
+    _emit([_trial_record(t) for t in chosen], fmt, [_trial_row(t) for t in chosen])
+
+
+def best_trial(study, trial: str = "best"):
+    """The trial ``best`` (lowest COMPLETE value) or number ``trial`` of ``study``."""
+    from optuna.trial import TrialState
+
+    if trial == "best":
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+        if not complete:
+            raise KdOptunaError(f"study {study.study_name!r} has no completed trial yet; run `kd-optuna optimize` first")
+        return min(complete, key=lambda t: t.value)
+    try:
+        number = int(trial)
+    except ValueError:
+        raise KdOptunaError(f"--trial must be 'best' or a trial number, got {trial!r}") from None
+    found = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if not found:
+        raise KdOptunaError(f"study {study.study_name!r} has no trial {number}; see `kd-optuna trials`")
+    if found[0].state != TrialState.COMPLETE:
+        raise KdOptunaError(f"trial {number} is {found[0].state.name}, not COMPLETE; pick a completed trial")
+    return found[0]
+
+
+@cli.command()
+@_study_option
+@_storage_option
+@_format_option
+def best(study_name, storage, fmt) -> None:
+    """Show the best distiller found so far."""
+    _, study, _ = _open(storage, study_name)
+    trial = best_trial(study)
+    record = _trial_record(trial)
+    if fmt == "table":
+        attrs = trial.user_attrs
+        rows = [{"key": "trial", "value": trial.number}, {"key": "score", "value": trial.value},
+                {"key": "formula", "value": attrs.get("formula")}, {"key": "spec", "value": attrs.get("spec")}]
+        rows += [{"key": k, "value": attrs[k]} for k in ("val_acc", "val_ce", "sharpness_gap", "cka_gap", "proxy_seconds") if k in attrs]
+        rows += [{"key": k, "value": v} for k, v in trial.params.items()]
+        _emit(None, fmt, rows)
+    else:
+        _emit(record, fmt)
+
+
+@cli.command()
+@_study_option
+@_storage_option
+@_format_option
+def space(study_name, storage, fmt) -> None:
+    """The search space with the shrinkage weights in force (0 = dropped, 1 = full)."""
+    _, study, config = _open(storage, study_name)
+    weights = config.make_sampler().space_weights(study)
+    data = {gene: {str(option): weight for option, weight in options.items()} for gene, options in weights.items()}
+    rows = [
+        {"gene": gene, "options": " ".join(f"{o}:{w:.2f}" for o, w in options.items())}
+        for gene, options in data.items()
+    ]
+    _emit(data, fmt, rows)
+
+
+@cli.command("train-teacher")
+@click.argument("config")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Checkpoint to write (default: the cache the search uses).")
+@click.option("--device", default="auto", show_default=True)
+def train_teacher(config: str, output: str | None, device: str) -> None:
+    """Train the teacher of CONFIG on its data and save the checkpoint."""
+    from kd_optuna.teacher_cli import train_teacher_command
+
+    path, accuracy = train_teacher_command(config, output, device)
+    click.echo(f"teacher saved to {path} (test accuracy {accuracy:.2%})")
+
+
+@cli.command()
+@click.argument("config")
+@click.option("--n-candidates", type=int, default=10, show_default=True, help="Distillers to compare.")
+@click.option("--device", default="auto", show_default=True)
+@_format_option
+def correlate(config: str, n_candidates: int, device: str, fmt: str) -> None:
+    """Reproduce Table 1: rank correlation of each proxy metric with longer training."""
+    from kd_optuna.config import load_config
+    from kd_optuna.correlate import correlate as run, format_table
+    from kd_optuna.task import Task
+    from kd_optuna.workers import WorkerContext, check_counts
+
+    check_counts({"--n-candidates": n_candidates})
+    loaded = load_config(config)
+    loaded.check_files()
+    task = Task.from_config(loaded, device=WorkerContext(0, 1, device).torch_device())
+    result = run(task, n_candidates=n_candidates)
+    if fmt == "table":
+        click.echo(format_table(result))
+    else:
+        import dataclasses
+
+        _emit(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result, fmt)
+
+
+@cli.command()
+@_storage_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the dashboard has no login.")
+@click.option("--port", type=int, default=8080, show_default=True)
+def dashboard(storage: str, host: str, port: int) -> None:
+    """Start optuna-dashboard on the storage (formula, metrics and a note per trial)."""
+    from optuna_dashboard import run_server
+
+    from kd_optuna.storage import mask_url, open_storage
+
+    rdb = open_storage(storage, heartbeat_interval=None)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: the dashboard on {host} is open to the network without a login", err=True)
+    click.echo(f"dashboard of {mask_url(storage)} on http://{host}:{port}/ (Ctrl-C to stop)")
+    run_server(rdb, host=host, port=port)
+
+
+@cli.command()
+@_study_option
+@_storage_option
+@click.option("--trial", "trial_choice", default="best", show_default=True, help="'best' or a trial number.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="train_best.py", show_default=True)
+def export(study_name, storage, trial_choice, output) -> None:
+    """Write a script that trains the student with the trial's distiller on the full data."""
+    from kd_optuna.export import write_script
+
+    _, study, config = _open(storage, study_name)
+    trial = best_trial(study, trial_choice)
+    path = write_script(Path(output), study.study_name, trial, config)
+    click.echo(f"wrote {path}: run `python {path} --help`")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: one masked line on stderr and exit code 2 for every user error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cli.main(args=args, prog_name="kd-optuna", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("kd-optuna: interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), args, exc.exit_code if exc.exit_code else 2)
+    except KdOptunaError as exc:
+        _fail(str(exc), args, 2)
+    except KeyboardInterrupt:
+        click.echo("kd-optuna: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a database or library error: one masked line, no traceback
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if isinstance(exc, (SQLAlchemyError, OSError)):
+            _fail(f"{exc.__class__.__name__}: {describe_error(exc, '')}", args, 1)
+        raise
+
+
+def _fail(message: str, args: Sequence[str], code: int) -> None:
+    text = mask_secrets(" ".join(str(message).split()), *args)
+    click.echo(f"kd-optuna: error: {text}", err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""`kd-optuna optimize`: N worker processes on one study, a progress bar, a clean Ctrl-C.
+
+Each worker is a spawned process that opens its own connection to the storage, reloads the
+study config from the study (JSON, never pickled), builds its objective and loops::
+
+    under the host lock: fail stale trials; if finished >= n_trials: stop
+                         if finished + running < n_trials: ask (a WAITING retry first)
+    run the objective under a heartbeat; write the dashboard note; tell
+
+where *finished* counts COMPLETE and PRUNED trials of the whole study, so ``n_trials`` is the
+study's target: the same command resumes after an interruption, and workers on several hosts
+share it (across hosts it may be exceeded by at most one trial per extra host, since the lock
+is per host). A worker that finds every slot taken waits, so a trial whose worker died is
+failed by the heartbeat and retried by a worker still alive.
+
+Worker ``i`` of ``N`` uses GPU ``i mod count`` when CUDA is there (``--device auto`` or
+``cuda``), and ``max(1, cores // N)`` CPU threads.
+
+Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial and stops; the parent waits
+for them, then fails any trial its workers left RUNNING. A database write is never cut in half:
+a signal only interrupts the objective, never a storage call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+import warnings
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy import text
+
+from kd_optuna.config import StudyConfig
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.storage import describe_error, load_study, mask_secrets, open_storage, study_config
+
+WORKER_ATTR = "worker"
+REASON_ATTR = "reject_reason"
+FAIL_REASON_ATTR = "fail_reason"
+MAX_CONSECUTIVE_FAILURES = 5
+POLL_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerContext:
+    """What a worker knows of itself; ``torch_device()`` picks and configures its device."""
+
+    index: int
+    n_workers: int
+    device: str = "auto"
+
+    def torch_device(self) -> str:
+        """``cuda:i mod count`` (auto or cuda with CUDA present), else the device asked for;
+        sets torch to ``max(1, cores // n_workers)`` threads."""
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // self.n_workers))
+        if self.device in ("auto", "cuda"):
+            if torch.cuda.is_available():
+                return f"cuda:{self.index % torch.cuda.device_count()}"
+            if self.device == "cuda":
+                raise KdOptunaError("--device cuda but no CUDA device is visible; use --device cpu")
+            return "cpu"
+        return self.device
+
+
+ObjectiveFactory = Callable[[StudyConfig, WorkerContext], Callable[[optuna.Trial], float]]
+
+
+def task_objective(config: StudyConfig, worker: WorkerContext) -> Callable[[optuna.Trial], float]:
+    """The real objective: proxy training of the config's student (kd_optuna.objective)."""
+    from pathlib import Path
+
+    from kd_optuna.objective import Objective
+    from kd_optuna.task import Task
+
+    task = Task.from_config(config, device=worker.torch_device(), cache_dir=Path(".kd_optuna_cache"))
+    return Objective(task)
+
+
+@dataclasses.dataclass
+class Summary:
+    """What an optimize run leaves: counts over the whole study and the best trial."""
+
+    complete: int
+    pruned: int
+    rejected: int
+    failed: int
+    running: int
+    best_value: float | None
+    best_number: int | None
+    best_formula: str | None
+    interrupted: bool = False
+    worker_errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[TrialState, int]:
+    """Trials of the study per state, by one aggregate query."""
+    query = text("SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state")
+    with storage.engine.connect() as connection:
+        rows = connection.execute(query, {"sid": study_id}).all()
+    counts = {state: 0 for state in TrialState}
+    for state, n in rows:
+        name = state.name if isinstance(state, TrialState) else str(state)
+        counts[TrialState[name]] += n
+    return counts
+
+
+def summarize(study: optuna.Study) -> Summary:
+    """Counts and the best trial (lowest value) of ``study``; ``rejected`` are PRUNED with a reason."""
+    trials = study.get_trials(deepcopy=False)
+    by_state = {state: [t for t in trials if t.state == state] for state in TrialState}
+    complete = [t for t in by_state[TrialState.COMPLETE] if t.value is not None]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    return Summary(
+        complete=len(by_state[TrialState.COMPLETE]),
+        pruned=len(by_state[TrialState.PRUNED]),
+        rejected=sum(1 for t in by_state[TrialState.PRUNED] if REASON_ATTR in t.user_attrs),
+        failed=len(by_state[TrialState.FAIL]),
+        running=len(by_state[TrialState.RUNNING]),
+        best_value=best.value if best else None,
+        best_number=best.number if best else None,
+        best_formula=best.user_attrs.get("formula") if best else None,
+    )
+
+
+def trial_note(trial: optuna.Trial | optuna.trial.FrozenTrial, state: TrialState, value: float | None) -> str:
+    """Markdown note for the dashboard: formula, score or rejection, metrics, lineage."""
+    attrs = trial.user_attrs
+    lines = [f"### Trial {trial.number}: {state.name.lower()}", ""]
+    if "formula" in attrs:
+        lines += [f"`{attrs['formula']}`", ""]
+    if value is not None:
+        lines.append(f"- score: {value:.6g}")
+    for key in ("reject_reason", "val_ce", "val_acc", "sharpness_gap", "cka_gap", "proxy_seconds", "proposer", "parent", "spec"):
+        if key in attrs:
+            shown = f"{attrs[key]:.6g}" if isinstance(attrs[key], float) else str(attrs[key])
+            lines.append(f"- {key}: {shown}")
+    return "\n".join(lines) + "\n"
+
+
+class _Heartbeat:
+    """Writes the trial's heartbeat every ``interval`` seconds until stopped (a daemon thread)."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int):
+        self._storage = storage
+        self._trial_id = trial_id
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Heartbeat":
+        interval = self._storage.get_heartbeat_interval()
+        if interval is not None:
+            self._storage.record_heartbeat(self._trial_id)
+            self._thread = threading.Thread(target=self._beat, args=(interval,), daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:  # a database hiccup: the next beat tries again
+                pass
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM: remember to stop; raise KeyboardInterrupt only inside the objective."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.in_objective = False
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:
+            return
+        self.stop = True
+        if self.in_objective:
+            raise KeyboardInterrupt
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerArgs:
+    storage_url: str
+    study_name: str
+    n_trials: int
+    deadline: float | None
+    context: WorkerContext
+    heartbeat_interval: int | None
+    grace_period: int | None
+    objective_factory: ObjectiveFactory
+    parent_pid: int
+
+
+def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
+    """Entry point of one worker process; its exit code says how it ended (0, 1, 2, 130)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    interrupt = _Interrupt()
+    name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def say(text_: str) -> None:
+        messages.put((args.context.index, mask_secrets(text_, args.storage_url)))
+
+    try:
+        from optuna_dashboard import save_note  # imported once here, not inside a trial
+
+        storage = open_storage(args.storage_url, args.heartbeat_interval, args.grace_period)
+        study = load_study(storage, args.study_name, args.storage_url)
+        config = study_config(study)
+        seed = config.search.get("seed")
+        study.sampler = config.make_sampler(None if seed is None else seed + args.context.index)
+        with host_lock:
+            interrupt.in_objective = True
+            objective = args.objective_factory(config, args.context)
+            interrupt.in_objective = False
+    except KdOptunaError as exc:
+        say(f"worker {args.context.index}: {exc}")
+        os._exit(2)
+    except KeyboardInterrupt:
+        os._exit(130)
+    except Exception as exc:
+        say(f"worker {args.context.index} could not start: {exc.__class__.__name__}: {describe_error(exc, args.storage_url)}")
+        os._exit(1)
+    code = _loop(args, storage, study, objective, interrupt, host_lock, name, say, save_note)
+    storage.engine.dispose()
+    os._exit(code)
+
+
+def _loop(args, storage, study, objective, interrupt, host_lock, name, say, save_note) -> int:
+    failures = 0
+    while not interrupt.stop and os.getppid() == args.parent_pid:
+        if args.deadline is not None and time.time() >= args.deadline:
+            return 0
+        with host_lock:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            counts = count_states(storage, study._study_id)
+            finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+            if finished >= args.n_trials:
+                return 0
+            trial = None
+            if finished + counts[TrialState.RUNNING] < args.n_trials:
+                trial = study.ask()
+        if trial is None:
+            time.sleep(POLL_S)
+            continue
+        state, value, error = _run_trial(storage, trial, objective, interrupt, name)
+        if state == TrialState.FAIL and error is not None and not interrupt.stop:
+            trial.set_user_attr(FAIL_REASON_ATTR, error[:500])
+            failures += 1
+            say(f"worker {args.context.index}: trial {trial.number} failed: {error}")
+        elif state != TrialState.FAIL:
+            failures = 0
+        if state != TrialState.FAIL:
+            try:
+                save_note(trial, trial_note(trial, state, value))
+            except Exception as exc:
+                say(f"worker {args.context.index}: dashboard note of trial {trial.number} not saved: {exc}")
+        try:
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+        if storage.get_trial(trial._trial_id).state != state:
+            say(f"worker {args.context.index}: trial {trial.number} was failed by the heartbeat meanwhile; its retry runs it again")
+        if interrupt.stop:
+            return 130
+        if failures >= MAX_CONSECUTIVE_FAILURES:
+            say(f"worker {args.context.index}: stopping after {failures} failed trials in a row")
+            return 1
+    return 130 if interrupt.stop else 0
+
+
+def _run_trial(storage, trial, objective, interrupt, name):
+    """Run ``objective(trial)`` under a heartbeat: (state, value, error message or None)."""
+    trial.set_user_attr(WORKER_ATTR, name)
+    with _Heartbeat(storage, trial._trial_id):
+        try:
+            interrupt.in_objective = True
+            if interrupt.stop:
+                raise KeyboardInterrupt
+            value = objective(trial)
+            interrupt.in_objective = False
+        except optuna.TrialPruned:
+            interrupt.in_objective = False
+            return TrialState.PRUNED, None, None
+        except KeyboardInterrupt:
+            interrupt.in_objective = False
+            return TrialState.FAIL, None, "interrupted"
+        except Exception as exc:
+            interrupt.in_objective = False
+            return TrialState.FAIL, None, f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return TrialState.FAIL, None, f"the objective returned {type(value).__name__}, not a number"
+    if value != value:
+        return TrialState.FAIL, None, "the objective returned NaN"
+    return TrialState.COMPLETE, value, None
+
+
+def optimize(
+    storage_url: str,
+    study_name: str,
+    n_trials: int,
+    n_workers: int = 1,
+    timeout: float | None = None,
+    device: str = "auto",
+    heartbeat_interval: int | None = 20,
+    grace_period: int | None = None,
+    objective_factory: ObjectiveFactory = task_objective,
+    progress: bool = True,
+    on_start: Callable[[list[int]], None] | None = None,
+) -> Summary:
+    """Run ``n_workers`` processes on the study until it holds ``n_trials`` finished trials,
+    ``timeout`` seconds pass, or Ctrl-C; returns the study's summary."""
+    if n_trials < 1 or n_workers < 1:
+        raise KdOptunaError("--n-trials and --n-workers must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise KdOptunaError("--timeout must be a positive number of seconds")
+    storage = open_storage(storage_url, heartbeat_interval, grace_period)
+    study = load_study(storage, study_name, storage_url)
+    config = study_config(study)
+    config.check_files()
+    deadline = None if timeout is None else time.time() + timeout
+
+    ctx = multiprocessing.get_context("spawn")
+    host_lock = ctx.Lock()
+    messages = ctx.Queue()
+    processes = []
+    for index in range(n_workers):
+        args = WorkerArgs(
+            storage_url, study_name, n_trials, deadline, WorkerContext(index, n_workers, device),
+            heartbeat_interval, grace_period, objective_factory, os.getpid(),
+        )
+        process = ctx.Process(target=worker_main, args=(args, host_lock, messages), name=f"kd-optuna-worker-{index}")
+        process.start()
+        processes.append(process)
+    if on_start is not None:
+        on_start([p.pid for p in processes])
+
+    errors: list[str] = []
+    interrupted = False
+    bar = _progress_bar(n_trials, progress)
+    try:
+        while any(p.is_alive() for p in processes):
+            _drain(messages, errors, bar)
+            _update_bar(bar, study)
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        interrupted = True
+        _stop_workers(processes)
+    finally:
+        _drain(messages, errors, bar)
+        for process in processes:
+            process.join(timeout=30)
+        _fail_orphans(study, storage, processes)
+        _update_bar(bar, study)
+        if bar is not None:
+            bar.close()
+    summary = summarize(study)
+    summary.interrupted = interrupted or any(p.exitcode == 130 for p in processes)
+    summary.worker_errors = errors
+    storage.engine.dispose()
+    return summary
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="trial", dynamic_ncols=True, desc="trials")
+
+
+def _update_bar(bar, study: optuna.Study) -> None:
+    if bar is None:
+        return
+    try:
+        summary = summarize(study)
+    except Exception:  # a busy database: the next poll shows it
+        return
+    bar.n = min(summary.finished, bar.total)
+    best = "-" if summary.best_value is None else f"{summary.best_value:.4g}"
+    formula = summary.best_formula or "-"
+    bar.set_postfix_str(f"rejected={summary.rejected} failed={summary.failed} best={best} {formula}", refresh=False)
+    bar.refresh()
+
+
+def _drain(messages, errors: list[str], bar) -> None:
+    while True:
+        try:
+            _, text_ = messages.get_nowait()
+        except Exception:
+            return
+        errors.append(text_)
+        if bar is not None:
+            bar.write(text_)
+        else:
+            logging.getLogger("kd_optuna").warning(text_)
+
+
+def _stop_workers(processes, wait_s: float = 20.0) -> None:
+    """SIGINT each live worker (a second one is ignored), then SIGTERM, then SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig, wait in ((signal.SIGINT, wait_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        alive = [p for p in processes if p.is_alive()]
+        if not alive:
+            break
+        for process in alive:
+            try:
+                os.kill(process.pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.time() + wait
+        for process in alive:
+            process.join(timeout=max(0.0, end - time.time()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _fail_orphans(study: optuna.Study, storage, processes) -> None:
+    """Fail RUNNING trials whose worker (one of ``processes``) has ended."""
+    host = socket.gethostname()
+    ended = {f"{host}:{p.pid}" for p in processes if not p.is_alive()}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) in ended:
+            try:
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except Exception:  # finished meanwhile
+                pass
+
+
+def check_counts(values: Mapping[str, Any]) -> None:
+    """Refuse zero or negative counts with the flag's name."""
+    for flag, value in values.items():
+        if value is not None and value < 1:
+            raise KdOptunaError(f"{flag} must be at least 1, got {value}")

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny study configs, kd-optuna studies, trivial objectives, a PostgreSQL server.
+
+Worker processes are spawned, so the objective factories live here at module level (a spawned
+child imports ``conftest`` by name, the tests directory being on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+from pathlib import Path
+
+import optuna
+import pytest
+
+import pg
+from kd_optuna.config import CONFIG_ATTR, load_config
+
+#: Proxy settings small enough for a trial in about a second on one CPU thread.
+TINY_PROXY = {
+    "labels_per_class": 2,
+    "steps": 4,
+    "batch_size": 32,
+    "label_batch_size": 10,
+    "val_size": 60,
+    "report_every": 4,
+    "eval_batch_size": 256,
+    "sharpness_size": 32,
+    "reject_steps": 1,
+    "reject_batch_size": 16,
+}
+
+
+def tiny_digits_toml(name: str = "digits_tiny", extra: str = "") -> str:
+    proxy = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in TINY_PROXY.items())
+    return (
+        f'[study]\nname = "{name}"\n\n[data]\ndataset = "digits"\n\n[teacher]\nmodel = "digits_teacher"\n\n'
+        f'[student]\nmodel = "digits_student"\n\n[proxy]\n{proxy}\n\n[search]\npopulation_size = 4\n'
+        f"shrink_after = 1000\n\n[train]\nepochs = 1\nbatch_size = 128\nmilestones = [1]\n{extra}"
+    )
+
+
+@pytest.fixture
+def tiny_config_path(tmp_path: Path) -> Path:
+    path = tmp_path / "digits_tiny.toml"
+    path.write_text(tiny_digits_toml())
+    return path
+
+
+def create_kd_study(url: str, name: str = "s", config_name: str = "digits") -> optuna.Study:
+    """A study holding the digits config, as create-study makes it (without the CLI)."""
+    from kd_optuna.storage import open_storage
+
+    config = load_config(config_name)
+    storage = open_storage(url, heartbeat_interval=None)
+    study = optuna.create_study(storage=storage, study_name=name, direction="minimize")
+    study.set_user_attr(CONFIG_ATTR, config.to_json())
+    return study
+
+
+@dataclasses.dataclass(frozen=True)
+class TrivialObjective:
+    """A factory of objectives that suggest a real distiller and score it by a hash of its key,
+    after ``sleep_s`` seconds: the search machinery without any training."""
+
+    sleep_s: float = 0.0
+
+    def __call__(self, config, worker):
+        from kd_optuna.space import suggest_distiller
+
+        def objective(trial):
+            spec = suggest_distiller(trial, config.space)
+            trial.set_user_attr("formula", spec.formula())
+            trial.set_user_attr("spec", spec.key)
+            if self.sleep_s:
+                time.sleep(self.sleep_s)
+            return (zlib.crc32(spec.key.encode()) % 10007) / 10007
+
+        return objective
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    reason = pg.missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = pg.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the private server for one test."""
+    import secrets
+
+    import sqlalchemy
+
+    from kd_optuna.storage import resolve_url
+
+    name = "t_" + secrets.token_hex(4)
+    engine = sqlalchemy.create_engine(resolve_url(pg_server.url), isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    yield pg_server.url.rsplit("/", 1)[0] + "/" + name

@@ -1,0 +1,164 @@
+"""Worker processes on one study: trial counts, SQLite under 4 writers, SIGKILL, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import TrivialObjective, create_kd_study
+from kd_optuna.workers import WorkerContext, optimize, trial_note
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+
+def _states(study):
+    counts = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] = counts.get(t.state, 0) + 1
+    return counts
+
+
+def test_two_workers_stop_exactly_at_n_trials_with_a_note_per_trial(tmp_path):
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    summary = optimize(url, "s", 12, n_workers=2, objective_factory=TrivialObjective(), progress=False)
+    trials = study.get_trials(deepcopy=False)
+    assert summary.finished == 12
+    assert len(trials) == 12 and {t.state for t in trials} == {TrialState.COMPLETE}
+    assert [t.number for t in trials] == list(range(12))
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    for trial in trials:
+        note = get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]
+        assert trial.user_attrs["formula"] in note and f"{trial.value:.6g}" in note
+    # the same command again finds the target reached and adds nothing
+    again = optimize(url, "s", 12, n_workers=1, objective_factory=TrivialObjective(), progress=False)
+    assert again.finished == 12 and len(study.get_trials(deepcopy=False)) == 12
+
+
+def test_trial_note_lists_rejection_reason():
+    trial = optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={"reject_reason": "nan", "formula": "f(x)"})
+    note = trial_note(trial, TrialState.PRUNED, None)
+    assert "reject_reason: nan" in note and "`f(x)`" in note
+
+
+def test_cpu_threads_are_shared_between_workers():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        device = WorkerContext(index=1, n_workers=2, device="cpu").torch_device()
+        assert device == "cpu"
+        assert torch.get_num_threads() == max(1, cores // 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_sqlite_four_workers_200_trials_without_lock_errors(tmp_path, capfd):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    summary = optimize(url, "s", 200, n_workers=4, objective_factory=TrivialObjective(), progress=False, heartbeat_interval=20)
+    out, err = capfd.readouterr()
+    assert "database is locked" not in out + err + " ".join(summary.worker_errors)
+    trials = study.get_trials(deepcopy=False)
+    assert summary.finished == 200 and summary.failed == 0
+    assert [t.number for t in trials] == list(range(len(trials)))
+
+
+def _kill_when_running(study_url: str, pids_box: list, killed: list):
+    storage = optuna.storages.RDBStorage(study_url)
+    study = optuna.load_study(study_name="s", storage=storage)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if pids_box:
+            victim = pids_box[0][0]
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.user_attrs.get("worker", "").endswith(f":{victim}") and len(t.params) == 8:
+                    os.kill(victim, signal.SIGKILL)
+                    killed.append(t.number)
+                    return
+        time.sleep(0.1)
+
+
+def run_sigkill_scenario(url: str):
+    """Two workers; one is SIGKILLed mid-trial; the other fails the stale trial, retries it and
+    finishes the study. Returns the study."""
+    study = create_kd_study(url)
+    pids_box: list = []
+    killed: list = []
+    killer = threading.Thread(target=_kill_when_running, args=(url, pids_box, killed), daemon=True)
+    killer.start()
+    summary = optimize(
+        url, "s", 6, n_workers=2, objective_factory=TrivialObjective(sleep_s=1.0), progress=False,
+        heartbeat_interval=1, grace_period=3, on_start=pids_box.append,
+    )
+    killer.join(timeout=5)
+    assert killed, "no trial was running to kill"
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert trials[killed[0]].state == TrialState.FAIL
+    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed[0]]
+    assert any(t.state == TrialState.COMPLETE for t in retries)
+    assert retries[0].params == trials[killed[0]].params
+    assert summary.finished == 6
+    assert not [t for t in trials.values() if t.state == TrialState.RUNNING]
+    return study
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_trial_is_failed_and_retried_sqlite(tmp_path):
+    run_sigkill_scenario(f"sqlite:///{tmp_path / 's.db'}")
+
+
+_INTERRUPT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path[:0] = [{tests!r}, {repo!r}]
+    from conftest import TrivialObjective
+    from kd_optuna.workers import optimize
+    if __name__ == "__main__":
+        s = optimize({url!r}, "s", {n}, n_workers=4, objective_factory=TrivialObjective(sleep_s={sleep}), progress=False)
+        sys.exit(130 if s.interrupted else 0)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_all_workers_and_the_same_command_resumes(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    script = tmp_path / "run.py"
+    script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=8, sleep=30.0))
+    process = subprocess.Popen([sys.executable, str(script)], start_new_session=True, cwd=tmp_path)
+    deadline = time.time() + 90
+    while time.time() < deadline and _states(study).get(TrialState.RUNNING, 0) < 4:
+        time.sleep(0.2)
+    assert _states(study).get(TrialState.RUNNING, 0) == 4
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert process.wait(timeout=60) == 130
+    group_left = b"?"
+    for _ in range(50):  # multiprocessing's resource tracker leaves when the parent has
+        group_left = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).stdout
+        if not group_left:
+            break
+        time.sleep(0.2)
+    assert group_left == b""
+    states = _states(study)
+    assert states.get(TrialState.RUNNING, 0) == 0 and states.get(TrialState.FAIL, 0) == 4
+    script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=8, sleep=0.0))
+    assert subprocess.run([sys.executable, str(script)], cwd=tmp_path, timeout=300).returncode == 0
+    assert _states(study).get(TrialState.COMPLETE, 0) == 8
