@@ -280,6 +280,13 @@ def live_teacher(teacher: nn.Module, data: ProxyData) -> TeacherLookup:
     return lookup
 
 
+class NoDistillation(nn.Module):
+    """The reference without KD: a distiller whose term is always 0 (the student learns by CE)."""
+
+    def forward(self, student, teacher, labels=None) -> Tensor:
+        return student["logit"].new_zeros(())
+
+
 @dataclass
 class ProxyResult:
     """Metrics of one proxy trial, averaged over seeds; ``curve`` = [(step, val_ce)]."""

@@ -1,0 +1,198 @@
+"""The loss-rejection protocol (seed D.1): is a candidate distiller worth a proxy trial?
+
+A few cheap checks, in this order, each with a stable reason (stored as ``reject_reason``):
+
+    invalid        DistillerLoss cannot be built or run for these shapes (InvalidDistiller).
+    repulsive      on the teacher's own outputs t, the KD term is not smallest at s = t:
+                   mean_k L(t + d_k, t) < L(t, t) - tol for seeded perturbations d_k of size
+                   0.1 and 1 times std(t) (for a loss convex in s, the mean is >= L(t, t)).
+    non_finite     a NaN/inf loss, an overflowing knowledge tensor, or non-finite gradients
+                   in ``reject_steps`` training steps on one fixed batch.
+    exploding      the KD term exceeds ``reject_ratio`` x the CE term at the first step.
+    zero_gradient  the KD term's gradient w.r.t. the student (and adapter) is zero, at every
+                   step, relative to the CE gradient (< 1e-9 of its norm): it does nothing.
+
+The steps use a fresh student seeded like the proxy's first seed, Adam or SGD as the proxy,
+and the same batch every time, so the verdict depends only on the spec and the task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_optuna.errors import InvalidDistiller
+from kd_optuna.proxy import ProxyData, ProxySettings, TeacherLookup, make_optimizer
+from kd_optuna.space import DistillerSpec
+
+REASONS = ("invalid", "repulsive", "non_finite", "exploding", "zero_gradient")
+_NON_FINITE_MESSAGES = ("non-finite", "overflow")
+PERTURBATION_SCALES = (0.1, 1.0)
+PERTURBATIONS = 8
+ZERO_GRADIENT_RATIO = 1e-9
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a distiller was rejected: ``reason`` in REASONS, ``detail`` a one-line explanation."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class RejectionBatch:
+    """One fixed batch: labelled images xl (L, ...) with labels yl (L,), KD images xk (B, ...)
+    with the teacher's outputs t on them (float32)."""
+
+    labelled_x: Tensor
+    labelled_y: Tensor
+    kd_x: Tensor
+    teacher: Mapping[str, Tensor]
+
+    @classmethod
+    def build(cls, data: ProxyData, teacher: TeacherLookup, settings: ProxySettings) -> "RejectionBatch":
+        n_pool = data.pool.shape[0]
+        b = min(settings.reject_batch_size, n_pool)
+        generator = torch.Generator().manual_seed(settings.seeds[0])
+        positions = torch.randperm(n_pool, generator=generator)[:b].to(data.device)
+        views = torch.zeros_like(positions)
+        rows = data.labelled[: settings.label_batch_size]
+        return cls(
+            data.train_x[rows], data.train_y[rows], data.pool_images(positions, views),
+            {k: v.float() for k, v in teacher(positions, views).items()},
+        )
+
+
+def _classify(error: InvalidDistiller) -> Rejection:
+    reason = "non_finite" if any(m in error.reason for m in _NON_FINITE_MESSAGES) else "invalid"
+    return Rejection(reason, error.reason)
+
+
+def _grad_norm(grads) -> Tensor:
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))
+
+
+def check_repulsion(probe: nn.Module, teacher: Mapping[str, Tensor], seed: int = 0) -> Rejection | None:
+    """``repulsive`` when perturbing the student's outputs away from t lowers the KD term.
+
+    ``probe`` is the spec's DistillerLoss built for teacher shapes on both sides. Every
+    evaluation draws the random transforms (drop, mask) from the same seed.
+    """
+    knowledge = probe.spec.knowledge
+    names = [knowledge] + (["logit"] if knowledge != "logit" and "logit" in teacher else [])
+    generator = torch.Generator().manual_seed(seed)
+
+    def value(student: Mapping[str, Tensor]) -> float:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return float(probe(student, teacher).detach())
+
+    with torch.no_grad():
+        at_teacher = value(teacher)
+        tolerance = 1e-3 * abs(at_teacher) + 1e-9
+        for scale in PERTURBATION_SCALES:
+            total = 0.0
+            for _ in range(PERTURBATIONS):
+                moved = dict(teacher)
+                for name in names:
+                    t = teacher[name]
+                    noise = torch.randn(t.shape, generator=generator).to(t.device)
+                    moved[name] = t + scale * float(t.std().clamp_min(1e-6)) * noise
+                total += value(moved)
+            mean = total / PERTURBATIONS
+            if mean < at_teacher - tolerance:
+                return Rejection(
+                    "repulsive",
+                    f"KD term {at_teacher:.4g} at s = t but {mean:.4g} on average at "
+                    f"{scale:g} std away: it pushes the student from the teacher",
+                )
+    return None
+
+
+def check_steps(
+    student: nn.Module,
+    distiller: nn.Module,
+    batch: RejectionBatch,
+    settings: ProxySettings,
+) -> Rejection | None:
+    """``reject_steps`` training steps on ``batch``: non_finite, exploding, zero_gradient."""
+    params = [p for p in list(student.parameters()) + list(distiller.parameters()) if p.requires_grad]
+    optimizer = make_optimizer(params, settings)
+    n_labelled = batch.labelled_x.shape[0]
+    x = torch.cat([batch.labelled_x, batch.kd_x])
+    any_gradient = settings.reject_steps == 0
+    student.train()
+    distiller.train()
+    for step in range(settings.reject_steps):
+        out = student(x)
+        ce = F.cross_entropy(out["logit"][:n_labelled], batch.labelled_y)
+        try:
+            kd = distiller({k: v[n_labelled:] for k, v in out.items()}, batch.teacher)
+        except InvalidDistiller as error:
+            return _classify(error)
+        kd_value, ce_value = float(kd.detach()), float(ce.detach())
+        if not math.isfinite(kd_value):
+            return Rejection("non_finite", f"non-finite KD term at rejection step {step}")
+        if step == 0 and kd_value > settings.reject_ratio * ce_value:
+            return Rejection("exploding", f"KD term {kd_value:.4g} is over {settings.reject_ratio:g} x CE {ce_value:.4g}")
+        if not kd.requires_grad:
+            return Rejection("zero_gradient", "the KD term does not depend on the student")
+        kd_grads = torch.autograd.grad(kd, params, retain_graph=True, allow_unused=True)
+        ce_grads = torch.autograd.grad(ce, params, allow_unused=True)
+        kd_norm, ce_norm = float(_grad_norm(kd_grads)), float(_grad_norm(ce_grads))
+        if not (torch.isfinite(torch.tensor([kd_norm, ce_norm])).all()):
+            return Rejection("non_finite", f"non-finite gradient at rejection step {step}")
+        if kd_norm > ZERO_GRADIENT_RATIO * max(ce_norm, 1e-12):
+            any_gradient = True
+        for p, g_kd, g_ce in zip(params, kd_grads, ce_grads):
+            grad = torch.zeros_like(p)
+            if g_kd is not None:
+                grad += g_kd
+            if g_ce is not None:
+                grad += settings.ce_weight * g_ce
+            p.grad = grad
+        optimizer.step()
+    if not any_gradient:
+        return Rejection("zero_gradient", "the KD term's gradient is zero: the distiller does nothing")
+    return None
+
+
+def reject(
+    spec: DistillerSpec,
+    make_distiller: Callable[[DistillerSpec, bool], nn.Module],
+    make_probe: Callable[[DistillerSpec], nn.Module],
+    new_student: Callable[[], nn.Module],
+    batch: RejectionBatch,
+    settings: ProxySettings,
+) -> Rejection | None:
+    """Run the whole protocol on ``spec``; None means it is worth training.
+
+    ``make_distiller(spec, check_finite)`` builds its DistillerLoss for the task's student and
+    teacher shapes, ``make_probe(spec)`` the same loss with teacher shapes on both sides.
+    A CUDA out-of-memory error is not a verdict on the spec and propagates.
+    """
+    torch.manual_seed(settings.seeds[0])
+    student = new_student()
+    try:
+        distiller = make_distiller(spec, True)
+        probe = make_probe(spec)
+        verdict = check_repulsion(probe, batch.teacher, seed=settings.seeds[0])
+    except InvalidDistiller as error:
+        return _classify(error)
+    if verdict is not None:
+        return verdict
+    try:
+        return check_steps(student, distiller, batch, settings)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except InvalidDistiller as error:
+        return _classify(error)
+    except RuntimeError as error:
+        message = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        return Rejection("invalid", f"{type(error).__name__}: {message}")

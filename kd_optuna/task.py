@@ -1,0 +1,212 @@
+"""A Task: everything a proxy trial needs, built once per worker process.
+
+The proxy data on the worker's device, the frozen tapped teacher, a student factory, the proxy
+settings, the search space, the teacher's cached outputs over the proxy views, the study-level
+teacher reference (val embeddings and sharpness) and the fixed rejection batch. The last three
+are computed on first use and then shared by every trial of the worker.
+
+    task = Task.from_config(config)                        # from a validated study config
+    task = Task(data, teacher, new_student, ProxySettings())  # directly, e.g. in tests
+    result = task.run(spec)                                # a ProxyResult
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kd_optuna.cache import CachedTeacher, cached_teacher, compute_teacher_outputs, state_dict_sha256
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.loss import DistillerLoss
+from kd_optuna.proxy import (
+    NoDistillation,
+    ProxyData,
+    ProxyResult,
+    ProxySettings,
+    TeacherLookup,
+    TeacherReference,
+    live_teacher,
+    run_proxy,
+)
+from kd_optuna.rejection import Rejection, RejectionBatch, reject
+from kd_optuna.space import DistillerSpec, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the teacher never trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class Task:
+    """The teacher/student pair, proxy data and settings of one study, on one device.
+
+    Args:
+        data: proxy tensors (kd_optuna.proxy.ProxyData), already on ``data.device``.
+        teacher: the tapped teacher (forward -> {feat, emb, logit}), frozen here.
+        new_student: returns a freshly initialised tapped student on the data's device
+            (callers seed torch before calling it).
+        proxy: the proxy settings; ``space`` the search space.
+        test: optional held-out (images, labels) for final accuracies (``kd-optuna correlate``).
+        cache_dir: where the teacher-output cache lives; None keeps it in memory only.
+        use_cache: False runs the teacher on every batch instead (same views, same metrics).
+        teacher_sha256, teacher_nodes: identify the teacher in the cache key (the hash is
+            computed from its weights when not given).
+    """
+
+    def __init__(
+        self,
+        data: ProxyData,
+        teacher: nn.Module,
+        new_student: Callable[[], nn.Module],
+        proxy: ProxySettings | None = None,
+        space: SearchSpace | None = None,
+        *,
+        test: tuple[Tensor, Tensor] | None = None,
+        cache_dir: Path | None = None,
+        use_cache: bool = True,
+        teacher_sha256: str | None = None,
+        teacher_nodes: Mapping[str, str] | None = None,
+        name: str = "task",
+    ):
+        self.data = data
+        self.teacher = freeze(teacher.to(data.device))
+        self.new_student = new_student
+        self.proxy = proxy or ProxySettings()
+        self.space = space or SearchSpace()
+        self.test = None if test is None else (test[0].float().to(data.device), test[1].long().to(data.device))
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.use_cache = use_cache
+        self.teacher_sha256 = teacher_sha256 or state_dict_sha256(self.teacher)
+        self.teacher_nodes = dict(teacher_nodes) if teacher_nodes else None
+        self.name = name
+        input_shape = tuple(data.train_x.shape[1:])
+        from kd_optuna.models import knowledge_shapes
+
+        self.teacher_shapes = knowledge_shapes(self.teacher, input_shape)
+        self.student_shapes = knowledge_shapes(new_student(), input_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @functools.cached_property
+    def teacher_outputs(self) -> TeacherLookup:
+        """The teacher lookup of every trial: cached outputs, or the live teacher."""
+        if not self.use_cache:
+            return live_teacher(self.teacher, self.data)
+        if self.cache_dir is None:
+            return CachedTeacher(compute_teacher_outputs(self.teacher, self.data, self.proxy.cache_dtype))
+        return cached_teacher(
+            self.teacher, self.teacher_sha256, self.teacher_nodes, self.data, self.cache_dir,
+            self.proxy.cache_dtype,
+        )
+
+    @functools.cached_property
+    def reference(self) -> TeacherReference:
+        return TeacherReference.compute(self.teacher, self.data, self.proxy)
+
+    @functools.cached_property
+    def rejection_batch(self) -> RejectionBatch:
+        return RejectionBatch.build(self.data, self.teacher_outputs, self.proxy)
+
+    def make_distiller(self, spec: DistillerSpec | None, check_finite: bool = False) -> nn.Module:
+        """The DistillerLoss of ``spec`` on the task's shapes (None: no distillation)."""
+        if spec is None:
+            return NoDistillation()
+        return DistillerLoss(spec, self.student_shapes, self.teacher_shapes, check_finite).to(self.device)
+
+    def make_probe(self, spec: DistillerSpec) -> nn.Module:
+        """The loss of ``spec`` with the teacher's shapes on both sides (for the repulsion check)."""
+        return DistillerLoss(spec, self.teacher_shapes, self.teacher_shapes, True).to(self.device)
+
+    def reject(self, spec: DistillerSpec) -> Rejection | None:
+        """The loss-rejection protocol (kd_optuna.rejection) for ``spec``."""
+        return reject(spec, self.make_distiller, self.make_probe, self.new_student,
+                      self.rejection_batch, self.proxy)
+
+    def run(
+        self,
+        spec: DistillerSpec | None,
+        settings: ProxySettings | None = None,
+        report: Callable[[int, float], None] | None = None,
+        on_test: bool = False,
+    ) -> ProxyResult:
+        """Train and score a proxy student with ``spec`` (None: CE only) under ``settings``.
+
+        ``settings`` may differ from the task's in training fields (steps, seeds, lr...), not
+        in the data fields that the cache depends on. ``on_test`` scores CE and accuracy on
+        the test split.
+        """
+        settings = settings or self.proxy
+        if settings.data_key() != self.proxy.data_key():
+            raise KdOptunaError("run() settings must keep the task's data settings; build another Task")
+        test = None
+        if on_test:
+            if self.test is None:
+                raise KdOptunaError("this task has no test split; give Task(test=(images, labels))")
+            test = self.test
+        return run_proxy(self.new_student, lambda: self.make_distiller(spec), self.data,
+                         self.teacher_outputs, self.reference, settings, report, test)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        device: str | None = None,
+        cache_dir: Path = Path(".kd_optuna_cache"),
+    ) -> "Task":
+        """Build the task a study config names, on ``device`` (CUDA when present, else CPU).
+
+        ``config.teacher.checkpoint`` None: a teacher is trained once with
+        ``kd_optuna.teachers.train_teacher`` and kept under ``cache_dir`` (see that function).
+        """
+        from kd_optuna.data import load_dataset
+        from kd_optuna.models import build_model, tap_model
+        from kd_optuna.training import default_device
+
+        target = default_device(device)
+        splits = load_dataset(config.data.dataset, root=config.data.root, download=config.data.download)
+        num_classes = splits.num_classes
+        settings: ProxySettings = config.proxy
+        train_x, train_y = splits.tensors("train")
+        val_x, val_y = splits.tensors("val")
+        data = ProxyData.build(train_x, train_y, val_x, val_y, settings, target, num_classes)
+        test = splits.tensors("test")
+
+        teacher_model = _load_teacher(config, num_classes, target, Path(cache_dir))
+        teacher = tap_model(teacher_model, config.teacher.model, nodes=config.teacher.nodes)
+        student_name, student_nodes = config.student.model, config.student.nodes
+
+        def new_student() -> nn.Module:
+            model = build_model(student_name, num_classes)
+            return tap_model(model, student_name, nodes=student_nodes).to(target)
+
+        return cls(
+            data, teacher, new_student, settings, config.space, test=test, cache_dir=Path(cache_dir),
+            teacher_nodes=teacher.nodes, name=f"{config.data.dataset}:{config.teacher.model}->{student_name}",
+        )
+
+
+def _load_teacher(config: Any, num_classes: int, device: torch.device, cache_dir: Path) -> nn.Module:
+    from kd_optuna.checkpoints import load_model
+
+    checkpoint = config.teacher.checkpoint
+    if checkpoint is None:
+        from kd_optuna.teachers import train_teacher
+
+        checkpoint = train_teacher(
+            config.teacher.model, config.data.dataset, root=config.data.root,
+            download=config.data.download, cache_dir=cache_dir, device=str(device),
+        )
+    model, _ = load_model(checkpoint, config.teacher.model, num_classes, device)
+    return model

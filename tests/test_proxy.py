@@ -1,0 +1,109 @@
+import dataclasses
+
+import pytest
+import torch
+
+from kd_optuna.classics import CLASSICS
+from kd_optuna.data import load_dataset
+from kd_optuna.models import tap_model
+from kd_optuna.models.digits import DigitsCNN
+from kd_optuna.proxy import (
+    InvalidProxySettings,
+    ProxyData,
+    ProxySettings,
+    ViewPool,
+    class_balanced_indices,
+    lr_factor,
+)
+from kd_optuna.task import Task
+
+FAST = ProxySettings(labels_per_class=3, steps=6, batch_size=16, report_every=3, sharpness_size=32)
+
+
+def tiny_task(settings=FAST, **kwargs):
+    splits = load_dataset("digits")
+    x, y = splits.tensors("train", torch.arange(200))
+    vx, vy = splits.tensors("val", torch.arange(60))
+    data = ProxyData.build(x, y, vx, vy, settings, num_classes=10)
+    torch.manual_seed(123)
+    teacher = tap_model(DigitsCNN((8, 8, 16)))
+    return Task(data, teacher, lambda: tap_model(DigitsCNN((4, 8, 8))), settings,
+                test=splits.tensors("test", torch.arange(60)), **kwargs)
+
+
+def test_settings_validate_and_map_from_a_table():
+    s = ProxySettings.from_mapping({"steps": 10, "seeds": [3, 4]})
+    assert s.steps == 10 and s.seeds == (3, 4)
+    with pytest.raises(InvalidProxySettings, match="labels_per_class"):
+        ProxySettings.from_mapping({"stepz": 1})
+    with pytest.raises(InvalidProxySettings, match="optimizer"):
+        ProxySettings(optimizer="rmsprop")
+    with pytest.raises(InvalidProxySettings, match="steps"):
+        ProxySettings(steps=0)
+    with pytest.raises(InvalidProxySettings, match="seeds"):
+        ProxySettings(seeds=())
+
+
+def test_cosine_schedule_decays_to_zero():
+    s = ProxySettings(steps=100)
+    assert lr_factor(0, s) == 1.0 and lr_factor(50, s) == pytest.approx(0.5) and lr_factor(100, s) == pytest.approx(0)
+    assert lr_factor(70, dataclasses.replace(s, schedule="constant")) == 1.0
+
+
+def test_class_balanced_indices():
+    labels = torch.tensor([0, 1, 2] * 10)
+    chosen = class_balanced_indices(labels, 4, seed=0)
+    assert torch.bincount(labels[chosen]).tolist() == [4, 4, 4]
+    assert torch.equal(chosen, class_balanced_indices(labels, 4, seed=0))
+    assert not torch.equal(chosen, class_balanced_indices(labels, 4, seed=1))
+    assert torch.equal(class_balanced_indices(labels, 0, seed=0), torch.arange(30))
+
+
+def test_view_pool_renders_shifts_and_flips():
+    images = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4)
+    settings = ProxySettings(views=5, augment="shift_flip", shift=1, view_seed=3)
+    pool = ViewPool.build(2, settings)
+    rows = torch.tensor([0, 1])
+    assert torch.equal(pool.render(images, rows, torch.tensor([0, 0])), images)
+    for v in range(5):
+        out = pool.render(images, rows, torch.tensor([v, v]))
+        for i in range(2):
+            dy, dx = pool.offsets[i, v].tolist()
+            padded = torch.nn.functional.pad(images[i], (1, 1, 1, 1))
+            expected = padded[:, dy : dy + 4, dx : dx + 4]
+            if pool.flips[i, v]:
+                expected = expected.flip(-1)
+            assert torch.equal(out[i], expected)
+    assert pool.flips.any() and (pool.offsets != 1).any()
+    plain = ViewPool.build(2, ProxySettings(views=3))
+    assert plain.render(images, rows, torch.tensor([2, 1])) is images
+
+
+def test_proxy_data_split():
+    task = tiny_task()
+    data = task.data
+    assert torch.bincount(data.train_y[data.labelled], minlength=10).tolist() == [3] * 10
+    assert data.pool.shape[0] == 200 and data.val_x.shape[0] == 60
+    labelled_only = ProxyData.build(data.train_x, data.train_y, data.val_x, data.val_y,
+                                    dataclasses.replace(FAST, kd_source="labelled", val_size=20))
+    assert torch.equal(labelled_only.pool, labelled_only.labelled) and labelled_only.val_x.shape[0] == 20
+
+
+def test_proxy_run_is_deterministic_reports_and_tells_kd_from_none():
+    task = tiny_task()
+    spec = CLASSICS["kd"][0]
+    reports = []
+    first = task.run(spec, report=lambda step, value: reports.append((step, value)))
+    again = task.run(spec)
+    assert first.metrics() == again.metrics()
+    assert [s for s, _ in reports] == [3, 6] and reports == first.curve
+    none = task.run(None)
+    assert none.metrics() != first.metrics()
+    for result in (first, none):
+        assert 0.0 <= result.val_acc <= 1.0 and 0.0 <= result.cka_gap <= 1.0
+        assert 0.0 < result.val_ce <= result.val_ce_raw + 1e-12
+        assert result.score == pytest.approx(result.val_ce)
+    two_seeds = task.run(spec, dataclasses.replace(FAST, seeds=(0, 1)))
+    assert [s for s, _ in two_seeds.curve] == [3, 6, 9, 12]
+    test = task.run(spec, on_test=True)
+    assert test.val_acc != first.val_acc or test.val_ce != first.val_ce
