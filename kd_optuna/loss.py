@@ -222,6 +222,10 @@ class DistillerLoss(nn.Module):
                 raise InvalidDistiller(
                     f"labels have {labels.shape[0]} entries for a batch of {s.shape[0]}"
                 )
+            if self.logits_needed and labels.numel() and labels.device.type != "meta":
+                classes = self.teacher_shapes["logit"][0]
+                if not (0 <= int(labels.min()) and int(labels.max()) < classes):
+                    raise InvalidDistiller(f"labels must be class indices in [0, {classes})")
         return CalibrationInputs(
             student=s, teacher=t, student_logit=logits.get("student"),
             teacher_logit=logits.get("teacher"), labels=labels,

@@ -218,6 +218,8 @@ def test_labels_are_optional_and_default_to_the_teacher_argmax():
     torch.testing.assert_close(loss(s, t), loss(s, t, t["logit"].argmax(1)))
     with pytest.raises(InvalidDistiller, match="labels have 3 entries for a batch of 4"):
         loss(s, t, torch.tensor([0, 1, 2]))
+    with pytest.raises(InvalidDistiller, match=r"labels must be class indices in \[0, 10\)"):
+        loss(s, t, torch.tensor([0, 1, 2, 10]))
 
 
 def test_repr_shows_the_formula():
