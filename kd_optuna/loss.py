@@ -188,6 +188,8 @@ class DistillerLoss(nn.Module):
             raise InvalidDistiller(
                 f"batch sizes differ: student {s.shape[0]}, teacher {t.shape[0]}"
             )
+        if s.shape[0] == 0:
+            raise InvalidDistiller("empty batch: give at least one sample")
         s = self.adapter(s.float()).float()
         with _float32(s.device):
             return self._distil(s, t, student, teacher, labels, seed)

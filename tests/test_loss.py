@@ -125,6 +125,8 @@ def test_forward_inputs_that_do_not_match_the_declared_shapes_are_invalid():
         loss(outputs(SHAPES), {"feat": torch.zeros(4, 6, 4, 5)})
     with pytest.raises(InvalidDistiller, match="batch sizes differ: student 4, teacher 2"):
         loss(outputs(SHAPES), outputs(SHAPES, n=2))
+    with pytest.raises(InvalidDistiller, match="empty batch"):
+        loss(outputs(SHAPES, n=0), outputs(SHAPES, n=0))
 
 
 def test_op_errors_at_construction_become_invalid_distiller(monkeypatch):
