@@ -115,11 +115,15 @@ def adaptive_sharpness(
 
     Scaling by |w| makes models of different sizes comparable (a rescaled network has the
     same value). When g is zero, a direction drawn from a generator seeded with ``seed`` is
-    used instead. The model's weights and mode are restored.
+    used instead. Frozen parameters count too. The model's weights, mode and requires_grad flags
+    are restored.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    frozen = [p for p in params if not p.requires_grad]
     was_training = model.training
     model.eval()
+    for p in frozen:
+        p.requires_grad_(True)
     try:
         with torch.enable_grad():
             loss = F.cross_entropy(_logits_of(model, inputs).float(), labels.long())
@@ -148,6 +152,8 @@ def adaptive_sharpness(
         return float(raised.detach()) - float(loss.detach())
     finally:
         model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 @dataclass(frozen=True)
