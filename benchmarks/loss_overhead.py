@@ -52,7 +52,8 @@ class Step:
         self.student, self.distiller = student, distiller
         self.images, self.labels, self.teacher_out = images, labels, teacher_out
         params = list(student.parameters()) + (list(distiller.parameters()) if distiller else [])
-        self.optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+        # lr 0: the step costs the same, and the student every candidate sees stays the same.
+        self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=0.9)
 
     def __call__(self) -> float:
         start = time.process_time()
@@ -110,7 +111,7 @@ def main() -> None:
     for _ in range(3):
         kd_step()
 
-    def ratio(candidate) -> float:
+    def ratio(candidate) -> tuple[float, float]:
         candidate()
         kd, mine = [], []
         for _ in range(args.repeats):
@@ -118,12 +119,28 @@ def main() -> None:
             mine.append(candidate())
         return statistics.median(mine) / statistics.median(kd), statistics.median(kd)
 
+    student_leaves = {k: v.clone().requires_grad_(True) for k, v in probe_student.items()}
+
+    def loss_only_ms(distiller) -> float:
+        """CPU ms of the distiller's forward and backward alone, on fixed student outputs."""
+        times = []
+        for _ in range(args.repeats + 2):
+            start = time.process_time()
+            distiller(student_leaves, teacher_out, labels).backward()
+            times.append(time.process_time() - start)
+        return statistics.median(times) * 1e3
+
     print(f"# {args.student} student, {args.teacher} teacher outputs precomputed, batch {args.batch}, "
           f"CPU {platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}")
     print(f"# student shapes {student_shapes}, teacher shapes {teacher_shapes}")
     ce_ratio, kd_seconds = ratio(step(None))
-    print(f"vanilla KD step: {kd_seconds * 1e3:.1f} ms (median)")
+    kd_loss_ms = loss_only_ms(kd_step.distiller)
+    print(f"vanilla KD step: {kd_seconds * 1e3:.1f} ms CPU (median), its loss alone {kd_loss_ms:.2f} ms")
     print(f"CE only: {ce_ratio:.3f}x vanilla KD")
+
+    def quantiles(values):
+        values = sorted(values)
+        return statistics.median(values), values[int(0.9 * (len(values) - 1))], values[-1]
 
     summary = {}
     probe = (probe_student, teacher_out, labels)
@@ -131,23 +148,30 @@ def main() -> None:
         specs, tried = random_valid_specs(
             knowledge, args.specs, rng, student_shapes, teacher_shapes, probe
         )
-        ratios = []
+        rows = []
         for spec in specs:
-            r, _ = ratio(step(DistillerLoss(spec, student_shapes, teacher_shapes)))
-            ratios.append((r, spec.key))
-        values = sorted(r for r, _ in ratios)
-        summary[knowledge] = values
-        print(f"\n{knowledge}: {len(specs)} valid specs of {tried} drawn")
-        print(f"  median {statistics.median(values):.3f}x, p90 {values[int(0.9 * (len(values) - 1))]:.3f}x, "
-              f"max {values[-1]:.3f}x vanilla KD")
-        for r, key in sorted(ratios, reverse=True)[:3]:
-            print(f"  slowest: {r:.3f}x {key}")
+            distiller = DistillerLoss(spec, student_shapes, teacher_shapes)
+            try:
+                step_ratio, _ = ratio(step(distiller))
+                loss_ms = loss_only_ms(distiller)
+            except InvalidDistiller as error:
+                print(f"  dropped mid-run ({error.reason}): {spec.key}")
+                continue
+            rows.append((step_ratio, loss_ms, spec.key))
+        ratios = quantiles(r for r, _, _ in rows)
+        costs = quantiles(ms for _, ms, _ in rows)
+        summary[knowledge] = ratios, costs
+        print(f"\n{knowledge}: {len(rows)} valid specs timed ({tried} drawn)")
+        print(f"  step / KD step: median {ratios[0]:.3f}x, p90 {ratios[1]:.3f}x, max {ratios[2]:.3f}x")
+        print(f"  loss alone: median {costs[0]:.2f} ms, p90 {costs[1]:.2f} ms, max {costs[2]:.2f} ms")
+        for r, ms, key in sorted(rows, key=lambda row: -row[1])[:3]:
+            print(f"  costliest: {ms:.2f} ms ({r:.3f}x) {key}")
 
-    print("\nknowledge  median  p90  max")
-    for knowledge, values in summary.items():
-        print(f"{knowledge:9s}  {statistics.median(values):.3f}x  "
-              f"{values[int(0.9 * (len(values) - 1))]:.3f}x  {values[-1]:.3f}x")
-
+    print(f"\n| knowledge | step ratio median | p90 | max | loss alone median (ms) | max (ms) |")
+    print("|---|---|---|---|---|---|")
+    for knowledge, (ratios, costs) in summary.items():
+        print(f"| {knowledge} | {ratios[0]:.3f}x | {ratios[1]:.3f}x | {ratios[2]:.3f}x "
+              f"| {costs[0]:.2f} | {costs[2]:.2f} |")
 
 if __name__ == "__main__":
     main()
