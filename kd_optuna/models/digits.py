@@ -1,8 +1,9 @@
 """Two small CNNs for the embedded digits task (1 x 16 x 16 inputs, see kd_optuna.data).
 
-Both are three 3x3 conv + BN + ReLU layers with two 2x2 max-pools and a global average pool:
-(N, 1, 16, 16) -> (N, w1, 16, 16) -> (N, w2, 16, 16) -> max-pool -> (N, w3, 8, 8) -> max-pool
--> feat (N, w3, 4, 4); emb = mean over H, W of feat (N, w3); logit = fc(emb) (N, K).
+Both are three 3x3 conv + BN + ReLU layers with 2x2 max-pools between them and a global
+average pool (pooling early keeps a teacher epoch cheap on a CPU):
+(N, 1, 16, 16) -> (N, w1, 16, 16) -> max-pool -> (N, w2, 8, 8) -> max-pool -> feat (N, w3, 4, 4);
+emb = mean over H, W of feat (N, w3); logit = fc(emb) (N, K).
 Teacher widths (32, 64, 128): 94,186 parameters for 10 classes. Student widths
 (16, 32, 32): 14,458.
 """
@@ -25,10 +26,10 @@ class DigitsCNN(nn.Module):
         w1, w2, w3 = widths
         self.features = nn.Sequential(
             _conv_bn_relu(in_channels, w1),
+            nn.MaxPool2d(2),
             _conv_bn_relu(w1, w2),
             nn.MaxPool2d(2),
             _conv_bn_relu(w2, w3),
-            nn.MaxPool2d(2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(w3, num_classes)
