@@ -59,7 +59,8 @@ def _label_ce(logits: Tensor, label: Tensor) -> Tensor:
 
 @CALIBRATIONS.register("entropy")
 def entropy(inputs: CalibrationInputs) -> Tensor:
-    """H(softmax(t_logit)) / log K in [0, 1]: the teacher's uncertainty (0 when K = 1).
+    """H(softmax(t_logit)) / log K in [0, 1]: the teacher's uncertainty, (N, K) -> (N,); 0 when
+    K = 1.
 
     The seed's version printed and multiplied an undefined ``tensor``; this one reads the
     teacher's class distribution, as its text says.
@@ -74,7 +75,8 @@ def entropy(inputs: CalibrationInputs) -> Tensor:
 
 @CALIBRATIONS.register("conf")
 def conf(inputs: CalibrationInputs) -> Tensor:
-    """softmax(t_logit)[label] in [0, 1]: the teacher's confidence in the label.
+    """softmax(t_logit)[label] in [0, 1]: the teacher's confidence in the label (its own
+    argmax when labels is None, i.e. its top probability), (N, K) -> (N,).
 
     The seed's 1 - CE_s went negative and hard-coded 100 classes and CUDA.
     """
@@ -87,8 +89,8 @@ def conf(inputs: CalibrationInputs) -> Tensor:
 def focal(inputs: CalibrationInputs) -> Tensor:
     """WSLD's weight (seed Eq. 13): 1 - exp(-CE_s / (CE_t + 1e-7)) in [0, 1).
 
-    CE_s, CE_t: the student's and the teacher's cross-entropy on the label. Large where the
-    student trails the teacher.
+    CE_s, CE_t: the student's and the teacher's cross-entropy on the label (the teacher's
+    argmax when labels is None), (N, K) -> (N,). Large where the student trails the teacher.
     """
     label = inputs.label_or_teacher_argmax()
     ce_s = _label_ce(_logits(inputs.student_logit, "student", "focal"), label)
@@ -99,7 +101,7 @@ def focal(inputs: CalibrationInputs) -> Tensor:
 
 @CALIBRATIONS.register("sim")
 def sim(inputs: CalibrationInputs) -> Tensor:
-    """(1 + cos(s, t)) / 2 in [0, 1] of the flattened transformed knowledge.
+    """(1 + cos(s, t)) / 2 in [0, 1] of the transformed knowledge flattened to (N, D) -> (N,).
 
     The seed used cos itself, which is negative for opposed samples and so pushed them apart.
     """
