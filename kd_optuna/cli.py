@@ -15,6 +15,7 @@ with code 2; passwords in storage URLs are masked in every message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -54,7 +55,7 @@ def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None
     """(storage, study, config) for a kd-optuna study."""
     from kd_optuna.storage import StorageError, load_study, open_storage, study_config, study_names
 
-    storage = open_storage(storage_url, heartbeat_interval=heartbeat)
+    storage = open_storage(storage_url, heartbeat_interval=heartbeat, must_exist=True)
     if study_name is None:
         names = study_names(storage)
         if len(names) != 1:
@@ -80,7 +81,7 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
     loaded = load_config(config)
     loaded.check_files()
     name = study_name or loaded.name
-    loaded = type(loaded)(**{**loaded.__dict__, "study": StudySection(name=name)})
+    loaded = dataclasses.replace(loaded, study=StudySection(name=name))
     rdb = open_storage(storage, heartbeat_interval=None)
     if name in study_names(rdb):
         if not skip_if_exists:
@@ -255,14 +256,28 @@ def space(study_name, storage, fmt) -> None:
 
 @cli.command("train-teacher")
 @click.argument("config")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Checkpoint to write (default: the cache the search uses).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint to write (default: the cache the search reads, .kd_optuna_cache/).")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epochs.")
 @click.option("--device", default="auto", show_default=True)
-def train_teacher(config: str, output: str | None, device: str) -> None:
-    """Train the teacher of CONFIG on its data and save the checkpoint."""
-    from kd_optuna.teacher_cli import train_teacher_command
+def train_teacher(config: str, output: str | None, epochs: int | None, device: str) -> None:
+    """Train the teacher of CONFIG with its dataset's recipe and save the checkpoint."""
+    from kd_optuna.config import load_config
+    from kd_optuna.teachers import train_teacher as train
+    from kd_optuna.workers import WorkerContext, check_counts
 
-    path, accuracy = train_teacher_command(config, output, device)
-    click.echo(f"teacher saved to {path} (test accuracy {accuracy:.2%})")
+    check_counts({"--epochs": epochs})
+    loaded = load_config(config)
+    loaded.check_files()
+    path = Path(output) if output else Path(".kd_optuna_cache") / f"teacher-{loaded.data.dataset}-{loaded.teacher.model}.pt"
+    overrides = {"epochs": epochs} if epochs else {}
+    report = train(
+        loaded.data.dataset, loaded.teacher.model, path, root=loaded.data.root, download=loaded.data.download,
+        device=WorkerContext(0, 1, device).torch_device(), **overrides,
+    )
+    click.echo(f"teacher {loaded.teacher.model} saved to {report.path}: test top-1 {report.test_accuracy:.2%}")
+    if output:
+        click.echo(f"use it with `checkpoint = {str(report.path)!r}` under [teacher]")
 
 
 @cli.command()
@@ -285,8 +300,6 @@ def correlate(config: str, n_candidates: int, device: str, fmt: str) -> None:
     if fmt == "table":
         click.echo(format_table(result))
     else:
-        import dataclasses
-
         _emit(dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result, fmt)
 
 
@@ -300,7 +313,7 @@ def dashboard(storage: str, host: str, port: int) -> None:
 
     from kd_optuna.storage import mask_url, open_storage
 
-    rdb = open_storage(storage, heartbeat_interval=None)
+    rdb = open_storage(storage, heartbeat_interval=None, must_exist=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: the dashboard on {host} is open to the network without a login", err=True)
     click.echo(f"dashboard of {mask_url(storage)} on http://{host}:{port}/ (Ctrl-C to stop)")
@@ -344,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         if isinstance(exc, (SQLAlchemyError, OSError)):
             _fail(f"{exc.__class__.__name__}: {describe_error(exc, '')}", args, 1)
-        raise
+        import traceback
+
+        click.echo(mask_secrets("".join(traceback.format_exception(exc)), *args), err=True)
+        sys.exit(1)
 
 
 def _fail(message: str, args: Sequence[str], code: int) -> None:

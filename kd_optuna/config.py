@@ -447,12 +447,11 @@ def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: St
                 f"{source}: {role}.num_classes = {part.num_classes} but {dataset} has {info.num_classes} classes; "
                 f"remove the key or set it to {info.num_classes}"
             )
-        if part.nodes is not None:
-            for knowledge in part.nodes:
-                if knowledge not in KNOWLEDGE_NODES:
-                    raise ConfigError(
-                        f"{source}: {role}.nodes has unknown knowledge {knowledge!r}; use {', '.join(KNOWLEDGE_NODES)}"
-                    )
+        if part.nodes is not None and sorted(part.nodes) != sorted(KNOWLEDGE_NODES):
+            raise ConfigError(
+                f"{source}: {role}.nodes must name exactly {', '.join(KNOWLEDGE_NODES)} (torch.fx node names), "
+                f"got {', '.join(map(str, part.nodes)) or 'none'}"
+            )
     t_classes = teacher.num_classes or student.num_classes or info.num_classes
     s_classes = student.num_classes or teacher.num_classes or info.num_classes
     if t_classes != s_classes:

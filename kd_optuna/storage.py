@@ -69,7 +69,7 @@ def mask_secrets(text: str, *urls: str) -> str:
 
 def check_url(url: str) -> sqlalchemy.engine.URL:
     """Parse ``url``; a malformed or unsupported URL raises StorageError saying what to give."""
-    hint = "give e.g. sqlite:///kd_optuna.db or postgresql://user:password@host:5432/db"
+    hint = "give e.g. sqlite:///kd_optuna.db or postgresql://user@host:5432/db"
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError, TypeError):
@@ -128,10 +128,17 @@ def open_storage(
     heartbeat_interval: int | None = DEFAULT_HEARTBEAT_S,
     grace_period: int | None = None,
     max_retry: int | None = DEFAULT_MAX_RETRY,
+    must_exist: bool = False,
 ) -> optuna.storages.RDBStorage:
     """An RDBStorage for ``url``; with ``heartbeat_interval`` (seconds) a heartbeat whose stale
-    trials are failed after ``grace_period`` (default 2 x interval) and retried ``max_retry`` times."""
+    trials are failed after ``grace_period`` (default 2 x interval) and retried ``max_retry`` times.
+    ``must_exist``: a SQLite file that is not there raises StorageError instead of being created."""
     parsed = check_url(url)
+    if must_exist and parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
+        raise StorageError(
+            f"no database file {parsed.database!r}; create a study first with `kd-optuna create-study CONFIG`"
+            " or give --storage"
+        )
     engine_url = resolve_url(url)
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
