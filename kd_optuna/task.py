@@ -197,16 +197,34 @@ class Task:
         )
 
 
+def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, root=None,
+                              download: bool = False, device: str | None = None) -> Path:
+    """A teacher trained with ``kd_optuna.teachers.train_teacher``, once per cache folder.
+
+    The checkpoint is ``cache_dir/teacher-<dataset>-<model>.pt``; workers starting at once
+    wait on a lock while the first trains it (train_teacher writes it atomically).
+    """
+    from kd_optuna.cache import file_lock
+    from kd_optuna.teachers import train_teacher
+
+    path = Path(cache_dir) / f"teacher-{dataset}-{model_name}.pt"
+    if path.exists():
+        return path
+    with file_lock(path.with_name(path.name + ".lock")):
+        if not path.exists():
+            log.warning("no teacher checkpoint given: training %s on %s into %s", model_name, dataset, path)
+            train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=False)
+    return path
+
+
 def _load_teacher(config: Any, num_classes: int, device: torch.device, cache_dir: Path) -> nn.Module:
     from kd_optuna.checkpoints import load_model
 
     checkpoint = config.teacher.checkpoint
     if checkpoint is None:
-        from kd_optuna.teachers import train_teacher
-
-        checkpoint = train_teacher(
-            config.teacher.model, config.data.dataset, root=config.data.root,
-            download=config.data.download, cache_dir=cache_dir, device=str(device),
+        checkpoint = cached_teacher_checkpoint(
+            config.data.dataset, config.teacher.model, cache_dir, config.data.root,
+            config.data.download, str(device),
         )
     model, _ = load_model(checkpoint, config.teacher.model, num_classes, device)
     return model

@@ -1,0 +1,204 @@
+"""Seed Table 1, reproduced: how well do the proxy metrics predict accuracy after longer training?
+
+``correlate(task, n_candidates=10)`` takes the first ``classics`` classic distillers and then
+random specs of the task's space that pass the rejection protocol, runs each one's proxy trial
+(the task's proxy settings), then trains each again with longer settings (``final_steps``
+steps, ``final_seeds``, scored on the test split), and correlates. For a metric m (lower is
+better) the table gives Spearman's rho and Kendall's tau of -m with the final accuracy, so
+1 is a perfect prediction. Combinations sum the metrics after standardising each over the
+candidates (z-scores; the sharpness gap by its size, as in the score).
+
+The standard deviations over the candidates also give ``suggested_weights``: the fixed score
+weights (ProxySettings.score_*) under which the three metrics count equally, in CE units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from scipy import stats
+
+from kd_optuna.classics import CLASSICS
+from kd_optuna.space import GENES, DistillerSpec
+from kd_optuna.task import Task
+
+METRICS = ("val_ce", "sharpness_gap", "cka_gap")
+COMBINATIONS: dict[str, tuple[str, ...]] = {
+    "CE Loss": ("val_ce",),
+    "S-gap": ("sharpness_gap",),
+    "CKA-gap": ("cka_gap",),
+    "CE Loss+S-gap": ("val_ce", "sharpness_gap"),
+    "CE Loss+CKA-gap": ("val_ce", "cka_gap"),
+    "CE Loss+S-gap+CKA-gap": ("val_ce", "sharpness_gap", "cka_gap"),
+}
+#: Extra rows beside Table 1's columns: uncalibrated CE and the proxy's own accuracy.
+EXTRAS: dict[str, tuple[str, float]] = {"raw CE": ("val_ce_raw", 1.0), "proxy acc": ("val_acc", -1.0)}
+#: Seed Table 1 (ResNet-20 on CIFAR-100, 10 candidates), in COMBINATIONS order.
+SEED_TABLE_1 = (0.755, 0.512, 0.682, 0.824, 0.885, 0.935)
+
+
+@dataclass
+class Candidate:
+    """One distiller: its proxy metrics and its final test accuracy (mean and spread over seeds)."""
+
+    name: str
+    spec: DistillerSpec
+    proxy: dict[str, float]
+    final_acc: float
+    final_acc_std: float
+    proxy_seconds: float
+    final_seconds: float
+
+
+@dataclass
+class CorrelationResult:
+    task: str
+    candidates: list[Candidate]
+    spearman: dict[str, float]
+    kendall: dict[str, float]
+    suggested_weights: dict[str, float]
+    proxy_steps: int
+    final_steps: int
+    final_seeds: tuple[int, ...]
+    seconds: float
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def draw_candidates(task: Task, n: int, classics: int = 3, seed: int = 0) -> tuple[list[tuple[str, DistillerSpec]], dict[str, str]]:
+    """Up to ``classics`` classic specs, then seeded random specs of the task's space, all
+    passing the rejection protocol and with distinct canonical keys; also the rejected ones."""
+    chosen: list[tuple[str, DistillerSpec]] = []
+    rejected: dict[str, str] = {}
+    keys: set[str] = set()
+
+    def offer(name: str, spec: DistillerSpec) -> None:
+        if spec.key in keys or spec.key in rejected or not task.space.contains(spec):
+            return
+        verdict = task.reject(spec)
+        if verdict is None:
+            chosen.append((name, spec))
+            keys.add(spec.key)
+        else:
+            rejected[spec.key] = verdict.reason
+
+    for name, (spec, _) in list(CLASSICS.items())[:classics]:
+        if len(chosen) < n:
+            offer(name, spec)
+    rng = random.Random(seed)
+    attempts = 0
+    while len(chosen) < n and attempts < 100 * n:
+        attempts += 1
+        spec = DistillerSpec(**{g: rng.choice(task.space[g]) for g in GENES})
+        offer(f"random{len(chosen) - min(classics, len(CLASSICS)) + 1}", spec)
+    return chosen, rejected
+
+
+def _zscores(values: list[float]) -> list[float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+    return [0.0 if std == 0 else (v - mean) / std for v in values]
+
+
+def _metric(candidate: Candidate, name: str) -> float:
+    value = candidate.proxy[name]
+    return abs(value) if name == "sharpness_gap" else value
+
+
+def _std(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+
+
+def correlation_table(candidates: list[Candidate]) -> tuple[dict[str, float], dict[str, float]]:
+    """Spearman and Kendall of each combination's -score with the final accuracies."""
+    accs = [c.final_acc for c in candidates]
+    z = {m: _zscores([_metric(c, m) for c in candidates]) for m in METRICS}
+    spearman, kendall = {}, {}
+    rows = {name: [-sum(z[m][i] for m in members) for i in range(len(candidates))]
+            for name, members in COMBINATIONS.items()}
+    for name, (metric, sign) in EXTRAS.items():
+        rows[name] = [-sign * c.proxy[metric] for c in candidates]
+    for name, predicted in rows.items():
+        spearman[name] = float(stats.spearmanr(predicted, accs).statistic)
+        kendall[name] = float(stats.kendalltau(predicted, accs).statistic)
+    return spearman, kendall
+
+
+def correlate(
+    task: Task,
+    n_candidates: int = 10,
+    classics: int = 3,
+    final_steps: int | None = None,
+    final_seeds: tuple[int, ...] = (100, 101, 102),
+    seed: int = 0,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> CorrelationResult:
+    """Run the Table 1 experiment on ``task`` (see the module docstring).
+
+    ``final_steps`` defaults to 5 x the proxy's steps; the final runs keep every other proxy
+    setting (labels per class, KD pool, optimiser, schedule) and score on the test split.
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    say = progress or (lambda line: None)
+    final_steps = final_steps or 5 * task.proxy.steps
+    final = dataclasses.replace(task.proxy, steps=final_steps, seeds=tuple(final_seeds), report_every=final_steps)
+    chosen, rejected = draw_candidates(task, n_candidates, classics, seed)
+    candidates = []
+    for name, spec in chosen:
+        t0 = time.perf_counter()
+        proxy = task.run(spec)
+        t1 = time.perf_counter()
+        accs = []
+        for s in final_seeds:
+            accs.append(task.run(spec, dataclasses.replace(final, seeds=(s,)), on_test=True).val_acc)
+        t2 = time.perf_counter()
+        mean = sum(accs) / len(accs)
+        candidates.append(Candidate(name, spec, proxy.metrics(), mean, _std(accs) if len(accs) > 1 else 0.0,
+                                    t1 - t0, t2 - t1))
+        say(f"{name:10s} {spec.key:44s} val_ce {proxy.val_ce:.4f} proxy acc {proxy.val_acc:.4f} "
+            f"final acc {mean:.4f} ({t1 - t0:.1f} s + {t2 - t1:.1f} s)")
+    spearman, kendall = correlation_table(candidates)
+    ce_std = _std([_metric(c, "val_ce") for c in candidates])
+    weights = {"score_ce": 1.0}
+    for metric, key in (("sharpness_gap", "score_sharpness"), ("cka_gap", "score_cka")):
+        other = _std([_metric(c, metric) for c in candidates])
+        weights[key] = ce_std / other if other > 0 else 0.0
+    return CorrelationResult(task.name, candidates, spearman, kendall, weights, task.proxy.steps,
+                             final_steps, tuple(final_seeds), time.perf_counter() - start, rejected)
+
+
+def format_table(result: CorrelationResult) -> str:
+    """Seed Table 1's layout (plus raw CE and proxy accuracy), then the candidates."""
+    columns = list(COMBINATIONS) + list(EXTRAS)
+    lines = [
+        f"Correlation of proxy metrics with final accuracy, {result.task}, {len(result.candidates)} candidates "
+        f"(proxy {result.proxy_steps} steps; final {result.final_steps} steps x {len(result.final_seeds)} seeds, "
+        f"test split; {result.seconds / 60:.1f} min)",
+        "",
+        "| | " + " | ".join(columns) + " |",
+        "|---|" + "---:|" * len(columns),
+        "| Spearman | " + " | ".join(f"{result.spearman[c]:.3f}" for c in columns) + " |",
+        "| Kendall | " + " | ".join(f"{result.kendall[c]:.3f}" for c in columns) + " |",
+        "| seed Table 1 | " + " | ".join(f"{v:.3f}" for v in SEED_TABLE_1) + " | | |",
+        "",
+        "suggested score weights (equal standardised weight): "
+        + ", ".join(f"{k} = {v:.3g}" for k, v in result.suggested_weights.items()),
+        "",
+        "| candidate | spec | val_ce | S-gap | CKA-gap | proxy acc | final acc |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in sorted(result.candidates, key=lambda c: -c.final_acc):
+        lines.append(
+            f"| {c.name} | `{c.spec.key}` | {c.proxy['val_ce']:.4f} | {c.proxy['sharpness_gap']:+.4f} | "
+            f"{c.proxy['cka_gap']:.4f} | {c.proxy['val_acc']:.4f} | {c.final_acc:.4f} +- {c.final_acc_std:.4f} |"
+        )
+    return "\n".join(lines)

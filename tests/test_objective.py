@@ -1,0 +1,107 @@
+import math
+
+import optuna
+import pytest
+import torch
+
+from kd_optuna.classics import CLASSICS
+from kd_optuna.data import load_dataset
+from kd_optuna.models import tap_model
+from kd_optuna.models.digits import DigitsCNN
+from kd_optuna.objective import Objective
+from kd_optuna.proxy import ProxyData, ProxySettings
+from kd_optuna.rejection import Rejection
+from kd_optuna.space import GENES
+from kd_optuna.task import Task
+
+FAST = ProxySettings(labels_per_class=2, steps=4, batch_size=16, report_every=2, sharpness_size=32,
+                     reject_batch_size=16)
+ATTRS = ("val_ce", "val_acc", "sharpness_gap", "cka_gap", "proxy_seconds", "spec", "formula",
+         "rejection_seconds", "training_seconds", "scoring_seconds")
+
+
+@pytest.fixture(scope="module")
+def task():
+    splits = load_dataset("digits")
+    x, y = splits.tensors("train", torch.arange(100))
+    vx, vy = splits.tensors("val", torch.arange(30))
+    data = ProxyData.build(x, y, vx, vy, FAST, num_classes=10)
+    torch.manual_seed(2)
+    return Task(data, tap_model(DigitsCNN((8, 8, 16))), lambda: tap_model(DigitsCNN((4, 8, 8))), FAST)
+
+
+def study_with(*params):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for p in params:
+        study.enqueue_trial(p)
+    return study
+
+
+def test_a_completed_trial_has_its_value_reports_and_attrs(task):
+    spec = CLASSICS["kd"][0]
+    study = study_with(spec.to_params(), spec.to_params())
+    study.optimize(Objective(task, threads=1), n_trials=2)
+    first, second = study.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE
+    assert all(name in first.user_attrs for name in ATTRS)
+    assert first.user_attrs["spec"] == spec.key and first.params == spec.to_params()
+    assert first.value == pytest.approx(first.user_attrs["val_ce"])
+    assert sorted(first.intermediate_values) == [2, 4]
+    assert first.intermediate_values[4] == pytest.approx(first.user_attrs["val_ce"])
+    assert second.value == first.value, "a trial's value must not depend on the trials before it"
+
+
+def test_a_rejected_trial_is_pruned_with_its_reason(task, monkeypatch):
+    monkeypatch.setattr(task, "reject", lambda spec: Rejection("exploding", "KD term 1e6 x CE"))
+    study = study_with(CLASSICS["kd"][0].to_params())
+    study.optimize(Objective(task), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["reject_reason"] == "exploding"
+    assert "val_ce" not in trial.user_attrs
+
+
+def test_a_pruner_stops_a_trial_on_its_reports(task):
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=1e-9))
+    study.enqueue_trial(CLASSICS["kd"][0].to_params())
+    study.optimize(Objective(task), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["pruned_at_step"] == 2 and list(trial.intermediate_values) == [2]
+
+
+def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(task, monkeypatch):
+    calls = []
+
+    def run(spec, **kwargs):
+        calls.append(spec)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    monkeypatch.setattr(task, "run", run)
+    study = study_with(CLASSICS["kd"][0].to_params(), CLASSICS["fitnets"][0].to_params())
+    study.optimize(Objective(task), n_trials=2)
+    assert len(calls) == 2
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.FAIL
+        assert trial.user_attrs["fail_reason"].startswith("CUDA out of memory")
+
+
+def test_non_finite_training_is_pruned_with_a_reason(task, monkeypatch):
+    from kd_optuna.errors import InvalidDistiller
+
+    def run(spec, **kwargs):
+        raise InvalidDistiller("non-finite loss during training")
+
+    monkeypatch.setattr(task, "run", run)
+    study = study_with(CLASSICS["kd"][0].to_params())
+    study.optimize(Objective(task), n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["reject_reason"] == "non_finite"
+
+
+def test_params_are_the_public_gene_names(task):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    study.optimize(Objective(task), n_trials=1)
+    assert set(study.trials[0].params) == set(GENES)
+    assert not math.isnan(study.trials[0].user_attrs["rejection_seconds"])
