@@ -1,0 +1,136 @@
+"""The training loop, evaluation, schedules and teacher training on digits."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from kd_optuna.checkpoints import load_model
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.teachers import train_teacher
+from kd_optuna.training import default_device, evaluate, lr_factor, train_classifier
+
+
+def separable(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g)
+    return x, (x[:, 0] + x[:, 1] > 0).long()
+
+
+def test_training_on_tensors_learns_a_separable_problem():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    x, y = separable()
+    result = train_classifier(model, (x, y), epochs=10, batch_size=32, lr=0.5, weight_decay=0.0,
+                              val_data=separable(seed=1), device="cpu", progress=False)
+    assert [h["epoch"] for h in result.history] == list(range(1, 11))
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    assert result.final["val_accuracy"] > 0.95
+
+
+def test_training_on_a_dataloader_with_adam_and_augmentation_hook():
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    calls = []
+    x, y = separable()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    train_classifier(model, loader, epochs=10, optimizer="adam", lr=0.1, weight_decay=0.0, device="cpu", progress=False)
+    assert evaluate(model, *separable(seed=1)).accuracy > 0.9
+    train_classifier(model, (x, y), epochs=1, batch_size=64, device="cpu", progress=False,
+                     augment=lambda xb, g: calls.append(len(xb)) or xb)
+    assert sum(calls) == len(y)
+
+
+def test_same_seed_gives_the_same_weights():
+    x, y = separable()
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        model = nn.Linear(2, 2)
+        train_classifier(model, (x, y), epochs=2, batch_size=16, device="cpu", progress=False, seed=3)
+        weights.append(model.weight.detach().clone())
+    assert torch.equal(*weights)
+
+
+def test_step_loss_and_extra_params_are_trained():
+    model, extra = nn.Linear(2, 2), nn.Linear(2, 2)
+    before = extra.weight.detach().clone()
+    x, y = separable(64)
+
+    def loss(m, xb, yb):
+        return nn.functional.cross_entropy(m(xb) + extra(xb), yb)
+
+    train_classifier(model, (x, y), epochs=1, step_loss=loss, extra_params=extra.parameters(),
+                     device="cpu", progress=False)
+    assert not torch.equal(before, extra.weight)
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    result = train_classifier(model, (x, y), epochs=1, batch_size=8, bf16=True, channels_last=True,
+                              device="cpu", progress=False)
+    assert torch.isfinite(torch.tensor(result.final["loss"]))
+    assert 0.0 <= evaluate(model, x, y, bf16=True).accuracy <= 1.0
+
+
+def test_num_threads_is_restored():
+    before = torch.get_num_threads()
+    train_classifier(nn.Linear(2, 2), separable(32), epochs=1, num_threads=1, device="cpu", progress=False)
+    assert torch.get_num_threads() == before
+
+
+def test_schedules():
+    assert lr_factor("cosine", 0, 100, 10) == 1.0
+    assert lr_factor("cosine", 50, 100, 10) == pytest.approx(0.5)
+    assert lr_factor("cosine", 99, 100, 10) < 0.01
+    assert lr_factor("step", 55, 100, 10, milestones=(2, 5), gamma=0.1) == pytest.approx(0.01)
+    assert lr_factor("step", 25, 100, 10, milestones=(2, 5), gamma=0.1) == pytest.approx(0.1)
+    assert lr_factor("step", 15, 100, 10, milestones=(2, 5), gamma=0.1) == pytest.approx(1.0)
+    assert lr_factor("constant", 0, 100, 10, warmup_steps=4) == pytest.approx(0.25)
+    with pytest.raises(KdOptunaError):
+        lr_factor("linear", 0, 10, 1)
+
+
+def test_evaluate_counts_correct_predictions_and_restores_mode():
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return torch.stack([x[:, 0], -x[:, 0]], 1) + self.w
+
+    model = Fixed().train()
+    x = torch.tensor([[1.0], [2.0], [-1.0], [3.0]])
+    result = evaluate(model, x, torch.tensor([0, 0, 1, 1]))
+    assert result.accuracy == 0.75 and result.count == 4 and model.training
+
+
+def test_bad_optimizer_and_empty_data_are_user_errors():
+    with pytest.raises(KdOptunaError, match="optimizer"):
+        train_classifier(nn.Linear(2, 2), separable(8), epochs=1, optimizer="lion", device="cpu", progress=False)
+    with pytest.raises(KdOptunaError, match="empty"):
+        train_classifier(nn.Linear(2, 2), (torch.zeros(0, 2), torch.zeros(0).long()), epochs=1, device="cpu",
+                         progress=False)
+
+
+def test_device_defaults_to_gpu_when_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device().type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device().type == "cuda"
+    assert default_device("cpu").type == "cpu"
+
+
+def test_train_teacher_writes_a_loadable_checkpoint(tmp_path):
+    report = train_teacher("digits", "digits_student", tmp_path / "t.pt", epochs=1, progress=False, device="cpu")
+    model, meta = load_model(report.path)
+    assert meta["dataset"] == "digits" and meta["model_name"] == "digits_student"
+    assert meta["accuracy"] == report.test_accuracy and meta["split_seed"] == 0
+
+
+@pytest.mark.slow
+def test_digits_teacher_reaches_97_percent(tmp_path):
+    report = train_teacher("digits", "digits_teacher", tmp_path / "teacher.pt", progress=False, device="cpu")
+    assert report.test_accuracy >= 0.97
