@@ -1,0 +1,212 @@
+"""The `kd-optuna` command line: exit codes, formats, one-line errors, masked passwords."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.distributions import CategoricalDistribution
+
+from conftest import tiny_digits_toml
+from kd_optuna.classics import CLASSICS
+from kd_optuna.cli import main
+from kd_optuna.space import FULL_OPTIONS, GENES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def add_trials(url: str, study_name: str) -> None:
+    """Two completed classic distillers and one rejected trial, as the objective records them."""
+    study = optuna.load_study(study_name=study_name, storage=url)
+    distributions = {g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}
+    for value, name in ((0.5, "kd"), (0.3, "at")):
+        spec = CLASSICS[name][0]
+        study.add_trial(optuna.trial.create_trial(
+            params=spec.to_params(), distributions=distributions, value=value,
+            user_attrs={"formula": spec.formula(), "spec": spec.key, "val_acc": 0.9, "val_ce": value},
+        ))
+    spec = CLASSICS["sp"][0]
+    study.add_trial(optuna.trial.create_trial(
+        params=spec.to_params(), distributions=distributions, state=optuna.trial.TrialState.PRUNED,
+        user_attrs={"formula": spec.formula(), "spec": spec.key, "reject_reason": "exploding"},
+    ))
+
+
+@pytest.fixture
+def study_url(tmp_path, tiny_config_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, out, err = run(capsys, "create-study", str(tiny_config_path), "--storage", url)
+    assert code == 0, err
+    return url
+
+
+def test_create_study_stores_the_config_and_refuses_a_duplicate(study_url, tiny_config_path, capsys):
+    study = optuna.load_study(study_name="digits_tiny", storage=study_url)
+    stored = json.loads(study.user_attrs["kd_optuna_config"])
+    assert stored["proxy"]["steps"] == 4 and stored["study"]["name"] == "digits_tiny"
+    code, _, err = run(capsys, "create-study", str(tiny_config_path), "--storage", study_url)
+    assert code == 2 and "already exists" in err and err.count("\n") == 1
+    code, out, _ = run(capsys, "create-study", str(tiny_config_path), "--storage", study_url, "--skip-if-exists")
+    assert code == 0 and "kept" in out
+    code, out, _ = run(capsys, "create-study", str(tiny_config_path), "--storage", study_url, "--study-name", "other")
+    assert code == 0 and len(optuna.get_all_study_names(study_url)) == 2
+
+
+def test_invalid_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(tiny_digits_toml().replace('model = "digits_student"', 'model = "digits_studnet"'))
+    db = tmp_path / "never.db"
+    code, out, err = run(capsys, "create-study", str(bad), "--storage", f"sqlite:///{db}")
+    assert code == 2 and err.count("\n") == 1 and "student.model" in err and "digits_studnet" in err
+    assert "Traceback" not in err and not db.exists()
+
+
+def test_missing_data_root_exits_2_and_writes_nothing(tmp_path, capsys):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[data]\ndataset = "cifar100"\nroot = "no_such_dir"\n[teacher]\nmodel = "resnet56"\n[student]\nmodel = "resnet20"\n'
+    )
+    db = tmp_path / "never.db"
+    code, _, err = run(capsys, "create-study", str(config), "--storage", f"sqlite:///{db}")
+    assert code == 2 and "data.root" in err and not db.exists()
+
+
+def test_trials_best_and_space_in_every_format(study_url, capsys):
+    add_trials(study_url, "digits_tiny")
+    code, out, _ = run(capsys, "trials", "--storage", study_url)
+    assert code == 0 and CLASSICS["at"][0].formula() in out and "exploding" in out
+    code, out, _ = run(capsys, "trials", "--storage", study_url, "-f", "json")
+    records = json.loads(out)
+    assert [r["state"] for r in records] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    code, out, _ = run(capsys, "trials", "--storage", study_url, "-f", "yaml", "--state", "pruned")
+    assert [r["number"] for r in yaml.safe_load(out)] == [2]
+    code, out, _ = run(capsys, "best", "--storage", study_url, "-f", "json")
+    best = json.loads(out)
+    assert best["number"] == 1 and best["value"] == 0.3
+    code, out, _ = run(capsys, "best", "--storage", study_url)
+    assert code == 0 and CLASSICS["at"][0].formula() in out
+    code, out, _ = run(capsys, "space", "--storage", study_url, "-f", "json")
+    weights = json.loads(out)
+    assert set(weights) == set(GENES) and weights["distance"]["kl"] == 1.0
+
+
+def test_best_without_completed_trials_and_unknown_or_foreign_studies(study_url, capsys):
+    code, _, err = run(capsys, "best", "--storage", study_url)
+    assert code == 2 and "no completed trial" in err
+    code, _, err = run(capsys, "trials", "--storage", study_url, "--study-name", "nope")
+    assert code == 2 and "'digits_tiny'" in err
+    optuna.create_study(storage=study_url, study_name="plain")
+    code, _, err = run(capsys, "trials", "--storage", study_url, "--study-name", "plain")
+    assert code == 2 and "plain Optuna" in err
+    code, _, err = run(capsys, "trials", "--storage", study_url)
+    assert code == 2 and "--study-name" in err
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["optimize", "--n-trials", "0"], ["--n-trials", "at least 1"]),
+        (["optimize", "--n-trials", "3", "--n-workers", "-2"], ["--n-workers"]),
+        (["optimize", "--n-trials", "many"], ["many"]),
+        (["trials", "-f", "xml"], ["xml"]),
+        (["export", "--trial", "seven"], ["--trial"]),
+        (["trials", "--storage", "mysql+nodriver://x"], ["storage"]),
+        (["trials", "--storage", "sqlite:///no_such_dir/x.db"], ["no_such_dir"]),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(study_url, capsys, args, words):
+    if "--storage" not in args:
+        args = args + ["--storage", study_url]
+    if args[0] == "export":
+        add_trials(study_url, "digits_tiny")
+    code, out, err = run(capsys, *args)
+    assert code == 2, (out, err)
+    assert err.strip().count("\n") == 0 or err.startswith("Usage")
+    for word in words:
+        assert word in err
+
+
+def test_passwords_never_appear_in_errors(capsys):
+    url = "postgresql://kd:Sup3rSecret@127.0.0.1:1/kd"
+    for args in (["trials", "--storage", url], ["create-study", "digits", "--storage", url], ["dashboard", "--storage", url]):
+        code, out, err = run(capsys, *args)
+        assert code == 2 and "Sup3rSecret" not in out + err and "***" in err
+
+
+def test_help_of_every_command(capsys):
+    for command in ("create-study", "optimize", "trials", "best", "space", "train-teacher", "correlate", "dashboard", "export"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == 0 and "Usage" in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_dashboard_serves_the_study_on_loopback(study_url, tmp_path):
+    add_trials(study_url, "digits_tiny")
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kd_optuna.cli", "dashboard", "--storage", study_url, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+    )
+    try:
+        body = None
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    body = json.loads(response.read())
+                    break
+            except OSError:
+                if process.poll() is not None:
+                    break
+                time.sleep(0.5)
+        assert body is not None, process.stdout.read().decode() if process.poll() is not None else "no answer"
+        assert [s["study_name"] for s in body["studies"]] == ["digits_tiny"]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            addresses = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1", "127.0.1.1"}
+        for address in addresses:  # not reachable from the machine's other addresses
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=1).close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_optimize_with_the_real_objective_then_export(study_url, tmp_path, capsys):
+    code, out, err = run(capsys, "optimize", "--storage", study_url, "--n-trials", "2", "--no-progress")
+    assert code == 0, err
+    assert "2 finished" in out
+    study = optuna.load_study(study_name="digits_tiny", storage=study_url)
+    finished = [t for t in study.get_trials() if t.state.is_finished()]
+    for trial in finished:
+        assert "formula" in trial.user_attrs and "spec" in trial.user_attrs
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in finished):
+        assert {"val_ce", "val_acc", "proxy_seconds"} <= set(study.best_trial.user_attrs)
+        code, out, err = run(capsys, "export", "--storage", study_url, "-o", str(tmp_path / "train.py"))
+        assert code == 0 and (tmp_path / "train.py").is_file()

@@ -1,0 +1,115 @@
+"""`kd-optuna export`: the script is valid and inert whatever the study holds, and it trains."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+
+from kd_optuna.classics import CLASSICS
+from kd_optuna.config import CONFIG_ATTR, StudyConfig, load_config
+from kd_optuna.export import SETTINGS, script_defaults, write_script
+from kd_optuna.space import FULL_OPTIONS, GENES
+
+REPO = Path(__file__).resolve().parent.parent
+EVIL = 'x"""\'\'\'\nimport os; os.system("touch PWNED")  # %s {0} \\'
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def completed_trial(spec, user_attrs=None):
+    distributions = {g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}
+    attrs = {"formula": spec.formula(), "spec": spec.key, **(user_attrs or {})}
+    return optuna.trial.create_trial(params=spec.to_params(), distributions=distributions, value=0.25, user_attrs=attrs)
+
+
+def digits_config(**teacher) -> StudyConfig:
+    data = load_config("digits").to_dict()
+    data["teacher"].update(teacher)
+    data["train"].update({"epochs": 2, "batch_size": 256, "milestones": [1], "num_workers": 0})
+    return StudyConfig.from_dict(data)
+
+
+def test_script_is_valid_and_inert_with_hostile_study_data(tmp_path):
+    config = StudyConfig.from_dict(
+        load_config("digits").to_dict() | {"data": {"dataset": "digits", "root": EVIL, "download": False}}
+    )
+    trial = completed_trial(CLASSICS["kd"][0], {"formula": EVIL, "note": EVIL})
+    path = write_script(tmp_path / "train_best.py", EVIL, trial, config)
+    text = path.read_text()
+    compile(text, str(path), "exec")
+    tree = ast.parse(text)
+    data_literals = {
+        id(node.args[0]) for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and ast.unparse(node.func) == "json.loads"
+    }
+    hostile = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and "PWNED" in str(n.value)]
+    assert hostile and all(id(n) in data_literals for n in hostile)
+    assert "PWNED" not in text.split("SPEC = ", 1)[0]
+    result = subprocess.run(
+        [sys.executable, str(path), "--help"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "PWNED").exists()
+    for name in SETTINGS:
+        assert "--" + name.replace("_", "-") in result.stdout
+    assert "--resume" in result.stdout
+
+
+def test_defaults_come_from_the_train_table():
+    defaults = script_defaults(load_config("cifar100_resnet56_resnet20"))
+    assert (defaults["epochs"], defaults["batch_size"], defaults["lr"], defaults["milestones"]) == (240, 64, 0.05, [150, 180, 210])
+    assert defaults["teacher_checkpoint"] == "save/models/resnet56_vanilla/ckpt_epoch_240.pth"
+
+
+def test_export_refuses_a_missing_directory(tmp_path):
+    from kd_optuna.errors import KdOptunaError
+
+    with pytest.raises(KdOptunaError, match="does not exist"):
+        write_script(tmp_path / "no" / "x.py", "s", completed_trial(CLASSICS["kd"][0]), digits_config())
+
+
+@pytest.mark.slow
+def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
+    import torch
+
+    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.models import build_model
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "it's a \"teacher\".pt"
+    save_checkpoint(teacher_path, build_model("digits_teacher", 10), model_name="digits_teacher",
+                    num_classes=10, dataset="digits", accuracy=0.1)
+    config = digits_config(checkpoint=str(teacher_path))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="minimize")
+    study.set_user_attr(CONFIG_ATTR, config.to_json())
+    study.add_trial(completed_trial(CLASSICS["kd"][0]))
+    script = tmp_path / "train_best.py"
+    code = subprocess.run(
+        [sys.executable, "-m", "kd_optuna.cli", "export", "--storage", url, "-o", str(script)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert code.returncode == 0, code.stderr
+    common = [sys.executable, str(script), "--device", "cpu", "--output-dir", "run", "--no-progress"]
+    first = subprocess.run(common + ["--epochs", "1"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "final top-1" in first.stdout and "best top-1" in first.stdout
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and json.loads(state["spec"]) == CLASSICS["kd"][0].to_params()
+    second = subprocess.run(common + ["--epochs", "2", "--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert (tmp_path / "run" / "best_student.pt").is_file()

@@ -1,0 +1,107 @@
+"""Storage URLs: validation, password masking, heartbeat settings, our studies only."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from conftest import create_kd_study
+from kd_optuna.storage import (
+    StorageError,
+    check_url,
+    load_study,
+    mask_secrets,
+    mask_url,
+    open_storage,
+    resolve_url,
+    study_config,
+)
+
+
+def test_mask_url_hides_the_password_only():
+    assert mask_url("postgresql://kd:s3cr%40t@db.example:5432/kd") == "postgresql://kd:***@db.example:5432/kd"
+    assert mask_url("sqlite:///kd_optuna.db") == "sqlite:///kd_optuna.db"
+    assert mask_url("postgresql://kd@host/db") == "postgresql://kd@host/db"
+
+
+def test_mask_secrets_removes_raw_and_decoded_passwords_anywhere():
+    url = "postgresql://kd:p%40ss@h/db"
+    text = 'could not connect with password "p@ss" and p%40ss to postgresql://kd:p%40ss@h/db'
+    masked = mask_secrets(text, url)
+    assert "p@ss" not in masked and "p%40ss" not in masked
+    assert masked.count("***") == 3
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("not a url", ["not a database URL"]),
+        ("redis://localhost:6379", ["redis", "not supported"]),
+        ("sqlite://", ["in-memory"]),
+        ("sqlite:///:memory:", ["in-memory"]),
+        ("sqlite:////no/such/dir/x.db", ["/no/such/dir", "does not exist"]),
+    ],
+)
+def test_bad_urls_are_refused_with_the_fix(url, words):
+    with pytest.raises(StorageError) as info:
+        check_url(url)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_plain_postgresql_url_gets_an_installed_driver():
+    resolved = resolve_url("postgresql://u:pw@127.0.0.1:5432/db")
+    assert resolved.startswith(("postgresql+psycopg2://", "postgresql://", "postgresql+psycopg://"))
+    assert "u:pw@127.0.0.1:5432/db" in resolved
+
+
+def test_unreachable_server_error_is_masked():
+    with pytest.raises(StorageError) as info:
+        open_storage("postgresql://kd:TopSecret99@127.0.0.1:1/db", heartbeat_interval=None)
+    assert "TopSecret99" not in str(info.value) and "***" in str(info.value)
+
+
+def test_heartbeat_and_retry_are_configured(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=3, grace_period=7)
+    assert storage.get_heartbeat_interval() == 3 and storage.grace_period == 7
+    assert isinstance(storage.get_heartbeat_stale_trial_callback(), optuna.storages.RetryHeartbeatStaleTrialCallback)
+    plain = open_storage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=None)
+    assert plain.get_heartbeat_interval() is None
+
+
+def test_sqlite_runs_in_wal_mode_with_a_long_busy_timeout(tmp_path):
+    import sqlalchemy
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'w.db'}")
+    with storage.engine.connect() as connection:
+        assert connection.execute(sqlalchemy.text("PRAGMA journal_mode")).scalar().lower() == "wal"
+        assert connection.execute(sqlalchemy.text("PRAGMA busy_timeout")).scalar() >= 60_000
+
+
+def test_must_exist_does_not_create_a_sqlite_file(tmp_path):
+    path = tmp_path / "absent.db"
+    with pytest.raises(StorageError, match="create-study"):
+        open_storage(f"sqlite:///{path}", must_exist=True)
+    assert not path.exists()
+
+
+def test_unknown_study_lists_the_studies_there(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_kd_study(url, name="mine")
+    with pytest.raises(StorageError, match="'mine'"):
+        load_study(open_storage(url), "theirs", url)
+
+
+def test_study_created_by_plain_optuna_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    optuna.create_study(storage=url, study_name="plain")
+    study = load_study(open_storage(url), "plain", url)
+    with pytest.raises(StorageError, match="plain Optuna"):
+        study_config(study)
+
+
+def test_stored_config_is_read_back(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_kd_study(url, name="s")
+    config = study_config(load_study(open_storage(url), "s", url))
+    assert config.data.dataset == "digits" and config.student.model == "digits_student"
