@@ -76,6 +76,7 @@ PROPOSED_KEY_ATTR = "kd_optuna:proposed_key"
 _GROUP = {gene: ("transform" if gene in TRANSFORM_GENES else gene) for gene in GENES}
 
 _FLOOR = 0.05
+_CLASSICS = frozenset(classic_specs())
 _CLAIM_ROUNDS = 4
 
 
@@ -397,10 +398,8 @@ class EvolutionSampler(BaseSampler):
         self.crossover_prob = float(crossover_prob)
         if warm_start is True:
             self.warm_start: tuple[DistillerSpec, ...] = tuple(classic_specs())
-            self._warm_name = "classic"
         else:
             self.warm_start = tuple(warm_start or ())
-            self._warm_name = "warm_start"
         self.shrink_after = int(shrink_after)
         self.space = space
         self.proposer = proposer
@@ -604,7 +603,7 @@ class EvolutionSampler(BaseSampler):
     def _initial(self, space, weights, seen) -> Candidate | None:
         for spec in self.warm_start:
             if space.contains(spec) and spec.key not in seen:
-                return Candidate(spec, self._warm_name)
+                return Candidate(spec, "classic" if spec in _CLASSICS else "warm_start")
         context = self._context_without_population(space, weights, seen)
         found = self._fallback.propose(context)
         return found[0] if found else None

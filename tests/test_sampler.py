@@ -362,3 +362,11 @@ def test_genes_fixed_by_an_enqueued_trial_shape_the_child_and_its_lineage():
     assert trial.params["knowledge"] == "emb" and trial.params["distance"] == "cos"
     assert trial.system_attrs[PROPOSED_KEY_ATTR] == key_of(trial)
     assert trial.user_attrs["proposer"] in {"mutation", "crossover", "random"}
+
+
+def test_a_warm_start_list_runs_first_and_is_named_in_the_lineage():
+    own = DistillerSpec("emb", "relu", "no", "no", "l1", "no", 1, 5)
+    kd = classic_specs()[0]
+    study = run(EvolutionSampler(seed=0, warm_start=[own, kd]), 3)
+    assert [key_of(t) for t in study.trials[:2]] == [own.key, kd.key]
+    assert [t.user_attrs["proposer"] for t in study.trials] == ["warm_start", "classic", "random"]
