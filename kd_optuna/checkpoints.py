@@ -143,6 +143,10 @@ def describe_architecture(state: dict[str, torch.Tensor]) -> str:
 def load_state(path: str | os.PathLike, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
     """The state dict in ``path``, checked to fit ``build_model(model_name, num_classes)``."""
     state, meta = read_checkpoint(path)
+    return _checked(path, state, meta, model_name, num_classes)
+
+
+def _checked(path, state: dict, meta: dict | None, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
     wanted = f"{model_name} with {num_classes} classes"
     if meta is not None and (meta.get("model_name"), meta.get("num_classes")) != (model_name, num_classes):
         held = f"{meta.get('model_name')} with {meta.get('num_classes')} classes"
@@ -161,11 +165,11 @@ def load_model(
 ) -> tuple[nn.Module, dict | None]:
     """Build the model and load ``path`` into it, in eval mode. Name and class count default to
     the checkpoint's metadata (our format); returns (model, meta or None)."""
-    _, meta = read_checkpoint(path)
+    state, meta = read_checkpoint(path)
     model_name = model_name or (meta or {}).get("model_name")
     num_classes = num_classes or (meta or {}).get("num_classes")
     if model_name is None or num_classes is None:
         raise CheckpointError(f"checkpoint {path} has no metadata: give the model name and number of classes")
     model = build_model(model_name, num_classes)
-    model.load_state_dict(load_state(path, model_name, num_classes))
+    model.load_state_dict(_checked(path, state, meta, model_name, num_classes))
     return model.to(device).eval(), meta

@@ -1,6 +1,6 @@
 """Teacher training: ``train_teacher(dataset, model_name, out_path)`` writes a checkpoint.
 
-Recipes (overridable by keyword): digits, SGD (momentum 0.9, nesterov) lr 0.1, batch 64, weight
+Recipes (overridable by keyword): digits and digits_hard, SGD (momentum 0.9, nesterov) lr 0.1, batch 64, weight
 decay 5e-4, cosine over 15 epochs, one CPU thread (whole split held as tensors on the device);
 cifar10/cifar100, RepDistiller's recipe: SGD lr 0.05, batch 64, weight decay 5e-4, 240 epochs,
 lr x0.1 at epochs 150, 180, 210; imagefolder: SGD lr 0.1, batch 256, weight decay 1e-4, 100 epochs,
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .checkpoints import save_checkpoint
+from .checkpoints import CheckpointError, load_model, save_checkpoint
 from .data import load_dataset
 from .models import build_model
 from .training import default_device, evaluate, train_classifier
@@ -31,6 +32,8 @@ RECIPES: dict[str, dict] = {
     ),
 }
 RECIPES["cifar100"] = dict(RECIPES["cifar10"])
+RECIPES["digits_hard"] = dict(RECIPES["digits"])
+KNOWN_CLASS_COUNTS = {"digits": 10, "digits_hard": 10, "cifar10": 10, "cifar100": 100}
 
 
 @dataclass
@@ -65,11 +68,11 @@ def train_teacher(
     splits = load_dataset(dataset, root=root, download=download, seed=seed)
     device = default_device(device)
     recipe = {**RECIPES[dataset], **overrides}
-    if dataset == "digits" and device.type == "cpu":
+    if dataset.startswith("digits") and device.type == "cpu":
         recipe.setdefault("num_threads", 1)
     torch.manual_seed(seed)
     model = build_model(model_name, splits.num_classes)
-    if splits.augment_batch is None and dataset == "digits":
+    if dataset.startswith("digits"):
         train_data = splits.tensors("train")
         val_data = splits.tensors("val")
         test_data = splits.tensors("test")
@@ -93,3 +96,26 @@ def train_teacher(
         extra={"val_accuracy": val.accuracy, "split_seed": seed, "epochs": recipe["epochs"]},
     )
     return TeacherReport(path, model_name, dataset, test.accuracy, val.accuracy, result.seconds, recipe["epochs"])
+
+
+def load_or_train_teacher(
+    dataset: str,
+    model_name: str,
+    path: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    device: str | torch.device | None = None,
+    **train_kwargs,
+) -> tuple[nn.Module, dict | None]:
+    """The teacher at ``path`` in eval mode on ``device``, with its metadata (None for a foreign
+    checkpoint), after training it with ``train_teacher`` if the file does not exist yet.
+    Our checkpoints must have been trained on ``dataset``; foreign ones (plain state dicts,
+    RepDistiller's layout) take ``num_classes`` or the dataset's known class count."""
+    path = Path(path)
+    if not path.exists():
+        train_teacher(dataset, model_name, path, device=device, **train_kwargs)
+    num_classes = num_classes or KNOWN_CLASS_COUNTS.get(dataset)
+    model, meta = load_model(path, model_name, num_classes, device=default_device(device))
+    if meta is not None and meta.get("dataset") != dataset:
+        raise CheckpointError(f"teacher {path} was trained on {meta.get('dataset')}, but the task's dataset is {dataset}")
+    return model, meta

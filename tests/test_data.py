@@ -156,3 +156,12 @@ def test_imagefolder_without_val_folder_is_an_error(tiny_imagefolder):
 def test_unknown_dataset_lists_the_known():
     with pytest.raises(DataError, match="cifar100"):
         load_dataset("mnist")
+
+
+def test_digits_hard_is_a_fixed_corruption_of_the_same_splits():
+    clean, hard, hard_again = load_dataset("digits"), load_dataset("digits_hard"), load_dataset("digits_hard", seed=0)
+    assert torch.equal(clean.labels("train"), hard.labels("train"))
+    assert torch.equal(hard.tensors("test")[0], hard_again.tensors("test")[0])
+    x_clean, x_hard = clean.tensors("test")[0], hard.tensors("test")[0]
+    assert x_hard.shape == x_clean.shape and not torch.allclose(x_hard, x_clean, atol=0.1)
+    assert abs(x_hard.mean()) < 0.1 and abs(x_hard.std() - 1) < 0.1

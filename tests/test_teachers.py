@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kd_optuna.checkpoints import load_model
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.teachers import train_teacher
+from kd_optuna.teachers import load_or_train_teacher, train_teacher
 from kd_optuna.training import default_device, evaluate, lr_factor, train_classifier
 
 
@@ -134,3 +134,14 @@ def test_train_teacher_writes_a_loadable_checkpoint(tmp_path):
 def test_digits_teacher_reaches_97_percent(tmp_path):
     report = train_teacher("digits", "digits_teacher", tmp_path / "teacher.pt", progress=False, device="cpu")
     assert report.test_accuracy >= 0.97
+
+
+def test_load_or_train_teacher_trains_once_then_loads(tmp_path):
+    path = tmp_path / "teacher.pt"
+    model, meta = load_or_train_teacher("digits", "digits_student", path, epochs=1, progress=False, device="cpu")
+    written = path.stat().st_mtime_ns
+    again, meta_again = load_or_train_teacher("digits", "digits_student", path, device="cpu")
+    assert path.stat().st_mtime_ns == written and meta_again == meta
+    assert not again.training
+    with pytest.raises(KdOptunaError, match="trained on digits"):
+        load_or_train_teacher("digits_hard", "digits_student", path, device="cpu")
