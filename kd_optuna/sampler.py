@@ -50,7 +50,6 @@ from typing import Any, Iterable, Mapping, Sequence
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.samplers._lazy_random_state import LazyRandomState
-from optuna.storages import InMemoryStorage
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -78,6 +77,7 @@ _GROUP = {gene: ("transform" if gene in TRANSFORM_GENES else gene) for gene in G
 _FLOOR = 0.05
 _CLASSICS = frozenset(classic_specs())
 _CLAIM_ROUNDS = 4
+_REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
 
 
 class SamplerConfigError(KdOptunaError, ValueError):
@@ -534,11 +534,13 @@ class EvolutionSampler(BaseSampler):
         lost: list[str] = []
         for _ in range(_CLAIM_ROUNDS):
             child, attrs = self._announce(study, trial, space, lost)
-            if not self._claimed_elsewhere(study, trial, child.spec.key):
+            repeat = attrs.get("sampler_note") == _REPEAT_NOTE
+            if repeat or not self._claimed_elsewhere(study, trial, child.spec.key):
                 break
             lost.append(child.spec.key)
         if lost:
-            attrs["sampler_note"] = f"yielded {len(lost)} key(s) to workers that claimed them"
+            yielded = f"yielded {len(lost)} key(s) to trials that claimed them"
+            attrs["sampler_note"] = "; ".join(filter(None, [yielded, attrs.get("sampler_note")]))
         lineage = {
             "proposer": child.proposer,
             "parent": child.parent,
@@ -553,15 +555,20 @@ class EvolutionSampler(BaseSampler):
     def _announce(
         self, study: Study, trial: FrozenTrial, space: SearchSpace, lost: list[str]
     ) -> tuple[Candidate, dict[str, Any]]:
+        attrs: dict[str, Any] = {}
+        context = None
         with self._lock:
             history = self._history(study, fresh=bool(lost))
             weights = self._weights(history, space)
             seen = _Seen(history.finished_keys, history.running_keys + lost)
-            attrs: dict[str, Any] = {}
             if len(history.best) < self.population_size:
                 child = self._initial(space, weights, seen)
             else:
-                child = self._evolve(history, space, weights, seen, attrs)
+                child, context = self._evolve(history, space, weights, seen)
+        # The rival may take seconds (a language model): other threads go on meanwhile.
+        rivals = self.proposer.propose(context) if context and self.proposer else []
+        with self._lock:
+            child = self._select(history.predictor, child, rivals, attrs)
             if child is None:
                 child = self._last_resort(space, weights, seen, attrs)
             if history.n_complete >= self.shrink_after:
@@ -576,11 +583,9 @@ class EvolutionSampler(BaseSampler):
 
         Each worker announces its key and only then looks, so of two workers that chose one
         key at the same moment at least one sees the other and chooses again (both may: the
-        key is then simply left for later). Threads of one process are already serialised
-        by the sampler's lock and an in-memory storage has no other process: not read again.
+        key is then simply left for later). Threads of one process do the same, since the
+        sampler's lock is not held while a proposer works.
         """
-        if isinstance(study._storage, InMemoryStorage):
-            return False
         with self._lock:
             history = self._history(study, fresh=True)
             return key in history.finished_keys or any(
@@ -626,7 +631,8 @@ class EvolutionSampler(BaseSampler):
         drawn = sorted(self._rng.rng.choice(len(population), size=size, replace=False))
         return [population[int(i)] for i in drawn[: self.top_k]]
 
-    def _evolve(self, history, space, weights, seen, attrs) -> Candidate | None:
+    def _evolve(self, history, space, weights, seen) -> tuple[Candidate | None, ProposalContext]:
+        """Lines 5-8: tournament, then crossover (at ``crossover_prob``) or mutation."""
         parents = self._tournament(history.members())
         context = self._context(history, space, weights, seen, parents)
         child = None
@@ -634,10 +640,7 @@ class EvolutionSampler(BaseSampler):
             child = next(iter(self._crossover.propose(context)), None)
         if child is None:
             child = next(iter(self._mutation.propose(context)), None)
-        if self.proposer is None:
-            return child
-        rivals = self.proposer.propose(context)
-        return self._select(history.predictor, child, rivals, attrs)
+        return child, context
 
     def _select(self, predictor, child, rivals, attrs) -> Candidate | None:
         """Lines 11-15: keep the candidate rho predicts to score lower."""
@@ -664,7 +667,7 @@ class EvolutionSampler(BaseSampler):
         if unseen is not None:
             attrs["sampler_note"] = "random draws found nothing new; took an unseen spec"
             return Candidate(unseen, "random")
-        attrs["sampler_note"] = "every distiller in the space was seen; proposing a repeat"
+        attrs["sampler_note"] = _REPEAT_NOTE
         return Candidate(random_spec(weights, self._rng.rng), "random")
 
 

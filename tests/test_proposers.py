@@ -332,3 +332,16 @@ def test_a_study_with_the_llm_proposer_records_the_contest_and_survives_failures
     stored = json.dumps([[t.user_attrs, t.system_attrs] for t in study.trials], default=str)
     assert KEY not in stored
     assert len(chat.requests) == 12
+
+
+def test_threads_waiting_on_the_language_model_never_run_one_key_twice(chat):
+    good = [{**GOOD.to_params(), "magnitude": m} for m in (100, 50, 25, 10, 5, 1)]
+    chat.reply(good)
+    sampler = EvolutionSampler(
+        population_size=4, warm_start=False, seed=0, crossover_prob=0.0, proposer=llm(chat)
+    )
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: _score(suggest_distiller(t)), n_trials=24, n_jobs=3)
+    keys = [DistillerSpec.from_params(t.params).key for t in study.trials]
+    assert len(keys) == 24 and len(set(keys)) == 24
+    assert "llm" in {t.user_attrs["proposer"] for t in study.trials}
