@@ -197,16 +197,28 @@ class CrossoverProposer(Proposer):
 
 
 class RandomProposer(Proposer):
-    """A fresh spec, each gene drawn from the option weights in force (Algorithm 1's E)."""
+    """Fresh specs, each gene drawn from the option weights in force (Algorithm 1's E).
+
+    ``n_candidates`` distinct new specs are offered; the sampler's predictor keeps the one
+    it rates best, so more candidates lean harder on the predictor.
+    """
 
     name = "random"
 
+    def __init__(self, n_candidates: int = 1) -> None:
+        if n_candidates < 1:
+            raise ProposerConfigError(f"n_candidates must be at least 1, got {n_candidates}")
+        self.n_candidates = int(n_candidates)
+
     def propose(self, context: ProposalContext) -> list[Candidate]:
+        found: dict[str, Candidate] = {}
         for _ in range(context.max_tries):
             spec = random_spec(context.weights, context.rng)
-            if context.is_new(spec):
-                return [Candidate(spec, self.name)]
-        return []
+            if context.is_new(spec) and spec.key not in found:
+                found[spec.key] = Candidate(spec, self.name)
+                if len(found) == self.n_candidates:
+                    break
+        return list(found.values())
 
 
 _MAX_REPLY_BYTES = 1 << 20

@@ -345,3 +345,11 @@ def test_threads_waiting_on_the_language_model_never_run_one_key_twice(chat):
     keys = [DistillerSpec.from_params(t.params).key for t in study.trials]
     assert len(keys) == 24 and len(set(keys)) == 24
     assert "llm" in {t.user_attrs["proposer"] for t in study.trials}
+
+
+def test_random_proposer_offers_distinct_new_candidates():
+    candidates = RandomProposer(n_candidates=5).propose(context(seen={KD.key}))
+    keys = [c.spec.key for c in candidates]
+    assert len(keys) == 5 and len(set(keys)) == 5 and KD.key not in keys
+    with pytest.raises(ProposerConfigError):
+        RandomProposer(n_candidates=0)
