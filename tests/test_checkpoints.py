@@ -59,6 +59,7 @@ def test_zoo_uses_the_fields_parameter_names():
         "ShuffleV1": ["conv1.weight", "layer1.0.conv1.weight", "layer3.3.bn3.weight", "linear.weight"],
         "ShuffleV2": ["layer1.0.conv5.weight", "layer1.3.bn3.weight", "conv2.weight", "bn2.bias", "linear.bias"],
         "resnet8x4": ["layer1.0.downsample.0.weight", "layer3.0.bn2.weight", "fc.weight"],
+        "ResNet50": ["layer1.0.shortcut.0.weight", "layer4.2.conv3.weight", "layer4.2.bn3.bias", "linear.weight"],
     }
     for name, keys in expected.items():
         assert set(keys) <= set(build_model(name, 100).state_dict()), name

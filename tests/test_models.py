@@ -17,12 +17,13 @@ PUBLISHED_MILLIONS = {
     "wrn_40_2": 2.26,
     "vgg8": 3.96,
     "vgg13": 9.46,
+    "ResNet50": 23.71,
 }
 
 ZOO = [
     "resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
     "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2",
-    "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2",
+    "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet18", "ResNet50",
 ]
 
 

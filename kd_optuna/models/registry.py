@@ -1,7 +1,7 @@
 """One registry of model names: ``build_model(name, num_classes)`` and the tap nodes of each.
 
-Names follow RepDistiller / mdistiller for the CIFAR zoo (``resnet8`` .. ``ShuffleV2``;
-``mobile_half`` is an alias of ``MobileNetV2``), ``digits_teacher`` / ``digits_student`` for the
+Names follow RepDistiller / mdistiller for the CIFAR zoo (``resnet8`` .. ``ShuffleV2``, and the
+CIFAR-resolution ``ResNet18`` / ``ResNet50``; ``mobile_half`` is an alias of ``MobileNetV2``), ``digits_teacher`` / ``digits_student`` for the
 embedded task, torchvision's ImageNet ``resnet18/34/50`` and ``mobilenet_v2`` (random init), and
 ``vit_tiny_cifar`` (timm, optional).
 """
@@ -14,7 +14,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import KdOptunaError
-from . import digits, mobilenetv2, resnet, shufflenet, vgg, vit, wrn
+from . import digits, mobilenetv2, resnet, resnet_v2, shufflenet, vgg, vit, wrn
 
 
 class UnknownModel(KdOptunaError, KeyError):
@@ -68,6 +68,8 @@ _REGISTRY: dict[str, ModelEntry] = {
     "mobile_half": ModelEntry(mobilenetv2.mobilenet_v2_half, mobilenetv2.MobileNetV2.tap_nodes, _CIFAR),
     "ShuffleV1": ModelEntry(shufflenet.ShuffleNetV1, shufflenet.ShuffleNetV1.tap_nodes, _CIFAR),
     "ShuffleV2": ModelEntry(shufflenet.ShuffleNetV2, shufflenet.ShuffleNetV2.tap_nodes, _CIFAR),
+    "ResNet18": ModelEntry(resnet_v2.cifar_resnet18, resnet_v2.CifarResNetV2.tap_nodes, _CIFAR),
+    "ResNet50": ModelEntry(resnet_v2.cifar_resnet50, resnet_v2.CifarResNetV2.tap_nodes, _CIFAR),
     **{n: ModelEntry(_torchvision(n), _TV_RESNET, (3, 224, 224)) for n in ("resnet18", "resnet34", "resnet50")},
     "mobilenet_v2": ModelEntry(
         _torchvision("mobilenet_v2"), {"feat": "features", "emb": "flatten", "logit": "classifier"}, (3, 224, 224)
