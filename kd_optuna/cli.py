@@ -296,7 +296,7 @@ def correlate(config: str, n_candidates: int, device: str, fmt: str) -> None:
     loaded = load_config(config)
     loaded.check_files()
     task = Task.from_config(loaded, device=WorkerContext(0, 1, device).torch_device())
-    result = run(task, n_candidates=n_candidates)
+    result = run(task, n_candidates=n_candidates, progress=lambda line: click.echo(line, err=True))
     if fmt == "table":
         click.echo(format_table(result))
     else:

@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -37,6 +38,7 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from kd_optuna.config import StudyConfig
 from kd_optuna.errors import KdOptunaError
@@ -47,6 +49,7 @@ REASON_ATTR = "reject_reason"
 FAIL_REASON_ATTR = "fail_reason"
 MAX_CONSECUTIVE_FAILURES = 5
 POLL_S = 0.5
+DB_OUTAGE_S = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,60 +240,91 @@ def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
             interrupt.in_objective = False
     except KdOptunaError as exc:
         say(f"worker {args.context.index}: {exc}")
-        os._exit(2)
+        sys.exit(2)
     except KeyboardInterrupt:
-        os._exit(130)
+        sys.exit(130)
     except Exception as exc:
         say(f"worker {args.context.index} could not start: {exc.__class__.__name__}: {describe_error(exc, args.storage_url)}")
-        os._exit(1)
+        sys.exit(1)
     code = _loop(args, storage, study, objective, interrupt, host_lock, name, say, save_note)
     storage.engine.dispose()
-    os._exit(code)
+    sys.exit(code)
 
 
 def _loop(args, storage, study, objective, interrupt, host_lock, name, say, save_note) -> int:
+    """Trials until the target, the deadline or a signal; a database outage is waited out for
+    up to DB_OUTAGE_S seconds (the trial in flight, if any, is failed by the heartbeat)."""
     failures = 0
+    outage_since = None
     while not interrupt.stop and os.getppid() == args.parent_pid:
         if args.deadline is not None and time.time() >= args.deadline:
             return 0
-        with host_lock:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            counts = count_states(storage, study._study_id)
-            finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-            if finished >= args.n_trials:
-                return 0
-            trial = None
-            if finished + counts[TrialState.RUNNING] < args.n_trials:
-                trial = study.ask()
-        if trial is None:
-            time.sleep(POLL_S)
-            continue
-        state, value, error = _run_trial(storage, trial, objective, interrupt, name)
-        if state == TrialState.FAIL and error is not None and not interrupt.stop:
-            trial.set_user_attr(FAIL_REASON_ATTR, error[:500])
-            failures += 1
-            say(f"worker {args.context.index}: trial {trial.number} failed: {error}")
-        elif state != TrialState.FAIL:
-            failures = 0
-        if state != TrialState.FAIL:
-            try:
-                save_note(trial, trial_note(trial, state, value))
-            except Exception as exc:
-                say(f"worker {args.context.index}: dashboard note of trial {trial.number} not saved: {exc}")
         try:
-            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass
-        if storage.get_trial(trial._trial_id).state != state:
-            say(f"worker {args.context.index}: trial {trial.number} was failed by the heartbeat meanwhile; its retry runs it again")
+            trial, done = _next_trial(args, storage, study, host_lock)
+            if done:
+                return 0
+            if trial is None:
+                time.sleep(POLL_S)
+                continue
+            failed = _finish(args, storage, study, trial, objective, interrupt, name, say, save_note)
+            outage_since = None
+        except SQLAlchemyError as exc:
+            if outage_since is None:
+                outage_since = time.time()
+                say(f"worker {args.context.index}: database error, retrying: {describe_error(exc, args.storage_url)}")
+            if time.time() - outage_since > DB_OUTAGE_S:
+                say(f"worker {args.context.index}: database unreachable for {DB_OUTAGE_S} s; stopping")
+                return 1
+            time.sleep(2.0)
+            continue
         if interrupt.stop:
             return 130
+        failures = failures + 1 if failed else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
             say(f"worker {args.context.index}: stopping after {failures} failed trials in a row")
             return 1
     return 130 if interrupt.stop else 0
+
+
+def _next_trial(args, storage, study, host_lock):
+    """(trial or None, target reached): under the host lock, fail stale trials, count, ask."""
+    with host_lock:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        counts = count_states(storage, study._study_id)
+        finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+        if finished >= args.n_trials:
+            return None, True
+        if finished + counts[TrialState.RUNNING] < args.n_trials:
+            return study.ask(), False
+    return None, False
+
+
+def _finish(args, storage, study, trial, objective, interrupt, name, say, save_note) -> bool:
+    """Run one trial, note it, tell it; True when it failed for a reason other than a signal."""
+    state, value, error = _run_trial(storage, trial, objective, interrupt, name)
+    failed = state == TrialState.FAIL and not interrupt.stop
+    if failed:
+        reason = trial.user_attrs.get(FAIL_REASON_ATTR)
+        if reason is None:
+            reason = (error or "failed")[:500]
+            trial.set_user_attr(FAIL_REASON_ATTR, reason)
+        say(f"worker {args.context.index}: trial {trial.number} failed: {reason}")
+    if state != TrialState.FAIL:
+        try:
+            save_note(trial, trial_note(trial, state, value))
+        except SQLAlchemyError:
+            raise
+        except Exception as exc:
+            say(f"worker {args.context.index}: dashboard note of trial {trial.number} not saved: {exc}")
+    try:
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
+    if storage.get_trial(trial._trial_id).state != state:
+        say(f"worker {args.context.index}: trial {trial.number} was failed by the heartbeat meanwhile; its retry runs it again")
+    return failed
 
 
 def _run_trial(storage, trial, objective, interrupt, name):
@@ -380,6 +414,8 @@ def optimize(
         _update_bar(bar, study)
         if bar is not None:
             bar.close()
+    messages.close()
+    messages.join_thread()
     summary = summarize(study)
     summary.interrupted = interrupted or any(p.exitcode == 130 for p in processes)
     summary.worker_errors = errors
@@ -396,17 +432,23 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _update_bar(bar, study: optuna.Study) -> None:
+    """Show finished trials, rejected, failed, the best score and formula; redraw on a change
+    (or every 10 s, for the elapsed time)."""
     if bar is None:
         return
     try:
         summary = summarize(study)
     except Exception:  # a busy database: the next poll shows it
         return
-    bar.n = min(summary.finished, bar.total)
     best = "-" if summary.best_value is None else f"{summary.best_value:.4g}"
-    formula = summary.best_formula or "-"
-    bar.set_postfix_str(f"rejected={summary.rejected} failed={summary.failed} best={best} {formula}", refresh=False)
-    bar.refresh()
+    postfix = f"rejected={summary.rejected} failed={summary.failed} best={best} {summary.best_formula or '-'}"
+    shown = (min(summary.finished, bar.total), postfix)
+    last = getattr(bar, "_kd_shown", (None, None, 0.0))
+    if shown != last[:2] or time.time() - last[2] > 10:
+        bar.n = shown[0]
+        bar.set_postfix_str(postfix, refresh=False)
+        bar.refresh()
+        bar._kd_shown = (*shown, time.time())
 
 
 def _drain(messages, errors: list[str], bar) -> None:
