@@ -152,7 +152,16 @@ def test_torchvision_models_are_recognised_without_a_name():
     assert knowledge_shapes(tapped, (3, 64, 64)) == {"feat": (512, 2, 2), "emb": (512,), "logit": (3,)}
 
 
+def test_timm_cnn_with_user_nodes():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=3).eval()
+    tapped = tap_model(model, nodes={"feat": "layer4", "emb": "global_pool", "logit": "fc"})
+    assert tapped.mechanism == "fx"
+    assert knowledge_shapes(tapped, (3, 64, 64)) == {"feat": (512, 2, 2), "emb": (512,), "logit": (3,)}
+
+
 def test_vit_student_distils_logits_and_embeddings_from_a_cnn_teacher():
+    pytest.importorskip("timm")
     torch.manual_seed(0)
     teacher = tap_model(build_model("resnet8", 10).eval(), "resnet8")
     student = tap_model(build_model("vit_tiny_cifar", 10, depth=2), "vit_tiny_cifar")
