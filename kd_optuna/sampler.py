@@ -17,8 +17,9 @@ processes on one storage cooperate without talking to each other:
   predictor keep the mutated child.
 - **never again**: a key that is COMPLETE, PRUNED (rejected), FAILED, RUNNING or WAITING is
   never proposed; only COMPLETE trials are parents. A worker announces its child's key in the
-  system attr ``kd_optuna:proposed_key`` before the params are written, so workers starting
-  at the same moment rarely collide.
+  system attr ``kd_optuna:proposed_key``, then re-reads the storage and chooses again if
+  another trial has that key (up to 4 rounds), so two workers (or threads) that chose the
+  same key at the same moment do not both run it: of the two, at least one sees the other.
 - **shrinkage**: once ``shrink_after`` trials have completed, the option weights follow
   :meth:`EvolutionSampler.space_weights`, a pure function of the trial list (see there).
 
@@ -34,7 +35,13 @@ change, so each is read once: the cache holds the index of the first unfinished 
 the frontier (the RUNNING/WAITING trials plus those finished since the last call). Population,
 option counts and the predictor are updated per absorbed trial (O(P + 8)); weights are
 recomputed only when a trial was absorbed. What remains proportional to the study size is
-Optuna's own ``study._get_trials(deepcopy=False, use_cache=True)``, read once per trial.
+listing the trials (Optuna's ``study._get_trials(deepcopy=False, use_cache=True)`` and one
+fresh ``get_all_trials`` for the claim check), which any sampler reading the history pays.
+
+The relative search space is the eight genes with the options of ``space``. Optuna requires
+them to equal the choices the objective passes to ``suggest_categorical``, so an objective
+that narrows the space needs the sampler built with the same ``space`` (as the study config
+does). Params outside the genes are sampled by Optuna's RandomSampler.
 """
 
 from __future__ import annotations
