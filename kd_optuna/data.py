@@ -11,7 +11,7 @@ seeded and class-balanced; proxy training never touches it) and ``test``.
 - ``digits_hard``: the same images and splits, made harder once and for all (independently of
   ``seed``, by a generator seeded with ``HARD_DIGITS_SEED``): Gaussian pixel noise of std 0.2
   and one 4x4 square set to 0 at a random place, both in [0, 1] pixel units before
-  normalisation. The digits teacher reaches about 93% there instead of 99.7%, which leaves
+  normalisation. The digits teacher reaches about 90% there instead of 99.7%, which leaves
   distillers room to differ.
 - ``cifar10`` / ``cifar100``: torchvision's datasets from ``root`` (the folder holding
   ``cifar-10-batches-py`` / ``cifar-100-python``); downloaded only with ``download=True``.
