@@ -332,25 +332,36 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_worker_processes_share_one_sqlite_study(tmp_path):
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
+def _run_workers(storage: str, n_workers: int, n_trials: int) -> list:
     optuna.create_study(study_name="s", storage=storage)
     workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, storage, "15"], cwd=REPO)
-        for _ in range(3)
+        subprocess.Popen([sys.executable, "-c", WORKER, storage, str(n_trials)], cwd=REPO)
+        for _ in range(n_workers)
     ]
-    assert all(w.wait(timeout=300) == 0 for w in workers)
+    assert all(w.wait(timeout=600) == 0 for w in workers)
     trials = optuna.load_study(study_name="s", storage=storage).trials
-    assert len(trials) == 45 and all(t.state == TrialState.COMPLETE for t in trials)
+    total = n_workers * n_trials
+    assert len(trials) == total and all(t.state == TrialState.COMPLETE for t in trials)
     keys = [key_of(t) for t in trials]
-    duplicates = len(keys) - len(set(keys))
-    print(f"duplicate keys among 45 trials of 3 workers: {duplicates}")
-    assert duplicates == 0
-    proposers = {t.user_attrs["proposer"] for t in trials}
-    assert {"classic", "mutation"} <= proposers
+    print(f"duplicate keys among {total} trials of {n_workers} workers: {len(keys) - len(set(keys))}")
+    assert len(set(keys)) == total
+    assert {"classic", "mutation"} <= {t.user_attrs["proposer"] for t in trials}
     numbers = {t.number for t in trials}
     assert all(t.user_attrs["parent"] in numbers | {None} for t in trials)
+    return trials
+
+
+@pytest.mark.slow
+def test_worker_processes_share_one_sqlite_study(tmp_path):
+    _run_workers(f"sqlite:///{tmp_path / 'study.db'}", n_workers=3, n_trials=15)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_four_worker_processes_share_one_postgres_study(pg_url):
+    from kd_optuna.storage import resolve_url
+
+    _run_workers(resolve_url(pg_url), n_workers=4, n_trials=10)
 
 
 def test_genes_fixed_by_an_enqueued_trial_shape_the_child_and_its_lineage():
