@@ -1,7 +1,8 @@
 """How long it takes to propose one distiller as a study grows: Evolution vs TPE vs Random.
 
 For each study size N (completed trials with random distiller params and scores, 5% of them
-rejected), each storage (in memory, SQLite file) and each sampler, it times ``repeats``
+rejected), each storage (in memory; a SQLite file opened as the project opens it, WAL
+journal and synchronous=NORMAL, no heartbeat) and each sampler, it times ``repeats``
 proposals after one untimed warm-up proposal:
 
 - ``sampler``: time spent inside the sampler's own methods (``infer_relative_search_space``,
@@ -38,6 +39,7 @@ from optuna.trial import TrialState
 
 from kd_optuna.sampler import EvolutionSampler
 from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
+from kd_optuna.storage import open_storage
 
 SPACE = SearchSpace()
 DISTRIBUTIONS = {g: CategoricalDistribution(list(SPACE[g])) for g in GENES}
@@ -145,10 +147,16 @@ def memory_study(trials, sampler):
     return study
 
 
+def sqlite_storage(path: str) -> optuna.storages.BaseStorage:
+    """The project's SQLite storage (WAL, synchronous=NORMAL), without a heartbeat."""
+    return open_storage(f"sqlite:///{path}", heartbeat_interval=None)
+
+
 def sqlite_template(trials, directory: str, n: int) -> str:
     path = os.path.join(directory, f"template-{n}.db")
-    study = optuna.create_study(study_name="bench", storage=f"sqlite:///{path}")
-    study.add_trials(trials)
+    storage = sqlite_storage(path)
+    optuna.create_study(study_name="bench", storage=storage).add_trials(trials)
+    storage.engine.dispose()
     return path
 
 
@@ -178,9 +186,11 @@ def main() -> None:
                         study = memory_study(trials, timed)
                     else:
                         path = os.path.join(directory, f"{name}-{n}.db")
-                        shutil.copy(template, path)
+                        for suffix in ("", "-wal", "-shm"):
+                            if os.path.exists(template + suffix):
+                                shutil.copy(template + suffix, path + suffix)
                         study = optuna.load_study(
-                            study_name="bench", storage=f"sqlite:///{path}", sampler=timed
+                            study_name="bench", storage=sqlite_storage(path), sampler=timed
                         )
                     result = measure(study, timed, args.repeats)
                     print(f"| {storage:7} | {n:5d} | {name:9} | {result['sampler']:10.2f} | "
