@@ -10,6 +10,7 @@ split's, and its metadata also records the validation accuracy and the split see
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_model, save_checkpoint
+from .errors import KdOptunaError
 from .data import load_dataset
 from .models import build_model
 from .training import default_device, evaluate, train_classifier
@@ -65,6 +67,10 @@ def train_teacher(
     """Train ``model_name`` on ``dataset`` with its recipe (``overrides`` replace recipe entries
     and reach ``train_classifier``: epochs, lr, bf16, channels_last, num_threads, ...), evaluate
     it on the test split and save a checkpoint at ``out_path``."""
+    allowed = set(inspect.signature(train_classifier).parameters) - {"model", "train_data", "device", "seed", "progress"}
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise KdOptunaError(f"unknown teacher training setting(s) {', '.join(unknown)}; use: {', '.join(sorted(allowed))}")
     splits = load_dataset(dataset, root=root, download=download, seed=seed)
     device = default_device(device)
     recipe = {**RECIPES[dataset], **overrides}

@@ -145,3 +145,8 @@ def test_load_or_train_teacher_trains_once_then_loads(tmp_path):
     assert not again.training
     with pytest.raises(KdOptunaError, match="trained on digits"):
         load_or_train_teacher("digits_hard", "digits_student", path, device="cpu")
+
+
+def test_unknown_recipe_override_is_a_user_error(tmp_path):
+    with pytest.raises(KdOptunaError, match="epochz"):
+        train_teacher("digits", "digits_student", tmp_path / "t.pt", epochz=3)
