@@ -336,10 +336,19 @@ class LLMProposer(Proposer):
         return f"LLMProposer(url={_host_of(self.url)!r}, model={self.model!r})"
 
     def __getstate__(self) -> dict[str, Any]:
-        # A pickled sampler (a worker process) re-reads the key from its own environment.
+        # A pickle may reach a file or another process: the key stays out of it and the
+        # unpickled proposer reads KD_OPTUNA_LLM_API_KEY from its own environment.
         state = dict(self.__dict__)
         state["_api_key"] = None
         return state
+
+    def __copy__(self) -> "LLMProposer":
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "LLMProposer":
+        return self.__copy__()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

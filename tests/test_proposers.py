@@ -353,3 +353,17 @@ def test_random_proposer_offers_distinct_new_candidates():
     assert len(keys) == 5 and len(set(keys)) == 5 and KD.key not in keys
     with pytest.raises(ProposerConfigError):
         RandomProposer(n_candidates=0)
+
+
+def test_a_pickled_llm_proposer_holds_no_key_and_a_copy_keeps_it(monkeypatch):
+    import copy
+    import pickle
+
+    monkeypatch.delenv("KD_OPTUNA_LLM_API_KEY", raising=False)
+    proposer = LLMProposer("http://127.0.0.1:1/v1", "m", KEY)
+    data = pickle.dumps(EvolutionSampler(proposer=proposer))
+    assert KEY.encode() not in data
+    assert pickle.loads(data).proposer._api_key is None
+    monkeypatch.setenv("KD_OPTUNA_LLM_API_KEY", "from-env")
+    assert pickle.loads(data).proposer._api_key == "from-env"
+    assert copy.deepcopy(proposer)._api_key == KEY
