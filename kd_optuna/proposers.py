@@ -210,6 +210,9 @@ class RandomProposer(Proposer):
             raise ProposerConfigError(f"n_candidates must be at least 1, got {n_candidates}")
         self.n_candidates = int(n_candidates)
 
+    def __repr__(self) -> str:
+        return f"RandomProposer(n_candidates={self.n_candidates})"
+
     def propose(self, context: ProposalContext) -> list[Candidate]:
         found: dict[str, Candidate] = {}
         for _ in range(context.max_tries):
