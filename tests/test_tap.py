@@ -181,6 +181,19 @@ def test_vit_student_distils_logits_and_embeddings_from_a_cnn_teacher():
     assert grad is not None and grad.abs().sum() > 0
 
 
+def test_a_timm_vit_is_recognised_and_its_tokens_become_a_grid():
+    timm = pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=10)
+    assert knowledge_shapes(tap_model(model), (1, 16, 16)) == {"feat": (32, 4, 4), "emb": (32,), "logit": (10,)}
+    x = torch.randn(2, 1, 16, 16)
+    out = tap_model(model, nodes={"feat": "blocks.0", "emb": "fc_norm", "logit": "head"})(x)
+    assert out["feat"].shape == (2, 32, 4, 4)
+    patches = tap_model(model, nodes={"feat": "patch_embed", "emb": "fc_norm", "logit": "head"})(x)["feat"]
+    torch.testing.assert_close(patches, model.patch_embed.proj(x), msg="grid keeps each patch at its place")
+
+
 def test_vit_without_timm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)
     with pytest.raises(MissingExtra, match="pip install timm"):

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import KdOptunaError
 from .registry import model_entry
+from .vit import tokens_to_map
 
 KNOWLEDGE = ("feat", "emb", "logit")
 
@@ -32,10 +33,16 @@ class TapError(KdOptunaError, ValueError):
     """Tap node names that the model's graph does not have, or a model with no known nodes."""
 
 
+def _is_timm_vit(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "norm", "head"))
+
+
 def _default_nodes(model: nn.Module) -> dict[str, str] | None:
     nodes = getattr(model, "tap_nodes", None)
     if nodes is not None:
         return dict(nodes)
+    if _is_timm_vit(model):
+        return {"feat": "norm", "emb": "fc_norm", "logit": "head"}
     import torchvision
 
     if isinstance(model, torchvision.models.ResNet):
@@ -141,8 +148,9 @@ def tap_model(model: nn.Module, name: str | None = None, nodes: Mapping[str, str
     """Wrap ``model`` so that one forward pass returns ``{feat, emb, logit}``.
 
     Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
-    the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 are
-    recognised). ``nodes`` needs the keys feat, emb, logit; values are torch.fx node names as
+    the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 and timm
+    Vision Transformers are recognised). On a timm ViT, a token ``feat`` (N, P + h*w, D) becomes
+    the patch grid (N, D, h, w). ``nodes`` needs the keys feat, emb, logit; values are torch.fx node names as
     listed by ``torchvision.models.feature_extraction.get_graph_node_names`` (a module path
     names the last node inside it). A wrong name raises TapError listing the available nodes.
     """
@@ -154,6 +162,8 @@ def tap_model(model: nn.Module, name: str | None = None, nodes: Mapping[str, str
             feat_transform = entry.feat_transform(model)
     if nodes is None:
         nodes = _default_nodes(model)
+    if feat_transform is None and _is_timm_vit(model):
+        feat_transform = tokens_to_map(int(model.num_prefix_tokens))
     if nodes is None:
         raise TapError(
             f"no known tap nodes for {type(model).__name__}: pass nodes={{'feat': ..., 'emb': ..., "

@@ -39,16 +39,18 @@ def vit_tiny_cifar(num_classes: int = 100, **kwargs) -> nn.Module:
 
 
 def tokens_to_map(prefix_tokens: int):
-    """(N, P + L, D) tokens -> (N, D, h, w) patch grid, dropping the P prefix (class) tokens;
-    L must be a square h * w, otherwise the tokens are returned unchanged as (N, P + L, D)."""
+    """(N, P + h*w, D) tokens -> (N, D, h, w) patch grid in timm's row-major patch order,
+    dropping the P prefix (class) tokens; a node without prefix tokens, (N, h*w, D), is
+    reshaped as it is. Tokens that form no square grid are returned unchanged."""
 
     def convert(tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 3:
             return tokens
-        patches = tokens[:, prefix_tokens:]
-        side = math.isqrt(patches.shape[1])
-        if side * side != patches.shape[1]:
-            return tokens
-        return patches.transpose(1, 2).unflatten(2, (side, side))
+        count = tokens.shape[1]
+        for drop in (prefix_tokens, 0):
+            side = math.isqrt(max(count - drop, 0))
+            if side > 0 and side * side == count - drop:
+                return tokens[:, drop:].transpose(1, 2).unflatten(2, (side, side))
+        return tokens
 
     return convert
