@@ -119,10 +119,7 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, device, heartbea
         heartbeat_interval=heartbeat, progress=progress,
     )
     best = "none yet" if summary.best_value is None else f"trial {summary.best_number}, score {summary.best_value:.5g}: {summary.best_formula}"
-    click.echo(
-        f"{summary.finished} finished ({summary.complete} complete, {summary.rejected} rejected), "
-        f"{summary.failed} failed; best: {best}"
-    )
+    click.echo(f"{summary.describe()}; best: {best}")
     if summary.interrupted:
         click.echo("interrupted; run the same command to resume", err=True)
         sys.exit(130)

@@ -44,9 +44,7 @@ def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: fl
     target = already + n_trials
     click.echo(f"3/4 search: 2 workers, up to {n_trials} more trials or {timeout:.0f} s (Ctrl-C stops cleanly)")
     summary = optimize(storage, STUDY, target, n_workers=2, timeout=timeout)
-    click.echo(
-        f"    {summary.finished} finished ({summary.complete} complete, {summary.rejected} rejected), {summary.failed} failed"
-    )
+    click.echo(f"    {summary.describe()}")
     if summary.complete == 0:
         click.echo("no distiller completed; see `kd-optuna trials` for the reasons", err=True)
         return 1

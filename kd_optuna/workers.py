@@ -109,6 +109,13 @@ class Summary:
     def finished(self) -> int:
         return self.complete + self.pruned
 
+    def describe(self) -> str:
+        """e.g. ``40 finished (31 complete, 7 rejected, 2 pruned early), 0 failed``."""
+        return (
+            f"{self.finished} finished ({self.complete} complete, {self.rejected} rejected, "
+            f"{self.pruned - self.rejected} pruned early), {self.failed} failed"
+        )
+
 
 def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[TrialState, int]:
     """Trials of the study per state, by one aggregate query."""
@@ -234,10 +241,9 @@ def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
         config = study_config(study)
         seed = config.search.get("seed")
         study.sampler = config.make_sampler(None if seed is None else seed + args.context.index)
-        with host_lock:
-            interrupt.in_objective = True
-            objective = args.objective_factory(config, args.context)
-            interrupt.in_objective = False
+        interrupt.in_objective = True  # building the task may train a teacher: Ctrl-C must reach it
+        objective = args.objective_factory(config, args.context)
+        interrupt.in_objective = False
     except KdOptunaError as exc:
         say(f"worker {args.context.index}: {exc}")
         sys.exit(2)

@@ -27,12 +27,18 @@ def _check_recorded_once(study, n_trials):
 
 
 @pytest.mark.slow
-def test_four_workers_record_every_trial_exactly_once(pg_url):
+def test_four_workers_record_every_trial_exactly_once(pg_server, pg_url, capfd):
     study = create_kd_study(pg_url)
-    summary = optimize(pg_url, "s", 40, n_workers=4, objective_factory=TrivialObjective(sleep_s=0.05), progress=False)
+    summary = optimize(pg_url, "s", 40, n_workers=4, objective_factory=TrivialObjective(sleep_s=0.05), progress=True)
     assert summary.finished == 40 and summary.failed == 0
     _check_recorded_once(study, 40)
-    assert len({t.user_attrs["worker"] for t in study.get_trials(deepcopy=False)}) == 4
+    trials = study.get_trials(deepcopy=False)
+    assert len({t.user_attrs["worker"] for t in trials}) == 4
+    out, err = capfd.readouterr()
+    stored = repr([(t.user_attrs, t.system_attrs) for t in trials]) + repr(study.user_attrs)
+    stored += repr(study._storage.get_study_system_attrs(study._study_id))
+    assert "40/40" in err
+    assert pg_server.password not in out + err + stored
 
 
 @pytest.mark.slow
