@@ -16,7 +16,7 @@ all methods alike. A method's time is
 the median over repeats, its ratio is median(method) / median(KD); the range shown is the
 min-max of the per-repeat paired ratios. Random inputs: the time does not depend on the data.
 
-    python benchmarks/batch_time.py               # CPU: ~5 min on 2 cores, 5 repeats x 1 step
+    python benchmarks/batch_time.py               # CPU, 1 thread: 5 repeats x 1 step, ~5 min
     python benchmarks/batch_time.py --quick       # smoke run: resnet20 only, 2 repeats
     python benchmarks/batch_time.py --searched best_spec.json --json out.json
 """
@@ -74,6 +74,24 @@ def _tapped(name: str, device: torch.device) -> nn.Module:
     return tap_model(build_model(name, NUM_CLASSES), name).to(device)
 
 
+@torch.no_grad()
+def _settle_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
+    """Give an untrained network the BN statistics of a batch, then put it in eval mode.
+
+    A randomly initialised deep ResNet in eval mode (running mean 0, variance 1) grows its
+    activations about 2x per residual block, and resnet110's features overflow the loss's
+    1e12 guard; a trained teacher's statistics keep them at the scale this one-batch average
+    gives.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    model(images)
+    model.eval()
+
+
 def _distillation_step(student, teacher, distiller, batch, needs_index: bool) -> Callable[[], None]:
     images, labels, index = batch
     optimizer = _sgd(list(student.parameters()) + list(distiller.parameters()))
@@ -118,6 +136,7 @@ def build_methods(
     teacher = _tapped(PAIRS[student_name], device)
     for p in teacher.parameters():
         p.requires_grad_(False)
+    _settle_batchnorm(teacher, batch[0])
     probe = _tapped(student_name, device)
     s_shapes = knowledge_shapes(probe, INPUT_SHAPE)
     t_shapes = knowledge_shapes(teacher, INPUT_SHAPE)
@@ -161,24 +180,37 @@ def _synchronise(device: torch.device) -> None:
 
 def time_methods(
     methods: list[Method], device: torch.device, repeats: int, steps: int, warmup: int, seed: int
-) -> dict[str, list[float]]:
-    """Seconds per batch of each method in each repeat; methods interleaved in random order."""
+) -> tuple[dict[str, list[float]], list[str]]:
+    """Seconds per batch of each method in each repeat, methods interleaved in random order,
+    and a note for each method dropped because a step raised (a loss guard, say)."""
     order = random.Random(seed)
-    for method in methods:
-        for _ in range(warmup):
-            method.step()
     times: dict[str, list[float]] = {m.name: [] for m in methods}
+    notes: list[str] = []
+    live = list(methods)
+
+    def run(method: Method, count: int) -> bool:
+        try:
+            for _ in range(count):
+                method.step()
+        except KdOptunaError as exc:
+            notes.append(f"{method.name}: dropped, a step raised {type(exc).__name__}: {exc}")
+            live.remove(method)
+            del times[method.name]
+            return False
+        return True
+
+    for method in list(live):
+        run(method, warmup)
     for _ in range(repeats):
-        shuffled = methods[:]
+        shuffled = live[:]
         order.shuffle(shuffled)
         for method in shuffled:
             _synchronise(device)
             start = time.perf_counter()
-            for _ in range(steps):
-                method.step()
-            _synchronise(device)
-            times[method.name].append((time.perf_counter() - start) / steps)
-    return times
+            if run(method, steps):
+                _synchronise(device)
+                times[method.name].append((time.perf_counter() - start) / steps)
+    return times, notes
 
 
 def summarise(student: str, times: dict[str, list[float]]) -> list[dict]:
@@ -246,7 +278,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--searched", metavar="SPEC_JSON", help="a DistillerSpec as a JSON file or text")
     parser.add_argument("--no-classics", action="store_true", help="skip the classic specs but kd")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: on a shared machine more threads oversubscribe the cores "
+        "and one batch can take 6x longer, as measured on the 2-core machine of BENCHMARKS.md)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the machine as JSON")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet20, batch 16, 2 repeats")
@@ -260,9 +296,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     repeats = args.repeats or (20 if gpu else 5)
     steps = args.steps or (10 if gpu else 1)
@@ -287,8 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
         index = torch.randint(0, CIFAR100_TRAIN, (args.batch_size,), device=device)
         methods, skipped = build_methods(student, device, (images, labels, index), searched, not args.no_classics)
-        notes += skipped
-        times = time_methods(methods, device, repeats, steps, args.warmup, args.seed)
+        times, dropped = time_methods(methods, device, repeats, steps, args.warmup, args.seed)
+        notes += skipped + [f"{student} {note}" for note in dropped]
+        if "kd" not in times:
+            notes.append(f"{student}: no ratios, KD itself could not be timed")
+            continue
         student_rows = summarise(student, times)
         rows += student_rows
         print(markdown(student_rows), flush=True)

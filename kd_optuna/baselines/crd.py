@@ -17,7 +17,9 @@ After the scores are taken, a training-mode forward updates the bank rows at the
 indices with momentum m = 0.5: M[i] <- normalise(m M[i] + (1 - m) g_i).
 
 The defaults (16384 negatives, weight 0.8) are CRD's on CIFAR-100; ``num_data`` is the size of
-the training set the indices come from.
+the training set the indices come from. One difference from the authors' CIFAR loader, which
+draws negatives among samples of other classes: here they are drawn uniformly among all other
+samples, so the loss needs no labels of the whole training set.
 """
 
 from __future__ import annotations
