@@ -19,7 +19,7 @@ def input_shape(name):
     return CNN_INPUTS.get(name, (3, 32, 32))
 
 
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "vit_tiny_cifar"])
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n not in ("vit_tiny_cifar", "deit_tiny")])
 def test_every_registered_model_taps_to_feature_map_embedding_and_logits(name):
     with torch.device("meta"):
         model = build_model(name, num_classes=5)
@@ -192,6 +192,17 @@ def test_a_timm_vit_is_recognised_and_its_tokens_become_a_grid():
     assert out["feat"].shape == (2, 32, 4, 4)
     patches = tap_model(model, nodes={"feat": "patch_embed", "emb": "fc_norm", "logit": "head"})(x)["feat"]
     torch.testing.assert_close(patches, model.patch_embed.proj(x), msg="grid keeps each patch at its place")
+
+
+def test_input_size_lets_a_cifar_teacher_read_larger_images():
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10).eval()
+    tapped = tap_model(teacher, "resnet8", input_size=32)
+    big = torch.nn.functional.interpolate(torch.randn(2, 3, 32, 32), size=64, mode="nearest")
+    assert knowledge_shapes(tapped, (3, 64, 64)) == {"feat": (64, 8, 8), "emb": (64,), "logit": (10,)}
+    with torch.no_grad():
+        resized = torch.nn.functional.interpolate(big, size=(32, 32), mode="bilinear", antialias=True)
+        torch.testing.assert_close(tapped(big)["logit"], teacher(resized))
 
 
 def test_vit_without_timm_is_a_clear_error(monkeypatch):

@@ -3,7 +3,7 @@
 Names follow RepDistiller / mdistiller for the CIFAR zoo (``resnet8`` .. ``ShuffleV2``, and the
 CIFAR-resolution ``ResNet18`` / ``ResNet50``; ``mobile_half`` is an alias of ``MobileNetV2``), ``digits_teacher`` / ``digits_student`` for the
 embedded task, torchvision's ImageNet ``resnet18/34/50`` and ``mobilenet_v2`` (random init), and
-``vit_tiny_cifar`` (timm, optional).
+``vit_tiny_cifar`` / ``deit_tiny`` (timm, optional).
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ _REGISTRY: dict[str, ModelEntry] = {
         vit.vit_tiny_cifar,
         {"feat": "norm", "emb": "fc_norm", "logit": "head"},
         _CIFAR,
+        feat_transform=lambda model: vit.tokens_to_map(getattr(model, "num_prefix_tokens", 1)),
+    ),
+    "deit_tiny": ModelEntry(
+        vit.deit_tiny,
+        {"feat": "norm", "emb": "fc_norm", "logit": "head"},
+        (3, 224, 224),
         feat_transform=lambda model: vit.tokens_to_map(getattr(model, "num_prefix_tokens", 1)),
     ),
 }

@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import KdOptunaError
 from .registry import model_entry
@@ -114,11 +115,13 @@ class TappedModel(nn.Module):
         extractor: nn.Module,
         feat_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
         mechanism: str = "fx",
+        input_size: tuple[int, int] | None = None,
     ):
         super().__init__()
         self.model = model
         self.nodes = dict(nodes)
         self.mechanism = mechanism
+        self.input_size = input_size
         object.__setattr__(self, "_extractor", extractor)
         object.__setattr__(self, "_feat_transform", feat_transform)
 
@@ -135,6 +138,8 @@ class TappedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self._extractor.training != self.model.training:
             self._extractor.train(self.model.training)
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
         raw = self._extractor(x)
         out = {k: raw[self.nodes[k]] for k in KNOWLEDGE}
         if self._feat_transform is not None:
@@ -144,7 +149,13 @@ class TappedModel(nn.Module):
         return out
 
 
-def tap_model(model: nn.Module, name: str | None = None, nodes: Mapping[str, str] | None = None) -> TappedModel:
+def tap_model(
+    model: nn.Module,
+    name: str | None = None,
+    nodes: Mapping[str, str] | None = None,
+    *,
+    input_size: int | tuple[int, int] | None = None,
+) -> TappedModel:
     """Wrap ``model`` so that one forward pass returns ``{feat, emb, logit}``.
 
     Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
@@ -153,7 +164,11 @@ def tap_model(model: nn.Module, name: str | None = None, nodes: Mapping[str, str
     the patch grid (N, D, h, w). ``nodes`` needs the keys feat, emb, logit; values are torch.fx node names as
     listed by ``torchvision.models.feature_extraction.get_graph_node_names`` (a module path
     names the last node inside it). A wrong name raises TapError listing the available nodes.
+    ``input_size`` resizes inputs (bilinear, antialiased) to that (H, W) before the model, so a
+    32x32 CIFAR teacher can sit beside a 224x224 ViT student (seed F.3).
     """
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
     feat_transform = None
     if nodes is None and name is not None:
         entry = model_entry(name)
@@ -185,7 +200,8 @@ def tap_model(model: nn.Module, name: str | None = None, nodes: Mapping[str, str
         extractor, mechanism = _HookExtractor(model, node_names), "hooks"
     except Exception:
         extractor, mechanism = _HookExtractor(model, node_names), "hooks"
-    return TappedModel(model, {k: nodes[k] for k in KNOWLEDGE}, extractor, feat_transform, mechanism)
+    nodes = {k: nodes[k] for k in KNOWLEDGE}
+    return TappedModel(model, nodes, extractor, feat_transform, mechanism, tuple(input_size) if input_size else None)
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@
 patch 4 on 32x32 images -> 64 patch tokens + 1 class token; depth 12 (5.4M parameters for 100
 classes). Keyword arguments go to timm's ``VisionTransformer`` (``depth``, ``embed_dim``,
 ``img_size``, ``in_chans``, ...), so smaller students or other inputs are one call away.
+``deit_tiny``: the same at 224x224 with patch 16, as seed F.3 trains it beside a CIFAR teacher
+(tap that teacher with ``input_size=32``).
 
 Tapped with torch.fx like every model: feat = output of the final ``norm`` (N, 1 + L, D),
 given to users as the patch-token grid (N, D, h, w) with the class token dropped (see
@@ -36,6 +38,13 @@ def vit_tiny_cifar(num_classes: int = 100, **kwargs) -> nn.Module:
     settings = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0)
     settings.update(kwargs)
     return _timm_vision_transformer()(num_classes=num_classes, **settings)
+
+
+def deit_tiny(num_classes: int = 100, **kwargs) -> nn.Module:
+    """DeiT-Ti proper: 224x224 inputs, patch 16 (196 patch tokens), embed 192, depth 12, 3 heads."""
+    settings = dict(img_size=224, patch_size=16)
+    settings.update(kwargs)
+    return vit_tiny_cifar(num_classes, **settings)
 
 
 def tokens_to_map(prefix_tokens: int):
