@@ -9,6 +9,7 @@ from kd_optuna.checkpoints import load_model
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.teachers import load_or_train_teacher, train_teacher
 from kd_optuna.training import default_device, evaluate, lr_factor, train_classifier
+from test_data import tiny_cifar100  # noqa: F401  (fixture)
 
 
 def separable(n=256, seed=0):
@@ -150,3 +151,11 @@ def test_load_or_train_teacher_trains_once_then_loads(tmp_path):
 def test_unknown_recipe_override_is_a_user_error(tmp_path):
     with pytest.raises(KdOptunaError, match="epochz"):
         train_teacher("digits", "digits_student", tmp_path / "t.pt", epochz=3)
+
+
+def test_cifar_teacher_trains_through_the_augmenting_loader(tiny_cifar100, tmp_path):
+    report = train_teacher("cifar100", "resnet8", tmp_path / "r8.pt", root=tiny_cifar100, epochs=1,
+                           batch_size=8, num_workers=0, progress=False, device="cpu")
+    model, meta = load_model(report.path)
+    assert meta["dataset"] == "cifar100" and meta["num_classes"] == 5 and model.fc.out_features == 5
+    assert 0.0 <= report.test_accuracy <= 1.0
