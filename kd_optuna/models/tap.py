@@ -53,15 +53,18 @@ def _default_nodes(model: nn.Module) -> dict[str, str] | None:
     return None
 
 
-def _available_nodes(model: nn.Module) -> str:
+def _graph_nodes(model: nn.Module) -> list[str]:
     from torchvision.models.feature_extraction import get_graph_node_names
 
     try:
-        _, names = get_graph_node_names(model)
+        return get_graph_node_names(model)[1]
     except Exception:
-        names = [n for n, _ in model.named_modules() if n]
-    top = [n for n in names if "." not in n]
-    return f"top-level nodes: {', '.join(top)}; last nodes: {', '.join(names[-8:])}"
+        return [n for n, _ in model.named_modules() if n]
+
+
+def _available_nodes(names: list[str]) -> str:
+    top = list(dict.fromkeys(n.split(".")[0] for n in names))
+    return f"top-level nodes and modules: {', '.join(top)}; last nodes: {', '.join(names[-8:])}"
 
 
 def _fx_extractor(model: nn.Module, node_names: list[str]) -> nn.Module:
@@ -160,10 +163,11 @@ def tap_model(
 
     Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
     the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 and timm
-    Vision Transformers are recognised). On a timm ViT, a token ``feat`` (N, P + h*w, D) becomes
-    the patch grid (N, D, h, w). ``nodes`` needs the keys feat, emb, logit; values are torch.fx node names as
-    listed by ``torchvision.models.feature_extraction.get_graph_node_names`` (a module path
-    names the last node inside it). A wrong name raises TapError listing the available nodes.
+    Vision Transformers are recognised). ``nodes`` needs the keys feat, emb, logit; values are
+    torch.fx node names as listed by ``torchvision.models.feature_extraction.get_graph_node_names``
+    (a module path names the last node inside it). A wrong name raises TapError listing the
+    available nodes. On a timm ViT, a token ``feat`` (N, P + h*w, D) becomes the patch grid
+    (N, D, h, w).
     ``input_size`` resizes inputs (bilinear, antialiased) to that (H, W) before the model, so a
     32x32 CIFAR teacher can sit beside a 224x224 ViT student (seed F.3).
     """
@@ -182,7 +186,7 @@ def tap_model(
     if nodes is None:
         raise TapError(
             f"no known tap nodes for {type(model).__name__}: pass nodes={{'feat': ..., 'emb': ..., "
-            f"'logit': ...}}; {_available_nodes(model)}"
+            f"'logit': ...}}; {_available_nodes(_graph_nodes(model))}"
         )
     missing = [k for k in KNOWLEDGE if k not in nodes]
     if missing:
@@ -193,9 +197,11 @@ def tap_model(
         extractor = _fx_extractor(model, node_names)
     except ValueError as exc:
         if "is not present in model" in str(exc):
+            graph = _graph_nodes(model)
+            absent = [n for n in node_names if n not in graph and not any(g.startswith(n + ".") for g in graph)]
             raise TapError(
-                f"tap nodes {node_names} not all in {type(model).__name__}'s graph ({exc}); "
-                f"{_available_nodes(model)}"
+                f"tap node(s) {', '.join(absent or node_names)} not in {type(model).__name__}'s graph; "
+                f"{_available_nodes(graph)}"
             ) from None
         extractor, mechanism = _HookExtractor(model, node_names), "hooks"
     except Exception:
