@@ -26,7 +26,8 @@ processes on one storage cooperate without talking to each other:
 Lineage is written as user attrs of the trial: ``proposer`` ("classic", "warm_start",
 "random", "mutation", "crossover", "llm", ...), ``parent`` (trial number or None),
 ``crossover_parent`` (crossover only), ``mutated`` (genes), ``predictor`` (the rho of each
-contestant and the winner, when there was a contest), ``space_state`` (the shrinkage in force)
+contestant and the winner, when there was a contest), ``space_state`` (the shrinkage in force,
+once ``shrink_after`` trials have completed; before that every weight is 1)
 and ``sampler_note`` when a fallback was needed.
 
 Cost: each process keeps a per-study cache of what it has derived. Finished trials never
