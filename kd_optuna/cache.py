@@ -72,7 +72,7 @@ def compute_teacher_outputs(
             view = torch.full_like(positions, v)
             per_view.append(teacher(data.pool_images(positions, view)))
         for k in KNOWLEDGE:
-            stacked = torch.stack([out[k] for out in per_view], dim=1)
+            stacked = torch.stack([out[k].contiguous() for out in per_view], dim=1).contiguous()
             parts[k].append(stacked.float() if k == "logit" else stacked.to(store))
     return {k: torch.cat(v) for k, v in parts.items()}
 

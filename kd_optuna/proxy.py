@@ -65,7 +65,9 @@ class ProxySettings:
     score = ``score_ce`` * val_ce + ``score_sharpness`` * |sharpness_gap| + ``score_cka`` *
     cka_gap. Rejection: ``reject_steps`` steps on fixed batches of ``reject_batch_size``, a KD
     term over ``reject_ratio`` x CE is "exploding". ``cache_dtype``: storage of the teacher's
-    feat and emb (logits are always float32).
+    feat and emb (logits are always float32). ``channels_last``: the student and its input
+    batches use the channels-last memory format (about 2x faster for the digits CNN on a CPU);
+    the distiller always receives contiguous tensors.
     """
 
     labels_per_class: int = 5
@@ -78,7 +80,7 @@ class ProxySettings:
     shift: int = 2
     view_seed: int = 0
     steps: int = 200
-    batch_size: int = 128
+    batch_size: int = 64
     label_batch_size: int = 50
     ce_weight: float = 1.0
     optimizer: str = "adam"
@@ -95,9 +97,10 @@ class ProxySettings:
     score_sharpness: float = 0.0
     score_cka: float = 0.0
     reject_steps: int = 2
-    reject_batch_size: int = 64
+    reject_batch_size: int = 32
     reject_ratio: float = 1000.0
     cache_dtype: str = "float16"
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, list):
@@ -160,7 +163,8 @@ class ProxySettings:
 class ViewPool:
     """``views`` fixed augmented copies of each of ``n`` images: crop offsets and flips.
 
-    offsets (n, views, 2) in [0, 2 * shift], flips (n, views) bool; view 0 is the identity.
+    offsets (n, views, 2) in [0, 2 * shift], flips (n, views) bool, ``flipping`` whether any
+    flip is set; view 0 is the identity.
     ``render(images (B, C, H, W), rows (B,), views (B,))`` pads by ``shift`` with zeros and
     crops each image at its offset, on the images' device, in one gather.
     """
@@ -168,6 +172,7 @@ class ViewPool:
     offsets: Tensor
     flips: Tensor
     shift: int
+    flipping: bool = False
 
     @classmethod
     def build(cls, n: int, settings: ProxySettings, device: torch.device | str = "cpu") -> "ViewPool":
@@ -179,14 +184,14 @@ class ViewPool:
             flips[:] = False
         offsets[:, 0] = shift
         flips[:, 0] = False
-        return cls(offsets.to(device), flips.to(device), shift)
+        return cls(offsets.to(device), flips.to(device), shift, bool(flips.any()))
 
     @property
     def views(self) -> int:
         return self.offsets.shape[1]
 
     def render(self, images: Tensor, rows: Tensor, views: Tensor) -> Tensor:
-        if self.shift == 0 and not bool(self.flips.any()):
+        if self.shift == 0 and not self.flipping:
             return images
         b, _, h, w = images.shape
         offsets = self.offsets[rows, views]
@@ -275,7 +280,7 @@ def live_teacher(teacher: nn.Module, data: ProxyData) -> TeacherLookup:
     @torch.no_grad()
     def lookup(positions: Tensor, views: Tensor) -> Mapping[str, Tensor]:
         teacher.eval()
-        return {k: v.float() for k, v in teacher(data.pool_images(positions, views)).items()}
+        return {k: v.float().contiguous() for k, v in teacher(data.pool_images(positions, views)).items()}
 
     return lookup
 
@@ -323,6 +328,10 @@ def lr_factor(step: int, settings: ProxySettings) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / settings.steps))
 
 
+def memory_format(settings: ProxySettings) -> torch.memory_format:
+    return torch.channels_last if settings.channels_last else torch.contiguous_format
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int) -> dict[str, Tensor]:
     """Eval-mode {emb (M, D), logit (M, K)} of ``model`` over ``images`` (M, ...), float32."""
@@ -359,6 +368,8 @@ def train_student(
     n_labelled, n_pool = data.labelled.shape[0], data.pool.shape[0]
     label_batch = min(settings.label_batch_size, n_labelled)
     bad = torch.zeros((), dtype=torch.bool, device=device)
+    fmt = memory_format(settings)
+    student.to(memory_format=fmt)
     student.train()
     distiller.train()
     for step in range(settings.steps):
@@ -371,9 +382,9 @@ def train_student(
         positions = torch.randint(0, n_pool, (settings.batch_size,), generator=generator, device=device)
         views = torch.randint(0, data.views.views, (settings.batch_size,), generator=generator, device=device)
         x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
-        out = student(x)
+        out = student(x.contiguous(memory_format=fmt))
         ce = F.cross_entropy(out["logit"][:label_batch], data.train_y[rows])
-        kd = distiller({k: v[label_batch:] for k, v in out.items()}, teacher(positions, views))
+        kd = distiller({k: v[label_batch:].contiguous() for k, v in out.items()}, teacher(positions, views))
         loss = settings.ce_weight * ce + kd
         bad |= ~torch.isfinite(loss.detach())
         optimizer.zero_grad(set_to_none=True)

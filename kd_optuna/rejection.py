@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.proxy import ProxyData, ProxySettings, TeacherLookup, make_optimizer
+from kd_optuna.proxy import ProxyData, ProxySettings, TeacherLookup, make_optimizer, memory_format
 from kd_optuna.space import DistillerSpec
 
 REASONS = ("invalid", "repulsive", "non_finite", "exploding", "zero_gradient")
 _NON_FINITE_MESSAGES = ("non-finite", "overflow")
 PERTURBATION_SCALES = (0.1, 1.0)
-PERTURBATIONS = 8
+PERTURBATIONS = 4
 ZERO_GRADIENT_RATIO = 1e-9
 
 
@@ -62,7 +62,7 @@ class RejectionBatch:
         generator = torch.Generator().manual_seed(settings.seeds[0])
         positions = torch.randperm(n_pool, generator=generator)[:b].to(data.device)
         views = torch.zeros_like(positions)
-        rows = data.labelled[: settings.label_batch_size]
+        rows = data.labelled[: min(settings.label_batch_size, b)]
         return cls(
             data.train_x[rows], data.train_y[rows], data.pool_images(positions, views),
             {k: v.float() for k, v in teacher(positions, views).items()},
@@ -125,7 +125,9 @@ def check_steps(
     params = [p for p in list(student.parameters()) + list(distiller.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, settings)
     n_labelled = batch.labelled_x.shape[0]
-    x = torch.cat([batch.labelled_x, batch.kd_x])
+    fmt = memory_format(settings)
+    x = torch.cat([batch.labelled_x, batch.kd_x]).contiguous(memory_format=fmt)
+    student.to(memory_format=fmt)
     any_gradient = settings.reject_steps == 0
     student.train()
     distiller.train()
@@ -133,7 +135,7 @@ def check_steps(
         out = student(x)
         ce = F.cross_entropy(out["logit"][:n_labelled], batch.labelled_y)
         try:
-            kd = distiller({k: v[n_labelled:] for k, v in out.items()}, batch.teacher)
+            kd = distiller({k: v[n_labelled:].contiguous() for k, v in out.items()}, batch.teacher)
         except InvalidDistiller as error:
             return _classify(error)
         kd_value, ce_value = float(kd.detach()), float(ce.detach())
