@@ -14,7 +14,8 @@ every repeat times each method once, in a fresh random order, for ``--steps`` ba
 ``--warmup`` untimed batches per method at the start), so slow drifts of a shared machine hit
 all methods alike. A method's time is
 the median over repeats, its ratio is median(method) / median(KD); the range shown is the
-min-max of the per-repeat paired ratios. Random inputs: the time does not depend on the data.
+min-max of the per-repeat paired ratios. On CPU the clock is the process's CPU time (one
+torch thread): on a machine shared with other jobs, wall time would time the neighbours. Random inputs: the time does not depend on the data.
 
     python benchmarks/batch_time.py               # CPU, 1 thread: 5 repeats x 1 step, ~5 min
     python benchmarks/batch_time.py --quick       # smoke run: resnet20 only, 2 repeats
@@ -46,6 +47,11 @@ from kd_optuna.errors import KdOptunaError
 from kd_optuna.loss import DistillerLoss
 from kd_optuna.models import build_model, knowledge_shapes, tap_model
 from kd_optuna.space import DistillerSpec
+
+#: "cpu": the process's CPU time, what the batch computes, unaffected by other processes
+#: taking turns on a shared machine (with 1 torch thread it is the batch's compute time);
+#: "wall": elapsed time, what a user waits (after a CUDA synchronise on a GPU).
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 PAIRS = {"resnet20": "resnet56", "resnet32": "resnet110", "vgg8": "vgg13"}
 INPUT_SHAPE = (3, 32, 32)
@@ -179,7 +185,13 @@ def _synchronise(device: torch.device) -> None:
 
 
 def time_methods(
-    methods: list[Method], device: torch.device, repeats: int, steps: int, warmup: int, seed: int
+    methods: list[Method],
+    device: torch.device,
+    repeats: int,
+    steps: int,
+    warmup: int,
+    seed: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, list[float]], list[str]]:
     """Seconds per batch of each method in each repeat, methods interleaved in random order,
     and a note for each method dropped because a step raised (a loss guard, say)."""
@@ -206,10 +218,10 @@ def time_methods(
         order.shuffle(shuffled)
         for method in shuffled:
             _synchronise(device)
-            start = time.perf_counter()
+            start = clock()
             if run(method, steps):
                 _synchronise(device)
-                times[method.name].append((time.perf_counter() - start) / steps)
+                times[method.name].append((clock() - start) / steps)
     return times, notes
 
 
@@ -283,6 +295,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch CPU threads (default 1: on a shared machine more threads oversubscribe the cores "
         "and one batch can take 6x longer, as measured on the 2-core machine of BENCHMARKS.md)",
     )
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default=None,
+        help="cpu: process CPU time (default on CPU); wall: elapsed time (default on GPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="also write the rows and the machine as JSON")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet20, batch 16, 2 repeats")
@@ -302,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     repeats = args.repeats or (20 if gpu else 5)
     steps = args.steps or (10 if gpu else 1)
+    clock = args.clock or ("wall" if gpu else "cpu")
     students = [s.strip() for s in args.students.split(",") if s.strip()]
     unknown = [s for s in students if s not in PAIRS]
     if unknown:
@@ -316,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     started = time.time()
     print(f"# {machine(device)}; batch {args.batch_size}; {repeats} repeats x {steps} steps; "
+          f"{clock} clock; "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
     rows, notes = [], []
     for student in students:
@@ -323,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
         index = torch.randint(0, CIFAR100_TRAIN, (args.batch_size,), device=device)
         methods, skipped = build_methods(student, device, (images, labels, index), searched, not args.no_classics)
-        times, dropped = time_methods(methods, device, repeats, steps, args.warmup, args.seed)
+        times, dropped = time_methods(
+            methods, device, repeats, steps, args.warmup, args.seed, CLOCKS[clock]
+        )
         notes += skipped + [f"{student} {note}" for note in dropped]
         if "kd" not in times:
             notes.append(f"{student}: no ratios, KD itself could not be timed")
@@ -346,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                     "batch_size": args.batch_size,
                     "repeats": repeats,
                     "steps": steps,
+                    "clock": clock,
                     "seconds": elapsed,
                     "rows": rows,
                     "notes": notes,
