@@ -41,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--specs", type=int, default=50, help="random valid specs per knowledge")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per candidate")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--controls", type=int, default=10,
+                        help="measurements of CE only and of KD against itself")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -133,10 +135,22 @@ def main() -> None:
     print(f"# {args.student} student, {args.teacher} teacher outputs precomputed, batch {args.batch}, "
           f"CPU {platform.processor() or platform.machine()}, {args.threads} thread(s), torch {torch.__version__}")
     print(f"# student shapes {student_shapes}, teacher shapes {teacher_shapes}")
-    ce_ratio, kd_seconds = ratio(step(None))
     kd_loss_ms = loss_only_ms(kd_step.distiller)
-    print(f"vanilla KD step: {kd_seconds * 1e3:.1f} ms CPU (median), its loss alone {kd_loss_ms:.2f} ms")
-    print(f"CE only: {ce_ratio:.3f}x vanilla KD")
+    controls = {
+        "CE only": step(None),
+        "vanilla KD again (noise floor)": step(
+            DistillerLoss(CLASSICS["kd"][0], student_shapes, teacher_shapes)
+        ),
+    }
+    kd_seconds = []
+    for name, candidate in controls.items():
+        measured = [ratio(candidate) for _ in range(args.controls)]
+        kd_seconds += [seconds for _, seconds in measured]
+        values = sorted(r for r, _ in measured)
+        print(f"{name}: median {statistics.median(values):.3f}x vanilla KD "
+              f"(range {values[0]:.3f}-{values[-1]:.3f} over {len(values)} measurements)")
+    print(f"vanilla KD step: {statistics.median(kd_seconds) * 1e3:.1f} ms CPU (median), "
+          f"its loss alone {kd_loss_ms:.2f} ms")
 
     def quantiles(values):
         values = sorted(values)

@@ -112,8 +112,9 @@ class DistillerLoss(nn.Module):
     ``forward(student, teacher, labels=None)`` takes the two output mappings (tensors with a
     batch dim N, any float dtype) and optional labels (N,); it returns a 0-dim float32
     tensor. With ``check_finite`` it raises ``InvalidDistiller("non-finite loss")`` for a
-    NaN/inf loss and ``InvalidDistiller("knowledge overflows after transforms")`` when a
-    transformed tensor exceeds 1e12 in magnitude (its gradients would overflow). Random
+    NaN/inf loss and ``InvalidDistiller("knowledge overflows after transforms")`` when the
+    student's knowledge exceeds 1e12 in magnitude after a transform (its gradients would
+    overflow; a saturating op such as tanh can hide that from the loss). Random
     transforms (drop, mask) draw one seed per forward from torch's global generator, and
     teacher and student use the same masks.
     """
@@ -202,7 +203,7 @@ class DistillerLoss(nn.Module):
                 t = op(t, _generator(seed, slot, t.device))
             else:
                 s, t = op(s), op(t)
-            watched += (s, t)
+            watched.append(s)
         s = s / self._temperature
         t = t / self._temperature
         distance = self._distance(s, t)

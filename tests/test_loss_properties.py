@@ -153,13 +153,11 @@ def test_invalid_reasons_in_the_full_space_are_the_documented_ones():
     """Logit class mismatch is the only shape reason; value reasons come from overflow."""
     student, teacher = shapes_pair(kt=100)
     assert check(one_spec("logit"), student, teacher) == "logit classes differ: student 10, teacher 100"
-    student, teacher = shapes_pair()
+    student, teacher = shapes_pair(student_feat=(8, 4, 4))
     big = one_spec("feat", "pow4", magnitude=100)
-    spec = DistillerSpec("feat", "pow4", "pow4", "exp", "l2", "no", 1, 100)
+    saturated = DistillerSpec("feat", "pow4", "pow4", "tanh", "l2", "no", 1, 100)
     assert check(big, student, teacher, kind="wide") == "ok"
-    assert check(spec, student, teacher, kind="wide") in {
-        "knowledge overflows after transforms", "non-finite loss"
-    }
+    assert check(saturated, student, teacher, kind="wide") == "knowledge overflows after transforms"
 
 
 def test_determinism_same_spec_seed_and_inputs_give_a_bit_identical_loss():
