@@ -6,8 +6,10 @@ processes on one storage cooperate without talking to each other:
 - **population**: the best ``population_size`` distinct COMPLETE trials, distinct by the
   canonical key ``DistillerSpec.from_params(trial.params).key``; scores are the trial values,
   negated for a maximised study, so lower is better throughout.
-- **initial population**: until that many distinct keys have completed, a child is the next
-  warm-start spec (the classic distillers, in order) not yet seen in the study, then random.
+- **initial population** (line 1): until ``population_size`` distinct keys have been
+  proposed (and while none has completed), a child is the next warm-start spec (the classic
+  distillers, in order) not yet seen in the study, then a random one. Rejected candidates
+  count as proposed, so a high rejection rate does not keep the search random.
 - **child** (lines 5-8): draw ``sample_ratio`` of the population, keep its ``top_k``, pick a
   parent among them; with ``crossover_prob`` uniform crossover with a second top-k parent,
   otherwise mutation of one or more genes (each with ``mutation_prob``).
@@ -569,7 +571,7 @@ class EvolutionSampler(BaseSampler):
             history = self._history(study, fresh=bool(lost))
             weights = self._weights(history, space)
             seen = _Seen(history.finished_keys, history.running_keys + lost)
-            if len(history.best) < self.population_size:
+            if self._initial_phase(history, lost):
                 child = self._initial(space, weights, seen)
             else:
                 child, context = self._evolve(history, space, weights, seen)
@@ -612,6 +614,16 @@ class EvolutionSampler(BaseSampler):
             mutation_prob=self.mutation_prob,
             max_tries=self.max_tries,
         )
+
+    def _initial_phase(self, history: _History, lost: list[str]) -> bool:
+        """Line 1: until ``population_size`` distinct keys were proposed, or none completed.
+
+        The initial population is the first P proposals, not the first P completions: with
+        many candidates rejected (70% of random specs on digits) waiting for P completions
+        would keep the search random for several times P trials.
+        """
+        proposed = len(history.finished_keys) + len(set(history.running_keys)) + len(lost)
+        return not history.best or proposed < self.population_size
 
     def _initial(self, space, weights, seen) -> Candidate | None:
         for spec in self.warm_start:

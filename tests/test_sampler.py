@@ -381,3 +381,22 @@ def test_a_warm_start_list_runs_first_and_is_named_in_the_lineage():
     study = run(EvolutionSampler(seed=0, warm_start=[own, kd]), 3)
     assert [key_of(t) for t in study.trials[:2]] == [own.key, kd.key]
     assert [t.user_attrs["proposer"] for t in study.trials] == ["warm_start", "classic", "random"]
+
+
+def test_evolution_starts_after_population_size_proposals_even_if_most_were_rejected():
+    def func(trial):
+        spec = suggest_distiller(trial)
+        if spec.knowledge != "feat":
+            trial.set_user_attr("reject_reason", "shape")
+            raise optuna.TrialPruned()
+        return score_of(spec)
+
+    study = run(EvolutionSampler(population_size=6, warm_start=False, seed=0), 20, func=func)
+    proposers = [t.user_attrs["proposer"] for t in study.trials]
+    assert proposers[:6] == ["random"] * 6
+    first_child = next(i for i, p in enumerate(proposers) if p in ("mutation", "crossover"))
+    completed_before = [t for t in study.trials[:first_child] if t.state == TrialState.COMPLETE]
+    assert 1 <= len(completed_before) < 6
+    children = [t for t in study.trials[first_child:] if t.user_attrs["parent"] is not None]
+    assert all(t.params["knowledge"] == "feat" or "knowledge" in t.user_attrs["mutated"]
+               for t in children)
