@@ -9,11 +9,13 @@ A few cheap checks, in this order, each with a stable reason (stored as ``reject
     non_finite     a NaN/inf loss, an overflowing knowledge tensor, or non-finite gradients
                    in ``reject_steps`` training steps on one fixed batch.
     exploding      the KD term exceeds ``reject_ratio`` x the CE term at the first step.
-    zero_gradient  the KD term's gradient w.r.t. the student (and adapter) is zero, at every
-                   step, relative to the CE gradient (< 1e-9 of its norm): it does nothing.
+    zero_gradient  the KD term's gradient w.r.t. the student's outputs (through the adapter)
+                   is zero at every step, relative to the CE gradient w.r.t. the logits (< 1e-9
+                   of its norm): the distiller does nothing.
 
-The steps use a fresh student seeded like the proxy's first seed, Adam or SGD as the proxy,
-and the same batch every time, so the verdict depends only on the spec and the task.
+The steps use the student as initialised with the proxy's first seed (``new_student`` may
+hand back one model reset to those weights), the proxy's optimiser and the same batch every
+time, so the verdict depends only on the spec and the task.
 """
 
 from __future__ import annotations
@@ -121,7 +123,11 @@ def check_steps(
     batch: RejectionBatch,
     settings: ProxySettings,
 ) -> Rejection | None:
-    """``reject_steps`` training steps on ``batch``: non_finite, exploding, zero_gradient."""
+    """``reject_steps`` training steps on ``batch``: non_finite, exploding, zero_gradient.
+
+    The KD gradient is taken w.r.t. the student's outputs (through the adapter), which is zero
+    exactly when no parameter would move; each step costs one forward and one backward pass.
+    """
     params = [p for p in list(student.parameters()) + list(distiller.parameters()) if p.requires_grad]
     optimizer = make_optimizer(params, settings)
     n_labelled = batch.labelled_x.shape[0]
@@ -134,8 +140,9 @@ def check_steps(
     for step in range(settings.reject_steps):
         out = student(x)
         ce = F.cross_entropy(out["logit"][:n_labelled], batch.labelled_y)
+        kd_inputs = {k: v[n_labelled:].contiguous() for k, v in out.items()}
         try:
-            kd = distiller({k: v[n_labelled:].contiguous() for k, v in out.items()}, batch.teacher)
+            kd = distiller(kd_inputs, batch.teacher)
         except InvalidDistiller as error:
             return _classify(error)
         kd_value, ce_value = float(kd.detach()), float(ce.detach())
@@ -143,22 +150,20 @@ def check_steps(
             return Rejection("non_finite", f"non-finite KD term at rejection step {step}")
         if step == 0 and kd_value > settings.reject_ratio * ce_value:
             return Rejection("exploding", f"KD term {kd_value:.4g} is over {settings.reject_ratio:g} x CE {ce_value:.4g}")
-        if not kd.requires_grad:
-            return Rejection("zero_gradient", "the KD term does not depend on the student")
-        kd_grads = torch.autograd.grad(kd, params, retain_graph=True, allow_unused=True)
-        ce_grads = torch.autograd.grad(ce, params, allow_unused=True)
-        kd_norm, ce_norm = float(_grad_norm(kd_grads)), float(_grad_norm(ce_grads))
-        if not (torch.isfinite(torch.tensor([kd_norm, ce_norm])).all()):
+        if kd.requires_grad:
+            outputs = list(kd_inputs.values())
+            kd_grads = torch.autograd.grad(kd, outputs, retain_graph=True, allow_unused=True)
+            (ce_grad,) = torch.autograd.grad(ce, [out["logit"]], retain_graph=True)
+            kd_norm, ce_norm = float(_grad_norm(kd_grads)), float(_grad_norm([ce_grad]))
+            if not math.isfinite(kd_norm):
+                return Rejection("non_finite", f"non-finite KD gradient at rejection step {step}")
+            if kd_norm > ZERO_GRADIENT_RATIO * max(ce_norm, 1e-12):
+                any_gradient = True
+        optimizer.zero_grad(set_to_none=True)
+        (settings.ce_weight * ce + kd).backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             return Rejection("non_finite", f"non-finite gradient at rejection step {step}")
-        if kd_norm > ZERO_GRADIENT_RATIO * max(ce_norm, 1e-12):
-            any_gradient = True
-        for p, g_kd, g_ce in zip(params, kd_grads, ce_grads):
-            grad = torch.zeros_like(p)
-            if g_kd is not None:
-                grad += g_kd
-            if g_ce is not None:
-                grad += settings.ce_weight * g_ce
-            p.grad = grad
         optimizer.step()
     if not any_gradient:
         return Rejection("zero_gradient", "the KD term's gradient is zero: the distiller does nothing")
@@ -179,8 +184,8 @@ def reject(
     teacher shapes, ``make_probe(spec)`` the same loss with teacher shapes on both sides.
     A CUDA out-of-memory error is not a verdict on the spec and propagates.
     """
-    torch.manual_seed(settings.seeds[0])
     student = new_student()
+    torch.manual_seed(settings.seeds[0])
     try:
         distiller = make_distiller(spec, True)
         probe = make_probe(spec)

@@ -89,6 +89,7 @@ class Task:
         self.teacher_sha256 = teacher_sha256 or state_dict_sha256(self.teacher)
         self.teacher_nodes = dict(teacher_nodes) if teacher_nodes else None
         self.name = name
+        self._rejection_student: tuple[nn.Module, dict[str, Tensor]] | None = None
         input_shape = tuple(data.train_x.shape[1:])
         from kd_optuna.models import knowledge_shapes
 
@@ -129,9 +130,20 @@ class Task:
         """The loss of ``spec`` with the teacher's shapes on both sides (for the repulsion check)."""
         return DistillerLoss(spec, self.teacher_shapes, self.teacher_shapes, True).to(self.device)
 
+    def rejection_student(self) -> nn.Module:
+        """One student kept for rejection checks, reset to its first-seed initial weights."""
+        if self._rejection_student is None:
+            torch.manual_seed(self.proxy.seeds[0])
+            student = self.new_student()
+            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            self._rejection_student = (student, state)
+        student, state = self._rejection_student
+        student.load_state_dict(state)
+        return student
+
     def reject(self, spec: DistillerSpec) -> Rejection | None:
         """The loss-rejection protocol (kd_optuna.rejection) for ``spec``."""
-        return reject(spec, self.make_distiller, self.make_probe, self.new_student,
+        return reject(spec, self.make_distiller, self.make_probe, self.rejection_student,
                       self.rejection_batch, self.proxy)
 
     def run(
