@@ -41,6 +41,15 @@ class Objective:
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+        try:
+            return self._run(trial)
+        except torch.cuda.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            trial.set_user_attr("fail_reason", f"CUDA out of memory: {message}")
+            return math.nan
+
+    def _run(self, trial: optuna.trial.BaseTrial) -> float:
         start = time.perf_counter()
         spec = suggest_distiller(trial, self.task.space)
         trial.set_user_attr("spec", spec.key)
@@ -64,11 +73,6 @@ class Objective:
             trial.set_user_attr("reject_reason", "non_finite")
             trial.set_user_attr("reject_detail", error.reason)
             raise optuna.TrialPruned(f"rejected (non_finite): {error.reason}") from None
-        except torch.cuda.OutOfMemoryError as error:
-            torch.cuda.empty_cache()
-            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            trial.set_user_attr("fail_reason", f"CUDA out of memory: {message}")
-            return math.nan
         for name, value in result.metrics().items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("training_seconds", result.train_seconds)

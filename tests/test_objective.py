@@ -86,6 +86,16 @@ def test_out_of_memory_fails_the_trial_and_the_worker_goes_on(task, monkeypatch)
         assert trial.user_attrs["fail_reason"].startswith("CUDA out of memory")
 
 
+def test_out_of_memory_in_rejection_fails_only_that_trial(task, monkeypatch):
+    def reject(spec):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+
+    monkeypatch.setattr(task, "reject", reject)
+    study = study_with(CLASSICS["kd"][0].to_params())
+    study.optimize(Objective(task), n_trials=1)
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
 def test_non_finite_training_is_pruned_with_a_reason(task, monkeypatch):
     from kd_optuna.errors import InvalidDistiller
 
