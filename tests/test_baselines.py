@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -324,3 +325,59 @@ def test_half_precision_knowledge_gives_a_float32_loss(name):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = loss_fn(student, teacher, None, torch.arange(6))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+# --- benchmarks/batch_time.py ------------------------------------------------------------
+
+
+def _batch_time_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batch_time.py"
+    spec = importlib.util.spec_from_file_location("batch_time", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batch_time_interleaves_methods_and_drops_one_that_raises():
+    bt = _batch_time_module()
+    calls = []
+
+    def step_of(name):
+        def step():
+            calls.append(name)
+            if name == "bad" and calls.count("bad") > 1:
+                raise InvalidBaseline("boom")
+
+        return step
+
+    methods = [bt.Method(n, step_of(n)) for n in ("kd", "pkt", "bad")]
+    ticks = iter(range(1000))
+    times, notes = bt.time_methods(methods, torch.device("cpu"), 4, 2, 1, 0, lambda: next(ticks))
+    assert set(times) == {"kd", "pkt"} and all(len(v) == 4 for v in times.values())
+    assert len(notes) == 1 and "bad" in notes[0] and "boom" in notes[0]
+    assert calls.count("kd") == 1 + 4 * 2
+
+
+def test_batch_time_ratios_are_medians_against_kd_beside_the_seed():
+    bt = _batch_time_module()
+    rows = bt.summarise("resnet20", {"kd": [1.0, 2.0, 3.0], "dml": [2.0, 5.0, 6.0]})
+    dml = next(r for r in rows if r["method"] == "dml")
+    assert dml["ratio"] == pytest.approx(2.5)
+    assert (dml["paired_min"], dml["paired_max"]) == pytest.approx((2.0, 2.5))
+    assert dml["seed_ratio"] == pytest.approx(0.524 / 0.219)
+
+
+@pytest.mark.slow
+def test_batch_time_smoke_run_writes_every_baseline(tmp_path):
+    bt = _batch_time_module()
+    out = tmp_path / "bt.json"
+    assert bt.main(["--quick", "--repeats", "1", "--batch-size", "4", "--json", str(out)]) == 0
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["kd", "pkt", "crd", "rkd", "dml"]
+    assert all(r["median_ms"] > 0 for r in rows)
