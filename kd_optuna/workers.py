@@ -50,6 +50,7 @@ FAIL_REASON_ATTR = "fail_reason"
 MAX_CONSECUTIVE_FAILURES = 5
 POLL_S = 0.5
 DB_OUTAGE_S = 120
+LOCK_TIMEOUT_S = 300
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +253,7 @@ def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
     except Exception as exc:
         say(f"worker {args.context.index} could not start: {exc.__class__.__name__}: {describe_error(exc, args.storage_url)}")
         sys.exit(1)
-    code = _loop(args, storage, study, objective, interrupt, host_lock, name, say, save_note)
+    code = _loop(args, storage, study, objective, interrupt, _HostLock(host_lock, say), name, say, save_note)
     storage.engine.dispose()
     sys.exit(code)
 
@@ -290,6 +291,30 @@ def _loop(args, storage, study, objective, interrupt, host_lock, name, say, save
             say(f"worker {args.context.index}: stopping after {failures} failed trials in a row")
             return 1
     return 130 if interrupt.stop else 0
+
+
+class _HostLock:
+    """The per-host lock around count-and-ask. A worker killed while holding it would block the
+    others forever, so waiting longer than LOCK_TIMEOUT_S drops the lock for good (the trial
+    target may then be exceeded by a trial or two) and says so."""
+
+    def __init__(self, lock: Any, say: Callable[[str], None]):
+        self._lock = lock
+        self._say = say
+        self._broken = False
+        self._held = False
+
+    def __enter__(self) -> None:
+        if not self._broken:
+            self._held = self._lock.acquire(timeout=LOCK_TIMEOUT_S)
+            if not self._held:
+                self._broken = True
+                self._say(f"the host lock was held for over {LOCK_TIMEOUT_S} s (a worker killed inside it?); going on without it")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._held:
+            self._held = False
+            self._lock.release()
 
 
 def _next_trial(args, storage, study, host_lock):

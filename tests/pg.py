@@ -61,7 +61,7 @@ class PgServer:
         return _as_postgres([find_binary("pg_ctl"), "-D", str(self.data_dir), *args], check=check)
 
     def restart(self) -> None:
-        self._pg_ctl("-m", "fast", "-w", "-t", "60", "restart", "-o", self._options())
+        self._pg_ctl("-m", "fast", "-w", "-t", "60", "-l", str(self._root / "server.log"), "restart", "-o", self._options())
 
     def _options(self) -> str:
         return f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self._root} -c max_connections=100"

@@ -210,3 +210,16 @@ def test_optimize_with_the_real_objective_then_export(study_url, tmp_path, capsy
         assert {"val_ce", "val_acc", "proxy_seconds"} <= set(study.best_trial.user_attrs)
         code, out, err = run(capsys, "export", "--storage", study_url, "-o", str(tmp_path / "train.py"))
         assert code == 0 and (tmp_path / "train.py").is_file()
+
+
+@pytest.mark.slow
+def test_train_teacher_writes_a_checkpoint_that_loads(tmp_path, tiny_config_path, capsys, monkeypatch):
+    from kd_optuna.checkpoints import load_model
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "teacher.pt"
+    code, stdout, err = run(capsys, "train-teacher", str(tiny_config_path), "-o", str(out), "--epochs", "1", "--device", "cpu")
+    assert code == 0, err
+    assert "test top-1" in stdout and str(out) in stdout
+    model, meta = load_model(out)
+    assert meta["model_name"] == "digits_teacher" and meta["epochs"] == 1

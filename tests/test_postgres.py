@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study
 from kd_optuna.cli import main
+from kd_optuna.storage import open_storage
 from kd_optuna.workers import optimize
 from test_workers import run_sigkill_scenario
 
@@ -71,7 +72,7 @@ def test_server_restart_mid_study_then_resume(pg_server, pg_url):
     if summary.finished < 16:  # the same command resumes what a lost connection cut short
         summary = optimize(pg_url, "s", 16, n_workers=2, objective_factory=TrivialObjective(), progress=False,
                            heartbeat_interval=2)
-    study = optuna.load_study(study_name="s", storage=pg_url.replace("postgresql://", "postgresql+psycopg2://"))
+    study = optuna.load_study(study_name="s", storage=open_storage(pg_url, heartbeat_interval=None))
     _check_recorded_once(study, 16)
 
 

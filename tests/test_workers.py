@@ -16,6 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study
+from kd_optuna.storage import open_storage
 from kd_optuna.workers import WorkerContext, optimize, trial_note
 
 TESTS = Path(__file__).resolve().parent
@@ -81,7 +82,7 @@ def test_sqlite_four_workers_200_trials_without_lock_errors(tmp_path, capfd):
 
 
 def _kill_when_running(study_url: str, pids_box: list, killed: list):
-    storage = optuna.storages.RDBStorage(study_url)
+    storage = open_storage(study_url, heartbeat_interval=None)
     study = optuna.load_study(study_name="s", storage=storage)
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -162,3 +163,22 @@ def test_ctrl_c_stops_all_workers_and_the_same_command_resumes(tmp_path):
     script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=8, sleep=0.0))
     assert subprocess.run([sys.executable, str(script)], cwd=tmp_path, timeout=300).returncode == 0
     assert _states(study).get(TrialState.COMPLETE, 0) == 8
+
+
+def test_a_lock_left_held_by_a_dead_worker_is_dropped_with_a_message(monkeypatch):
+    import kd_optuna.workers as workers
+
+    monkeypatch.setattr(workers, "LOCK_TIMEOUT_S", 0.1)
+    lock = threading.Lock()
+    lock.acquire()  # its holder "died"
+    said = []
+    host_lock = workers._HostLock(lock, said.append)
+    with host_lock:
+        pass
+    with host_lock:
+        pass
+    assert len(said) == 1 and "without it" in said[0]
+    free = workers._HostLock(threading.Lock(), said.append)
+    with free:
+        pass
+    assert len(said) == 1
