@@ -15,8 +15,8 @@ processes on one storage cooperate without talking to each other:
   otherwise mutation of one or more genes (each with ``mutation_prob``).
 - **guided selection** (lines 9-15): the ``proposer`` (a random spec by default, as in
   Algorithm 1, or a language model) offers a rival E; the additive predictor rho fitted on
-  the completed trials keeps the one predicted to score lower. Ties and an untrained
-  predictor keep the mutated child.
+  the completed and rejected trials keeps the one with the lower expected score (see
+  ``kd_optuna.predictor``). Ties and an untrained predictor keep the mutated child.
 - **never again**: a key that is COMPLETE, PRUNED (rejected), FAILED, RUNNING or WAITING is
   never proposed; only COMPLETE trials are parents. A worker announces its child's key in the
   system attr ``kd_optuna:proposed_key``, then re-reads the storage and chooses again if
@@ -203,6 +203,7 @@ class _History:
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             self._add_complete(trial.number, spec, key, self.sign * trial.value)
         elif _is_rejection(trial):
+            self.predictor.add_rejection(spec)
             for feature in _features(spec):
                 self.counts.setdefault(feature, _Counts()).rejected += 1
 
@@ -663,17 +664,21 @@ class EvolutionSampler(BaseSampler):
         return child, context
 
     def _select(self, predictor, child, rivals, attrs) -> Candidate | None:
-        """Lines 11-15: keep the candidate rho predicts to score lower."""
+        """Lines 11-15: keep the candidate rho expects to score lower, rejections counted."""
         if not rivals:
             return child
         if child is None or predictor.n < 2:
             return child or rivals[0]
-        rival = min(rivals, key=lambda c: predictor.predict(c.spec))
-        rho_child, rho_rival = predictor.predict(child.spec), predictor.predict(rival.spec)
+        rival = min(rivals, key=lambda c: predictor.expected(c.spec))
+        rho_child, rho_rival = predictor.expected(child.spec), predictor.expected(rival.spec)
         winner = rival if rho_rival < rho_child else child
         attrs["predictor"] = {
             "winner": winner.proposer,
             "rho": {child.proposer: rho_child, rival.proposer: rho_rival},
+            "reject": {
+                child.proposer: predictor.reject_probability(child.spec),
+                rival.proposer: predictor.reject_probability(rival.spec),
+            },
         }
         return winner
 

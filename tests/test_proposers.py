@@ -367,3 +367,16 @@ def test_a_pickled_llm_proposer_holds_no_key_and_a_copy_keeps_it(monkeypatch):
     monkeypatch.setenv("KD_OPTUNA_LLM_API_KEY", "from-env")
     assert pickle.loads(data).proposer._api_key == "from-env"
     assert copy.deepcopy(proposer)._api_key == KEY
+
+
+def test_rejections_raise_the_expected_score_of_specs_sharing_their_options():
+    rho = AdditivePredictor(shrinkage=1.0)
+    rho.add(KD, 0.5)
+    rho.add(FITNETS, 1.0)
+    assert rho.reject_probability(GOOD) == 0.0 and rho.expected(GOOD) == rho.predict(GOOD)
+    for magnitude in (1, 5, 25):
+        rho.add_rejection(DistillerSpec("emb", "no", "no", "no", "cos", "no", 8, magnitude))
+    risky = DistillerSpec("emb", "no", "no", "no", "cos", "no", 8, 10)
+    assert rho.reject_probability(risky) > rho.reject_probability(KD)
+    assert rho.expected(risky) > rho.predict(risky)
+    assert rho.expected(KD) < rho.expected(risky)
