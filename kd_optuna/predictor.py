@@ -31,7 +31,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from kd_optuna.errors import KdOptunaError
 from kd_optuna.space import GENES, DistillerSpec
+
+
+class PredictorConfigError(KdOptunaError, ValueError):
+    """A predictor setting out of range."""
 
 
 class AdditivePredictor:
@@ -39,7 +44,7 @@ class AdditivePredictor:
 
     def __init__(self, shrinkage: float = 3.0) -> None:
         if not shrinkage > 0:
-            raise ValueError("shrinkage must be > 0")
+            raise PredictorConfigError(f"shrinkage must be above 0, got {shrinkage}")
         self.shrinkage = float(shrinkage)
         self.n = 0
         self._total = 0.0
