@@ -242,7 +242,7 @@ def best(study_name, storage, fmt) -> None:
 def space(study_name, storage, fmt) -> None:
     """The search space with the shrinkage weights in force (0 = dropped, 1 = full)."""
     _, study, config = _open(storage, study_name)
-    weights = config.make_sampler().space_weights(study)
+    weights = config.make_sampler(with_llm=False).space_weights(study)
     data = {gene: {str(option): weight for option, weight in options.items()} for gene, options in weights.items()}
     rows = [
         {"gene": gene, "options": " ".join(f"{o}:{w:.2f}" for o, w in options.items())}

@@ -264,12 +264,13 @@ class StudyConfig:
                 "the key to let kd-optuna train a teacher"
             )
 
-    def make_sampler(self, seed: int | None = None):
-        """The study's EvolutionSampler; ``seed`` (one per worker) overrides search.seed."""
+    def make_sampler(self, seed: int | None = None, with_llm: bool = True):
+        """The study's EvolutionSampler; ``seed`` (one per worker) overrides search.seed;
+        ``with_llm=False`` leaves out a language-model proposer (to read weights only)."""
         search = dict(self.search)
         if seed is not None:
             search["seed"] = seed
-        return build_sampler(search, self.space)
+        return build_sampler(search, self.space, check_only=not with_llm)
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -410,6 +410,10 @@ def optimize(
     config = study_config(study)
     config.check_files()
     deadline = None if timeout is None else time.time() + timeout
+    counts = count_states(storage, study._study_id)
+    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+        storage.engine.dispose()
+        return summarize(study)
 
     ctx = multiprocessing.get_context("spawn")
     host_lock = ctx.Lock()
