@@ -457,6 +457,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cifar-steps", type=int, default=None, help="steps of the measured CIFAR trial")
     parser.add_argument("--gpu-step-seconds", type=float, default=None,
                         help="a cached resnet56->resnet20 proxy step measured on a GPU (gpu_check.sh)")
+    parser.add_argument("--worker-threads", type=int, default=None,
+                        help="hold every worker to this many torch threads (default: the workers' own "
+                             "max(1, cores // N))")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the in-process measurements (cache, CIFAR trial); the workers "
                              "keep their own split")
@@ -479,12 +482,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"search cost; {date}; {machine()}")
     print(f"digits study (studies/digits.toml), proxy overrides: {proxy or 'none'}; SQLite in a temporary folder; "
-          f"worker i of N uses max(1, {cores} // N) torch threads\n")
+          + (f"every worker held to {args.worker_threads} torch thread(s)\n" if args.worker_threads else
+             f"worker i of N uses max(1, {cores} // N) torch threads\n"))
 
     runs = []
     for trials, population in grid:
         for workers in worker_counts:
-            runs.append(run_search(trials, population, workers, proxy))
+            runs.append(run_search(trials, population, workers, proxy, threads=args.worker_threads))
             print(f"  done: {trials} trials, population {population}, {workers} worker(s): "
                   f"{runs[-1].wall:.1f} s; load {os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     print("### Whole searches\n")

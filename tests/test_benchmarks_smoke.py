@@ -1,0 +1,68 @@
+"""Smoke runs of the search-cost, scaling and GPU-check benchmarks in their quick modes.
+
+Each script runs in a subprocess, as a user runs it, and must exit 0 and print its tables.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*command: str, timeout: int = 600) -> str:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def table_rows(output: str, first_cell: str) -> list[list[str]]:
+    """Cells of the Markdown table rows of ``output`` whose first cell is ``first_cell``."""
+    rows = []
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            rows.append(cells)
+    return rows
+
+
+@pytest.mark.slow
+def test_search_cost_quick_prints_searches_split_cache_and_projection(tmp_path):
+    out = run(sys.executable, "benchmarks/search_cost.py", "--quick", "--json", str(tmp_path / "cost.json"))
+    searches = table_rows(out, "4")
+    assert len(searches) >= 2, out
+    assert {row[2] for row in searches} >= {"1", "2"}, out
+    assert "proxy time saved" in out and "PROJECTED on one GPU" in out, out
+    for setting in ("(50, 20)", "(100, 20)", "(300, 20)", "(100, 10)", "(100, 30)"):
+        assert table_rows(out, setting), setting
+    import json
+
+    figures = json.loads((tmp_path / "cost.json").read_text())
+    for search in figures["searches"]:
+        assert search["finished"] == 4
+        assert search["duplicates"][1] == 0  # no canonical key trained twice
+        split = search["per_trial"]
+        assert split["training"] > 0 and split["sampler"] > 0 and split["storage"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_quick_prints_a_row_per_worker_count():
+    out = run(sys.executable, "benchmarks/scaling.py", "--quick", "--backends", "sqlite")
+    rows = table_rows(out, "sqlite")
+    assert [row[1] for row in rows] == ["1", "2"], out
+    assert all(row[7] == "6" for row in rows), out  # every run finished its 6 trials
+    assert "load average" in out
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_and_prints_eight_variants():
+    out = run("bash", "benchmarks/gpu_check.sh", "--cpu", "--quick")
+    variants = [line for line in out.splitlines() if line.startswith("| live teacher") or line.startswith("| cache")]
+    assert len(variants) == 8, out
+    assert "device: CPU" in out and "fastest:" in out
