@@ -98,8 +98,9 @@ def _settle_batchnorm(model: nn.Module, images: torch.Tensor) -> None:
     model.eval()
 
 
-def _distillation_step(student, teacher, distiller, batch, needs_index: bool) -> Callable[[], None]:
+def _distillation_step(student, teacher, distiller, batch) -> Callable[[], None]:
     images, labels, index = batch
+    needs_index = getattr(distiller, "needs_index", False)
     optimizer = _sgd(list(student.parameters()) + list(distiller.parameters()))
     student.train()
     distiller.train()
@@ -162,11 +163,11 @@ def build_methods(
 
     def spec_step(spec: DistillerSpec):
         loss = DistillerLoss(spec, s_shapes, t_shapes).to(device)
-        return _distillation_step(_tapped(student_name, device), teacher, loss, batch, False)
+        return _distillation_step(_tapped(student_name, device), teacher, loss, batch)
 
     def baseline_step(name: str, **kw):
         loss = build_baseline(name, s_shapes, t_shapes, **kw).to(device)
-        return _distillation_step(_tapped(student_name, device), teacher, loss, batch, name == "crd")
+        return _distillation_step(_tapped(student_name, device), teacher, loss, batch)
 
     add("kd", lambda: spec_step(specs["kd"]))
     add("pkt", lambda: baseline_step("pkt"))
