@@ -381,3 +381,9 @@ def test_batch_time_smoke_run_writes_every_baseline(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["kd", "pkt", "crd", "rkd", "dml"]
     assert all(r["median_ms"] > 0 for r in rows)
+
+
+def test_build_baseline_passes_num_data_only_where_indices_are_read():
+    assert _build("crd", num_data=30).num_data == 30
+    for name in ("pkt", "rkd"):
+        assert not build_baseline(name, STUDENT, TEACHER, num_data=30).needs_index

@@ -24,11 +24,18 @@ BASELINES: dict[str, type] = {"pkt": PKT, "crd": CRD, "rkd": RKD, "dml": MutualL
 
 
 def build_baseline(
-    name: str, student_shapes: Shapes, teacher_shapes: Shapes, **kw: Any
+    name: str,
+    student_shapes: Shapes,
+    teacher_shapes: Shapes,
+    *,
+    num_data: int | None = None,
+    **kw: Any,
 ) -> BaselineLoss:
     """The loss baseline ``name`` ("pkt", "rkd" or "crd") for these per-sample shapes.
 
-    ``kw`` goes to the class (e.g. ``weight``; CRD requires ``num_data``, the training set size).
+    ``num_data``, the training set's size, is required by the baselines that read sample
+    indices (CRD, ``needs_index``) and ignored by the others, so a trainer can pass it to all.
+    ``kw`` goes to the class (e.g. ``weight``, ``num_negatives``).
     """
     if name == "dml":
         raise InvalidBaseline(
@@ -39,8 +46,10 @@ def build_baseline(
         raise InvalidBaseline(
             f"unknown baseline {name!r}; choose one of: {', '.join(BASELINES)}"
         )
-    if name == "crd" and "num_data" not in kw:
-        raise InvalidBaseline("crd needs num_data=, the number of samples in the training set")
+    if BASELINES[name].needs_index:
+        if num_data is None:
+            raise InvalidBaseline(f"{name} needs num_data=, the number of samples in the training set")
+        kw["num_data"] = num_data
     try:
         return BASELINES[name](student_shapes, teacher_shapes, **kw)
     except TypeError as exc:
