@@ -16,6 +16,15 @@ from kd_optuna.proxy import ProxyData, ProxySettings
 from kd_optuna.space import DistillerSpec
 from kd_optuna.task import Task
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP spin-waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 FAST = ProxySettings(labels_per_class=2, steps=3, batch_size=16, report_every=3, sharpness_size=32,
                      reject_batch_size=16)
 SPEC = DistillerSpec("logit", "no", "no", "no", "kl", "no", 4, 1)
@@ -39,7 +48,6 @@ def test_table_by_hand():
     assert flat["CE Loss"] != flat["CE Loss"]
 
 
-@pytest.mark.slow
 def test_correlate_runs_end_to_end_on_a_tiny_task():
     splits = load_dataset("digits")
     x, y = splits.tensors("train", torch.arange(100))
