@@ -185,7 +185,12 @@ def test_dashboard_serves_the_study_on_loopback(study_url, tmp_path):
                     break
                 time.sleep(0.5)
         assert body is not None, process.stdout.read().decode() if process.poll() is not None else "no answer"
-        assert [s["study_name"] for s in body["studies"]] == ["digits_tiny"]
+        summaries = body["study_summaries"]
+        assert [s["study_name"] for s in summaries] == ["digits_tiny"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summaries[0]['study_id']}", timeout=10) as response:
+            detail = json.loads(response.read())
+        formulas = {a["value"] for t in detail["trials"] for a in t["user_attrs"] if a["key"] == "formula"}
+        assert CLASSICS["at"][0].formula() in formulas
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             addresses = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1", "127.0.1.1"}
