@@ -12,12 +12,13 @@ memory bank, 16,384 negatives), RKD, DML, the other classic specs of kd_optuna.c
 with ``--searched`` a DistillerSpec JSON (a file or the JSON text). Repeats are interleaved:
 every repeat times each method once, in a fresh random order, for ``--steps`` batches (after
 ``--warmup`` untimed batches per method at the start), so slow drifts of a shared machine hit
-all methods alike. A method's time is
-the median over repeats, its ratio is median(method) / median(KD); the range shown is the
-min-max of the per-repeat paired ratios. On CPU the clock is the process's CPU time (one
-torch thread): on a machine shared with other jobs, wall time would time the neighbours. Random inputs: the time does not depend on the data.
+all methods alike. A method's time is the median over repeats, its ratio is
+median(method) / median(KD); the range shown is the min-max of the per-repeat paired ratios.
+On CPU the clock is the process's CPU time with one torch thread: on a machine shared with
+other jobs, wall time would time the neighbours. Inputs are random: the time does not depend
+on the data.
 
-    python benchmarks/batch_time.py               # CPU, 1 thread: 5 repeats x 1 step, ~5 min
+    python benchmarks/batch_time.py               # CPU, 1 thread: 5 repeats x 1 step, ~3 min CPU
     python benchmarks/batch_time.py --quick       # smoke run: resnet20 only, 2 repeats
     python benchmarks/batch_time.py --searched best_spec.json --json out.json
 """
@@ -341,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.randn(args.batch_size, *INPUT_SHAPE, device=device)
         labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
         index = torch.randint(0, CIFAR100_TRAIN, (args.batch_size,), device=device)
-        methods, skipped = build_methods(student, device, (images, labels, index), searched, not args.no_classics)
+        batch = (images, labels, index)
+        methods, skipped = build_methods(student, device, batch, searched, not args.no_classics)
         times, dropped = time_methods(
             methods, device, repeats, steps, args.warmup, args.seed, CLOCKS[clock]
         )

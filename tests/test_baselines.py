@@ -384,6 +384,7 @@ def test_batch_time_smoke_run_writes_every_baseline(tmp_path):
 
 
 def test_build_baseline_passes_num_data_only_where_indices_are_read():
-    assert _build("crd", num_data=30).num_data == 30
+    crd = _build("crd", num_data=30)
+    assert isinstance(crd, CRD) and crd.needs_index and crd.num_data == 30
     for name in ("pkt", "rkd"):
         assert not build_baseline(name, STUDENT, TEACHER, num_data=30).needs_index

@@ -53,7 +53,8 @@ def build_baseline(
     try:
         return BASELINES[name](student_shapes, teacher_shapes, **kw)
     except TypeError as exc:
-        raise InvalidBaseline(f"{name}: {exc}; see help(kd_optuna.baselines.{BASELINES[name].__name__})") from None
+        help_name = f"kd_optuna.baselines.{BASELINES[name].__name__}"
+        raise InvalidBaseline(f"{name}: {exc}; see help({help_name})") from None
 
 
 __all__ = [

@@ -70,8 +70,10 @@ class MutualLearning:
         self.temperature = float(temperature)
         self.weight = float(weight)
 
-    def peer_step(self, images: torch.Tensor, labels: torch.Tensor, student_logit: torch.Tensor) -> torch.Tensor:
-        """Run the peer on ``images`` (N, ...), backprop L_2 and step it; returns its logits, detached."""
+    def peer_step(
+        self, images: torch.Tensor, labels: torch.Tensor, student_logit: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the peer on ``images`` (N, ...), backprop L_2 and step it; its logits, detached."""
         self.peer.train()
         peer_logit = _logit(self.peer(images))
         loss = F.cross_entropy(peer_logit, labels) + self.weight * mutual_kl(
