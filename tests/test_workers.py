@@ -30,6 +30,37 @@ def _states(study):
     return counts
 
 
+class _Messages(list):
+    put = list.append
+
+
+def test_one_worker_in_process_reaches_the_target_and_writes_notes(tmp_path):
+    import signal as signal_module
+
+    import kd_optuna.workers as workers
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    args = workers.WorkerArgs(url, "s", 5, None, WorkerContext(0, 1, "cpu"), 20, None, TrivialObjective(), os.getppid())
+    handlers = signal_module.getsignal(signal_module.SIGINT), signal_module.getsignal(signal_module.SIGTERM)
+    messages = _Messages()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            workers.worker_main(args, threading.Lock(), messages)
+    finally:
+        signal_module.signal(signal_module.SIGINT, handlers[0])
+        signal_module.signal(signal_module.SIGTERM, handlers[1])
+    assert exit_info.value.code == 0 and messages == []
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    for trial in trials:
+        note = get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]
+        assert trial.user_attrs["formula"] in note and f"{trial.value:.6g}" in note
+
+
+@pytest.mark.slow
 def test_two_workers_stop_exactly_at_n_trials_with_a_note_per_trial(tmp_path):
     from optuna_dashboard._note import get_note_from_system_attrs
 
