@@ -56,15 +56,24 @@ def cache_key(teacher_sha256: str, nodes: Mapping[str, str] | None, data: ProxyD
     return digest.hexdigest()
 
 
+#: Values beyond this stay float32: float16 would turn them into inf (its largest is 65504).
+FLOAT16_LIMIT = 6.0e4
+
+
 @torch.no_grad()
 def compute_teacher_outputs(
     teacher: nn.Module, data: ProxyData, dtype: str = "float16", batch_size: int = 512
 ) -> dict[str, Tensor]:
-    """Eval-mode teacher outputs for every (pool image, view): {feat, emb, logit} (P, V, ...)."""
+    """Eval-mode teacher outputs for every (pool image, view): {feat, emb, logit} (P, V, ...).
+
+    feat and emb are stored in ``dtype``; with float16, a tensor holding any value beyond
+    ``FLOAT16_LIMIT`` in magnitude (an untrained or unnormalised teacher) stays float32 with a
+    warning, so the cache never changes a value into inf.
+    """
     teacher.eval()
-    store = getattr(torch, dtype)
     n, views = data.pool.shape[0], data.views.views
     parts: dict[str, list[Tensor]] = {k: [] for k in KNOWLEDGE}
+    store = {k: torch.float32 if k == "logit" else getattr(torch, dtype) for k in KNOWLEDGE}
     for start in range(0, n, batch_size):
         positions = torch.arange(start, min(start + batch_size, n), device=data.device)
         per_view = []
@@ -72,8 +81,15 @@ def compute_teacher_outputs(
             view = torch.full_like(positions, v)
             per_view.append(teacher(data.pool_images(positions, view)))
         for k in KNOWLEDGE:
-            stacked = torch.stack([out[k].contiguous() for out in per_view], dim=1).contiguous()
-            parts[k].append(stacked.float() if k == "logit" else stacked.to(store))
+            stacked = torch.stack([out[k].float().contiguous() for out in per_view], dim=1).contiguous()
+            if store[k] == torch.float16 and float(stacked.abs().max()) > FLOAT16_LIMIT:
+                warnings.warn(
+                    f"teacher {k} values reach {float(stacked.abs().max()):.3g}, beyond float16: "
+                    f"caching {k} in float32", RuntimeWarning, stacklevel=2,
+                )
+                store[k] = torch.float32
+                parts[k] = [p.float() for p in parts[k]]
+            parts[k].append(stacked.to(store[k]))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 

@@ -1,6 +1,7 @@
 import dataclasses
 import multiprocessing
 import time
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,23 @@ def test_outputs_cover_every_view_and_fp16_halves_memory(tmp_path):
         direct = teacher(data.pool_images(torch.tensor([7]), torch.tensor([2])))
     assert torch.allclose(full["logit"][7, 2], direct["logit"][0], atol=1e-5)
     assert not torch.allclose(full["logit"][:, 2], full["logit"][:, 0])
+
+
+def test_values_beyond_float16_stay_float32():
+    data, teacher = tiny_parts()
+    with torch.no_grad():
+        teacher.model.fc.bias.fill_(1e5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs = compute_teacher_outputs(teacher, data, "float16")
+    assert outputs["feat"].dtype == torch.float16 and outputs["logit"].dtype == torch.float32
+    assert outputs["logit"].min() > 9e4
+    with torch.no_grad():
+        teacher.model.features[0][0].weight.mul_(1e6)
+    with pytest.warns(RuntimeWarning) as record:
+        outputs = compute_teacher_outputs(teacher, data, "float16")
+    assert sorted(str(w.message).split()[1] for w in record) == ["emb", "feat"]
+    assert outputs["feat"].dtype == torch.float32 and torch.isfinite(outputs["feat"]).all()
 
 
 def test_key_depends_on_weights_views_and_dtype():
