@@ -14,6 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution
 
 from conftest import tiny_digits_toml
@@ -228,3 +230,25 @@ def test_train_teacher_writes_a_checkpoint_that_loads(tmp_path, tiny_config_path
     assert "test top-1" in stdout and str(out) in stdout
     model, meta = load_model(out)
     assert meta["model_name"] == "digits_teacher" and meta["epochs"] == 1
+
+
+_fuzz_lines = st.sampled_from([
+    '[data]\ndataset = "digits"', '[teacher]\nmodel = "digits_teacher"', '[student]\nmodel = "digits_student"',
+    "[proxy]\nsteps = -1", '[proxy]\nseeds = "x"', "[space]\ntemperature = [3]", "[search]\ntop_k = 1.5",
+    '[train]\nmilestones = ["a"]', "[train]\nepochs = 1e400", "[data]\ndataset = 7", "[[data]]", "x = ", '"', "[study]\nname = 1",
+])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(_fuzz_lines, min_size=1, max_size=5), noise=st.text(max_size=20))
+def test_fuzzed_configs_exit_0_or_2_with_one_line_and_no_storage_on_error(tmp_path, capsys, parts, noise):
+    config = tmp_path / "fuzz.toml"
+    config.write_text("\n".join(parts) + "\n" + noise, encoding="utf-8")
+    db = tmp_path / "fuzz.db"
+    if db.exists():
+        db.unlink()
+    code, out, err = run(capsys, "create-study", str(config), "--storage", f"sqlite:///{db}", "--study-name", "f")
+    assert code in (0, 2), err
+    if code == 2:
+        assert err.startswith("kd-optuna: error: ") and err.count("\n") == 1 and "Traceback" not in err
+        assert not db.exists()
