@@ -12,7 +12,8 @@ processes on one storage cooperate without talking to each other:
   count as proposed, so a high rejection rate does not keep the search random.
 - **child** (lines 5-8): draw ``sample_ratio`` of the population, keep its ``top_k``, pick a
   parent among them; with ``crossover_prob`` uniform crossover with a second top-k parent,
-  otherwise mutation of one or more genes (each with ``mutation_prob``).
+  otherwise mutation of one or more genes (each with ``mutation_prob``). ``screen`` such
+  children are drawn and rho keeps the most promising (``screen=1``: one, as in the paper).
 - **guided selection** (lines 9-15): the ``proposer`` (a random spec by default, as in
   Algorithm 1, or a language model) offers a rival E; the additive predictor rho fitted on
   the completed and rejected trials keeps the one with the lower expected score (see
@@ -22,14 +23,16 @@ processes on one storage cooperate without talking to each other:
   system attr ``kd_optuna:proposed_key``, then re-reads the storage and chooses again if
   another trial has that key (up to 4 rounds), so two workers (or threads) that chose the
   same key at the same moment do not both run it: of the two, at least one sees the other.
-- **shrinkage**: once ``shrink_after`` trials have completed, the option weights follow
+- **shrinkage**: once ``shrink_after`` trials have been evaluated (completed or rejected:
+  on digits three candidates in four are rejected, and rejections are what shrinkage
+  learns from first), the option weights follow
   :meth:`EvolutionSampler.space_weights`, a pure function of the trial list (see there).
 
 Lineage is written as user attrs of the trial: ``proposer`` ("classic", "warm_start",
 "random", "mutation", "crossover", "llm", ...), ``parent`` (trial number or None),
 ``crossover_parent`` (crossover only), ``mutated`` (genes), ``predictor`` (the rho of each
 contestant and the winner, when there was a contest), ``space_state`` (the shrinkage in force,
-once ``shrink_after`` trials have completed; before that every weight is 1)
+once ``shrink_after`` trials were evaluated; before that every weight is 1)
 and ``sampler_note`` when a fallback was needed.
 
 Cost: each process keeps a per-study cache of what it has derived. Finished trials never
@@ -163,6 +166,7 @@ class _History:
         self._weights: tuple[Any, dict[str, dict[Any, float]]] = (None, {})
         self.top: list[tuple[float, int, str]] = []
         self.n_complete = 0
+        self.n_rejected = 0
         self.counts: dict[tuple[str, Any], _Counts] = {}
         self.predictor = AdditivePredictor()
         self.distributions: dict[str, CategoricalDistribution] | None = None
@@ -203,6 +207,7 @@ class _History:
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             self._add_complete(trial.number, spec, key, self.sign * trial.value)
         elif _is_rejection(trial):
+            self.n_rejected += 1
             self.predictor.add_rejection(spec)
             for feature in _features(spec):
                 self.counts.setdefault(feature, _Counts()).rejected += 1
@@ -237,6 +242,10 @@ class _History:
         bisect.insort(self.top, (score, number, key))
         del self.top[self.population_size :]
 
+    @property
+    def n_evaluated(self) -> int:
+        return self.n_complete + self.n_rejected
+
     def members(self) -> list[Member]:
         """The population, best first."""
         if self._members[0] != self.version:
@@ -255,7 +264,7 @@ class _History:
         cache_key = (self.version, space, shrink_after, reject_min, reject_rate)
         if self._weights[0] == cache_key:
             return self._weights[1]
-        if self.n_complete < shrink_after or not self.top:
+        if self.n_evaluated < shrink_after or not self.top:
             weights = {g: {o: 1.0 for o in space[g]} for g in GENES}
         else:
             weights = self._shrunk(space, reject_min, reject_rate)
@@ -357,7 +366,8 @@ class EvolutionSampler(BaseSampler):
         crossover_prob: probability that a child is a uniform crossover of two parents.
         warm_start: the first specs to try, in order: ``True`` for the classic distillers,
             ``False`` for none (random initial population), or a sequence of specs.
-        shrink_after: completed trials before search-space shrinkage starts.
+        shrink_after: evaluated (completed or rejected) trials before search-space
+            shrinkage starts.
         space: the gene options; must equal what the objective suggests. ``None`` takes them
             from the study's trials, or the whole space for a study without KD trials.
         proposer: the rival of the mutated child in guided selection (Algorithm 1's E):
@@ -367,6 +377,10 @@ class EvolutionSampler(BaseSampler):
         reject_min, reject_rate: an option drops out once at least ``reject_min`` trials with
             it were rejected and they make at least ``reject_rate`` of the trials with it.
         max_tries: attempts to find an unseen child before a fallback.
+        screen: distinct children drawn per proposal, of which rho keeps the one it expects
+            to score lowest; 1 is Algorithm 1's single mutation. On digits three random
+            candidates in four, and most one-gene mutations, are rejected: screening is what
+            keeps the evolved children from being rejected as often.
     """
 
     def __init__(
@@ -385,10 +399,11 @@ class EvolutionSampler(BaseSampler):
         reject_min: int = 3,
         reject_rate: float = 0.8,
         max_tries: int = 64,
+        screen: int = 8,
     ) -> None:
-        if population_size < 1 or top_k < 1 or max_tries < 1 or reject_min < 1:
+        if min(population_size, top_k, max_tries, reject_min, screen) < 1:
             raise SamplerConfigError(
-                "population_size, top_k, max_tries and reject_min must be at least 1"
+                "population_size, top_k, max_tries, reject_min and screen must be at least 1"
             )
         for name, p in [
             ("sample_ratio", sample_ratio),
@@ -417,6 +432,7 @@ class EvolutionSampler(BaseSampler):
         self.reject_min = int(reject_min)
         self.reject_rate = float(reject_rate)
         self.max_tries = int(max_tries)
+        self.screen = int(screen)
         self._rng = LazyRandomState(seed)
         self._random = RandomSampler(seed=None if seed is None else seed + 1)
         self._mutation = MutationProposer()
@@ -481,7 +497,7 @@ class EvolutionSampler(BaseSampler):
     def space_weights(self, study: Study) -> dict[str, dict[Any, float]]:
         """The option weights in force for ``study``: gene -> option -> weight in [0, 1].
 
-        A pure function of the trial list. Before ``shrink_after`` trials have completed every
+        A pure function of the trial list. Before ``shrink_after`` trials were evaluated every
         weight is 1. After, with ``n`` completed trials, the population's ``P' <= P`` members
         and, per option ``o`` (the three transform slots pooled, each on canonical specs):
         ``c_o`` completed trials with ``o``, ``e_o`` population members with ``o``,
@@ -582,8 +598,8 @@ class EvolutionSampler(BaseSampler):
             child = self._select(history.predictor, child, rivals, attrs)
             if child is None:
                 child = self._last_resort(space, weights, seen, attrs)
-            if history.n_complete >= self.shrink_after:
-                attrs["space_state"] = _summary(weights, history.n_complete)
+            if history.n_evaluated >= self.shrink_after:
+                attrs["space_state"] = _summary(weights, history.n_evaluated)
             study._storage.set_trial_system_attr(
                 trial._trial_id, PROPOSED_KEY_ATTR, child.spec.key
             )
@@ -653,15 +669,27 @@ class EvolutionSampler(BaseSampler):
         return [population[int(i)] for i in drawn[: self.top_k]]
 
     def _evolve(self, history, space, weights, seen) -> tuple[Candidate | None, ProposalContext]:
-        """Lines 5-8: tournament, then crossover (at ``crossover_prob``) or mutation."""
+        """Lines 5-8: tournament, then crossover (at ``crossover_prob``) or mutation.
+
+        ``screen`` distinct children are drawn and rho keeps the one it expects to score
+        lowest (rejections counted); with ``screen=1``, Algorithm 1's single mutation.
+        """
         parents = self._tournament(history.members())
         context = self._context(history, space, weights, seen, parents)
-        child = None
-        if len(parents) >= 2 and self._rng.rng.random_sample() < self.crossover_prob:
-            child = next(iter(self._crossover.propose(context)), None)
-        if child is None:
-            child = next(iter(self._mutation.propose(context)), None)
-        return child, context
+        crossover = len(parents) >= 2 and self._rng.rng.random_sample() < self.crossover_prob
+        children: dict[str, Candidate] = {}
+        for _ in range(self.screen):
+            child = next(iter(self._crossover.propose(context)), None) if crossover else None
+            child = child or next(iter(self._mutation.propose(context)), None)
+            if child is None:
+                break
+            children.setdefault(child.spec.key, child)
+        if not children:
+            return None, context
+        predictor = history.predictor
+        if predictor.n < 2:
+            return next(iter(children.values())), context
+        return min(children.values(), key=lambda c: predictor.expected(c.spec)), context
 
     def _select(self, predictor, child, rivals, attrs) -> Candidate | None:
         """Lines 11-15: keep the candidate rho expects to score lower, rejections counted."""

@@ -200,7 +200,7 @@ def test_space_weights_drop_rejected_options_and_damp_the_unpromising():
     space = SearchSpace().narrow(
         transform1=["no"], transform2=["no"], transform3=["no"], calibration=["no"]
     )
-    sampler = EvolutionSampler(population_size=5, shrink_after=40, seed=0, space=space)
+    sampler = EvolutionSampler(population_size=5, shrink_after=40, seed=0, space=space, screen=1)
     study = optuna.create_study(sampler=sampler)
     assert all(w == 1.0 for ws in sampler.space_weights(study).values() for w in ws.values())
 
@@ -223,7 +223,7 @@ def test_space_weights_drop_rejected_options_and_damp_the_unpromising():
 
     twin = optuna.create_study()
     twin.add_trials(study.trials)
-    other = EvolutionSampler(population_size=5, shrink_after=40, seed=99, space=space)
+    other = EvolutionSampler(population_size=5, shrink_after=40, seed=99, space=space, screen=1)
     assert other.space_weights(twin) == weights
 
 
@@ -400,3 +400,24 @@ def test_evolution_starts_after_population_size_proposals_even_if_most_were_reje
     children = [t for t in study.trials[first_child:] if t.user_attrs["parent"] is not None]
     assert all(t.params["knowledge"] == "feat" or "knowledge" in t.user_attrs["mutated"]
                for t in children)
+
+
+def test_screening_children_with_rho_avoids_options_that_get_rejected():
+    def func(trial):
+        spec = suggest_distiller(trial)
+        if spec.distance not in ("l1", "l2") or spec.calibration != "no" or spec.temperature != 1:
+            trial.set_user_attr("reject_reason", "exploding")
+            raise optuna.TrialPruned()
+        return score_of(spec)
+
+    valid = [DistillerSpec("feat", "no", "no", "no", "l2", "no", 1, 10),
+             DistillerSpec("logit", "no", "no", "no", "l1", "no", 1, 1)]
+
+    def rejected_children(screen):
+        sampler = EvolutionSampler(population_size=5, warm_start=valid, seed=0, screen=screen)
+        study = run(sampler, 60, func=func)
+        children = [t for t in study.trials if t.user_attrs["parent"] is not None]
+        return sum(t.state == TrialState.PRUNED for t in children) / len(children)
+
+    screened, single = rejected_children(8), rejected_children(1)
+    assert screened < 0.75 * single
