@@ -61,6 +61,7 @@ class DatasetInfo:
 #: What validation needs to know of each dataset (kd_optuna.data loads them).
 DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(10, (1, 16, 16), needs_root=False, family="digits"),
+    "digits_hard": DatasetInfo(10, (1, 16, 16), needs_root=False, family="digits"),
     "cifar10": DatasetInfo(10, (3, 32, 32), needs_root=True, family="cifar"),
     "cifar100": DatasetInfo(100, (3, 32, 32), needs_root=True, family="cifar"),
     "imagefolder": DatasetInfo(1000, (3, 224, 224), needs_root=True, family="imagenet"),
