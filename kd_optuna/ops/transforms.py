@@ -131,9 +131,11 @@ def pow4(x: Tensor) -> Tensor:
 def log(x: Tensor) -> Tensor:
     """sign(x) * log(1 + |x|): odd, finite at 0 with gradient 1/(1+|x|) <= 1.
 
-    The seed's sign(x) * log(|x| + 1e-9) sends values near 0 to -20.7 with gradient 1e9.
+    Written with log, not log1p, which is 7x slower on CPU; values below 6e-8 in magnitude map
+    to 0 instead of x. The seed's sign(x) * log(|x| + 1e-9) sends values near 0 to -20.7 with
+    gradient 1e9.
     """
-    return torch.sign(x) * torch.log1p(x.abs())
+    return torch.sign(x) * torch.log(1 + x.abs())
 
 
 @transform("sqrt")
