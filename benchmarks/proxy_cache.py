@@ -103,10 +103,12 @@ def compare(label: str, make, spec) -> str:
     t_reject = time.perf_counter() - start
     live_gap = output_gap(uncached.teacher_outputs, full.teacher_outputs, cached.data)
     half_gap = output_gap(outputs, full.teacher_outputs, cached.data)
-    metric_gap = max(abs(m_cached[k] - m_live[k]) for k in m_live)
+    gaps = {k: abs(m_cached[k] - m_live[k]) for k in m_live}
+    worst = max(gaps, key=gaps.get)
+    metric_gap = f"{gaps[worst]:.1e} ({worst}); val_acc {gaps['val_acc']:.1e}"
     return (f"| {label} | {cached.proxy.steps} | {t_live:.2f} | {t_cached:.2f} | {t_live / t_cached:.2f}x | "
             f"{build:.2f} | {outputs.nbytes() / 2**20:.1f} | {t_reject * 1000:.0f} ms ({t_reject / t_cached:.1%}) | "
-            f"{live_gap:.1e} | {half_gap:.1e} | {metric_gap:.1e} |")
+            f"{live_gap:.1e} | {half_gap:.1e} | {metric_gap} |")
 
 
 def separation(task: Task, n_seeds: int) -> None:
