@@ -124,3 +124,54 @@ def test_params_are_the_public_gene_names(task):
     study.optimize(Objective(task), n_trials=1)
     assert set(study.trials[0].params) == set(GENES)
     assert not math.isnan(study.trials[0].user_attrs["rejection_seconds"])
+
+
+def _digits_config(checkpoint, **proxy):
+    import dataclasses
+
+    from kd_optuna.config import load_config
+
+    config = load_config("digits")
+    return dataclasses.replace(
+        config,
+        teacher=dataclasses.replace(config.teacher, checkpoint=checkpoint),
+        proxy=dataclasses.replace(config.proxy, **proxy),
+    )
+
+
+def test_task_from_config_loads_the_checkpoint_and_caches_teacher_outputs(tmp_path):
+    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.models import build_model
+
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "teacher.pt", build_model("digits_teacher", 10), model_name="digits_teacher",
+                           num_classes=10, dataset="digits", accuracy=0.0)
+    config = _digits_config(str(path), steps=2, report_every=2, sharpness_size=16)
+    task = Task.from_config(config, device="cpu", cache_dir=tmp_path / "cache")
+    assert task.device.type == "cpu" and task.proxy is config.proxy and task.space == config.space
+    assert task.student_shapes["logit"] == (10,) and task.teacher_shapes["feat"][0] == 128
+    assert task.test is not None and task.data.val_x.shape[1:] == (1, 16, 16)
+    task.teacher_outputs
+    assert len(list((tmp_path / "cache").glob("teacher-outputs-*.pt"))) == 1
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+
+
+def test_a_missing_teacher_is_trained_once_per_cache_folder(tmp_path, monkeypatch):
+    from kd_optuna import teachers
+    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.models import build_model
+    from kd_optuna.task import cached_teacher_checkpoint
+
+    calls = []
+
+    def fake_train(dataset, model_name, out_path, **kwargs):
+        calls.append((dataset, model_name))
+        save_checkpoint(out_path, build_model(model_name, 10), model_name=model_name, num_classes=10,
+                        dataset=dataset, accuracy=0.5)
+
+    monkeypatch.setattr(teachers, "train_teacher", fake_train)
+    first = cached_teacher_checkpoint("digits", "digits_teacher", tmp_path)
+    second = cached_teacher_checkpoint("digits", "digits_teacher", tmp_path)
+    assert first == second and first.exists() and calls == [("digits", "digits_teacher")]
+    task = Task.from_config(_digits_config(None), device="cpu", cache_dir=tmp_path)
+    assert len(calls) == 1 and task.teacher_sha256
