@@ -54,8 +54,8 @@ class ProxySettings:
 
     Data: ``labels_per_class`` labelled train images per class (0: all) chosen with
     ``label_seed``; KD batches from ``kd_source`` ("train": the whole train split, "labelled":
-    the labelled images only), at most ``kd_pool_size`` of them (0: all); validation on the
-    first ``val_size`` images of the val split (0: all). Augmentation: ``views`` copies per
+    the labelled images only), at most ``kd_pool_size`` of them (0: all); validation on a
+    class-balanced ``val_size`` images of the val split (0: all). Augmentation: ``views`` copies per
     image (view 0 is the image itself), shifted by up to ``shift`` pixels (``augment`` =
     "shift") and flipped left-right with probability 1/2 ("shift_flip"), drawn with
     ``view_seed``. Training: ``steps`` optimiser steps of ``batch_size`` KD images plus
@@ -254,9 +254,10 @@ class ProxyData:
         pool = torch.arange(train_y.shape[0]) if settings.kd_source == "train" else labelled
         if settings.kd_pool_size:
             pool = pool[: settings.kd_pool_size]
-        if settings.val_size:
-            val_x, val_y = val_x[: settings.val_size], val_y[: settings.val_size]
         classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+        if settings.val_size and settings.val_size < val_y.shape[0]:
+            keep = class_balanced_indices(val_y, max(1, settings.val_size // classes), seed=0)
+            val_x, val_y = val_x[keep[: settings.val_size]], val_y[keep[: settings.val_size]]
         return cls(
             train_x.float().to(device), train_y.long().to(device), labelled.to(device),
             pool.to(device), val_x.float().to(device), val_y.long().to(device),

@@ -96,6 +96,7 @@ def test_proxy_data_split():
     labelled_only = ProxyData.build(data.train_x, data.train_y, data.val_x, data.val_y,
                                     dataclasses.replace(FAST, kd_source="labelled", val_size=20))
     assert torch.equal(labelled_only.pool, labelled_only.labelled) and labelled_only.val_x.shape[0] == 20
+    assert torch.bincount(labelled_only.val_y, minlength=10).tolist() == [2] * 10
 
 
 def test_proxy_run_is_deterministic_reports_and_tells_kd_from_none():
