@@ -10,6 +10,11 @@ Full training (seed F.1 / F.2): SGD with momentum, lr x ``gamma`` at each milest
 ``CE(student logits, labels) + distiller(student, teacher, labels)`` on the train split, top-1
 on the test split after each epoch, a checkpoint of student, distiller adapters, optimiser and
 scheduler each epoch (``--resume`` continues from it), the best student kept apart.
+
+``--method`` swaps the distiller for a reference method on the same settings (:data:`METHODS`):
+``searched`` (the trial's spec, the default), ``kd`` (Hinton's KD as a spec), ``pkt``, ``rkd``,
+``crd`` (``kd_optuna.baselines``; CRD reads each sample's index in the train split) or ``dml``
+(a peer student trained beside the student, no teacher). The term is added to the student's CE.
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ from pathlib import Path
 from typing import Any
 
 from kd_optuna.errors import KdOptunaError
+
+#: ``--method`` choices: the term added to the student's cross-entropy.
+METHODS: dict[str, str] = {
+    "searched": "the exported trial's distiller",
+    "kd": "vanilla KD (Hinton et al. 2015), T=4",
+    "pkt": "probabilistic knowledge transfer (Passalis & Tefas 2018)",
+    "rkd": "relational KD, distance + angle (Park et al. 2019)",
+    "crd": "contrastive representation distillation (Tian et al. 2020)",
+    "dml": "deep mutual learning with a peer student, no teacher (Zhang et al. 2018)",
+}
 
 #: The script's settings, in flag order: name -> (type, help).
 SETTINGS: dict[str, tuple[str, str]] = {
@@ -74,8 +89,16 @@ def _str_or_none(text):
     return None if text.lower() in ("", "none") else text
 
 
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer")
+    return value
+
+
 TYPES = {{"int": int, "float": float, "str": str, "bool": _bool, "int_list": _int_list, "str_or_none": _str_or_none}}
 HELP = json.loads({help})
+METHODS = dict(json.loads({methods}))
 
 
 def parse_args(argv=None):
@@ -86,6 +109,12 @@ def parse_args(argv=None):
     for name, (kind, text) in HELP.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=TYPES[kind], default=DEFAULTS[name],
                             help=text.replace("%", "%%") + " (default: %(default)s)")
+    parser.add_argument("--method", choices=list(METHODS), default="searched",
+                        help="the term added to the student's CE: "
+                        + "; ".join("{{}}: {{}}".format(k, v) for k, v in METHODS.items()).replace("%", "%%")
+                        + " (default: %(default)s)")
+    parser.add_argument("--max-steps", type=_positive_int, default=None,
+                        help="smoke test / debugging: stop each epoch after this many batches")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     parser.add_argument("--no-progress", action="store_true", help="hide the per-epoch progress bars")
     return parser.parse_args(argv)
@@ -96,8 +125,9 @@ def main(argv=None):
     from kd_optuna.export import train_with_distiller
 
     settings = {{name: getattr(args, name) for name in HELP}}
-    print("distiller:", SOURCE["formula"])
-    result = train_with_distiller(SPEC, resume=args.resume, progress=not args.no_progress, **settings)
+    print("distiller:", SOURCE["formula"] if args.method == "searched" else args.method)
+    result = train_with_distiller(SPEC, method=args.method, max_steps=args.max_steps, resume=args.resume,
+                                  progress=not args.no_progress, **settings)
     print("final top-1: {{:.2f}}%  best top-1: {{:.2f}}% (epoch {{}})".format(
         100 * result["final_top1"], 100 * result["best_top1"], result["best_epoch"]))
 
@@ -118,6 +148,7 @@ def script_text(spec_params: dict[str, Any], defaults: dict[str, Any], source: d
         defaults=literal({name: defaults[name] for name in SETTINGS}),
         source=literal(source),
         help=literal({name: list(kind_help) for name, kind_help in SETTINGS.items()}),
+        methods=literal([[name, text] for name, text in METHODS.items()]),
     )
 
 
@@ -189,17 +220,21 @@ def train_with_distiller(
     student: str,
     device: str,
     output_dir: str,
+    method: str = "searched",
+    max_steps: int | None = None,
     resume: bool = False,
     progress: bool = True,
     cache_dir: str = ".kd_optuna_cache",
 ) -> dict[str, Any]:
-    """Train ``student`` with the distiller ``spec_params`` and CE; return final/best top-1.
+    """Train ``student`` with CE plus the ``method``'s term; return final/best top-1.
 
-    Each epoch: for every batch (x, y) of the train split, ``loss = CE(s_logit, y) +
-    distiller(s, t, y)`` where s, t are the tapped outputs {feat, emb, logit} of student and
-    (frozen, eval-mode) teacher; SGD step; then the lr schedule; then test top-1. Writes
-    ``output_dir/last.pt`` (everything to resume) and ``output_dir/best_student.pt`` (our
-    checkpoint format), both atomically.
+    Each epoch: for every batch (x, y, index) of the train split, ``loss = CE(s_logit, y) +
+    term`` where ``term = distiller(s, t, y[, index])`` with s, t the tapped outputs {feat,
+    emb, logit} of student and (frozen, eval-mode) teacher, or for ``dml`` the peer's KL term
+    (the peer steps first); SGD step; then the lr schedule; then test top-1. ``max_steps``
+    (smoke tests) ends each epoch after that many batches. Writes ``output_dir/last.pt``
+    (everything to resume) and ``output_dir/best_student.pt`` (our checkpoint format), both
+    atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
     """
     import torch
     import torch.nn.functional as F
@@ -207,35 +242,41 @@ def train_with_distiller(
 
     from kd_optuna.checkpoints import load_model, save_checkpoint
     from kd_optuna.data import load_dataset
-    from kd_optuna.loss import DistillerLoss
-    from kd_optuna.models import build_model, knowledge_shapes, tap_model
+    from kd_optuna.models import build_model, tap_model
     from kd_optuna.space import DistillerSpec
     from kd_optuna.workers import WorkerContext
 
     if epochs < 1 or batch_size < 1:
         raise KdOptunaError("--epochs and --batch-size must be at least 1")
+    if method not in METHODS:
+        raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if max_steps is not None and max_steps < 1:
+        raise KdOptunaError(f"--max-steps {max_steps}: give a positive number of batches or leave it out")
     spec = DistillerSpec.from_params(spec_params)
     target = torch.device(WorkerContext(0, 1, device).torch_device())
     torch.manual_seed(seed)
     splits = load_dataset(dataset, root=data_root, download=download, seed=seed)
     num_classes = splits.num_classes
 
-    if teacher_checkpoint is None:
-        from kd_optuna.task import cached_teacher_checkpoint
+    tapped_teacher = None
+    if method != "dml":
+        if teacher_checkpoint is None:
+            from kd_optuna.task import cached_teacher_checkpoint
 
-        teacher_checkpoint = str(cached_teacher_checkpoint(
-            dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(target),
-        ))
-    teacher_model, _ = load_model(teacher_checkpoint, teacher, num_classes, target)
-    tapped_teacher = tap_model(teacher_model, teacher).to(target).eval()
-    for p in tapped_teacher.parameters():
-        p.requires_grad_(False)
+            teacher_checkpoint = str(cached_teacher_checkpoint(
+                dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(target),
+            ))
+        teacher_model, _ = load_model(teacher_checkpoint, teacher, num_classes, target)
+        tapped_teacher = tap_model(teacher_model, teacher).to(target).eval()
+        for p in tapped_teacher.parameters():
+            p.requires_grad_(False)
     tapped_student = tap_model(build_model(student, num_classes), student).to(target)
-    shape = tuple(splits.input_shape)
-    distiller = DistillerLoss(
-        spec, knowledge_shapes(tapped_student, shape), knowledge_shapes(tapped_teacher, shape)
-    ).to(target)
-    params = list(tapped_student.parameters()) + list(distiller.parameters())
+    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
+    term = build_method_term(
+        method, spec, tapped_student, tapped_teacher, tuple(splits.input_shape),
+        num_data=len(splits.train), student_name=student, num_classes=num_classes, sgd=sgd, device=target,
+    )
+    params = list(tapped_student.parameters()) + list(term.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
 
@@ -247,54 +288,74 @@ def train_with_distiller(
         if not last_path.is_file():
             raise KdOptunaError(f"--resume: no checkpoint {last_path}; run without --resume first")
         state = torch.load(last_path, map_location=target, weights_only=True)
-        if state.get("spec") != spec.to_json():
+        if state.get("method", "searched") != method:
+            raise KdOptunaError(
+                f"--resume: {last_path} was written by --method {state.get('method', 'searched')}; "
+                "use the same --method or another --output-dir"
+            )
+        if method == "searched" and state.get("spec") != spec.to_json():
             raise KdOptunaError(f"--resume: {last_path} was written for another distiller; use another --output-dir")
         tapped_student.model.load_state_dict(state["student"])
-        distiller.load_state_dict(state["distiller"])
+        term.load_state_dict(state["distiller"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.last_epoch = int(state["epoch"])
+        term.resume_schedule(int(state["epoch"]))
         start_epoch, best_top1, best_epoch = int(state["epoch"]), float(state["best_top1"]), int(state["best_epoch"])
         history = list(state["history"])
 
-    train_loader = splits.loader("train", batch_size, num_workers=num_workers, seed=seed)
+    train_loader = _indexed_loader(splits, batch_size, num_workers, seed)
     test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=num_workers)
     top1 = best_top1
     for epoch in range(start_epoch, epochs):
         if train_loader.generator is not None:
             train_loader.generator.manual_seed(seed + epoch)
         tapped_student.train()
-        distiller.train()
+        term.train()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
-        total, seen = 0.0, 0
-        for x, y in bar:
+        totals, seen = {"loss": 0.0, "ce": 0.0, "term": 0.0}, 0
+        for step, (x, y, index) in enumerate(bar):
+            if max_steps is not None and step >= max_steps:
+                break
             x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
-            with torch.no_grad():
-                t_out = tapped_teacher(x)
+            t_out = None
+            if tapped_teacher is not None:
+                with torch.no_grad():
+                    t_out = tapped_teacher(x)
             s_out = tapped_student(x)
-            loss = F.cross_entropy(s_out["logit"], y) + distiller(s_out, t_out, y)
+            ce = F.cross_entropy(s_out["logit"], y)
+            extra = term(x, y, index.to(target), s_out, t_out)
+            loss = ce + extra
             if not math.isfinite(loss.item()):
                 raise KdOptunaError(f"the loss became {loss.item()} in epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(y)
+            for name, value in (("loss", loss), ("ce", ce), ("term", extra)):
+                totals[name] += value.item() * len(y)
             seen += len(y)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+            bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
         scheduler.step()
+        term.epoch_end()
         top1 = _top1(tapped_student, test_loader, target)
         if top1 > best_top1:
             best_top1, best_epoch = top1, epoch + 1
             save_checkpoint(
                 out / "best_student.pt", tapped_student.model, model_name=student, num_classes=num_classes,
-                dataset=dataset, accuracy=top1, extra={"distiller": spec.key, "epoch": epoch + 1},
+                dataset=dataset, accuracy=top1,
+                extra={"distiller": spec.key if method == "searched" else method, "epoch": epoch + 1},
             )
-        history.append({"epoch": epoch + 1, "loss": total / max(1, seen), "top1": top1})
+        means = {name: total / max(1, seen) for name, total in totals.items()}
+        history.append({"epoch": epoch + 1, **means, "top1": top1})
         if progress:
-            tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {total / max(1, seen):.4f}  top-1 {100 * top1:.2f}%")
+            tqdm.write(
+                f"epoch {epoch + 1}/{epochs}: loss {means['loss']:.4f} (CE {means['ce']:.4f} + {method} "
+                f"{means['term']:.4f})  top-1 {100 * top1:.2f}%"
+            )
         _save_atomic(last_path, {
             "spec": spec.to_json(),
+            "method": method,
             "student": tapped_student.model.state_dict(),
-            "distiller": distiller.state_dict(),
+            "distiller": term.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1,
             "best_top1": best_top1,
@@ -302,6 +363,136 @@ def train_with_distiller(
             "history": history,
         })
     return {"final_top1": top1, "best_top1": best_top1, "best_epoch": best_epoch, "history": history}
+
+
+class MethodTerm:
+    """What a ``--method`` adds to the student's CE, and the state it trains and checkpoints.
+
+    ``loss`` (a ``DistillerLoss`` or a ``kd_optuna.baselines`` loss, trained with the student:
+    ``parameters()``) is called as ``loss(s, t, labels)``, or with ``index`` (N,) when it
+    ``needs_index`` (CRD). ``mutual`` (DML) instead steps its peer on the batch and returns
+    the student's KL term; the peer has its own SGD and lr schedule (``epoch_end``).
+    """
+
+    def __init__(self, name: str, loss=None, mutual=None, peer_scheduler=None):
+        self.name = name
+        self.loss = loss
+        self.mutual = mutual
+        self.peer_scheduler = peer_scheduler
+
+    def __call__(self, images, labels, index, student_out, teacher_out):
+        """The 0-dim term for a batch: images (N, C, H, W), labels (N,), index (N,) into the
+        train split, tapped outputs {feat, emb, logit} (``teacher_out`` None for dml)."""
+        if self.mutual is not None:
+            return self.mutual.mutual_term(images, labels, student_out["logit"])
+        if getattr(self.loss, "needs_index", False):
+            return self.loss(student_out, teacher_out, labels, index)
+        return self.loss(student_out, teacher_out, labels)
+
+    def parameters(self) -> list:
+        return [] if self.loss is None else list(self.loss.parameters())
+
+    def train(self) -> None:
+        if self.loss is not None:
+            self.loss.train()
+
+    def epoch_end(self) -> None:
+        if self.peer_scheduler is not None:
+            self.peer_scheduler.step()
+
+    def resume_schedule(self, epoch: int) -> None:
+        if self.peer_scheduler is not None:
+            self.peer_scheduler.last_epoch = epoch
+
+    def state_dict(self) -> dict:
+        if self.mutual is not None:
+            return {"peer": self.mutual.peer.state_dict(), "peer_optimizer": self.mutual.optimizer.state_dict()}
+        return self.loss.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mutual is not None:
+            self.mutual.peer.load_state_dict(state["peer"])
+            self.mutual.optimizer.load_state_dict(state["peer_optimizer"])
+        else:
+            self.loss.load_state_dict(state)
+
+
+def build_method_term(
+    method: str,
+    spec: Any,
+    tapped_student: Any,
+    tapped_teacher: Any,
+    input_shape: tuple[int, ...],
+    *,
+    num_data: int,
+    student_name: str,
+    num_classes: int,
+    sgd: dict[str, Any],
+    device: Any,
+) -> MethodTerm:
+    """The :class:`MethodTerm` of ``method`` (a key of :data:`METHODS`) for these tapped models.
+
+    ``searched`` uses ``spec``; ``kd`` the spec ``CLASSICS["kd"]``; pkt/rkd/crd
+    ``build_baseline`` with ``num_data`` = size of the train split; dml a fresh peer
+    ``student_name`` with SGD(lr, momentum, weight_decay) and MultiStepLR(milestones, gamma)
+    from ``sgd`` (``tapped_teacher`` may then be None).
+    """
+    import torch
+
+    from kd_optuna.models import build_model, knowledge_shapes, tap_model
+
+    if method not in METHODS:
+        raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "dml":
+        from kd_optuna.baselines import MutualLearning
+
+        peer = tap_model(build_model(student_name, num_classes), student_name).to(device)
+        optimizer = torch.optim.SGD(
+            peer.parameters(), lr=sgd["lr"], momentum=sgd["momentum"], weight_decay=sgd["weight_decay"]
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(sgd["milestones"]), gamma=sgd["gamma"])
+        return MethodTerm(method, mutual=MutualLearning(peer, optimizer), peer_scheduler=scheduler)
+    student_shapes = knowledge_shapes(tapped_student, input_shape)
+    teacher_shapes = knowledge_shapes(tapped_teacher, input_shape)
+    if method in ("searched", "kd"):
+        from kd_optuna.classics import CLASSICS
+        from kd_optuna.loss import DistillerLoss
+
+        chosen = spec if method == "searched" else CLASSICS["kd"][0]
+        return MethodTerm(method, loss=DistillerLoss(chosen, student_shapes, teacher_shapes).to(device))
+    from kd_optuna.baselines import build_baseline
+
+    return MethodTerm(method, loss=build_baseline(method, student_shapes, teacher_shapes, num_data=num_data).to(device))
+
+
+class IndexedDataset:
+    """Items (image, label, i) of ``base``, whose items are (image, label): CRD needs i."""
+
+    def __init__(self, base: Any):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return image, label, i
+
+
+def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
+    """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        IndexedDataset(splits.train),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
 
 
 def _top1(tapped, loader, device) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from optuna.distributions import CategoricalDistribution
 
 from kd_optuna.classics import CLASSICS
 from kd_optuna.config import CONFIG_ATTR, StudyConfig, load_config
-from kd_optuna.export import SETTINGS, script_defaults, write_script
+from kd_optuna.export import METHODS, SETTINGS, build_method_term, script_defaults, write_script
 from kd_optuna.space import FULL_OPTIONS, GENES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,3 +114,89 @@ def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert (tmp_path / "run" / "best_student.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def exported_at_script(tmp_path_factory):
+    """A script exported from a study whose trial is attention transfer (not kd), and its teacher."""
+    import torch
+
+    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.models import build_model
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    teacher_path = root / "teacher.pt"
+    save_checkpoint(teacher_path, build_model("digits_teacher", 10), model_name="digits_teacher",
+                    num_classes=10, dataset="digits", accuracy=0.1)
+    trial = completed_trial(CLASSICS["at"][0])
+    return write_script(root / "train_best.py", "s", trial, digits_config(checkpoint=str(teacher_path)))
+
+
+def _script_module(path):
+    spec = importlib.util.spec_from_file_location("exported_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+#: What each method leaves in the checkpoint's distiller state besides the term itself.
+METHOD_STATE = {"crd": "memory_student", "dml": "peer"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_adds_its_term_to_the_students_ce(exported_at_script, method, tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    _script_module(exported_at_script).main([
+        "--method", method, "--epochs", "1", "--max-steps", "1", "--batch-size", "16",
+        "--device", "cpu", "--output-dir", str(run), "--no-progress",
+    ])
+    out = capsys.readouterr().out
+    assert "final top-1" in out
+    assert ("distiller: " + (CLASSICS["at"][0].formula() if method == "searched" else method)) in out
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["method"] == method
+    first = state["history"][0]
+    assert first["term"] > 0
+    assert first["loss"] == pytest.approx(first["ce"] + first["term"])
+    if method in METHOD_STATE:
+        assert any(key.startswith(METHOD_STATE[method]) for key in state["distiller"])
+
+
+def test_methods_give_distinct_terms_on_the_same_batch():
+    import torch
+
+    from kd_optuna.loss import DistillerLoss
+    from kd_optuna.models import build_model, knowledge_shapes, tap_model
+
+    torch.manual_seed(0)
+    student = tap_model(build_model("digits_student", 10), "digits_student")
+    teacher = tap_model(build_model("digits_teacher", 10), "digits_teacher").eval()
+    x, y, index = torch.randn(8, 1, 16, 16), torch.arange(8) % 10, torch.arange(8)
+    s_out, t_out = student(x), teacher(x)
+    sgd = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [1], "gamma": 0.1}
+    values = {}
+    for method in METHODS:
+        torch.manual_seed(1)
+        term = build_method_term(method, CLASSICS["at"][0], student, teacher, (1, 16, 16), num_data=100,
+                                 student_name="digits_student", num_classes=10, sgd=sgd, device="cpu")
+        values[method] = term(x, y, index, s_out, t_out).item()
+    assert len({round(v, 6) for v in values.values()}) == len(METHODS), values
+    shapes = knowledge_shapes(student, (1, 16, 16)), knowledge_shapes(teacher, (1, 16, 16))
+    assert values["kd"] == pytest.approx(DistillerLoss(CLASSICS["kd"][0], *shapes)(s_out, t_out, y).item())
+    torch.manual_seed(1)
+    assert values["searched"] == pytest.approx(DistillerLoss(CLASSICS["at"][0], *shapes)(s_out, t_out, y).item())
+
+
+def test_an_unknown_method_is_refused(exported_at_script, capsys):
+    from kd_optuna.errors import KdOptunaError
+
+    with pytest.raises(SystemExit):
+        _script_module(exported_at_script).main(["--method", "fitnet"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(KdOptunaError, match="unknown --method"):
+        build_method_term("fitnet", CLASSICS["kd"][0], None, None, (1, 16, 16), num_data=1,
+                          student_name="digits_student", num_classes=10, sgd={}, device="cpu")
