@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py                    # ~5 min on a quiet 2-core machine
     python benchmarks/scaling.py --quick            # smoke run: tiny proxy, 1 and 2 workers
-    python benchmarks/scaling.py --backends sqlite --workers 1,2 --trials 40
+    python benchmarks/scaling.py --backends sqlite --workers 1,2 --trials 40 --steps 50 --reference
 
 Each run creates a fresh study from ``studies/digits.toml`` (``kd-optuna create-study``) and
 searches it with ``kd_optuna.workers.optimize``, exactly as ``kd-optuna optimize --n-workers N``
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny proxy, 6 trials, 1 and 2 workers")
     parser.add_argument("--workers", default=None, help="worker counts (default 1,2,4; quick 1,2)")
     parser.add_argument("--trials", type=int, default=None, help="trials per run (default 24; quick 6)")
+    parser.add_argument("--steps", type=int, default=None, help="proxy steps per trial (default: the study's)")
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--reference", action="store_true", help="add one worker held to 1 torch thread")
     args = parser.parse_args(argv)
@@ -86,13 +87,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     workers = [int(w) for w in (args.workers or ("1,2" if args.quick else "1,2,4")).split(",")]
     trials = args.trials or (6 if args.quick else 24)
     proxy = {"steps": 10, "report_every": 10, "val_size": 120, "sharpness_size": 64} if args.quick else {}
+    if args.steps:
+        proxy.update(steps=args.steps, report_every=min(50, args.steps))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"scaling; {date}; {machine()}")
     print(f"digits study, population 12, {trials} trials per run, proxy overrides: {proxy or 'none'}\n")
-    print("| backend | workers | torch threads per worker | trials/min | speed-up vs 1 worker | search s | wall s "
-          "| finished | load before | load after |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| backend | workers | torch threads per worker | trials/min | speed-up vs 1 worker "
+          "| vs 1 worker held to 1 thread | search s | wall s | finished | load before | load after |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = []
     for backend in args.backends.split(","):
         urls = postgres_databases() if backend == "postgresql" else None
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             runs: list[tuple[int, int | None]] = [(n, None) for n in workers]
             if args.reference:
                 runs.insert(1, (1, 1))
-            base = None
+            base = held = None
             for n, threads in runs:
                 url = next(urls) if urls is not None else None
                 before = os.getloadavg()[0]
@@ -111,10 +114,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 per_worker = threads or max(1, cores // n)
                 if n == 1 and threads is None:
                     base = rate(run)
+                if n == 1 and threads == 1:
+                    held = rate(run)
                 speedup = rate(run) / base if base else float("nan")
+                versus_held = f"{rate(run) / held:.2f}x" if held else "-"
                 print(f"| {backend} | {n} | {per_worker}{' (held)' if threads else ''} | {rate(run):.1f} | {speedup:.2f}x "
-                      f"| {run.search_wall:.1f} | {run.wall:.1f} | {run.finished} | {before:.2f} | {after:.2f} |",
-                      flush=True)
+                      f"| {versus_held} | {run.search_wall:.1f} | {run.wall:.1f} | {run.finished} | {before:.2f} "
+                      f"| {after:.2f} |", flush=True)
                 results.append({"backend": backend, "workers": n, "threads": per_worker, "held": bool(threads),
                                 "trials_per_min": rate(run), "speedup": speedup, "search_wall": run.search_wall,
                                 "wall": run.wall, "finished": run.finished, "load_before": before,
