@@ -280,20 +280,25 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
 @cli.command()
 @click.argument("config")
 @click.option("--n-candidates", type=int, default=10, show_default=True, help="Distillers to compare.")
+@click.option("--final-steps", type=int, default=None, help="Steps of the longer training (default: 3x the proxy's).")
+@click.option("--threads", type=int, default=None, help="CPU threads (1 is fastest on a busy machine).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random candidates.")
 @click.option("--device", default="auto", show_default=True)
 @_format_option
-def correlate(config: str, n_candidates: int, device: str, fmt: str) -> None:
+def correlate(config: str, n_candidates: int, final_steps: int | None, threads: int | None,
+              seed: int, device: str, fmt: str) -> None:
     """Reproduce Table 1: rank correlation of each proxy metric with longer training."""
     from kd_optuna.config import load_config
     from kd_optuna.correlate import correlate as run, format_table
     from kd_optuna.task import Task
     from kd_optuna.workers import WorkerContext, check_counts
 
-    check_counts({"--n-candidates": n_candidates})
+    check_counts({"--n-candidates": n_candidates, "--final-steps": final_steps, "--threads": threads})
     loaded = load_config(config)
     loaded.check_files()
     task = Task.from_config(loaded, device=WorkerContext(0, 1, device).torch_device())
-    result = run(task, n_candidates=n_candidates, progress=lambda line: click.echo(line, err=True))
+    result = run(task, n_candidates=n_candidates, final_steps=final_steps, seed=seed, threads=threads,
+                 progress=lambda line: click.echo(line, err=True))
     if fmt == "table":
         click.echo(format_table(result))
     else:
