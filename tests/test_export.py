@@ -103,7 +103,7 @@ def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
     )
     assert code.returncode == 0, code.stderr
-    common = [sys.executable, str(script), "--device", "cpu", "--output-dir", "run", "--no-progress"]
+    common = [sys.executable, str(script), "--device", "cpu", "--output-dir", "run", "--no-progress", "--max-steps", "2"]
     first = subprocess.run(common + ["--epochs", "1"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "final top-1" in first.stdout and "best top-1" in first.stdout
@@ -200,3 +200,21 @@ def test_an_unknown_method_is_refused(exported_at_script, capsys):
     with pytest.raises(KdOptunaError, match="unknown --method"):
         build_method_term("fitnet", CLASSICS["kd"][0], None, None, (1, 16, 16), num_data=1,
                           student_name="digits_student", num_classes=10, sgd={}, device="cpu")
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_method_and_refuses_another(exported_at_script, tmp_path):
+    import torch
+
+    from kd_optuna.errors import KdOptunaError
+
+    script = _script_module(exported_at_script)
+    common = ["--max-steps", "1", "--batch-size", "16", "--device", "cpu", "--output-dir", str(tmp_path), "--no-progress"]
+    script.main(["--method", "dml", "--epochs", "1"] + common)
+    peer_before = torch.load(tmp_path / "last.pt", weights_only=True)["distiller"]["peer"]
+    script.main(["--method", "dml", "--epochs", "2", "--resume"] + common)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+    assert any(not torch.equal(peer_before[k], state["distiller"]["peer"][k]) for k in peer_before)
+    with pytest.raises(KdOptunaError, match="--method dml"):
+        script.main(["--method", "crd", "--epochs", "3", "--resume"] + common)
