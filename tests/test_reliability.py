@@ -338,3 +338,23 @@ def test_the_llm_key_never_reaches_attrs_messages_output_or_the_exported_script(
             assert LLM_KEY not in text and LLM_KEY[3:15] not in text
     finally:
         chat.close()
+
+
+@pytest.mark.postgres
+def test_outputs_and_the_exported_script_of_a_postgres_study_never_hold_its_password(
+    pg_server, pg_url, tiny_config_path, tmp_path, capsys, monkeypatch
+):
+    from test_cli import add_trials
+
+    from kd_optuna.storage import resolve_url
+
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "train_best.py"
+    outputs = [run_cli(capsys, "create-study", str(tiny_config_path), "--storage", pg_url)]
+    add_trials(resolve_url(pg_url), "digits_tiny")
+    for args in (["trials", "-f", "json"], ["best"], ["space"], ["export", "-o", str(script)]):
+        outputs.append(run_cli(capsys, *args, "--storage", pg_url))
+    assert [code for code, _ in outputs] == [0] * 5, outputs
+    texts = [text for _, text in outputs] + [script.read_text()]
+    for text in texts:
+        assert pg_server.password not in text
