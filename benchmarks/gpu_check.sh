@@ -7,8 +7,9 @@
 #
 # Needs no network. Python: $PYTHON if set, else the repository's .venv if it runs, else
 # python3. If a folder .whl holds wheels (e.g. optuna for a machine without it), they are
-# installed with `pip install --no-index --no-deps` into a temporary folder first; otherwise
-# what is installed is used (the check itself needs only torch, torchvision and numpy).
+# installed with `pip install --no-index --no-deps` into a temporary folder first (if they do
+# not install with this Python, a warning says so and the installed packages are used);
+# otherwise what is installed is used (the check itself needs only torch, torchvision and numpy).
 # Extra arguments go to gpu_check.py; the run is stopped after $GPU_CHECK_TIMEOUT s (470).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,14 @@ site_dir=""
 if compgen -G ".whl/*.whl" > /dev/null; then
   site_dir="$(mktemp -d "${TMPDIR:-/tmp}/kd_optuna_site.XXXXXX")"
   trap 'rm -rf "$site_dir"' EXIT
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site_dir" .whl/*.whl
-  echo "installed $(ls .whl/*.whl | wc -l) wheel(s) from .whl into $site_dir"
+  if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site_dir" .whl/*.whl; then
+    echo "installed $(ls .whl/*.whl | wc -l) wheel(s) from .whl into $site_dir"
+  else
+    # wheels built for another Python or platform (e.g. carried for the GPU machine): use what is installed
+    echo "gpu_check: the wheels in .whl do not install with $py; using the installed packages" >&2
+    rm -rf "$site_dir"
+    site_dir=""
+  fi
 fi
 export PYTHONPATH="$PWD${site_dir:+:$site_dir}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
