@@ -147,7 +147,6 @@ def task_parts():
     return ProxyData.build(x, y, vx, vy, SETTINGS, num_classes=10), tap_model(DigitsCNN((8, 8, 16)))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind, state, attr, reason", [
     ("nan", TrialState.PRUNED, "reject_reason", "non_finite"),
     ("cuda_oom", TrialState.FAIL, "fail_reason", "CUDA out of memory"),
@@ -217,7 +216,6 @@ def test_a_truncated_teacher_cache_is_rebuilt_never_used(tmp_path):
 
 # -- nothing read is evaluated ------------------------------------------------------------------
 
-@pytest.mark.slow
 def test_code_in_a_study_is_shown_never_run(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 'kd.db'}"
@@ -302,7 +300,6 @@ def test_a_key_in_the_llm_url_is_refused_without_echoing_it(tmp_path, capsys):
     assert not (tmp_path / "kd.db").exists() or "llm_study" not in optuna.get_all_study_names(url)
 
 
-@pytest.mark.slow
 def test_the_llm_key_never_reaches_attrs_messages_output_or_the_exported_script(tmp_path, capsys, monkeypatch):
     from test_proposers import ChatServer
 
