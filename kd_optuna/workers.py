@@ -24,6 +24,7 @@ a signal only interrupts the objective, never a storage call.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 import multiprocessing
 import os
@@ -318,18 +319,51 @@ class _HostLock:
 
 
 def _next_trial(args, storage, study, host_lock):
-    """(trial or None, target reached): under the host lock, fail stale trials, count, ask."""
+    """(trial or None, target reached): under the host lock, fail stale trials, count, ask.
+
+    The new trial gets its first heartbeat before the lock is released, so a worker killed
+    right after ``ask`` leaves a trial that goes stale like any other.
+    """
     with host_lock:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
+            _fail_unclaimed(storage, study)
         counts = count_states(storage, study._study_id)
         finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
         if finished >= args.n_trials:
             return None, True
         if finished + counts[TrialState.RUNNING] < args.n_trials:
-            return study.ask(), False
+            trial = study.ask()
+            if storage.get_heartbeat_interval() is not None:
+                storage.record_heartbeat(trial._trial_id)
+            return trial, False
     return None, False
+
+
+def _fail_unclaimed(storage, study) -> None:
+    """Fail (and retry) RUNNING trials that no worker ever claimed, once past the grace period.
+
+    Heartbeats only fail trials that had one. A trial asked for outside a worker (or by a
+    worker killed between ``ask`` and its first heartbeat, before this module recorded one
+    under the lock) has none, no worker attr, and would hold a slot of ``--n-trials`` forever.
+    """
+    interval = storage.get_heartbeat_interval()
+    if interval is None:
+        return
+    grace = datetime.timedelta(seconds=storage.grace_period or 2 * interval)
+    now = datetime.datetime.now()
+    callback = storage.get_failed_trial_callback()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if WORKER_ATTR in trial.user_attrs or started is None or now - started < grace:
+            continue
+        try:
+            failed = storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, elsewhere
+            continue
+        if failed and callback is not None:
+            callback(study, storage.get_trial(trial._trial_id))
 
 
 def _finish(args, storage, study, trial, objective, interrupt, name, say, save_note) -> bool:

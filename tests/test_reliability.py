@@ -359,8 +359,6 @@ def test_outputs_and_the_exported_script_of_a_postgres_study_never_hold_its_pass
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (RELIABILITY.md): a trial RUNNING without any heartbeat, left by "
-                   "a worker killed between ask and its first heartbeat, is never failed, so it holds a slot forever")
 def test_a_trial_left_running_before_its_first_heartbeat_does_not_block_the_target(tmp_path):
     import time
 
