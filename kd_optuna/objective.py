@@ -50,10 +50,10 @@ class Objective:
             return math.nan
 
     def _run(self, trial: optuna.trial.BaseTrial) -> float:
-        start = time.perf_counter()
         spec = suggest_distiller(trial, self.task.space)
         trial.set_user_attr("spec", spec.key)
         trial.set_user_attr("formula", spec.formula())
+        start = time.perf_counter()
         rejection = self.task.reject(spec)
         trial.set_user_attr("rejection_seconds", time.perf_counter() - start)
         if rejection is not None:
