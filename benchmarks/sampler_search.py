@@ -1,0 +1,108 @@
+"""Does EvolutionSampler search well? Best digits score after a fixed budget, against Optuna's samplers.
+
+For each sampler and seed, one in-memory study runs ``budget`` trials of the real digits
+objective (``Objective(Task.from_config(load_config("digits")))``, one CPU thread, the same
+code for every sampler); the script prints the median best score (lower is better), how many
+seeds improved on vanilla KD's score, and the median best-so-far curve at a few budgets::
+
+    python benchmarks/sampler_search.py                         # 60 trials x 5 seeds x 3 samplers
+    python benchmarks/sampler_search.py --samplers evolution,random --seeds 0 --budget 10   # smoke
+
+EvolutionSampler is built from the study config's [search] table, as `kd-optuna optimize` builds
+it. One process runs every sampler in turn, so the teacher and its cached outputs are shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import optuna
+import torch
+
+from kd_optuna.classics import CLASSICS
+from kd_optuna.config import load_config
+from kd_optuna.objective import Objective
+from kd_optuna.task import Task
+
+SAMPLERS = {
+    "evolution": lambda config, seed: config.make_sampler(seed=seed),
+    "random": lambda config, seed: optuna.samplers.RandomSampler(seed=seed),
+    "tpe": lambda config, seed: optuna.samplers.TPESampler(seed=seed),
+    "nsga2": lambda config, seed: optuna.samplers.NSGAIISampler(seed=seed),
+}
+
+
+def best_so_far(values: list[float | None]) -> list[float]:
+    """Running minimum over completed trials (inf until the first completes)."""
+    best, curve = float("inf"), []
+    for value in values:
+        if value is not None:
+            best = min(best, value)
+        curve.append(best)
+    return curve
+
+
+def run(sampler_name: str, config, objective, seed: int, budget: int) -> dict:
+    study = optuna.create_study(sampler=SAMPLERS[sampler_name](config, seed))
+    start = time.perf_counter()
+    study.optimize(objective, n_trials=budget)
+    values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in study.trials]
+    return {
+        "values": values,
+        "curve": best_so_far(values),
+        "rejected": sum("reject_reason" in t.user_attrs for t in study.trials),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samplers", default="evolution,random,tpe", help=f"comma list of {', '.join(SAMPLERS)}")
+    parser.add_argument("--budget", type=int, default=60, help="trials per study")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of sampler seeds")
+    parser.add_argument("--json", default=None, help="also write every trial's value here")
+    args = parser.parse_args()
+    names = args.samplers.split(",")
+    unknown = [n for n in names if n not in SAMPLERS]
+    if unknown:
+        parser.error(f"unknown samplers {unknown}; choose from {', '.join(SAMPLERS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(1)
+    config = load_config("digits")
+    task = Task.from_config(config, device="cpu")
+    objective = Objective(task, threads=1)
+    kd_score = _score_of(objective, CLASSICS["kd"][0])
+
+    results = {name: [run(name, config, objective, seed, args.budget) for seed in seeds] for name in names}
+    checkpoints = sorted({c for c in (10, 20, 30, 45, args.budget) if c <= args.budget})
+    print(f"# digits, {args.budget} trials, seeds {seeds}; vanilla KD scores {kd_score:.4f}; lower is better")
+    print("| sampler | median best | min-max best | seeds beating KD | rejected/trial | "
+          + " | ".join(f"best@{c}" for c in checkpoints) + " | s/study |")
+    print("|---|---:|---:|---:|---:|" + "---:|" * len(checkpoints) + "---:|")
+    for name, runs in results.items():
+        bests = [r["curve"][-1] for r in runs]
+        curves = " | ".join(f"{statistics.median(r['curve'][c - 1] for r in runs):.4f}" for c in checkpoints)
+        print(f"| {name} | {statistics.median(bests):.4f} | {min(bests):.4f}-{max(bests):.4f} | "
+              f"{sum(b < kd_score for b in bests)}/{len(bests)} | "
+              f"{statistics.mean(r['rejected'] for r in runs) / args.budget:.2f} | {curves} | "
+              f"{statistics.median(r['seconds'] for r in runs):.0f} |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"kd_score": kd_score, "results": results}, handle)
+
+
+def _score_of(objective: Objective, spec) -> float:
+    """The objective's score of one spec, through an enqueued trial of a throwaway study."""
+    study = optuna.create_study()
+    study.enqueue_trial(spec.to_params())
+    study.optimize(objective, n_trials=1)
+    return study.trials[0].value
+
+
+if __name__ == "__main__":
+    main()
