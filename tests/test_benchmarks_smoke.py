@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*command: str, timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result.stdout
