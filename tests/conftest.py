@@ -13,9 +13,19 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 
 import pg
 from kd_optuna.config import CONFIG_ATTR, load_config
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run on tiny tensors: one torch thread is faster, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 #: Proxy settings small enough for a trial in about a second on one CPU thread.
 TINY_PROXY = {

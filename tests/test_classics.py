@@ -11,14 +11,6 @@ STUDENT = {"logit": (100,), "emb": (64,), "feat": (64, 8, 8)}
 TEACHER = {"logit": (100,), "emb": (256,), "feat": (256, 8, 8)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batch(shapes, n=8, seed=0, requires_grad=False):
     generator = torch.Generator().manual_seed(seed)
     return {

@@ -13,15 +13,6 @@ SHAPES = {"logit": (10,), "emb": (12,), "feat": (6, 4, 4)}
 WIDE = {"logit": (10,), "emb": (16,), "feat": (8, 5, 3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def spec(knowledge="logit", t1="no", t2="no", t3="no", distance="kl", calibration="no", temperature=4, magnitude=1):
     return DistillerSpec(knowledge, t1, t2, t3, distance, calibration, temperature, magnitude)
 

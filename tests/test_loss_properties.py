@@ -32,15 +32,6 @@ KNOWN_OUTCOMES = re.compile(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_outputs(shapes, n, kind, dtype, seed):
     generator = torch.Generator().manual_seed(seed)
     tensors = {}

@@ -13,15 +13,6 @@ from kd_optuna.ops import CALIBRATIONS, DISTANCES, RANDOM_TRANSFORMS, TRANSFORMS
 SHAPES = {2: (3, 5), 3: (3, 4, 5), 4: (3, 4, 5, 6)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
