@@ -9,10 +9,10 @@ stage strides 1,1,2,2,1,2,1 -> (N, 160, 2, 2) -> conv2 1x1 -> feat (N, 1280, 2, 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from kd_optuna.models.init import init_weights
 
 # expansion t, output channels c, repeats n, first stride s
 _STAGES = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -68,16 +68,7 @@ class MobileNetV2(nn.Module):
         self.conv2 = _conv_bn_relu(channels, self.last_channel, 1, 1)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

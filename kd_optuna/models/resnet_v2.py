@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kd_optuna.models.init import init_weights
+
 
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Sequential:
     if stride == 1 and in_planes == out_planes:
@@ -73,12 +75,7 @@ class CifarResNetV2(nn.Module):
         self.layer4 = self._stage(block, 512, num_blocks[3], 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_bias=False)
 
     def _stage(self, block: type, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []

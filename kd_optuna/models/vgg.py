@@ -9,11 +9,11 @@ setting) -> feat (N, 512, 4, 4) -> global average pool -> emb (N, 512) -> logit 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from kd_optuna.models.init import init_weights
 
 CONFIGS = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -56,17 +56,7 @@ class VGG(nn.Module):
         self.feat_relu = nn.ReLU()
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool0(F.relu(self.block0(x)))

@@ -8,11 +8,11 @@ block1 (N, 16k, 32, 32) -> block2 (N, 32k, 16, 16) -> block3 (N, 64k, 8, 8)
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from kd_optuna.models.init import init_weights
 
 
 class WideBlock(nn.Module):
@@ -70,15 +70,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
