@@ -50,8 +50,11 @@ def run(sampler_name: str, config, objective, seed: int, budget: int) -> dict:
     start = time.perf_counter()
     study.optimize(objective, n_trials=budget)
     values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in study.trials]
+    best = study.best_trial if any(v is not None for v in values) else None
     return {
         "values": values,
+        "best_spec": best.user_attrs.get("spec") if best else None,
+        "best_params": best.params if best else None,
         "curve": best_so_far(values),
         "rejected": sum("reject_reason" in t.user_attrs for t in study.trials),
         "seconds": time.perf_counter() - start,
