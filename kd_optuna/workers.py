@@ -353,7 +353,11 @@ def _fail_unclaimed(storage, study) -> None:
         return
     grace = datetime.timedelta(seconds=storage.grace_period or 2 * interval)
     now = datetime.datetime.now()
-    callback = storage.get_failed_trial_callback()
+    callback = (
+        storage.get_heartbeat_stale_trial_callback()  # optuna >= 4.9
+        if hasattr(storage, "get_heartbeat_stale_trial_callback")
+        else storage.get_failed_trial_callback()
+    )
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         started = trial.datetime_start
         if WORKER_ATTR in trial.user_attrs or started is None or now - started < grace:
