@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import click
+import optuna
 
 from kd_optuna.storage import DEFAULT_STORAGE
 
@@ -55,7 +56,8 @@ def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: fl
     click.echo(f"    {attrs.get('formula')}")
     if "val_acc" in attrs:
         click.echo(f"    proxy validation accuracy {100 * attrs['val_acc']:.1f}%")
-    ranked = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None), key=lambda t: t.value)[:5]
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    ranked = sorted(complete, key=lambda t: t.value)[:5]
     for t in ranked:
         click.echo(f"      {t.value:8.4f}  {t.user_attrs.get('formula')}")
     click.echo("")
