@@ -45,8 +45,11 @@ def best_so_far(values: list[float | None]) -> list[float]:
     return curve
 
 
-def run(sampler_name: str, config, objective, seed: int, budget: int) -> dict:
-    study = optuna.create_study(sampler=SAMPLERS[sampler_name](config, seed))
+PRUNERS = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
+
+
+def run(sampler_name: str, config, objective, seed: int, budget: int, pruner: str = "median") -> dict:
+    study = optuna.create_study(sampler=SAMPLERS[sampler_name](config, seed), pruner=PRUNERS[pruner]())
     start = time.perf_counter()
     study.optimize(objective, n_trials=budget)
     values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in study.trials]
@@ -57,6 +60,8 @@ def run(sampler_name: str, config, objective, seed: int, budget: int) -> dict:
         "best_params": best.params if best else None,
         "curve": best_so_far(values),
         "rejected": sum("reject_reason" in t.user_attrs for t in study.trials),
+        "pruned": sum(t.state == optuna.trial.TrialState.PRUNED and "reject_reason" not in t.user_attrs
+                      for t in study.trials),
         "seconds": time.perf_counter() - start,
     }
 
@@ -66,6 +71,8 @@ def main() -> None:
     parser.add_argument("--samplers", default="evolution,random,tpe", help=f"comma list of {', '.join(SAMPLERS)}")
     parser.add_argument("--budget", type=int, default=60, help="trials per study")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of sampler seeds")
+    parser.add_argument("--pruner", choices=sorted(PRUNERS), default="median",
+                        help="Optuna pruner of every study (median: Optuna's and kd-optuna's default)")
     parser.add_argument("--json", default=None, help="also write every trial's value here")
     args = parser.parse_args()
     names = args.samplers.split(",")
@@ -81,18 +88,21 @@ def main() -> None:
     objective = Objective(task, threads=1)
     kd_score = _score_of(objective, CLASSICS["kd"][0])
 
-    results = {name: [run(name, config, objective, seed, args.budget) for seed in seeds] for name in names}
+    results = {name: [run(name, config, objective, seed, args.budget, args.pruner) for seed in seeds]
+               for name in names}
     checkpoints = sorted({c for c in (10, 20, 30, 45, args.budget) if c <= args.budget})
-    print(f"# digits, {args.budget} trials, seeds {seeds}; vanilla KD scores {kd_score:.4f}; lower is better")
-    print("| sampler | median best | min-max best | seeds beating KD | rejected/trial | "
+    print(f"# digits, {args.budget} trials, seeds {seeds}, pruner {args.pruner}; vanilla KD scores {kd_score:.4f};"
+          " lower is better")
+    print("| sampler | median best | min-max best | seeds beating KD | rejected/trial | pruned/trial | "
           + " | ".join(f"best@{c}" for c in checkpoints) + " | s/study |")
-    print("|---|---:|---:|---:|---:|" + "---:|" * len(checkpoints) + "---:|")
+    print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(checkpoints) + "---:|")
     for name, runs in results.items():
         bests = [r["curve"][-1] for r in runs]
         curves = " | ".join(f"{statistics.median(r['curve'][c - 1] for r in runs):.4f}" for c in checkpoints)
         print(f"| {name} | {statistics.median(bests):.4f} | {min(bests):.4f}-{max(bests):.4f} | "
               f"{sum(b < kd_score for b in bests)}/{len(bests)} | "
-              f"{statistics.mean(r['rejected'] for r in runs) / args.budget:.2f} | {curves} | "
+              f"{statistics.mean(r['rejected'] for r in runs) / args.budget:.2f} | "
+              f"{statistics.mean(r['pruned'] for r in runs) / args.budget:.2f} | {curves} | "
               f"{statistics.median(r['seconds'] for r in runs):.0f} |")
     if args.json:
         with open(args.json, "w") as handle:
