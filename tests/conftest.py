@@ -72,14 +72,23 @@ def create_kd_study(url: str, name: str = "s", config_name: str = "digits") -> o
 @dataclasses.dataclass(frozen=True)
 class TrivialObjective:
     """A factory of objectives that suggest a real distiller and score it by a hash of its key,
-    after ``sleep_s`` seconds: the search machinery without any training."""
+    after ``sleep_s`` seconds: the search machinery without any training. With
+    ``wait_for_workers`` = k, each worker's first trial waits (at most 60 s) until k workers
+    have claimed trials, so a test of parallel workers does not depend on spawn timing."""
 
     sleep_s: float = 0.0
+    wait_for_workers: int = 0
 
     def __call__(self, config, worker):
         from kd_optuna.space import suggest_distiller
 
+        waited = False
+
         def objective(trial):
+            nonlocal waited
+            if not waited:
+                waited = True
+                _wait_for_workers(trial.study, self.wait_for_workers)
             spec = suggest_distiller(trial, config.space)
             trial.set_user_attr("formula", spec.formula())
             trial.set_user_attr("spec", spec.key)
@@ -88,6 +97,15 @@ class TrivialObjective:
             return (zlib.crc32(spec.key.encode()) % 10007) / 10007
 
         return objective
+
+
+def _wait_for_workers(study, count: int, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while count and time.time() < deadline:
+        claimed = {t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False)} - {None}
+        if len(claimed) >= count:
+            return
+        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

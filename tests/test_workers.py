@@ -66,7 +66,8 @@ def test_two_workers_stop_exactly_at_n_trials_with_a_note_per_trial(tmp_path):
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = create_kd_study(url)
-    summary = optimize(url, "s", 12, n_workers=2, objective_factory=TrivialObjective(), progress=False)
+    summary = optimize(url, "s", 12, n_workers=2, objective_factory=TrivialObjective(wait_for_workers=2),
+                       progress=False)
     trials = study.get_trials(deepcopy=False)
     assert summary.finished == 12
     assert len(trials) == 12 and {t.state for t in trials} == {TrialState.COMPLETE}
