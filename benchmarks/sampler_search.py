@@ -71,8 +71,8 @@ def main() -> None:
     parser.add_argument("--samplers", default="evolution,random,tpe", help=f"comma list of {', '.join(SAMPLERS)}")
     parser.add_argument("--budget", type=int, default=60, help="trials per study")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of sampler seeds")
-    parser.add_argument("--pruner", choices=sorted(PRUNERS), default="median",
-                        help="Optuna pruner of every study (median: Optuna's and kd-optuna's default)")
+    parser.add_argument("--pruner", choices=sorted(PRUNERS), default="none",
+                        help="Optuna pruner of every study (none: kd-optuna's default; median: Optuna's)")
     parser.add_argument("--json", default=None, help="also write every trial's value here")
     args = parser.parse_args()
     names = args.samplers.split(",")
