@@ -4,12 +4,10 @@ import optuna
 import pytest
 import torch
 
+from conftest import tiny_digits_task
 from kd_optuna.classics import CLASSICS
-from kd_optuna.data import load_dataset
-from kd_optuna.models import tap_model
-from kd_optuna.models.digits import DigitsCNN
 from kd_optuna.objective import Objective
-from kd_optuna.proxy import ProxyData, ProxySettings
+from kd_optuna.proxy import ProxySettings
 from kd_optuna.rejection import Rejection
 from kd_optuna.space import GENES
 from kd_optuna.task import Task
@@ -23,12 +21,7 @@ ATTRS = ("val_ce", "val_acc", "sharpness_gap", "cka_gap", "proxy_seconds", "spec
 
 @pytest.fixture(scope="module")
 def task():
-    splits = load_dataset("digits")
-    x, y = splits.tensors("train", torch.arange(100))
-    vx, vy = splits.tensors("val", torch.arange(30))
-    data = ProxyData.build(x, y, vx, vy, FAST, num_classes=10)
-    torch.manual_seed(2)
-    return Task(data, tap_model(DigitsCNN((8, 8, 16))), lambda: tap_model(DigitsCNN((4, 8, 8))), FAST)
+    return tiny_digits_task(FAST, seed=2)
 
 
 def study_with(*params):

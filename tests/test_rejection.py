@@ -3,15 +3,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_digits_task
 from kd_optuna.classics import CLASSICS
-from kd_optuna.data import load_dataset
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.models import tap_model
-from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.proxy import ProxyData, ProxySettings
+from kd_optuna.proxy import ProxySettings
 from kd_optuna.rejection import REASONS, Rejection, check_repulsion, reject
 from kd_optuna.space import DistillerSpec
-from kd_optuna.task import Task
 
 
 FAST = ProxySettings(labels_per_class=2, steps=4, batch_size=16, report_every=4, sharpness_size=32,
@@ -21,12 +18,7 @@ KD = CLASSICS["kd"][0]
 
 @pytest.fixture(scope="module")
 def task():
-    splits = load_dataset("digits")
-    x, y = splits.tensors("train", torch.arange(100))
-    vx, vy = splits.tensors("val", torch.arange(30))
-    data = ProxyData.build(x, y, vx, vy, FAST, num_classes=10)
-    torch.manual_seed(1)
-    return Task(data, tap_model(DigitsCNN((8, 8, 16))), lambda: tap_model(DigitsCNN((4, 8, 8))), FAST)
+    return tiny_digits_task(FAST, seed=1)
 
 
 class Fake(nn.Module):
