@@ -9,15 +9,19 @@ seeds improved on vanilla KD's score, and the median best-so-far curve at a few 
     python benchmarks/sampler_search.py --samplers evolution,random --seeds 0 --budget 10   # smoke
 
 EvolutionSampler is built from the study config's [search] table, as `kd-optuna optimize` builds
-it. One process runs every sampler in turn, so the teacher and its cached outputs are shared.
+it. Studies are independent: ``--processes N`` runs N of them at once, each in its own process
+with one thread, and gives the same values as running them in turn (only s/study changes with
+the load). The teacher is trained once, before any study starts, and shared through the cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
+from functools import lru_cache
 
 import optuna
 import torch
@@ -66,6 +70,22 @@ def run(sampler_name: str, config, objective, seed: int, budget: int, pruner: st
     }
 
 
+@lru_cache(maxsize=1)
+def _digits():
+    """The study config and the objective, built once per process."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(1)
+    config = load_config("digits")
+    task = Task.from_config(config, device="cpu")
+    return config, Objective(task, threads=1)
+
+
+def _run_one(job: tuple[str, int, int, str]) -> dict:
+    name, seed, budget, pruner = job
+    config, objective = _digits()
+    return run(name, config, objective, seed, budget, pruner)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samplers", default="evolution,random,tpe", help=f"comma list of {', '.join(SAMPLERS)}")
@@ -73,6 +93,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of sampler seeds")
     parser.add_argument("--pruner", choices=sorted(PRUNERS), default="none",
                         help="Optuna pruner of every study (none: kd-optuna's default; median: Optuna's)")
+    parser.add_argument("--processes", type=int, default=1, help="studies run at once, one process each")
     parser.add_argument("--json", default=None, help="also write every trial's value here")
     args = parser.parse_args()
     names = args.samplers.split(",")
@@ -81,15 +102,15 @@ def main() -> None:
         parser.error(f"unknown samplers {unknown}; choose from {', '.join(SAMPLERS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    torch.set_num_threads(1)
-    config = load_config("digits")
-    task = Task.from_config(config, device="cpu")
-    objective = Objective(task, threads=1)
+    config, objective = _digits()
     kd_score = _score_of(objective, CLASSICS["kd"][0])
-
-    results = {name: [run(name, config, objective, seed, args.budget, args.pruner) for seed in seeds]
-               for name in names}
+    jobs = [(name, seed, args.budget, args.pruner) for name in names for seed in seeds]
+    if args.processes > 1:
+        with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+            done = pool.map(_run_one, jobs, chunksize=1)
+    else:
+        done = [_run_one(job) for job in jobs]
+    results = {name: [r for (n, *_), r in zip(jobs, done) if n == name] for name in names}
     checkpoints = sorted({c for c in (10, 20, 30, 45, args.budget) if c <= args.budget})
     print(f"# digits, {args.budget} trials, seeds {seeds}, pruner {args.pruner}; vanilla KD scores {kd_score:.4f};"
           " lower is better")

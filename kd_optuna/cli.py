@@ -106,16 +106,17 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
 @click.option("--n-workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, or a device such as cuda:1.")
+@click.option("--threads", type=int, default=None, help="CPU threads per worker [default: the cores split evenly].")
 @click.option("--heartbeat", type=int, default=20, show_default=True, help="Heartbeat interval in seconds; a trial silent for twice that is failed and retried.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
-def optimize(study_name, storage, n_trials, timeout, n_workers, device, heartbeat, progress) -> None:
+def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads, heartbeat, progress) -> None:
     """Run N worker processes on the study until it holds --n-trials finished trials."""
     from kd_optuna.workers import check_counts, optimize as run
 
-    check_counts({"--n-trials": n_trials, "--n-workers": n_workers, "--heartbeat": heartbeat})
+    check_counts({"--n-trials": n_trials, "--n-workers": n_workers, "--threads": threads, "--heartbeat": heartbeat})
     _, study, _ = _open(storage, study_name)
     summary = run(
-        storage, study.study_name, n_trials, n_workers=n_workers, timeout=timeout, device=device,
+        storage, study.study_name, n_trials, n_workers=n_workers, timeout=timeout, device=device, threads=threads,
         heartbeat_interval=heartbeat, progress=progress,
     )
     best = "none yet" if summary.best_value is None else f"trial {summary.best_number}, score {summary.best_value:.5g}: {summary.best_formula}"

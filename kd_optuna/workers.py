@@ -14,7 +14,7 @@ is per host). A worker that finds every slot taken waits, so a trial whose worke
 failed by the heartbeat and retried by a worker still alive.
 
 Worker ``i`` of ``N`` uses GPU ``i mod count`` when CUDA is there (``--device auto`` or
-``cuda``), and ``max(1, cores // N)`` CPU threads.
+``cuda``), and ``max(1, cores // N)`` CPU threads unless ``--threads`` says how many.
 
 Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial and stops; the parent waits
 for them, then fails any trial its workers left RUNNING. A database write is never cut in half:
@@ -61,14 +61,21 @@ class WorkerContext:
     index: int
     n_workers: int
     device: str = "auto"
+    threads: int | None = None
+
+    def cpu_threads(self) -> int:
+        """``threads`` if set, else an even split of this process's cores: ``max(1, cores // n_workers)``."""
+        if self.threads is not None:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.n_workers)
 
     def torch_device(self) -> str:
         """``cuda:i mod count`` (auto or cuda with CUDA present), else the device asked for;
-        sets torch to ``max(1, cores // n_workers)`` threads."""
+        sets torch to ``cpu_threads()`` threads."""
         import torch
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // self.n_workers))
+        torch.set_num_threads(self.cpu_threads())
         if self.device in ("auto", "cuda"):
             if torch.cuda.is_available():
                 return f"cuda:{self.index % torch.cuda.device_count()}"
@@ -431,6 +438,7 @@ def optimize(
     n_workers: int = 1,
     timeout: float | None = None,
     device: str = "auto",
+    threads: int | None = None,
     heartbeat_interval: int | None = 20,
     grace_period: int | None = None,
     objective_factory: ObjectiveFactory = task_objective,
@@ -438,9 +446,10 @@ def optimize(
     on_start: Callable[[list[int]], None] | None = None,
 ) -> Summary:
     """Run ``n_workers`` processes on the study until it holds ``n_trials`` finished trials,
-    ``timeout`` seconds pass, or Ctrl-C; returns the study's summary."""
-    if n_trials < 1 or n_workers < 1:
-        raise KdOptunaError("--n-trials and --n-workers must be at least 1")
+    ``timeout`` seconds pass, or Ctrl-C; returns the study's summary. ``threads``: torch CPU
+    threads per worker (None: the cores split evenly)."""
+    if n_trials < 1 or n_workers < 1 or (threads is not None and threads < 1):
+        raise KdOptunaError("--n-trials, --n-workers and --threads must be at least 1")
     if timeout is not None and timeout <= 0:
         raise KdOptunaError("--timeout must be a positive number of seconds")
     storage = open_storage(storage_url, heartbeat_interval, grace_period)
@@ -459,7 +468,7 @@ def optimize(
     processes = []
     for index in range(n_workers):
         args = WorkerArgs(
-            storage_url, study_name, n_trials, deadline, WorkerContext(index, n_workers, device),
+            storage_url, study_name, n_trials, deadline, WorkerContext(index, n_workers, device, threads),
             heartbeat_interval, grace_period, objective_factory, os.getpid(),
         )
         process = ctx.Process(target=worker_main, args=(args, host_lock, messages), name=f"kd-optuna-worker-{index}")

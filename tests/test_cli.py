@@ -129,6 +129,7 @@ def test_best_without_completed_trials_and_unknown_or_foreign_studies(study_url,
     [
         (["optimize", "--n-trials", "0"], ["--n-trials", "at least 1"]),
         (["optimize", "--n-trials", "3", "--n-workers", "-2"], ["--n-workers"]),
+        (["optimize", "--n-trials", "3", "--threads", "0"], ["--threads", "at least 1"]),
         (["optimize", "--n-trials", "many"], ["many"]),
         (["trials", "-f", "xml"], ["xml"]),
         (["export", "--trial", "seven"], ["--trial"]),

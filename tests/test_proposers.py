@@ -126,12 +126,39 @@ def test_predictor_shrinks_each_option_effect_toward_the_global_mean():
     rho.add(KD, 1.0)
     rho.add(FITNETS, 3.0)
     assert rho.mean == 2.0
-    # kd's knowledge/distance/temperature/magnitude each deviate by -1, seen once: -1/2 each;
-    # the shared options (no transforms, no calibration) have no deviation.
-    assert rho.predict(KD) == pytest.approx(2.0 - 4 * 0.5)
-    assert rho.predict(GOOD) == pytest.approx(2.0 + 3 * 0.5)
+    # kd and fitnets differ in 4 genes: the ridge fit gives each of those options a weight
+    # -+1/(4 + m) (the deviation shared by the 4), the shared options none.
+    assert rho.predict(KD) == pytest.approx(2.0 - 4 / 5)
+    assert rho.predict(FITNETS) == pytest.approx(2.0 + 4 / 5)
+    assert rho.predict(GOOD) == pytest.approx(2.0 + 3 / 5)
     unseen = DistillerSpec("emb", "relu", "no", "no", "cos", "focal", 8, 5)
     assert rho.predict(unseen) == pytest.approx(2.0)
+
+
+def test_options_seen_only_together_share_their_trial_s_deviation():
+    """One good random trial must not make each of its eight options look that good alone."""
+    rho = AdditivePredictor()
+    lucky = DistillerSpec("feat", "pow2", "norm_N", "batchnorm", "l2", "conf", 16, 0.01)
+    other = DistillerSpec("emb", "logsoftmax_C", "sigmoid", "scale", "cos", "conf", 1, 100)
+    observed = [(KD, 1.54), (FITNETS, 0.01), (lucky, 0.16), (other, 1.51)]
+    for spec, y in observed:
+        rho.add(spec, y)
+    child = DistillerSpec("feat", "pow2", "norm_N", "batchnorm", "l2", "sim", 16, 0.01)
+    lowest = min(y for _, y in observed)
+    assert lowest < rho.predict(child) < rho.predict(KD)
+    assert all(lowest <= rho.predict(spec) <= 1.54 for spec, _ in observed)
+
+
+def test_rejection_probability_follows_the_options_of_rejected_trials():
+    rho = AdditivePredictor()
+    assert rho.reject_probability(KD) == 0.0
+    for _ in range(4):
+        rho.add_rejection(FITNETS)
+        rho.add(KD, 1.0)
+    rho.add(DistillerSpec("emb", "relu", "no", "no", "cos", "focal", 8, 5), 2.0)
+    assert rho.reject_probability(FITNETS) > 0.5 > rho.reject_probability(KD)
+    assert rho.reject_probability(GOOD) > rho.reject_probability(KD)
+    assert rho.expected(FITNETS) > 1.5 > rho.expected(KD)
 
 
 def test_predictor_ignores_the_order_of_trials_and_non_finite_scores():
@@ -337,8 +364,12 @@ def test_a_study_with_the_llm_proposer_records_the_contest_and_survives_failures
 def test_threads_waiting_on_the_language_model_never_run_one_key_twice(chat):
     good = [{**GOOD.to_params(), "magnitude": m} for m in (100, 50, 25, 10, 5, 1)]
     chat.reply(good)
+    # Warm-started with one of the replies, rho knows the model's picks are good, and the
+    # mutated rival is a random spec (every gene redrawn), so the model's picks win contests
+    # and three threads run them at once (rho ever preferring the mutant 20 times: 0 in 150).
     sampler = EvolutionSampler(
-        population_size=4, warm_start=False, seed=0, crossover_prob=0.0, proposer=llm(chat)
+        population_size=4, warm_start=(KD, DistillerSpec.from_params(good[0])), seed=0,
+        crossover_prob=0.0, mutation_prob=1.0, screen=1, proposer=llm(chat),
     )
     study = optuna.create_study(sampler=sampler)
     study.optimize(lambda t: _score(suggest_distiller(t)), n_trials=24, n_jobs=3)

@@ -101,6 +101,32 @@ def test_cpu_threads_are_shared_between_workers():
         torch.set_num_threads(before)
 
 
+class ThreadsObjective:
+    """Records, in each trial, the torch threads its worker process was set to."""
+
+    def __call__(self, config, worker):
+        import torch
+
+        worker.torch_device()
+        objective = TrivialObjective()(config, worker)
+
+        def recorded(trial):
+            trial.set_user_attr("torch_threads", torch.get_num_threads())
+            return objective(trial)
+
+        return recorded
+
+
+@pytest.mark.parametrize("threads", [None, 3])
+def test_workers_run_with_the_threads_asked_for_or_an_even_split(tmp_path, threads):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    optimize(url, "s", 4, n_workers=2, device="cpu", threads=threads, objective_factory=ThreadsObjective(),
+             progress=False, heartbeat_interval=None)
+    expected = threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {t.user_attrs["torch_threads"] for t in study.get_trials(deepcopy=False)} == {expected}
+
+
 @pytest.mark.slow
 def test_sqlite_four_workers_200_trials_without_lock_errors(tmp_path, capfd):
     url = f"sqlite:///{tmp_path / 's.db'}"
