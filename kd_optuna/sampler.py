@@ -39,8 +39,9 @@ Cost: each process keeps a per-study cache of what it has derived. Finished tria
 change, so each is read once: the cache holds the index of the first unfinished trial (the
 ``frontier``) and the numbers of trials finished beyond it, and each sample scans only from
 the frontier (the RUNNING/WAITING trials plus those finished since the last call). Population,
-option counts and the predictor are updated per absorbed trial (O(P + 8)); weights are
-recomputed only when a trial was absorbed. What remains proportional to the study size is
+option counts and the predictor's sufficient statistics are updated per absorbed trial
+(O(P + 64)); weights, and rho's ridge solution (one solve of at most ~200 unknowns, about
+0.3 ms), are recomputed only when a trial was absorbed. What remains proportional to the study size is
 listing the trials (Optuna's ``study._get_trials(deepcopy=False, use_cache=True)`` and one
 fresh ``get_all_trials`` for the claim check), which any sampler reading the history pays.
 
