@@ -6,7 +6,8 @@ message: :func:`mask_url` and :func:`mask_secrets` replace it with ``***``.
 
 SQLite under several worker processes: every connection waits up to ``SQLITE_TIMEOUT_S`` for
 a lock instead of failing with "database is locked", and the database runs in WAL mode
-(readers do not block the writer). WAL needs a local filesystem: do not put the file on NFS.
+(readers do not block the writer). WAL needs a local filesystem: a SQLite file on NFS, SMB or
+another network filesystem (read from ``/proc/mounts``) gets a warning that names PostgreSQL.
 
 With a heartbeat, a RUNNING trial whose worker has not written a heartbeat for
 ``grace_period`` seconds is failed by the next worker that asks for a trial, and
@@ -16,6 +17,7 @@ next ``ask`` runs.
 
 from __future__ import annotations
 
+import logging
 import re
 import urllib.parse
 import warnings
@@ -36,6 +38,12 @@ SQLITE_TIMEOUT_S = 120
 DEFAULT_HEARTBEAT_S = 20
 DEFAULT_MAX_RETRY = 3
 SUPPORTED_BACKENDS = ("sqlite", "postgresql", "mysql")
+
+#: Filesystem types (``/proc/mounts``) whose locking SQLite's WAL mode cannot rely on.
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "9p", "lustre", "gpfs", "glusterfs", "ceph",
+    "beegfs", "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone",
+})
 
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<at>@)")
 
@@ -123,22 +131,58 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
+    """The type of the filesystem that holds ``path`` (``ext4``, ``nfs4``...), from the
+    ``mounts`` table (``/proc/mounts`` by default); None where it cannot be told."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    target = Path(path).expanduser().absolute()
+    target = target.parent.resolve() / target.name
+    found, depth = None, -1
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1]))
+        if (point == target or point in target.parents) and len(point.parts) > depth:
+            found, depth = fields[2], len(point.parts)
+    return found
+
+
+def _warn_if_network_filesystem(database: str, url: str) -> None:
+    kind = filesystem_type(Path(database))
+    if kind in NETWORK_FILESYSTEMS:
+        logging.getLogger("kd_optuna").warning(
+            "the SQLite file %s is on a network filesystem (%s), where its locks are unreliable and "
+            "trials can be lost; keep it on a local disk, or use PostgreSQL for workers on several machines",
+            mask_url(url), kind,
+        )
+
+
 def open_storage(
     url: str = DEFAULT_STORAGE,
     heartbeat_interval: int | None = DEFAULT_HEARTBEAT_S,
     grace_period: int | None = None,
     max_retry: int | None = DEFAULT_MAX_RETRY,
     must_exist: bool = False,
+    check_filesystem: bool = True,
 ) -> optuna.storages.RDBStorage:
     """An RDBStorage for ``url``; with ``heartbeat_interval`` (seconds) a heartbeat whose stale
     trials are failed after ``grace_period`` (default 2 x interval) and retried ``max_retry`` times.
-    ``must_exist``: a SQLite file that is not there raises StorageError instead of being created."""
+    ``must_exist``: a SQLite file that is not there raises StorageError instead of being created.
+    ``check_filesystem``: warn when a SQLite file is on a network filesystem (workers, whose
+    parent has warned, pass False)."""
     parsed = check_url(url)
     if must_exist and parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
         raise StorageError(
             f"no database file {parsed.database!r}; create a study first with `kd-optuna create-study CONFIG`"
             " or give --storage"
         )
+    if check_filesystem and parsed.get_backend_name() == "sqlite":
+        _warn_if_network_filesystem(parsed.database, url)
     engine_url = resolve_url(url)
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":

@@ -245,7 +245,7 @@ def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
     try:
         from optuna_dashboard import save_note  # imported once here, not inside a trial
 
-        storage = open_storage(args.storage_url, args.heartbeat_interval, args.grace_period)
+        storage = open_storage(args.storage_url, args.heartbeat_interval, args.grace_period, check_filesystem=False)
         study = load_study(storage, args.study_name, args.storage_url)
         config = study_config(study)
         seed = config.search.get("seed")

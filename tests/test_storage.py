@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
@@ -9,6 +11,7 @@ from conftest import create_kd_study
 from kd_optuna.storage import (
     StorageError,
     check_url,
+    filesystem_type,
     load_study,
     mask_secrets,
     mask_url,
@@ -105,3 +108,39 @@ def test_stored_config_is_read_back(tmp_path):
     create_kd_study(url, name="s")
     config = study_config(load_study(open_storage(url), "s", url))
     assert config.data.dataset == "digits" and config.student.model == "digits_student"
+
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+proc /proc proc rw 0 0
+server:/export/home /home/ann nfs4 rw,vers=4.2 0 0
+//nas/lab /mnt/lab\\040share cifs rw 0 0
+"""
+
+
+@pytest.mark.parametrize("path, kind", [
+    ("/home/ann/study.db", "nfs4"),
+    ("/home/ann/runs/new/study.db", "nfs4"),
+    ("/home/annette/study.db", "ext4"),
+    ("/mnt/lab share/study.db", "cifs"),
+    ("/tmp/study.db", "ext4"),
+])
+def test_filesystem_type_takes_the_deepest_mount_holding_the_file(path, kind):
+    assert filesystem_type(Path(path), MOUNTS) == kind
+
+
+def test_a_sqlite_file_on_a_network_filesystem_gets_a_warning_naming_postgresql(tmp_path, monkeypatch, caplog):
+    import kd_optuna.storage as storage
+
+    real = storage.filesystem_type
+    monkeypatch.setattr(storage, "filesystem_type", lambda path: real(path, f"nfs:/x {tmp_path} nfs4 rw 0 0\n"))
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    with caplog.at_level("WARNING", logger="kd_optuna"):
+        open_storage(url, heartbeat_interval=None)
+        open_storage(url, heartbeat_interval=None, check_filesystem=False)
+    (record,) = caplog.records
+    assert "network filesystem (nfs4)" in record.getMessage() and "PostgreSQL" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kd_optuna"):
+        open_storage(f"sqlite:///{tmp_path.parent / 'local.db'}", heartbeat_interval=None)
+    assert not caplog.records
