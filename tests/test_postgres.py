@@ -13,7 +13,7 @@ from conftest import TrivialObjective, create_kd_study
 from kd_optuna.cli import main
 from kd_optuna.storage import open_storage
 from kd_optuna.workers import optimize
-from test_workers import run_sigkill_scenario
+from test_workers import run_interrupt_scenario, run_sigkill_scenario
 
 pytestmark = pytest.mark.postgres
 
@@ -45,6 +45,11 @@ def test_four_workers_record_every_trial_exactly_once(pg_server, pg_url, capfd):
 @pytest.mark.slow
 def test_sigkilled_worker_trial_is_failed_and_retried_postgres(pg_url):
     run_sigkill_scenario(pg_url)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_all_workers_and_the_same_command_resumes_postgres(pg_url, tmp_path):
+    run_interrupt_scenario(pg_url, tmp_path)
 
 
 @pytest.mark.slow

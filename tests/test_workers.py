@@ -198,7 +198,12 @@ _INTERRUPT_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_ctrl_c_stops_all_workers_and_the_same_command_resumes(tmp_path):
-    url = f"sqlite:///{tmp_path / 's.db'}"
+    run_interrupt_scenario(f"sqlite:///{tmp_path / 's.db'}", tmp_path)
+
+
+def run_interrupt_scenario(url: str, tmp_path: Path) -> None:
+    """Ctrl-C with 4 workers busy: exit 130, no process left, 4 trials FAIL, none RUNNING;
+    the same command then finishes the 8 trials."""
     study = create_kd_study(url)
     script = tmp_path / "run.py"
     script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=8, sleep=30.0))
