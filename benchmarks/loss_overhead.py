@@ -181,7 +181,7 @@ def main() -> None:
         for r, ms, key in sorted(rows, key=lambda row: -row[1])[:3]:
             print(f"  costliest: {ms:.2f} ms ({r:.3f}x) {key}")
 
-    print(f"\n| knowledge | step ratio median | p90 | max | loss alone median (ms) | max (ms) |")
+    print("\n| knowledge | step ratio median | p90 | max | loss alone median (ms) | max (ms) |")
     print("|---|---|---|---|---|---|")
     for knowledge, (ratios, costs) in summary.items():
         print(f"| {knowledge} | {ratios[0]:.3f}x | {ratios[1]:.3f}x | {ratios[2]:.3f}x "

@@ -25,7 +25,6 @@ STUDY = "digits"
 
 def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: float = DEMO_TIMEOUT_S) -> int:
     from kd_optuna.cli import best_trial, main as cli_main
-    from kd_optuna.config import load_config
     from kd_optuna.storage import load_study, open_storage, study_config
     from kd_optuna.task import cached_teacher_checkpoint
     from kd_optuna.workers import optimize, summarize

@@ -69,6 +69,35 @@ def create_kd_study(url: str, name: str = "s", config_name: str = "digits") -> o
     return study
 
 
+class WorkerMessages(list):
+    """Stands for the queue a worker sends its messages to its parent on."""
+
+    put = list.append
+
+
+def run_worker_in_process(url: str, n_trials: int, factory, deadline: float | None = None,
+                          heartbeat: int = 20, grace: int | None = None) -> tuple[int, list]:
+    """One worker's loop (kd_optuna.workers.worker_main) on study "s" in this process;
+    (exit code, messages). The signal handlers it installs are restored."""
+    import os
+    import signal
+    import threading
+
+    from kd_optuna import workers
+
+    args = workers.WorkerArgs(url, "s", n_trials, deadline, workers.WorkerContext(0, 1, "cpu"), heartbeat, grace,
+                              factory, os.getppid())
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    messages = WorkerMessages()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            workers.worker_main(args, threading.Lock(), messages)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return exit_info.value.code, messages
+
+
 @dataclasses.dataclass(frozen=True)
 class TrivialObjective:
     """A factory of objectives that suggest a real distiller and score it by a hash of its key,

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import signal
-import threading
 from pathlib import Path
 
 import optuna
@@ -26,7 +23,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import TrivialObjective, create_kd_study
+from conftest import TrivialObjective, create_kd_study, run_worker_in_process
 from kd_optuna.cache import load_or_build
 from kd_optuna.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from kd_optuna.cli import main
@@ -38,7 +35,6 @@ from kd_optuna.objective import Objective
 from kd_optuna.proxy import ProxyData, ProxySettings
 from kd_optuna.storage import StorageError, open_storage, study_config
 from kd_optuna.task import Task
-from kd_optuna import workers
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kd_optuna"
 SENTINEL = "KD_OPTUNA_PWNED"
@@ -54,26 +50,6 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         code = exc.code if isinstance(exc.code, int) else 1
     out, err = capsys.readouterr()
     return code, out + err
-
-
-class _Messages(list):
-    put = list.append
-
-
-def run_worker_in_process(url: str, n_trials: int, factory, deadline: float | None = None,
-                          heartbeat: int = 20, grace: int | None = None) -> tuple[int, list]:
-    """One worker's loop (kd_optuna.workers.worker_main) in this process; (exit code, messages)."""
-    args = workers.WorkerArgs(url, "s", n_trials, deadline, workers.WorkerContext(0, 1, "cpu"), heartbeat, grace,
-                              factory, os.getppid())
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    messages = _Messages()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            workers.worker_main(args, threading.Lock(), messages)
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-    return exit_info.value.code, messages
 
 
 # -- faults injected in the middle of proxy training ------------------------------------------

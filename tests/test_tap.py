@@ -182,7 +182,7 @@ def test_vit_student_distils_logits_and_embeddings_from_a_cnn_teacher():
 
 
 def test_a_timm_vit_is_recognised_and_its_tokens_become_a_grid():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=1, num_heads=2, num_classes=10)

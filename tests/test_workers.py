@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TrivialObjective, create_kd_study
+from conftest import TrivialObjective, create_kd_study, run_worker_in_process
 from kd_optuna.storage import open_storage
 from kd_optuna.workers import WorkerContext, optimize, trial_note
 
@@ -30,28 +30,13 @@ def _states(study):
     return counts
 
 
-class _Messages(list):
-    put = list.append
-
-
 def test_one_worker_in_process_reaches_the_target_and_writes_notes(tmp_path):
-    import signal as signal_module
-
-    import kd_optuna.workers as workers
     from optuna_dashboard._note import get_note_from_system_attrs
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = create_kd_study(url)
-    args = workers.WorkerArgs(url, "s", 5, None, WorkerContext(0, 1, "cpu"), 20, None, TrivialObjective(), os.getppid())
-    handlers = signal_module.getsignal(signal_module.SIGINT), signal_module.getsignal(signal_module.SIGTERM)
-    messages = _Messages()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            workers.worker_main(args, threading.Lock(), messages)
-    finally:
-        signal_module.signal(signal_module.SIGINT, handlers[0])
-        signal_module.signal(signal_module.SIGTERM, handlers[1])
-    assert exit_info.value.code == 0 and messages == []
+    code, messages = run_worker_in_process(url, 5, TrivialObjective())
+    assert code == 0 and messages == []
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     system_attrs = study._storage.get_study_system_attrs(study._study_id)
