@@ -1,4 +1,4 @@
-"""Smoke runs of the search-cost, scaling and GPU-check benchmarks in their quick modes.
+"""Smoke runs of the search-cost, scaling, sampler and GPU-check benchmarks in their quick modes.
 
 Each script runs in a subprocess, as a user runs it, and must exit 0 and print its tables.
 """
@@ -67,3 +67,29 @@ def test_gpu_check_runs_on_cpu_and_prints_eight_variants():
     variants = [line for line in out.splitlines() if line.startswith("| live teacher") or line.startswith("| cache")]
     assert len(variants) == 8, out
     assert "device: CPU" in out and "fastest:" in out
+
+
+def test_sampler_synthetic_prints_a_median_per_sampler():
+    out = run(sys.executable, "benchmarks/sampler_synthetic.py", "--seeds", "2", "--budgets", "12", "--interactions", "1")
+    (row,) = table_rows(out, "12")
+    assert row[1] == "1" and len(row) == 6, out
+    assert all(float(cell) < 0 for cell in row[2:]), out  # the best of 12 draws is below the mean 0
+
+
+@pytest.mark.slow
+def test_sampler_search_runs_studies_in_processes_with_the_values_of_one_process(tmp_path):
+    import json
+
+    values = []
+    for processes in ("1", "2"):
+        path = tmp_path / f"search{processes}.json"
+        out = run(sys.executable, "benchmarks/sampler_search.py", "--samplers", "evolution,random", "--seeds", "0",
+                  "--budget", "2", "--processes", processes, "--json", str(path))
+        assert [row[0] for row in out_rows(out)] == ["evolution", "random"], out
+        values.append(json.loads(path.read_text())["results"])
+    strip = [{name: [r["values"] for r in runs] for name, runs in result.items()} for result in values]
+    assert strip[0] == strip[1]
+
+
+def out_rows(output: str) -> list[list[str]]:
+    return [row for name in ("evolution", "random") for row in table_rows(output, name)]
