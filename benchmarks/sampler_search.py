@@ -52,8 +52,14 @@ def best_so_far(values: list[float | None]) -> list[float]:
 PRUNERS = {"median": optuna.pruners.MedianPruner, "none": optuna.pruners.NopPruner}
 
 
-def run(sampler_name: str, config, objective, seed: int, budget: int, pruner: str = "median") -> dict:
+def run(sampler_name: str, config, objective, seed: int, budget: int, pruner: str = "median",
+        warm_start: bool = False) -> dict:
+    """One study; ``warm_start``: Optuna's samplers first run, as enqueued trials, the classic
+    distillers EvolutionSampler starts from (EvolutionSampler always does)."""
     study = optuna.create_study(sampler=SAMPLERS[sampler_name](config, seed), pruner=PRUNERS[pruner]())
+    if warm_start and sampler_name != "evolution":
+        for spec in config.make_sampler(seed=seed, with_llm=False).warm_start:
+            study.enqueue_trial(spec.to_params())
     start = time.perf_counter()
     study.optimize(objective, n_trials=budget)
     values = [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in study.trials]
@@ -80,10 +86,10 @@ def _digits():
     return config, Objective(task, threads=1)
 
 
-def _run_one(job: tuple[str, int, int, str]) -> dict:
-    name, seed, budget, pruner = job
+def _run_one(job: tuple[str, int, int, str, bool]) -> dict:
+    name, seed, budget, pruner, warm_start = job
     config, objective = _digits()
-    return run(name, config, objective, seed, budget, pruner)
+    return run(name, config, objective, seed, budget, pruner, warm_start)
 
 
 def main() -> None:
@@ -93,6 +99,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of sampler seeds")
     parser.add_argument("--pruner", choices=sorted(PRUNERS), default="none",
                         help="Optuna pruner of every study (none: kd-optuna's default; median: Optuna's)")
+    parser.add_argument("--warm-start", action="store_true",
+                        help="Optuna's samplers also start from the classic distillers EvolutionSampler starts from")
     parser.add_argument("--processes", type=int, default=1, help="studies run at once, one process each")
     parser.add_argument("--json", default=None, help="also write every trial's value here")
     args = parser.parse_args()
@@ -104,7 +112,7 @@ def main() -> None:
 
     config, objective = _digits()
     kd_score = _score_of(objective, CLASSICS["kd"][0])
-    jobs = [(name, seed, args.budget, args.pruner) for name in names for seed in seeds]
+    jobs = [(name, seed, args.budget, args.pruner, args.warm_start) for name in names for seed in seeds]
     if args.processes > 1:
         with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
             done = pool.map(_run_one, jobs, chunksize=1)
@@ -112,7 +120,8 @@ def main() -> None:
         done = [_run_one(job) for job in jobs]
     results = {name: [r for (n, *_), r in zip(jobs, done) if n == name] for name in names}
     checkpoints = sorted({c for c in (10, 20, 30, 45, args.budget) if c <= args.budget})
-    print(f"# digits, {args.budget} trials, seeds {seeds}, pruner {args.pruner}; vanilla KD scores {kd_score:.4f};"
+    start = "every sampler starts from the classic distillers" if args.warm_start else "only evolution starts from the classic distillers"
+    print(f"# digits, {args.budget} trials, seeds {seeds}, pruner {args.pruner}, {start}; vanilla KD scores {kd_score:.4f};"
           " lower is better")
     print("| sampler | median best | min-max best | seeds beating KD | rejected/trial | pruned/trial | "
           + " | ".join(f"best@{c}" for c in checkpoints) + " | s/study |")
