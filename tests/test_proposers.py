@@ -342,7 +342,7 @@ def test_a_study_with_the_llm_proposer_records_the_contest_and_survives_failures
     chat.reply(picks)
     sampler = EvolutionSampler(
         population_size=4, warm_start=False, seed=0, crossover_prob=0.0,
-        proposer=llm(chat, timeout=0.5),
+        proposer=llm(chat, timeout=5.0),
     )
     study = optuna.create_study(sampler=sampler)
     study.optimize(lambda t: _score(suggest_distiller(t)), n_trials=12)
