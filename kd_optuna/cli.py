@@ -356,9 +356,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo("kd-optuna: interrupted", err=True)
         sys.exit(130)
     except Exception as exc:  # a database or library error: one masked line, no traceback
-        from sqlalchemy.exc import SQLAlchemyError
+        from kd_optuna.storage import DATABASE_ERRORS
 
-        if isinstance(exc, (SQLAlchemyError, OSError)):
+        if isinstance(exc, (*DATABASE_ERRORS, OSError)):
             _fail(f"{exc.__class__.__name__}: {describe_error(exc, '')}", args, 1)
         import traceback
 

@@ -48,6 +48,11 @@ NETWORK_FILESYSTEMS = frozenset({
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<at>@)")
 
 
+#: What a storage call raises when the database cannot be reached or refuses a commit: the
+#: driver's error through SQLAlchemy, or Optuna's wrapper of it (RDBStorage's own calls).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, optuna.exceptions.StorageInternalError)
+
+
 class StorageError(KdOptunaError):
     """A storage URL that cannot be used, a database that cannot be reached, a foreign study."""
 
@@ -209,7 +214,10 @@ def open_storage(
 
 
 def describe_error(exc: BaseException, url: str) -> str:
-    """One masked line for a database error: its first line, without SQL or parameters."""
+    """One masked line for a database error: its first line, without SQL or parameters.
+    Optuna's StorageInternalError is described by the driver error it wraps."""
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     text = str(getattr(exc, "orig", None) or exc)
     first = next((line.strip() for line in text.splitlines() if line.strip()), exc.__class__.__name__)
     return mask_secrets(first, url)

@@ -39,11 +39,10 @@ from typing import Any, Callable, Mapping
 import optuna
 from optuna.trial import TrialState
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
 
 from kd_optuna.config import StudyConfig
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.storage import describe_error, load_study, mask_secrets, open_storage, study_config
+from kd_optuna.storage import DATABASE_ERRORS, describe_error, load_study, mask_secrets, open_storage, study_config
 
 WORKER_ATTR = "worker"
 REASON_ATTR = "reject_reason"
@@ -283,7 +282,7 @@ def _loop(args, storage, study, objective, interrupt, host_lock, name, say, save
                 continue
             failed = _finish(args, storage, study, trial, objective, interrupt, name, say, save_note)
             outage_since = None
-        except SQLAlchemyError as exc:
+        except DATABASE_ERRORS as exc:
             if outage_since is None:
                 outage_since = time.time()
                 say(f"worker {args.context.index}: database error, retrying: {describe_error(exc, args.storage_url)}")
@@ -390,7 +389,7 @@ def _finish(args, storage, study, trial, objective, interrupt, name, say, save_n
     if state != TrialState.FAIL:
         try:
             save_note(trial, trial_note(trial, state, value))
-        except SQLAlchemyError:
+        except DATABASE_ERRORS:
             raise
         except Exception as exc:
             say(f"worker {args.context.index}: dashboard note of trial {trial.number} not saved: {exc}")
@@ -492,7 +491,11 @@ def optimize(
         _drain(messages, errors, bar)
         for process in processes:
             process.join(timeout=30)
-        _fail_orphans(study, storage, processes)
+        try:
+            _fail_orphans(study, storage, processes)
+        except DATABASE_ERRORS as exc:
+            errors.append(f"could not fail the trials of ended workers ({describe_error(exc, storage_url)}); "
+                          "the next worker's heartbeat check fails them")
         _update_bar(bar, study)
         if bar is not None:
             bar.close()

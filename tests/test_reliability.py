@@ -345,3 +345,27 @@ def test_a_trial_left_running_before_its_first_heartbeat_does_not_block_the_targ
     run_worker_in_process(url, 3, TrivialObjective(), deadline=time.time() + 15, heartbeat=1, grace=2)
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states.count(TrialState.COMPLETE) == 3 and TrialState.RUNNING not in states
+
+
+def test_a_database_error_inside_an_optuna_call_is_waited_out_not_fatal(tmp_path, monkeypatch):
+    """RDBStorage wraps driver errors in StorageInternalError: a worker must treat it as an outage."""
+    import sqlalchemy.exc
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    real = optuna.storages.RDBStorage._create_new_trial
+    calls = []
+
+    def create_trial_row(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            cause = sqlalchemy.exc.OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from cause
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "_create_new_trial", create_trial_row)
+    code, messages = run_worker_in_process(url, 3, TrivialObjective())
+    assert code == 0
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 3
+    ((_, said),) = messages
+    assert "database error, retrying: server closed the connection unexpectedly" in said

@@ -144,3 +144,16 @@ def test_a_sqlite_file_on_a_network_filesystem_gets_a_warning_naming_postgresql(
     with caplog.at_level("WARNING", logger="kd_optuna"):
         open_storage(f"sqlite:///{tmp_path.parent / 'local.db'}", heartbeat_interval=None)
     assert not caplog.records
+
+
+def test_optuna_s_wrapped_database_errors_are_described_by_their_cause_masked():
+    import sqlalchemy.exc
+
+    from kd_optuna.storage import DATABASE_ERRORS, describe_error
+
+    url = "postgresql://kd:hunter2@db/kd"
+    cause = sqlalchemy.exc.OperationalError("SELECT", {}, Exception("password hunter2 refused\nDETAIL: more"))
+    try:
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from cause
+    except DATABASE_ERRORS as exc:
+        assert describe_error(exc, url) == "password *** refused"
