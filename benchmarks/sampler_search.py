@@ -36,6 +36,9 @@ SAMPLERS = {
     "random": lambda config, seed: optuna.samplers.RandomSampler(seed=seed),
     "tpe": lambda config, seed: optuna.samplers.TPESampler(seed=seed),
     "nsga2": lambda config, seed: optuna.samplers.NSGAIISampler(seed=seed),
+    # NSGA-II with EvolutionSampler's population size: its default 50 is all random at 60 trials
+    "nsga2_p": lambda config, seed: optuna.samplers.NSGAIISampler(
+        seed=seed, population_size=config.make_sampler(seed=seed, with_llm=False).population_size),
 }
 
 
