@@ -69,6 +69,19 @@ def create_kd_study(url: str, name: str = "s", config_name: str = "digits") -> o
     return study
 
 
+def invoke_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``kd-optuna ARGS`` in this process: (exit code, stdout, stderr)."""
+    from kd_optuna.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 class WorkerMessages(list):
     """Stands for the queue a worker sends its messages to its parent on."""
 

@@ -17,22 +17,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution
 
-from conftest import tiny_digits_toml
+from conftest import invoke_cli, tiny_digits_toml
 from kd_optuna.classics import CLASSICS
-from kd_optuna.cli import main
 from kd_optuna.space import FULL_OPTIONS, GENES
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
+run = invoke_cli
 
 
 def add_trials(url: str, study_name: str) -> None:

@@ -23,10 +23,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import TrivialObjective, create_kd_study, run_worker_in_process
+from conftest import TrivialObjective, create_kd_study, invoke_cli, run_worker_in_process
 from kd_optuna.cache import load_or_build
 from kd_optuna.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from kd_optuna.cli import main
 from kd_optuna.config import CONFIG_ATTR, load_config
 from kd_optuna.data import load_dataset
 from kd_optuna.models import build_model, tap_model
@@ -43,12 +42,8 @@ LLM_KEY = "sk-reliability-5ecret-key-0123456789"
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
+    """(exit code, stdout + stderr) of ``kd-optuna ARGS``."""
+    code, out, err = invoke_cli(capsys, *args)
     return code, out + err
 
 
