@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,19 +50,10 @@ def postgres_databases() -> Iterator[str] | None:
         return None
 
     def databases() -> Iterator[str]:
-        import sqlalchemy
-
-        from kd_optuna.storage import resolve_url
-
         server = pg.start()
         try:
             while True:
-                name = "scaling_" + secrets.token_hex(4)
-                engine = sqlalchemy.create_engine(resolve_url(server.url), isolation_level="AUTOCOMMIT")
-                with engine.connect() as connection:
-                    connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-                engine.dispose()
-                yield server.url.rsplit("/", 1)[0] + "/" + name
+                yield server.new_database("scaling_")
         finally:
             server.stop()
 

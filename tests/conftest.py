@@ -181,15 +181,4 @@ def pg_server():
 @pytest.fixture
 def pg_url(pg_server):
     """A fresh, empty database on the private server for one test."""
-    import secrets
-
-    import sqlalchemy
-
-    from kd_optuna.storage import resolve_url
-
-    name = "t_" + secrets.token_hex(4)
-    engine = sqlalchemy.create_engine(resolve_url(pg_server.url), isolation_level="AUTOCOMMIT")
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    engine.dispose()
-    yield pg_server.url.rsplit("/", 1)[0] + "/" + name
+    yield pg_server.new_database()

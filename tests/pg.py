@@ -57,6 +57,21 @@ class PgServer:
     def url(self) -> str:
         return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/postgres"
 
+    def new_database(self, prefix: str = "t_") -> str:
+        """Create an empty database ``<prefix><random hex>`` on this server; its URL."""
+        import sqlalchemy
+
+        from kd_optuna.storage import resolve_url
+
+        name = prefix + secrets.token_hex(4)
+        engine = sqlalchemy.create_engine(resolve_url(self.url), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as connection:
+                connection.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+        finally:
+            engine.dispose()
+        return self.url.rsplit("/", 1)[0] + "/" + name
+
     def _pg_ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return _as_postgres([find_binary("pg_ctl"), "-D", str(self.data_dir), *args], check=check)
 
