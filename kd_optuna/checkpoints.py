@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -73,6 +74,28 @@ def save_checkpoint(
     return path
 
 
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_RESAVE = "where the model is defined, save only its weights: torch.save(model.state_dict(), path)"
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words that end with the fix.
+
+    torch's own message advises loading with weights_only=False, which runs whatever code the
+    file holds; that advice is never repeated: only the name of a refused global is kept."""
+    text = str(exc)
+    found = _GLOBAL.search(text)
+    if found:
+        return (
+            f"holds Python objects besides tensors ({found.group(1)}), which kd-optuna never loads; {_RESAVE}"
+        )
+    if isinstance(exc, OSError) and not isinstance(exc, EOFError):
+        return f"cannot be read ({type(exc).__name__}: {exc.strerror or 'I/O error'}); check the file's permissions"
+    if isinstance(exc, EOFError) or "central directory" in text or "zip archive" in text:
+        return "is empty or truncated (an interrupted copy or download?); copy the checkpoint again"
+    return f"is not a PyTorch checkpoint of weights ({type(exc).__name__}); check the path, or {_RESAVE}"
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state dict, our meta or None) from any supported layout, weights_only, hash verified."""
     path = Path(path)
@@ -80,12 +103,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read as weights only ({first_line}); "
-            f"re-save it with torch.save(model.state_dict(), path)"
-        ) from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError,
+            IndexError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} {unreadable_reason(exc)}") from None
     meta = None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         state, meta = payload["state_dict"], payload["meta"]

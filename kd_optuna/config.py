@@ -175,8 +175,14 @@ class StudyConfig:
         return self.teacher.num_classes or self.student.num_classes or DATASETS[self.data.dataset].num_classes
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "config", check_models: bool = True) -> "StudyConfig":
+    def from_dict(
+        cls, data: Any, source: str = "config", check_models: bool = True, proxy_from_recipe: bool = True
+    ) -> "StudyConfig":
         """Validate a parsed config (TOML tables or stored JSON); raise ConfigError naming the key.
+
+        The ``[proxy]`` keys a config leaves out follow the ``[train]`` recipe, shrunk
+        (``ProxySettings.from_recipe``), so a user who changes the recipe searches for it; a
+        stored config (``proxy_from_recipe=False``) keeps exactly the settings it was created with.
 
         ``check_models=False`` skips the model registry (and so the torch import) for a config
         that was checked when its study was created; building the models checks the names again."""
@@ -201,12 +207,19 @@ class StudyConfig:
         student = _build(StudentConfig, data["student"], source, "student")
         if check_models:
             _check_models(source, dataset_config.dataset, teacher, student)
-        proxy = _build(_proxy_settings_class(), data.get("proxy", {}), source, "proxy")
+        proxy_table = data.get("proxy", {})
+        proxy = _build(_proxy_settings_class(), proxy_table, source, "proxy")
         space = _build_space(source, data.get("space", {}))
         search = _build_search(source, data.get("search", {}))
         train = _build(TrainConfig, data.get("train", {}), source, "train")
         _check_train(source, train)
         train = train.resolved(dataset_config.dataset, student.model)
+        if proxy_from_recipe:
+            given = {key: getattr(proxy, key) for key in proxy_table}
+            try:
+                proxy = _proxy_settings_class().from_recipe(train, given)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {exc}") from None
         return cls(study, dataset_config, teacher, student, proxy, space, search, train)
 
     def to_dict(self) -> dict[str, Any]:
@@ -233,7 +246,7 @@ class StudyConfig:
             data = json.loads(text)
         except (TypeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{source}: not valid JSON ({exc}); recreate the study with create-study") from None
-        return cls.from_dict(data, source, check_models)
+        return cls.from_dict(data, source, check_models, proxy_from_recipe=False)
 
     def check_files(self) -> None:
         """Check that the data root and the teacher checkpoint exist on this machine."""
@@ -259,11 +272,24 @@ class StudyConfig:
                         f"{train} holds {found} class folders but the models have {self.num_classes} classes; "
                         f"set teacher.num_classes and student.num_classes = {found}"
                     )
-        if self.teacher.checkpoint is not None and not Path(self.teacher.checkpoint).expanduser().is_file():
+        if self.teacher.checkpoint is not None:
+            self.check_teacher_checkpoint()
+
+    def check_teacher_checkpoint(self) -> None:
+        """The teacher checkpoint exists, loads with ``torch.load(weights_only=True)`` and holds
+        weights that fit ``teacher.model`` with the config's class count; else one-line ConfigError."""
+        path = Path(self.teacher.checkpoint).expanduser()
+        if not path.is_file():
             raise ConfigError(
                 f"teacher.checkpoint = {self.teacher.checkpoint!r} is not a file; fix the path, or remove "
                 "the key to let kd-optuna train a teacher"
             )
+        from kd_optuna.checkpoints import CheckpointError, load_state
+
+        try:
+            load_state(path, self.teacher.model, self.num_classes)
+        except CheckpointError as exc:
+            raise ConfigError(f"teacher.checkpoint: {_one_line(str(exc))}") from None
 
     def make_sampler(self, seed: int | None = None, with_llm: bool = True):
         """The study's EvolutionSampler; ``seed`` (one per worker) overrides search.seed;
@@ -428,18 +454,24 @@ def _build(cls: type, table: Mapping[str, Any], source: str, section: str):
 
 
 def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: StudentConfig) -> None:
-    from kd_optuna.models import MODEL_NAMES, model_entry
+    from kd_optuna.models import UnknownModel, model_entry
 
     info = DATASETS[dataset]
+    entries = {}
     for role, part in (("teacher", teacher), ("student", student)):
-        if part.model not in MODEL_NAMES:
+        try:
+            entry = entries[role] = model_entry(part.model)
+        except UnknownModel as exc:
+            raise ConfigError(f"{source}: {role}.model = {part.model!r} is not a known model: {exc}") from None
+        if entry.input_shape is None:
+            if info.input_shape[0] != 3:
+                raise ConfigError(
+                    f"{source}: {role}.model = {part.model!r} ({entry.source}) takes 3-channel images but {dataset} "
+                    f"images are {info.input_shape}; pick a {dataset} model"
+                )
+        elif info.family != "imagenet" and tuple(entry.input_shape) != info.input_shape:
             raise ConfigError(
-                f"{source}: {role}.model = {part.model!r} is not a known model; use one of: {', '.join(MODEL_NAMES)}"
-            )
-        shape = tuple(model_entry(part.model).input_shape)
-        if info.family != "imagenet" and shape != info.input_shape:
-            raise ConfigError(
-                f"{source}: {role}.model = {part.model!r} takes {shape} inputs but {dataset} images are "
+                f"{source}: {role}.model = {part.model!r} takes {tuple(entry.input_shape)} inputs but {dataset} images are "
                 f"{info.input_shape}; pick a {dataset} model"
             )
         if part.num_classes is not None and part.num_classes < 1:
@@ -460,6 +492,60 @@ def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: St
         raise ConfigError(
             f"{source}: teacher.num_classes = {t_classes} but student.num_classes = {s_classes}; "
             "a distiller needs the same classes on both sides"
+        )
+    for role, part in (("teacher", teacher), ("student", student)):
+        if part.nodes is not None or entries[role].source != "zoo":
+            _check_tap(source, role, part, entries[role].source, t_classes, info.input_shape)
+
+
+def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int, input_shape: tuple) -> None:
+    """Trace ``part.model`` once, built on the meta device (no weights allocated, nothing
+    downloaded): its tap nodes must exist, and, where a meta forward runs, give a feature map,
+    a vector and ``num_classes`` logits on ``input_shape`` images."""
+    import torch
+
+    from kd_optuna.models import TapError, build_model, check_nodes, knowledge_shapes, tap_model
+    from kd_optuna.models.tap import _available_nodes, _default_nodes, _graph_nodes
+
+    try:
+        with torch.device("meta"):
+            model = build_model(part.model, num_classes)
+    except KdOptunaError as exc:
+        raise ConfigError(f"{source}: {role}.model = {part.model!r}: {_one_line(str(exc))}") from None
+    except Exception as exc:
+        raise ConfigError(
+            f"{source}: {role}.model = {part.model!r} cannot be built with {num_classes} classes "
+            f"({type(exc).__name__}: {_one_line(str(exc))[:200]})"
+        ) from None
+    nodes = part.nodes
+    if nodes is None and _default_nodes(model) is None:
+        raise ConfigError(
+            f"{source}: {role}.model = {part.model!r} is a {library} model outside the zoo: name its tap nodes under "
+            f"[{role}] as nodes = {{ feat = \"...\", emb = \"...\", logit = \"...\" }}; "
+            f"{_available_nodes([n for n in _graph_nodes(model) if n != 'x'])}"
+        )
+    try:
+        if nodes is not None:
+            check_nodes(model, nodes)
+        tapped = tap_model(model, part.model, nodes=nodes)
+    except TapError as exc:
+        raise ConfigError(f"{source}: {role}.nodes: {_one_line(str(exc))}") from None
+    try:
+        shapes = knowledge_shapes(tapped, input_shape)
+    except Exception:  # an op without a meta kernel: the nodes exist, the shapes are checked on first use
+        return
+    wanted = {"feat": 3, "emb": 1}
+    for key, rank in wanted.items():
+        if len(shapes[key]) != rank:
+            what = "a feature map (N, C, H, W)" if key == "feat" else "a vector (N, D)"
+            raise ConfigError(
+                f"{source}: {role}.nodes.{key} = {tapped.nodes[key]!r} gives per-image shape {shapes[key]}, "
+                f"not {what}; name another node"
+            )
+    if shapes["logit"] != (num_classes,):
+        raise ConfigError(
+            f"{source}: {role}.nodes.logit = {tapped.nodes['logit']!r} gives per-image shape {shapes['logit']}, "
+            f"not the {num_classes} class logits; name the classifier's last layer"
         )
 
 

@@ -7,7 +7,7 @@
 """
 
 from .registry import MODEL_NAMES, ModelEntry, UnknownModel, build_model, model_entry
-from .tap import KNOWLEDGE, TapError, TappedModel, knowledge_shapes, tap_model
+from .tap import KNOWLEDGE, TapError, TappedModel, check_nodes, knowledge_shapes, tap_model
 from .vit import MissingExtra
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "TappedModel",
     "UnknownModel",
     "build_model",
+    "check_nodes",
     "knowledge_shapes",
     "model_entry",
     "tap_model",

@@ -4,6 +4,15 @@ Names follow RepDistiller / mdistiller for the CIFAR zoo (``resnet8`` .. ``Shuff
 CIFAR-resolution ``ResNet18`` / ``ResNet50``; ``mobile_half`` is an alias of ``MobileNetV2``), ``digits_teacher`` / ``digits_student`` for the
 embedded task, torchvision's ImageNet ``resnet18/34/50`` and ``mobilenet_v2`` (random init), and
 ``vit_tiny_cifar`` / ``deit_tiny`` (timm, optional).
+
+Outside the zoo, any torchvision classifier is a model by its name in
+``torchvision.models.list_models(module=torchvision.models)`` (``mobilenet_v3_small``,
+``efficientnet_b0``, ``convnext_tiny``, ...), and, when timm is installed, any timm model by its
+``timm.list_models()`` name; ``torchvision:NAME`` / ``timm:NAME`` pick one library where both have
+the name. They are built with random weights (``weights=None`` / ``pretrained=False``: nothing is
+downloaded), take 3-channel images of any size, and need tap nodes from the config
+(``nodes = {feat = ..., emb = ..., logit = ...}``) unless the tap recognises them (torchvision
+ResNet / MobileNetV2, timm Vision Transformers).
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ class ModelEntry:
     applied to the tapped ``feat`` tensor (ViT tokens -> patch grid)."""
 
     factory: Callable[..., nn.Module]
-    nodes: dict[str, str]
-    input_shape: tuple[int, int, int]
+    nodes: dict[str, str] | None
+    input_shape: tuple[int, int, int] | None
     feat_transform: Callable[[nn.Module], Callable] | None = field(default=None)
+    #: "zoo", "torchvision" or "timm"; ``input_shape`` None: 3-channel images of any size.
+    source: str = "zoo"
 
 
 def _torchvision(name: str):
@@ -91,12 +102,59 @@ _REGISTRY: dict[str, ModelEntry] = {
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def model_entry(name: str) -> ModelEntry:
-    """The registry entry of ``name``; an unknown name raises UnknownModel listing the known."""
+def _timm_factory(name: str):
+    def build(num_classes: int = 1000, **kwargs) -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+
+    return build
+
+
+def _torchvision_classifiers() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def _timm_has(name: str) -> bool:
     try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownModel(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}") from None
+        import timm
+    except ImportError:
+        return False
+    return bool(timm.is_model(name)) and not name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))
+
+
+def _external_entry(name: str) -> ModelEntry | None:
+    library, _, bare = name.partition(":") if ":" in name else ("", "", name)
+    if library in ("", "torchvision") and bare in _torchvision_classifiers():
+        return ModelEntry(_torchvision(bare), None, None, source="torchvision")
+    if library in ("", "timm") and _timm_has(bare):
+        return ModelEntry(_timm_factory(bare), None, None, source="timm")
+    return None
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``: the zoo's, else a torchvision / timm classifier's (see the
+    module docstring); an unknown name raises UnknownModel listing the zoo."""
+    entry = _REGISTRY.get(name) if isinstance(name, str) else None
+    if entry is None and isinstance(name, str):
+        entry = _external_entry(name)
+    if entry is None:
+        timm_hint = "" if _timm_installed() else " (timm's too once `pip install timm` is done)"
+        raise UnknownModel(
+            f"unknown model {name!r}; use a torchvision classifier name such as mobilenet_v3_small{timm_hint}, "
+            f"or one of the zoo: {', '.join(MODEL_NAMES)}"
+        )
+    return entry
+
+
+def _timm_installed() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:

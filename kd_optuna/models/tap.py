@@ -62,9 +62,44 @@ def _graph_nodes(model: nn.Module) -> list[str]:
         return [n for n, _ in model.named_modules() if n]
 
 
+#: Up to this many graph nodes are listed in full in an error; beyond, a shortened list.
+LISTED_NODES = 40
+
+
 def _available_nodes(names: list[str]) -> str:
+    """The nodes a user can name: all of them when few, else the top-level ones and the last 10."""
+    if len(names) <= LISTED_NODES:
+        return f"its nodes: {', '.join(names)}"
     top = list(dict.fromkeys(n.split(".")[0] for n in names))
-    return f"top-level nodes and modules: {', '.join(top)}; last nodes: {', '.join(names[-8:])}"
+    return (
+        f"its {len(names)} nodes include the top-level {', '.join(top)} (a module path names its last node) "
+        f"and end with {', '.join(names[-10:])}"
+    )
+
+
+def _present(node: str, graph: list[str]) -> bool:
+    return node in graph or any(g.startswith(node + ".") for g in graph)
+
+
+def check_nodes(model: nn.Module, nodes: Mapping[str, str]) -> None:
+    """Trace ``model`` once (``get_graph_node_names``, train and eval graphs) and raise TapError,
+    one line, naming the first of ``nodes`` (feat, emb, logit -> node name) that is in neither
+    graph and the nodes that exist. An untraceable model is checked against its module paths."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        train, evaluation = get_graph_node_names(model)
+        graph = list(dict.fromkeys(evaluation + train))
+        kind = "graph"
+    except Exception:
+        graph = [n for n, _ in model.named_modules() if n]
+        kind = "modules (torch.fx cannot trace it)"
+    for key in KNOWLEDGE:
+        if key in nodes and not _present(nodes[key], graph):
+            shown = [g for g in graph if g != "x"] or graph
+            raise TapError(
+                f"{key} node {nodes[key]!r} is not in {type(model).__name__}'s {kind}; {_available_nodes(shown)}"
+            )
 
 
 def _fx_extractor(model: nn.Module, node_names: list[str]) -> nn.Module:
@@ -198,7 +233,7 @@ def tap_model(
     except ValueError as exc:
         if "is not present in model" in str(exc):
             graph = _graph_nodes(model)
-            absent = [n for n in node_names if n not in graph and not any(g.startswith(n + ".") for g in graph)]
+            absent = [n for n in node_names if not _present(n, graph)]
             raise TapError(
                 f"tap node(s) {', '.join(absent or node_names)} not in {type(model).__name__}'s graph; "
                 f"{_available_nodes(graph)}"

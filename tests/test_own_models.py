@@ -1,0 +1,171 @@
+"""Issue 11, points 1 and 5, on the user's path: a torchvision classifier outside the zoo named
+with its tap nodes, and the teacher checkpoint checked at create-study."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_PROXY, invoke_cli
+from kd_optuna.models import build_model, tap_model
+
+MOBILENET_NODES = '{ feat = "features", emb = "flatten", logit = "classifier.3" }'
+
+
+def image_folder(root, classes=("cat", "dog"), per_class=6, size=40):
+    """root/train/<class>/*.png and root/val/<class>/*.png, each class its own colour."""
+    for part in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / part / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                colour = (40 + 150 * c, 90 + 10 * i, 200 - 150 * c)
+                Image.new("RGB", (size, size), colour).save(folder / f"{i}.png")
+    return root
+
+
+def own_model_toml(root, student_nodes=MOBILENET_NODES, checkpoint=None, student="mobilenet_v3_small"):
+    small = TINY_PROXY | {"labels_per_class": 1, "val_size": 4, "sharpness_size": 4}
+    proxy = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in small.items())
+    teacher_checkpoint = f'checkpoint = "{checkpoint}"\n' if checkpoint else ""
+    student_line = f"nodes = {student_nodes}\n" if student_nodes else ""
+    return (
+        f'[study]\nname = "own"\n\n[data]\ndataset = "imagefolder"\nroot = "{root}"\n\n'
+        f'[teacher]\nmodel = "mobilenet_v3_small"\nnum_classes = 2\nnodes = {MOBILENET_NODES}\n{teacher_checkpoint}\n'
+        f'[student]\nmodel = "{student}"\nnum_classes = 2\n{student_line}\n'
+        f"[proxy]\n{proxy}\n\n"
+        f"[search]\npopulation_size = 4\nshrink_after = 1000\n"
+    )
+
+
+def test_real_node_names_of_mobilenet_v3_small_tap_it():
+    model = build_model("mobilenet_v3_small", 2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    out = tap_model(model, "mobilenet_v3_small", nodes={"feat": "features", "emb": "flatten", "logit": "classifier.3"})(x)
+    assert out["feat"].shape == (2, 576, 2, 2) and out["emb"].shape == (2, 576)
+    assert torch.allclose(out["logit"], model(x), atol=1e-5)
+    assert torch.allclose(out["emb"], out["feat"].mean((2, 3)), atol=1e-5)
+
+
+@pytest.fixture
+def teacher_file(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pth"
+    torch.save(build_model("mobilenet_v3_small", 2).state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_torchvision_model_outside_the_zoo_runs_a_trial(tmp_path, teacher_file, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = image_folder(tmp_path / "images")
+    config = tmp_path / "own.toml"
+    config.write_text(own_model_toml(root, checkpoint=teacher_file))
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, out, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    assert code == 0, err
+    assert "mobilenet_v3_small -> mobilenet_v3_small" in out
+    stored = json.loads(optuna.load_study(study_name="own", storage=url).user_attrs["kd_optuna_config"])
+    assert stored["student"]["nodes"] == {"feat": "features", "emb": "flatten", "logit": "classifier.3"}
+    code, out, err = invoke_cli(capsys, "optimize", "--storage", url, "--n-trials", "1", "--device", "cpu",
+                                "--threads", "1", "--no-progress")
+    assert code == 0, err
+    trials = optuna.load_study(study_name="own", storage=url).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE], [t.user_attrs for t in trials]
+    assert trials[0].user_attrs["val_acc"] >= 0
+
+
+@pytest.mark.parametrize(
+    "nodes, words",
+    [
+        ('{ feat = "features", emb = "flaten", logit = "classifier.3" }',
+         ["student.nodes", "emb node 'flaten'", "flatten", "classifier.3", "features"]),
+        ('{ feat = "features", emb = "flatten", logit = "classifier.0" }',
+         ["student.nodes.logit", "classifier.0", "2 class logits"]),
+        (None, ["student.model = 'mobilenet_v3_small'", "outside the zoo", "nodes = {", "classifier.3"]),
+    ],
+)
+def test_wrong_or_missing_nodes_are_one_line_at_create_study(tmp_path, capsys, monkeypatch, nodes, words):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "own.toml"
+    config.write_text(own_model_toml(image_folder(tmp_path / "images", per_class=1), student_nodes=nodes))
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    assert code == 2
+    line = err.strip()
+    assert "\n" not in line and line.startswith("kd-optuna: error:")
+    for word in words:
+        assert word in line, line
+    assert optuna.get_all_study_names(url) == []
+
+
+def test_unknown_model_name_says_what_is_accepted(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "own.toml"
+    config.write_text(own_model_toml(image_folder(tmp_path / "images", per_class=1), student="mobilenet_v9"))
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", f"sqlite:///{tmp_path / 'kd.db'}")
+    assert code == 2 and "mobilenet_v9" in err and "torchvision classifier" in err and "resnet56" in err
+
+
+def test_timm_model_with_nodes_is_accepted():
+    pytest.importorskip("timm")
+    from kd_optuna.config import StudyConfig
+
+    data = {
+        "data": {"dataset": "cifar100"}, "teacher": {"model": "resnet56"},
+        "student": {"model": "timm:resnet18", "nodes": {"feat": "layer4", "emb": "global_pool.flatten", "logit": "fc"}},
+    }
+    assert StudyConfig.from_dict(data).student.model == "timm:resnet18"
+
+
+def _digits_toml(tmp_path, checkpoint) -> str:
+    from conftest import tiny_digits_toml
+
+    text = tiny_digits_toml().replace('model = "digits_teacher"\n', f'model = "digits_teacher"\ncheckpoint = "{checkpoint}"\n')
+    path = tmp_path / "d.toml"
+    path.write_text(text)
+    return str(path)
+
+
+class NotWeights:
+    pass
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda p: p.write_bytes(b"this is no checkpoint"), ["not a PyTorch checkpoint", "torch.save(model.state_dict()"]),
+        (lambda p: torch.save({"model": build_model("digits_teacher", 10).state_dict(), "x": NotWeights()}, p),
+         ["Python objects besides tensors", "NotWeights", "never loads"]),
+        (lambda p: p.write_bytes(b""), ["empty or truncated"]),
+        (lambda p: torch.save(build_model("digits_student", 10).state_dict(), p),
+         ["digits_student with 10 classes", "digits_teacher with 10 classes was asked for"]),
+        (lambda p: None, ["is not a file"]),
+    ],
+)
+def test_create_study_refuses_a_bad_teacher_checkpoint(tmp_path, capsys, monkeypatch, make, words):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "teacher.pth"
+    make(checkpoint)
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", _digits_toml(tmp_path, checkpoint), "--storage", url)
+    assert code == 2
+    line = err.strip()
+    assert "\n" not in line and "teacher.checkpoint" in line
+    assert "weights_only" not in line and "False" not in line
+    for word in words:
+        assert word in line, line
+    assert optuna.get_all_study_names(url) == []
+
+
+def test_create_study_accepts_a_good_teacher_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = tmp_path / "teacher.pth"
+    torch.save({"model": build_model("digits_teacher", 10).state_dict(), "epoch": 240}, checkpoint)
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", _digits_toml(tmp_path, checkpoint), "--storage", url)
+    assert code == 0, err
