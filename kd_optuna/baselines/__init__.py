@@ -1,9 +1,16 @@
-"""Reference distillers that the search space cannot express: PKT, RKD, CRD and DML.
+"""Reference distillers that the search space cannot express: PKT, RKD, CRD, DML, DKD, KD+LS,
+DKD+LS and ReviewKD.
 
-PKT, RKD and CRD are losses with the interface of ``kd_optuna.loss.DistillerLoss``::
+The losses have the interface of ``kd_optuna.loss.DistillerLoss``::
 
-    loss = build_baseline("crd", student_shapes, teacher_shapes, num_data=50000)
+    loss = build_baseline("dkd", student_shapes, teacher_shapes, num_data=50000)
+    loss.set_epoch(epoch)                                           # each epoch start, 0-based
     term = loss(student_outputs, teacher_outputs, labels, index)   # 0-dim, CE not included
+    total = loss.ce_weight * cross_entropy + term                   # the published recipe
+
+``labels`` are required where ``needs_labels`` (dkd, dkd+ls), ``index`` where ``needs_index``
+(crd); ``set_epoch`` drives the warm-up of dkd, dkd+ls and reviewkd and is a no-op elsewhere.
+See ``kd_optuna.baselines._base`` for the details.
 
 DML trains a second student instead of reading a frozen teacher, so it is a trainer-side
 object, :class:`MutualLearning` (``BASELINES["dml"]``), built from the peer and its optimizer.
@@ -15,12 +22,36 @@ from typing import Any
 
 from kd_optuna.baselines._base import BaselineLoss, InvalidBaseline, Shapes
 from kd_optuna.baselines.crd import CRD
+from kd_optuna.baselines.dkd import DKD, DKDLS
 from kd_optuna.baselines.dml import MutualLearning, mutual_kl
+from kd_optuna.baselines.ls import KDLS, standardize
 from kd_optuna.baselines.pkt import PKT
+from kd_optuna.baselines.reviewkd import ReviewKD
 from kd_optuna.baselines.rkd import RKD
 
-#: name -> class, in the order of the seed's Table 3.
-BASELINES: dict[str, type] = {"pkt": PKT, "crd": CRD, "rkd": RKD, "dml": MutualLearning}
+#: name -> class: the seed's Table 3 in its order, then the 2022-2024 methods.
+BASELINES: dict[str, type] = {
+    "pkt": PKT,
+    "crd": CRD,
+    "rkd": RKD,
+    "dml": MutualLearning,
+    "dkd": DKD,
+    "kd+ls": KDLS,
+    "dkd+ls": DKDLS,
+    "reviewkd": ReviewKD,
+}
+
+#: name -> one line for ``--help`` and the exported script, for every key of BASELINES.
+METHOD_DESCRIPTIONS: dict[str, str] = {
+    "pkt": "PKT (Passalis & Tefas 2018): KL between cosine-kernel neighbour distributions of emb, weight 3e4",
+    "crd": "CRD (Tian et al. 2020): contrastive NCE loss on emb with a memory bank, 16384 negatives, weight 0.8",
+    "rkd": "RKD (Park et al. 2019): Huber loss on emb pair distances (x25) and triplet angles (x50)",
+    "dml": "DML (Zhang et al. 2018): a peer student trained alongside, KL(p_peer || p_student), T 1",
+    "dkd": "DKD (Zhao et al. 2022): target/non-target decoupled KD, alpha 1, beta 8, T 4, 20-epoch warm-up",
+    "kd+ls": "KD+LS (Sun et al. 2024): KD on per-sample z-scored logits, T 2, weight 9, CE weight 0.1",
+    "dkd+ls": "DKD+LS (Sun et al. 2024): DKD on z-scored logits, T 2, alpha 9, beta 72, 20-epoch warm-up",
+    "reviewkd": "ReviewKD (Chen et al. 2021) on feat and emb only: ABF fusion + HCL, weight 5, 20-epoch warm-up",
+}
 
 
 def build_baseline(
@@ -31,11 +62,11 @@ def build_baseline(
     num_data: int | None = None,
     **kw: Any,
 ) -> BaselineLoss:
-    """The loss baseline ``name`` ("pkt", "rkd" or "crd") for these per-sample shapes.
+    """The loss baseline ``name`` (a key of BASELINES but "dml") for these per-sample shapes.
 
     ``num_data``, the training set's size, is required by the baselines that read sample
     indices (CRD, ``needs_index``) and ignored by the others, so a trainer can pass it to all.
-    ``kw`` goes to the class (e.g. ``weight``, ``num_negatives``).
+    ``kw`` goes to the class (e.g. ``weight``, ``num_negatives``, ``warmup_epochs``).
     """
     if name == "dml":
         raise InvalidBaseline(
@@ -61,10 +92,16 @@ __all__ = [
     "BASELINES",
     "BaselineLoss",
     "CRD",
+    "DKD",
+    "DKDLS",
     "InvalidBaseline",
+    "KDLS",
+    "METHOD_DESCRIPTIONS",
     "MutualLearning",
     "PKT",
     "RKD",
+    "ReviewKD",
     "build_baseline",
     "mutual_kl",
+    "standardize",
 ]
