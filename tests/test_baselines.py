@@ -1,4 +1,8 @@
-"""PKT, RKD, CRD and DML on hand-computed cases, and the interface they share."""
+"""PKT, RKD, CRD and DML on hand-computed cases, and the interface all baselines share.
+
+DKD, KD+LS and DKD+LS have their own tests in test_baselines_logit.py, ReviewKD in
+test_reviewkd.py.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch.nn import functional as F
 from kd_optuna.baselines import (
     BASELINES,
     CRD,
+    METHOD_DESCRIPTIONS,
     PKT,
     RKD,
     InvalidBaseline,
@@ -266,21 +271,67 @@ def test_dml_reads_logits_from_a_knowledge_dict():
 # --- the shared interface ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["pkt", "rkd", "crd"])
+#: the loss baselines and the knowledge each one reads
+LOSSES = {
+    "pkt": ("emb",),
+    "rkd": ("emb",),
+    "crd": ("emb",),
+    "dkd": ("logit",),
+    "kd+ls": ("logit",),
+    "dkd+ls": ("logit",),
+    "reviewkd": ("feat", "emb"),
+}
+LABELS = torch.tensor([0, 1, 2, 3, 4, 0])
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_gradient_reaches_the_student_and_never_the_teacher(name):
     loss_fn = _build(name)
     g = torch.Generator().manual_seed(12)
     student, teacher = _outputs(STUDENT, 6, g, True), _outputs(TEACHER, 6, g, True)
-    loss = loss_fn(student, teacher, torch.zeros(6, dtype=torch.long), torch.arange(6))
-    assert loss.dim() == 0
+    loss = loss_fn(student, teacher, LABELS, torch.arange(6))
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
-    assert student["emb"].grad.abs().sum() > 0
+    for key, tensor in student.items():
+        if key in LOSSES[name]:
+            assert tensor.grad.abs().sum() > 0 and torch.isfinite(tensor.grad).all()
+        else:
+            assert tensor.grad is None
     assert all(t.grad is None for t in teacher.values())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss_fn.parameters())
 
 
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_every_loss_is_non_negative_and_finite_on_random_batches(name):
+    for seed in range(20, 25):
+        g = torch.Generator().manual_seed(seed)
+        scale = 10.0 ** (seed - 22)  # 0.01 .. 100: tiny to saturating logits and features
+        student = {k: v * scale for k, v in _outputs(STUDENT, 6, g).items()}
+        teacher = _outputs(TEACHER, 6, g)
+        loss = _build(name)(student, teacher, LABELS, torch.arange(6))
+        assert torch.isfinite(loss) and loss.item() >= 0, (name, seed, loss)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_set_epoch_exists_on_every_loss_and_changes_only_warmed_up_ones(name):
+    torch.manual_seed(26)
+    loss_fn = _build(name)
+    loss_fn.eval()  # CRD's bank and ReviewKD's batch norms then stay put between calls
+    g = torch.Generator().manual_seed(27)
+    student, teacher = _outputs(STUDENT, 6, g), _outputs(TEACHER, 6, g)
+    torch.manual_seed(28)
+    before = loss_fn(student, teacher, LABELS, torch.arange(6)).item()
+    loss_fn.set_epoch(0)
+    torch.manual_seed(28)  # CRD draws its negatives
+    after = loss_fn(student, teacher, LABELS, torch.arange(6)).item()
+    factor = 1 / 20 if name in ("dkd", "dkd+ls", "reviewkd") else 1.0
+    assert after == pytest.approx(factor * before, rel=1e-5)
+    with pytest.raises(InvalidBaseline, match="0-based epoch"):
+        loss_fn.set_epoch(-1)
+
+
 def test_build_baseline_refuses_bad_requests_with_a_fix():
-    assert set(BASELINES) == {"pkt", "rkd", "crd", "dml"}
+    assert set(BASELINES) == {"pkt", "rkd", "crd", "dml", "dkd", "kd+ls", "dkd+ls", "reviewkd"}
     with pytest.raises(InvalidBaseline, match="choose one of"):
         build_baseline("fsp", STUDENT, TEACHER)
     with pytest.raises(InvalidBaseline, match="MutualLearning"):
@@ -291,6 +342,14 @@ def test_build_baseline_refuses_bad_requests_with_a_fix():
         build_baseline("pkt", {"logit": (5,)}, TEACHER)
     with pytest.raises(KdOptunaError, match="pkt"):
         build_baseline("pkt", STUDENT, TEACHER, temperature=4)
+    with pytest.raises(KdOptunaError, match="kd_optuna.baselines.DKD"):
+        build_baseline("dkd", STUDENT, TEACHER, weight=2)
+
+
+def test_every_baseline_has_a_one_line_description():
+    assert list(METHOD_DESCRIPTIONS) == list(BASELINES)
+    for name, line in METHOD_DESCRIPTIONS.items():
+        assert line.strip() and "\n" not in line and len(line) <= 100, name
 
 
 def test_a_baseline_refuses_knowledge_of_another_shape():
@@ -311,19 +370,21 @@ def test_baselines_run_on_tapped_zoo_models():
     t_shapes = models.knowledge_shapes(teacher, (1, 16, 16))
     with torch.no_grad():
         t_out = teacher(images)
-    for name, kw in [("pkt", {}), ("rkd", {}), ("crd", {"num_data": 20, "num_negatives": 4})]:
-        loss = build_baseline(name, s_shapes, t_shapes, **kw)(student(images), t_out, None, torch.arange(4))
-        assert torch.isfinite(loss)
+    labels = torch.tensor([0, 3, 9, 3])
+    for name in LOSSES:
+        kw = {"num_data": 20, "num_negatives": 4} if name == "crd" else {}
+        loss = build_baseline(name, s_shapes, t_shapes, **kw)(student(images), t_out, labels, torch.arange(4))
+        assert torch.isfinite(loss), name
 
 
-@pytest.mark.parametrize("name", ["pkt", "rkd", "crd"])
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_half_precision_knowledge_gives_a_float32_loss(name):
     loss_fn = _build(name)
     g = torch.Generator().manual_seed(16)
     student = {k: v.bfloat16() for k, v in _outputs(STUDENT, 6, g).items()}
     teacher = {k: v.bfloat16() for k, v in _outputs(TEACHER, 6, g).items()}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = loss_fn(student, teacher, None, torch.arange(6))
+        loss = loss_fn(student, teacher, LABELS, torch.arange(6))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -386,5 +447,5 @@ def test_batch_time_smoke_run_writes_every_baseline(tmp_path):
 def test_build_baseline_passes_num_data_only_where_indices_are_read():
     crd = _build("crd", num_data=30)
     assert isinstance(crd, CRD) and crd.needs_index and crd.num_data == 30
-    for name in ("pkt", "rkd"):
+    for name in ("pkt", "rkd", "dkd", "kd+ls", "dkd+ls", "reviewkd"):
         assert not build_baseline(name, STUDENT, TEACHER, num_data=30).needs_index
