@@ -40,7 +40,8 @@ def _conv3x3(x, weight):
     out = 0
     for dy in range(3):
         for dx in range(3):
-            out = out + torch.einsum("oi,nihw->nohw", weight[:, :, dy, dx], padded[:, :, dy : dy + h, dx : dx + w])
+            window = padded[:, :, dy : dy + h, dx : dx + w]
+            out = out + torch.einsum("oi,nihw->nohw", weight[:, :, dy, dx], window)
     return out
 
 

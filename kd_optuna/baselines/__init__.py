@@ -43,14 +43,14 @@ BASELINES: dict[str, type] = {
 
 #: name -> one line for ``--help`` and the exported script, for every key of BASELINES.
 METHOD_DESCRIPTIONS: dict[str, str] = {
-    "pkt": "PKT (Passalis & Tefas 2018): KL between cosine-kernel neighbour distributions of emb, weight 3e4",
-    "crd": "CRD (Tian et al. 2020): contrastive NCE loss on emb with a memory bank, 16384 negatives, weight 0.8",
+    "pkt": "PKT (Passalis & Tefas 2018): KL of cosine-kernel neighbour distributions of emb, x3e4",
+    "crd": "CRD (Tian et al. 2020): contrastive NCE on emb, memory bank, 16384 negatives, x0.8",
     "rkd": "RKD (Park et al. 2019): Huber loss on emb pair distances (x25) and triplet angles (x50)",
     "dml": "DML (Zhang et al. 2018): a peer student trained alongside, KL(p_peer || p_student), T 1",
-    "dkd": "DKD (Zhao et al. 2022): target/non-target decoupled KD, alpha 1, beta 8, T 4, 20-epoch warm-up",
-    "kd+ls": "KD+LS (Sun et al. 2024): KD on per-sample z-scored logits, T 2, weight 9, CE weight 0.1",
-    "dkd+ls": "DKD+LS (Sun et al. 2024): DKD on z-scored logits, T 2, alpha 9, beta 72, 20-epoch warm-up",
-    "reviewkd": "ReviewKD (Chen et al. 2021) on feat and emb only: ABF fusion + HCL, weight 5, 20-epoch warm-up",
+    "dkd": "DKD (Zhao et al. 2022): target/non-target decoupled KD, alpha 1, beta 8, T 4, warm-up 20",
+    "kd+ls": "KD+LS (Sun et al. 2024): KD on per-sample z-scored logits, T 2, x9, CE weight 0.1",
+    "dkd+ls": "DKD+LS (Sun et al. 2024): DKD on z-scored logits, T 2, alpha 9, beta 72, warm-up 20",
+    "reviewkd": "ReviewKD (Chen et al. 2021) on feat + emb only: ABF fusion, HCL, x5, warm-up 20",
 }
 
 

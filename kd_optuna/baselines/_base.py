@@ -6,23 +6,10 @@ student's and the teacher's knowledge dicts (batch first: ``emb`` is (N, D), ``f
 (N, C, H, W)), the labels (N,) or None and the dataset indices (N,) or None, and returns a
 0-dim tensor: the weighted distillation term only (the trainer adds cross-entropy). Teacher
 tensors are detached here, so no gradient ever reaches the teacher; any trainable part of a
-baseline (CRD's embedding heads) is in ``.parameters()`` and is trained with the student.
+baseline (CRD's embedding heads, ReviewKD's fusion layers) is in ``.parameters()`` and is
+trained with the student.
 As in ``DistillerLoss``, the loss is computed in float32 whatever the inputs' dtype or autocast.
-
-What a trainer passes, and when:
-
-- ``labels`` (N,) int64 class indices, on every call. The baselines with ``needs_labels``
-  (DKD, DKD+LS: their target-class split) raise :class:`InvalidBaseline` when it is None; the
-  others ignore it.
-- ``index`` (N,) positions in the training set, where ``needs_index`` (CRD).
-- ``set_epoch(epoch)`` at the start of every training epoch, ``epoch`` 0-based. Every baseline
-  has it (a no-op on those without a schedule); DKD and ReviewKD scale their term by the
-  linear warm-up ``min((epoch + 1) / warmup_epochs, 1)``, which is mdistiller's
-  ``min(epoch / warmup, 1)`` with its 1-based epochs. A loss whose ``set_epoch`` is never
-  called is fully warmed up (factor 1), the loss as the paper writes it.
-- ``ce_weight``: the weight the method's published recipe puts on the cross-entropy the
-  trainer adds (1 for most; 0.1 for KD+LS). A trainer that follows the recipes uses
-  ``ce_weight * CE + loss(...)``.
+The class docstring of :class:`BaselineLoss` says what a trainer passes, and when.
 """
 
 from __future__ import annotations
@@ -58,7 +45,23 @@ class BaselineLoss(nn.Module):
     Subclasses set ``name`` and ``knowledge`` and implement ``compute(s, t, labels, index)``
     on flattened tensors ``s`` (N, Ds) and ``t`` (N, Dt), ``t`` already detached; ``labels``
     is checked ((N,) integers in [0, Ds)) and on ``s``'s device when ``needs_labels``.
-    The module docstring says what a trainer passes: labels, index, ``set_epoch``, ``ce_weight``.
+
+    What a trainer passes, and when:
+
+    - ``labels`` (N,) int64 class indices, on every call. The baselines with
+      ``needs_labels`` (DKD, DKD+LS: their target-class split) raise :class:`InvalidBaseline`
+      when it is None; the others ignore it.
+    - ``index`` (N,) positions in the training set, where ``needs_index`` (CRD).
+    - ``set_epoch(epoch)`` at the start of every training epoch, ``epoch`` 0-based. Every
+      baseline has it (a no-op on those without a schedule); DKD, DKD+LS and ReviewKD scale
+      their term by the linear warm-up ``min((epoch + 1) / warmup_epochs, 1)``, mdistiller's
+      ``min(epoch / warmup, 1)`` with its 1-based epochs. A loss whose ``set_epoch`` is never
+      called is fully warmed up (factor 1), the loss as the paper writes it.
+    - ``ce_weight``: the weight the method's published recipe puts on the cross-entropy the
+      trainer adds (1 for most; 0.1 for KD+LS). A trainer that follows the recipes uses
+      ``ce_weight * CE + loss(...)``.
+
+    The warm-up epoch is not in ``state_dict``: a resumed training calls ``set_epoch`` again.
     """
 
     name: ClassVar[str]

@@ -21,7 +21,8 @@ in proportion (e.g. 20/240 of the epochs), or 0 for none.
 
 DKD+LS (``dkd+ls``, Sun et al., CVPR 2024) is DKD on logits z-scored per sample
 (``kd_optuna.baselines.ls.standardize``) with the authors' `--base-temp 2 --kd-weight 9`:
-T = 2 and both alpha and beta multiplied by 9, i.e. alpha 9, beta 72, CE weight 1, warm-up 20.
+T = 2 and both alpha and beta multiplied by 9, i.e. alpha 9, beta 72, CE weight 1, warm-up 20
+(their per-pair logs vary T, 2 to 3, the multiplier, 9 to 18, and beta, 2 to 8).
 
 The log-probabilities are computed in log space (log b = (log p_y, logsumexp_{k != y} log p_k),
 p^ from a log-softmax over the K - 1 non-target logits), the same numbers as the authors'
@@ -37,7 +38,9 @@ from kd_optuna.baselines._base import BaselineLoss, Shapes, WarmUp
 from kd_optuna.baselines.ls import check_logits, check_temperature, standardize
 
 
-def _split(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _split(
+    z: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) logits -> log b (N, 2) and log p^ (N, K - 1), both at temperature T."""
     n, k = z.shape
     scaled = z / temperature

@@ -12,8 +12,10 @@ KD+LS is Hinton's KD on the standardised logits of both sides (s, t: (N, K)):
 
 Published defaults (the authors' code, CIFAR-100, `--logit-stand --base-temp 2 --kd-weight 9`):
 base temperature T = 2, weight 9, and their KD recipe's cross-entropy weight 0.1 (``ce_weight``:
-the trainer's CE is 0.1 CE). Their logs use T = 3 for some pairs (vgg13 -> vgg8, resnet32x4 ->
-wrn_16_2). ``standardize=False`` is plain KD with the same T and weight (the switch).
+the trainer's CE is 0.1 CE). Their per-pair logs use T = 3 for vgg13 -> vgg8, resnet32x4 ->
+wrn_16_2 / wrn_40_2 and the MobileNetV2 students (weight 1 for ResNet50 -> MobileNetV2), T = 4
+and weight 12 for resnet110 -> resnet20. ``standardize=False`` is plain KD with the same T and
+weight (the switch).
 
 :func:`standardize` is also what DKD+LS (``dkd.py``) applies. One guard beyond the authors'
 code: the variance is clamped at 1e-24 before the square root, so constant logits (a

@@ -74,7 +74,8 @@ class ABF(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, out_size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, C_in, H, W) [, (N, mid, h, w)] -> output (N, C_out, *out_size), fused (N, mid, *out_size)."""
+        """(N, C_in, H, W) [, residual (N, mid, h, w)] -> output (N, C_out, *out_size) and
+        the fused map (N, mid, *out_size), the next level's residual."""
         x = self.conv1(x)
         if self.att_conv is not None:
             residual = F.interpolate(residual, size=tuple(x.shape[-2:]), mode="nearest")
