@@ -210,22 +210,64 @@ class Task:
 
 
 def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, root=None,
-                              download: bool = False, device: str | None = None) -> Path:
-    """A teacher trained with ``kd_optuna.teachers.train_teacher``, once per cache folder.
+                              download: bool = False, device: str | None = None, *, seed: int = 0,
+                              training: Mapping[str, Any] | None = None) -> Path:
+    """A teacher trained with ``kd_optuna.teachers.train_teacher``, once per cache folder and key.
 
-    The checkpoint is ``cache_dir/teacher-<dataset>-<model>.pt``; workers starting at once
-    wait on a lock while the first trains it (train_teacher writes it atomically).
+    The checkpoint is ``cache_dir/teacher-<dataset>-<model>-<key>.pt``, ``key`` naming all
+    that changes the weights (``kd_optuna.teachers.teacher_identity``: data root and a
+    fingerprint of its files, class folders, model, recipe with the ``training`` overrides,
+    ``seed``), so a study on other data never gets another study's teacher. A checkpoint at
+    the older name ``teacher-<dataset>-<model>.pt`` (what ``kd-optuna train-teacher`` writes)
+    is reused only when its metadata records the same key. Every reuse says so in one line,
+    with the path. Workers starting at once wait on a lock while the first trains it
+    (train_teacher writes it atomically).
     """
-    from kd_optuna.cache import file_lock
-    from kd_optuna.teachers import train_teacher
+    import re
 
-    path = Path(cache_dir) / f"teacher-{dataset}-{model_name}.pt"
+    from kd_optuna.cache import file_lock
+    from kd_optuna.checkpoints import CheckpointError, read_checkpoint
+    from kd_optuna.teachers import teacher_identity, teacher_key, train_teacher
+
+    overrides = dict(training or {})
+    if download:
+        from kd_optuna.data import load_dataset
+
+        load_dataset(dataset, root=root, download=True, seed=seed)
+    identity = teacher_identity(dataset, model_name, root, seed=seed, **overrides)
+    key = teacher_key(identity)
+    safe_model = re.sub(r"[^\w.-]", "_", model_name)
+    path = Path(cache_dir) / f"teacher-{dataset}-{safe_model}-{key[:16]}.pt"
+    legacy = Path(cache_dir) / f"teacher-{dataset}-{safe_model}.pt"
+    where = f"{identity['root']} ({identity['file_count']} files)" if "root" in identity else "the embedded data"
+
+    def reuse(found: Path) -> Path:
+        log.warning("reusing the cached teacher %s trained on %s %s, seed %d: %s",
+                    model_name, dataset, where, seed, found)
+        return found
+
+    def legacy_matches() -> bool:
+        if not legacy.is_file():
+            return False
+        try:
+            _, meta = read_checkpoint(legacy)
+        except CheckpointError:
+            return False
+        return (meta or {}).get("cache_key") == key
+
     if path.exists():
-        return path
+        return reuse(path)
+    if legacy_matches():
+        return reuse(legacy)
     with file_lock(path.with_name(path.name + ".lock")):
-        if not path.exists():
-            log.warning("no teacher checkpoint given: training %s on %s into %s", model_name, dataset, path)
-            train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=False)
+        if path.exists():
+            return reuse(path)
+        if legacy.is_file():
+            log.warning("not reusing %s: it records no training on %s %s with this recipe and seed", legacy,
+                        dataset, where)
+        log.warning("no teacher checkpoint given: training %s on %s %s into %s", model_name, dataset, where, path)
+        train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=False,
+                      seed=seed, **overrides)
     return path
 
 

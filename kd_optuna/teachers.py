@@ -6,11 +6,20 @@ cifar10/cifar100, RepDistiller's recipe: SGD lr 0.05, batch 64, weight decay 5e-
 lr x0.1 at epochs 150, 180, 210; imagefolder: SGD lr 0.1, batch 256, weight decay 1e-4, 100 epochs,
 x0.1 at 30, 60, 90. Training uses the train split only; the checkpoint's accuracy is the test
 split's, and its metadata also records the validation accuracy and the split seed.
+
+A teacher trained without a given checkpoint is cached under a name holding ``teacher_key``
+of ``teacher_identity(...)``: everything that changes its weights: the dataset, the data root
+(resolved) with a fingerprint of its files (relative names, sizes and modification times:
+cheap, no file is read), the class folders of an image folder, the model, the recipe with its
+overrides and the seed. The key is also written into the checkpoint's metadata (``cache_key``),
+so a file found under another name is reused only if it was trained for the same key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +45,72 @@ RECIPES: dict[str, dict] = {
 RECIPES["cifar100"] = dict(RECIPES["cifar10"])
 RECIPES["digits_hard"] = dict(RECIPES["digits"])
 KNOWN_CLASS_COUNTS = {"digits": 10, "digits_hard": 10, "cifar10": 10, "cifar100": 100}
+
+
+#: Training settings that change how fast, not what, a teacher learns: left out of its key.
+_SPEED_ONLY = ("num_threads", "num_workers", "progress")
+
+
+def _data_folders(dataset: str, root: Path) -> list[Path]:
+    if dataset == "imagefolder":
+        return [root / "train", root / "val"]
+    if dataset in ("cifar10", "cifar100"):
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        return [root / cls.base_folder]
+    return []
+
+
+def files_fingerprint(folders: list[Path]) -> tuple[str, int]:
+    """(sha256, file count) over every file below ``folders``: relative path, size and mtime
+    (nanoseconds), in sorted order; a missing folder counts as absent. Reads no file."""
+    digest = hashlib.sha256()
+    count = 0
+    for folder in folders:
+        digest.update(f"{folder.name}|{folder.is_dir()}|".encode())
+        stack = [folder] if folder.is_dir() else []
+        while stack:
+            current = stack.pop()
+            with os.scandir(current) as entries:
+                listed = sorted(entries, key=lambda e: e.name)
+            for entry in listed:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=True):
+                    stat = entry.stat()
+                    rel = os.path.relpath(entry.path, folder)
+                    digest.update(f"{rel}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+                    count += 1
+    return digest.hexdigest(), count
+
+
+def teacher_identity(
+    dataset: str, model_name: str, root: str | os.PathLike | None = None, *, seed: int = 0, **overrides
+) -> dict:
+    """What a trained teacher's weights depend on, as plain data (see the module docstring)."""
+    from .data import default_root
+
+    if dataset not in RECIPES:
+        raise KdOptunaError(f"no teacher recipe for dataset {dataset!r}; use one of: {', '.join(RECIPES)}")
+    identity: dict = {"dataset": dataset, "model": model_name, "seed": int(seed)}
+    recipe = {**RECIPES[dataset], **overrides}
+    identity["recipe"] = {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(recipe.items())
+                          if k not in _SPEED_ONLY}
+    folders: list[Path] = []
+    if not dataset.startswith("digits"):
+        resolved = Path(default_root() if root is None else root).expanduser().resolve()
+        identity["root"] = str(resolved)
+        folders = _data_folders(dataset, resolved)
+    if dataset == "imagefolder" and folders[0].is_dir():
+        identity["classes"] = sorted(p.name for p in folders[0].iterdir() if p.is_dir())
+    identity["files"], identity["file_count"] = files_fingerprint(folders)
+    return identity
+
+
+def teacher_key(identity: dict) -> str:
+    """sha256 of ``teacher_identity(...)``'s plain data."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -72,6 +147,7 @@ def train_teacher(
     if unknown:
         raise KdOptunaError(f"unknown teacher training setting(s) {', '.join(unknown)}; use: {', '.join(sorted(allowed))}")
     splits = load_dataset(dataset, root=root, download=download, seed=seed)
+    identity = teacher_identity(dataset, model_name, root, seed=seed, **overrides)
     device = default_device(device)
     recipe = {**RECIPES[dataset], **overrides}
     if dataset.startswith("digits") and device.type == "cpu":
@@ -99,7 +175,9 @@ def train_teacher(
         num_classes=splits.num_classes,
         dataset=dataset,
         accuracy=test.accuracy,
-        extra={"val_accuracy": val.accuracy, "split_seed": seed, "epochs": recipe["epochs"]},
+        extra={"val_accuracy": val.accuracy, "split_seed": seed, "epochs": recipe["epochs"],
+               "cache_key": teacher_key(identity), "data_root": identity.get("root"),
+               "data_files": identity["file_count"]},
     )
     return TeacherReport(path, model_name, dataset, test.accuracy, val.accuracy, result.seconds, recipe["epochs"])
 

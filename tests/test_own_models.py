@@ -16,14 +16,14 @@ from kd_optuna.models import build_model, tap_model
 MOBILENET_NODES = '{ feat = "features", emb = "flatten", logit = "classifier.3" }'
 
 
-def image_folder(root, classes=("cat", "dog"), per_class=6, size=40):
+def image_folder(root, classes=("cat", "dog"), per_class=6, size=40, shade=0):
     """root/train/<class>/*.png and root/val/<class>/*.png, each class its own colour."""
     for part in ("train", "val"):
         for c, name in enumerate(classes):
             folder = root / part / name
             folder.mkdir(parents=True)
             for i in range(per_class):
-                colour = (40 + 150 * c, 90 + 10 * i, 200 - 150 * c)
+                colour = (40 + 150 * c, 90 + 10 * i + shade, 200 - 150 * c)
                 Image.new("RGB", (size, size), colour).save(folder / f"{i}.png")
     return root
 
@@ -38,7 +38,7 @@ def own_model_toml(root, student_nodes=MOBILENET_NODES, checkpoint=None, student
         f'[teacher]\nmodel = "mobilenet_v3_small"\nnum_classes = 2\nnodes = {MOBILENET_NODES}\n{teacher_checkpoint}\n'
         f'[student]\nmodel = "{student}"\nnum_classes = 2\n{student_line}\n'
         f"[proxy]\n{proxy}\n\n"
-        f"[search]\npopulation_size = 4\nshrink_after = 1000\n"
+        f"[search]\nshrink_after = 1000\n"
     )
 
 

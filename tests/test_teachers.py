@@ -159,3 +159,101 @@ def test_cifar_teacher_trains_through_the_augmenting_loader(tiny_cifar100, tmp_p
     model, meta = load_model(report.path)
     assert meta["dataset"] == "cifar100" and meta["num_classes"] == 5 and model.fc.out_features == 5
     assert 0.0 <= report.test_accuracy <= 1.0
+
+
+# -- the trained-teacher cache is keyed by all that changes the teacher (issue 11, point 2) ------
+
+def _own_teacher_config(tmp_path, root):
+    from kd_optuna.config import load_config
+    from test_own_models import own_model_toml
+
+    path = tmp_path / f"{root.name}.toml"
+    path.write_text(own_model_toml(root))
+    return load_config(path)
+
+
+def test_teacher_key_follows_root_files_classes_recipe_and_seed(tmp_path):
+    import os
+
+    from kd_optuna.teachers import teacher_identity, teacher_key
+    from test_own_models import image_folder
+
+    a = image_folder(tmp_path / "a", per_class=2)
+    b = image_folder(tmp_path / "b", per_class=2)
+    key = teacher_key(teacher_identity("imagefolder", "resnet18", a))
+    assert key == teacher_key(teacher_identity("imagefolder", "resnet18", str(a) + "/"))
+    assert key == teacher_key(teacher_identity("imagefolder", "resnet18", a, num_threads=1))
+    assert key != teacher_key(teacher_identity("imagefolder", "resnet18", b))
+    assert key != teacher_key(teacher_identity("imagefolder", "resnet34", a))
+    assert key != teacher_key(teacher_identity("imagefolder", "resnet18", a, seed=1))
+    assert key != teacher_key(teacher_identity("imagefolder", "resnet18", a, epochs=5))
+    image = a / "train" / "cat" / "0.png"
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touched = teacher_key(teacher_identity("imagefolder", "resnet18", a))
+    assert touched != key
+    (a / "train" / "cat").rename(a / "train" / "lion")
+    identity = teacher_identity("imagefolder", "resnet18", a)
+    assert identity["classes"] == ["dog", "lion"] and teacher_key(identity) != touched
+    assert teacher_key(teacher_identity("digits", "digits_teacher")) == teacher_key(
+        teacher_identity("digits", "digits_teacher", tmp_path))
+
+
+@pytest.mark.slow
+def test_a_second_image_folder_study_trains_its_own_teacher(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from kd_optuna import teachers
+    from kd_optuna.task import Task
+    from test_own_models import image_folder
+
+    monkeypatch.setitem(teachers.RECIPES, "imagefolder", dict(teachers.RECIPES["imagefolder"], epochs=1, batch_size=8))
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    first = _own_teacher_config(tmp_path, image_folder(tmp_path / "first"))
+    second = _own_teacher_config(tmp_path, image_folder(tmp_path / "second", classes=("ant", "bee"), shade=60))
+    with caplog.at_level(logging.WARNING, logger="kd_optuna"):
+        task_first = Task.from_config(first, device="cpu", cache_dir=cache)
+        task_second = Task.from_config(second, device="cpu", cache_dir=cache)
+    trained = sorted(cache.glob("teacher-imagefolder-mobilenet_v3_small-*.pt"))
+    assert len(trained) == 2 and task_first.teacher_sha256 != task_second.teacher_sha256
+    assert [r for r in caplog.records if "reusing" in r.getMessage()] == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kd_optuna"):
+        again = Task.from_config(first, device="cpu", cache_dir=cache)
+    assert again.teacher_sha256 == task_first.teacher_sha256
+    reuse = [r.getMessage() for r in caplog.records if "reusing" in r.getMessage()]
+    assert len(reuse) == 1 and str(tmp_path / "first") in reuse[0] and str(cache) in reuse[0]
+
+
+def test_a_teacher_at_the_old_name_is_reused_only_for_its_own_key(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from kd_optuna import teachers
+    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.models import build_model
+    from kd_optuna.task import cached_teacher_checkpoint
+    from kd_optuna.teachers import teacher_identity, teacher_key
+    from test_own_models import image_folder
+
+    root = image_folder(tmp_path / "images", per_class=1)
+    legacy = tmp_path / "teacher-imagefolder-resnet18.pt"
+    calls = []
+
+    def fake_train(dataset, model_name, out_path, **kwargs):
+        calls.append(out_path)
+        save_checkpoint(out_path, build_model(model_name, 2), model_name=model_name, num_classes=2,
+                        dataset=dataset, accuracy=0.5)
+
+    save_checkpoint(legacy, build_model("resnet18", 2), model_name="resnet18", num_classes=2, dataset="imagefolder",
+                    accuracy=0.5)
+    monkeypatch.setattr(teachers, "train_teacher", fake_train)
+    with caplog.at_level(logging.WARNING, logger="kd_optuna"):
+        path = cached_teacher_checkpoint("imagefolder", "resnet18", tmp_path, root=root)
+    assert path != legacy and calls == [path]
+    assert any("not reusing" in r.getMessage() and str(legacy) in r.getMessage() for r in caplog.records)
+    path.unlink()
+    key = teacher_key(teacher_identity("imagefolder", "resnet18", root))
+    save_checkpoint(legacy, build_model("resnet18", 2), model_name="resnet18", num_classes=2, dataset="imagefolder",
+                    accuracy=0.5, extra={"cache_key": key})
+    assert cached_teacher_checkpoint("imagefolder", "resnet18", tmp_path, root=root) == legacy and len(calls) == 1
