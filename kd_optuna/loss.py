@@ -6,7 +6,10 @@ For knowledge tensors s (student) and t (teacher) of a batch of N samples::
     loss = magnitude * T^2 * mean_n(w_n * d_n),   d = distance(s', t') -> (N,),
                                                   w = calibration(...)  -> (N,), detached
 
-The adapter (student side only) makes the student's knowledge the teacher's shape; its
+The module computes the spec's canonical form (``DistillerSpec.canonical``: the same loss with
+the transforms it cannot see removed and T, lambda in a normal form), so specs with one key
+give one loss, bit for bit; ``literal=True`` computes the params as written instead, the
+reference the canonical form is tested against. The adapter (student side only) makes the student's knowledge the teacher's shape; its
 parameters are the module's parameters and are trained with the student. The teacher's
 tensors are detached. Everything is computed in float32, whatever the inputs' dtype.
 
@@ -104,10 +107,13 @@ class DistillerLoss(nn.Module):
             required, and ``logit`` when the calibration reads logits (entropy, conf: the
             teacher's; focal: both, with equal K).
         check_finite: raise ``InvalidDistiller`` when a forward pass is not finite.
+        literal: apply the params' three transforms, T and magnitude as written rather than
+            the canonical form (equal values, up to rounding; for tests and benchmarks).
 
     Raises:
         InvalidDistiller: the spec cannot be computed for these shapes (logit classes differ,
-            a missing shape, ...), with a short stable ``reason``.
+            a missing shape, ...), with a short stable ``reason``; or the spec is refused
+            (``spec.refusal()``: a softmax over kl's axis right before kl).
 
     ``forward(student, teacher, labels=None)`` takes the two output mappings (tensors with a
     batch dim N, any float dtype) and optional labels (N,); it returns a 0-dim float32
@@ -115,8 +121,8 @@ class DistillerLoss(nn.Module):
     NaN/inf loss and ``InvalidDistiller("knowledge overflows after transforms")`` when the
     student's knowledge exceeds 1e12 in magnitude after a transform (its gradients would
     overflow; a saturating op such as tanh can hide that from the loss). Random
-    transforms (drop, mask) draw one seed per forward from torch's global generator, and
-    teacher and student use the same masks.
+    transforms (drop, mask) draw one seed per forward from torch's global generator; the
+    i-th random transform of the chain uses seed + i, and teacher and student the same masks.
     """
 
     def __init__(
@@ -125,17 +131,25 @@ class DistillerLoss(nn.Module):
         student_shapes: Mapping[str, tuple[int, ...]],
         teacher_shapes: Mapping[str, tuple[int, ...]],
         check_finite: bool = True,
+        literal: bool = False,
     ):
         super().__init__()
         self.spec = spec
         self.check_finite = check_finite
-        self.transform_names = spec.canonical().effective_transforms()
+        refusal = spec.refusal()
+        if refusal is not None:
+            raise InvalidDistiller(refusal)
+        computed = spec if literal else spec.canonical()
+        self.transform_names = computed.effective_transforms()
         self._transforms = [TRANSFORMS[name] for name in self.transform_names]
-        self._random = [name in RANDOM_TRANSFORMS for name in self.transform_names]
+        ordinal, self._random = 0, []
+        for name in self.transform_names:
+            self._random.append(ordinal if name in RANDOM_TRANSFORMS else None)
+            ordinal += name in RANDOM_TRANSFORMS
         self._distance = DISTANCES[spec.distance]
         self._calibration = CALIBRATIONS[spec.calibration]
-        self._temperature = float(spec.temperature)
-        self._scale = float(spec.magnitude) * float(spec.temperature) ** 2
+        self._temperature = float(computed.temperature)
+        self._scale = float(computed.magnitude) * float(computed.temperature) ** 2
 
         knowledge = spec.knowledge
         rank = KNOWLEDGE_RANK[knowledge]
@@ -172,7 +186,7 @@ class DistillerLoss(nn.Module):
         labels: Tensor | None = None,
     ) -> Tensor:
         seed = None
-        if any(self._random):
+        if any(r is not None for r in self._random):
             seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         loss, watched = self._compute(student, teacher, labels, seed)
         if self.check_finite:
@@ -197,10 +211,10 @@ class DistillerLoss(nn.Module):
 
     def _distil(self, s, t, student, teacher, labels, seed):
         watched = []
-        for slot, (op, random) in enumerate(zip(self._transforms, self._random)):
-            if random:
-                s = op(s, _generator(seed, slot, s.device))
-                t = op(t, _generator(seed, slot, t.device))
+        for op, random in zip(self._transforms, self._random):
+            if random is not None:
+                s = op(s, _generator(seed, random, s.device))
+                t = op(t, _generator(seed, random, t.device))
             else:
                 s, t = op(s), op(t)
             watched.append(s)
@@ -293,8 +307,10 @@ def _float32(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _generator(seed: int | None, slot: int, device: torch.device) -> torch.Generator | None:
-    """A generator seeded by (seed, slot): the student's and teacher's draws coincide."""
+def _generator(seed: int | None, ordinal: int, device: torch.device) -> torch.Generator | None:
+    """A generator seeded by (seed, ordinal of the random op): student's and teacher's draws
+    coincide, and so do a spec's and its canonical form's (the normal form keeps random ops
+    and their order)."""
     if seed is None or device.type == "meta":
         return None
-    return torch.Generator(device=device).manual_seed(seed + slot)
+    return torch.Generator(device=device).manual_seed(seed + ordinal)

@@ -20,8 +20,10 @@ and so the canonical form of a spec.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from typing import Any, Iterable, Mapping
+from fractions import Fraction
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from kd_optuna.errors import InvalidSpace
 
@@ -34,7 +36,7 @@ _EVERY_RANK = {2: 2, 3: 3, 4: 4}
 
 #: For each transform, ``{input rank: output rank}`` for the ranks it acts on; at any rank not
 #: listed the transform returns its input unchanged. Listing 1's 38 names plus Listing 2's
-#: ``abs`` and ``swish``, spelled as in Listing 1.
+#: ``abs`` and ``swish``, spelled as in Listing 1, and ``zscore`` (per-sample standardisation).
 TRANSFORM_RANKS: dict[str, dict[int, int]] = {
     # element-wise
     "exp": _EVERY_RANK,
@@ -82,6 +84,8 @@ TRANSFORM_RANKS: dict[str, dict[int, int]] = {
     "logsoftmax_HW": {3: 3, 4: 3},
     "min_max_normalize": _EVERY_RANK,
     "batchnorm": _EVERY_RANK,
+    # logit standardisation (Sun et al. 2024), added to the seed's list
+    "zscore": _EVERY_RANK,
 }
 
 TRANSFORMS: tuple[str, ...] = tuple(TRANSFORM_RANKS)
@@ -132,6 +136,244 @@ def _check_gene(gene: str) -> None:
 def transform_output_rank(name: str, rank: int) -> int | None:
     """Rank after applying transform ``name`` to a tensor of ``rank``; None if it is a no-op."""
     return TRANSFORM_RANKS[name].get(rank)
+
+
+# ------------------------------------------------------------------------- the normal form
+#
+# What the ops do to values, as far as the normal form needs it. Each set is a property read
+# off the op's definition in kd_optuna.ops (and checked there by tests/test_canonical.py).
+
+#: Applied to each element on its own, the same way at every rank.
+ELEMENTWISE = frozenset(
+    {"exp", "mish", "leaky", "relu", "tanh", "sigmoid", "pow2", "pow4", "log", "sqrt", "abs",
+     "swish", "scale"}
+)
+#: Output >= 0 whatever the input.
+_NONNEG_OUT = frozenset(
+    {"exp", "sigmoid", "pow2", "pow4", "abs", "relu", "softmax_N", "softmax_C", "softmax_HW",
+     "satt", "catt", "natt", "min_max_normalize"}
+)
+#: Output >= 0 when the input is (positive scalings, pooling, reshapes, odd ops fixing 0).
+_NONNEG_KEEP = frozenset(
+    {"leaky", "tanh", "log", "sqrt", "mish", "swish", "scale", "drop", "mask", "batch", "channel",
+     "local_s1", "local_s2", "local_s4", "scale_r2", "multi_scale_r4", "norm_HW", "norm_C",
+     "norm_N", "bmm", "mm"}
+)
+#: f(x) = x for x >= 0.
+_IDENTITY_ON_NONNEG = frozenset({"relu", "abs", "leaky"})
+#: f(|x|) = f(x).
+_EVEN = frozenset({"pow2", "pow4", "abs"})
+#: X with channel>X = X>channel on (N, C, H, W): X reads H x W as one flat axis, as at rank 3.
+_PAST_CHANNEL = ELEMENTWISE | {
+    "natt", "norm_C", "norm_N", "norm_HW", "softmax_N", "softmax_C", "softmax_HW",
+    "logsoftmax_N", "logsoftmax_C", "logsoftmax_HW", "min_max_normalize", "batchnorm", "zscore",
+    "bmm", "mm",
+}
+#: X with batch>X = X>batch: X acts per element, per batch column or on a sample as a whole.
+_PAST_BATCH = ELEMENTWISE | {
+    "natt", "norm_N", "softmax_N", "logsoftmax_N", "min_max_normalize", "zscore", "mm",
+}
+#: Distances of the flattened sample (means of element-wise terms, cosines, batch columns).
+_FLAT_DISTANCES = frozenset({"l1", "l2", "smooth_l1", "cos", "pear", "cor"})
+#: d(a s, a t) = a^k d(s, t) for a > 0.
+_DEGREE = {"l1": 1, "l2": 2}
+#: Distances that see the temperature: d(s/T, t/T) is not a power of T times d(s, t).
+_TEMPERED = frozenset({"smooth_l1", "kl", "hard"})
+#: Distances d(s + c, t + c) = d(s, t) for a constant c (so `scale` folds into T or lambda).
+_SHIFT_FREE = frozenset({"l1", "l2", "smooth_l1", "kl", "hard"})
+
+
+class DroppedTransform(NamedTuple):
+    """A transform of a spec's params that its canonical form does not compute as written."""
+
+    gene: str  #: transform1, transform2 or transform3
+    name: str  #: the transform in the params
+    reason: str  #: why the loss is the same without it, one line
+
+
+class _Normal(NamedTuple):
+    spec: "DistillerSpec"
+    dropped: tuple[DroppedTransform, ...]
+    refusal: str | None
+
+
+_Chain = list[tuple[str, str]]  # (transform, the gene it came from)
+
+
+def _rewrite_once(knowledge: str, chain: _Chain) -> tuple[_Chain, list[DroppedTransform]] | None:
+    """Apply the first identity that shortens or orders ``chain``; None at a fixed point.
+
+    Identities, each exact for every input (x = the tensor before the pair):
+      no-op          a transform at a rank it does not act on returns its input;
+      local_s1       on (N, C, H, W) it is batch: both flatten each sample;
+      non-negative   relu, abs, leaky are the identity after an op whose output is >= 0;
+      even           abs before pow2, pow4, abs: f(|x|) = f(x); leaky before relu: relu(x);
+      pow2 twice     (x^2)^2 = pow4(x), with the same float operations;
+      channel>batch  = batch; channel>X = X>channel and batch>X = X>batch for the X of
+                     _PAST_CHANNEL and _PAST_BATCH (reshapes move right, towards the distance).
+    """
+    rank, nonneg = KNOWLEDGE_RANK[knowledge], False
+    for i, (name, gene) in enumerate(chain):
+        out = TRANSFORM_RANKS[name].get(rank)
+        rest = chain[:i] + chain[i + 1:]
+        if out is None:
+            return rest, [] if name == "no" else [
+                DroppedTransform(gene, name, f"does not act on rank-{rank} knowledge")
+            ]
+        if name in _IDENTITY_ON_NONNEG and nonneg:
+            return rest, [DroppedTransform(gene, name, "identity on the non-negative values before it")]
+        if name == "local_s1":
+            return chain[:i] + [("batch", gene)] + chain[i + 1:], [
+                DroppedTransform(gene, name, "the same op as batch on feature maps; written batch")
+            ]
+        if i + 1 < len(chain):
+            after, after_gene = chain[i + 1]
+            if name == "abs" and after in _EVEN:
+                return rest, [DroppedTransform(gene, name, f"{after}(|x|) = {after}(x)")]
+            if name == "leaky" and after == "relu":
+                return rest, [DroppedTransform(gene, name, "relu(leaky(x)) = relu(x)")]
+            if name == "pow2" and after == "pow2":
+                merged = chain[:i] + [("pow4", gene)] + chain[i + 2:]
+                return merged, [DroppedTransform(after_gene, after, f"pow2 twice is pow4 ({gene})")]
+            if name == "channel" and after == "batch":
+                return rest, [DroppedTransform(gene, name, "batch flattens what channel flattened")]
+            if (name == "channel" and after in _PAST_CHANNEL) or (name == "batch" and after in _PAST_BATCH):
+                return chain[:i] + [chain[i + 1], chain[i]] + chain[i + 2:], []
+        rank = out
+        nonneg = name in _NONNEG_OUT or (nonneg and name in _NONNEG_KEEP)
+    return None
+
+
+def _kl_axis(rank: int) -> str:
+    """Suffix of the (log)softmax over the axis kl normalises at this input rank."""
+    return "C" if rank == 2 else "HW"
+
+
+def _tail_reason(name: str, rank: int, distance: str, calibration: str) -> str | None:
+    """Why the last transform (input rank ``rank``) leaves this distance's loss unchanged.
+
+    Besides the distance, ``sim`` reads the knowledge (the cosine of the flattened samples):
+    it ignores reshapes and positive scalings, not shifts.
+    """
+    sim = calibration == "sim"
+    if name == "channel":
+        return "every distance reads (N, C, H, W) as (N, C, H*W)"
+    if name == "batch" and distance in _FLAT_DISTANCES:
+        return f"{distance} reads each sample flattened"
+    if not sim and distance == "kl" and name == f"logsoftmax_{_kl_axis(rank)}":
+        return "kl's own log-softmax over that axis absorbs a shift along it"
+    if not sim and distance == "hard" and name == "logsoftmax_C":
+        return "cross-entropy and argmax over dim 1 absorb a shift along it"
+    if distance in ("cos", "pear") and name == "norm_C" and rank == 2:
+        return f"a positive scaling of each sample, which {distance} ignores"
+    if not sim and distance == "pear" and name in ("scale", "min_max_normalize", "zscore"):
+        return "a positive affine map of each sample, which pear ignores"
+    if not sim and distance == "cor" and name in ("scale", "norm_N", "batchnorm"):
+        return "a positive affine map of each batch column, which cor ignores"
+    return None
+
+
+def _scale_form(distance: str, temperature: int, magnitude: Fraction, scales: int) -> tuple:
+    """What the loss depends on of (T, lambda) and ``scales`` trailing ``scale`` ops.
+
+    The loss is lambda T^2 d(a s / T, a t / T) with a = 2^-scales (the shifts of `scale` cancel
+    in the distances that absorb it). Homogeneous d (l1: k = 1, l2: k = 2) give
+    lambda T^(2-k) a^k d(s, t); cos, pear and cor ignore the scale: lambda T^2 d(s, t); the
+    others see T/a and lambda T^2 apart.
+    """
+    if distance in _DEGREE:
+        k = _DEGREE[distance]
+        return ("coefficient", magnitude * Fraction(temperature) ** (2 - k) / 2 ** (k * scales))
+    if distance in _TEMPERED:
+        return ("temperature", temperature * 2**scales, magnitude * temperature**2)
+    return ("coefficient", magnitude * temperature**2)
+
+
+def _fraction(magnitude: float) -> Fraction:
+    return Fraction(str(magnitude))
+
+
+@functools.lru_cache(maxsize=None)
+def _representative(distance: str, form: tuple, max_scales: int) -> tuple[int, int, float]:
+    """(scales, T, lambda) of the first encoding of ``form``: fewest scales, then lowest T."""
+    for scales in range(max_scales + 1):
+        for temperature in TEMPERATURES:
+            for magnitude in MAGNITUDES:
+                if _scale_form(distance, temperature, _fraction(magnitude), scales) == form:
+                    return scales, temperature, magnitude
+    raise AssertionError(f"no encoding of {form}")  # the spec's own encoding is always one
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _reduce_chain(knowledge: str, transforms: tuple[str, ...]):
+    """The chain after the distance-free identities, and the records of what went."""
+    chain: _Chain = [(name, gene) for gene, name in zip(TRANSFORM_GENES, transforms)]
+    dropped: list[DroppedTransform] = []
+    while (step := _rewrite_once(knowledge, chain)) is not None:
+        chain, records = step
+        dropped += records
+    return tuple(chain), tuple(dropped)
+
+
+def _reduce_tail(knowledge: str, chain: tuple, distance: str, calibration: str):
+    """Strip the trailing transforms this distance ignores; count the `scale` ops folded in."""
+    chain, dropped, scales = list(chain), [], 0
+    folds_scale = distance in _SHIFT_FREE and calibration != "sim"
+    while chain:
+        rank = KNOWLEDGE_RANK[knowledge]
+        for name, _ in chain[:-1]:
+            rank = TRANSFORM_RANKS[name][rank]
+        name, gene = chain[-1]
+        reason = _tail_reason(name, rank, distance, calibration)
+        if reason is None and name == "scale" and folds_scale:
+            reason = f"the shift of (x+1)/2 cancels in {distance}; its 1/2 moves into T or lambda"
+            scales += 1
+        if reason is None:
+            break
+        chain.pop()
+        dropped.append(DroppedTransform(gene, name, reason))
+    refusal = None
+    if distance == "kl" and chain:
+        rank = KNOWLEDGE_RANK[knowledge]
+        for name, _ in chain[:-1]:
+            rank = TRANSFORM_RANKS[name][rank]
+        last = chain[-1][0]
+        if last == f"softmax_{_kl_axis(rank)}":
+            refusal = (
+                f"kl takes logits or log-probabilities, not the probabilities of {last}: "
+                f"use logsoftmax_{_kl_axis(rank)} or drop {last}"
+            )
+    return tuple(chain), tuple(dropped), scales, refusal
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _normal_form(spec: "DistillerSpec") -> _Normal:
+    chain, dropped = _reduce_chain(spec.knowledge, spec.transforms)
+    chain, tail, scales, refusal = _reduce_tail(spec.knowledge, chain, spec.distance, spec.calibration)
+    dropped += tail
+    form = _scale_form(spec.distance, spec.temperature, _fraction(spec.magnitude), scales)
+    folds_scale = spec.distance in _SHIFT_FREE and spec.calibration != "sim"
+    added, temperature, magnitude = _representative(
+        spec.distance, form, 3 - len(chain) if folds_scale else 0
+    )
+    if added:  # the encoding keeps some of the scale ops it folded: they are not dropped
+        kept = [i for i, d in enumerate(dropped) if d.name == "scale"][-added:]
+        dropped = tuple(d for i, d in enumerate(dropped) if i not in kept)
+    names = [name for name, _ in chain] + ["scale"] * added
+    names += ["no"] * (3 - len(names))
+    canonical = DistillerSpec(
+        spec.knowledge, *names, spec.distance, spec.calibration, temperature, magnitude
+    )
+    return _Normal(canonical, tuple(dropped), refusal)
+
+
+_WHY_SCALE_FORM = {
+    "l2": "l2 is homogeneous of degree 2 in the knowledge, so T cancels",
+    "l1": "l1 is homogeneous of degree 1, so only lambda * T matters",
+    "cos": "cos ignores the knowledge's scale, so only lambda * T^2 matters",
+    "pear": "pear ignores the knowledge's scale, so only lambda * T^2 matters",
+    "cor": "cor ignores the knowledge's scale, so only lambda * T^2 matters",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,19 +450,67 @@ class DistillerSpec:
         return rank
 
     def canonical(self) -> "DistillerSpec":
-        """The same distiller with no-op transforms removed and ``no`` padded at the end.
+        """The normal form of this distiller's loss: one spec per loss, in the space's options.
 
-        Two specs with equal canonical forms compute the same loss, so they share one ``key``.
+        Two specs have equal canonical forms exactly when the identities below make their
+        losses equal on every input (up to float rounding and the ops' eps guards, 1e-8 on
+        norms). The identities are read off the op definitions:
+
+        * transforms: no-ops at the knowledge's rank go; relu/abs/leaky after a non-negative
+          output go; abs before an even op goes; pow2>pow2 is pow4; local_s1 on feature maps
+          is batch; channel and batch move right past the ops that read H x W (or the sample)
+          as a flat axis, and channel>batch is batch (see ``_rewrite_once``);
+        * the last transforms a distance cannot see go: channel always (every distance reads
+          (N, C, H, W) as (N, C, H*W)), batch before a flat distance, per-sample positive
+          scalings before cos/pear; and, unless ``sim`` reads them (it sees shifts),
+          logsoftmax over kl's axis before kl, logsoftmax_C before hard, positive affine maps
+          before pear (per sample) and cor (per column);
+        * temperature and magnitude: the loss is lambda T^2 d(s/T, t/T), so with l2 T cancels,
+          with l1 only lambda*T counts, with cos/pear/cor only lambda*T^2; a trailing ``scale``
+          ((x+1)/2) folds into T (kl, hard, smooth_l1) or lambda (l1, l2). The encoding kept is
+          the one with fewest transforms, then the lowest T.
+
+        ``dropped_transforms()`` says which transforms of the params went and why.
         """
-        acting = self.effective_transforms()
-        padded = acting + ("no",) * (3 - len(acting))
-        return dataclasses.replace(
-            self, transform1=padded[0], transform2=padded[1], transform3=padded[2]
-        )
+        return _normal_form(self).spec
+
+    def dropped_transforms(self) -> tuple[DroppedTransform, ...]:
+        """The params' transforms the canonical form does not compute as written, with why.
+
+        >>> DistillerSpec("logit", "satt", "relu", "abs", "l2", "no", 1, 1).dropped_transforms()[0]
+        DroppedTransform(gene='transform1', name='satt', reason='does not act on rank-2 knowledge')
+        """
+        return _normal_form(self).dropped
+
+    def canonical_notes(self) -> list[str]:
+        """One line per difference between the params and the canonical form, for a person."""
+        notes = [f"{d.gene} {d.name}: {d.reason}" for d in self.dropped_transforms()]
+        c = self.canonical()
+        if (c.temperature, c.magnitude) != (self.temperature, self.magnitude):
+            why = _WHY_SCALE_FORM.get(
+                self.distance, f"{self.distance} depends only on T/a and lambda * T^2"
+            )
+            notes.append(
+                f"T{self.temperature} x{self.magnitude:g} is T{c.temperature} x{c.magnitude:g}: {why}"
+            )
+        return notes
+
+    def refusal(self) -> str | None:
+        """Why this spec is not a distiller (DistillerLoss raises InvalidDistiller), or None.
+
+        ``kl`` takes logits (or log-probabilities, which its log-softmax maps to the same
+        distribution): a softmax over kl's own axis as the last transform would make kl compare
+        the softmax of probabilities, a near-uniform pair (0.012 where plain KD gives 0.865), so
+        that combination is refused rather than computed.
+        """
+        return _normal_form(self).refusal
 
     @property
     def key(self) -> str:
-        """Canonical key, e.g. ``logit|no>no>no|kl|no|T4|x1``: what deduplication uses."""
+        """Canonical key, e.g. ``logit|no>no>no|kl|no|T4|x1``: what deduplication uses.
+
+        Equal keys exactly when the canonical forms are equal (see ``canonical``).
+        """
         c = self.canonical()
         return (
             f"{c.knowledge}|{'>'.join(c.transforms)}|{c.distance}|{c.calibration}"
@@ -228,7 +518,11 @@ class DistillerSpec:
         )
 
     def formula(self) -> str:
-        """A formula a person can read, e.g. for the dashboard."""
+        """A formula a person can read, e.g. for the dashboard, of the canonical form.
+
+        ``coefficient * mean_n(w_n * d_n)`` with the coefficient lambda * T^2; a distance of
+        two terms is in parentheses where a weight multiplies it.
+        """
         c = self.canonical()
 
         def side(who: str) -> str:
@@ -238,17 +532,20 @@ class DistillerSpec:
             return f"{expr}/{c.temperature}" if c.temperature != 1 else expr
 
         s, t = side("s"), side("t")
-        distance = {
-            "l1": f"|{s} - {t}|",
-            "l2": f"({s} - {t})^2",
-            "kl": f"KL(softmax({t}) || softmax({s}))",
-            "hard": f"CE({s}, argmax {t})",
-            "smooth_l1": f"smoothL1({s} - {t})",
-            "cos": f"1 - cos({s}, {t})",
-            "pear": f"1 - pearson({s}, {t})",
-            "cor": f"cor({s}, {t})",
+        distance, compound = {
+            "l1": (f"|{s} - {t}|", False),
+            "l2": (f"({s} - {t})^2", False),
+            "kl": (f"KL(softmax({t}) || softmax({s}))", False),
+            "hard": (f"CE({s}, argmax {t})", False),
+            "smooth_l1": (f"smoothL1({s} - {t})", False),
+            "cos": (f"1 - cos({s}, {t})", True),
+            "pear": (f"1 - pearson({s}, {t})", True),
+            "cor": (f"cor({s}, {t})", False),
         }[c.distance]
-        weighted = distance if c.calibration == "no" else f"w_{c.calibration} * {distance}"
+        if c.calibration == "no":
+            weighted = distance
+        else:
+            weighted = f"w_{c.calibration} * " + (f"({distance})" if compound else distance)
         coefficient = c.magnitude * c.temperature**2
         return f"{coefficient:g} * mean_n({weighted})"
 

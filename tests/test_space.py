@@ -46,8 +46,8 @@ specs = st.builds(
 
 def test_options_are_the_seeds():
     assert len(LISTING_1_TRANSFORMS) == 38
-    assert set(TRANSFORMS) == set(LISTING_1_TRANSFORMS) | {"abs", "swish"}
-    assert len(TRANSFORMS) == 40
+    assert set(TRANSFORMS) == set(LISTING_1_TRANSFORMS) | {"abs", "swish", "zscore"}
+    assert len(TRANSFORMS) == 41
     assert DISTANCES == ("l1", "l2", "kl", "hard", "smooth_l1", "cos", "pear", "cor")
     assert CALIBRATIONS == ("entropy", "focal", "sim", "conf", "no")
     assert TEMPERATURES == (1, 4, 8, 16)
@@ -97,7 +97,8 @@ def test_canonical_form_is_idempotent_and_keeps_the_key(spec):
     assert canonical.canonical() == canonical
     assert canonical.key == spec.key
     assert canonical.formula() == spec.formula()
-    assert canonical.output_rank() == spec.output_rank()
+    assert canonical.refusal() == spec.refusal()
+    assert canonical.dropped_transforms() == ()
 
 
 def test_transforms_that_cannot_act_on_logits_collapse_to_no():
@@ -135,8 +136,18 @@ def test_distinct_losses_keep_distinct_keys():
 def test_formula_reads_like_the_textbook_kd_loss():
     kd = CLASSICS["kd"][0]
     assert kd.formula() == "16 * mean_n(KL(softmax(t_logit/4) || softmax(s_logit/4)))"
-    weighted = DistillerSpec("feat", "channel", "no", "no", "l2", "focal", 1, 0.1)
-    assert weighted.formula() == "0.1 * mean_n(w_focal * (channel(s_feat) - channel(t_feat))^2)"
+    weighted = DistillerSpec("feat", "satt", "no", "no", "l2", "focal", 1, 0.1)
+    assert weighted.formula() == "0.1 * mean_n(w_focal * (satt(s_feat) - satt(t_feat))^2)"
+
+
+def test_defect_formula_put_no_parentheses_around_a_weighted_difference():
+    pear = DistillerSpec("logit", "no", "no", "no", "pear", "focal", 1, 100)
+    assert pear.formula() == "100 * mean_n(w_focal * (1 - pearson(s_logit, t_logit)))"
+    cos = DistillerSpec("emb", "relu", "no", "no", "cos", "sim", 1, 1)
+    assert cos.formula() == "1 * mean_n(w_sim * (1 - cos(relu(s_emb), relu(t_emb))))"
+    assert DistillerSpec("emb", "no", "no", "no", "cos", "no", 1, 1).formula() == (
+        "1 * mean_n(1 - cos(s_emb, t_emb))"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The 40 knowledge transforms of the search space (seed E.1, Listing 2), registered by name.
+"""The 41 knowledge transforms of the search space (seed E.1, Listing 2, and ``zscore``), by name.
 
 Every transform maps a float tensor whose dim 0 is the batch ``N`` to a tensor whose dim 0 is
 still ``N``. Which ranks it acts on, and the rank it returns, is ``kd_optuna.space.
@@ -37,6 +37,11 @@ MASK_RATIO = 0.65
 NORM_EPS = 1e-8
 BATCHNORM_EPS = 1e-5
 MIN_MAX_EPS = 1e-6
+#: zscore's denominator offset, as logit standardization's reference code (1e-7 + std).
+ZSCORE_EPS = 1e-7
+#: Floor of the variance under zscore's square root: at a constant sample the gradient of
+#: sqrt(var) would be inf * 0 = NaN; below it the std is off by at most 1e-12, under the eps.
+ZSCORE_VAR_FLOOR = 1e-24
 
 #: Names of the transforms that draw random numbers and so take a generator.
 RANDOM_TRANSFORMS: set[str] = set()
@@ -410,3 +415,23 @@ def batchnorm(x: Tensor) -> Tensor:
     mean = x.mean(dim=dims, keepdim=True)
     var = x.var(dim=dims, keepdim=True, unbiased=False)
     return (x - mean) * torch.rsqrt(var + BATCHNORM_EPS)
+
+
+@transform("zscore")
+def zscore(x: Tensor) -> Tensor:
+    """Per-sample standardisation (logit standardization, Sun et al. CVPR 2024), same shape:
+
+        z(x) = (x - mean(x)) / (std(x) + 1e-7)
+
+    with mean and std (population, 1/D) over every non-batch dim of the sample, at ranks 2
+    ((N, K) logits: over classes, as the paper), 3 and 4 (over C*L or C*H*W values). A
+    constant sample maps to 0 with a finite gradient. The paper's code divides by the
+    Bessel-corrected std, D/(D-1) times the variance: z here is sqrt((D-1)/D) times its z
+    (0.995 at K = 100), a temperature 0.5% lower, and defined at D = 1.
+    """
+    flat = x.flatten(1)
+    mean = flat.mean(dim=1, keepdim=True)
+    centred = flat - mean
+    var = centred.pow(2).mean(dim=1, keepdim=True)
+    std = var.clamp(min=ZSCORE_VAR_FLOOR).sqrt()
+    return (centred / (std + ZSCORE_EPS)).view_as(x)
