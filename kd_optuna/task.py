@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd_optuna.cache import CachedTeacher, cached_teacher, compute_teacher_outputs, state_dict_sha256
+from kd_optuna.cache import (
+    CachedTeacher, cached_teacher, compute_teacher_outputs, knowledge_for, state_dict_sha256,
+)
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.loss import DistillerLoss
 from kd_optuna.proxy import (
@@ -105,11 +107,13 @@ class Task:
         """The teacher lookup of every trial: cached outputs, or the live teacher."""
         if not self.use_cache:
             return live_teacher(self.teacher, self.data)
+        knowledge = knowledge_for(self.space)
         if self.cache_dir is None:
-            return CachedTeacher(compute_teacher_outputs(self.teacher, self.data, self.proxy.cache_dtype))
+            return CachedTeacher(compute_teacher_outputs(self.teacher, self.data, self.proxy.cache_dtype,
+                                                         knowledge=knowledge))
         return cached_teacher(
             self.teacher, self.teacher_sha256, self.teacher_nodes, self.data, self.cache_dir,
-            self.proxy.cache_dtype,
+            self.proxy.cache_dtype, knowledge=knowledge,
         )
 
     @functools.cached_property

@@ -110,18 +110,22 @@ def test_load_or_build_reuses_and_rebuilds_corrupt_files(tmp_path):
     first = load_or_build(path, "k", _counting_builder(calls))
     second = load_or_build(path, "k", _counting_builder(calls))
     assert len(calls) == 1 and tensor_sha256(first) == tensor_sha256(second)
-    stored = torch.load(path, weights_only=True)
-    stored["tensors"]["a"][3] = 99.0
-    torch.save(stored, path)
+    data_a = tmp_path / "outputs.a.bin"
+    raw = bytearray(data_a.read_bytes())
+    raw[12] ^= 0xFF
+    data_a.write_bytes(bytes(raw))
     with pytest.warns(RuntimeWarning, match="checksum"):
         third = load_or_build(path, "k", _counting_builder(calls))
     assert len(calls) == 2 and third["a"][3] == 3.0
+    data_a.write_bytes(data_a.read_bytes()[:-4])
+    with pytest.warns(RuntimeWarning, match="truncated"):
+        load_or_build(path, "k", _counting_builder(calls))
     path.write_bytes(path.read_bytes()[:50])
     with pytest.warns(RuntimeWarning, match="unreadable"):
         load_or_build(path, "k", _counting_builder(calls))
     with pytest.warns(RuntimeWarning, match="another key"):
         load_or_build(path, "other", _counting_builder(calls))
-    assert len(calls) == 4
+    assert len(calls) == 5
     assert not list(tmp_path.glob("*.tmp"))
 
 
@@ -157,3 +161,66 @@ def test_cached_teacher_reads_the_file_of_an_earlier_worker(tmp_path):
     positions, views = torch.tensor([0, 5]), torch.tensor([1, 2])
     for k, v in first(positions, views).items():
         assert torch.equal(v, second(positions, views)[k]) and v.dtype == torch.float32
+
+
+# -- a memory budget at any dataset size, only the knowledge in force (issue 11, point 3) --------
+
+def test_a_cache_over_the_budget_stays_on_disk_and_reads_the_same_rows(tmp_path):
+    from kd_optuna.cache import DiskArray
+
+    data, teacher = tiny_parts()
+    sha = state_dict_sha256(teacher)
+    memory = cached_teacher(teacher, sha, None, data, tmp_path / "a", memory_budget=2**30)
+    disk = cached_teacher(teacher, sha, None, data, tmp_path / "b", memory_budget=1000)
+    assert all(isinstance(v, DiskArray) for v in disk.outputs.values())
+    assert disk.resident_bytes() == 0 and disk.nbytes() == memory.nbytes() == memory.resident_bytes()
+    positions, views = torch.tensor([119, 0, 7, 7]), torch.tensor([2, 0, 1, 2])
+    for k, v in memory(positions, views).items():
+        assert torch.equal(disk(positions, views)[k], v) and v.dtype == torch.float32
+    streamed = compute_teacher_outputs(teacher, data, batch_size=7)
+    whole = compute_teacher_outputs(teacher, data, batch_size=512)
+    for k in whole:  # one batch or many: the same up to batch-size kernel effects and float16 rounding
+        assert torch.allclose(streamed[k].float(), whole[k].float(), rtol=2e-3, atol=1e-4), k
+    assert torch.allclose(memory(positions, views)["feat"], whole["feat"][positions, views].float(), rtol=2e-3, atol=1e-4)
+
+
+def test_only_the_knowledge_in_force_is_cached(tmp_path):
+    from kd_optuna.cache import knowledge_for
+    from kd_optuna.space import SearchSpace
+
+    assert knowledge_for(SearchSpace()) == ("feat", "emb", "logit")
+    space = SearchSpace().narrow(knowledge=["emb"])
+    assert knowledge_for(space) == ("emb", "logit")
+    data, teacher = tiny_parts()
+    task = Task(data, teacher, new_student, FAST, space, cache_dir=tmp_path)
+    assert sorted(task.teacher_outputs.outputs) == ["emb", "logit"]
+    assert sorted(p.name.split(".")[-2] for p in tmp_path.glob("teacher-outputs-*.bin")) == ["emb", "logit"]
+    spec = next(s for s, *_ in CLASSICS.values() if s.knowledge == "emb")
+    assert task.run(spec).val_acc >= 0
+
+
+def test_optimize_with_a_tiny_budget_keeps_the_cache_on_disk(tmp_path, capsys, monkeypatch):
+    import optuna
+
+    from conftest import invoke_cli, tiny_digits_toml
+    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KD_OPTUNA_CACHE_MEMORY_MB", "0.01")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "t.pt", build_model("digits_teacher", 10), model_name="digits_teacher",
+                    num_classes=10, dataset="digits", accuracy=0.1)
+    text = tiny_digits_toml().replace('model = "digits_teacher"\n', 'model = "digits_teacher"\ncheckpoint = "t.pt"\n')
+    text = text.replace("[search]\npopulation_size = 4", "[space]\nknowledge = [\"logit\"]\n\n[search]\npopulation_size = 8")
+    (tmp_path / "c.toml").write_text(text)
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", "c.toml", "--storage", url)
+    assert code == 0, err
+    code, _, err = invoke_cli(capsys, "optimize", "--storage", url, "--n-trials", "1", "--device", "cpu",
+                              "--threads", "1", "--no-progress")
+    assert code == 0, err
+    trials = optuna.load_study(study_name="digits_tiny", storage=url).get_trials()
+    assert trials[0].state.is_finished() and trials[0].params["knowledge"] == "logit"
+    files = sorted(p.name.split(".")[-2] for p in (tmp_path / ".kd_optuna_cache").glob("teacher-outputs-*.bin"))
+    assert files == ["logit"]
