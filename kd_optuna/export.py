@@ -128,8 +128,8 @@ def main(argv=None):
     print("distiller:", SOURCE["formula"] if args.method == "searched" else args.method)
     result = train_with_distiller(SPEC, method=args.method, max_steps=args.max_steps, resume=args.resume,
                                   progress=not args.no_progress, **settings)
-    print("final top-1: {{:.2f}}%  best top-1: {{:.2f}}% (epoch {{}})".format(
-        100 * result["final_top1"], 100 * result["best_top1"], result["best_epoch"]))
+    print("final top-1: {{:.2f}}% (test, last epoch)  best val top-1: {{:.2f}}% (epoch {{}}, kept in --output-dir)".format(
+        100 * result["final_top1"], 100 * result["best_val_top1"], result["best_epoch"]))
 
 
 if __name__ == "__main__":
@@ -225,6 +225,7 @@ def train_with_distiller(
     resume: bool = False,
     progress: bool = True,
     cache_dir: str = ".kd_optuna_cache",
+    split_seed: int = 0,
 ) -> dict[str, Any]:
     """Train ``student`` with CE plus the ``method``'s term; return final/best top-1.
 
@@ -255,7 +256,7 @@ def train_with_distiller(
     spec = DistillerSpec.from_params(spec_params)
     target = torch.device(WorkerContext(0, 1, device).torch_device())
     torch.manual_seed(seed)
-    splits = load_dataset(dataset, root=data_root, download=download, seed=seed)
+    splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed)
     num_classes = splits.num_classes
 
     tapped_teacher = None
@@ -304,13 +305,14 @@ def train_with_distiller(
         history = list(state["history"])
 
     train_loader = _indexed_loader(splits, batch_size, num_workers, seed)
-    test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=num_workers)
-    top1 = best_top1
+    val_loader = splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0)
+    test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
     for epoch in range(start_epoch, epochs):
         if train_loader.generator is not None:
             train_loader.generator.manual_seed(seed + epoch)
         tapped_student.train()
         term.train()
+        term.epoch_start(epoch)
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
         totals, seen = {"loss": 0.0, "ce": 0.0, "term": 0.0}, 0
         for step, (x, y, index) in enumerate(bar):
@@ -336,20 +338,21 @@ def train_with_distiller(
             bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
         scheduler.step()
         term.epoch_end()
-        top1 = _top1(tapped_student, test_loader, target)
-        if top1 > best_top1:
-            best_top1, best_epoch = top1, epoch + 1
+        val_top1 = _top1(tapped_student, val_loader, target)
+        if val_top1 > best_top1:
+            best_top1, best_epoch = val_top1, epoch + 1
             save_checkpoint(
                 out / "best_student.pt", tapped_student.model, model_name=student, num_classes=num_classes,
-                dataset=dataset, accuracy=top1,
-                extra={"distiller": spec.key if method == "searched" else method, "epoch": epoch + 1},
+                dataset=dataset, accuracy=val_top1,
+                extra={"distiller": spec.key if method == "searched" else method, "epoch": epoch + 1,
+                       "chosen_on": "val"},
             )
         means = {name: total / max(1, seen) for name, total in totals.items()}
-        history.append({"epoch": epoch + 1, **means, "top1": top1})
+        history.append({"epoch": epoch + 1, **means, "val_top1": val_top1})
         if progress:
             tqdm.write(
                 f"epoch {epoch + 1}/{epochs}: loss {means['loss']:.4f} (CE {means['ce']:.4f} + {method} "
-                f"{means['term']:.4f})  top-1 {100 * top1:.2f}%"
+                f"{means['term']:.4f})  val top-1 {100 * val_top1:.2f}%"
             )
         _save_atomic(last_path, {
             "spec": spec.to_json(),
@@ -362,7 +365,11 @@ def train_with_distiller(
             "best_epoch": best_epoch,
             "history": history,
         })
-    return {"final_top1": top1, "best_top1": best_top1, "best_epoch": best_epoch, "history": history}
+    return {
+        "final_top1": _top1(tapped_student, test_loader, target),
+        "final_val_top1": history[-1]["val_top1"] if history else None,
+        "best_val_top1": best_top1, "best_epoch": best_epoch, "history": history,
+    }
 
 
 class MethodTerm:
@@ -395,6 +402,11 @@ class MethodTerm:
     def train(self) -> None:
         if self.loss is not None:
             self.loss.train()
+
+    def epoch_start(self, epoch: int) -> None:
+        """Tell the loss the 0-based epoch about to run (DKD's warm-up reads it)."""
+        if self.loss is not None and hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(epoch)
 
     def epoch_end(self) -> None:
         if self.peer_scheduler is not None:
@@ -479,11 +491,39 @@ class IndexedDataset:
         return image, label, i
 
 
+class _TensorBatches:
+    """The batches a shuffled, seeded DataLoader over a TensorDataset yields, by tensor indexing.
+
+    Each epoch ``order = randperm(N, generator)``, batch b is ``(x[order[bB:(b+1)B]], y[...],
+    order[...])``: the same draws and the same batches as ``DataLoader(shuffle=True,
+    generator=generator)`` gives, without collating item by item (for un-augmented data that
+    is already in memory, such as digits).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, generator: Any):
+        self.images, self.labels = dataset.tensors
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        import torch
+
+        order = torch.randperm(len(self.labels), generator=self.generator)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index], index
+
+
 def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
     """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index)."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, TensorDataset
 
+    if isinstance(splits.train, TensorDataset) and splits.augmentation == "none":
+        return _TensorBatches(splits.train, batch_size, torch.Generator().manual_seed(seed))
     return DataLoader(
         IndexedDataset(splits.train),
         batch_size=batch_size,

@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,12 @@ from kd_optuna.metrics import (
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "step", "constant")
 AUGMENTS = ("none", "shift", "shift_flip")
 KD_SOURCES = ("train", "labelled")
 CACHE_DTYPES = ("float16", "float32")
+#: The proxy's length as a fraction of the full training's epochs (``ProxySettings.from_recipe``).
+RECIPE_EPOCHS_FRACTION = 1 / 3
 
 
 class InvalidProxySettings(KdOptunaError, ValueError):
@@ -82,14 +85,18 @@ class ProxySettings:
     shift: int = 2
     view_seed: int = 0
     steps: int = 200
+    epochs: float = 0.0
     batch_size: int = 64
     label_batch_size: int = 50
     ce_weight: float = 1.0
     optimizer: str = "adam"
     lr: float = 1e-2
     momentum: float = 0.9
+    nesterov: bool = True
     weight_decay: float = 0.0
     schedule: str = "cosine"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
     seeds: tuple[int, ...] = (0,)
     report_every: int = 50
     eval_batch_size: int = 1024
@@ -105,8 +112,9 @@ class ProxySettings:
     channels_last: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.seeds, list):
-            object.__setattr__(self, "seeds", tuple(self.seeds))
+        for name in ("seeds", "milestones"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, options in (
             ("optimizer", OPTIMIZERS),
             ("schedule", SCHEDULES),
@@ -118,9 +126,10 @@ class ProxySettings:
                 raise InvalidProxySettings(
                     f"proxy {name} = {getattr(self, name)!r}; choose one of: {', '.join(options)}"
                 )
-        positive = ("views", "steps", "batch_size", "label_batch_size", "report_every",
+        positive = ("views", "steps", "batch_size", "report_every",
                     "eval_batch_size", "sharpness_size", "reject_batch_size")
-        non_negative = ("labels_per_class", "kd_pool_size", "val_size", "shift", "reject_steps")
+        non_negative = ("labels_per_class", "kd_pool_size", "val_size", "shift", "reject_steps",
+                        "label_batch_size")
         for name in positive + non_negative:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (name in positive):
@@ -129,7 +138,16 @@ class ProxySettings:
         for name in ("lr", "reject_ratio"):
             if not getattr(self, name) > 0:
                 raise InvalidProxySettings(f"proxy {name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("ce_weight", "momentum", "weight_decay", "sharpness_rho",
+        if self.label_batch_size == 0 and (self.labels_per_class != 0 or self.kd_source != "train"):
+            raise InvalidProxySettings(
+                "proxy label_batch_size = 0 (CE on the KD batch) needs every KD image labelled: "
+                "set labels_per_class = 0 and kd_source = \"train\", or give label_batch_size > 0"
+            )
+        if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in self.milestones):
+            raise InvalidProxySettings(
+                f"proxy milestones are fractions of the run in (0, 1), got {list(self.milestones)!r}"
+            )
+        for name in ("ce_weight", "momentum", "weight_decay", "sharpness_rho", "epochs", "gamma",
                      "score_ce", "score_sharpness", "score_cka"):
             if not getattr(self, name) >= 0:
                 raise InvalidProxySettings(f"proxy {name} must be >= 0, got {getattr(self, name)!r}")
@@ -149,6 +167,41 @@ class ProxySettings:
                 f"unknown proxy settings {unknown}; the settings are: {', '.join(cls.field_names())}"
             )
         return cls(**table)
+
+    @classmethod
+    def from_recipe(cls, train: Any, table: Mapping[str, object] = {}, epochs_fraction: float = RECIPE_EPOCHS_FRACTION) -> "ProxySettings":
+        """The study's full-training recipe shrunk, with the config's ``[proxy]`` ``table`` on top.
+
+        ``train`` is a resolved TrainConfig (SGD at ``lr`` with ``momentum`` and
+        ``weight_decay``, ``batch_size``, lr x ``gamma`` at epoch ``milestones`` of ``epochs``).
+        The proxy keeps the optimiser, learning rate, loss scale, batch size and labels (every
+        train image labelled, CE on the KD batch, the distiller given the labels) and trains
+        ``epochs_fraction`` x ``epochs`` epochs, the milestones at the same fractions of the run.
+        Any key of ``table`` overrides the recipe's value.
+        """
+        recipe: dict[str, object] = {
+            "optimizer": "sgd", "lr": float(train.lr), "momentum": float(train.momentum), "nesterov": False,
+            "weight_decay": float(train.weight_decay), "batch_size": int(train.batch_size),
+            "labels_per_class": 0, "label_batch_size": 0, "kd_source": "train",
+            "epochs": float(train.epochs) * epochs_fraction, "schedule": "step",
+            "milestones": tuple(m / train.epochs for m in train.milestones if 0 < m < train.epochs),
+            "gamma": float(train.gamma),
+        }
+        return cls.from_mapping({**recipe, **dict(table)})
+
+    @property
+    def labelled_kd(self) -> bool:
+        """True when the KD batch is the labelled batch (``label_batch_size`` 0): CE and the
+        distiller see the same images, and the distiller gets their labels, as in full training."""
+        return self.label_batch_size == 0
+
+    def for_pool(self, pool_size: int) -> "ProxySettings":
+        """These settings with ``epochs`` (passes over a KD pool of ``pool_size``) turned into
+        ``steps = ceil(epochs * pool_size / batch_size)``; unchanged when ``epochs`` is 0."""
+        if not self.epochs:
+            return self
+        steps = max(1, math.ceil(self.epochs * pool_size / self.batch_size))
+        return dataclasses.replace(self, epochs=0.0, steps=steps, report_every=min(self.report_every, steps))
 
     @property
     def score_weights(self) -> ScoreWeights:
@@ -319,15 +372,19 @@ class ProxyResult:
 def make_optimizer(params, settings: ProxySettings) -> torch.optim.Optimizer:
     if settings.optimizer == "sgd":
         return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay, nesterov=settings.momentum > 0)
+                               weight_decay=settings.weight_decay,
+                               nesterov=settings.nesterov and settings.momentum > 0)
     kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     return kind(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
 def lr_factor(step: int, settings: ProxySettings) -> float:
-    """Multiplier of ``lr`` at ``step``: 0.5 * (1 + cos(pi * step / steps)) for cosine, else 1."""
+    """Multiplier of ``lr`` at ``step``: 0.5 * (1 + cos(pi * step / steps)) for cosine,
+    gamma ** #{m in milestones : m * steps <= step} for step, else 1."""
     if settings.schedule == "constant":
         return 1.0
+    if settings.schedule == "step":
+        return settings.gamma ** sum(step >= m * settings.steps for m in settings.milestones)
     return 0.5 * (1.0 + math.cos(math.pi * step / settings.steps))
 
 
@@ -378,16 +435,22 @@ def train_student(
     for step in range(settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_factor(step, settings)
-        if label_batch < n_labelled:
-            rows = data.labelled[torch.randperm(n_labelled, generator=generator, device=device)[:label_batch]]
-        else:
-            rows = data.labelled
         positions = torch.randint(0, n_pool, (settings.batch_size,), generator=generator, device=device)
         views = torch.randint(0, data.views.views, (settings.batch_size,), generator=generator, device=device)
-        x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
-        out = student(x.contiguous(memory_format=fmt))
-        ce = F.cross_entropy(out["logit"][:label_batch], data.train_y[rows])
-        kd = distiller({k: v[label_batch:].contiguous() for k, v in out.items()}, teacher(positions, views))
+        if settings.labelled_kd:
+            labels = data.train_y[data.pool[positions]]
+            out = student(data.pool_images(positions, views).contiguous(memory_format=fmt))
+            ce = F.cross_entropy(out["logit"], labels)
+            kd = distiller({k: v.contiguous() for k, v in out.items()}, teacher(positions, views), labels)
+        else:
+            if label_batch < n_labelled:
+                rows = data.labelled[torch.randperm(n_labelled, generator=generator, device=device)[:label_batch]]
+            else:
+                rows = data.labelled
+            x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
+            out = student(x.contiguous(memory_format=fmt))
+            ce = F.cross_entropy(out["logit"][:label_batch], data.train_y[rows])
+            kd = distiller({k: v[label_batch:].contiguous() for k, v in out.items()}, teacher(positions, views))
         loss = settings.ce_weight * ce + kd
         bad |= ~torch.isfinite(loss.detach())
         optimizer.zero_grad(set_to_none=True)

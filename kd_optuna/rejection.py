@@ -50,12 +50,15 @@ class Rejection:
 @dataclass(frozen=True)
 class RejectionBatch:
     """One fixed batch: labelled images xl (L, ...) with labels yl (L,), KD images xk (B, ...)
-    with the teacher's outputs t on them (float32)."""
+    with the teacher's outputs t on them (float32). When the proxy's KD batch is labelled
+    (``ProxySettings.labelled_kd``), L = 0 and ``kd_y`` (B,) holds the KD images' labels: CE
+    and the distiller both see them, as in training."""
 
     labelled_x: Tensor
     labelled_y: Tensor
     kd_x: Tensor
     teacher: Mapping[str, Tensor]
+    kd_y: Tensor | None = None
 
     @classmethod
     def build(cls, data: ProxyData, teacher: TeacherLookup, settings: ProxySettings) -> "RejectionBatch":
@@ -65,9 +68,10 @@ class RejectionBatch:
         positions = torch.randperm(n_pool, generator=generator)[:b].to(data.device)
         views = torch.zeros_like(positions)
         rows = data.labelled[: min(settings.label_batch_size, b)]
+        kd_y = data.train_y[data.pool[positions]] if settings.labelled_kd else None
         return cls(
             data.train_x[rows], data.train_y[rows], data.pool_images(positions, views),
-            {k: v.float() for k, v in teacher(positions, views).items()},
+            {k: v.float() for k, v in teacher(positions, views).items()}, kd_y,
         )
 
 
@@ -139,10 +143,13 @@ def check_steps(
     distiller.train()
     for step in range(settings.reject_steps):
         out = student(x)
-        ce = F.cross_entropy(out["logit"][:n_labelled], batch.labelled_y)
+        if batch.kd_y is None:
+            ce = F.cross_entropy(out["logit"][:n_labelled], batch.labelled_y)
+        else:
+            ce = F.cross_entropy(out["logit"], batch.kd_y)
         kd_inputs = {k: v[n_labelled:].contiguous() for k, v in out.items()}
         try:
-            kd = distiller(kd_inputs, batch.teacher)
+            kd = distiller(kd_inputs, batch.teacher, batch.kd_y)
         except InvalidDistiller as error:
             return _classify(error)
         kd_value, ce_value = float(kd.detach()), float(ce.detach())

@@ -83,7 +83,7 @@ class Task:
         self.data = data
         self.teacher = freeze(teacher.to(data.device))
         self.new_student = new_student
-        self.proxy = proxy or ProxySettings()
+        self.proxy = (proxy or ProxySettings()).for_pool(data.pool.shape[0])
         self.space = space or SearchSpace()
         self.test = None if test is None else (test[0].float().to(data.device), test[1].long().to(data.device))
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
@@ -163,7 +163,7 @@ class Task:
         in the data fields that the cache depends on. ``on_test`` scores CE and accuracy on
         the test split.
         """
-        settings = settings or self.proxy
+        settings = (settings or self.proxy).for_pool(self.data.pool.shape[0])
         if settings.data_key() != self.proxy.data_key():
             raise KdOptunaError("run() settings must keep the task's data settings; build another Task")
         test = None

@@ -106,7 +106,7 @@ def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
     common = [sys.executable, str(script), "--device", "cpu", "--output-dir", "run", "--no-progress", "--max-steps", "2"]
     first = subprocess.run(common + ["--epochs", "1"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert "final top-1" in first.stdout and "best top-1" in first.stdout
+    assert "final top-1" in first.stdout and "best val top-1" in first.stdout
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and json.loads(state["spec"]) == CLASSICS["kd"][0].to_params()
     second = subprocess.run(common + ["--epochs", "2", "--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
