@@ -209,6 +209,8 @@ def _rewrite_once(knowledge: str, chain: _Chain) -> tuple[_Chain, list[DroppedTr
       non-negative   relu, abs, leaky are the identity after an op whose output is >= 0;
       even           abs before pow2, pow4, abs: f(|x|) = f(x); leaky before relu: relu(x);
       pow2 twice     (x^2)^2 = pow4(x), with the same float operations;
+      log-softmax    before a (log-)softmax over the same axis: softmax(x - c) = softmax(x);
+      patches twice  local_s2 (local_s4) of 2x2 (4x4) patches returns them unchanged;
       channel>batch  = batch; channel>X = X>channel and batch>X = X>batch for the X of
                      _PAST_CHANNEL and _PAST_BATCH (reshapes move right, towards the distance).
     """
@@ -230,6 +232,14 @@ def _rewrite_once(knowledge: str, chain: _Chain) -> tuple[_Chain, list[DroppedTr
             after, after_gene = chain[i + 1]
             if name == "abs" and after in _EVEN:
                 return rest, [DroppedTransform(gene, name, f"{after}(|x|) = {after}(x)")]
+            if name.startswith("logsoftmax_") and after.endswith(name[len("log"):]):
+                return rest, [DroppedTransform(
+                    gene, name, f"{after} absorbs the shift log-softmax makes along its axis"
+                )]
+            if name in ("local_s2", "local_s4") and after == name:
+                return chain[:i + 1] + chain[i + 2:], [
+                    DroppedTransform(after_gene, after, f"{name} of its own patches is the identity")
+                ]
             if name == "leaky" and after == "relu":
                 return rest, [DroppedTransform(gene, name, "relu(leaky(x)) = relu(x)")]
             if name == "pow2" and after == "pow2":
@@ -264,11 +274,15 @@ def _tail_reason(name: str, rank: int, distance: str, calibration: str) -> str |
         return "kl's own log-softmax over that axis absorbs a shift along it"
     if not sim and distance == "hard" and name == "logsoftmax_C":
         return "cross-entropy and argmax over dim 1 absorb a shift along it"
+    if distance in ("cos", "cor") and name in ("local_s2", "local_s4"):
+        return f"patches permute the values and pad zeros, which {distance} ignores"
     if distance in ("cos", "pear") and name == "norm_C" and rank == 2:
         return f"a positive scaling of each sample, which {distance} ignores"
-    if not sim and distance == "pear" and name in ("scale", "min_max_normalize", "zscore"):
+    if not sim and distance == "pear" and (
+        name in ("scale", "min_max_normalize", "zscore") or (name == "logsoftmax_C" and rank == 2)
+    ):
         return "a positive affine map of each sample, which pear ignores"
-    if not sim and distance == "cor" and name in ("scale", "norm_N", "batchnorm"):
+    if not sim and distance == "cor" and name in ("scale", "norm_N", "batchnorm", "logsoftmax_N"):
         return "a positive affine map of each batch column, which cor ignores"
     return None
 
@@ -462,7 +476,7 @@ class DistillerSpec:
           as a flat axis, and channel>batch is batch (see ``_rewrite_once``);
         * the last transforms a distance cannot see go: channel always (every distance reads
           (N, C, H, W) as (N, C, H*W)), batch before a flat distance, per-sample positive
-          scalings before cos/pear; and, unless ``sim`` reads them (it sees shifts),
+          scalings before cos/pear, local patches (a permutation plus zeros) before cos/cor; and, unless ``sim`` reads them (it sees shifts),
           logsoftmax over kl's axis before kl, logsoftmax_C before hard, positive affine maps
           before pear (per sample) and cor (per column);
         * temperature and magnitude: the loss is lambda T^2 d(s/T, t/T), so with l2 T cancels,

@@ -23,6 +23,22 @@ def _mean_per_sample(values: Tensor) -> Tensor:
     return values.flatten(1).mean(dim=1)
 
 
+#: A centred vector below this share of the uncentred one's norm is float noise of a constant.
+CONSTANT_TOLERANCE = 1e-5
+
+
+def _centre(x: Tensor, dim: int) -> Tensor:
+    """x - mean(x) along ``dim``, set to 0 where it is rounding noise of a constant.
+
+    The mean of equal float32 values can miss them by an ulp; normalising that residue would
+    turn a constant (distance 0) into a random unit vector. Where the centred vector's norm is
+    at most 1e-5 times the vector's own it counts as 0.
+    """
+    centred = x - x.mean(dim=dim, keepdim=True)
+    noise = centred.norm(dim=dim, keepdim=True) <= CONSTANT_TOLERANCE * x.norm(dim=dim, keepdim=True)
+    return centred.masked_fill(noise, 0.0)
+
+
 def _unit_difference(student: Tensor, teacher: Tensor, dim: int) -> Tensor:
     """0.5 * ||s/|s| - t/|t|||^2 along ``dim`` = 1 - cos(s, t) when neither is 0.
 
@@ -92,10 +108,11 @@ def pear(student: Tensor, teacher: Tensor) -> Tensor:
     """1 - Pearson(s, t) of the flattened samples, in [0, 2] -> (N,).
 
     Pearson is the cosine of the samples centred on their own mean. A constant sample centres
-    to 0; two constant samples are at distance 0. The seed returned a similarity here too.
+    to 0 (also through float rounding, see ``_centre``); two constant samples are at distance
+    0. The seed returned a similarity here too.
     """
     s, t = student.flatten(1), teacher.flatten(1)
-    return _unit_difference(s - s.mean(dim=1, keepdim=True), t - t.mean(dim=1, keepdim=True), 1)
+    return _unit_difference(_centre(s, 1), _centre(t, 1), 1)
 
 
 @DISTANCES.register("cor")
@@ -107,9 +124,10 @@ def cor(student: Tensor, teacher: Tensor) -> Tensor:
     correlation of column i of student and teacher, and |v_i - 1| = 0.5 ||s_i - t_i||^2 of the
     unit columns. The distance is log2(1 + sum_i |v_i - 1|^(2 * 1.01)): >= 0 and 0 when
     s == t. The seed's log2(sum_i ...) is negative whenever the sum is below 1. At batch
-    size 1 every column centres to 0 and the distance is 0.
+    size 1 every column centres to 0 and the distance is 0; so does a column constant over the
+    batch, also through float rounding (see ``_centre``).
     """
     s, t = student.flatten(1), teacher.flatten(1)
-    off_one = _unit_difference(s - s.mean(dim=0), t - t.mean(dim=0), dim=0)
+    off_one = _unit_difference(_centre(s, 0), _centre(t, 0), dim=0)
     value = torch.log2(1 + off_one.pow(2 * COR_ALPHA).sum())
     return value.expand(s.shape[0])

@@ -42,6 +42,8 @@ ZSCORE_EPS = 1e-7
 #: Floor of the variance under zscore's square root: at a constant sample the gradient of
 #: sqrt(var) would be inf * 0 = NaN; below it the std is off by at most 1e-12, under the eps.
 ZSCORE_VAR_FLOOR = 1e-24
+#: A centred sample below this share of the sample's norm is rounding noise of a constant.
+ZSCORE_CONSTANT = 1e-5
 
 #: Names of the transforms that draw random numbers and so take a generator.
 RANDOM_TRANSFORMS: set[str] = set()
@@ -425,13 +427,17 @@ def zscore(x: Tensor) -> Tensor:
 
     with mean and std (population, 1/D) over every non-batch dim of the sample, at ranks 2
     ((N, K) logits: over classes, as the paper), 3 and 4 (over C*L or C*H*W values). A
-    constant sample maps to 0 with a finite gradient. The paper's code divides by the
+    constant sample maps to 0 with a finite gradient, also when float rounding leaves x - mean
+    a residue (at most 1e-5 of the sample's norm; dividing it by its std would make noise of
+    unit size). The paper's code divides by the
     Bessel-corrected std, D/(D-1) times the variance: z here is sqrt((D-1)/D) times its z
     (0.995 at K = 100), a temperature 0.5% lower, and defined at D = 1.
     """
     flat = x.flatten(1)
     mean = flat.mean(dim=1, keepdim=True)
     centred = flat - mean
+    noise = centred.norm(dim=1, keepdim=True) <= ZSCORE_CONSTANT * flat.norm(dim=1, keepdim=True)
+    centred = centred.masked_fill(noise, 0.0)
     var = centred.pow(2).mean(dim=1, keepdim=True)
     std = var.clamp(min=ZSCORE_VAR_FLOOR).sqrt()
     return (centred / (std + ZSCORE_EPS)).view_as(x)
