@@ -1,9 +1,11 @@
 """rho of Algorithm 1: a cheap score predictor fitted on the completed trials.
 
-The model is additive over the eight genes: one weight per gene option, fitted jointly by
-ridge regression with an unpenalised intercept::
+The model is additive over cells: one weight per gene option (the eight genes of the canonical
+spec) and, for a genome with other params, one per value or per range bin of each of them
+(:func:`kd_optuna.evolution.cells`), fitted jointly by ridge regression with an unpenalised
+intercept::
 
-    x(spec)       one-hot row over the gene options seen so far (eight ones)
+    x(spec)       one-hot row over the cells seen so far (one per gene and per other param)
     (b, w)        = argmin  sum_i (y_i - b - x_i . w)^2  +  m * |w|^2
     rho(spec)     = b + x(spec) . w                      (an unseen option weighs 0)
 
@@ -49,7 +51,8 @@ class PredictorConfigError(KdOptunaError, ValueError):
 Cell = tuple[str, Any]
 
 
-def _cells(spec: DistillerSpec) -> list[Cell]:
+def spec_cells(spec: DistillerSpec) -> list[Cell]:
+    """The eight (gene, option) cells of the canonical form of ``spec``."""
     canonical = spec.canonical()
     return [(gene, getattr(canonical, gene)) for gene in GENES]
 
@@ -112,9 +115,12 @@ class AdditivePredictor:
 
     def add(self, spec: DistillerSpec, score: float) -> None:
         """Fit one completed trial; non-finite scores carry no information and are skipped."""
+        self.add_cells(spec_cells(spec), score)
+
+    def add_cells(self, cells: list[Cell], score: float) -> None:
+        """:meth:`add` for a genome given as its cells."""
         if not math.isfinite(score):
             return
-        cells = _cells(spec)
         self.n += 1
         self._total += score
         self.worst = max(self.worst, score)
@@ -123,8 +129,11 @@ class AdditivePredictor:
 
     def add_rejection(self, spec: DistillerSpec) -> None:
         """Fit one rejected candidate (it has no score)."""
+        self.add_rejection_cells(spec_cells(spec))
+
+    def add_rejection_cells(self, cells: list[Cell]) -> None:
         self._n_rejected += 1
-        self._rejections.add(_cells(spec), 1.0)
+        self._rejections.add(cells, 1.0)
 
     @property
     def mean(self) -> float:
@@ -132,18 +141,27 @@ class AdditivePredictor:
 
     def predict(self, spec: DistillerSpec) -> float:
         """Predicted score of ``spec`` (lower = better); 0 when nothing is known."""
-        return self._scores.predict(_cells(spec))
+        return self.predict_cells(spec_cells(spec))
+
+    def predict_cells(self, cells: list[Cell]) -> float:
+        return self._scores.predict(cells)
 
     def reject_probability(self, spec: DistillerSpec) -> float:
         """Estimated chance that ``spec`` is rejected; 0 before any rejection was seen."""
+        return self.reject_probability_cells(spec_cells(spec))
+
+    def reject_probability_cells(self, cells: list[Cell]) -> float:
         if not self._n_rejected:
             return 0.0
-        return min(1.0, max(0.0, self._rejections.predict(_cells(spec))))
+        return min(1.0, max(0.0, self._rejections.predict(cells)))
 
     def expected(self, spec: DistillerSpec) -> float:
         """``(1 - reject) * rho + reject * worst``: what the candidate is worth, all told."""
-        rho = self.predict(spec)
+        return self.expected_cells(spec_cells(spec))
+
+    def expected_cells(self, cells: list[Cell]) -> float:
+        rho = self.predict_cells(cells)
         if not self.n:
             return rho
-        p = self.reject_probability(spec)
+        p = self.reject_probability_cells(cells)
         return (1.0 - p) * rho + p * max(self.worst, rho)

@@ -1,19 +1,26 @@
-"""Where a child distiller comes from: mutation, crossover, random, or a language model.
+"""Where a child comes from: mutation, crossover, random, or a language model.
 
 Every proposer answers one question, ``propose(context) -> list[Candidate]``: given the
-population, the tournament's top-k parents, the option weights in force and the canonical keys
-that must not be proposed again, return new candidate specs (possibly none). Proposers never
-touch the study; the sampler builds the :class:`ProposalContext` from the storage and writes
-the lineage of the winner. They draw randomness only from ``context.rng`` so a seeded sampler
-stays deterministic.
+population, the tournament's top-k parents, the option weights in force and the keys that must
+not be proposed again, return new candidates (possibly none). Proposers never touch the study;
+the sampler builds the :class:`ProposalContext` from the storage and writes the lineage of the
+winner. They draw randomness only from ``context.rng`` so a seeded sampler stays deterministic.
 
-- :class:`MutationProposer`: a random top-k parent with one or more genes redrawn.
+A candidate is a genome: the distiller genes as a :class:`DistillerSpec` (``None`` in a study
+without them) and ``extra``, every other parameter of the relative search space
+(``context.distributions``: a learning rate, a layer choice, ...). Genes are redrawn from the
+option weights (shrinkage); other parameters mutate by type (:mod:`kd_optuna.evolution`). Its
+key is the distiller's canonical key followed by the other params, so one loss is trained once
+per setting of the user's hyperparameters.
+
+- :class:`MutationProposer`: a random top-k parent with one or more genes or params mutated.
 - :class:`CrossoverProposer`: uniform crossover of two top-k parents, then light mutation.
-- :class:`RandomProposer`: a fresh spec drawn from the option weights (Algorithm 1's E).
+- :class:`RandomProposer`: a fresh genome drawn from the option weights (Algorithm 1's E).
 - :class:`LLMProposer`: asks an OpenAI-compatible ``/v1/chat/completions`` endpoint for
-  candidates, given the top of the population and the search space; its reply is parsed as
+  distillers, given the top of the population and the search space; its reply is parsed as
   JSON data only and validated against the space. Any failure yields no candidate and a
-  logged warning, so the sampler falls back to its mutated child.
+  logged warning, so the sampler falls back to its mutated child. Other params of its
+  candidates are drawn at random.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import urllib.request
 from typing import Any, Container, Mapping, Sequence
 
 import numpy as np
+from optuna.distributions import BaseDistribution
 
+from kd_optuna import evolution
 from kd_optuna.errors import InvalidSpace, KdOptunaError
 from kd_optuna.space import GENES, DistillerSpec, SearchSpace
 
@@ -41,6 +50,8 @@ _logger = logging.getLogger(__name__)
 #: gene -> option -> weight (>= 0; 0 means the option dropped out of the search).
 Weights = Mapping[str, Mapping[Any, float]]
 
+_NO_EXTRA: Mapping[str, Any] = {}
+
 
 class ProposerConfigError(KdOptunaError, ValueError):
     """A proposer was configured with a missing or invalid setting."""
@@ -48,27 +59,43 @@ class ProposerConfigError(KdOptunaError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """A completed trial of the population: its number, spec and score (lower = better)."""
+    """A completed trial of the population: its number, spec (``None`` without the genes),
+    score (lower = better) and ``extra``, its params outside the eight genes."""
 
     number: int
-    spec: DistillerSpec
+    spec: DistillerSpec | None
     score: float
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A proposed child and its lineage."""
+    """A proposed child (spec and other params) and its lineage."""
 
-    spec: DistillerSpec
+    spec: DistillerSpec | None
     proposer: str
     parent: int | None = None
     second_parent: int | None = None
     mutated: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return evolution.genome_key(self.spec.key if self.spec else None, self.extra)
+
+    def params(self) -> dict[str, Any]:
+        """The child's params: the genes (if any) and the other params."""
+        return {**(self.spec.to_params() if self.spec else {}), **self.extra}
 
 
 @dataclasses.dataclass
 class ProposalContext:
-    """What a proposer may look at. ``population`` and ``parents`` are best first."""
+    """What a proposer may look at. ``population`` and ``parents`` are best first.
+
+    ``genes``: whether the genome holds the eight distiller genes (drawn from ``space`` and
+    ``weights``); ``distributions``: the other params of the genome; ``scale``: the Gaussian
+    step of a mutated number, as a fraction of its (log-)range.
+    """
 
     space: SearchSpace
     weights: Weights
@@ -78,14 +105,28 @@ class ProposalContext:
     rng: np.random.RandomState
     mutation_prob: float = 0.2
     max_tries: int = 64
+    distributions: Mapping[str, BaseDistribution] = dataclasses.field(default_factory=dict)
+    genes: bool = True
+    scale: float = 0.1
 
-    def is_new(self, spec: DistillerSpec) -> bool:
-        """In the space, no dropped option, and its canonical key not seen in the study."""
-        return (
-            self.space.contains(spec)
-            and all(self.weights[g].get(getattr(spec, g), 0.0) > 0 for g in GENES)
-            and spec.key not in self.seen
-        )
+    def is_new(self, spec: DistillerSpec | None, extra: Mapping[str, Any] = _NO_EXTRA) -> bool:
+        """In the space, no dropped option, and its key not seen in the study."""
+        if self.genes:
+            if spec is None or not self.space.contains(spec):
+                return False
+            if not all(self.weights[g].get(getattr(spec, g), 0.0) > 0 for g in GENES):
+                return False
+        elif spec is not None:
+            return False
+        return evolution.genome_key(spec.key if spec else None, extra) not in self.seen
+
+    def random_extra(self) -> dict[str, Any]:
+        """The other params drawn uniformly (log-uniformly where ``log``)."""
+        return {n: evolution.draw(d, self.rng) for n, d in self.distributions.items()}
+
+    def extra_of(self, member: Member) -> dict[str, Any]:
+        """``member``'s other params over ``distributions`` (drawn where it has none)."""
+        return evolution.inherit(member.extra, self.distributions, self.rng)
 
 
 def draw_option(options: Mapping[Any, float], rng: np.random.RandomState, exclude: Any = None):
@@ -109,6 +150,39 @@ def random_spec(weights: Weights, rng: np.random.RandomState) -> DistillerSpec:
     return DistillerSpec.from_params({g: draw_option(weights[g], rng) for g in GENES})
 
 
+def mutate_genome(
+    spec: DistillerSpec | None,
+    extra: Mapping[str, Any],
+    weights: Weights,
+    distributions: Mapping[str, BaseDistribution],
+    rng: np.random.RandomState,
+    prob: float,
+    scale: float = 0.1,
+    at_least_one: bool = True,
+) -> tuple[DistillerSpec | None, dict[str, Any], tuple[str, ...]]:
+    """Mutate each gene and each other param with probability ``prob`` (at least one if asked).
+
+    A gene is redrawn from the weights and always changes value; genes with no other option
+    of positive weight stay. Another param mutates by its distribution
+    (:func:`kd_optuna.evolution.mutate_value`). Returns the spec, the other params and the
+    names mutated (genes first, in gene order, then the others sorted).
+    """
+    params = spec.to_params() if spec is not None else {}
+    extra = dict(extra)
+    mutable = [g for g in (GENES if spec is not None else ()) if _has_alternative(weights[g], params[g])]
+    mutable += [n for n in sorted(distributions) if evolution.can_change(distributions[n])]
+    chosen = [name for name in mutable if rng.random_sample() < prob]
+    if not chosen and at_least_one and mutable:
+        chosen = [mutable[int(rng.randint(len(mutable)))]]
+    for name in chosen:
+        if name in params and name in GENES:
+            params[name] = draw_option(weights[name], rng, exclude=params[name])
+        else:
+            extra[name] = evolution.mutate_value(distributions[name], extra[name], rng, scale)
+    child = DistillerSpec.from_params(params) if spec is not None else None
+    return child, extra, tuple(chosen)
+
+
 def mutate(
     spec: DistillerSpec,
     weights: Weights,
@@ -116,18 +190,10 @@ def mutate(
     prob: float,
     at_least_one: bool = True,
 ) -> tuple[DistillerSpec, tuple[str, ...]]:
-    """Redraw each gene with probability ``prob`` (at least one if asked) from the weights.
-
-    A redrawn gene always changes value; genes with no other option of positive weight stay.
-    """
-    params = spec.to_params()
-    mutable = [g for g in GENES if _has_alternative(weights[g], params[g])]
-    chosen = [g for g in mutable if rng.random_sample() < prob]
-    if not chosen and at_least_one and mutable:
-        chosen = [mutable[int(rng.randint(len(mutable)))]]
-    for gene in chosen:
-        params[gene] = draw_option(weights[gene], rng, exclude=params[gene])
-    return DistillerSpec.from_params(params), tuple(chosen)
+    """:func:`mutate_genome` on the genes alone."""
+    child, _, mutated = mutate_genome(spec, {}, weights, {}, rng, prob, at_least_one=at_least_one)
+    assert child is not None
+    return child, mutated
 
 
 class Proposer(abc.ABC):
@@ -140,8 +206,14 @@ class Proposer(abc.ABC):
         """New candidates (``context.is_new``), best guess first; empty if none found."""
 
 
+def _parent_spec(context: ProposalContext, member: Member) -> DistillerSpec | None:
+    if not context.genes:
+        return None
+    return member.spec if member.spec is not None else random_spec(context.weights, context.rng)
+
+
 class MutationProposer(Proposer):
-    """A random top-k parent, with each gene redrawn at ``mutation_prob`` (at least one)."""
+    """A random top-k parent, each gene and param mutated at ``mutation_prob`` (at least one)."""
 
     name = "mutation"
 
@@ -150,19 +222,27 @@ class MutationProposer(Proposer):
             return []
         for _ in range(context.max_tries):
             parent = context.parents[int(context.rng.randint(len(context.parents)))]
-            child, mutated = mutate(
-                parent.spec, context.weights, context.rng, context.mutation_prob
+            child, extra, mutated = mutate_genome(
+                _parent_spec(context, parent),
+                context.extra_of(parent),
+                context.weights,
+                context.distributions,
+                context.rng,
+                context.mutation_prob,
+                context.scale,
             )
-            if context.is_new(child):
-                return [Candidate(child, self.name, parent=parent.number, mutated=mutated)]
+            if context.is_new(child, extra):
+                return [
+                    Candidate(child, self.name, parent=parent.number, mutated=mutated, extra=extra)
+                ]
         return []
 
 
 class CrossoverProposer(Proposer):
     """Uniform crossover of two distinct top-k parents, then mutation at ``mutation_prob``.
 
-    Each gene comes from either parent with probability 1/2; ``mutated`` lists the genes
-    redrawn after the crossover. Needs two parents; proposes nothing with fewer.
+    Each gene and each other param comes from either parent with probability 1/2; ``mutated``
+    lists those mutated after the crossover. Needs two parents; proposes nothing with fewer.
     """
 
     name = "crossover"
@@ -174,16 +254,26 @@ class CrossoverProposer(Proposer):
         for _ in range(context.max_tries):
             i, j = rng.choice(len(context.parents), size=2, replace=False)
             first, second = context.parents[int(i)], context.parents[int(j)]
-            a, b = first.spec.to_params(), second.spec.to_params()
-            mixed = {g: (a[g] if rng.random_sample() < 0.5 else b[g]) for g in GENES}
-            child, mutated = mutate(
-                DistillerSpec.from_params(mixed),
+            spec = None
+            if context.genes:
+                a = _parent_spec(context, first).to_params()  # type: ignore[union-attr]
+                b = _parent_spec(context, second).to_params()  # type: ignore[union-attr]
+                spec = DistillerSpec.from_params(
+                    {g: (a[g] if rng.random_sample() < 0.5 else b[g]) for g in GENES}
+                )
+            ea, eb = context.extra_of(first), context.extra_of(second)
+            mixed = {n: (ea[n] if rng.random_sample() < 0.5 else eb[n]) for n in sorted(ea)}
+            child, extra, mutated = mutate_genome(
+                spec,
+                mixed,
                 context.weights,
+                context.distributions,
                 rng,
                 context.mutation_prob,
+                context.scale,
                 at_least_one=False,
             )
-            if context.is_new(child):
+            if context.is_new(child, extra):
                 return [
                     Candidate(
                         child,
@@ -191,15 +281,16 @@ class CrossoverProposer(Proposer):
                         parent=first.number,
                         second_parent=second.number,
                         mutated=mutated,
+                        extra=extra,
                     )
                 ]
         return []
 
 
 class RandomProposer(Proposer):
-    """Fresh specs, each gene drawn from the option weights in force (Algorithm 1's E).
+    """Fresh genomes, each gene drawn from the option weights in force (Algorithm 1's E).
 
-    ``n_candidates`` distinct new specs are offered; the sampler's predictor keeps the one
+    ``n_candidates`` distinct new genomes are offered; the sampler's predictor keeps the one
     it rates best, so more candidates lean harder on the predictor.
     """
 
@@ -216,9 +307,10 @@ class RandomProposer(Proposer):
     def propose(self, context: ProposalContext) -> list[Candidate]:
         found: dict[str, Candidate] = {}
         for _ in range(context.max_tries):
-            spec = random_spec(context.weights, context.rng)
-            if context.is_new(spec) and spec.key not in found:
-                found[spec.key] = Candidate(spec, self.name)
+            spec = random_spec(context.weights, context.rng) if context.genes else None
+            candidate = Candidate(spec, self.name, extra=context.random_extra())
+            if context.is_new(spec, candidate.extra) and candidate.key not in found:
+                found[candidate.key] = candidate
                 if len(found) == self.n_candidates:
                     break
         return list(found.values())
@@ -364,7 +456,7 @@ class LLMProposer(Proposer):
         }
         best = [
             {"params": m.spec.to_params(), "score": _json_number(m.score)}
-            for m in list(context.population)[: self.top]
+            for m in [m for m in context.population if m.spec is not None][: self.top]
         ]
         request = {
             "task": (
@@ -405,6 +497,8 @@ class LLMProposer(Proposer):
         return json.loads(raw.decode("utf-8"))
 
     def propose(self, context: ProposalContext) -> list[Candidate]:
+        if not context.genes:
+            return []
         payload = {
             "model": self.model,
             "messages": self.messages(context),
@@ -434,8 +528,9 @@ class LLMProposer(Proposer):
             except KdOptunaError:
                 invalid += 1
                 continue
-            if context.is_new(spec) and all(spec.key != c.spec.key for c in candidates):
-                candidates.append(Candidate(spec, self.name))
+            extra = context.random_extra()
+            if context.is_new(spec, extra) and all(spec.key != c.spec.key for c in candidates):
+                candidates.append(Candidate(spec, self.name, extra=extra))
         if not candidates:
             return self._give_up(
                 f"no new valid distiller in the reply from {where} "

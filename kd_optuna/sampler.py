@@ -1,54 +1,72 @@
 """EvolutionSampler: KD-Zero's evolutionary search (Algorithm 1) as an Optuna sampler.
 
-Everything the search needs is derived from the study's trials, so any number of worker
-processes on one storage cooperate without talking to each other:
+It evolves whatever the objective suggests: the eight distiller genes, any other categorical,
+int or float (log, step) parameters, and conditional ones. Everything the search needs is
+derived from the study's trials, so any number of worker processes on one storage cooperate
+without talking to each other:
 
-- **population**: the best ``population_size`` distinct COMPLETE trials, distinct by the
-  canonical key ``DistillerSpec.from_params(trial.params).key``; scores are the trial values,
-  negated for a maximised study, so lower is better throughout.
+- **search space**: the relative search space is the intersection of the distributions of
+  the finished (COMPLETE or PRUNED) trials, as Optuna's
+  ``optuna.search_space.IntersectionSearchSpace(include_pruned=True)`` computes it, kept
+  incrementally. A param outside it (a conditional one, or any param before a trial has
+  finished) is sampled independently: from the child's plan where it has one, else inherited
+  from the parent or the best population member that has it, mutated at ``mutation_prob``,
+  else at random.
+- **genome**: the distiller genes when they are in the relative space, when ``space`` is given,
+  when some trial had them, or while no finished trial has any param (a new study is assumed
+  to search distillers); plus every other param of the relative space.
+- **population**: the best ``population_size`` distinct COMPLETE trials, distinct by the key
+  ``DistillerSpec.from_params(trial.params).key`` followed by the trial's other params (see
+  ``kd_optuna.evolution.genome_key``); scores are the trial values, negated for a maximised
+  study, so lower is better throughout.
 - **initial population** (line 1): until ``population_size`` distinct keys have been
   proposed (and while none has completed), a child is the next warm-start spec (the classic
-  distillers, in order) not yet seen in the study, then a random one. Rejected candidates
-  count as proposed, so a high rejection rate does not keep the search random.
-- **child** (lines 5-8): draw ``sample_ratio`` of the population, keep its ``top_k``, pick a
-  parent among them; with ``crossover_prob`` uniform crossover with a second top-k parent,
-  otherwise mutation of one or more genes (each with ``mutation_prob``). ``screen`` such
-  children are drawn and rho keeps the most promising (``screen=1``: one, as in the paper).
-- **guided selection** (lines 9-15): the ``proposer`` (a random spec by default, as in
-  Algorithm 1, or a language model) offers a rival E; the additive predictor rho fitted on
-  the completed and rejected trials keeps the one with the lower expected score (see
-  ``kd_optuna.predictor``). Ties and an untrained predictor keep the mutated child.
+  distillers, in order) not yet seen in the study (other params drawn at random), then a
+  random genome. Rejected candidates count as proposed, so a high rejection rate does not
+  keep the search random.
+- **child** (lines 5-8): a tournament draws ``d = round(sample_ratio * P)`` members of the
+  population (``P`` its current size), keeps its ``top_k`` best (``d > top_k`` is required of
+  the settings, so the tournament selects), and a parent is picked among them; with
+  ``crossover_prob`` uniform crossover with a second top-k parent, otherwise mutation of one
+  or more genes and params (each with ``mutation_prob``; a number takes a Gaussian step of
+  ``mutation_scale`` times its (log-)range). ``screen`` such children are drawn and rho keeps
+  the most promising (``screen=1``: one, as in the paper).
+- **guided selection** (lines 9-15): the ``proposer`` (a random genome by default, as in
+  Algorithm 1, or a language model for the genes) offers a rival E; the additive predictor
+  rho fitted on the completed and rejected trials keeps the one with the lower expected score
+  (see ``kd_optuna.predictor``; its cells are the canonical gene options and the values or
+  range bins of the other params). Ties and an untrained predictor keep the mutated child.
 - **never again**: a key that is COMPLETE, PRUNED (rejected), FAILED, RUNNING or WAITING is
   never proposed; only COMPLETE trials are parents. A worker announces its child's key in the
   system attr ``kd_optuna:proposed_key``, then re-reads the storage and chooses again if
   another trial has that key (up to 4 rounds), so two workers (or threads) that chose the
   same key at the same moment do not both run it: of the two, at least one sees the other.
-- **shrinkage**: once ``shrink_after`` trials have been evaluated (completed or rejected:
-  on digits three candidates in four are rejected, and rejections are what shrinkage
-  learns from first), the option weights follow
+- **shrinkage** (genes only): once ``shrink_after`` trials have been evaluated (completed or
+  rejected: on digits three candidates in four are rejected, and rejections are what
+  shrinkage learns from first), the option weights follow
   :meth:`EvolutionSampler.space_weights`, a pure function of the trial list (see there).
 
 Lineage is written as user attrs of the trial: ``proposer`` ("classic", "warm_start",
 "random", "mutation", "crossover", "llm", ...), ``parent`` (trial number or None),
-``crossover_parent`` (crossover only), ``mutated`` (genes), ``predictor`` (the rho of each
-contestant and the winner, when there was a contest), ``space_state`` (the shrinkage in force,
-once ``shrink_after`` trials were evaluated; before that every weight is 1)
+``crossover_parent`` (crossover only), ``mutated`` (genes and params), ``predictor`` (the rho
+of each contestant and the winner, when there was a contest), ``space_state`` (the shrinkage
+in force, once ``shrink_after`` trials were evaluated; before that every weight is 1)
 and ``sampler_note`` when a fallback was needed.
+
+The only thing held in memory between calls beyond a cache of the storage is the plan of a
+trial in progress (its child and parent, until ``after_trial``), which only the process that
+runs that trial reads.
 
 Cost: each process keeps a per-study cache of what it has derived. Finished trials never
 change, so each is read once: the cache holds the index of the first unfinished trial (the
 ``frontier``) and the numbers of trials finished beyond it, and each sample scans only from
 the frontier (the RUNNING/WAITING trials plus those finished since the last call). Population,
-option counts and the predictor's sufficient statistics are updated per absorbed trial
-(O(P + 64)); weights, and rho's ridge solution (one solve of at most ~200 unknowns, about
-0.3 ms), are recomputed only when a trial was absorbed. What remains proportional to the study size is
-listing the trials (Optuna's ``study._get_trials(deepcopy=False, use_cache=True)`` and one
-fresh ``get_all_trials`` for the claim check), which any sampler reading the history pays.
-
-The relative search space is the eight genes with the options of ``space``. Optuna requires
-them to equal the choices the objective passes to ``suggest_categorical``, so an objective
-that narrows the space needs the sampler built with the same ``space`` (as the study config
-does). Params outside the genes are sampled by Optuna's RandomSampler.
+search space, option counts and the predictor's sufficient statistics are updated per
+absorbed trial (O(P + cells)); weights, and rho's ridge solution (one solve of at most a few
+hundred unknowns), are recomputed only when a trial was absorbed. What remains proportional
+to the study size is listing the trials (Optuna's ``study._get_trials(deepcopy=False,
+use_cache=True)`` and one fresh ``get_all_trials`` for the claim check), which any sampler
+reading the history pays.
 """
 
 from __future__ import annotations
@@ -67,9 +85,10 @@ from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from kd_optuna import evolution
 from kd_optuna.classics import classic_specs
 from kd_optuna.errors import InvalidSpace, KdOptunaError
-from kd_optuna.predictor import AdditivePredictor
+from kd_optuna.predictor import AdditivePredictor, spec_cells
 from kd_optuna.proposers import (
     Candidate,
     CrossoverProposer,
@@ -82,7 +101,7 @@ from kd_optuna.proposers import (
 )
 from kd_optuna.space import GENES, TRANSFORM_GENES, DistillerSpec, SearchSpace
 
-#: System attr where a worker announces the canonical key of the child it is about to run.
+#: System attr where a worker announces the key of the child it is about to run.
 PROPOSED_KEY_ATTR = "kd_optuna:proposed_key"
 
 #: A shrinkage group per gene: the three transform slots share their statistics.
@@ -92,6 +111,8 @@ _FLOOR = 0.05
 _CLASSICS = frozenset(classic_specs())
 _CLAIM_ROUNDS = 4
 _REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
+_MAX_PLANS = 4096
+_INTERSECTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class SamplerConfigError(KdOptunaError, ValueError):
@@ -122,16 +143,28 @@ def _spec_of(params: Mapping[str, Any]) -> DistillerSpec | None:
         return None
 
 
+def _split(params: Mapping[str, Any]) -> tuple[DistillerSpec | None, dict[str, Any]]:
+    """The spec of ``params`` (if it has valid genes) and its other params."""
+    spec = _spec_of(params)
+    if spec is None:
+        return None, dict(params)
+    return spec, {n: v for n, v in params.items() if n not in GENES}
+
+
+def _key_of(params: Mapping[str, Any]) -> str:
+    spec, extra = _split(params)
+    return evolution.genome_key(spec.key if spec else None, extra)
+
+
 def _announced_key(trial: FrozenTrial) -> str | None:
-    """The key an unfinished trial will evaluate: its params, announced key, or enqueued."""
-    spec = _spec_of(trial.params)
-    if spec is not None:
-        return spec.key
+    """The key an unfinished trial will evaluate: announced, enqueued, or from its params."""
     key = trial.system_attrs.get(PROPOSED_KEY_ATTR)
     if isinstance(key, str):
         return key
-    spec = _spec_of(trial.system_attrs.get("fixed_params", {}))
-    return spec.key if spec else None
+    fixed = trial.system_attrs.get("fixed_params", {})
+    if fixed:
+        return _key_of(fixed)
+    return _key_of(trial.params) if trial.params else None
 
 
 def _is_rejection(trial: FrozenTrial) -> bool:
@@ -145,6 +178,15 @@ class _Counts:
 
 
 _NONE = _Counts()
+
+
+@dataclasses.dataclass
+class _Plan:
+    """A trial in progress: the params chosen for it and where the rest may come from."""
+
+    params: dict[str, Any]
+    parent: Member | None
+    population: Sequence[Member]
 
 
 class _History:
@@ -162,17 +204,19 @@ class _History:
         self.running_keys: list[str] = []
         self.unfinished: list[FrozenTrial] = []
         self.best: dict[str, tuple[float, int]] = {}
-        self.best_spec: dict[str, DistillerSpec] = {}
+        self.best_member: dict[str, Member] = {}
         self.best_features: dict[str, list[tuple[str, Any]]] = {}
         self._weights: tuple[Any, dict[str, dict[Any, float]]] = (None, {})
         self.top: list[tuple[float, int, str]] = []
         self.n_complete = 0
+        self.n_spec_complete = 0
         self.n_rejected = 0
         self.counts: dict[tuple[str, Any], _Counts] = {}
         self.predictor = AdditivePredictor()
+        self.space: dict[str, BaseDistribution] | None = None
         self.distributions: dict[str, CategoricalDistribution] | None = None
         self._distributions_number = -1
-        self.saw_other_params = False
+        self.saw_params = False
         self._members: tuple[int, list[Member]] = (-1, [])
 
     def update(self, trials: Sequence[FrozenTrial]) -> None:
@@ -198,20 +242,30 @@ class _History:
 
     def _absorb(self, trial: FrozenTrial) -> None:
         self.version += 1
-        spec = _spec_of(trial.params)
-        if spec is None:
-            self.saw_other_params = self.saw_other_params or bool(trial.params)
+        if trial.state in _INTERSECTED:
+            self._intersect(trial.distributions)
+        if not trial.params:
             return
-        self._remember_distributions(trial)
-        key = spec.key
+        self.saw_params = True
+        spec, extra = _split(trial.params)
+        if spec is not None:
+            self._remember_distributions(trial)
+        key = evolution.genome_key(spec.key if spec else None, extra)
         self.finished_keys.add(key)
+        cells = (spec_cells(spec) if spec else []) + evolution.cells(extra, trial.distributions)
         if trial.state == TrialState.COMPLETE and trial.value is not None:
-            self._add_complete(trial.number, spec, key, self.sign * trial.value)
+            self._add_complete(Member(trial.number, spec, self.sign * trial.value, extra), key, cells)
         elif _is_rejection(trial):
             self.n_rejected += 1
-            self.predictor.add_rejection(spec)
-            for feature in _features(spec):
+            self.predictor.add_rejection_cells(cells)
+            for feature in _features(spec) if spec else ():
                 self.counts.setdefault(feature, _Counts()).rejected += 1
+
+    def _intersect(self, distributions: Mapping[str, BaseDistribution]) -> None:
+        if self.space is None:
+            self.space = dict(distributions)
+        elif any(distributions.get(n) != d for n, d in self.space.items()):
+            self.space = {n: d for n, d in self.space.items() if distributions.get(n) == d}
 
     def _remember_distributions(self, trial: FrozenTrial) -> None:
         dists = {g: trial.distributions.get(g) for g in GENES}
@@ -221,26 +275,29 @@ class _History:
             self.distributions = dists  # type: ignore[assignment]
             self._distributions_number = trial.number
 
-    def _add_complete(self, number: int, spec: DistillerSpec, key: str, score: float) -> None:
+    def _add_complete(self, member: Member, key: str, cells: list[tuple[str, Any]]) -> None:
+        score = member.score
         if math.isnan(score):
             return
         self.n_complete += 1
-        self.predictor.add(spec, score)
-        features = _features(spec)
+        self.predictor.add_cells(cells, score)
+        features = _features(member.spec) if member.spec else []
+        if member.spec is not None:
+            self.n_spec_complete += 1
         for feature in features:
             self.counts.setdefault(feature, _Counts()).complete += 1
-        entry = (score, number)
+        entry = (score, member.number)
         old = self.best.get(key)
         if old is not None and old <= entry:
             return
         self.best[key] = entry
-        self.best_spec[key] = spec
+        self.best_member[key] = member
         self.best_features[key] = features
         if old is not None:
             at = bisect.bisect_left(self.top, (old[0], old[1], key))
             if at < len(self.top) and self.top[at] == (old[0], old[1], key):
                 del self.top[at]
-        bisect.insort(self.top, (score, number, key))
+        bisect.insort(self.top, (score, member.number, key))
         del self.top[self.population_size :]
 
     @property
@@ -250,7 +307,7 @@ class _History:
     def members(self) -> list[Member]:
         """The population, best first."""
         if self._members[0] != self.version:
-            members = [Member(n, self.best_spec[k], s) for s, n, k in self.top]
+            members = [self.best_member[k] for _, _, k in self.top]
             self._members = (self.version, members)
         return self._members[1]
 
@@ -265,7 +322,7 @@ class _History:
         cache_key = (self.version, space, shrink_after, reject_min, reject_rate)
         if self._weights[0] == cache_key:
             return self._weights[1]
-        if self.n_evaluated < shrink_after or not self.top:
+        if self.n_evaluated < shrink_after or not self.n_spec_complete:
             weights = {g: {o: 1.0 for o in space[g]} for g in GENES}
         else:
             weights = self._shrunk(space, reject_min, reject_rate)
@@ -274,10 +331,12 @@ class _History:
 
     def _shrunk(self, space, reject_min, reject_rate) -> dict[str, dict[Any, float]]:
         elite: dict[tuple[str, Any], int] = {}
+        n_elite = 0
         for _, _, key in self.top:
+            n_elite += bool(self.best_features[key])
             for feature in self.best_features[key]:
                 elite[feature] = elite.get(feature, 0) + 1
-        share = len(self.top) / self.n_complete
+        share = n_elite / self.n_spec_complete
         by_feature: dict[tuple[str, Any], float] = {}
 
         def weight(feature: tuple[str, Any]) -> float:
@@ -333,15 +392,6 @@ def _space_of_choices(choices: tuple[tuple[Any, ...], ...]) -> SearchSpace | Non
         return None
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_distributions(space: SearchSpace) -> tuple[tuple[str, BaseDistribution], ...]:
-    return tuple((g, CategoricalDistribution(list(space[g]))) for g in GENES)
-
-
-def _distributions_of(space: SearchSpace) -> dict[str, BaseDistribution]:
-    return dict(_cached_distributions(space))
-
-
 def _with_fixed(space: SearchSpace, trial: FrozenTrial) -> SearchSpace:
     """``space`` narrowed to the genes an enqueued trial fixes, so lineage tells the truth."""
     fixed = trial.system_attrs.get("fixed_params", {})
@@ -355,24 +405,41 @@ def _with_fixed(space: SearchSpace, trial: FrozenTrial) -> SearchSpace:
     return narrowed if all(set(narrowed[g]) <= set(space[g]) for g in genes) else space
 
 
+
+@dataclasses.dataclass(frozen=True)
+class _Genome:
+    """What a child is made of: the gene options (``None``: no genes) and the other params;
+    ``relative`` is the relative search space the child is returned over."""
+
+    genes: SearchSpace | None
+    extra: dict[str, BaseDistribution]
+    relative: dict[str, BaseDistribution]
+
+
 class EvolutionSampler(BaseSampler):
-    """KD-Zero's evolutionary search over the distiller genes; see the module docstring.
+    """KD-Zero's evolutionary search over distiller genes and any other params; see the module
+    docstring.
 
     Args:
-        population_size: P, the number of best distinct completed distillers that parents
+        population_size: P, the number of best distinct completed trials that parents
             are drawn from; also the size of the initial population.
-        sample_ratio: r, the fraction of the population drawn for each tournament.
-        top_k: k, how many of the drawn members (best first) may become parents.
-        mutation_prob: probability that each gene of a parent is redrawn (at least one is).
+        sample_ratio: r, the fraction of the population drawn for each tournament; by
+            default 0.5, or ``(k + 1) / P`` where that is more.
+        top_k: k, how many of the drawn members (best first) may become parents; by default
+            2 (1 for a population of 2). The draw ``round(r * P)`` must be larger than ``k``,
+            or the tournament selects nothing: with the defaults the best of P = 20 members
+            is a parent in one tournament in four, the worst ten never.
+        mutation_prob: probability that each gene or param of a parent mutates (at least one
+            does).
         crossover_prob: probability that a child is a uniform crossover of two parents.
         warm_start: the first specs to try, in order: ``True`` for the classic distillers,
             ``False`` for none (random initial population), or a sequence of specs.
         shrink_after: evaluated (completed or rejected) trials before search-space
             shrinkage starts.
-        space: the gene options; must equal what the objective suggests. ``None`` takes them
-            from the study's trials, or the whole space for a study without KD trials.
+        space: the gene options. ``None`` takes them from the study's trials (what the
+            objective suggests), or the whole space for a study without KD trials.
         proposer: the rival of the mutated child in guided selection (Algorithm 1's E):
-            a random spec by default, or e.g. an ``LLMProposer``; ``None`` for pure
+            a random genome by default, or e.g. an ``LLMProposer``; ``None`` for pure
             mutation/crossover without a contest.
         seed: seed of the random number generator.
         reject_min, reject_rate: an option drops out once at least ``reject_min`` trials with
@@ -382,13 +449,15 @@ class EvolutionSampler(BaseSampler):
             to score lowest; 1 is Algorithm 1's single mutation. On digits three random
             candidates in four, and most one-gene mutations, are rejected: screening is what
             keeps the evolved children from being rejected as often.
+        mutation_scale: standard deviation of a mutated number's Gaussian step, as a fraction
+            of its range (of ``log`` range for a log distribution).
     """
 
     def __init__(
         self,
         population_size: int = 20,
-        sample_ratio: float = 0.25,
-        top_k: int = 5,
+        sample_ratio: float | None = None,
+        top_k: int | None = None,
         mutation_prob: float = 0.15,
         crossover_prob: float = 0.25,
         warm_start: bool | Sequence[DistillerSpec] = True,
@@ -401,7 +470,12 @@ class EvolutionSampler(BaseSampler):
         reject_rate: float = 0.8,
         max_tries: int = 64,
         screen: int = 8,
+        mutation_scale: float = 0.1,
     ) -> None:
+        if top_k is None:
+            top_k = 2 if population_size >= 3 else 1
+        if sample_ratio is None:
+            sample_ratio = min(1.0, max(0.5, (top_k + 1) / max(1, population_size)))
         if min(population_size, top_k, max_tries, reject_min, screen) < 1:
             raise SamplerConfigError(
                 "population_size, top_k, max_tries, reject_min and screen must be at least 1"
@@ -416,8 +490,16 @@ class EvolutionSampler(BaseSampler):
                 raise SamplerConfigError(f"{name} must be between 0 and 1, got {p}")
         if sample_ratio == 0.0:
             raise SamplerConfigError("sample_ratio must be above 0")
+        drawn = int(round(sample_ratio * population_size))
+        if drawn <= top_k and population_size > 1:
+            raise SamplerConfigError(
+                f"the tournament draws round(sample_ratio * population_size) = {drawn} members "
+                f"and keeps top_k = {top_k}: it must draw more than it keeps to select"
+            )
         if shrink_after < 0:
             raise SamplerConfigError(f"shrink_after must be >= 0, got {shrink_after}")
+        if not mutation_scale > 0:
+            raise SamplerConfigError(f"mutation_scale must be above 0, got {mutation_scale}")
         self.population_size = int(population_size)
         self.sample_ratio = float(sample_ratio)
         self.top_k = int(top_k)
@@ -434,6 +516,7 @@ class EvolutionSampler(BaseSampler):
         self.reject_rate = float(reject_rate)
         self.max_tries = int(max_tries)
         self.screen = int(screen)
+        self.mutation_scale = float(mutation_scale)
         self._rng = LazyRandomState(seed)
         self._random = RandomSampler(seed=None if seed is None else seed + 1)
         self._mutation = MutationProposer()
@@ -441,11 +524,13 @@ class EvolutionSampler(BaseSampler):
         self._fallback = RandomProposer()
         self._lock = threading.Lock()
         self._histories: dict[tuple[int, int], _History] = {}
+        self._plans: dict[int, _Plan] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         del state["_lock"]
         state["_histories"] = {}
+        state["_plans"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -483,14 +568,28 @@ class EvolutionSampler(BaseSampler):
         history.update(trials)
         return history
 
-    def _space_for(self, history: _History) -> SearchSpace:
+    def _gene_space(self, history: _History) -> SearchSpace | None:
+        """The gene options of the genome, or ``None`` if the study has no distiller genes."""
+        relative = _space_of(history.space) if history.space else None
+        if relative is not None:
+            if self.space is None:
+                return relative
+            narrowed = {g: [o for o in relative[g] if o in self.space[g]] for g in GENES}
+            return relative.narrow(**narrowed) if all(narrowed.values()) else relative
         if self.space is not None:
             return self.space
         if history.distributions is not None:
-            space = _space_of(history.distributions)
-            if space is not None:
-                return space
-        return SearchSpace()
+            return _space_of(history.distributions) or SearchSpace()
+        return None if history.saw_params else SearchSpace()
+
+    def _space_for(self, history: _History) -> SearchSpace:
+        return self._gene_space(history) or SearchSpace()
+
+    def _genome(self, history: _History) -> _Genome:
+        genes = self._gene_space(history)
+        relative = dict(sorted((history.space or {}).items()))
+        extra = {n: d for n, d in relative.items() if genes is None or n not in GENES}
+        return _Genome(genes, extra, relative)
 
     def _weights(self, history: _History, space: SearchSpace) -> dict[str, dict[Any, float]]:
         return history.weights(space, self.shrink_after, self.reject_min, self.reject_rate)
@@ -499,10 +598,10 @@ class EvolutionSampler(BaseSampler):
         """The option weights in force for ``study``: gene -> option -> weight in [0, 1].
 
         A pure function of the trial list. Before ``shrink_after`` trials were evaluated every
-        weight is 1. After, with ``n`` completed trials, the population's ``P' <= P`` members
-        and, per option ``o`` (the three transform slots pooled, each on canonical specs):
-        ``c_o`` completed trials with ``o``, ``e_o`` population members with ``o``,
-        ``j_o`` rejected trials with ``o``::
+        weight is 1. After, with ``n`` completed trials with genes, the population's ``P' <= P``
+        members with genes and, per option ``o`` (the three transform slots pooled, each on
+        canonical specs): ``c_o`` completed trials with ``o``, ``e_o`` population members with
+        ``o``, ``j_o`` rejected trials with ``o``::
 
             weight(o) = clip((e_o + 1) / (c_o * P' / n + 1), 0.05, 1)
             weight(o) = 0  if j_o >= reject_min and j_o >= reject_rate * (c_o + j_o)
@@ -520,30 +619,36 @@ class EvolutionSampler(BaseSampler):
     def infer_relative_search_space(
         self, study: Study, trial: FrozenTrial
     ) -> dict[str, BaseDistribution]:
+        """The intersection of the finished trials' distributions (see the module docstring)."""
         self._raise_error_if_multi_objective(study)
-        fixed = trial.system_attrs.get("fixed_params", {})
-        if all(gene in fixed for gene in GENES):
-            return {}
-        if self.space is not None:
-            return _distributions_of(self.space)
         with self._lock:
-            history = self._history(study)
-            if history.distributions is None and history.saw_other_params:
-                return {}
-            return _distributions_of(self._space_for(history))
+            genome = self._genome(self._history(study))
+        fixed = trial.system_attrs.get("fixed_params", {})
+        names = set(genome.relative) | (set(GENES) if genome.genes is not None else set())
+        if names and names <= set(fixed):
+            return {}
+        return genome.relative
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
         self._raise_error_if_multi_objective(study)
-        params: dict[str, Any] = {}
-        space = _space_of(search_space)
-        if space is not None:
-            params.update(self._propose(study, trial, _with_fixed(space, trial)))
-        for name, distribution in search_space.items():
-            if name not in params:
-                params[name] = self._random.sample_independent(study, trial, name, distribution)
-        return params
+        with self._lock:
+            genome = self._genome(self._history(study))
+        fixed = trial.system_attrs.get("fixed_params", {})
+        names = set(genome.relative) | (set(GENES) if genome.genes is not None else set())
+        if not names or names <= set(fixed):
+            return {}
+        genes = _with_fixed(genome.genes, trial) if genome.genes is not None else None
+        genome = dataclasses.replace(genome, genes=genes)
+        child, population = self._propose(study, trial, genome)
+        params = child.params()
+        with self._lock:
+            if len(self._plans) >= _MAX_PLANS:
+                del self._plans[next(iter(self._plans))]
+            parent = next((m for m in population if m.number == child.parent), None)
+            self._plans[trial._trial_id] = _Plan(params, parent, population)
+        return {n: params[n] for n in search_space if n in params}
 
     def sample_independent(
         self,
@@ -552,20 +657,60 @@ class EvolutionSampler(BaseSampler):
         param_name: str,
         param_distribution: BaseDistribution,
     ) -> Any:
+        """The planned value, else one inherited from the parent (or the best member that
+        has the param) and mutated at ``mutation_prob``, else a random one."""
         self._raise_error_if_multi_objective(study)
-        return self._random.sample_independent(study, trial, param_name, param_distribution)
+        with self._lock:
+            plan = self._plans.get(trial._trial_id)
+            if plan is not None:
+                value = self._from_plan(plan, param_name, param_distribution)
+                if value is not _NOTHING:
+                    return value
+        value = self._random.sample_independent(study, trial, param_name, param_distribution)
+        if plan is not None and param_name in plan.params:
+            note = (
+                f"{param_name} = {plan.params[param_name]!r} is not a value the objective "
+                f"offers; drew {value!r}"
+            )
+            study._storage.set_trial_user_attr(trial._trial_id, "sampler_note", note)
+        return value
+
+    def _from_plan(self, plan: _Plan, name: str, dist: BaseDistribution) -> Any:
+        if name in plan.params:
+            value = plan.params[name]
+            return value if evolution.contains(dist, value) else _NOTHING
+        donors = ([plan.parent] if plan.parent is not None else []) + list(plan.population)
+        for member in donors:
+            if name in member.extra and evolution.contains(dist, member.extra[name]):
+                value = member.extra[name]
+                if self._rng.rng.random_sample() < self.mutation_prob:
+                    value = evolution.mutate_value(dist, value, self._rng.rng, self.mutation_scale)
+                return value
+        return _NOTHING
+
+    def after_trial(
+        self,
+        study: Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        with self._lock:
+            self._plans.pop(trial._trial_id, None)
 
     # -- one child -------------------------------------------------------------------------
 
-    def _propose(self, study: Study, trial: FrozenTrial, space: SearchSpace) -> dict[str, Any]:
+    def _propose(
+        self, study: Study, trial: FrozenTrial, genome: _Genome
+    ) -> tuple[Candidate, Sequence[Member]]:
         """Choose, announce and record one child; yield to an earlier trial with its key."""
         lost: list[str] = []
         for _ in range(_CLAIM_ROUNDS):
-            child, attrs = self._announce(study, trial, space, lost)
+            child, attrs, population = self._announce(study, trial, genome, lost)
             repeat = attrs.get("sampler_note") == _REPEAT_NOTE
-            if repeat or not self._claimed_elsewhere(study, trial, child.spec.key):
+            if repeat or not self._claimed_elsewhere(study, trial, child.key):
                 break
-            lost.append(child.spec.key)
+            lost.append(child.key)
         if lost:
             yielded = f"yielded {len(lost)} key(s) to trials that claimed them"
             attrs["sampler_note"] = "; ".join(filter(None, [yielded, attrs.get("sampler_note")]))
@@ -578,33 +723,36 @@ class EvolutionSampler(BaseSampler):
             lineage["crossover_parent"] = child.second_parent
         for key, value in {**lineage, **attrs}.items():
             study._storage.set_trial_user_attr(trial._trial_id, key, value)
-        return child.spec.to_params()
+        return child, population
 
     def _announce(
-        self, study: Study, trial: FrozenTrial, space: SearchSpace, lost: list[str]
-    ) -> tuple[Candidate, dict[str, Any]]:
+        self, study: Study, trial: FrozenTrial, genome: _Genome, lost: list[str]
+    ) -> tuple[Candidate, dict[str, Any], Sequence[Member]]:
         attrs: dict[str, Any] = {}
-        context = None
+        rivals: list[Candidate] = []
         with self._lock:
             history = self._history(study, fresh=bool(lost))
-            weights = self._weights(history, space)
+            space = genome.genes or SearchSpace()
+            weights = self._weights(history, space) if genome.genes is not None else {}
             seen = _Seen(history.finished_keys, history.running_keys + lost)
-            if self._initial_phase(history, lost):
-                child = self._initial(space, weights, seen)
+            context = self._context(history, genome, weights, seen, ())
+            evolved = not self._initial_phase(history, lost)
+            if evolved:
+                child = self._evolve(history, genome, context)
             else:
-                child, context = self._evolve(history, space, weights, seen)
+                child = self._initial(context)
         # The rival may take seconds (a language model): other threads go on meanwhile.
-        rivals = self.proposer.propose(context) if context and self.proposer else []
+        if evolved and self.proposer is not None:
+            rivals = self.proposer.propose(context)
         with self._lock:
-            child = self._select(history.predictor, child, rivals, attrs)
+            child = self._select(history.predictor, genome, child, rivals, attrs)
             if child is None:
-                child = self._last_resort(space, weights, seen, attrs)
-            if history.n_evaluated >= self.shrink_after:
+                child = self._last_resort(context, attrs)
+            child = _fix(child, trial, genome)
+            if genome.genes is not None and history.n_evaluated >= self.shrink_after:
                 attrs["space_state"] = _summary(weights, history.n_evaluated)
-            study._storage.set_trial_system_attr(
-                trial._trial_id, PROPOSED_KEY_ATTR, child.spec.key
-            )
-        return child, attrs
+            study._storage.set_trial_system_attr(trial._trial_id, PROPOSED_KEY_ATTR, child.key)
+        return child, attrs, history.members()
 
     def _claimed_elsewhere(self, study: Study, trial: FrozenTrial, key: str) -> bool:
         """Whether another trial finished, waits or runs with ``key`` (read afresh).
@@ -621,9 +769,9 @@ class EvolutionSampler(BaseSampler):
                 for other in history.unfinished
             )
 
-    def _context(self, history, space, weights, seen, parents) -> ProposalContext:
+    def _context(self, history, genome: _Genome, weights, seen, parents) -> ProposalContext:
         return ProposalContext(
-            space=space,
+            space=genome.genes or SearchSpace(),
             weights=weights,
             population=history.members(),
             parents=parents,
@@ -631,6 +779,9 @@ class EvolutionSampler(BaseSampler):
             rng=self._rng.rng,
             mutation_prob=self.mutation_prob,
             max_tries=self.max_tries,
+            distributions=genome.extra,
+            genes=genome.genes is not None,
+            scale=self.mutation_scale,
         )
 
     def _initial_phase(self, history: _History, lost: list[str]) -> bool:
@@ -643,86 +794,104 @@ class EvolutionSampler(BaseSampler):
         proposed = len(history.finished_keys) + len(set(history.running_keys)) + len(lost)
         return not history.best or proposed < self.population_size
 
-    def _initial(self, space, weights, seen) -> Candidate | None:
-        for spec in self.warm_start:
-            if space.contains(spec) and spec.key not in seen:
-                return Candidate(spec, "classic" if spec in _CLASSICS else "warm_start")
-        context = self._context_without_population(space, weights, seen)
+    def _initial(self, context: ProposalContext) -> Candidate | None:
+        if context.genes:
+            for spec in self.warm_start:
+                if not context.space.contains(spec):
+                    continue
+                extra = context.random_extra()
+                if evolution.genome_key(spec.key, extra) not in context.seen:
+                    proposer = "classic" if spec in _CLASSICS else "warm_start"
+                    return Candidate(spec, proposer, extra=extra)
         found = self._fallback.propose(context)
         return found[0] if found else None
 
-    def _context_without_population(self, space, weights, seen) -> ProposalContext:
-        return ProposalContext(
-            space=space,
-            weights=weights,
-            population=(),
-            parents=(),
-            seen=seen,
-            rng=self._rng.rng,
-            mutation_prob=self.mutation_prob,
-            max_tries=self.max_tries,
-        )
-
     def _tournament(self, population: Sequence[Member]) -> list[Member]:
-        """Lines 5-7: a random ``sample_ratio`` of the population, its ``top_k`` best."""
+        """Lines 5-7: ``round(sample_ratio * P)`` members drawn at random, their ``top_k`` best.
+
+        ``population`` is best first, so the drawn indices sorted are the drawn members best
+        first.
+        """
         size = max(1, int(round(self.sample_ratio * len(population))))
         drawn = sorted(self._rng.rng.choice(len(population), size=size, replace=False))
         return [population[int(i)] for i in drawn[: self.top_k]]
 
-    def _evolve(self, history, space, weights, seen) -> tuple[Candidate | None, ProposalContext]:
+    def _cells(self, candidate: Candidate, genome: _Genome) -> list[tuple[str, Any]]:
+        cells = spec_cells(candidate.spec) if candidate.spec is not None else []
+        return cells + evolution.cells(candidate.extra, genome.extra)
+
+    def _evolve(self, history: _History, genome: _Genome, context: ProposalContext):
         """Lines 5-8: tournament, then crossover (at ``crossover_prob``) or mutation.
 
         ``screen`` distinct children are drawn and rho keeps the one it expects to score
         lowest (rejections counted); with ``screen=1``, Algorithm 1's single mutation.
         """
-        parents = self._tournament(history.members())
-        context = self._context(history, space, weights, seen, parents)
-        crossover = len(parents) >= 2 and self._rng.rng.random_sample() < self.crossover_prob
+        context.parents = self._tournament(history.members())
+        crossover = (
+            len(context.parents) >= 2 and self._rng.rng.random_sample() < self.crossover_prob
+        )
         children: dict[str, Candidate] = {}
         for _ in range(self.screen):
             child = next(iter(self._crossover.propose(context)), None) if crossover else None
             child = child or next(iter(self._mutation.propose(context)), None)
             if child is None:
                 break
-            children.setdefault(child.spec.key, child)
+            children.setdefault(child.key, child)
         if not children:
-            return None, context
+            return None
         predictor = history.predictor
         if predictor.n < 2:
-            return next(iter(children.values())), context
-        return min(children.values(), key=lambda c: predictor.expected(c.spec)), context
+            return next(iter(children.values()))
+        return min(children.values(), key=lambda c: predictor.expected_cells(self._cells(c, genome)))
 
-    def _select(self, predictor, child, rivals, attrs) -> Candidate | None:
+    def _select(self, predictor, genome, child, rivals, attrs) -> Candidate | None:
         """Lines 11-15: keep the candidate rho expects to score lower, rejections counted."""
         if not rivals:
             return child
         if child is None or predictor.n < 2:
             return child or rivals[0]
-        rival = min(rivals, key=lambda c: predictor.expected(c.spec))
-        rho_child, rho_rival = predictor.expected(child.spec), predictor.expected(rival.spec)
+
+        def expected(c: Candidate) -> float:
+            return predictor.expected_cells(self._cells(c, genome))
+
+        def reject(c: Candidate) -> float:
+            return predictor.reject_probability_cells(self._cells(c, genome))
+
+        rival = min(rivals, key=expected)
+        rho_child, rho_rival = expected(child), expected(rival)
         winner = rival if rho_rival < rho_child else child
         attrs["predictor"] = {
             "winner": winner.proposer,
             "rho": {child.proposer: rho_child, rival.proposer: rho_rival},
-            "reject": {
-                child.proposer: predictor.reject_probability(child.spec),
-                rival.proposer: predictor.reject_probability(rival.spec),
-            },
+            "reject": {child.proposer: reject(child), rival.proposer: reject(rival)},
         }
         return winner
 
-    def _last_resort(self, space, weights, seen, attrs) -> Candidate:
-        context = self._context_without_population(space, weights, seen)
+    def _last_resort(self, context: ProposalContext, attrs) -> Candidate:
         found = self._fallback.propose(context)
         if found:
-            attrs["sampler_note"] = "no new child from the population; drew a random spec"
+            attrs["sampler_note"] = "no new child from the population; drew a random genome"
             return found[0]
-        unseen = _first_unseen(space, seen)
-        if unseen is not None:
-            attrs["sampler_note"] = "random draws found nothing new; took an unseen spec"
-            return Candidate(unseen, "random")
+        if context.genes and not context.distributions:
+            unseen = _first_unseen(context.space, context.seen)  # type: ignore[arg-type]
+            if unseen is not None:
+                attrs["sampler_note"] = "random draws found nothing new; took an unseen spec"
+                return Candidate(unseen, "random")
         attrs["sampler_note"] = _REPEAT_NOTE
-        return Candidate(random_spec(weights, self._rng.rng), "random")
+        spec = random_spec(context.weights, context.rng) if context.genes else None
+        return Candidate(spec, "random", extra=context.random_extra())
+
+
+_NOTHING = object()
+
+
+def _fix(child: Candidate, trial: FrozenTrial, genome: _Genome) -> Candidate:
+    """``child`` with the other params an enqueued trial fixes, as Optuna will suggest them."""
+    fixed = trial.system_attrs.get("fixed_params", {})
+    extra = {n: fixed[n] for n in genome.extra if n in fixed}
+    if not extra:
+        return child
+    return dataclasses.replace(child, extra={**child.extra, **extra})
 
 
 def _first_unseen(space: SearchSpace, seen: _Seen, limit: int = 100_000) -> DistillerSpec | None:

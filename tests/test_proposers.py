@@ -340,9 +340,11 @@ def test_a_study_with_the_llm_proposer_records_the_contest_and_survives_failures
     picks = [GOOD.to_params(), {**GOOD.to_params(), "magnitude": 25},
              {**GOOD.to_params(), "calibration": "focal"}]
     chat.reply(picks)
+    # Warm-started with FitNets, rho knows feat + l2 is good, and each mutant redraws every
+    # gene, so the model's picks (GOOD and its neighbours) can win contests.
     sampler = EvolutionSampler(
-        population_size=4, warm_start=False, seed=0, crossover_prob=0.0,
-        proposer=llm(chat, timeout=5.0),
+        population_size=4, warm_start=(FITNETS,), seed=0, crossover_prob=0.0,
+        mutation_prob=1.0, proposer=llm(chat, timeout=5.0),
     )
     study = optuna.create_study(sampler=sampler)
     study.optimize(lambda t: _score(suggest_distiller(t)), n_trials=12)

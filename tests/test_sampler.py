@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,7 @@ from optuna.trial import TrialState
 from kd_optuna.classics import classic_specs
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.proposers import RandomProposer
-from kd_optuna.sampler import PROPOSED_KEY_ATTR, EvolutionSampler
+from kd_optuna.sampler import PROPOSED_KEY_ATTR, EvolutionSampler, SamplerConfigError
 from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -103,7 +105,7 @@ def test_parents_come_from_the_best_distinct_completed_trials(direction, sign):
 
 
 def test_search_improves_on_its_initial_population():
-    study = run(EvolutionSampler(population_size=10, seed=0), 100)
+    study = run(EvolutionSampler(population_size=10, seed=0, warm_start=False), 100)
     first = min(t.value for t in study.trials[:20])
     assert study.best_value < first
     assert study.best_trial.params["knowledge"] == "feat"
@@ -151,9 +153,10 @@ def test_rejected_and_failed_keys_are_never_proposed_again_nor_parents():
             raise RuntimeError("worker crashed")
         return score_of(spec)
 
-    study.optimize(func, n_trials=space.size(), catch=(RuntimeError,))
+    distinct = {DistillerSpec(*v).key for v in _product(space)}
+    study.optimize(func, n_trials=len(distinct), catch=(RuntimeError,))
     keys = [key_of(t) for t in study.trials]
-    assert sorted(keys) == sorted({DistillerSpec(*v).key for v in _product(space)})
+    assert sorted(keys) == sorted(distinct)
     complete = {t.number for t in study.trials if t.state == TrialState.COMPLETE}
     parents = {t.user_attrs["parent"] for t in study.trials} - {None}
     assert parents and parents <= complete
@@ -190,9 +193,10 @@ def test_running_and_waiting_keys_are_not_proposed():
 
 def test_an_exhausted_space_proposes_a_repeat_and_says_so():
     space = TINY.narrow(knowledge=["logit"], distance=["l2"], calibration=["no"])
-    study = run(EvolutionSampler(space=space, seed=0), 3,
+    distinct = {DistillerSpec(*v).key for v in _product(space)}
+    study = run(EvolutionSampler(space=space, seed=0), len(distinct) + 1,
                 func=lambda t: score_of(suggest_distiller(t, space)))
-    assert len({key_of(t) for t in study.trials}) == 2
+    assert {key_of(t) for t in study.trials} == distinct
     assert "repeat" in study.trials[-1].user_attrs["sampler_note"]
 
 
@@ -245,17 +249,60 @@ def test_a_gene_keeps_one_option_when_every_option_is_rejected():
     assert weights == {"l2": 0.05, "kl": 0.0}
 
 
-def test_extra_params_are_sampled_at_random_beside_the_genes():
+def test_distiller_genes_and_a_learning_rate_evolve_together():
     def func(trial):
         spec = suggest_distiller(trial)
         lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
-        width = trial.suggest_int("width", 8, 64)
-        return score_of(spec) + lr + width / 1000
+        width = trial.suggest_int("width", 8, 64, step=8)
+        return score_of(spec) + (math.log10(lr) + 2) ** 2 + abs(width - 32) / 100
 
-    study = run(EvolutionSampler(seed=0, population_size=5), 30, func=func)
-    assert len({t.params["lr"] for t in study.trials}) == 30
-    assert all(1e-4 <= t.params["lr"] <= 1e-1 and 8 <= t.params["width"] <= 64
+    sampler = EvolutionSampler(seed=0, population_size=10, warm_start=False)
+    study = run(sampler, 150, func=func)
+    assert all(1e-4 <= t.params["lr"] <= 1e-1 and t.params["width"] in range(8, 65, 8)
                for t in study.trials)
+    by_number = {t.number: t for t in study.trials}
+    mutants = [t for t in study.trials if t.user_attrs["proposer"] == "mutation"]
+    assert len(mutants) > 60
+    for trial in mutants:
+        parent = by_number[trial.user_attrs["parent"]].params
+        changed = [n for n in [*GENES, "lr", "width"] if trial.params[n] != parent[n]]
+        assert changed == trial.user_attrs["mutated"]
+    assert {"lr", "width"} & {n for t in mutants for n in t.user_attrs["mutated"]} == {"lr", "width"}
+    assert any(set(t.user_attrs["mutated"]) & set(GENES) for t in mutants)
+    off = [abs(math.log10(t.params["lr"]) + 2) for t in study.trials]
+    assert statistics.median(off[-50:]) < 0.5 * statistics.median(off[:20])
+    assert study.best_trial.params["knowledge"] == "feat"
+
+
+def test_the_tournament_makes_the_best_member_a_parent_more_often_than_the_worst():
+    sampler = EvolutionSampler(population_size=10, seed=0, warm_start=False, crossover_prob=0.0)
+    trials = run(sampler, 200).trials
+    ranks = []
+    for trial in trials:
+        parent = trial.user_attrs["parent"]
+        if parent is None:
+            continue
+        population = sorted(_best_distinct(trials[: trial.number], 10),
+                            key=lambda n: (trials[n].value, n))
+        if len(population) == 10:
+            ranks.append(population.index(parent))
+    assert len(ranks) > 150
+    assert ranks.count(0) > 3 * max(1, ranks.count(9))
+    assert sum(r < 5 for r in ranks) > 0.75 * len(ranks)
+
+
+def test_a_tournament_that_cannot_select_is_refused_naming_both_values():
+    with pytest.raises(SamplerConfigError) as info:
+        EvolutionSampler(population_size=12, sample_ratio=0.25, top_k=5)
+    message = str(info.value)
+    assert "\n" not in message and "= 3" in message and "top_k = 5" in message
+    for drawn_equals_kept in [{"population_size": 20, "sample_ratio": 0.25, "top_k": 5},
+                              {"population_size": 4, "sample_ratio": 0.5, "top_k": 2}]:
+        with pytest.raises(SamplerConfigError):
+            EvolutionSampler(**drawn_equals_kept)
+    for size in (2, 3, 4, 7, 12, 20, 100):
+        sampler = EvolutionSampler(population_size=size)
+        assert sampler.top_k < round(sampler.sample_ratio * size)
 
 
 def test_invalid_arguments_raise_a_kd_optuna_error():
@@ -421,3 +468,85 @@ def test_screening_children_with_rho_avoids_options_that_get_rejected():
 
     screened, single = rejected_children(8), rejected_children(1)
     assert screened < 0.75 * single
+
+
+# -- any Optuna search space ------------------------------------------------------------
+
+
+def conditional_objective(trial: optuna.Trial) -> float:
+    kind = trial.suggest_categorical("kind", ["a", "b", "c"])
+    x = trial.suggest_float("x", 1e-3, 1.0, log=True)
+    n = trial.suggest_int("n", 0, 20, step=2)
+    value = (math.log10(x) + 1) ** 2 + abs(n - 12) / 10
+    if kind == "a":
+        value += (trial.suggest_float("ya", -1.0, 1.0) - 0.5) ** 2
+    elif kind == "b":
+        value += 0.3 + trial.suggest_int("yb", 1, 64, log=True) / 64
+    else:
+        value += 1.0
+    if trial.number % 7 == 3:
+        raise optuna.TrialPruned()
+    return value
+
+
+def test_the_relative_search_space_is_optuna_s_intersection_of_finished_trials():
+    sampler = EvolutionSampler(seed=0, population_size=6)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(conditional_objective, n_trials=40)
+    expected = optuna.search_space.IntersectionSearchSpace(include_pruned=True).calculate(study)
+    trial = study._storage.get_trial(study.ask()._trial_id)
+    assert sampler.infer_relative_search_space(study, trial) == expected
+    assert set(expected) == {"kind", "x", "n"}
+
+
+def test_conditional_params_are_inherited_from_the_parent_and_the_search_improves():
+    sampler = EvolutionSampler(seed=1, population_size=8)
+    study = run(sampler, 150, func=conditional_objective)
+    trials = study.trials
+    for trial in trials:
+        dists = trial.distributions
+        assert all(evolution_contains(dists[name], value) for name, value in trial.params.items())
+    by_number = {t.number: t for t in trials}
+    inherited = total = 0
+    for trial in trials:
+        if trial.user_attrs["proposer"] != "mutation":
+            continue
+        parent = by_number[trial.user_attrs["parent"]].params
+        for name in {"ya", "yb"} & set(trial.params) & set(parent):
+            total += 1
+            inherited += trial.params[name] == parent[name]
+    assert total > 10 and inherited > 0.6 * total
+    complete = [t.value for t in trials if t.value is not None]
+    assert min(complete[-40:]) < min(complete[:20])
+    assert statistics.median(complete[-40:]) < statistics.median(complete[:20])
+
+
+def evolution_contains(dist, value):
+    from kd_optuna.evolution import contains
+
+    return contains(dist, value)
+
+
+def test_a_categorical_study_without_genes_never_repeats_a_setting():
+    def func(trial):
+        return sum(trial.suggest_categorical(f"g{i}", [0, 1, 2]) for i in range(3))
+
+    study = run(EvolutionSampler(seed=0, population_size=6), 27, func=func)
+    settings = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(settings)) == 27
+    assert all(t.user_attrs["proposer"] in ("random", "mutation", "crossover")
+               for t in study.trials[1:])
+
+
+def test_an_objective_narrowing_a_gene_runs_with_the_default_space():
+    def func(trial):
+        spec = suggest_distiller(trial, SearchSpace().narrow(knowledge=["emb"], distance=["l2", "cos"]))
+        return score_of(spec)
+
+    study = run(EvolutionSampler(seed=0, population_size=6), 30, func=func)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert all(t.params["knowledge"] == "emb" and t.params["distance"] in ("l2", "cos")
+               for t in study.trials)
+    assert {"mutation", "crossover"} & {t.user_attrs["proposer"] for t in study.trials}
+    keys = [key_of(t) for t in study.trials]
+    assert len(set(keys)) == len(keys)
