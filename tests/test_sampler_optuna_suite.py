@@ -1,7 +1,8 @@
 """Optuna's own sampler test suite, run against EvolutionSampler on generic search spaces.
 
-Floats, ints, categoricals and conditional params that are not distiller genes must be
-sampled as Optuna's RandomSampler would; a multi-objective study must be refused.
+Floats, ints, categoricals and conditional params that are not distiller genes are evolved
+(kd_optuna.evolution) and must pass the same checks as any Optuna sampler's; a
+multi-objective study must be refused.
 """
 
 from __future__ import annotations
