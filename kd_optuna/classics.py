@@ -23,6 +23,15 @@ CLASSICS: dict[str, tuple[DistillerSpec, str]] = {
         "Vanilla KD, Hinton, Vinyals & Dean 2015, 'Distilling the knowledge in a neural "
         "network': T^2 * KL(softmax(t/T) || softmax(s/T)) summed over classes, batch mean, T=4.",
     ),
+    "kd_ls": (
+        _spec("logit", "zscore", "no", "no", "kl", "no", 4, 10),
+        "KD with logit standardization, Sun et al. CVPR 2024: KD on z-scored logits, "
+        "lambda * T^2 * KL(softmax(Z(t)/T) || softmax(Z(s)/T)), Z(z) = (z - mean_k z) / "
+        "(std_k z + 1e-7) per sample. The paper's defaults (CIFAR-100, its code's "
+        "--logit-stand --base-temp 2 --kd-weight 9): base temperature 2 (3 for some pairs, 4 "
+        "for resnet110->resnet20), KD weight 9 beside a CE weight of 0.1. The space has no T=2 "
+        "nor weight 9: T=4 (the paper's largest, and KD's) and weight 10, next to CE weight 1.",
+    ),
     "fitnets": (
         _spec("feat", "no", "no", "no", "l2", "no", 1, 100),
         "FitNets, Romero et al. 2015: hint loss, mean squared error between the teacher's "

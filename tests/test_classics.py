@@ -32,6 +32,30 @@ def test_vanilla_kd_spec_equals_the_textbook_hinton_loss():
     torch.testing.assert_close(value, hinton, rtol=1e-6, atol=1e-6)
 
 
+def test_kd_with_logit_standardization_is_kd_on_z_scored_logits():
+    """Against the paper's own formula (its code's normalize(), unbiased std, eps 1e-7)."""
+    spec = CLASSICS["kd_ls"][0]
+    assert list(CLASSICS)[:2] == ["kd", "kd_ls"]
+    s, t = batch(STUDENT), batch(TEACHER, seed=1)
+
+    def standardize(z):
+        return (z - z.mean(dim=-1, keepdim=True)) / (1e-7 + z.std(dim=-1, keepdim=True))
+
+    temperature, weight = spec.temperature, spec.magnitude
+    expected = weight * temperature**2 * F.kl_div(
+        F.log_softmax(standardize(s["logit"]) / temperature, dim=1),
+        F.softmax(standardize(t["logit"]) / temperature, dim=1),
+        reduction="batchmean",
+    )
+    value = DistillerLoss(spec, STUDENT, TEACHER)(s, t)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    # the logits' scale and shift no longer matter, unlike vanilla KD's
+    shifted = {"logit": s["logit"] * 5 + 2}
+    torch.testing.assert_close(DistillerLoss(spec, STUDENT, TEACHER)(shifted, t), value)
+    kd = DistillerLoss(CLASSICS["kd"][0], STUDENT, TEACHER)
+    assert kd(shifted, t).item() != pytest.approx(kd(s, t).item(), rel=0.01)
+
+
 @pytest.mark.parametrize("name", list(CLASSICS))
 @pytest.mark.parametrize("n", [1, 2, 64])
 def test_every_classic_builds_and_gives_a_finite_loss_and_gradient(name, n):

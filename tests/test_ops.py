@@ -253,6 +253,40 @@ def test_defect_batchnorm_built_a_fresh_untrained_module_each_call():
     assert torch.equal(one, torch.zeros(1, 5))
 
 
+def zscore_reference(x):
+    """Logit standardization's normalize() (Sun et al. 2024), on each flattened sample."""
+    flat = x.flatten(1)
+    mean = flat.mean(dim=-1, keepdim=True)
+    std = flat.std(dim=-1, keepdim=True)
+    return ((flat - mean) / (1e-7 + std)).view_as(x)
+
+
+@pytest.mark.parametrize("shape", [(4, 10), (3, 4, 5), (2, 3, 4, 5)])
+def test_zscore_is_the_papers_standardisation_over_each_sample(shape):
+    x = randn(*shape) * 7 + 3
+    y = TRANSFORMS["zscore"](x)
+    torch.testing.assert_close(y, zscore_reference(x))
+    flat = y.flatten(1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(shape[0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(1), torch.ones(shape[0]), atol=1e-5, rtol=0)
+
+
+def test_zscore_ignores_a_positive_affine_map_of_each_sample():
+    x = randn(3, 8)
+    scale, shift = torch.tensor([[0.5], [3.0], [40.0]]), torch.tensor([[-2.0], [0.0], [9.0]])
+    torch.testing.assert_close(TRANSFORMS["zscore"](x * scale + shift), TRANSFORMS["zscore"](x))
+    torch.testing.assert_close(TRANSFORMS["zscore"](-x), -TRANSFORMS["zscore"](x))
+
+
+def test_zscore_of_a_constant_sample_is_zero_with_a_finite_gradient():
+    x = torch.tensor([[0.1] * 7, [2.0, -1.0, 0.5, 0.0, 3.0, 1.0, -2.0]], requires_grad=True)
+    y = TRANSFORMS["zscore"](x)
+    assert torch.equal(y[0], torch.zeros(7))  # 0.1 * 7 / 7 is not 0.1 in float32
+    (y * torch.arange(7.0)).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert torch.equal(TRANSFORMS["zscore"](torch.ones(3, 1)), torch.zeros(3, 1))
+
+
 # ---------------------------------------------------------------- distances
 
 
@@ -325,6 +359,18 @@ def test_defect_cor_took_a_log2_that_went_negative():
     zt = (t - t.mean(0)) / t.std(0, unbiased=False)
     v = (zs * zt).mean(0)
     torch.testing.assert_close(far[0], torch.log2(1 + ((1 - v).abs() ** 2.02).sum()))
+
+
+def test_pear_and_cor_treat_float_noise_of_a_constant_as_constant():
+    """0.1 repeated has a float32 mean that misses 0.1: the residue is no direction."""
+    constant = torch.full((1, 7), 0.1)
+    assert torch.equal(DISTANCES["pear"](constant, randn(1, 7)), torch.full((1,), 0.5))
+    assert torch.equal(DISTANCES["pear"](constant, torch.full((1, 7), -3.3)), torch.zeros(1))
+    column = torch.cat([torch.full((7, 1), 0.1), randn(7, 1)], dim=1)
+    other = torch.cat([randn(7, 1, seed=2), randn(7, 1, seed=3)], dim=1)
+    # a constant column against any column: centred to 0, |v - 1| = 0.5 as a zero vector
+    only_second = torch.log2(2 ** DISTANCES["cor"](column[:, 1:], other[:, 1:]) + 0.5**2.02)
+    torch.testing.assert_close(DISTANCES["cor"](column, other), only_second)
 
 
 def test_cor_takes_any_rank_and_a_batch_of_one():

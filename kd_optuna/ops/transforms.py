@@ -423,21 +423,19 @@ def batchnorm(x: Tensor) -> Tensor:
 def zscore(x: Tensor) -> Tensor:
     """Per-sample standardisation (logit standardization, Sun et al. CVPR 2024), same shape:
 
-        z(x) = (x - mean(x)) / (std(x) + 1e-7)
+        z(x) = (x - mean(x)) / (std(x) + 1e-7),   std(x)^2 = sum (x - mean(x))^2 / (D - 1)
 
-    with mean and std (population, 1/D) over every non-batch dim of the sample, at ranks 2
-    ((N, K) logits: over classes, as the paper), 3 and 4 (over C*L or C*H*W values). A
-    constant sample maps to 0 with a finite gradient, also when float rounding leaves x - mean
-    a residue (at most 1e-5 of the sample's norm; dividing it by its std would make noise of
-    unit size). The paper's code divides by the
-    Bessel-corrected std, D/(D-1) times the variance: z here is sqrt((D-1)/D) times its z
-    (0.995 at K = 100), a temperature 0.5% lower, and defined at D = 1.
+    with mean and the Bessel-corrected std over the D values of every non-batch dim of the
+    sample, at ranks 2 ((N, K) logits: over the K classes, exactly the paper's code), 3 and 4
+    (over C*L or C*H*W values). D = 1 gives 0. A constant sample maps to 0 with a finite
+    gradient (the variance is floored at 1e-24 under the root), also when float rounding
+    leaves x - mean a residue of at most 1e-5 of the sample's norm (dividing it by its own
+    std would make noise of unit size).
     """
     flat = x.flatten(1)
-    mean = flat.mean(dim=1, keepdim=True)
-    centred = flat - mean
+    centred = flat - flat.mean(dim=1, keepdim=True)
     noise = centred.norm(dim=1, keepdim=True) <= ZSCORE_CONSTANT * flat.norm(dim=1, keepdim=True)
     centred = centred.masked_fill(noise, 0.0)
-    var = centred.pow(2).mean(dim=1, keepdim=True)
+    var = centred.pow(2).sum(dim=1, keepdim=True) / max(flat.shape[1] - 1, 1)
     std = var.clamp(min=ZSCORE_VAR_FLOOR).sqrt()
     return (centred / (std + ZSCORE_EPS)).view_as(x)
