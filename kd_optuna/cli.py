@@ -7,6 +7,7 @@
     kd-optuna correlate CONFIG [--n-candidates N] [-f]
     kd-optuna dashboard [--storage] [--host 127.0.0.1] [--port 8080]
     kd-optuna export [--study-name] [--storage] [--trial best|N] [-o train_best.py]
+    kd-optuna compare [--study-name] [--storage] --methods searched,kd,... --seeds N [--epochs E] [-f]
 
 The default storage is ``sqlite:///kd_optuna.db``; ``--study-name`` may be left out when the
 storage holds one study. Every error a user can cause prints one line on stderr and exits
@@ -336,6 +337,92 @@ def export(study_name, storage, trial_choice, output) -> None:
     trial = best_trial(study, trial_choice)
     path = write_script(Path(output), study.study_name, trial, config)
     click.echo(f"wrote {path}: run `python {path} --help`")
+
+
+class _CompareCommand(click.Command):
+    """`compare`'s help ends with the methods, one line each (read when --help asks for them)."""
+
+    def format_epilog(self, ctx, formatter) -> None:
+        from kd_optuna.export import METHODS
+
+        with formatter.section("Methods"):
+            formatter.write_dl(list(METHODS.items()))
+
+
+@cli.command(cls=_CompareCommand)
+@_study_option
+@_storage_option
+@click.option("--methods", default="searched,kd,dkd,kd+ls,dkd+ls", show_default=True,
+              help="Comma-separated methods (listed below).")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Seeds 0..N-1, the same for every method.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the study's [train] epochs.")
+@click.option("--n-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Runs trained at once.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, or a device such as cuda:1.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per worker [default: the cores split evenly].")
+@click.option("--trial", "trial_choice", default="best", show_default=True, help="The study's trial whose distiller is `searched`.")
+@click.option("--from-study", default=None, help="Take `searched` from this study's best trial (same storage) instead.")
+@click.option("--spec", "spec_text", default=None, help="Take `searched` from a spec: a JSON object of the 8 genes, or a file holding one.")
+@click.option("--output-dir", default=None, help="Where runs keep checkpoints [default: kd_optuna_runs/compare/STUDY].")
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+def compare(study_name, storage, methods, seeds, epochs, n_workers, device, threads, trial_choice, from_study,
+            spec_text, output_dir, fmt, progress) -> None:
+    """Train each method x seed with the study's full recipe; paired gains of the searched distiller.
+
+    Every run is recorded in the study as it finishes: a repeated or interrupted compare
+    trains only the runs it lacks. Prints, per method, the mean and std of the last-epoch
+    test top-1, and the searched distiller's paired gain over each method with its 95% interval.
+    """
+    from tqdm.auto import tqdm
+
+    from kd_optuna import compare as comparing
+    from kd_optuna.export import script_defaults
+
+    chosen = comparing.parse_methods(methods)
+    storage_obj, study, config = _open(storage, study_name)
+    spec = _searched_spec(storage_obj, storage, study, trial_choice, from_study, spec_text)
+    recipe = {**script_defaults(config), "num_workers": 0,
+              "output_dir": output_dir or str(Path("kd_optuna_runs") / "compare" / study.study_name)}
+    if epochs is not None:
+        recipe["epochs"] = epochs
+        recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]
+    jobs = [comparing.Job(method, seed, spec.to_params(), recipe) for method in chosen for seed in range(seeds)]
+    bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=not progress or fmt == "json")
+
+    def on_run(run, reused) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{run.method} seed {run.seed}: {run.top1:.2f}%{' (stored)' if reused else ''}")
+
+    try:
+        runs = comparing.run_compare(study, jobs, n_workers=n_workers, device=device, threads=threads, on_run=on_run)
+    finally:
+        bar.close()
+    summaries, gains = comparing.summarise(runs)
+    comparing.save_to_dashboard(study, runs, summaries, gains, spec.formula())
+    if fmt == "json":
+        click.echo(json.dumps(comparing.as_json(runs, summaries, gains), indent=2))
+    else:
+        click.echo(f"searched: {spec.formula()}")
+        click.echo(comparing.format_table(summaries, gains))
+
+
+def _searched_spec(storage_obj, storage_url, study, trial_choice, from_study, spec_text):
+    """The DistillerSpec that `compare` trains as `searched`."""
+    from kd_optuna.space import DistillerSpec
+    from kd_optuna.storage import load_study
+
+    if from_study is not None and spec_text is not None:
+        raise KdOptunaError("give --from-study or --spec, not both")
+    if spec_text is not None:
+        text = Path(spec_text).read_text(encoding="utf-8") if Path(spec_text).is_file() else spec_text
+        try:
+            return DistillerSpec.from_params(json.loads(text))
+        except (json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
+            raise KdOptunaError(f"--spec: not a distiller spec ({' '.join(str(exc).split())[:120]}); "
+                                "give a JSON object of knowledge, transform1-3, distance, calibration, temperature, magnitude") from None
+    source = study if from_study is None else load_study(storage_obj, from_study, storage_url)
+    return DistillerSpec.from_params(best_trial(source, trial_choice).params)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -27,15 +27,18 @@ from typing import Any
 
 from kd_optuna.errors import KdOptunaError
 
+from kd_optuna.baselines import METHOD_DESCRIPTIONS
+
 #: ``--method`` choices: the term added to the student's cross-entropy.
 METHODS: dict[str, str] = {
     "searched": "the exported trial's distiller",
-    "kd": "vanilla KD (Hinton et al. 2015), T=4",
-    "pkt": "probabilistic knowledge transfer (Passalis & Tefas 2018)",
-    "rkd": "relational KD, distance + angle (Park et al. 2019)",
-    "crd": "contrastive representation distillation (Tian et al. 2020)",
-    "dml": "deep mutual learning with a peer student, no teacher (Zhang et al. 2018)",
+    "kd": "vanilla KD (Hinton et al. 2015): T^2 KL(softmax(t/4) || softmax(s/4)), T 4",
+    **METHOD_DESCRIPTIONS,
 }
+
+#: The recipe length the baselines' published warm-ups were set for (CIFAR-100, 240 epochs):
+#: a warm-up of w epochs there becomes round(w * epochs / 240) epochs (at least 1) here.
+PUBLISHED_EPOCHS = 240
 
 #: The script's settings, in flag order: name -> (type, help).
 SETTINGS: dict[str, tuple[str, str]] = {
@@ -276,6 +279,7 @@ def train_with_distiller(
     term = build_method_term(
         method, spec, tapped_student, tapped_teacher, tuple(splits.input_shape),
         num_data=len(splits.train), student_name=student, num_classes=num_classes, sgd=sgd, device=target,
+        epochs=epochs,
     )
     params = list(tapped_student.parameters()) + list(term.parameters())
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -326,7 +330,7 @@ def train_with_distiller(
             s_out = tapped_student(x)
             ce = F.cross_entropy(s_out["logit"], y)
             extra = term(x, y, index.to(target), s_out, t_out)
-            loss = ce + extra
+            loss = term.ce_weight * ce + extra
             if not math.isfinite(loss.item()):
                 raise KdOptunaError(f"the loss became {loss.item()} in epoch {epoch + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
@@ -403,6 +407,11 @@ class MethodTerm:
         if self.loss is not None:
             self.loss.train()
 
+    @property
+    def ce_weight(self) -> float:
+        """The weight of the student's CE in the method's published recipe (0.1 for kd+ls, else 1)."""
+        return float(getattr(self.loss, "ce_weight", 1.0))
+
     def epoch_start(self, epoch: int) -> None:
         """Tell the loss the 0-based epoch about to run (DKD's warm-up reads it)."""
         if self.loss is not None and hasattr(self.loss, "set_epoch"):
@@ -441,13 +450,15 @@ def build_method_term(
     num_classes: int,
     sgd: dict[str, Any],
     device: Any,
+    epochs: int = PUBLISHED_EPOCHS,
 ) -> MethodTerm:
     """The :class:`MethodTerm` of ``method`` (a key of :data:`METHODS`) for these tapped models.
 
-    ``searched`` uses ``spec``; ``kd`` the spec ``CLASSICS["kd"]``; pkt/rkd/crd
-    ``build_baseline`` with ``num_data`` = size of the train split; dml a fresh peer
-    ``student_name`` with SGD(lr, momentum, weight_decay) and MultiStepLR(milestones, gamma)
-    from ``sgd`` (``tapped_teacher`` may then be None).
+    ``searched`` uses ``spec``; ``kd`` the spec ``CLASSICS["kd"]``; every other loss method
+    ``build_baseline`` with ``num_data`` = size of the train split and its published warm-up
+    scaled to ``epochs`` (see PUBLISHED_EPOCHS); dml a fresh peer ``student_name`` with
+    SGD(lr, momentum, weight_decay) and MultiStepLR(milestones, gamma) from ``sgd``
+    (``tapped_teacher`` may then be None).
     """
     import torch
 
@@ -472,9 +483,16 @@ def build_method_term(
 
         chosen = spec if method == "searched" else CLASSICS["kd"][0]
         return MethodTerm(method, loss=DistillerLoss(chosen, student_shapes, teacher_shapes).to(device))
-    from kd_optuna.baselines import build_baseline
+    import inspect
 
-    return MethodTerm(method, loss=build_baseline(method, student_shapes, teacher_shapes, num_data=num_data).to(device))
+    from kd_optuna.baselines import BASELINES, build_baseline
+
+    options = {}
+    warmup = inspect.signature(BASELINES[method]).parameters.get("warmup_epochs")
+    if warmup is not None and isinstance(warmup.default, int) and warmup.default > 0:
+        options["warmup_epochs"] = max(1, round(warmup.default * epochs / PUBLISHED_EPOCHS))
+    loss = build_baseline(method, student_shapes, teacher_shapes, num_data=num_data, **options)
+    return MethodTerm(method, loss=loss.to(device))
 
 
 class IndexedDataset:

@@ -177,7 +177,9 @@ class ProxySettings:
         The proxy keeps the optimiser, learning rate, loss scale, batch size and labels (every
         train image labelled, CE on the KD batch, the distiller given the labels) and trains
         ``epochs_fraction`` x ``epochs`` epochs, the milestones at the same fractions of the run.
-        Any key of ``table`` overrides the recipe's value.
+        Any key of ``table`` overrides the recipe's value; a table that sets ``steps`` (and not
+        ``epochs``) trains that many steps, and one that sets ``labels_per_class`` or
+        ``kd_source`` keeps the separate labelled batch of ``label_batch_size``.
         """
         recipe: dict[str, object] = {
             "optimizer": "sgd", "lr": float(train.lr), "momentum": float(train.momentum), "nesterov": False,
@@ -187,6 +189,11 @@ class ProxySettings:
             "milestones": tuple(m / train.epochs for m in train.milestones if 0 < m < train.epochs),
             "gamma": float(train.gamma),
         }
+        if "steps" in table and "epochs" not in table:
+            recipe["epochs"] = 0.0
+        if "labels_per_class" in table or "kd_source" in table:
+            for name in ("labels_per_class", "label_batch_size", "kd_source"):
+                recipe.pop(name)
         return cls.from_mapping({**recipe, **dict(table)})
 
     @property
