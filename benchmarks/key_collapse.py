@@ -85,12 +85,12 @@ def whole_space() -> tuple[int, int, int]:
                 for calibration in ("sim", "no"):  # the four besides sim behave alike
                     memo = (knowledge, names, distance, calibration)
                     if memo not in tails:
-                        core, _, scales, _ = _reduce_tail(
+                        core, _, scales, _, reduced = _reduce_tail(
                             knowledge, tuple((n, "") for n in names), distance, calibration
                         )
-                        tails[memo] = (tuple(n for n, _ in core), scales)
-                    core, scales = tails[memo]
-                    groups[(knowledge, core, distance, calibration)] |= 1 << scales
+                        tails[memo] = (tuple(n for n, _ in core), scales, reduced)
+                    core, scales, reduced = tails[memo]
+                    groups[(knowledge, core, reduced, calibration)] |= 1 << scales
     after = 0
     for (_, _, distance, calibration), mask in groups.items():
         union = set().union(*(forms[(distance, j)] for j in range(4) if mask >> j & 1))

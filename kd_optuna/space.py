@@ -209,7 +209,7 @@ def _rewrite_once(knowledge: str, chain: _Chain) -> tuple[_Chain, list[DroppedTr
       non-negative   relu, abs, leaky are the identity after an op whose output is >= 0;
       even           abs before pow2, pow4, abs: f(|x|) = f(x); leaky before relu: relu(x);
       pow2 twice     (x^2)^2 = pow4(x), with the same float operations;
-      log-softmax    before a (log-)softmax over the same axis: softmax(x - c) = softmax(x);
+      log-softmax    before an op that ignores shifts along its axis (``_absorbs_shift``);
       patches twice  local_s2 (local_s4) of 2x2 (4x4) patches returns them unchanged;
       channel>batch  = batch; channel>X = X>channel and batch>X = X>batch for the X of
                      _PAST_CHANNEL and _PAST_BATCH (reshapes move right, towards the distance).
@@ -232,9 +232,9 @@ def _rewrite_once(knowledge: str, chain: _Chain) -> tuple[_Chain, list[DroppedTr
             after, after_gene = chain[i + 1]
             if name == "abs" and after in _EVEN:
                 return rest, [DroppedTransform(gene, name, f"{after}(|x|) = {after}(x)")]
-            if name.startswith("logsoftmax_") and after.endswith(name[len("log"):]):
+            if _absorbs_shift(name, after, rank):
                 return rest, [DroppedTransform(
-                    gene, name, f"{after} absorbs the shift log-softmax makes along its axis"
+                    gene, name, f"{after} absorbs the shift {name} makes along its axis"
                 )]
             if name in ("local_s2", "local_s4") and after == name:
                 return chain[:i + 1] + chain[i + 2:], [
@@ -252,6 +252,28 @@ def _rewrite_once(knowledge: str, chain: _Chain) -> tuple[_Chain, list[DroppedTr
         rank = out
         nonneg = name in _NONNEG_OUT or (nonneg and name in _NONNEG_KEEP)
     return None
+
+
+def _absorbs_shift(name: str, after: str, rank: int) -> bool:
+    """Whether ``after`` ignores the shift log-softmax ``name`` makes (input rank ``rank``).
+
+    log_softmax(x) = x - logsumexp(x) along its axis. softmax_X and logsoftmax_X over the same
+    axis, catt at ranks 2-3 (C softmax over dim 1) and natt (N softmax over dim 0) remove any
+    shift along their axis; zscore and min_max_normalize remove a per-sample shift, which
+    logsoftmax_C is at rank 2; batchnorm a per-column one, which logsoftmax_N is at rank 2.
+    """
+    if not name.startswith("logsoftmax_"):
+        return False
+    axis = name[len("logsoftmax_"):]
+    if after in (f"softmax_{axis}", f"logsoftmax_{axis}"):
+        return True
+    if axis == "C":
+        return (after == "catt" and rank in (2, 3)) or (
+            after in ("zscore", "min_max_normalize") and rank == 2
+        )
+    if axis == "N":
+        return after == "natt" or (after == "batchnorm" and rank == 2)
+    return False
 
 
 def _kl_axis(rank: int) -> str:
@@ -338,6 +360,12 @@ def _reduce_tail(knowledge: str, chain: tuple, distance: str, calibration: str):
         for name, _ in chain[:-1]:
             rank = TRANSFORM_RANKS[name][rank]
         name, gene = chain[-1]
+        if distance == "cos" and name == "zscore" and calibration != "sim":
+            # cos of the standardised samples is the cosine of the centred ones: pear
+            distance = "pear"
+            chain.pop()
+            dropped.append(DroppedTransform(gene, name, "cos after zscore is pear"))
+            continue
         reason = _tail_reason(name, rank, distance, calibration)
         if reason is None and name == "scale" and folds_scale:
             reason = f"the shift of (x+1)/2 cancels in {distance}; its 1/2 moves into T or lambda"
@@ -357,27 +385,27 @@ def _reduce_tail(knowledge: str, chain: tuple, distance: str, calibration: str):
                 f"kl takes logits or log-probabilities, not the probabilities of {last}: "
                 f"use logsoftmax_{_kl_axis(rank)} or drop {last}"
             )
-    return tuple(chain), tuple(dropped), scales, refusal
+    return tuple(chain), tuple(dropped), scales, refusal, distance
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _normal_form(spec: "DistillerSpec") -> _Normal:
     chain, dropped = _reduce_chain(spec.knowledge, spec.transforms)
-    chain, tail, scales, refusal = _reduce_tail(spec.knowledge, chain, spec.distance, spec.calibration)
+    chain, tail, scales, refusal, distance = _reduce_tail(
+        spec.knowledge, chain, spec.distance, spec.calibration
+    )
     dropped += tail
-    form = _scale_form(spec.distance, spec.temperature, _fraction(spec.magnitude), scales)
-    folds_scale = spec.distance in _SHIFT_FREE and spec.calibration != "sim"
+    form = _scale_form(distance, spec.temperature, _fraction(spec.magnitude), scales)
+    folds_scale = distance in _SHIFT_FREE and spec.calibration != "sim"
     added, temperature, magnitude = _representative(
-        spec.distance, form, 3 - len(chain) if folds_scale else 0
+        distance, form, 3 - len(chain) if folds_scale else 0
     )
     if added:  # the encoding keeps some of the scale ops it folded: they are not dropped
         kept = [i for i, d in enumerate(dropped) if d.name == "scale"][-added:]
         dropped = tuple(d for i, d in enumerate(dropped) if i not in kept)
     names = [name for name, _ in chain] + ["scale"] * added
     names += ["no"] * (3 - len(names))
-    canonical = DistillerSpec(
-        spec.knowledge, *names, spec.distance, spec.calibration, temperature, magnitude
-    )
+    canonical = DistillerSpec(spec.knowledge, *names, distance, spec.calibration, temperature, magnitude)
     return _Normal(canonical, tuple(dropped), refusal)
 
 
@@ -478,7 +506,7 @@ class DistillerSpec:
           (N, C, H, W) as (N, C, H*W)), batch before a flat distance, per-sample positive
           scalings before cos/pear, local patches (a permutation plus zeros) before cos/cor; and, unless ``sim`` reads them (it sees shifts),
           logsoftmax over kl's axis before kl, logsoftmax_C before hard, positive affine maps
-          before pear (per sample) and cor (per column);
+          before pear (per sample) and cor (per column); cos after zscore is pear;
         * temperature and magnitude: the loss is lambda T^2 d(s/T, t/T), so with l2 T cancels,
           with l1 only lambda*T counts, with cos/pear/cor only lambda*T^2; a trailing ``scale``
           ((x+1)/2) folds into T (kl, hard, smooth_l1) or lambda (l1, l2). The encoding kept is

@@ -195,6 +195,14 @@ EQUIVALENT = {
         spec_of("emb", "tanh", "batchnorm", "norm_N", "cor", "conf", 1, 1),
         spec_of("emb", "tanh", "no", "no", "cor", "conf", 1, 1),
     ],
+    "cos of z-scored samples is pear": [
+        spec_of("logit", "zscore", "no", "no", "cos", "no", 4, 25),
+        spec_of("logit", "no", "no", "no", "pear", "no", 4, 25),
+    ],
+    "ops that ignore a shift along log-softmax's axis": [
+        spec_of("feat", "softmax_HW", "logsoftmax_C", "catt", "kl", "sim", 4, 10),
+        spec_of("feat", "softmax_HW", "catt", "no", "kl", "sim", 4, 10),
+    ],
     "hard ignores a log-softmax over classes": [
         spec_of("logit", "mish", "logsoftmax_C", "no", "hard", "entropy", 4, 1),
         spec_of("logit", "mish", "no", "no", "hard", "entropy", 4, 1),
