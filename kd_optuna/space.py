@@ -13,8 +13,11 @@ and the loss it stands for is ``lambda * T^2 * mean_n(w_n * d_n)`` (see ``kd_opt
 
 This module is plain data: it imports no torch, so the sampler and the command line can use it
 without loading a deep-learning stack. What a transform does to the *rank* of a tensor is part
-of that data (``TRANSFORM_RANKS``): it decides which transforms are no-ops on which knowledge,
-and so the canonical form of a spec.
+of that data (``TRANSFORM_RANKS``), and so are the properties of the ops that make two specs
+one loss (element-wise, non-negative output, which shifts and scalings a distance ignores):
+from them ``DistillerSpec.canonical`` computes a normal form of the loss, whose ``key`` is
+what deduplication, caching and the sampler's features use. ``DistillerSpec.
+dropped_transforms`` and ``canonical_notes`` say what the normal form changed and why.
 """
 
 from __future__ import annotations
