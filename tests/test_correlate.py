@@ -1,13 +1,16 @@
 import pytest
 import torch
 
+from kd_optuna.classics import CLASSICS
 from kd_optuna.correlate import (
     COMBINATIONS,
     SEED_TABLE_1,
     Candidate,
     correlate,
     correlation_table,
+    exported_training,
     format_table,
+    proxy_on_test,
 )
 from kd_optuna.data import load_dataset
 from kd_optuna.models import tap_model
@@ -40,21 +43,64 @@ def test_table_by_hand():
     assert flat["CE Loss"] != flat["CE Loss"]
 
 
-def test_correlate_runs_end_to_end_on_a_tiny_task():
+def _tiny_task():
     splits = load_dataset("digits")
     x, y = splits.tensors("train", torch.arange(100))
     vx, vy = splits.tensors("val", torch.arange(30))
     data = ProxyData.build(x, y, vx, vy, FAST, num_classes=10)
     torch.manual_seed(4)
-    task = Task(data, tap_model(DigitsCNN((8, 8, 16))), lambda: tap_model(DigitsCNN((4, 8, 8))), FAST,
+    return Task(data, tap_model(DigitsCNN((8, 8, 16))), lambda: tap_model(DigitsCNN((4, 8, 8))), FAST,
                 test=splits.tensors("test", torch.arange(40)))
+
+
+def test_correlate_runs_end_to_end_on_a_tiny_task():
+    task = _tiny_task()
     lines = []
-    result = correlate(task, n_candidates=4, classics=2, final_steps=4, final_seeds=(7,), progress=lines.append)
-    assert [c.name for c in result.candidates[:2]] == ["kd", "fitnets"]
+    result = correlate(task, proxy_on_test(task, 4), n_candidates=4, classics=2, final_seeds=(7,),
+                       progress=lines.append, final_name="longer proxy")
+    assert [c.name for c in result.candidates[:2]] == list(CLASSICS)[:2]
     assert len(result.candidates) == 4 and len(lines) == 4
     assert len({c.spec.key for c in result.candidates}) == 4
     assert all(task.reject(c.spec) is None for c in result.candidates)
     assert set(result.spearman) >= set(COMBINATIONS)
     table = format_table(result)
     assert "| Spearman |" in table and "| seed Table 1 | 0.755" in table and "`logit|no>no>no|kl|no|T4|x1`" in table
-    assert result.final_steps == 4 and result.suggested_weights["score_ce"] == 1.0
+    assert "final: longer proxy" in table and result.suggested_weights["score_ce"] == 1.0
+    kd = next(c for c in result.candidates if c.name == "kd")
+    assert set(result.top_names) == {c.name for c in result.candidates if c.final_acc >= kd.final_acc - 0.02}
+
+
+def test_given_candidates_keep_their_metrics_and_vanilla_kd_is_the_reference():
+    task = _tiny_task()
+    spec = DistillerSpec("logit", "no", "no", "no", "l2", "no", 1, 1)
+    metrics = {"val_ce": 0.5, "val_ce_raw": 0.6, "val_acc": 0.8, "sharpness_gap": 0.0, "cka_gap": 0.1}
+    finals = {CLASSICS["kd"][0].key: 0.9, spec.key: 0.85}
+    seen = []
+
+    def final(candidate, seed):
+        seen.append((candidate.key, seed))
+        return finals[candidate.key]
+
+    result = correlate(task, final, candidates=[("trial3", spec, metrics)], final_seeds=(0, 1))
+    assert [c.name for c in result.candidates] == ["kd", "trial3"]
+    assert result.candidates[1].proxy == metrics and result.candidates[1].final_acc == 0.85
+    assert sorted(seen) == sorted((k, s) for k in finals for s in (0, 1))
+
+
+def test_the_exported_training_is_the_final(tmp_path):
+    """One epoch of the real recipe on digits: what the exported script reports, last epoch on test."""
+    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.export import train_with_distiller
+    from kd_optuna.models import build_model
+
+    torch.manual_seed(0)
+    teacher = save_checkpoint(tmp_path / "teacher.pt", build_model("digits_teacher", 10), model_name="digits_teacher",
+                              num_classes=10, dataset="digits", accuracy=0.0)
+    recipe = dict(epochs=1, batch_size=256, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[], gamma=0.1,
+                  num_workers=0, dataset="digits", data_root=None, download=False, teacher="digits_teacher",
+                  teacher_checkpoint=str(teacher), student="digits_student", device="cpu",
+                  output_dir=str(tmp_path / "x"))
+    kd = CLASSICS["kd"][0]
+    value = exported_training(recipe)(kd, 3)
+    again = train_with_distiller(kd.to_params(), **{**recipe, "seed": 3}, progress=False)["final_top1"]
+    assert value == again and 0.0 <= value <= 1.0

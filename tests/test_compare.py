@@ -1,0 +1,99 @@
+"""`kd-optuna compare`: methods x seeds on the full recipe, stored runs, paired statistics."""
+
+import json
+
+import optuna
+import pytest
+from scipy import stats
+
+from kd_optuna import compare
+from kd_optuna.classics import CLASSICS
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.export import METHODS
+
+KD = CLASSICS["kd"][0].to_params()
+
+
+def _run(method, seed, top1):
+    return compare.Run(method, seed, top1, top1, 1, method, 0.0)
+
+
+def test_paired_gain_is_the_t_interval_of_the_seedwise_differences():
+    searched = [91.0, 93.5, 90.2, 94.0, 92.1]
+    kd = [90.3, 93.0, 91.6, 92.5, 93.3]
+    runs = [_run("searched", s, v) for s, v in enumerate(searched)] + [_run("kd", s, v) for s, v in enumerate(kd)]
+    summaries, gains = compare.summarise(runs)
+    reference = stats.ttest_rel(searched, kd).confidence_interval(0.95)
+    (gain,) = gains
+    assert gain.method == "kd" and gain.n == 5 and gain.wins == 3
+    assert gain.mean == pytest.approx(sum(searched) / 5 - sum(kd) / 5)
+    assert (gain.low, gain.high) == pytest.approx((reference.low, reference.high))
+    by_name = {s.method: s for s in summaries}
+    assert by_name["kd"].std == pytest.approx(stats.tstd(kd))
+
+
+def test_only_shared_seeds_are_paired():
+    runs = [_run("searched", 0, 90.0), _run("searched", 1, 92.0), _run("dkd", 1, 91.0), _run("dkd", 2, 80.0)]
+    _, (gain,) = compare.summarise(runs)
+    assert gain.n == 1 and gain.mean == pytest.approx(1.0)
+
+
+def test_unknown_methods_are_refused_with_the_list():
+    assert compare.parse_methods("searched, kd,kd") == ["searched", "kd"]
+    with pytest.raises(KdOptunaError, match="unknown method nope; choose from: searched, kd"):
+        compare.parse_methods("searched,nope")
+
+
+def test_the_digest_names_what_decides_a_run():
+    recipe = {"epochs": 2, "lr": 0.05, "device": "cpu", "output_dir": "a"}
+    base = compare.Job("searched", 0, KD, recipe)
+    assert base.digest() == compare.Job("searched", 0, KD, {**recipe, "device": "cuda:1", "output_dir": "b"}).digest()
+    assert base.digest() != compare.Job("searched", 1, KD, recipe).digest()
+    assert base.digest() != compare.Job("searched", 0, KD, {**recipe, "epochs": 3}).digest()
+    assert base.digest() != compare.Job("kd", 0, KD, recipe).digest()
+    other = dict(KD, temperature=8)
+    assert base.digest() != compare.Job("searched", 0, other, recipe).digest()
+    assert compare.Job("kd", 0, KD, recipe).digest() == compare.Job("kd", 0, other, recipe).digest()
+
+
+@pytest.mark.slow
+def test_compare_from_the_cli_stores_runs_and_reuses_them(tmp_path, capsys, monkeypatch):
+    from conftest import create_kd_study, invoke_cli
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url, "s", "digits")
+    from kd_optuna.space import suggest_distiller
+
+    study.enqueue_trial(KD)
+    study.optimize(lambda trial: suggest_distiller(trial).magnitude, n_trials=1)
+    args = ("compare", "--storage", url, "--methods", "searched,kd", "--seeds", "2", "--epochs", "1",
+            "--no-progress", "-f", "json")
+    code, out, err = invoke_cli(capsys, *args)
+    assert code == 0, err
+    result = json.loads(out)
+    assert sorted((r["method"], r["seed"]) for r in result["runs"]) == [("kd", 0), ("kd", 1), ("searched", 0), ("searched", 1)]
+    by = {(r["method"], r["seed"]): r["top1"] for r in result["runs"]}
+    assert by[("searched", 0)] == by[("kd", 0)] and 0 <= by[("kd", 1)] <= 100  # searched is vanilla KD here
+    stored = compare.recorded_runs(optuna.load_study(study_name="s", storage=url).user_attrs)
+    assert len(stored) == 4
+
+    def no_training(*a, **k):
+        raise AssertionError("a stored run was trained again")
+
+    monkeypatch.setattr(compare, "_run_job", no_training)
+    code, again, err = invoke_cli(capsys, *args)
+    assert code == 0, err
+    assert json.loads(again)["runs"] == result["runs"]
+    from optuna_dashboard import get_note
+
+    assert "kd-optuna compare" in get_note(optuna.load_study(study_name="s", storage=url))
+
+
+def test_compare_help_lists_every_method_and_bad_methods_exit_2(capsys):
+    from conftest import invoke_cli
+
+    code, out, _ = invoke_cli(capsys, "compare", "--help")
+    assert code == 0 and all(name in out for name in METHODS)
+    code, _, err = invoke_cli(capsys, "compare", "--storage", "sqlite:///:memory:", "--methods", "kd,bogus")
+    assert code == 2 and "bogus" in err and len(err.strip().splitlines()) == 1
