@@ -61,6 +61,10 @@ def _n_values(dist: BaseDistribution) -> float:
     return math.floor((dist.high - dist.low) / step + 1e-9) + 1  # type: ignore[attr-defined]
 
 
+def is_categorical(dist: BaseDistribution) -> bool:
+    return isinstance(dist, CategoricalDistribution)
+
+
 def can_change(dist: BaseDistribution) -> bool:
     """Whether ``dist`` holds more than one value."""
     return _n_values(dist) > 1
@@ -130,6 +134,19 @@ def mutate_value(dist: BaseDistribution, value: Any, rng: np.random.RandomState,
         if new == value:
             new = _snap(dist, value - direction * step)
     return new
+
+
+def cross_value(dist: BaseDistribution, a: Any, b: Any, rng: np.random.RandomState) -> Any:
+    """One param of a crossover child: ``a`` or ``b`` with probability 1/2 each for a
+    categorical; for a number, a blend ``snap(u_a + t * (u_b - u_a))``, ``t ~ U(-0.5, 1.5)``
+    (BLX-0.5 on the internal scale), kept in bounds."""
+    if isinstance(dist, CategoricalDistribution) or not (contains(dist, a) and contains(dist, b)):
+        return a if rng.random_sample() < 0.5 else b
+    assert isinstance(dist, (FloatDistribution, IntDistribution))
+    lo, hi = _bounds(dist)
+    ua, ub = (math.log(a), math.log(b)) if dist.log else (float(a), float(b))
+    u = min(max(ua + rng.uniform(-0.5, 1.5) * (ub - ua), lo), hi)
+    return _snap(dist, math.exp(u) if dist.log else u)
 
 
 def inherit(

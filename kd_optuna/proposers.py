@@ -94,7 +94,10 @@ class ProposalContext:
 
     ``genes``: whether the genome holds the eight distiller genes (drawn from ``space`` and
     ``weights``); ``distributions``: the other params of the genome; ``scale``: the Gaussian
-    step of a mutated number, as a fraction of its (log-)range.
+    step of a mutated number, as a fraction of its (log-)range; ``numbers``: whether
+    mutation and crossover children have their ints and floats mutated (``False``: the
+    sampler mutates them after screening, so any child is accepted here and at least one
+    mutation is left to the sampler).
     """
 
     space: SearchSpace
@@ -108,6 +111,7 @@ class ProposalContext:
     distributions: Mapping[str, BaseDistribution] = dataclasses.field(default_factory=dict)
     genes: bool = True
     scale: float = 0.1
+    numbers: bool = True
 
     def is_new(self, spec: DistillerSpec | None, extra: Mapping[str, Any] = _NO_EXTRA) -> bool:
         """In the space, no dropped option, and its key not seen in the study."""
@@ -159,18 +163,24 @@ def mutate_genome(
     prob: float,
     scale: float = 0.1,
     at_least_one: bool = True,
+    numbers: bool = True,
 ) -> tuple[DistillerSpec | None, dict[str, Any], tuple[str, ...]]:
     """Mutate each gene and each other param with probability ``prob`` (at least one if asked).
 
     A gene is redrawn from the weights and always changes value; genes with no other option
     of positive weight stay. Another param mutates by its distribution
-    (:func:`kd_optuna.evolution.mutate_value`). Returns the spec, the other params and the
+    (:func:`kd_optuna.evolution.mutate_value`); with ``numbers=False`` ints and floats are
+    left as they are. Returns the spec, the other params and the
     names mutated (genes first, in gene order, then the others sorted).
     """
     params = spec.to_params() if spec is not None else {}
     extra = dict(extra)
     mutable = [g for g in (GENES if spec is not None else ()) if _has_alternative(weights[g], params[g])]
-    mutable += [n for n in sorted(distributions) if evolution.can_change(distributions[n])]
+    mutable += [
+        n
+        for n in sorted(distributions)
+        if evolution.can_change(distributions[n]) and (numbers or evolution.is_categorical(distributions[n]))
+    ]
     chosen = [name for name in mutable if rng.random_sample() < prob]
     if not chosen and at_least_one and mutable:
         chosen = [mutable[int(rng.randint(len(mutable)))]]
@@ -230,8 +240,10 @@ class MutationProposer(Proposer):
                 context.rng,
                 context.mutation_prob,
                 context.scale,
+                at_least_one=context.numbers,
+                numbers=context.numbers,
             )
-            if context.is_new(child, extra):
+            if context.is_new(child, extra) or not context.numbers:
                 return [
                     Candidate(child, self.name, parent=parent.number, mutated=mutated, extra=extra)
                 ]
@@ -262,7 +274,10 @@ class CrossoverProposer(Proposer):
                     {g: (a[g] if rng.random_sample() < 0.5 else b[g]) for g in GENES}
                 )
             ea, eb = context.extra_of(first), context.extra_of(second)
-            mixed = {n: (ea[n] if rng.random_sample() < 0.5 else eb[n]) for n in sorted(ea)}
+            mixed = {
+                n: evolution.cross_value(context.distributions[n], ea[n], eb[n], rng)
+                for n in sorted(ea)
+            }
             child, extra, mutated = mutate_genome(
                 spec,
                 mixed,
@@ -272,8 +287,9 @@ class CrossoverProposer(Proposer):
                 context.mutation_prob,
                 context.scale,
                 at_least_one=False,
+                numbers=context.numbers,
             )
-            if context.is_new(child, extra):
+            if context.is_new(child, extra) or not context.numbers:
                 return [
                     Candidate(
                         child,

@@ -830,6 +830,12 @@ class EvolutionSampler(BaseSampler):
         crossover = (
             len(context.parents) >= 2 and self._rng.rng.random_sample() < self.crossover_prob
         )
+        numbers = {
+            n: d
+            for n, d in genome.extra.items()
+            if not evolution.is_categorical(d) and evolution.can_change(d)
+        }
+        context.numbers = not numbers
         children: dict[str, Candidate] = {}
         for _ in range(self.screen):
             child = next(iter(self._crossover.propose(context)), None) if crossover else None
@@ -837,12 +843,41 @@ class EvolutionSampler(BaseSampler):
             if child is None:
                 break
             children.setdefault(child.key, child)
+        context.numbers = True
         if not children:
             return None
         predictor = history.predictor
-        if predictor.n < 2:
-            return next(iter(children.values()))
-        return min(children.values(), key=lambda c: predictor.expected_cells(self._cells(c, genome)))
+        best = next(iter(children.values()))
+        if predictor.n >= 2:
+            best = min(children.values(), key=lambda c: predictor.expected_cells(self._cells(c, genome)))
+        return self._mutate_numbers(best, numbers, context) if numbers else best
+
+    def _mutate_numbers(
+        self, child: Candidate, numbers: Mapping[str, BaseDistribution], context: ProposalContext
+    ) -> Candidate | None:
+        """The screened child with each int and float mutated at ``mutation_prob`` (one at
+        least if nothing else was), until its key is new (``max_tries``).
+
+        Numbers mutate after rho's screening, not before: a small step rarely leaves its range
+        bin, so rho would see no gain in it and screen out every child that only refines a
+        number in favour of one that changes a categorical.
+        """
+        rng = context.rng
+        names = sorted(numbers)
+        order = {n: i for i, n in enumerate([*GENES, *sorted(context.distributions)])}
+        for _ in range(self.max_tries):
+            chosen = [n for n in names if rng.random_sample() < self.mutation_prob]
+            if not chosen and not child.mutated:
+                chosen = [names[int(rng.randint(len(names)))]]
+            extra = dict(child.extra)
+            for name in chosen:
+                extra[name] = evolution.mutate_value(
+                    numbers[name], extra[name], rng, self.mutation_scale
+                )
+            if context.is_new(child.spec, extra):
+                mutated = tuple(sorted({*child.mutated, *chosen}, key=order.__getitem__))
+                return dataclasses.replace(child, extra=extra, mutated=mutated)
+        return None
 
     def _select(self, predictor, genome, child, rivals, attrs) -> Candidate | None:
         """Lines 11-15: keep the candidate rho expects to score lower, rejections counted."""
