@@ -68,3 +68,16 @@ def test_keys_and_cells_tell_settings_apart():
     assert evolution.cells({"lr": 1e-4, "n": 2, "c": True}, space) == [
         ("c", ("bool", True)), ("lr", ("bin", 0)), ("n", ("int", 2))]
     assert evolution.cells({"lr": 1.0}, space) == [("lr", ("bin", 7))]
+
+
+def test_a_crossover_blends_numbers_inside_their_bounds_and_picks_a_categorical_parent():
+    rng = np.random.RandomState(4)
+    dist = FloatDistribution(1e-4, 1.0, log=True)
+    children = [evolution.cross_value(dist, 1e-3, 1e-1, rng) for _ in range(2000)]
+    logs = np.log10(children)
+    assert all(evolution.contains(dist, c) for c in children)
+    assert logs.min() < -3 and logs.max() > -1 and abs(np.median(logs) + 2) < 0.1
+    ints = {evolution.cross_value(IntDistribution(0, 10, step=2), 2, 6, rng) for _ in range(500)}
+    assert ints == {0, 2, 4, 6, 8}
+    picks = {evolution.cross_value(CategoricalDistribution(["a", "b", "c"]), "a", "c", rng) for _ in range(50)}
+    assert picks == {"a", "c"}
