@@ -505,7 +505,7 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
     import torch
 
     from kd_optuna.models import TapError, build_model, check_nodes, knowledge_shapes, tap_model
-    from kd_optuna.models.tap import _available_nodes, _default_nodes, _graph_nodes
+    from kd_optuna.models.tap import default_nodes, describe_nodes
 
     try:
         with torch.device("meta"):
@@ -518,11 +518,11 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
             f"({type(exc).__name__}: {_one_line(str(exc))[:200]})"
         ) from None
     nodes = part.nodes
-    if nodes is None and _default_nodes(model) is None:
+    if nodes is None and default_nodes(model) is None:
         raise ConfigError(
             f"{source}: {role}.model = {part.model!r} is a {library} model outside the zoo: name its tap nodes under "
             f"[{role}] as nodes = {{ feat = \"...\", emb = \"...\", logit = \"...\" }}; "
-            f"{_available_nodes([n for n in _graph_nodes(model) if n != 'x'])}"
+            f"{describe_nodes(model)}"
         )
     try:
         if nodes is not None:

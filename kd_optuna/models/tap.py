@@ -77,6 +77,17 @@ def _available_nodes(names: list[str]) -> str:
     )
 
 
+def describe_nodes(model: nn.Module) -> str:
+    """The nodes of ``model``'s graph a user can name (shortened when many), for error messages."""
+    return _available_nodes([n for n in _graph_nodes(model) if n != "x"])
+
+
+def default_nodes(model: nn.Module) -> dict[str, str] | None:
+    """The tap nodes ``model`` is recognised by (zoo ``tap_nodes``, torchvision ResNet /
+    MobileNetV2, timm ViT), or None when a config must name them."""
+    return _default_nodes(model)
+
+
 def _present(node: str, graph: list[str]) -> bool:
     return node in graph or any(g.startswith(node + ".") for g in graph)
 
