@@ -17,6 +17,11 @@ Each proposal is then told a score, so the study grows by ``repeats`` trials per
 
     .venv/bin/python benchmarks/sampler_cost.py                     # 100, 1000, 5000
     .venv/bin/python benchmarks/sampler_cost.py --sizes 100 --repeats 10 --storages memory
+    .venv/bin/python benchmarks/sampler_cost.py --storages memory --spaces kd kd+hp   # generic too
+
+``--spaces kd+hp`` adds three hyperparameters of the user's (a log-float learning rate, a
+stepped int width, a categorical optimizer) to the genes, so EvolutionSampler's generic
+evolution (per-type mutation, crossover, rho cells of the other params) is timed too.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 import optuna
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState
 
@@ -43,35 +48,69 @@ from kd_optuna.storage import open_storage
 
 SPACE = SearchSpace()
 DISTRIBUTIONS = {g: CategoricalDistribution(list(SPACE[g])) for g in GENES}
+#: The user's own hyperparameters of the ``kd+hp`` space, beside the eight genes.
+HYPERPARAMETERS = {
+    "lr": FloatDistribution(1e-4, 1.0, log=True),
+    "width": IntDistribution(16, 256, step=16),
+    "optimizer": CategoricalDistribution(["sgd", "adam", "adamw"]),
+}
+SPACES = {"kd": {}, "kd+hp": HYPERPARAMETERS}
 
 
-def score(spec: DistillerSpec) -> float:
+def score(spec: DistillerSpec, extra: dict[str, Any] | None = None) -> float:
     """A deterministic stand-in for the combined score."""
-    return (spec.knowledge != "feat") + 0.3 * (spec.distance != "l2") + (
+    value = (spec.knowledge != "feat") + 0.3 * (spec.distance != "l2") + (
         zlib.crc32(spec.key.encode()) % 1000
     ) / 2000
+    if extra:
+        value += abs(np.log10(extra["lr"]) + 2) / 10 + extra["width"] / 2560
+        value += 0.1 * (extra["optimizer"] != "sgd")
+    return float(value)
 
 
-def random_trials(n: int, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
+def random_trials(n: int, seed: int = 0, space: str = "kd") -> list[optuna.trial.FrozenTrial]:
     rng = np.random.RandomState(seed)
+    extra_dists = SPACES[space]
+    distributions = {**DISTRIBUTIONS, **extra_dists}
     trials = []
     for _ in range(n):
         spec = DistillerSpec.from_params(
             {g: SPACE[g][rng.randint(len(SPACE[g]))] for g in GENES}
         )
+        extra = {}
+        if extra_dists:
+            extra = {
+                "lr": float(10 ** rng.uniform(-4, 0)),
+                "width": int(16 * rng.randint(1, 17)),
+                "optimizer": ["sgd", "adam", "adamw"][rng.randint(3)],
+            }
+        params = {**spec.to_params(), **extra}
         if rng.random_sample() < 0.05:
             trial = optuna.trial.create_trial(
-                params=spec.to_params(),
-                distributions=DISTRIBUTIONS,
+                params=params,
+                distributions=distributions,
                 state=TrialState.PRUNED,
                 user_attrs={"reject_reason": "non-finite loss"},
             )
         else:
             trial = optuna.trial.create_trial(
-                params=spec.to_params(), distributions=DISTRIBUTIONS, value=score(spec)
+                params=params, distributions=distributions, value=score(spec, extra)
             )
         trials.append(trial)
     return trials
+
+
+def suggest(trial: optuna.Trial, space: str) -> float:
+    """Suggest the space's params as an objective does; the score it would be told."""
+    spec = suggest_distiller(trial, SPACE)
+    if space == "kd":
+        return score(spec)
+    extra = {
+        "lr": trial.suggest_float("lr", 1e-4, 1.0, log=True),
+        "width": trial.suggest_int("width", 16, 256, step=16),
+        "optimizer": trial.suggest_categorical("optimizer", ["sgd", "adam", "adamw"]),
+    }
+    return score(spec, extra)
 
 
 class TimedSampler(BaseSampler):
@@ -111,14 +150,14 @@ SAMPLERS: dict[str, Callable[[], BaseSampler]] = {
 }
 
 
-def measure(study: optuna.Study, timed: TimedSampler, repeats: int) -> dict[str, float]:
+def measure(study: optuna.Study, timed: TimedSampler, repeats: int, space: str = "kd") -> dict[str, float]:
     def propose() -> tuple[float, float]:
         timed.seconds = 0.0
         start = time.perf_counter()
         trial = study.ask()
-        spec = suggest_distiller(trial, SPACE)
+        value = suggest(trial, space)
         wall = time.perf_counter() - start
-        study.tell(trial, score(spec))
+        study.tell(trial, value)
         return timed.seconds, wall
 
     first = propose()[1]
@@ -152,8 +191,8 @@ def sqlite_storage(path: str) -> optuna.storages.BaseStorage:
     return open_storage(f"sqlite:///{path}", heartbeat_interval=None)
 
 
-def sqlite_template(trials, directory: str, n: int) -> str:
-    path = os.path.join(directory, f"template-{n}.db")
+def sqlite_template(trials, directory: str, name: str) -> str:
+    path = os.path.join(directory, f"template-{name}.db")
     storage = sqlite_storage(path)
     optuna.create_study(study_name="bench", storage=storage).add_trials(trials)
     storage.engine.dispose()
@@ -165,40 +204,43 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--storages", nargs="+", default=["memory", "sqlite"])
+    parser.add_argument("--spaces", nargs="+", default=["kd"], choices=list(SPACES),
+                        help="kd: the eight genes; kd+hp: the genes plus lr, width, optimizer")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | Python {platform.python_version()} | "
           f"optuna {optuna.__version__} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# median over {args.repeats} proposals, milliseconds")
-    header = f"| {'storage':7} | {'N':>5} | {'sampler':9} | {'sampler ms':>10} | " \
+    header = f"| {'storage':7} | {'space':5} | {'N':>5} | {'sampler':9} | {'sampler ms':>10} | " \
              f"{'ask+suggest ms':>14} | {'first ms':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     with tempfile.TemporaryDirectory() as directory:
         for storage in args.storages:
-            for n in args.sizes:
-                trials = random_trials(n)
-                template = sqlite_template(trials, directory, n) if storage == "sqlite" else ""
-                for name, make in SAMPLERS.items():
-                    timed = TimedSampler(make())
-                    if storage == "memory":
-                        study = memory_study(trials, timed)
-                    else:
-                        path = os.path.join(directory, f"{name}-{n}.db")
-                        for suffix in ("", "-wal", "-shm"):
-                            if os.path.exists(template + suffix):
-                                shutil.copy(template + suffix, path + suffix)
-                        study = optuna.load_study(
-                            study_name="bench", storage=sqlite_storage(path), sampler=timed
-                        )
-                    result = measure(study, timed, args.repeats)
-                    print(f"| {storage:7} | {n:5d} | {name:9} | {result['sampler']:10.2f} | "
-                          f"{result['ask+suggest']:14.2f} | {result['first']:8.1f} |",
-                          flush=True)
-                read = read_cost(study, args.repeats)
-                print(f"| {storage:7} | {n:5d} | {'(read)':9} | {read:10.2f} | "
-                      f"{'':14} | {'':8} |", flush=True)
+            for space in args.spaces:
+                for n in args.sizes:
+                    trials = random_trials(n, space=space)
+                    template = sqlite_template(trials, directory, f"{space}-{n}") if storage == "sqlite" else ""
+                    for name, make in SAMPLERS.items():
+                        timed = TimedSampler(make())
+                        if storage == "memory":
+                            study = memory_study(trials, timed)
+                        else:
+                            path = os.path.join(directory, f"{name}-{space}-{n}.db")
+                            for suffix in ("", "-wal", "-shm"):
+                                if os.path.exists(template + suffix):
+                                    shutil.copy(template + suffix, path + suffix)
+                            study = optuna.load_study(
+                                study_name="bench", storage=sqlite_storage(path), sampler=timed
+                            )
+                        result = measure(study, timed, args.repeats, space)
+                        print(f"| {storage:7} | {space:5} | {n:5d} | {name:9} | {result['sampler']:10.2f} | "
+                              f"{result['ask+suggest']:14.2f} | {result['first']:8.1f} |",
+                              flush=True)
+                    read = read_cost(study, args.repeats)
+                    print(f"| {storage:7} | {space:5} | {n:5d} | {'(read)':9} | {read:10.2f} | "
+                          f"{'':14} | {'':8} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -167,6 +167,17 @@ def _announced_key(trial: FrozenTrial) -> str | None:
     return _key_of(trial.params) if trial.params else None
 
 
+def _same(a: BaseDistribution | None, b: BaseDistribution) -> bool:
+    """``a == b`` as Optuna defines it, with a fast path for equal categorical choices."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, CategoricalDistribution) and a.choices == b.choices:  # type: ignore[attr-defined]
+        return all(type(x) is type(y) for x, y in zip(a.choices, b.choices))  # type: ignore[attr-defined]
+    return a == b
+
+
 def _is_rejection(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.PRUNED and bool(trial.user_attrs.get("reject_reason"))
 
@@ -218,6 +229,7 @@ class _History:
         self._distributions_number = -1
         self.saw_params = False
         self._members: tuple[int, list[Member]] = (-1, [])
+        self.genome: tuple[int, Any] = (-1, None)
 
     def update(self, trials: Sequence[FrozenTrial]) -> None:
         running, unfinished = [], []
@@ -264,8 +276,8 @@ class _History:
     def _intersect(self, distributions: Mapping[str, BaseDistribution]) -> None:
         if self.space is None:
             self.space = dict(distributions)
-        elif any(distributions.get(n) != d for n, d in self.space.items()):
-            self.space = {n: d for n, d in self.space.items() if distributions.get(n) == d}
+        elif not all(_same(distributions.get(n), d) for n, d in self.space.items()):
+            self.space = {n: d for n, d in self.space.items() if _same(distributions.get(n), d)}
 
     def _remember_distributions(self, trial: FrozenTrial) -> None:
         dists = {g: trial.distributions.get(g) for g in GENES}
@@ -586,10 +598,13 @@ class EvolutionSampler(BaseSampler):
         return self._gene_space(history) or SearchSpace()
 
     def _genome(self, history: _History) -> _Genome:
-        genes = self._gene_space(history)
-        relative = dict(sorted((history.space or {}).items()))
-        extra = {n: d for n, d in relative.items() if genes is None or n not in GENES}
-        return _Genome(genes, extra, relative)
+        """The genome of the next child; recomputed only when a trial was absorbed."""
+        if history.genome[0] != history.version:
+            genes = self._gene_space(history)
+            relative = dict(sorted((history.space or {}).items()))
+            extra = {n: d for n, d in relative.items() if genes is None or n not in GENES}
+            history.genome = (history.version, _Genome(genes, extra, relative))
+        return history.genome[1]
 
     def _weights(self, history: _History, space: SearchSpace) -> dict[str, dict[Any, float]]:
         return history.weights(space, self.shrink_after, self.reject_min, self.reject_rate)
@@ -627,7 +642,7 @@ class EvolutionSampler(BaseSampler):
         names = set(genome.relative) | (set(GENES) if genome.genes is not None else set())
         if names and names <= set(fixed):
             return {}
-        return genome.relative
+        return dict(genome.relative)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
