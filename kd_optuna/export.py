@@ -512,10 +512,11 @@ class IndexedDataset:
 class _TensorBatches:
     """The batches a shuffled, seeded DataLoader over a TensorDataset yields, by tensor indexing.
 
-    Each epoch ``order = randperm(N, generator)``, batch b is ``(x[order[bB:(b+1)B]], y[...],
-    order[...])``: the same draws and the same batches as ``DataLoader(shuffle=True,
-    generator=generator)`` gives, without collating item by item (for un-augmented data that
-    is already in memory, such as digits).
+    Each epoch one int64 draw (the DataLoader iterator's base seed), then ``order =
+    randperm(N, generator)``; batch b is ``(x[order[bB:(b+1)B]], y[...], order[...])``: the
+    same draws and the same batches as ``DataLoader(shuffle=True, generator=generator)``
+    gives, without collating item by item (for un-augmented data already in memory, such as
+    digits).
     """
 
     def __init__(self, dataset: Any, batch_size: int, generator: Any):
@@ -529,6 +530,7 @@ class _TensorBatches:
     def __iter__(self):
         import torch
 
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # DataLoader's base seed
         order = torch.randperm(len(self.labels), generator=self.generator)
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]

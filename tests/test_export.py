@@ -218,3 +218,23 @@ def test_resume_continues_the_same_method_and_refuses_another(exported_at_script
     assert any(not torch.equal(peer_before[k], state["distiller"]["peer"][k]) for k in peer_before)
     with pytest.raises(KdOptunaError, match="--method dml"):
         script.main(["--method", "crd", "--epochs", "3", "--resume"] + common)
+
+
+def test_in_memory_batches_are_the_data_loaders_batches():
+    """The tensor fast path yields exactly what DataLoader(shuffle, generator) over the split does."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kd_optuna.data import load_dataset
+    from kd_optuna.export import IndexedDataset, _indexed_loader
+
+    splits = load_dataset("digits")
+    fast = _indexed_loader(splits, 100, 0, seed=5)
+    slow = DataLoader(IndexedDataset(splits.train), batch_size=100, shuffle=True,
+                      generator=torch.Generator().manual_seed(5))
+    assert len(fast) == len(slow)
+    for epoch in range(2):
+        fast.generator.manual_seed(5 + epoch)
+        slow.generator.manual_seed(5 + epoch)
+        for (fx, fy, fi), (sx, sy, si) in zip(fast, slow):
+            assert torch.equal(fx, sx) and torch.equal(fy, sy) and torch.equal(fi, si)

@@ -133,7 +133,7 @@ def test_task_from_config_loads_the_checkpoint_and_caches_teacher_outputs(tmp_pa
                            num_classes=10, dataset="digits", accuracy=0.0)
     config = _digits_config(str(path), steps=2, report_every=2, sharpness_size=16)
     task = Task.from_config(config, device="cpu", cache_dir=tmp_path / "cache")
-    assert task.device.type == "cpu" and task.proxy is config.proxy and task.space == config.space
+    assert task.device.type == "cpu" and task.proxy == config.proxy.for_pool(task.data.pool.shape[0]) and task.space == config.space
     assert task.student_shapes["logit"] == (10,) and task.teacher_shapes["feat"][0] == 128
     assert task.test is not None and task.data.val_x.shape[1:] == (1, 16, 16)
     task.teacher_outputs

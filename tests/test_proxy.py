@@ -109,3 +109,46 @@ def test_proxy_run_is_deterministic_reports_and_tells_kd_from_none():
     assert [s for s, _ in two_seeds.curve] == [3, 6, 9, 12]
     test = task.run(spec, on_test=True)
     assert test.val_acc != first.val_acc or test.val_ce != first.val_ce
+
+
+def test_the_recipe_shrunk_follows_the_train_settings():
+    from kd_optuna.config import TrainConfig
+
+    train = TrainConfig(epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                        milestones=(15, 22, 27), gamma=0.1)
+    s = ProxySettings.from_recipe(train)
+    assert (s.optimizer, s.lr, s.momentum, s.nesterov, s.weight_decay, s.batch_size) == ("sgd", 0.05, 0.9, False, 5e-4, 64)
+    assert s.labelled_kd and s.labels_per_class == 0 and s.epochs == pytest.approx(10.0)
+    assert s.schedule == "step" and s.milestones == pytest.approx((0.5, 22 / 30, 0.9))
+    changed = ProxySettings.from_recipe(dataclasses.replace(train, lr=0.2, batch_size=32, epochs=60, milestones=(30,)))
+    assert (changed.lr, changed.batch_size, changed.epochs, changed.milestones) == (0.2, 32, 20.0, (0.5,))
+    assert ProxySettings.from_recipe(train, {"steps": 7}).for_pool(1000).steps == 7
+    few = ProxySettings.from_recipe(train, {"labels_per_class": 5})
+    assert not few.labelled_kd and few.label_batch_size == 50 and few.optimizer == "sgd"
+    with pytest.raises(InvalidProxySettings, match="label_batch_size = 0"):
+        ProxySettings(labels_per_class=5, label_batch_size=0)
+
+
+def test_epochs_become_steps_over_the_kd_pool_and_the_step_schedule_decays_at_fractions():
+    s = ProxySettings(labels_per_class=0, label_batch_size=0, epochs=2.0, batch_size=64, schedule="step",
+                      milestones=(0.5, 0.75), gamma=0.1).for_pool(1000)
+    assert s.steps == 32 and s.epochs == 0
+    assert [lr_factor(step, s) for step in (0, 15, 16, 23, 24, 31)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_labelled_kd_batches_give_the_distiller_the_true_labels():
+    settings = dataclasses.replace(FAST, labels_per_class=0, label_batch_size=0, optimizer="sgd", lr=0.05)
+    task = tiny_task(settings)
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, student, teacher, labels=None):
+            seen.append(labels)
+            return student["logit"].sum() * 0
+
+    from kd_optuna.proxy import train_student
+
+    torch.manual_seed(0)
+    train_student(task.new_student(), Spy(), task.data, task.teacher_outputs, task.proxy, seed=0)
+    assert len(seen) == settings.steps and all(labels is not None and labels.shape == (16,) for labels in seen)
+    assert task.reject(CLASSICS["kd"][0]) is None
