@@ -56,22 +56,29 @@ def old_key(spec: DistillerSpec) -> str:
     )
 
 
-def whole_space() -> tuple[int, int, int]:
-    """(params sets, keys before, keys after), counted by enumerating every chain."""
+def whole_space(options=None) -> tuple[int, int, int]:
+    """(params sets, keys before, keys after) of a space (default: all), by enumerating chains.
+
+    Keys after are counted without building every spec: the key is (knowledge, the chain after
+    the transform identities and the distance's tail rules, distance, calibration, the
+    (T, lambda) form); the calibrations other than ``sim`` follow the same rules.
+    """
+    options = dict(space.FULL_OPTIONS if options is None else options)
+    temperatures, magnitudes = options["temperature"], options["magnitude"]
     forms = {
-        (d, j): {
-            _scale_form(d, t, _fraction(m), j)
-            for t in space.TEMPERATURES for m in space.MAGNITUDES
-        }
+        (d, j): {_scale_form(d, t, _fraction(m), j) for t in temperatures for m in magnitudes}
         for d in space.DISTANCES for j in range(4)
     }
-    n_tm = len(space.TEMPERATURES) * len(space.MAGNITUDES)
-    n_cal = len(space.CALIBRATIONS)
+    n_tm = len(temperatures) * len(magnitudes)
+    calibrations = options["calibration"]
+    n_other = sum(c != "sim" for c in calibrations)
+    classes = (["sim"] if "sim" in calibrations else []) + (["no"] if n_other else [])
     old_chains: set = set()
     groups: dict[tuple, int] = collections.defaultdict(int)  # -> bit mask of scale counts
     tails: dict[tuple, tuple] = {}
-    for knowledge in space.KNOWLEDGE:
-        for transforms in itertools.product(space.TRANSFORMS, repeat=3):
+    slots = (options["transform1"], options["transform2"], options["transform3"])
+    for knowledge in options["knowledge"]:
+        for transforms in itertools.product(*slots):
             rank, acting = KNOWLEDGE_RANK[knowledge], []
             for name in transforms:
                 out = space.TRANSFORM_RANKS[name].get(rank)
@@ -81,8 +88,8 @@ def whole_space() -> tuple[int, int, int]:
             old_chains.add((knowledge, tuple(acting)))
             chain, _ = _reduce_chain(knowledge, transforms)
             names = tuple(name for name, _ in chain)
-            for distance in space.DISTANCES:
-                for calibration in ("sim", "no"):  # the four besides sim behave alike
+            for distance in options["distance"]:
+                for calibration in classes:
                     memo = (knowledge, names, distance, calibration)
                     if memo not in tails:
                         core, _, scales, _, reduced = _reduce_tail(
@@ -94,9 +101,11 @@ def whole_space() -> tuple[int, int, int]:
     after = 0
     for (_, _, distance, calibration), mask in groups.items():
         union = set().union(*(forms[(distance, j)] for j in range(4) if mask >> j & 1))
-        after += len(union) * (1 if calibration == "sim" else n_cal - 1)
-    before = len(old_chains) * len(space.DISTANCES) * n_cal * n_tm
-    total = len(space.KNOWLEDGE) * len(space.TRANSFORMS) ** 3 * len(space.DISTANCES) * n_cal * n_tm
+        after += len(union) * (1 if calibration == "sim" else n_other)
+    before = len(old_chains) * len(options["distance"]) * len(calibrations) * n_tm
+    total = 1
+    for gene in GENES:
+        total *= len(options[gene])
     return total, before, after
 
 

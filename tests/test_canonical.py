@@ -6,8 +6,10 @@ more, with labels, the random ops seeded alike. Completeness is checked on the e
 the op definitions give.
 """
 
+import importlib.util
 import itertools
 import os
+import pathlib
 import random
 
 import pytest
@@ -306,3 +308,33 @@ def test_the_canonical_form_is_a_fixed_point_over_the_whole_space():
         assert canonical.canonical() == canonical and canonical.key == spec.key
         assert canonical.dropped_transforms() == ()
         assert canonical.refusal() == spec.refusal()
+
+
+# ---------------------------------------------------------------- the collapse benchmark
+
+
+def _benchmark():
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "key_collapse.py"
+    module_spec = importlib.util.spec_from_file_location("key_collapse", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmarks_count_of_keys_is_the_brute_force_count():
+    """key_collapse.whole_space counts keys without building specs: check it on a small space."""
+    options = {
+        "knowledge": ("emb", "feat"),
+        "transform1": ("no", "scale", "channel", "zscore"),
+        "transform2": ("no", "relu", "batch", "logsoftmax_C", "scale"),
+        "transform3": ("no", "abs", "scale", "norm_C"),
+        "distance": ("l1", "l2", "kl", "cos", "pear", "cor"),
+        "calibration": ("sim", "no", "focal"),
+        "temperature": (1, 4, 8),
+        "magnitude": (100, 25, 1),
+    }
+    benchmark = _benchmark()
+    specs = [DistillerSpec(*genes) for genes in itertools.product(*options.values())]
+    old = {benchmark.old_key(s) for s in specs}
+    assert benchmark.whole_space(options) == (len(specs), len(old), len({s.key for s in specs}))
+    assert len({s.key for s in specs}) < 0.5 * len(old)
