@@ -19,6 +19,8 @@ Each proposal is then told a score, so the study grows by ``repeats`` trials per
     .venv/bin/python benchmarks/sampler_cost.py --sizes 100 --repeats 10 --storages memory
     .venv/bin/python benchmarks/sampler_cost.py --storages memory --spaces kd kd+hp   # generic too
 
+``--clock cpu`` times with this thread's CPU time instead of the wall clock, so that other
+processes on a shared machine do not count (cache contention still does).
 ``--spaces kd+hp`` adds three hyperparameters of the user's (a log-float learning rate, a
 stepped int width, a categorical optimizer) to the genes, so EvolutionSampler's generic
 evolution (per-type mutation, crossover, rho cells of the other params) is timed too.
@@ -116,16 +118,17 @@ def suggest(trial: optuna.Trial, space: str) -> float:
 class TimedSampler(BaseSampler):
     """Delegates to ``inner`` and adds up the seconds spent in its sampling methods."""
 
-    def __init__(self, inner: BaseSampler) -> None:
+    def __init__(self, inner: BaseSampler, clock: Callable[[], float] = time.perf_counter) -> None:
         self.inner = inner
         self.seconds = 0.0
+        self.clock = clock
 
     def _timed(self, method: Callable[..., Any], *args: Any) -> Any:
-        start = time.perf_counter()
+        start = self.clock()
         try:
             return method(*args)
         finally:
-            self.seconds += time.perf_counter() - start
+            self.seconds += self.clock() - start
 
     def infer_relative_search_space(self, study, trial):
         return self._timed(self.inner.infer_relative_search_space, study, trial)
@@ -143,6 +146,8 @@ class TimedSampler(BaseSampler):
         self.inner.after_trial(study, trial, state, values)
 
 
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
 SAMPLERS: dict[str, Callable[[], BaseSampler]] = {
     "Evolution": lambda: EvolutionSampler(seed=0),
     "TPE": lambda: TPESampler(seed=0),
@@ -153,10 +158,10 @@ SAMPLERS: dict[str, Callable[[], BaseSampler]] = {
 def measure(study: optuna.Study, timed: TimedSampler, repeats: int, space: str = "kd") -> dict[str, float]:
     def propose() -> tuple[float, float]:
         timed.seconds = 0.0
-        start = time.perf_counter()
+        start = timed.clock()
         trial = study.ask()
         value = suggest(trial, space)
-        wall = time.perf_counter() - start
+        wall = timed.clock() - start
         study.tell(trial, value)
         return timed.seconds, wall
 
@@ -204,6 +209,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 5000])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--storages", nargs="+", default=["memory", "sqlite"])
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: perf_counter; cpu: this thread's CPU time (steadier on a shared machine)")
     parser.add_argument("--spaces", nargs="+", default=["kd"], choices=list(SPACES),
                         help="kd: the eight genes; kd+hp: the genes plus lr, width, optimizer")
     args = parser.parse_args()
@@ -211,7 +218,8 @@ def main() -> None:
     print(f"# {platform.node()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | Python {platform.python_version()} | "
           f"optuna {optuna.__version__} | {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"# median over {args.repeats} proposals, milliseconds")
+    print(f"# median over {args.repeats} proposals, milliseconds ({args.clock} clock); load average "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     header = f"| {'storage':7} | {'space':5} | {'N':>5} | {'sampler':9} | {'sampler ms':>10} | " \
              f"{'ask+suggest ms':>14} | {'first ms':>8} |"
     print(header)
@@ -223,7 +231,7 @@ def main() -> None:
                     trials = random_trials(n, space=space)
                     template = sqlite_template(trials, directory, f"{space}-{n}") if storage == "sqlite" else ""
                     for name, make in SAMPLERS.items():
-                        timed = TimedSampler(make())
+                        timed = TimedSampler(make(), CLOCKS[args.clock])
                         if storage == "memory":
                             study = memory_study(trials, timed)
                         else:
