@@ -477,7 +477,11 @@ class DistillerSpec:
         return cls.from_params(data)
 
     def effective_transforms(self) -> tuple[str, ...]:
-        """The transforms that change the knowledge, in order, tracking the rank through them."""
+        """The params' transforms that act at the rank they meet, in order (rank no-ops left out).
+
+        This is the chain as written; ``canonical().effective_transforms()`` is the chain the
+        loss computes, after the identities of ``canonical``.
+        """
         rank = KNOWLEDGE_RANK[self.knowledge]
         acting = []
         for name in self.transforms:
