@@ -13,8 +13,10 @@ without talking to each other:
   from the parent or the best population member that has it, mutated at ``mutation_prob``,
   else at random.
 - **genome**: the distiller genes when they are in the relative space, when ``space`` is given,
-  when some trial had them, or while no finished trial has any param (a new study is assumed
-  to search distillers); plus every other param of the relative space.
+  or when some trial had them, plus every other param of the relative space. While no
+  finished trial has any param, the study may search distillers or not: the child is
+  proposed (and its lineage written) only when the objective asks for a gene, over the
+  choices of the genes it has offered by then.
 - **population**: the best ``population_size`` distinct COMPLETE trials, distinct by the key
   ``DistillerSpec.from_params(trial.params).key`` followed by the trial's other params (see
   ``kd_optuna.evolution.genome_key``); scores are the trial values, negated for a maximised
@@ -193,11 +195,13 @@ _NONE = _Counts()
 
 @dataclasses.dataclass
 class _Plan:
-    """A trial in progress: the params chosen for it and where the rest may come from."""
+    """A trial in progress: the params chosen for it and where the rest may come from;
+    ``lazy``, the genome to propose over once the objective asks for a gene (a new study)."""
 
     params: dict[str, Any]
     parent: Member | None
     population: Sequence[Member]
+    lazy: Any = None
 
 
 class _History:
@@ -421,11 +425,14 @@ def _with_fixed(space: SearchSpace, trial: FrozenTrial) -> SearchSpace:
 @dataclasses.dataclass(frozen=True)
 class _Genome:
     """What a child is made of: the gene options (``None``: no genes) and the other params;
-    ``relative`` is the relative search space the child is returned over."""
+    ``relative`` is the relative search space the child is returned over; ``assumed``: the
+    study has no finished trial with params, so the genes are a guess, proposed only once
+    the objective asks for one."""
 
     genes: SearchSpace | None
     extra: dict[str, BaseDistribution]
     relative: dict[str, BaseDistribution]
+    assumed: bool = False
 
 
 class EvolutionSampler(BaseSampler):
@@ -603,7 +610,10 @@ class EvolutionSampler(BaseSampler):
             genes = self._gene_space(history)
             relative = dict(sorted((history.space or {}).items()))
             extra = {n: d for n, d in relative.items() if genes is None or n not in GENES}
-            history.genome = (history.version, _Genome(genes, extra, relative))
+            assumed = (
+                self.space is None and history.distributions is None and not history.saw_params
+            )
+            history.genome = (history.version, _Genome(genes, extra, relative, assumed))
         return history.genome[1]
 
     def _weights(self, history: _History, space: SearchSpace) -> dict[str, dict[Any, float]]:
@@ -654,16 +664,25 @@ class EvolutionSampler(BaseSampler):
         names = set(genome.relative) | (set(GENES) if genome.genes is not None else set())
         if not names or names <= set(fixed):
             return {}
+        if genome.assumed:
+            self._store(trial, _Plan({}, None, (), lazy=genome))
+            return {}
+        params = self._plan(study, trial, genome).params
+        return {n: params[n] for n in search_space if n in params}
+
+    def _plan(self, study: Study, trial: FrozenTrial, genome: _Genome) -> _Plan:
+        """Propose the trial's child over ``genome`` and remember it as the trial's plan."""
         genes = _with_fixed(genome.genes, trial) if genome.genes is not None else None
-        genome = dataclasses.replace(genome, genes=genes)
-        child, population = self._propose(study, trial, genome)
-        params = child.params()
+        child, population = self._propose(study, trial, dataclasses.replace(genome, genes=genes))
+        parent = next((m for m in population if m.number == child.parent), None)
+        return self._store(trial, _Plan(child.params(), parent, population))
+
+    def _store(self, trial: FrozenTrial, plan: _Plan) -> _Plan:
         with self._lock:
             if len(self._plans) >= _MAX_PLANS:
                 del self._plans[next(iter(self._plans))]
-            parent = next((m for m in population if m.number == child.parent), None)
-            self._plans[trial._trial_id] = _Plan(params, parent, population)
-        return {n: params[n] for n in search_space if n in params}
+            self._plans[trial._trial_id] = plan
+        return plan
 
     def sample_independent(
         self,
@@ -677,6 +696,10 @@ class EvolutionSampler(BaseSampler):
         self._raise_error_if_multi_objective(study)
         with self._lock:
             plan = self._plans.get(trial._trial_id)
+        if plan is not None and plan.lazy is not None and param_name in GENES:
+            offered = {**trial.distributions, param_name: param_distribution}
+            plan = self._plan(study, trial, _offered_genes(plan.lazy, offered))
+        with self._lock:
             if plan is not None:
                 value = self._from_plan(plan, param_name, param_distribution)
                 if value is not _NOTHING:
@@ -933,6 +956,22 @@ class EvolutionSampler(BaseSampler):
 
 
 _NOTHING = object()
+
+
+def _offered_genes(genome: _Genome, offered: Mapping[str, BaseDistribution]) -> _Genome:
+    """``genome`` with the genes the objective has offered so far (a single choice is never
+    asked of the sampler) narrowed to their choices, where that leaves a valid space."""
+    if genome.genes is None:
+        return genome
+    narrowed = {
+        g: [c for c in d.choices if c in genome.genes[g]]
+        for g, d in offered.items()
+        if g in GENES and isinstance(d, CategoricalDistribution)
+    }
+    try:
+        return dataclasses.replace(genome, genes=genome.genes.narrow(**narrowed))
+    except KdOptunaError:
+        return genome
 
 
 def _fix(child: Candidate, trial: FrozenTrial, genome: _Genome) -> Candidate:

@@ -513,7 +513,7 @@ def test_conditional_params_are_inherited_from_the_parent_and_the_search_improve
     by_number = {t.number: t for t in trials}
     inherited = total = 0
     for trial in trials:
-        if trial.user_attrs["proposer"] != "mutation":
+        if trial.user_attrs.get("proposer") != "mutation":
             continue
         parent = by_number[trial.user_attrs["parent"]].params
         for name in {"ya", "yb"} & set(trial.params) & set(parent):
@@ -538,6 +538,7 @@ def test_a_categorical_study_without_genes_never_repeats_a_setting():
     study = run(EvolutionSampler(seed=0, population_size=6), 27, func=func)
     settings = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(settings)) == 27
+    assert "proposer" not in study.trials[0].user_attrs  # a study without genes: no distiller
     assert all(t.user_attrs["proposer"] in ("random", "mutation", "crossover")
                for t in study.trials[1:])
 
@@ -551,6 +552,8 @@ def test_an_objective_narrowing_a_gene_runs_with_the_default_space():
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert all(t.params["knowledge"] == "emb" and t.params["distance"] in ("l2", "cos")
                for t in study.trials)
+    first = [c for c in classic_specs() if c.knowledge == "emb"][0]
+    assert study.trials[0].user_attrs["proposer"] == "classic" and key_of(study.trials[0]) == first.key
     assert {"mutation", "crossover"} & {t.user_attrs["proposer"] for t in study.trials}
     keys = [key_of(t) for t in study.trials]
     assert len(set(keys)) == len(keys)
