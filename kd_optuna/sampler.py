@@ -447,7 +447,7 @@ class EvolutionSampler(BaseSampler):
         top_k: k, how many of the drawn members (best first) may become parents; by default
             2 (1 for a population of 2). The draw ``round(r * P)`` must be larger than ``k``,
             or the tournament selects nothing: with the defaults the best of P = 20 members
-            is a parent in one tournament in four, the worst ten never.
+            is a parent in one tournament in four, the worst eight never.
         mutation_prob: probability that each gene or param of a parent mutates (at least one
             does).
         crossover_prob: probability that a child is a uniform crossover of two parents.
