@@ -543,7 +543,7 @@ class EvolutionSampler(BaseSampler):
         self._fallback = RandomProposer()
         self._lock = threading.Lock()
         self._histories: dict[tuple[int, int], _History] = {}
-        self._plans: dict[int, _Plan] = {}
+        self._plans: dict[tuple[int, int], _Plan] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -665,7 +665,7 @@ class EvolutionSampler(BaseSampler):
         if not names or names <= set(fixed):
             return {}
         if genome.assumed:
-            self._store(trial, _Plan({}, None, (), lazy=genome))
+            self._store(study, trial, _Plan({}, None, (), lazy=genome))
             return {}
         params = self._plan(study, trial, genome).params
         return {n: params[n] for n in search_space if n in params}
@@ -675,13 +675,13 @@ class EvolutionSampler(BaseSampler):
         genes = _with_fixed(genome.genes, trial) if genome.genes is not None else None
         child, population = self._propose(study, trial, dataclasses.replace(genome, genes=genes))
         parent = next((m for m in population if m.number == child.parent), None)
-        return self._store(trial, _Plan(child.params(), parent, population))
+        return self._store(study, trial, _Plan(child.params(), parent, population))
 
-    def _store(self, trial: FrozenTrial, plan: _Plan) -> _Plan:
+    def _store(self, study: Study, trial: FrozenTrial, plan: _Plan) -> _Plan:
         with self._lock:
             if len(self._plans) >= _MAX_PLANS:
                 del self._plans[next(iter(self._plans))]
-            self._plans[trial._trial_id] = plan
+            self._plans[_plan_key(study, trial)] = plan
         return plan
 
     def sample_independent(
@@ -695,7 +695,7 @@ class EvolutionSampler(BaseSampler):
         has the param) and mutated at ``mutation_prob``, else a random one."""
         self._raise_error_if_multi_objective(study)
         with self._lock:
-            plan = self._plans.get(trial._trial_id)
+            plan = self._plans.get(_plan_key(study, trial))
         if plan is not None and plan.lazy is not None and param_name in GENES:
             offered = {**trial.distributions, param_name: param_distribution}
             plan = self._plan(study, trial, _offered_genes(plan.lazy, offered))
@@ -734,7 +734,7 @@ class EvolutionSampler(BaseSampler):
         values: Sequence[float] | None,
     ) -> None:
         with self._lock:
-            self._plans.pop(trial._trial_id, None)
+            self._plans.pop(_plan_key(study, trial), None)
 
     # -- one child -------------------------------------------------------------------------
 
@@ -956,6 +956,10 @@ class EvolutionSampler(BaseSampler):
 
 
 _NOTHING = object()
+
+
+def _plan_key(study: Study, trial: FrozenTrial) -> tuple[int, int]:
+    return id(study._storage), trial._trial_id
 
 
 def _offered_genes(genome: _Genome, offered: Mapping[str, BaseDistribution]) -> _Genome:
