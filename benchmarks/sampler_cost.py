@@ -19,6 +19,8 @@ Each proposal is then told a score, so the study grows by ``repeats`` trials per
     .venv/bin/python benchmarks/sampler_cost.py --sizes 100 --repeats 10 --storages memory
     .venv/bin/python benchmarks/sampler_cost.py --storages memory --spaces kd kd+hp   # generic too
 
+``--interleaved`` (in memory) builds a study of every size first and takes proposals from
+them in turn, so a change of load hits all sizes alike: the fair test of growth with N.
 ``--clock cpu`` times with this thread's CPU time instead of the wall clock, so that other
 processes on a shared machine do not count (cache contention still does).
 ``--spaces kd+hp`` adds three hyperparameters of the user's (a log-float learning rate, a
@@ -155,23 +157,45 @@ SAMPLERS: dict[str, Callable[[], BaseSampler]] = {
 }
 
 
-def measure(study: optuna.Study, timed: TimedSampler, repeats: int, space: str = "kd") -> dict[str, float]:
-    def propose() -> tuple[float, float]:
-        timed.seconds = 0.0
-        start = timed.clock()
-        trial = study.ask()
-        value = suggest(trial, space)
-        wall = timed.clock() - start
-        study.tell(trial, value)
-        return timed.seconds, wall
+def propose(study: optuna.Study, timed: TimedSampler, space: str = "kd") -> tuple[float, float]:
+    """One proposal, told its score: (seconds in the sampler, seconds of ask + suggest)."""
+    timed.seconds = 0.0
+    start = timed.clock()
+    trial = study.ask()
+    value = suggest(trial, space)
+    wall = timed.clock() - start
+    study.tell(trial, value)
+    return timed.seconds, wall
 
-    first = propose()[1]
-    runs = [propose() for _ in range(repeats)]
+
+def summary(first: float, runs: list[tuple[float, float]]) -> dict[str, float]:
     return {
         "sampler": statistics.median(r[0] for r in runs) * 1e3,
         "ask+suggest": statistics.median(r[1] for r in runs) * 1e3,
         "first": first * 1e3,
     }
+
+
+def measure(study: optuna.Study, timed: TimedSampler, repeats: int, space: str = "kd") -> dict[str, float]:
+    first = propose(study, timed, space)[1]
+    return summary(first, [propose(study, timed, space) for _ in range(repeats)])
+
+
+def measure_interleaved(
+    make: Callable[[], BaseSampler], sizes: list[int], repeats: int, space: str, clock
+) -> dict[int, dict[str, float]]:
+    """In-memory studies of every size, proposals taken from them in turn, so that a change
+    of load on a shared machine hits every size alike."""
+    studies = {}
+    for n in sizes:
+        timed = TimedSampler(make(), clock)
+        studies[n] = (memory_study(random_trials(n, space=space), timed), timed)
+    firsts = {n: propose(study, timed, space)[1] for n, (study, timed) in studies.items()}
+    runs: dict[int, list[tuple[float, float]]] = {n: [] for n in sizes}
+    for _ in range(repeats):
+        for n, (study, timed) in studies.items():
+            runs[n].append(propose(study, timed, space))
+    return {n: summary(firsts[n], runs[n]) for n in sizes}
 
 
 def read_cost(study: optuna.Study, repeats: int) -> float:
@@ -211,6 +235,8 @@ def main() -> None:
     parser.add_argument("--storages", nargs="+", default=["memory", "sqlite"])
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="wall: perf_counter; cpu: this thread's CPU time (steadier on a shared machine)")
+    parser.add_argument("--interleaved", action="store_true",
+                        help="in memory only: one study per size, proposals taken from them in turn")
     parser.add_argument("--spaces", nargs="+", default=["kd"], choices=list(SPACES),
                         help="kd: the eight genes; kd+hp: the genes plus lr, width, optimizer")
     args = parser.parse_args()
@@ -224,6 +250,14 @@ def main() -> None:
              f"{'ask+suggest ms':>14} | {'first ms':>8} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    if args.interleaved:
+        for space in args.spaces:
+            for name, make in SAMPLERS.items():
+                results = measure_interleaved(make, args.sizes, args.repeats, space, CLOCKS[args.clock])
+                for n, result in results.items():
+                    print(f"| {'memory':7} | {space:5} | {n:5d} | {name:9} | {result['sampler']:10.2f} | "
+                          f"{result['ask+suggest']:14.2f} | {result['first']:8.1f} |", flush=True)
+        return
     with tempfile.TemporaryDirectory() as directory:
         for storage in args.storages:
             for space in args.spaces:
