@@ -42,21 +42,23 @@ PUBLISHED_EPOCHS = 240
 
 #: The script's settings, in flag order: name -> (type, help).
 SETTINGS: dict[str, tuple[str, str]] = {
-    "epochs": ("int", "training epochs"),
-    "batch_size": ("int", "mini-batch size"),
-    "lr": ("float", "initial learning rate (SGD)"),
-    "momentum": ("float", "SGD momentum"),
-    "weight_decay": ("float", "weight decay"),
+    "epochs": ("positive_int", "training epochs"),
+    "batch_size": ("positive_int", "mini-batch size"),
+    "lr": ("positive_float", "initial learning rate (SGD)"),
+    "momentum": ("non_negative_float", "SGD momentum"),
+    "weight_decay": ("non_negative_float", "weight decay"),
     "milestones": ("int_list", "epochs at which the learning rate is multiplied by --gamma"),
-    "gamma": ("float", "learning-rate decay factor"),
-    "num_workers": ("int", "data-loader worker processes"),
+    "gamma": ("positive_float", "learning-rate decay factor"),
+    "num_workers": ("non_negative_int", "data-loader worker processes"),
     "seed": ("int", "random seed"),
     "dataset": ("str", "dataset name (digits, cifar10, cifar100, imagefolder)"),
     "data_root": ("str_or_none", "data directory"),
     "download": ("bool", "download the dataset if missing (true/false)"),
     "teacher": ("str", "teacher model name"),
     "teacher_checkpoint": ("str_or_none", "teacher checkpoint (none: train one, cached)"),
+    "teacher_nodes": ("nodes", "the teacher's feat/emb/logit nodes as JSON (none: the zoo's)"),
     "student": ("str", "student model name"),
+    "student_nodes": ("nodes", "the student's feat/emb/logit nodes as JSON (none: the zoo's)"),
     "device": ("str", "auto, cpu, cuda or cuda:N"),
     "output_dir": ("str", "where checkpoints go"),
 }
@@ -70,6 +72,7 @@ Every setting is a flag (see --help); checkpoints go to --output-dir each epoch 
 
 import argparse
 import json
+import sys
 
 SPEC = json.loads({spec})
 DEFAULTS = json.loads({defaults})
@@ -85,27 +88,57 @@ def _bool(text):
 
 
 def _int_list(text):
-    return [int(part) for part in text.replace(",", " ").split()]
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected integers such as 15,22,27") from None
 
 
 def _str_or_none(text):
     return None if text.lower() in ("", "none") else text
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("expected a positive integer")
+def _nodes(text):
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise argparse.ArgumentTypeError('expected JSON such as {{"feat": "layer4", "emb": "flatten", "logit": "fc"}}')
     return value
 
 
-TYPES = {{"int": int, "float": float, "str": str, "bool": _bool, "int_list": _int_list, "str_or_none": _str_or_none}}
+def _number(kind, low, strict, words):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected " + words) from None
+        if value < low or (strict and value == low) or value != value:
+            raise argparse.ArgumentTypeError("expected " + words)
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 0, True, "a positive integer")
+TYPES = {{"int": int, "float": float, "str": str, "bool": _bool, "int_list": _int_list, "str_or_none": _str_or_none,
+         "nodes": _nodes, "positive_int": _positive_int, "non_negative_int": _number(int, 0, False, "an integer >= 0"),
+         "positive_float": _number(float, 0.0, True, "a number > 0"),
+         "non_negative_float": _number(float, 0.0, False, "a number >= 0")}}
 HELP = json.loads({help})
 METHODS = dict(json.loads({methods}))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, "{{}}: error: {{}}; see --help\\n".format(self.prog, message))
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         description="Train the student with the distiller of a kd-optuna trial on the full data; "
         "prints the final and best test top-1.",
     )
@@ -127,10 +160,17 @@ def main(argv=None):
     args = parse_args(argv)
     from kd_optuna.export import train_with_distiller
 
+    from kd_optuna.errors import KdOptunaError
+
     settings = {{name: getattr(args, name) for name in HELP}}
     print("distiller:", SOURCE["formula"] if args.method == "searched" else args.method)
-    result = train_with_distiller(SPEC, method=args.method, max_steps=args.max_steps, resume=args.resume,
-                                  progress=not args.no_progress, **settings)
+    try:
+        result = train_with_distiller(SPEC, method=args.method, max_steps=args.max_steps, resume=args.resume,
+                                      progress=not args.no_progress, **settings)
+    except (KdOptunaError, OSError) as error:
+        text = " ".join(str(error).split()) or type(error).__name__
+        print("{{}}: error: {{}}".format(sys.argv[0], text), file=sys.stderr)
+        sys.exit(2)
     print("final top-1: {{:.2f}}% (test, last epoch)  best val top-1: {{:.2f}}% (epoch {{}}, kept in --output-dir)".format(
         100 * result["final_top1"], 100 * result["best_val_top1"], result["best_epoch"]))
 
@@ -173,7 +213,9 @@ def script_defaults(config: Any) -> dict[str, Any]:
         "download": config.data.download,
         "teacher": config.teacher.model,
         "teacher_checkpoint": config.teacher.checkpoint,
+        "teacher_nodes": config.teacher.nodes,
         "student": config.student.model,
+        "student_nodes": config.student.nodes,
         "device": "auto",
         "output_dir": "kd_optuna_runs/best",
     }
@@ -229,6 +271,8 @@ def train_with_distiller(
     progress: bool = True,
     cache_dir: str = ".kd_optuna_cache",
     split_seed: int = 0,
+    teacher_nodes: dict[str, str] | None = None,
+    student_nodes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` with CE plus the ``method``'s term; return final/best top-1.
 
@@ -262,6 +306,10 @@ def train_with_distiller(
     splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed)
     num_classes = splits.num_classes
 
+    with torch.random.fork_rng(devices=[]):
+        build_model(student, num_classes)  # unknown names fail here, before a teacher is trained
+        if method != "dml":
+            build_model(teacher, num_classes)
     tapped_teacher = None
     if method != "dml":
         if teacher_checkpoint is None:
@@ -271,10 +319,10 @@ def train_with_distiller(
                 dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(target),
             ))
         teacher_model, _ = load_model(teacher_checkpoint, teacher, num_classes, target)
-        tapped_teacher = tap_model(teacher_model, teacher).to(target).eval()
+        tapped_teacher = tap_model(teacher_model, teacher, nodes=teacher_nodes).to(target).eval()
         for p in tapped_teacher.parameters():
             p.requires_grad_(False)
-    tapped_student = tap_model(build_model(student, num_classes), student).to(target)
+    tapped_student = tap_model(build_model(student, num_classes), student, nodes=student_nodes).to(target)
     sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
     term = build_method_term(
         method, spec, tapped_student, tapped_teacher, tuple(splits.input_shape),
@@ -469,7 +517,8 @@ def build_method_term(
     if method == "dml":
         from kd_optuna.baselines import MutualLearning
 
-        peer = tap_model(build_model(student_name, num_classes), student_name).to(device)
+        peer = tap_model(build_model(student_name, num_classes), student_name,
+                         nodes=getattr(tapped_student, "nodes", None)).to(device)
         optimizer = torch.optim.SGD(
             peer.parameters(), lr=sgd["lr"], momentum=sgd["momentum"], weight_decay=sgd["weight_decay"]
         )
