@@ -16,9 +16,18 @@ failed by the heartbeat and retried by a worker still alive.
 Worker ``i`` of ``N`` uses GPU ``i mod count`` when CUDA is there (``--device auto`` or
 ``cuda``), and ``max(1, cores // N)`` CPU threads unless ``--threads`` says how many.
 
-Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial and stops; the parent waits
-for them, then fails any trial its workers left RUNNING. A database write is never cut in half:
-a signal only interrupts the objective, never a storage call.
+Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial (``fail_reason =
+interrupted``), queues a copy with the same params (WAITING, run first by the next ask, so the
+same command resumes with the interrupted trials: the classics' warm start is not lost) and
+stops; the parent waits for them, then fails and queues again any trial its workers left
+RUNNING. A database write is never cut in half: a signal only interrupts the objective, never
+a storage call.
+
+A worker that dies (a signal such as SIGKILL from the OOM killer, or an unexpected exit code)
+is reported on stderr and in the summary with its index, pid and how it ended; its running
+trial is failed and queued again at once, and the worker is restarted in its slot, at most
+MAX_RESTARTS times per slot. A worker that stops for a reason it said itself (exit 1 or 2: a
+broken setup, the database unreachable) is not restarted; its own message is shown.
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ MAX_CONSECUTIVE_FAILURES = 5
 POLL_S = 0.5
 DB_OUTAGE_S = 120
 LOCK_TIMEOUT_S = 300
+MAX_RESTARTS = 3
+INTERRUPTED = "interrupted"
+#: Exit codes of a worker that ended on its own terms: done, stopped with its message (1, 2), interrupted.
+_OWN_EXITS = (0, 1, 2, 130)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,17 +125,27 @@ class Summary:
     best_formula: str | None
     interrupted: bool = False
     worker_errors: list[str] = dataclasses.field(default_factory=list)
+    interrupted_trials: int = 0
+    waiting: int = 0
+    worker_deaths: list[str] = dataclasses.field(default_factory=list)
+    target_met_before: bool = False
 
     @property
     def finished(self) -> int:
         return self.complete + self.pruned
 
     def describe(self) -> str:
-        """e.g. ``40 finished (31 complete, 7 rejected, 2 pruned early), 0 failed``."""
-        return (
+        """e.g. ``40 finished (31 complete, 7 rejected, 2 pruned early), 2 failed (2 interrupted),
+        2 queued to run again; worker 1 (pid 4242) killed by SIGKILL, restarted (1 of 3)``."""
+        text = (
             f"{self.finished} finished ({self.complete} complete, {self.rejected} rejected, "
             f"{self.pruned - self.rejected} pruned early), {self.failed} failed"
         )
+        if self.interrupted_trials:
+            text += f" ({self.interrupted_trials} interrupted)"
+        if self.waiting:
+            text += f", {self.waiting} queued to run again"
+        return "; ".join([text, *self.worker_deaths])
 
 
 def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[TrialState, int]:
@@ -149,6 +172,8 @@ def summarize(study: optuna.Study) -> Summary:
         rejected=sum(1 for t in by_state[TrialState.PRUNED] if REASON_ATTR in t.user_attrs),
         failed=len(by_state[TrialState.FAIL]),
         running=len(by_state[TrialState.RUNNING]),
+        interrupted_trials=sum(1 for t in by_state[TrialState.FAIL] if t.user_attrs.get(FAIL_REASON_ATTR) == INTERRUPTED),
+        waiting=len(by_state[TrialState.WAITING]),
         best_value=best.value if best else None,
         best_number=best.number if best else None,
         best_formula=best.user_attrs.get("formula") if best else None,
@@ -167,7 +192,19 @@ def trial_note(trial: optuna.Trial | optuna.trial.FrozenTrial, state: TrialState
         if key in attrs:
             shown = f"{attrs[key]:.6g}" if isinstance(attrs[key], float) else str(attrs[key])
             lines.append(f"- {key}: {shown}")
+    lines += [f"- canonical form: {note}" for note in canonical_notes(trial.params)]
     return "\n".join(lines) + "\n"
+
+
+def canonical_notes(params: Mapping[str, Any]) -> list[str]:
+    """``DistillerSpec.canonical_notes()`` of a trial's params: why a transform or a T/lambda
+    pair shown in the params is not what the canonical spec computes ([] for other params)."""
+    from kd_optuna.space import DistillerSpec
+
+    try:
+        return DistillerSpec.from_params(params).canonical_notes()
+    except Exception:  # not a distiller's params (a user's own study), or an invalid one
+        return []
 
 
 class _Heartbeat:
@@ -377,9 +414,13 @@ def _fail_unclaimed(storage, study) -> None:
 
 
 def _finish(args, storage, study, trial, objective, interrupt, name, say, save_note) -> bool:
-    """Run one trial, note it, tell it; True when it failed for a reason other than a signal."""
+    """Run one trial, note it, tell it; True when it failed for a reason other than a signal.
+    A trial ended by a signal is failed as ``interrupted`` and queued again with its params."""
     state, value, error = _run_trial(storage, trial, objective, interrupt, name)
-    failed = state == TrialState.FAIL and not interrupt.stop
+    interrupted = error == INTERRUPTED
+    failed = state == TrialState.FAIL and not interrupted
+    if interrupted:
+        trial.set_user_attr(FAIL_REASON_ATTR, INTERRUPTED)
     if failed:
         reason = trial.user_attrs.get(FAIL_REASON_ATTR)
         if reason is None:
@@ -397,9 +438,40 @@ def _finish(args, storage, study, trial, objective, interrupt, name, say, save_n
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
-    if storage.get_trial(trial._trial_id).state != state:
+    stored = storage.get_trial(trial._trial_id)
+    if stored.state != state:
         say(f"worker {args.context.index}: trial {trial.number} was failed by the heartbeat meanwhile; its retry runs it again")
+    elif interrupted:
+        queue_again(study, stored)
     return failed
+
+
+def queue_again(study: optuna.Study, trial: optuna.trial.FrozenTrial, retry: bool = False) -> bool:
+    """Queue a copy of the ended ``trial`` (same params, WAITING), which the next ask runs
+    first, as the heartbeat's retry does for a dead worker's trial; True when queued.
+    ``system_attrs`` keep Optuna's retry convention (``failed_trial`` names the original trial).
+    An interrupt (``retry=False``) is listed in ``interrupted_trials`` and does not count against
+    ``max_retry``; a worker's death (``retry=True``) is appended to ``retry_history`` like the
+    heartbeat's retries, and a trial already retried DEFAULT_MAX_RETRY times is not queued (a
+    trial that kills its worker each time). The copy drops the ended run's ``fail_reason`` and
+    ``worker``."""
+    from kd_optuna.storage import DEFAULT_MAX_RETRY
+
+    system_attrs = {"failed_trial": trial.number, **trial.system_attrs}
+    if retry:
+        system_attrs["retry_history"] = [*system_attrs.get("retry_history", []), trial.number]
+        if len(system_attrs["retry_history"]) > DEFAULT_MAX_RETRY:
+            return False
+    else:
+        system_attrs["interrupted_trials"] = [*system_attrs.get("interrupted_trials", []), trial.number]
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (FAIL_REASON_ATTR, WORKER_ATTR)}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            user_attrs=user_attrs, system_attrs=system_attrs,
+        )
+    )
+    return True
 
 
 def _run_trial(storage, trial, objective, interrupt, name):
@@ -417,7 +489,7 @@ def _run_trial(storage, trial, objective, interrupt, name):
             return TrialState.PRUNED, None, None
         except KeyboardInterrupt:
             interrupt.in_objective = False
-            return TrialState.FAIL, None, "interrupted"
+            return TrialState.FAIL, None, INTERRUPTED
         except Exception as exc:
             interrupt.in_objective = False
             return TrialState.FAIL, None, f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"
@@ -458,30 +530,49 @@ def optimize(
     deadline = None if timeout is None else time.time() + timeout
     counts = count_states(storage, study._study_id)
     if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+        summary = summarize(study)
+        summary.target_met_before = True
         storage.engine.dispose()
-        return summarize(study)
+        return summary
 
     ctx = multiprocessing.get_context("spawn")
     host_lock = ctx.Lock()
     messages = ctx.Queue()
-    processes = []
-    for index in range(n_workers):
+
+    def start(index: int):
         args = WorkerArgs(
             storage_url, study_name, n_trials, deadline, WorkerContext(index, n_workers, device, threads),
             heartbeat_interval, grace_period, objective_factory, os.getpid(),
         )
         process = ctx.Process(target=worker_main, args=(args, host_lock, messages), name=f"kd-optuna-worker-{index}")
         process.start()
-        processes.append(process)
+        return process
+
+    slots = [start(index) for index in range(n_workers)]
+    processes = list(slots)  # every process started, replacements included
     if on_start is not None:
-        on_start([p.pid for p in processes])
+        on_start([p.pid for p in slots])
 
     errors: list[str] = []
+    deaths: list[str] = []
+    restarts = [0] * n_workers
     interrupted = False
     bar = _progress_bar(n_trials, progress)
     try:
-        while any(p.is_alive() for p in processes):
+        while True:
             _drain(messages, errors, bar)
+            for index, process in enumerate(slots):
+                if process.is_alive() or process.exitcode in _OWN_EXITS or getattr(process, "_kd_reported", False):
+                    continue
+                process._kd_reported = True
+                replacement = _replace_dead(index, process, restarts, study, storage, deadline, n_trials, start)
+                if replacement is not None:
+                    slots[index] = replacement
+                    processes.append(replacement)
+                deaths.append(_death_line(index, process, replacement, restarts[index]))
+                _say(f"kd-optuna: {deaths[-1]}", bar)
+            if not any(p.is_alive() for p in slots):
+                break
             _update_bar(bar, study)
             time.sleep(POLL_S)
     except KeyboardInterrupt:
@@ -501,11 +592,63 @@ def optimize(
             bar.close()
     messages.close()
     messages.join_thread()
+    for index, process in enumerate(slots):  # a worker that died after the loop's last look
+        if process.exitcode not in _OWN_EXITS and not getattr(process, "_kd_reported", False):
+            deaths.append(_death_line(index, process, None, restarts[index]))
+            _say(f"kd-optuna: {deaths[-1]}", None)
     summary = summarize(study)
-    summary.interrupted = interrupted or any(p.exitcode == 130 for p in processes)
+    summary.interrupted = interrupted or any(p.exitcode == 130 for p in slots)
     summary.worker_errors = errors
+    summary.worker_deaths = deaths
     storage.engine.dispose()
     return summary
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    """``killed by SIGKILL`` for a negative exit code (the signal), else ``exited with code N``."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _replace_dead(index, process, restarts, study, storage, deadline, n_trials, start):
+    """A worker died: fail and queue again its running trial now (not a grace period later),
+    and start a replacement in its slot unless the slot used its MAX_RESTARTS, the deadline
+    passed or the target is met. The replacement, or None."""
+    try:
+        _fail_orphans(study, storage, [process], reason=f"its worker {how_it_ended(process.exitcode)}")
+        counts = count_states(storage, study._study_id)
+    except DATABASE_ERRORS:  # the heartbeat fails its trial; the count is checked by the workers
+        counts = None
+    if restarts[index] >= MAX_RESTARTS or (deadline is not None and time.time() >= deadline):
+        return None
+    if counts is not None and counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+        return None
+    restarts[index] += 1
+    return start(index)
+
+
+def _death_line(index: int, process, replacement, restarted: int) -> str:
+    """e.g. ``worker 1 (pid 4242) killed by SIGKILL; restarted (1 of 3), now pid 4300``."""
+    line = f"worker {index} (pid {process.pid}) {how_it_ended(process.exitcode)}"
+    if replacement is not None:
+        return f"{line}; restarted ({restarted} of {MAX_RESTARTS}), now pid {replacement.pid}"
+    if restarted >= MAX_RESTARTS:
+        return f"{line}; not restarted: its slot was restarted {MAX_RESTARTS} times"
+    return f"{line}; not restarted"
+
+
+def _say(text_: str, bar) -> None:
+    """A line on stderr, above the progress bar when there is one."""
+    if bar is not None:
+        bar.write(text_, file=sys.stderr)
+    else:
+        print(text_, file=sys.stderr, flush=True)
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -567,16 +710,24 @@ def _stop_workers(processes, wait_s: float = 20.0) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _fail_orphans(study: optuna.Study, storage, processes) -> None:
-    """Fail RUNNING trials whose worker (one of ``processes``) has ended."""
+def _fail_orphans(study: optuna.Study, storage, processes, reason: str = INTERRUPTED) -> list[int]:
+    """Fail RUNNING trials whose worker (one of ``processes``) has ended, with ``fail_reason``
+    = ``reason``, and queue each again with its params; the failed trials' numbers.
+    A trial that finished meanwhile (told, or failed by a heartbeat check) is left alone."""
     host = socket.gethostname()
     ended = {f"{host}:{p.pid}" for p in processes if not p.is_alive()}
+    failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) in ended:
             try:
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except Exception:  # finished meanwhile
-                pass
+                storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
+                if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
+                continue
+            failed.append(trial.number)
+            queue_again(study, storage.get_trial(trial._trial_id), retry=reason != INTERRUPTED)
+    return failed
 
 
 def check_counts(values: Mapping[str, Any]) -> None:

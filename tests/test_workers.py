@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -230,3 +231,162 @@ def test_a_lock_left_held_by_a_dead_worker_is_dropped_with_a_message(monkeypatch
     with free:
         pass
     assert len(said) == 1
+
+
+_RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path[:0] = [{tests!r}, {repo!r}]
+    from conftest import TrivialObjective
+    from kd_optuna.workers import optimize
+    if __name__ == "__main__":
+        s = optimize({url!r}, "s", {n}, n_workers=2, objective_factory=TrivialObjective(sleep_s={sleep}), progress=False)
+        print(s.describe())
+        sys.exit(130 if s.interrupted else 0)
+    """
+)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_parent_queues_the_interrupted_trials_and_resume_runs_their_params(tmp_path):
+    """Issue 11.6: Ctrl-C while the first classics run; the resumed study runs them again."""
+    from kd_optuna.classics import classic_specs
+    from kd_optuna.space import DistillerSpec
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    script = tmp_path / "run.py"
+    script.write_text(_RESUME_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=4, sleep=60.0))
+    process = subprocess.Popen([sys.executable, str(script)], start_new_session=True, cwd=tmp_path,
+                               stdout=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    running = []
+    while time.time() < deadline and len(running) < 2:
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if len(t.params) == 8]
+        time.sleep(0.2)
+    assert len(running) == 2
+    os.kill(process.pid, signal.SIGINT)  # the parent only; it stops its workers
+    out, _ = process.communicate(timeout=90)
+    assert process.returncode == 130
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running)
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+    classics = set(classic_specs())
+    assert all(DistillerSpec.from_params(t.params) in classics for t in failed)  # the warm start
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["failed_trial"] for t in waiting) == sorted(t.number for t in failed)
+    assert "2 failed (2 interrupted), 2 queued to run again" in out
+
+    script.write_text(_RESUME_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=4, sleep=0.0))
+    assert subprocess.run([sys.executable, str(script)], cwd=tmp_path, timeout=300).returncode == 0
+    done = {t.number: t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
+    assert len(done) == 4
+    for original in failed:
+        rerun = [t for t in done.values() if t.system_attrs.get("failed_trial") == original.number]
+        assert len(rerun) == 1 and rerun[0].params == original.params
+        assert "fail_reason" not in rerun[0].user_attrs and rerun[0].system_attrs["interrupted_trials"] == [original.number]
+    assert not [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def _kill_first_worker_when_both_run(url: str, pids_box: list, killed: list) -> None:
+    storage = open_storage(url, heartbeat_interval=None)
+    study = optuna.load_study(study_name="s", storage=storage)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if pids_box:
+            victim, other = pids_box[0][:2]
+            owners = {t.user_attrs.get("worker", "").rsplit(":", 1)[-1]: t.number
+                      for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            with_params = {t.user_attrs.get("worker", "").rsplit(":", 1)[-1]
+                           for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if len(t.params) == 8}
+            if str(victim) in with_params and str(other) in owners:
+                os.kill(victim, signal.SIGKILL)
+                killed.append((victim, owners[str(victim)]))
+                return
+        time.sleep(0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SuggestThenWait:
+    """TrivialObjective whose first trial per worker suggests its params, then waits (at most
+    60 s) until ``workers`` workers have claimed trials."""
+
+    workers: int
+
+    def __call__(self, config, worker):
+        from conftest import _wait_for_workers
+
+        objective = TrivialObjective(sleep_s=0.2)(config, worker)
+        first = [True]
+
+        def run(trial):
+            value = objective(trial)
+            if first.pop() if first else False:
+                _wait_for_workers(trial.study, self.workers)
+            return value
+
+        return run
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_is_reported_and_replaced_and_the_replacement_runs_its_trial(tmp_path, capfd):
+    """Issue 11.7: SIGKILL one of two workers; the parent says which and how, restarts it, and
+    the dead worker's trial is failed at once and run again by the replacement."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    pids_box: list = []
+    killed: list = []
+    killer = threading.Thread(target=_kill_first_worker_when_both_run, args=(url, pids_box, killed), daemon=True)
+    killer.start()
+    # each worker's first trial waits until 3 workers have claimed trials: the two first and the replacement
+    summary = optimize(url, "s", 6, n_workers=2, objective_factory=SuggestThenWait(workers=3),
+                       progress=False, heartbeat_interval=20, on_start=pids_box.append)
+    killer.join(timeout=5)
+    assert killed, "no trial was running to kill"
+    victim, number = killed[0]
+    _, err = capfd.readouterr()
+    assert len(summary.worker_deaths) == 1
+    line = summary.worker_deaths[0]
+    assert line.startswith(f"worker 0 (pid {victim}) killed by SIGKILL; restarted (1 of 3), now pid ")
+    assert line in summary.describe() and f"kd-optuna: {line}" in err
+    replacement = line.rsplit(" ", 1)[-1]
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    assert trials[number].state == TrialState.FAIL
+    assert trials[number].user_attrs["fail_reason"] == "its worker killed by SIGKILL"  # the parent's, not the heartbeat's
+    retry = [t for t in trials.values() if t.system_attrs.get("failed_trial") == number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == trials[number].params
+    assert retry[0].user_attrs["worker"].endswith(f":{replacement}")
+    assert summary.finished == 6 and not [t for t in trials.values() if t.state == TrialState.RUNNING]
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfKillingObjective:
+    """Every trial SIGKILLs its own worker process, as the OOM killer would."""
+
+    def __call__(self, config, worker):
+        from kd_optuna.space import suggest_distiller
+
+        def objective(trial):
+            suggest_distiller(trial, config.space)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return objective
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_dying_is_restarted_three_times_and_its_trial_retried_three_times(tmp_path, capfd):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    summary = optimize(url, "s", 3, n_workers=1, objective_factory=SelfKillingObjective(), progress=False)
+    _, err = capfd.readouterr()
+    assert [d.split(") ", 1)[1] for d in summary.worker_deaths] == [
+        *(f"killed by SIGKILL; restarted ({k} of 3), now pid {d.rsplit(' ', 1)[-1]}"
+          for k, d in zip((1, 2, 3), summary.worker_deaths)),
+        "killed by SIGKILL; not restarted: its slot was restarted 3 times",
+    ]
+    assert err.count("kd-optuna: worker 0 (pid ") == 4
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4  # the trial and its 3 retries, then no more
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 1
+    assert summary.finished == 0 and "killed by SIGKILL" in summary.describe()
