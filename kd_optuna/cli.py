@@ -5,7 +5,8 @@
     kd-optuna trials | best | space [--study-name] [--storage] [-f table|json|yaml]
     kd-optuna train-teacher CONFIG [-o PATH] [--epochs N] [--device]
     kd-optuna correlate CONFIG [--n-candidates N] [-f]
-    kd-optuna dashboard [--storage] [--host 127.0.0.1] [--port 8080]
+    kd-optuna dashboard [--storage] [--host 127.0.0.1] [--port 8080] [--artifact-dir DIR]
+    kd-optuna report [--study-name] [--storage] [-o report.html]
     kd-optuna export [--study-name] [--storage] [--trial best|N] [-o train_best.py]
     kd-optuna compare [--study-name] [--storage] --methods searched,kd,... --seeds N [--epochs E] [-f]
 
@@ -94,6 +95,9 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
     study = optuna.create_study(storage=rdb, study_name=name, direction="minimize")
     try:
         study.set_user_attr(CONFIG_ATTR, loaded.to_json())
+        from kd_optuna.story import name_objective
+
+        name_objective(study)
     except BaseException:
         optuna.delete_study(study_name=name, storage=rdb)
         raise
@@ -120,6 +124,7 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads,
         storage, study.study_name, n_trials, n_workers=n_workers, timeout=timeout, device=device, threads=threads,
         heartbeat_interval=heartbeat, progress=progress,
     )
+    _refresh_story(study)
     best = "none yet" if summary.best_value is None else f"trial {summary.best_number}, score {summary.best_value:.5g}: {summary.best_formula}"
     click.echo(f"{summary.describe()}; best: {best}")
     if summary.interrupted:
@@ -127,6 +132,17 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads,
         sys.exit(130)
     if summary.worker_errors and summary.finished < n_trials:
         raise KdOptunaError(f"workers stopped early: {summary.worker_errors[-1]}")
+
+
+def _refresh_story(study, config=None) -> None:
+    """The study's figures, note and best script in optuna-dashboard (kd_optuna.story); a
+    failure is a warning, never the command's error: the trials are stored either way."""
+    from kd_optuna.story import refresh
+
+    try:
+        refresh(study, config)
+    except Exception as exc:  # noqa: BLE001 - the story is a view of the study, not the study
+        click.echo(f"warning: the dashboard story was not refreshed: {exc.__class__.__name__}: {exc}", err=True)
 
 
 def _trial_row(trial) -> dict[str, Any]:
@@ -355,17 +371,41 @@ def _best_distinct(study, n: int):
 @_storage_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the dashboard has no login.")
 @click.option("--port", type=int, default=8080, show_default=True)
-def dashboard(storage: str, host: str, port: int) -> None:
-    """Start optuna-dashboard on the storage (formula, metrics and a note per trial)."""
+@click.option("--artifact-dir", default=None, envvar="KD_OPTUNA_ARTIFACT_DIR",
+              help="Artifact store of the studies' exported scripts [default: DB.artifacts/ beside a sqlite:///DB; "
+                   "env KD_OPTUNA_ARTIFACT_DIR].")
+def dashboard(storage: str, host: str, port: int, artifact_dir: str | None) -> None:
+    """Start optuna-dashboard on the storage: figures, study note, best script, a note per trial."""
     from optuna_dashboard import run_server
 
     from kd_optuna.storage import mask_url, open_storage
+    from kd_optuna.story import artifact_dir as default_artifact_dir, artifact_store
 
     rdb = open_storage(storage, heartbeat_interval=None, must_exist=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: the dashboard on {host} is open to the network without a login", err=True)
+    directory = default_artifact_dir(storage, artifact_dir)
+    store = artifact_store(directory, create=directory is not None and artifact_dir is not None)
+    if store is None:
+        where = "give --artifact-dir" if directory is None else f"{directory} does not exist yet"
+        click.echo(f"note: no artifact store ({where}); exported scripts are not downloadable", err=True)
     click.echo(f"dashboard of {mask_url(storage)} on http://{host}:{port}/ (Ctrl-C to stop)")
-    run_server(rdb, host=host, port=port)
+    run_server(rdb, host=host, port=port, artifact_store=store)
+
+
+@cli.command()
+@_study_option
+@_storage_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="report.html", show_default=True)
+def report(study_name, storage, output) -> None:
+    """Write the study's figures and tables as one self-contained HTML page (no network needed)."""
+    from kd_optuna.report import write_report
+
+    _, study, config = _open(storage, study_name)
+    if Path(output).parent and not Path(output).parent.is_dir():
+        raise KdOptunaError(f"directory {str(Path(output).parent)!r} does not exist; create it or choose another -o")
+    path = write_report(Path(output), study, config)
+    click.echo(f"wrote {path}: open it in a browser")
 
 
 @cli.command()
@@ -444,6 +484,7 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
         bar.close()
     summaries, gains = comparing.summarise(runs)
     comparing.save_to_dashboard(study, runs, summaries, gains, spec.formula())
+    _refresh_story(study, config)
     if fmt == "json":
         click.echo(json.dumps(comparing.as_json(runs, summaries, gains), indent=2))
     else:

@@ -237,7 +237,7 @@ def as_json(runs: Sequence[Run], summaries, gains) -> dict[str, Any]:
 def save_to_dashboard(study: Any, runs: Sequence[Run], summaries, gains, formula: str) -> None:
     """The results as the study's note and a figure in optuna-dashboard (one box per method)."""
     import plotly.graph_objects as go
-    from optuna_dashboard import save_note, save_plotly_graph_object
+    from optuna_dashboard import save_plotly_graph_object
 
     figure = go.Figure()
     for s in summaries:
@@ -246,7 +246,9 @@ def save_to_dashboard(study: Any, runs: Sequence[Run], summaries, gains, formula
     figure.update_layout(title="kd-optuna compare: last-epoch test top-1 per method (each point a seed)",
                          yaxis_title="top-1 (%)")
     save_plotly_graph_object(study, figure, graph_object_id="kd_optuna_compare")
-    save_note(study, "## kd-optuna compare\n\n"
-              f"searched distiller: `{formula}`\n\n" + format_table(summaries, gains) +
-              "\n\nEach run: the study's [train] recipe, one seed, the same for every method "
-              "(`kd-optuna compare` to add seeds or methods).\n")
+    from kd_optuna import story
+
+    # the study note is the story's: task, best distillers, and this table among them
+    note = story.build(study)
+    note.compare_formula = formula
+    story.write_note(study, story=note)

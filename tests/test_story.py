@@ -1,0 +1,232 @@
+"""The study's story as a user sees it: optuna-dashboard's API (the browser's requests) on a
+study after refresh, and the self-contained report page.
+
+Trials are written with optuna.trial.create_trial (no training): a few classics, mutation and
+crossover children with lineage attrs, rejected candidates, and compare runs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from conftest import create_kd_study, invoke_cli
+from kd_optuna import compare, story
+from kd_optuna.classics import CLASSICS
+from kd_optuna.space import GENES, DistillerSpec
+from kd_optuna.storage import study_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def _distributions(config):
+    return {gene: CategoricalDistribution(list(config.space.options[gene])) for gene in GENES}
+
+
+def _trial(config, spec: DistillerSpec, value=None, state=TrialState.COMPLETE, **attrs):
+    user_attrs = {"spec": spec.key, "formula": spec.formula(), **attrs}
+    if state == TrialState.COMPLETE:
+        user_attrs.update(val_ce=value * 0.8, cka_gap=value * 0.1, val_acc=1 - value, sharpness_gap=0.01,
+                          proxy_seconds=1.5)
+    return create_trial(state=state, value=value if state == TrialState.COMPLETE else None,
+                        params=spec.to_params(), distributions=_distributions(config), user_attrs=user_attrs)
+
+
+def _vary(spec: DistillerSpec, **genes) -> DistillerSpec:
+    return DistillerSpec.from_params({**spec.to_params(), **genes})
+
+
+def story_study(url: str, with_compare: bool = True) -> optuna.Study:
+    """Trials 0-3 classics (sp rejected), 4-5 mutations, 6 a crossover, 7 rejected random."""
+    study = create_kd_study(url)
+    config = study_config(study)
+    kd, kd_ls, fitnets, sp = (CLASSICS[n][0] for n in ("kd", "kd_ls", "fitnets", "sp"))
+    study.add_trial(_trial(config, kd, 0.30, proposer="classic", parent=None, mutated=[]))
+    study.add_trial(_trial(config, kd_ls, 0.26, proposer="classic", parent=None, mutated=[]))
+    study.add_trial(_trial(config, fitnets, 0.40, proposer="classic", parent=None, mutated=[]))
+    study.add_trial(_trial(config, sp, state=TrialState.PRUNED, proposer="classic", parent=None, mutated=[],
+                           reject_reason="not_decreasing"))
+    child = _vary(kd_ls, temperature=8)
+    study.add_trial(_trial(config, child, 0.22, proposer="mutation", parent=1, mutated=["temperature"],
+                           space_state={"basis": 4, "dropped": {"distance": ["l1"]}, "damped": {}},
+                           predictor={"winner": "mutation", "rho": {"mutation": 0.25, "random": 0.31}}))
+    grandchild = _vary(child, magnitude=25)
+    study.add_trial(_trial(config, grandchild, 0.21, proposer="mutation", parent=4, mutated=["magnitude"]))
+    cross = _vary(grandchild, knowledge="emb")
+    study.add_trial(_trial(config, cross, 0.25, proposer="crossover", parent=5, crossover_parent=2,
+                           mutated=["knowledge"]))
+    study.add_trial(_trial(config, _vary(kd, distance="l1"), state=TrialState.PRUNED, proposer="random",
+                           parent=None, mutated=[], reject_reason="nan_loss"))
+    if with_compare:
+        for method, base in (("searched", 75.0), ("kd", 73.0)):
+            for seed in range(3):
+                run = compare.Run(method, seed, base + seed * 0.5, base, 1,
+                                  grandchild.key if method == "searched" else method, 1.0)
+                study.set_user_attr(f"{compare.RUN_ATTR_PREFIX}{method}{seed}", asdict(run))
+    return study
+
+
+def _get(app, path: str) -> tuple[str, bytes, dict]:
+    """GET ``path`` from the WSGI ``app`` as a browser would: (status, body, headers)."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ: dict = {"PATH_INFO": path.split("?")[0], "QUERY_STRING": path.partition("?")[2],
+                     "REQUEST_METHOD": "GET", "wsgi.input": io.BytesIO()}
+    setup_testing_defaults(environ)
+    answer: dict = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer["status"], answer["headers"] = status, dict(headers)
+
+    body = b"".join(app(environ, start_response))
+    return answer["status"], body, answer["headers"]
+
+
+def _json(app, path: str):
+    status, body, _ = _get(app, path)
+    assert status.startswith("200"), (path, status, body[:300])
+    return json.loads(body)
+
+
+def test_dashboard_shows_the_story(tmp_path, monkeypatch):
+    """After refresh, the study page's API has the figures, the named objective, the note with
+    the best distillers, classics, compare table and commands, the metric columns, and the
+    best trial's script listed and downloadable."""
+    from optuna_dashboard import wsgi
+
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    db = tmp_path / "s.db"
+    url = f"sqlite:///{db}"
+    study = story_study(url)
+    refreshed = story.refresh(study)
+    assert refreshed.artifact is not None and refreshed.artifact["trial"] == 5
+    store_dir = tmp_path / "s.db.artifacts"
+    assert (store_dir / refreshed.artifact["artifact_id"]).is_file()
+
+    # what `kd-optuna dashboard` serves: the storage with the artifact store beside it
+    app = wsgi(url, artifact_store=story.artifact_store(story.artifact_dir(url)))
+    assert _json(app, "/api/meta")["artifact_is_available"] is True
+    studies = _json(app, "/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["s"]
+    detail = _json(app, f"/api/studies/{studies[0]['study_id']}")
+
+    figures = {g["id"]: json.loads(g["graph_object"]) for g in detail["plotly_graph_objects"]}
+    assert set(figures) == set(story.FIGURE_IDS.values())
+    progress = figures["kd_optuna_progress"]
+    names = [t.get("name", "") for t in progress["data"]]
+    assert "best so far" in names and any(n.startswith("vanilla KD (trial 0): 0.3") for n in names)
+    best_line = next(t for t in progress["data"] if t.get("name") == "best so far")
+    assert best_line["y"] == [0.30, 0.26, 0.26, 0.22, 0.21, 0.21]
+    assert "sp (rejected: not_decreasing)" in progress["layout"]["title"]["text"]
+    genes = figures["kd_optuna_genes"]
+    distance_weights = next(t for t in genes["data"] if t["type"] == "bar" and t["yaxis"] == "y10")
+    assert len([t for t in genes["data"] if t["type"] == "bar"]) == len(GENES)
+    assert all(0 <= w <= 1 for w in distance_weights["y"])
+    lineage = figures["kd_optuna_lineage"]
+    edges = next(t for t in lineage["data"] if t.get("name") == "parent → child")
+    assert [edges["x"][i:i + 2] for i in range(0, len(edges["x"]), 3)] == [[1, 4], [4, 5], [5, 6]]
+    crossover_edges = next(t for t in lineage["data"] if t.get("name") == "crossover's second parent")
+    assert crossover_edges["x"][:2] == [2, 6]
+    labels = next(t for t in lineage["data"] if t.get("name") == "mutated genes")["text"]
+    assert labels == ["temperature", "magnitude", "knowledge"]
+    rejections = figures["kd_optuna_rejections"]
+    assert {t["name"] for t in rejections["data"]} == {"completed (6)", "rejected: nan_loss (1)",
+                                                        "rejected: not_decreasing (1)"}
+    compare_box = figures["kd_optuna_compare"]
+    assert {t["name"] for t in compare_box["data"]} == {"searched", "kd"}
+
+    assert detail["objective_names"] == [story.OBJECTIVE_NAME]
+    columns = {a["key"]: a["sortable"] for a in detail["union_user_attrs"]}
+    assert all(columns[name] for name in ("val_ce", "cka_gap", "val_acc"))
+
+    note = detail["note"]["body"]
+    assert "digits_teacher" in note and "digits_student" in note
+    assert "| 1 | 5 | 0.21 |" in note
+    # a formula's "||" is escaped inside the table, so the row keeps its columns
+    assert DistillerSpec.from_params(study.trials[5].params).formula().replace("|", "\\|") in note
+    assert "| kd | 0 | 0.3 | -0.09 |" in note and "| sp | 3 | rejected: not_decreasing |" in note
+    assert "## kd-optuna compare" in note and "| searched | 3 | 75.50 +- 0.50 |  |  |" in note
+    assert "| kd | 3 | 73.50 +- 0.50 | +2.00 [+2.00, +2.00] | 3/3 |" in note
+    assert f"kd-optuna export --study-name s --storage {url} --trial 5 -o train_best.py" in note
+    assert "kd-optuna compare --study-name s" in note and "kd-optuna report --study-name s" in note
+    assert refreshed.artifact["url"] in note
+
+    best_trial = next(t for t in detail["trials"] if t["number"] == 5)
+    assert [a["filename"] for a in best_trial["artifacts"]] == ["train_trial5.py"]
+    assert all(not t["artifacts"] for t in detail["trials"] if t["number"] != 5)
+    status, body, _ = _get(app, refreshed.artifact["url"])
+    assert status.startswith("200")
+    assert "kd-optuna" in body.decode() and DistillerSpec.from_params(study.trials[5].params).key in body.decode()
+    compile(body.decode(), "train_trial5.py", "exec")
+
+    # a second refresh with the same best trial uploads nothing new
+    again = story.refresh(study)
+    assert again.artifact["artifact_id"] == refreshed.artifact["artifact_id"]
+    assert sorted(p.name for p in store_dir.iterdir()) == [refreshed.artifact["artifact_id"]]
+
+
+def test_note_follows_a_new_best_and_compare_writes_it(tmp_path, monkeypatch):
+    """A new best trial gets its own script; compare.save_to_dashboard writes the story's note."""
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    first = story.refresh(study)
+    assert "## kd-optuna compare" not in first.note and "kd_optuna_compare" not in first.figures
+    config = study_config(study)
+    better = _vary(DistillerSpec.from_params(study.trials[5].params), transform1="zscore")
+    study.add_trial(_trial(config, better, 0.10, proposer="mutation", parent=5, mutated=["transform1"]))
+    second = story.refresh(study)
+    assert second.artifact["trial"] == 8 and second.artifact["artifact_id"] != first.artifact["artifact_id"]
+    assert "| 1 | 8 | 0.1 |" in second.note
+
+    runs = [compare.Run("searched", 0, 70.0, 70.0, 1, better.key, 1.0), compare.Run("kd", 0, 69.0, 69.0, 1, "kd", 1.0)]
+    for i, run in enumerate(runs):
+        study.set_user_attr(f"{compare.RUN_ATTR_PREFIX}r{i}", asdict(run))
+    summaries, gains = compare.summarise(runs)
+    compare.save_to_dashboard(study, runs, summaries, gains, better.formula())
+    from optuna_dashboard import get_note
+
+    note = get_note(study)
+    assert note.startswith("# kd-optuna study `s`") and "## Best distillers" in note
+    assert f"searched distiller: `{better.formula()}`" in note and "| kd | 1 | 69.00 +- 0.00 |" in note
+    assert second.artifact["url"] in note
+
+
+def test_postgres_like_storage_without_artifact_dir_gets_none(tmp_path, monkeypatch):
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    assert story.artifact_dir("postgresql://u:p@h/db") is None
+    assert story.artifact_dir("postgresql://u:p@h/db", tmp_path / "a") == tmp_path / "a"
+    monkeypatch.setenv(story.ARTIFACT_DIR_ENV, str(tmp_path / "b"))
+    assert story.artifact_dir("postgresql://u:p@h/db") == tmp_path / "b"
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV)
+    assert story.artifact_dir("sqlite:///x/y.db") == Path("x/y.db.artifacts")
+
+
+def test_report_is_one_self_contained_page(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url)
+    out = tmp_path / "report.html"
+    code, stdout, stderr = invoke_cli(capsys, "report", "--storage", url, "-o", str(out))
+    assert code == 0, stderr
+    assert str(out) in stdout
+    html = out.read_text(encoding="utf-8")
+    assert not re.search(r"<script[^>]+src\s*=", html, re.I)
+    assert not re.search(r"<link[^>]+href\s*=\s*[\"']?https?:", html, re.I)
+    assert not re.search(r"<img[^>]+src\s*=\s*[\"']?https?:", html, re.I)
+    assert html.count("Plotly.newPlot") == len(story.FIGURE_IDS)
+    for graph_id in story.FIGURE_IDS.values():
+        assert f'id="{graph_id}"' in html
+    assert "plotly.js v" in html  # the library itself is inline
+    formula = DistillerSpec.from_params(study.trials[5].params).formula()
+    assert formula.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in html
+    assert '<td class="num">75.50 +- 0.50</td>' in html and "<td>searched</td>" in html
+    assert "kd-optuna export --study-name s" in html
