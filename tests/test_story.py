@@ -230,3 +230,43 @@ def test_report_is_one_self_contained_page(tmp_path, capsys, monkeypatch):
     assert formula.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in html
     assert '<td class="num">75.50 +- 0.50</td>' in html and "<td>searched</td>" in html
     assert "kd-optuna export --study-name s" in html
+
+
+def test_kd_optuna_dashboard_serves_the_best_script(tmp_path, monkeypatch):
+    """`kd-optuna dashboard` (a real server process) finds the artifact store beside the
+    SQLite file, so the best trial's script downloads from the URL in the study note."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    refreshed = story.refresh(study)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "kd_optuna.cli", "dashboard", "--storage", url, "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        meta = None
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/meta", timeout=2) as response:
+                    meta = json.loads(response.read())
+                    break
+            except OSError:
+                if process.poll() is not None:
+                    break
+                time.sleep(0.5)
+        assert meta is not None, process.stdout.read().decode() if process.poll() is not None else "no answer"
+        assert meta["artifact_is_available"] is True
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{refreshed.artifact['url']}", timeout=10) as response:
+            script = response.read().decode()
+        assert script == (tmp_path / "s.db.artifacts" / refreshed.artifact["artifact_id"]).read_text()
+        assert DistillerSpec.from_params(study.trials[5].params).key in script
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
