@@ -86,10 +86,18 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
     loaded = dataclasses.replace(loaded, study=StudySection(name=name))
     rdb = open_storage(storage, heartbeat_interval=None)
     if name in study_names(rdb):
+        from kd_optuna.workers import summarize
+
+        existing = load_study(rdb, name, storage)
+        study_config(existing)
+        held = f"{summarize(existing).finished} finished trials"
         if not skip_if_exists:
-            raise StorageError(f"study {name!r} already exists; pass --skip-if-exists to keep it, or another --study-name")
-        study_config(load_study(rdb, name, storage))
-        click.echo(f"study {name!r} exists; kept it")
+            raise StorageError(
+                f"study {name!r} already exists with {held}; continue it with "
+                f"`kd-optuna optimize --study-name {name} --n-trials N` (N counts the study's total), "
+                "or pass --skip-if-exists to keep it, or give another --study-name"
+            )
+        click.echo(f"study {name!r} exists with {held}; kept it and its stored config")
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=rdb, study_name=name, direction="minimize")
@@ -120,13 +128,31 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads,
 
     check_counts({"--n-trials": n_trials, "--n-workers": n_workers, "--threads": threads, "--heartbeat": heartbeat})
     _, study, _ = _open(storage, study_name)
+
+    def train_missing_teacher(config) -> None:
+        """Train the study's teacher here, once, with its bar: the workers then read the cache."""
+        from kd_optuna.task import cached_teacher_checkpoint
+        from kd_optuna.workers import WorkerContext
+
+        if config.teacher.checkpoint is None:
+            cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
+                                      config.data.root, config.data.download,
+                                      str(WorkerContext(0, n_workers, device, threads).torch_device()),
+                                      progress=progress)
+
     summary = run(
         storage, study.study_name, n_trials, n_workers=n_workers, timeout=timeout, device=device, threads=threads,
-        heartbeat_interval=heartbeat, progress=progress,
+        heartbeat_interval=heartbeat, progress=progress, before_workers=train_missing_teacher,
     )
     _refresh_story(study)
     best = "none yet" if summary.best_value is None else f"trial {summary.best_number}, score {summary.best_value:.5g}: {summary.best_formula}"
     click.echo(f"{summary.describe()}; best: {best}")
+    if summary.target_met_before:
+        click.echo(
+            f"nothing to run: the study already holds {summary.finished} finished trials >= --n-trials {n_trials}; "
+            f"--n-trials counts the study's total, so give a larger one to add trials "
+            f"(e.g. --n-trials {summary.finished + n_trials} adds {n_trials})", err=True,
+        )
     if summary.interrupted:
         click.echo("interrupted; run the same command to resume", err=True)
         sys.exit(130)

@@ -23,20 +23,28 @@ DEMO_TIMEOUT_S = 180
 STUDY = "digits"
 
 
-def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: float = DEMO_TIMEOUT_S) -> int:
+def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: float = DEMO_TIMEOUT_S,
+        config: str = "digits") -> int:
+    """The demo on study ``digits`` of ``storage``, made from ``config`` (a shipped name or a
+    TOML file; tests give a tiny one) unless it exists; 0, or 1 / 130 as the search ended."""
     from kd_optuna.cli import best_trial, main as cli_main
     from kd_optuna.storage import load_study, open_storage, study_config
     from kd_optuna.task import cached_teacher_checkpoint
     from kd_optuna.workers import optimize, summarize
 
     click.echo("1/4 study: digits (digits_teacher -> digits_student), storage " + storage)
-    cli_main(["create-study", "digits", "--storage", storage, "--study-name", STUDY, "--skip-if-exists"])
+    try:
+        cli_main(["create-study", config, "--storage", storage, "--study-name", STUDY, "--skip-if-exists"])
+    except SystemExit as exc:  # the CLI has printed its one-line error
+        if exc.code:
+            return int(exc.code) if isinstance(exc.code, int) else 2
     rdb = open_storage(storage, heartbeat_interval=None)
     study = load_study(rdb, STUDY, storage)
     config = study_config(study)
     if config.teacher.checkpoint is None:
         click.echo("2/4 teacher: trained once, then read from .kd_optuna_cache/")
-        path = cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"))
+        path = cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
+                                         config.data.root, config.data.download, progress=True)
         click.echo(f"    teacher checkpoint: {path}")
     else:
         click.echo(f"2/4 teacher: {config.teacher.checkpoint}")

@@ -215,7 +215,7 @@ class Task:
 
 def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, root=None,
                               download: bool = False, device: str | None = None, *, seed: int = 0,
-                              training: Mapping[str, Any] | None = None) -> Path:
+                              training: Mapping[str, Any] | None = None, progress: bool = False) -> Path:
     """A teacher trained with ``kd_optuna.teachers.train_teacher``, once per cache folder and key.
 
     The checkpoint is ``cache_dir/teacher-<dataset>-<model>-<key>.pt``, ``key`` naming all
@@ -225,7 +225,7 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
     the older name ``teacher-<dataset>-<model>.pt`` (what ``kd-optuna train-teacher`` writes)
     is reused only when its metadata records the same key. Every reuse says so in one line,
     with the path. Workers starting at once wait on a lock while the first trains it
-    (train_teacher writes it atomically).
+    (train_teacher writes it atomically). ``progress``: an epoch bar on stderr while training.
     """
     import re
 
@@ -270,7 +270,7 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
             log.warning("not reusing %s: it records no training on %s %s with this recipe and seed", legacy,
                         dataset, where)
         log.warning("no teacher checkpoint given: training %s on %s %s into %s", model_name, dataset, where, path)
-        train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=False,
+        train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=progress,
                       seed=seed, **overrides)
     return path
 

@@ -515,10 +515,13 @@ def optimize(
     objective_factory: ObjectiveFactory = task_objective,
     progress: bool = True,
     on_start: Callable[[list[int]], None] | None = None,
+    before_workers: Callable[[StudyConfig], None] | None = None,
 ) -> Summary:
     """Run ``n_workers`` processes on the study until it holds ``n_trials`` finished trials,
     ``timeout`` seconds pass, or Ctrl-C; returns the study's summary. ``threads``: torch CPU
-    threads per worker (None: the cores split evenly)."""
+    threads per worker (None: the cores split evenly). ``before_workers(config)`` runs once
+    here when there are trials to run, before any worker starts (the CLI trains a missing
+    teacher there, with a progress bar)."""
     if n_trials < 1 or n_workers < 1 or (threads is not None and threads < 1):
         raise KdOptunaError("--n-trials, --n-workers and --threads must be at least 1")
     if timeout is not None and timeout <= 0:
@@ -534,6 +537,8 @@ def optimize(
         summary.target_met_before = True
         storage.engine.dispose()
         return summary
+    if before_workers is not None:
+        before_workers(config)
 
     ctx = multiprocessing.get_context("spawn")
     host_lock = ctx.Lock()

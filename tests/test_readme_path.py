@@ -1,0 +1,94 @@
+"""README's own sequence, as a user runs it on a fresh clone: `make demo`, then "Using it" in order.
+
+The demo runs on a tiny copy of the digits config (a few trials); README's `--n-trials 100
+--n-workers 4` become the demo's count + 2 and 2 workers, and `dashboard` (a server) and
+`correlate digits` (hours of final training) are left out; everything else is README's line.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import invoke_cli, tiny_digits_toml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def readme_commands(section: str = "## Using it") -> list[str]:
+    """The command lines of the first bash block under ``section`` of README.md, comments cut."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    body = text.split(section, 1)[1]
+    block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith(".")]
+
+
+def _finished(url: str) -> int:
+    study = optuna.load_study(study_name="digits", storage=url)
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+@pytest.mark.slow
+def test_readme_steps_run_in_order_after_make_demo(tmp_path, monkeypatch, capsys):
+    from kd_optuna import demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KD_OPTUNA_STORAGE", raising=False)
+    url = "sqlite:///kd_optuna.db"  # README's default storage, in the clone's folder
+    tiny = tmp_path / "digits_tiny.toml"
+    tiny.write_text(tiny_digits_toml())
+
+    # make demo (python -m kd_optuna.demo), on the tiny config
+    assert demo.run(n_trials=3, timeout=600, config=str(tiny)) == 0
+    out, err = capsys.readouterr()
+    assert "4/4 best distiller" in out
+    assert "teacher digits_teacher" in err and "epoch" in err  # the teacher's progress bar
+    held = _finished(url)
+    assert held >= 3
+
+    commands = readme_commands()
+    assert commands[0] == "kd-optuna create-study digits --skip-if-exists"
+    ran = []
+    for line in commands:
+        args = shlex.split(line)
+        if args[0] == "python":
+            result = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0 and "usage" in result.stdout.lower(), result.stderr
+            ran.append(args[1])
+            continue
+        assert args[0] == "kd-optuna"
+        if args[1] in ("dashboard", "correlate"):
+            continue
+        if args[1] == "optimize":
+            args[args.index("--n-trials") + 1] = str(held + 2)
+            args[args.index("--n-workers") + 1] = "2"
+        code, out, err = invoke_cli(capsys, *args[1:])
+        assert code == 0, f"{line}: {err}"
+        ran.append(args[1])
+        if args[1] == "create-study":
+            assert f"study 'digits' exists with {held} finished trials; kept it" in out
+        if args[1] == "optimize":
+            assert _finished(url) == held + 2 and f"{held + 2} finished" in out
+        if args[1] == "trials":
+            assert "canonical_form" in out.splitlines()[0]
+    assert ran == ["create-study", "optimize", "trials", "best", "space", "export", "train_best.py"]
+    assert Path("train_best.py").is_file()
+
+    # the issue's path: create-study without --skip-if-exists, then an --n-trials the study already holds
+    code, _, err = invoke_cli(capsys, "create-study", "digits")
+    assert code == 2 and err.count("\n") == 1
+    assert f"study 'digits' already exists with {held + 2} finished trials" in err
+    assert "kd-optuna optimize --study-name digits --n-trials N` (N counts the study's total)" in err
+    code, out, err = invoke_cli(capsys, "optimize", "--study-name", "digits", "--n-trials", "2", "--no-progress")
+    assert code == 0 and out.startswith(f"{held + 2} finished")
+    assert (f"the study already holds {held + 2} finished trials >= --n-trials 2; --n-trials counts the study's "
+            f"total, so give a larger one to add trials (e.g. --n-trials {held + 4} adds 2)") in err
+    assert _finished(url) == held + 2
