@@ -182,7 +182,15 @@ def _trial_row(trial) -> dict[str, Any]:
         "val_ce": attrs.get("val_ce"),
         "reject_reason": attrs.get("reject_reason") or attrs.get("fail_reason"),
         "seconds": trial.duration.total_seconds() if trial.duration else None,
+        "canonical_form": "; ".join(_canonical_notes(trial)),
     }
+
+
+def _canonical_notes(trial) -> list[str]:
+    """Why the trial's params show a transform or T/lambda its canonical spec does not compute."""
+    from kd_optuna.workers import canonical_notes
+
+    return canonical_notes(trial.params)
 
 
 def _trial_record(trial) -> dict[str, Any]:
@@ -191,6 +199,7 @@ def _trial_record(trial) -> dict[str, Any]:
         "state": trial.state.name,
         "value": trial.value,
         "params": dict(trial.params),
+        "canonical_notes": _canonical_notes(trial),
         "user_attrs": dict(trial.user_attrs),
         "datetime_start": str(trial.datetime_start) if trial.datetime_start else None,
         "datetime_complete": str(trial.datetime_complete) if trial.datetime_complete else None,
@@ -274,6 +283,7 @@ def best(study_name, storage, fmt) -> None:
                 {"key": "formula", "value": attrs.get("formula")}, {"key": "spec", "value": attrs.get("spec")}]
         rows += [{"key": k, "value": attrs[k]} for k in ("val_acc", "val_ce", "sharpness_gap", "cka_gap", "proxy_seconds") if k in attrs]
         rows += [{"key": k, "value": v} for k, v in trial.params.items()]
+        rows += [{"key": "canonical form", "value": note} for note in record["canonical_notes"]]
         _emit(None, fmt, rows)
     else:
         _emit(record, fmt)
@@ -360,10 +370,28 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
     recipe = {**script_defaults(loaded), "device": str(target)}
     if epochs is not None:
         recipe.update(epochs=epochs, milestones=[m for m in recipe["milestones"] if m < epochs])
-    result = run(task, exported_training(recipe, threads), n_candidates=n_candidates,
-                 final_seeds=tuple(range(final_seeds)), seed=seed, threads=threads, candidates=candidates,
-                 top_margin=top_margin, progress=lambda line: click.echo(line, err=True),
-                 final_name=f"exported training, {recipe['epochs']} epochs")
+    from tqdm.auto import tqdm
+
+    from kd_optuna.classics import CLASSICS
+
+    # one step per candidate; vanilla KD is added to a study's candidates when they lack it
+    total = n_candidates if candidates is None else len(candidates) + all(
+        spec.key != CLASSICS["kd"][0].key for _, spec, _ in candidates)
+    bar = tqdm(total=total, desc="correlate", unit="candidate", file=sys.stderr, dynamic_ncols=True)
+
+    def on_candidate(line: str) -> None:
+        bar.write(line, file=sys.stderr)
+        if bar.n >= bar.total:  # never shown past 100%
+            bar.total = bar.n + 1
+        bar.update(1)
+
+    try:
+        result = run(task, exported_training(recipe, threads), n_candidates=n_candidates,
+                     final_seeds=tuple(range(final_seeds)), seed=seed, threads=threads, candidates=candidates,
+                     top_margin=top_margin, progress=on_candidate,
+                     final_name=f"exported training, {recipe['epochs']} epochs")
+    finally:
+        bar.close()
     if fmt == "table":
         click.echo(format_table(result))
     else:

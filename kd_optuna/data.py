@@ -108,8 +108,10 @@ class DatasetSplits:
     def loader(
         self, split: str, batch_size: int, *, shuffle: bool | None = None, num_workers: int = 0, seed: int = 0
     ) -> DataLoader:
-        """A DataLoader over ``split``; the train split shuffles (seeded) and augments by default."""
+        """A DataLoader over ``split``; the train split shuffles (seeded) and augments by default.
+        ``num_workers`` is capped at the cores this process may use (``usable_cores()``)."""
         dataset = {"train": self.train, "val": self.val, "test": self.test}[_check_split(split)]
+        num_workers = min(num_workers, usable_cores())
         shuffle = split == "train" if shuffle is None else shuffle
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(
@@ -121,6 +123,14 @@ class DatasetSplits:
             pin_memory=torch.cuda.is_available(),
             persistent_workers=num_workers > 0,
         )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one): more
+    DataLoader workers than that only compete for them, and torch warns once per loader."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _check_split(split: str) -> str:
@@ -298,10 +308,16 @@ def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float
         base_train = cls(str(root), train=True, download=download)
         base_test = cls(str(root), train=False, download=False)
     except RuntimeError:
-        state = "is missing or corrupt (md5 mismatch)" if folder.exists() else "is missing"
+        if folder.exists():
+            state = ("is corrupt or not the official release: its files fail torchvision's md5 check, "
+                     "which refuses any other file (a self-made or re-pickled one too)")
+        else:
+            state = "is missing"
+        fetch = ("downloading did not fix it; delete the folder and try again, or"
+                 if download else "set `download = true` under [data] in the study config (download=True in Python), or")
         raise DataError(
-            f"{label} at {folder} {state}: load it with download=True (the CLI's --download) or "
-            f"extract {cls.filename} from {cls.url} into {root}"
+            f"{label} at {folder} {state}: {fetch} place the genuine files: extract {cls.filename} "
+            f"from {cls.url} into {root}"
         ) from None
     except OSError as exc:
         raise DataError(f"could not download {label} into {root}: {exc}; copy {cls.filename} there by hand") from None

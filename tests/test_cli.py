@@ -244,3 +244,42 @@ def test_fuzzed_configs_exit_0_or_2_with_one_line_and_no_storage_on_error(tmp_pa
     if code == 2:
         assert err.startswith("kd-optuna: error: ") and err.count("\n") == 1 and "Traceback" not in err
         assert not db.exists()
+
+
+def test_trials_and_best_say_why_the_canonical_form_drops_a_transform(study_url, capsys):
+    """Issue 11.9: params showing satt on logits (a rank no-op) say so in every listing."""
+    from kd_optuna.space import DistillerSpec
+
+    spec = DistillerSpec("logit", "satt", "no", "no", "l2", "no", 1, 1)
+    notes = spec.canonical_notes()
+    assert notes and "satt" in notes[0]
+    distributions = {g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}
+    study = optuna.load_study(study_name="digits_tiny", storage=study_url)
+    study.add_trial(optuna.trial.create_trial(params=spec.to_params(), distributions=distributions, value=0.2,
+                                              user_attrs={"formula": spec.formula(), "spec": spec.key}))
+    code, out, _ = run(capsys, "trials", "--storage", study_url)
+    assert code == 0 and "canonical_form" in out.splitlines()[0] and notes[0] in out
+    code, out, _ = run(capsys, "trials", "--storage", study_url, "-f", "json")
+    assert json.loads(out)[0]["canonical_notes"] == notes
+    code, out, _ = run(capsys, "best", "--storage", study_url)
+    assert code == 0 and any(line.startswith("canonical form") and notes[0] in line for line in out.splitlines())
+    code, out, _ = run(capsys, "best", "--storage", study_url, "-f", "json")
+    assert json.loads(out)["canonical_notes"] == notes
+
+
+@pytest.mark.slow
+def test_correlate_from_a_study_shows_a_progress_bar_per_candidate(study_url, capsys):
+    """Issue 11.9: `kd-optuna correlate` shows a tqdm bar over its candidates on stderr."""
+    study = optuna.load_study(study_name="digits_tiny", storage=study_url)
+    distributions = {g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}
+    for value, name in ((0.4, "kd"), (0.45, "fitnets")):
+        spec = CLASSICS[name][0]
+        study.add_trial(optuna.trial.create_trial(
+            params=spec.to_params(), distributions=distributions, value=value,
+            user_attrs={"formula": spec.formula(), "spec": spec.key, "val_ce": value, "val_acc": 0.9,
+                        "sharpness_gap": value / 10, "cka_gap": value / 5, "val_ce_raw": value}))
+    code, out, err = run(capsys, "correlate", "--from-study", "digits_tiny", "--storage", study_url,
+                         "--final-seeds", "1", "--epochs", "1", "--threads", "1", "-f", "json")
+    assert code == 0, err
+    assert len(json.loads(out)["candidates"]) == 2
+    assert "correlate:" in err and "2/2" in err and "candidate" in err

@@ -165,3 +165,39 @@ def test_digits_hard_is_a_fixed_corruption_of_the_same_splits():
     x_clean, x_hard = clean.tensors("test")[0], hard.tensors("test")[0]
     assert x_hard.shape == x_clean.shape and not torch.allclose(x_hard, x_clean, atol=0.1)
     assert abs(x_hard.mean()) < 0.1 and abs(x_hard.std() - 1) < 0.1
+
+
+def test_a_self_made_cifar_file_names_the_config_fix_not_a_missing_flag(tmp_path, capsys, monkeypatch):
+    """Issue 11.9: `kd-optuna train-teacher` on a self-made CIFAR-100 file (genuine md5s
+    expected) exits 2 with one line naming [data] download = true or the genuine files."""
+    from conftest import invoke_cli
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "cifar-100-python"
+    folder.mkdir(parents=True)
+    batch = {"data": np.zeros((4, 3072), dtype=np.uint8), "fine_labels": [0, 1, 2, 3], "coarse_labels": [0] * 4,
+             "filenames": ["a", "b", "c", "d"], "batch_label": "self-made"}
+    for name in ("train", "test"):
+        _write_pickle(folder / name, batch)
+    _write_pickle(folder / "meta", {"fine_label_names": ["a", "b", "c", "d"], "coarse_label_names": ["x"]})
+    config = tmp_path / "c.toml"
+    config.write_text('[data]\ndataset = "cifar100"\nroot = "data"\n[teacher]\nmodel = "resnet8"\n'
+                      '[student]\nmodel = "resnet8"\n')
+    code, _, err = invoke_cli(capsys, "train-teacher", str(config), "--epochs", "1")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "md5" in err and "self-made" in err and "data/cifar-100-python" in err
+    assert "`download = true` under [data]" in err and "place the genuine files" in err
+    assert "--download" not in err
+
+
+def test_loaders_start_no_more_workers_than_cores_and_do_not_warn(tiny_imagefolder, recwarn):
+    import os
+
+    splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)
+    cores = len(os.sched_getaffinity(0))
+    loader = splits.loader("train", 4, num_workers=cores + 3)
+    assert loader.num_workers == cores
+    x, _ = next(iter(loader))
+    assert x.shape == (4, 3, 32, 32)
+    assert not [w for w in recwarn if "worker" in str(w.message)]
+    assert splits.loader("val", 4, num_workers=0).num_workers == 0

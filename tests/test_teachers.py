@@ -257,3 +257,23 @@ def test_a_teacher_at_the_old_name_is_reused_only_for_its_own_key(tmp_path, monk
     save_checkpoint(legacy, build_model("resnet18", 2), model_name="resnet18", num_classes=2, dataset="imagefolder",
                     accuracy=0.5, extra={"cache_key": key})
     assert cached_teacher_checkpoint("imagefolder", "resnet18", tmp_path, root=root) == legacy and len(calls) == 1
+
+
+@pytest.mark.slow
+def test_optimize_trains_a_missing_teacher_once_before_the_workers_with_a_progress_bar(tmp_path, monkeypatch, capsys):
+    """Issue 11.9: the first `kd-optuna optimize` of a study without a checkpoint shows the
+    teacher's epochs on stderr; the workers read the cached teacher."""
+    from pathlib import Path
+
+    from conftest import invoke_cli, tiny_digits_toml
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_digits_toml())
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    assert invoke_cli(capsys, "create-study", str(config), "--storage", url)[0] == 0
+    code, out, err = invoke_cli(capsys, "optimize", "--storage", url, "--n-trials", "1", "--n-workers", "1")
+    assert code == 0, err
+    assert "teacher digits_teacher" in err and "/15 [" in err and "epoch" in err
+    cached = list(Path(".kd_optuna_cache").glob("teacher-digits-digits_teacher-*.pt"))
+    assert len(cached) == 1 and out.startswith("1 finished")

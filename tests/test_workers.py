@@ -74,6 +74,23 @@ def test_trial_note_lists_rejection_reason():
     assert "reject_reason: nan" in note and "`f(x)`" in note
 
 
+def test_trial_note_has_a_canonical_form_line_per_change():
+    from optuna.distributions import CategoricalDistribution
+
+    from kd_optuna.space import FULL_OPTIONS, GENES, DistillerSpec
+
+    spec = DistillerSpec("logit", "satt", "no", "no", "l2", "no", 1, 1)
+    trial = optuna.trial.create_trial(
+        value=0.1, params=spec.to_params(), user_attrs={"formula": spec.formula()},
+        distributions={g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES})
+    note = trial_note(trial, TrialState.COMPLETE, 0.1)
+    assert [line for line in note.splitlines() if line.startswith("- canonical form: ")] == [
+        f"- canonical form: {n}" for n in spec.canonical_notes()] != []
+    plain = DistillerSpec("logit", "no", "no", "no", "kl", "no", 4, 1)
+    assert "canonical form" not in trial_note(optuna.trial.create_trial(value=0.1, params=plain.to_params(), distributions={
+        g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}), TrialState.COMPLETE, 0.1)
+
+
 def test_cpu_threads_are_shared_between_workers():
     import torch
 
