@@ -86,7 +86,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="digits_hard")
     parser.add_argument("--n-random", type=int, default=6)
-    parser.add_argument("--final-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--final-seeds", type=int, nargs="*", default=[0, 1], help="none: proxies only")
+    parser.add_argument("--specs", default=None,
+                        help="JSON file of [name, params] pairs to use instead of the default candidates")
     parser.add_argument("--proxy-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--top-margin", type=float, default=2.0, help="points below vanilla KD's final accuracy")
     parser.add_argument("--threads", type=int, default=1)
@@ -102,7 +104,10 @@ def main() -> None:
     for name in REGIMES:
         settings = dataclasses.replace(regime_settings(config, name), seeds=tuple(args.proxy_seeds))
         tasks[name] = Task.from_config(dataclasses.replace(config, proxy=settings), device="cpu")
-    chosen = candidates(tasks["recipe_1/3"], args.n_random, args.seed)
+    if args.specs:
+        chosen = [(name, DistillerSpec.from_params(params)) for name, params in json.loads(Path(args.specs).read_text())]
+    else:
+        chosen = candidates(tasks[next(iter(REGIMES))], args.n_random, args.seed)
     recipe = {**script_defaults(config), "device": "cpu", "num_workers": 0}
     rows = []
     for name, spec in chosen:
@@ -122,14 +127,16 @@ def main() -> None:
                 metrics = {"error": str(error)[:120]}
             metrics["seconds"] = time.perf_counter() - t1
             row["proxy"][regime] = metrics
-        row["final_mean"] = sum(row["final"]) / len(row["final"])
+        row["final_mean"] = sum(row["final"]) / len(row["final"]) if row["final"] else float("nan")
         rows.append(row)
         print(f"{name:28s} final {row['final_mean']:6.2f}  " + "  ".join(
-            f"{r}: acc {m.get('val_acc', float('nan')):.3f} ce {m.get('val_ce', float('nan')):.3f}" for r, m in row["proxy"].items()),
+            f"{r}: acc {m.get('val_acc', float('nan')):.3f} ce {m.get('val_ce', float('nan')):.3f}"
+            + (f" {m['error']}" if "error" in m else "") for r, m in row["proxy"].items()),
             flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(rows, indent=1))
-    report(rows, args.top_margin)
+    if args.final_seeds:
+        report(rows, args.top_margin)
 
 
 def report(rows, margin: float) -> None:

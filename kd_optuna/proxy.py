@@ -1,17 +1,24 @@
 """The proxy trial: a short, seeded training of the student with one distiller, then its metrics.
 
-Regime (DESIGN.md "Scoring"): the student sees ``labels_per_class`` labelled images for its CE
-term, while the distillation term runs on batches drawn from the KD pool (the whole train
-split by default: the teacher's outputs on unlabelled images). Every trial uses the same
-seeds, labelled subset and views, so trials differ only by their distiller.
+Regime (DESIGN.md "Scoring"): a study's proxy is its full-training recipe shrunk
+(:meth:`ProxySettings.from_recipe`): the same SGD, learning rate, loss scale, batch size and
+labels as the exported training, for a third of its epochs. Measured on digits_hard, the first
+version's regime (Adam, 5 labels per class, the distillation term on unlabelled images) picked
+distillers that trained worse than vanilla KD under the real recipe; it is still what
+``ProxySettings()`` gives, for experiments and tests. Every trial uses the same seeds,
+labelled subset and views, so trials differ only by their distiller.
 
 All proxy data lives on the device as tensors. Augmentation is a fixed pool of ``views``
 shifted (and optionally flipped) copies per image, rendered in batches on the device; the
-teacher's outputs for each (image, view) are what ``kd_optuna.cache`` stores. One step::
+teacher's outputs for each (image, view) are what ``kd_optuna.cache`` stores. One step, with
+KD batch xk (B, C, H, W) at views v (B,) and t the teacher's outputs of (xk, v)::
 
-    labelled batch xl (L, C, H, W), labels yl (L,)     KD batch xk (B, C, H, W), view v (B,)
-    out = student(cat(xl, xk))                          t = teacher outputs of (xk, v)
-    loss = ce_weight * CE(out.logit[:L], yl) + distiller({k: out[k][L:]}, t)
+    labelled KD batch (label_batch_size 0):   out = student(xk), labels yk (B,)
+        loss = ce_weight * CE(out.logit, yk) + distiller(out, t, yk)
+    separate labelled batch xl (L, ...), yl:  out = student(cat(xl, xk))
+        loss = ce_weight * CE(out.logit[:L], yl) + distiller({k: out[k][L:]}, t)
+
+In the second form the KD images count as unlabelled, so the distiller gets no labels.
 """
 
 from __future__ import annotations
@@ -61,8 +68,11 @@ class ProxySettings:
     class-balanced ``val_size`` images of the val split (0: all). Augmentation: ``views`` copies per
     image (view 0 is the image itself), shifted by up to ``shift`` pixels (``augment`` =
     "shift") and flipped left-right with probability 1/2 ("shift_flip"), drawn with
-    ``view_seed``. Training: ``steps`` optimiser steps of ``batch_size`` KD images plus
-    ``label_batch_size`` labelled ones, ``optimizer`` at ``lr`` with ``schedule``, once per seed
+    ``view_seed``. Training: ``steps`` optimiser steps (or ``epochs`` passes over the KD pool,
+    when > 0) of ``batch_size`` KD images plus ``label_batch_size`` labelled ones (0: the KD
+    batch is labelled, CE is taken on it), ``optimizer`` at ``lr`` (SGD with ``momentum``,
+    Nesterov when ``nesterov``) with ``schedule`` ("step": x ``gamma`` at each fraction of the
+    run in ``milestones``), once per seed
     in ``seeds`` (the metrics are averaged); validation CE is reported every ``report_every``
     steps. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
     score = ``score_ce`` * val_ce + ``score_sharpness`` * |sharpness_gap| + ``score_cka`` *
