@@ -63,7 +63,7 @@ def html_page(study, config=None) -> str:
     if story.best:
         parts.append(_table(
             ["#", "trial", "score", "formula", "val_ce", "cka_gap", "val_acc", "sharpness_gap", "origin"],
-            [[r["rank"], r["trial"], r["score"], r["formula"], r["val_ce"], r["cka_gap"], r["val_acc"],
+            [[r["rank"], r["trial"], stories._fmt(r["score"], 5), r["formula"], r["val_ce"], r["cka_gap"], r["val_acc"],
               r["sharpness_gap"], r["origin"]] for r in story.best],
             [True, True, True, False, True, True, True, True, False],
         ))

@@ -11,8 +11,8 @@ shrank away, the family tree of the best distillers, why trials were rejected, a
   - ``kd_optuna_progress``: best score so far over the trials, every completed score, and
     one line per classic distiller at its score (the trial whose ``spec`` is the classic's
     canonical key);
-  - ``kd_optuna_genes``: per gene, the completed scores for each option (box and points)
-    and the shrinkage weight in force (bars, right axis, the sampler's
+  - ``kd_optuna_genes``: per gene (a menu picks it), the completed scores for each option
+    (box and points) and the shrinkage weight in force (bars, right axis, the sampler's
     ``space_weights``, as ``kd-optuna space`` prints them; where those cannot be computed,
     the options the latest ``space_state`` dropped are at 0);
   - ``kd_optuna_lineage``: the best distinct distillers and their ancestors (``parent``,
@@ -219,11 +219,11 @@ def gene_weights(study, config, trials: Sequence[Any]) -> tuple[dict[str, dict[A
     """
     options = {gene: list(config.space.options[gene]) for gene in GENES} if config is not None else {}
     state = latest_space_state(trials)
-    basis = f", shrinkage basis {state.get('basis')} evaluated trials" if state and "basis" in state else ""
+    basis = f" (after {state.get('basis')} evaluated trials)" if state and "basis" in state else ""
     if config is not None:
         try:
             weights = config.make_sampler(with_llm=False).space_weights(study)
-            return {g: dict(weights.get(g, {})) for g in GENES}, "the sampler's weights in force" + basis
+            return {g: dict(weights.get(g, {})) for g in GENES}, "shrinkage weights in force" + basis
         except Exception:  # the sampler's API moved: fall back on the recorded state
             pass
     dropped = state.get("dropped", {}) if state else {}
@@ -233,7 +233,7 @@ def gene_weights(study, config, trials: Sequence[Any]) -> tuple[dict[str, dict[A
         if gene not in options:
             options[gene] = sorted({t.params[gene] for t in trials if gene in t.params}, key=str)
         weights[gene] = {o: (0.0 if o in gone or str(o) in map(str, gone) else 1.0) for o in options[gene]}
-    return weights, ("the latest space_state (dropped options at 0)" if state else "no shrinkage yet") + basis
+    return weights, ("dropped options of the latest space_state at 0" if state else "no shrinkage yet") + basis
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -275,53 +275,105 @@ def progress_figure(trials: Sequence[Any], classics: Sequence[Mapping[str, Any]]
             line={"dash": dashes[i % len(dashes)], "width": 3 if row["name"] == "kd" else 1.5},
             hovertemplate=f"{label}, trial {row['trial']}: %{{y:.4g}}<br>{row['formula']}<extra></extra>",
         ))
-    title = "Best score so far against the classic distillers (lower is better)"
-    if unscored:
-        title += "<br><sup>not scored: " + ", ".join(unscored) + "</sup>"
+    focus, above = _focus([t.value for t in scored], [r["score"] for r in classics] + best)
+    notes = (["not scored: " + ", ".join(unscored)] if unscored else []) + ([f"{above} high scores above the range"] if above else [])
+    title = "Best score so far against the classics (lower is better)"
+    if notes:
+        title += "<br><sup>" + "; ".join(notes) + "</sup>"
     figure.update_layout(title=title, xaxis_title="trial", yaxis_title="score", template="plotly_white",
-                         legend={"font": {"size": 10}})
+                         legend={"font": {"size": 10}}, yaxis={"range": focus} if focus else {})
     return figure
 
 
-def genes_figure(trials: Sequence[Any], weights: Mapping[str, Mapping[Any, float]], source: str = ""):
-    """Per gene: completed scores by option (boxes) and the option's shrinkage weight (bars)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+def _focus(values: Sequence[float], keep: Sequence[float] = ()) -> tuple[list[float] | None, int]:
+    """(a y range that leaves out outlying high scores, how many it leaves out), or (None, 0).
 
-    cols = 2
-    rows = math.ceil(len(GENES) / cols)
-    figure = make_subplots(rows=rows, cols=cols, subplot_titles=list(GENES), vertical_spacing=0.09,
-                           horizontal_spacing=0.08, specs=[[{"secondary_y": True}] * cols for _ in range(rows)])
+    The range spans every value of ``keep`` and the scores up to their 90th percentile; a
+    few diverging trials (a score of 1,000 beside 3) would otherwise flatten the rest.
+    """
+    finite = sorted(v for v in values if math.isfinite(v))
+    keep = [v for v in keep if v is not None and math.isfinite(v)]
+    if len(finite) < 5:
+        return None, 0
+    low = min(finite + keep)
+    high = max([finite[int(0.9 * (len(finite) - 1))]] + keep)
+    pad = 0.08 * (high - low) if high > low else 0.05 * abs(high) or 0.05
+    above = sum(1 for v in finite if v > high + pad)
+    if not above:
+        return None, 0
+    return [low - pad, high + pad], above
+
+
+def genes_figure(trials: Sequence[Any], weights: Mapping[str, Mapping[Any, float]], source: str = ""):
+    """Per gene (a menu picks the gene): completed scores by option (box and points) and the
+    option's shrinkage weight (bars, right axis); opens on the most shrunk gene."""
+    import plotly.graph_objects as go
+
     scored = [t for t in trials if _scored(t)]
     rejected = [t for t in trials if _outcome(t).startswith("rejected")]
-    for i, gene in enumerate(GENES):
-        row, col = i // cols + 1, i % cols + 1
+    figure = go.Figure()
+    genes, categories = [], []
+    for gene in GENES:
         options = list(weights.get(gene, {}))
         seen = {str(o) for o in options}
-        options += sorted({t.params[gene] for t in scored + rejected if gene in t.params and str(t.params[gene]) not in seen}, key=str)
+        options += sorted({t.params[gene] for t in scored + rejected
+                           if gene in t.params and str(t.params[gene]) not in seen}, key=str)
+        if not options:
+            continue
         labels = [str(o) for o in options]
         counts = {o: sum(1 for t in scored if str(t.params.get(gene)) == o) for o in labels}
         rejects = {o: sum(1 for t in rejected if str(t.params.get(gene)) == o) for o in labels}
         values = [(str(t.params[gene]), t.value) for t in scored if gene in t.params]
         figure.add_trace(go.Bar(
-            x=labels, y=[weights.get(gene, {}).get(o, 1.0) for o in options], name="shrinkage weight",
-            marker={"color": "#1f77b4"}, opacity=0.25, showlegend=i == 0, legendgroup="weight",
+            x=labels, y=[weights.get(gene, {}).get(o, 1.0) for o in options], name="shrinkage weight", meta=gene,
+            marker={"color": "#1f77b4"}, opacity=0.3, yaxis="y2", legendgroup="weight",
             customdata=[[counts[o], rejects[o]] for o in labels],
             hovertemplate="%{x}: weight %{y:.2f}<br>%{customdata[0]} completed, %{customdata[1]} rejected<extra></extra>",
-        ), row=row, col=col, secondary_y=True)
+        ))
         figure.add_trace(go.Box(
-            x=[o for o, _ in values], y=[v for _, v in values], name="score", boxpoints="all", jitter=0.3,
-            pointpos=0, marker={"color": "#d62728", "size": 4}, line={"width": 1}, showlegend=i == 0,
-            legendgroup="score", hovertemplate="%{x}: %{y:.4g}<extra></extra>",
-        ), row=row, col=col, secondary_y=False)
-        figure.update_xaxes(type="category", categoryorder="array", categoryarray=labels, row=row, col=col,
-                            tickfont={"size": 9})
-        figure.update_yaxes(range=[0, 1.05], showgrid=False, row=row, col=col, secondary_y=True, tickfont={"size": 8})
-        figure.update_yaxes(row=row, col=col, secondary_y=False, tickfont={"size": 8})
-    title = "Score by option of each gene (points: completed trials) and the shrinkage weight (bars, right axis)"
-    if source:
-        title += f"<br><sup>weights: {source}</sup>"
-    figure.update_layout(title=title, height=260 * rows + 120, template="plotly_white", boxmode="overlay")
+            x=[o for o, _ in values], y=[v for _, v in values], name="score", meta=gene, boxpoints="all",
+            jitter=0.3, pointpos=0, marker={"color": "#d62728", "size": 5}, line={"width": 1}, legendgroup="score",
+            hovertemplate="%{x}: %{y:.4g}<extra></extra>",
+        ))
+        genes.append(gene)
+        categories.append(labels)
+    if not genes:
+        return figure
+
+    def shrunk(gene: str) -> float:
+        ws = list(weights.get(gene, {}).values())
+        return sum(ws) / len(ws) if ws else 1.0
+
+    first = min(range(len(genes)), key=lambda i: (shrunk(genes[i]), i))
+    focus, above = _focus([t.value for t in scored])
+
+    def title(i: int) -> str:
+        text = f"Score by option of {genes[i]}, and its shrinkage weights"
+        sub = ["points: completed trials; bars (right axis): " + (source or "weights")]
+        if above:
+            sub.append(f"{above} high scores above the range")
+        return text + "<br><sup>" + "; ".join(filter(None, sub)) + "</sup>"
+
+    for j, trace in enumerate(figure.data):
+        trace.visible = j // 2 == first
+        trace.showlegend = j // 2 == first
+    buttons = []
+    for i, gene in enumerate(genes):
+        shown = [j // 2 == i for j in range(len(figure.data))]
+        buttons.append({"label": gene, "method": "update",
+                        "args": [{"visible": shown, "showlegend": shown},
+                                 {"xaxis.categoryarray": categories[i], "title.text": title(i)}]})
+    figure.update_layout(
+        title={"text": title(first)}, template="plotly_white", boxmode="overlay",
+        xaxis={"type": "category", "categoryorder": "array", "categoryarray": categories[first], "tickfont": {"size": 9}},
+        yaxis={"title": "score", **({"range": focus} if focus else {})},
+        yaxis2={"title": "weight", "overlaying": "y", "side": "right", "range": [0, 1.05], "showgrid": False,
+                "tickvals": [0, 0.25, 0.5, 0.75, 1]},
+        updatemenus=[{"buttons": buttons, "active": first, "direction": "down", "x": 0, "xanchor": "left",
+                      "y": 1.0, "yanchor": "bottom", "pad": {"b": 4}}],
+        legend={"orientation": "h", "x": 1, "xanchor": "right", "y": 1.0, "yanchor": "bottom"},
+        margin={"t": 110},
+    )
     return figure
 
 
@@ -407,7 +459,8 @@ def lineage_figure(trials: Sequence[Any], top: int = _LINEAGE_TOP):
             hovertext=hover, hoverinfo="text",
         ))
     figure.update_layout(
-        title=f"Lineage of the {len(leaders)} best distinct distillers (#rank; edges labelled with the mutated genes)",
+        title=f"Lineage of the {len(leaders)} best distillers<br><sup>#rank; edges: parent to child, "
+              "labelled with the mutated genes; dotted: crossover's second parent</sup>",
         xaxis_title="trial", yaxis_title="score", template="plotly_white",
     )
     return figure
@@ -433,7 +486,7 @@ def rejection_figure(trials: Sequence[Any], bins: int = 25):
     figure.update_layout(
         barmode="stack", template="plotly_white", xaxis_title="trials", yaxis_title="trials",
         xaxis={"type": "category"},
-        title=f"Outcome of the trials over the search: {rejected} of {len(ordered)} rejected before training",
+        title=f"Outcome of the trials<br><sup>{rejected} of {len(ordered)} rejected by the loss check before training</sup>",
     )
     return figure
 
@@ -446,7 +499,7 @@ def compare_figure(runs: Sequence[Any], summaries: Sequence[Any]):
     for s in summaries:
         figure.add_trace(go.Box(y=[r.top1 for r in runs if r.method == s.method], name=s.method,
                                 boxpoints="all", jitter=0.3))
-    figure.update_layout(title="kd-optuna compare: last-epoch test top-1 per method (each point a seed)",
+    figure.update_layout(title="kd-optuna compare: test top-1 per method<br><sup>last epoch; each point a seed</sup>",
                          yaxis_title="top-1 (%)", template="plotly_white")
     return figure
 
@@ -602,7 +655,7 @@ def note_text(story: Story) -> str:
     if story.best:
         lines += ["| # | trial | score | formula | val_ce | cka_gap | val_acc | origin |", "|---:|---:|---:|---|---:|---:|---:|---|"]
         for row in story.best:
-            lines.append(f"| {row['rank']} | {row['trial']} | {_md_cell(row['score'])} | `{_md_cell(row['formula'])}` | "
+            lines.append(f"| {row['rank']} | {row['trial']} | {_fmt(row['score'], 5)} | `{_md_cell(row['formula'])}` | "
                          f"{_md_cell(row['val_ce'])} | {_md_cell(row['cka_gap'])} | {_md_cell(row['val_acc'])} | {row['origin']} |")
     else:
         lines.append("No completed trial yet.")
@@ -628,8 +681,8 @@ def note_text(story: Story) -> str:
     lines += ["", "## Commands", ""]
     for what, command in story.commands:
         lines += [f"{what}:", "", f"    {command}", ""]
-    lines += [f"Figures on this page: best so far against the classics, score by option with the shrinkage "
-              f"weights (from {story.weights_source}), the lineage of the best, the outcome of the trials"
+    lines += [f"Figures on the study's main page: best so far against the classics, score by option with the "
+              f"{story.weights_source}, the lineage of the best, the outcome of the trials"
               + (", the compare runs" if "compare" in story.figures else "") + ". "
               f"Sort the trials table by the {', '.join(METRIC_COLUMNS[:3])} columns.", ""]
     return "\n".join(lines)

@@ -127,9 +127,14 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     assert best_line["y"] == [0.30, 0.26, 0.26, 0.22, 0.21, 0.21]
     assert "sp (rejected: not_decreasing)" in progress["layout"]["title"]["text"]
     genes = figures["kd_optuna_genes"]
-    distance_weights = next(t for t in genes["data"] if t["type"] == "bar" and t["yaxis"] == "y10")
-    assert len([t for t in genes["data"] if t["type"] == "bar"]) == len(GENES)
-    assert all(0 <= w <= 1 for w in distance_weights["y"])
+    bars = {t["meta"]: t for t in genes["data"] if t["type"] == "bar"}
+    assert list(bars) == list(GENES) and [b["label"] for b in genes["layout"]["updatemenus"][0]["buttons"]] == list(GENES)
+    assert all(0 <= w <= 1 for bar in bars.values() for w in bar["y"])
+    assert bars["distance"]["x"] == [str(o) for o in study_config(study).space.options["distance"]]
+    assert len([t for t in genes["data"] if t.get("visible") is True]) == 2  # one gene at a time: weights and scores
+    knowledge = next(t for t in genes["data"] if t["type"] == "box" and t["meta"] == "knowledge")
+    assert sorted(zip(knowledge["x"], knowledge["y"])) == sorted(
+        (t.params["knowledge"], t.value) for t in study.trials if t.state == TrialState.COMPLETE)
     lineage = figures["kd_optuna_lineage"]
     edges = next(t for t in lineage["data"] if t.get("name") == "parent → child")
     assert [edges["x"][i:i + 2] for i in range(0, len(edges["x"]), 3)] == [[1, 4], [4, 5], [5, 6]]
