@@ -275,3 +275,72 @@ def test_kd_optuna_dashboard_serves_the_best_script(tmp_path, monkeypatch):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def _study_page(url: str) -> dict:
+    """GET /api/studies/<id> of the storage's only study, through optuna-dashboard's app."""
+    from optuna_dashboard import wsgi
+
+    app = wsgi(url, artifact_store=story.artifact_store(story.artifact_dir(url)))
+    studies = _json(app, "/api/studies")["study_summaries"]
+    assert len(studies) == 1
+    return _json(app, f"/api/studies/{studies[0]['study_id']}")
+
+
+@pytest.mark.slow
+def test_create_study_then_optimize_leaves_the_story(tmp_path, tiny_config_path, capsys, monkeypatch):
+    """The real commands: create-study names the objective; optimize (real tiny trials) ends
+    with the figures, the note and the best script in the study."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(tiny_config_path), "--storage", url)
+    assert code == 0, err
+    assert _study_page(url)["objective_names"] == [story.OBJECTIVE_NAME]
+    code, out, err = invoke_cli(capsys, "optimize", "--storage", url, "--n-trials", "3", "--no-progress", "--threads", "1")
+    assert code == 0, err
+    assert "not refreshed" not in err
+    detail = _study_page(url)
+    ids = {g["id"] for g in detail["plotly_graph_objects"]}
+    assert {"kd_optuna_progress", "kd_optuna_genes", "kd_optuna_lineage", "kd_optuna_rejections"} <= ids
+    assert "kd_optuna_compare" not in ids
+    note = detail["note"]["body"]
+    assert note.startswith("# kd-optuna study `digits_tiny`") and "trials**: 3:" in note
+    complete = [t for t in detail["trials"] if t["state"] == "Complete"]
+    if complete:  # rejection may refuse all three; then there is no best script to store
+        with_script = [t for t in detail["trials"] if t["artifacts"]]
+        assert len(with_script) == 1 and with_script[0]["artifacts"][0]["filename"] == f"train_trial{with_script[0]['number']}.py"
+        assert "## Best distillers" in note and "kd-optuna export --study-name digits_tiny" in note
+
+
+def test_compare_command_refreshes_the_story(tmp_path, capsys, monkeypatch):
+    """`kd-optuna compare` with every run already stored (nothing trained) saves its figure and
+    the story's note with the compare table."""
+    from kd_optuna.export import script_defaults
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    config = study_config(study)
+    spec = DistillerSpec.from_params(study.trials[5].params)
+    recipe = {**script_defaults(config), "num_workers": 0, "output_dir": "unused"}
+    for method, base in (("searched", 80.0), ("kd", 78.0)):
+        for seed in range(2):
+            job = compare.Job(method, seed, spec.to_params(), recipe)
+            run = compare.Run(method, seed, base + seed, base, int(recipe["epochs"]), job.distiller, 1.0)
+            study.set_user_attr(compare.RUN_ATTR_PREFIX + job.digest(), asdict(run))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored run was trained")
+
+    monkeypatch.setattr(compare, "_run_job", no_training)
+    code, out, err = invoke_cli(capsys, "compare", "--storage", url, "--methods", "searched,kd", "--seeds", "2",
+                                "--no-progress")
+    assert code == 0, err
+    assert "not refreshed" not in err
+    detail = _study_page(url)
+    assert set(story.FIGURE_IDS.values()) == {g["id"] for g in detail["plotly_graph_objects"]}
+    note = detail["note"]["body"]
+    assert "## kd-optuna compare" in note and f"searched distiller: `{spec.formula()}`" in note
+    assert "| searched | 2 | 80.50 +- 0.71 |" in note and "| kd | 2 | 78.50 +- 0.71 | +2.00" in note
