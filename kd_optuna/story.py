@@ -34,7 +34,8 @@ shrank away, the family tree of the best distillers, why trials were rejected, a
 Everything is read from the trials' user attrs (names in ``kd_optuna.objective`` and
 ``kd_optuna.sampler``), defensively: a trial without lineage or metrics is drawn with what it
 has. Only one process should call :func:`refresh` at a time (the optimize parent, compare),
-never the workers. :func:`build` computes the same content without writing, for the report.
+never the workers; :class:`PeriodicRefresh` is the call for the supervising loop (every N
+finished trials). :func:`build` computes the same content without writing, for the report.
 """
 
 from __future__ import annotations
@@ -135,8 +136,8 @@ def _formula(trial) -> str:
         from kd_optuna.space import DistillerSpec
 
         return DistillerSpec.from_params(trial.params).formula()
-    except Exception:
-        return ""
+    except Exception:  # a study of other params: show them
+        return ", ".join(f"{name}={value}" for name, value in trial.params.items())
 
 
 def _mutated(trial) -> list[str]:
@@ -873,3 +874,52 @@ def refresh(study, config=None, *, artifact_dir_path: str | os.PathLike | None =
     story.artifact = artifact or _recorded_artifact(study)
     note = write_note(study, config, story)
     return Refreshed(tuple(saved), artifact, note)
+
+
+#: Default of :class:`PeriodicRefresh`: refresh once this many more trials have finished.
+REFRESH_EVERY = 20
+
+
+class PeriodicRefresh:
+    """:func:`refresh` as the search goes, for the loop of the process that supervises workers.
+
+    Call the instance on each turn of the loop: at most every ``check_s`` seconds it counts
+    the study's finished trials, and when ``every`` more have finished since the last refresh
+    it refreshes (one process, so figures and note never race between workers). A failing
+    refresh is reported once through ``on_error(message)`` and never raised: the story is a
+    view of the study, the search goes on. Returns whether it refreshed.
+    """
+
+    def __init__(self, study, config=None, every: int = REFRESH_EVERY, check_s: float = 10.0, on_error=None):
+        if every < 1:
+            raise ValueError("every must be at least 1")
+        self.study, self.config, self.every, self.check_s, self.on_error = study, config, every, check_s, on_error
+        self._done = self._finished()
+        self._checked = -math.inf
+        self._reported = False
+
+    def _finished(self) -> int:
+        from optuna.trial import TrialState
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return len(self.study._storage.get_all_trials(self.study._study_id, deepcopy=False, states=states))
+
+    def __call__(self) -> bool:
+        import time
+
+        now = time.monotonic()
+        if now - self._checked < self.check_s:
+            return False
+        self._checked = now
+        try:
+            finished = self._finished()
+            if finished < self._done + self.every:
+                return False
+            refresh(self.study, self.config)
+            self._done = finished
+            return True
+        except Exception as exc:  # noqa: BLE001 - a view of the study must not stop the search
+            if self.on_error is not None and not self._reported:
+                self._reported = True
+                self.on_error(f"the dashboard story was not refreshed: {exc.__class__.__name__}: {exc}")
+            return False

@@ -344,3 +344,31 @@ def test_compare_command_refreshes_the_story(tmp_path, capsys, monkeypatch):
     note = detail["note"]["body"]
     assert "## kd-optuna compare" in note and f"searched distiller: `{spec.formula()}`" in note
     assert "| searched | 2 | 80.50 +- 0.71 |" in note and "| kd | 2 | 78.50 +- 0.71 | +2.00" in note
+
+
+def test_periodic_refresh_every_n_finished_trials(tmp_path, monkeypatch):
+    """What the optimize parent calls on each turn of its loop: a refresh once `every` more
+    trials finished, errors reported once and not raised."""
+    from optuna_dashboard import get_note
+
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    study = story_study(f"sqlite:///{tmp_path / 's.db'}", with_compare=False)
+    config = study_config(study)
+    periodic = story.PeriodicRefresh(study, config, every=2, check_s=0)
+    assert periodic() is False and get_note(study) == ""  # nothing new since it started
+    base = DistillerSpec.from_params(study.trials[5].params)
+    study.add_trial(_trial(config, _vary(base, transform1="zscore"), 0.5, proposer="mutation", parent=5))
+    assert periodic() is False
+    study.add_trial(_trial(config, _vary(base, transform1="exp"), 0.6, proposer="mutation", parent=5))
+    assert periodic() is True and "**trials**: 10:" in get_note(study)
+    assert periodic() is False
+
+    errors = []
+    failing = story.PeriodicRefresh(study, config, every=1, check_s=0, on_error=errors.append)
+    monkeypatch.setattr(story, "refresh", lambda *a, **k: 1 / 0)
+    for name in ("mish", "relu"):
+        study.add_trial(_trial(config, _vary(base, transform1=name), 0.7, proposer="mutation", parent=5))
+        assert failing() is False
+    assert len(errors) == 1 and "ZeroDivisionError" in errors[0]
+    with pytest.raises(ValueError):
+        story.PeriodicRefresh(study, every=0)
