@@ -438,11 +438,9 @@ def dashboard(storage: str, host: str, port: int, artifact_dir: str | None) -> N
     rdb = open_storage(storage, heartbeat_interval=None, must_exist=True)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: the dashboard on {host} is open to the network without a login", err=True)
-    directory = default_artifact_dir(storage, artifact_dir)
-    store = artifact_store(directory, create=directory is not None and artifact_dir is not None)
+    store = artifact_store(default_artifact_dir(storage, artifact_dir), create=True)
     if store is None:
-        where = "give --artifact-dir" if directory is None else f"{directory} does not exist yet"
-        click.echo(f"note: no artifact store ({where}); exported scripts are not downloadable", err=True)
+        click.echo("note: no artifact store (give --artifact-dir); exported scripts are not downloadable", err=True)
     click.echo(f"dashboard of {mask_url(storage)} on http://{host}:{port}/ (Ctrl-C to stop)")
     run_server(rdb, host=host, port=port, artifact_store=store)
 
