@@ -137,7 +137,7 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads,
         if config.teacher.checkpoint is None:
             cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
                                       config.data.root, config.data.download,
-                                      str(WorkerContext(0, n_workers, device, threads).torch_device()),
+                                      str(WorkerContext(0, 1, device, threads).torch_device()),  # alone: every core
                                       progress=progress)
 
     summary = run(
@@ -154,10 +154,13 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads,
             f"(e.g. --n-trials {summary.finished + n_trials} adds {n_trials})", err=True,
         )
     if summary.interrupted:
-        click.echo("interrupted; run the same command to resume", err=True)
+        queued = f" (its {summary.waiting} queued trials run first)" if summary.waiting else ""
+        click.echo(f"interrupted; run the same command to resume{queued}", err=True)
         sys.exit(130)
     if summary.worker_errors and summary.finished < n_trials:
         raise KdOptunaError(f"workers stopped early: {summary.worker_errors[-1]}")
+    if summary.worker_deaths and summary.finished < n_trials and "its slot was restarted" in summary.worker_deaths[-1]:
+        raise KdOptunaError(f"workers died before the target: {summary.worker_deaths[-1]}")
 
 
 def _refresh_story(study, config=None) -> None:

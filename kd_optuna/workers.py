@@ -597,8 +597,8 @@ def optimize(
             bar.close()
     messages.close()
     messages.join_thread()
-    for index, process in enumerate(slots):  # a worker that died after the loop's last look
-        if process.exitcode not in _OWN_EXITS and not getattr(process, "_kd_reported", False):
+    for index, process in enumerate(slots):  # a worker that died after the loop's last look (not stopped by us)
+        if not interrupted and process.exitcode not in _OWN_EXITS and not getattr(process, "_kd_reported", False):
             deaths.append(_death_line(index, process, None, restarts[index]))
             _say(f"kd-optuna: {deaths[-1]}", None)
     summary = summarize(study)

@@ -283,3 +283,43 @@ def test_correlate_from_a_study_shows_a_progress_bar_per_candidate(study_url, ca
     assert code == 0, err
     assert len(json.loads(out)["candidates"]) == 2
     assert "correlate:" in err and "2/2" in err and "candidate" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_optimize_then_the_same_command_reruns_the_interrupted_trials(tmp_path):
+    """Issue 11.6 as a user meets it: `kd-optuna optimize --n-workers 2`, Ctrl-C while trials
+    train, then the same command: the interrupted trials' params are trained again first."""
+    from optuna.trial import TrialState
+
+    config = tmp_path / "slow_tiny.toml"
+    config.write_text(tiny_digits_toml().replace("\nsteps = 4\n", "\nsteps = 400\n"))
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    kd = [sys.executable, "-m", "kd_optuna.cli"]
+    assert subprocess.run([*kd, "create-study", str(config), "--storage", url], cwd=tmp_path, timeout=120).returncode == 0
+    command = [*kd, "optimize", "--storage", url, "--n-trials", "4", "--n-workers", "2", "--no-progress"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    study = optuna.load_study(study_name="digits_tiny", storage=url)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if len(t.params) == len(GENES)]
+        if len(running) == 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "optimize ended before two trials ran"
+    process.send_signal(2)  # SIGINT to the parent, as a terminal's Ctrl-C reaches it first
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    interrupted = [t for t in study.get_trials(deepcopy=False)
+                   if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == "interrupted"]
+    assert interrupted, out + err  # a trial may have finished between the look and the signal
+    assert f"({len(interrupted)} interrupted), {len(interrupted)} queued to run again" in out
+    assert f"run the same command to resume (its {len(interrupted)} queued trials run first)" in err
+
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    for trial in interrupted:
+        reruns = [t for t in complete if t.system_attrs.get("failed_trial") == trial.number]
+        assert len(reruns) == 1 and reruns[0].params == trial.params
+    assert not [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.RUNNING, TrialState.WAITING)]
