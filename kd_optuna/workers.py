@@ -563,6 +563,7 @@ def optimize(
     restarts = [0] * n_workers
     interrupted = False
     bar = _progress_bar(n_trials, progress)
+    refresh_story = _story_refresher(study, bar)
     try:
         while True:
             _drain(messages, errors, bar)
@@ -579,6 +580,7 @@ def optimize(
             if not any(p.is_alive() for p in slots):
                 break
             _update_bar(bar, study)
+            refresh_story()
             time.sleep(POLL_S)
     except KeyboardInterrupt:
         interrupted = True
@@ -654,6 +656,18 @@ def _say(text_: str, bar) -> None:
         bar.write(text_, file=sys.stderr)
     else:
         print(text_, file=sys.stderr, flush=True)
+
+
+def _story_refresher(study, bar):
+    """The dashboard story's refresh every few finished trials, for a kd-optuna study (one with
+    a stored config); a no-op for any other study."""
+    from kd_optuna.config import CONFIG_ATTR
+
+    if CONFIG_ATTR not in study.user_attrs:
+        return lambda: False
+    from kd_optuna.story import PeriodicRefresh
+
+    return PeriodicRefresh(study, on_error=lambda message: _say(f"kd-optuna: {message}", bar))
 
 
 def _progress_bar(total: int, enabled: bool):
