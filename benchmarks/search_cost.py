@@ -352,7 +352,7 @@ def cifar_trial_parts(steps: int, train_size: int, val_size: int, threads: int) 
     torch.set_num_threads(threads)
     device = torch.device("cpu")
     study = load_config("cifar100_resnet56_resnet20").proxy
-    settings = dataclasses.replace(study, steps=steps, report_every=steps, labels_per_class=1)
+    settings = dataclasses.replace(study, steps=steps, epochs=0.0, report_every=steps)
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(train_size, 3, 32, 32, generator=g), torch.arange(train_size) % 100
     vx, vy = torch.randn(val_size, 3, 32, 32, generator=g), torch.arange(val_size) % 100

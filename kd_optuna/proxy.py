@@ -50,8 +50,12 @@ SCHEDULES = ("cosine", "step", "constant")
 AUGMENTS = ("none", "shift", "shift_flip")
 KD_SOURCES = ("train", "labelled")
 CACHE_DTYPES = ("float16", "float32")
-#: The proxy's length as a fraction of the full training's epochs (``ProxySettings.from_recipe``).
+#: The proxy's length as a fraction of the full training's epochs (``ProxySettings.from_recipe``),
+#: measured on digits_hard (BENCHMARKS.md, issue 16), and its cap in steps: 2,000 steps of
+#: batch 64 is about the seed's budget per candidate (Table 2: 2,000 evaluations in 21 h on one
+#: RTX 3090 Ti, about 38 s each); for CIFAR's 240 epochs a third would be 80 epochs a trial.
 RECIPE_EPOCHS_FRACTION = 1 / 3
+RECIPE_MAX_STEPS = 2000
 
 
 class InvalidProxySettings(KdOptunaError, ValueError):
@@ -96,6 +100,7 @@ class ProxySettings:
     view_seed: int = 0
     steps: int = 200
     epochs: float = 0.0
+    max_steps: int = 0
     batch_size: int = 64
     label_batch_size: int = 50
     ce_weight: float = 1.0
@@ -139,7 +144,7 @@ class ProxySettings:
         positive = ("views", "steps", "batch_size", "report_every",
                     "eval_batch_size", "sharpness_size", "reject_batch_size")
         non_negative = ("labels_per_class", "kd_pool_size", "val_size", "shift", "reject_steps",
-                        "label_batch_size")
+                        "label_batch_size", "max_steps")
         for name in positive + non_negative:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (name in positive):
@@ -186,7 +191,8 @@ class ProxySettings:
         ``weight_decay``, ``batch_size``, lr x ``gamma`` at epoch ``milestones`` of ``epochs``).
         The proxy keeps the optimiser, learning rate, loss scale, batch size and labels (every
         train image labelled, CE on the KD batch, the distiller given the labels) and trains
-        ``epochs_fraction`` x ``epochs`` epochs, the milestones at the same fractions of the run.
+        ``epochs_fraction`` x ``epochs`` epochs (at most ``RECIPE_MAX_STEPS`` steps), the
+        milestones at the same fractions of the run.
         Any key of ``table`` overrides the recipe's value; a table that sets ``steps`` (and not
         ``epochs``) trains that many steps, and one that sets ``labels_per_class`` or
         ``kd_source`` keeps the separate labelled batch of ``label_batch_size``.
@@ -195,7 +201,7 @@ class ProxySettings:
             "optimizer": "sgd", "lr": float(train.lr), "momentum": float(train.momentum), "nesterov": False,
             "weight_decay": float(train.weight_decay), "batch_size": int(train.batch_size),
             "labels_per_class": 0, "label_batch_size": 0, "kd_source": "train",
-            "epochs": float(train.epochs) * epochs_fraction, "schedule": "step",
+            "epochs": float(train.epochs) * epochs_fraction, "max_steps": RECIPE_MAX_STEPS, "schedule": "step",
             "milestones": tuple(m / train.epochs for m in train.milestones if 0 < m < train.epochs),
             "gamma": float(train.gamma),
         }
@@ -214,10 +220,13 @@ class ProxySettings:
 
     def for_pool(self, pool_size: int) -> "ProxySettings":
         """These settings with ``epochs`` (passes over a KD pool of ``pool_size``) turned into
-        ``steps = ceil(epochs * pool_size / batch_size)``; unchanged when ``epochs`` is 0."""
+        ``steps = min(ceil(epochs * pool_size / batch_size), max_steps or inf)``; unchanged when
+        ``epochs`` is 0."""
         if not self.epochs:
             return self
         steps = max(1, math.ceil(self.epochs * pool_size / self.batch_size))
+        if self.max_steps:
+            steps = min(steps, self.max_steps)
         return dataclasses.replace(self, epochs=0.0, steps=steps, report_every=min(self.report_every, steps))
 
     @property

@@ -152,3 +152,14 @@ def test_labelled_kd_batches_give_the_distiller_the_true_labels():
     train_student(task.new_student(), Spy(), task.data, task.teacher_outputs, task.proxy, seed=0)
     assert len(seen) == settings.steps and all(labels is not None and labels.shape == (16,) for labels in seen)
     assert task.reject(CLASSICS["kd"][0]) is None
+
+
+def test_a_long_recipe_is_capped_in_steps():
+    from kd_optuna.config import TrainConfig
+    from kd_optuna.proxy import RECIPE_MAX_STEPS
+
+    cifar = TrainConfig(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                        milestones=(150, 180, 210), gamma=0.1)
+    s = ProxySettings.from_recipe(cifar).for_pool(50000)
+    assert s.steps == RECIPE_MAX_STEPS and s.milestones == pytest.approx((150 / 240, 180 / 240, 210 / 240))
+    assert ProxySettings.from_recipe(cifar, {"max_steps": 0}).for_pool(50000).steps == 80 * 50000 // 64
