@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cpu") if args.cpu else default_device()
     study = load_config("cifar100_resnet56_resnet20").proxy
     steps = args.steps or (1 if args.quick else study.steps)
-    settings = dataclasses.replace(study, steps=steps, report_every=min(study.report_every, steps))
+    settings = dataclasses.replace(study, steps=steps, epochs=0.0, report_every=min(study.report_every, steps))
     if args.quick:
-        settings = dataclasses.replace(settings, sharpness_size=32, labels_per_class=1)
+        settings = dataclasses.replace(settings, sharpness_size=32)
     train, val = (256, 64) if args.quick else (45_000, 5_000)
     repeats = args.repeats or (1 if args.quick else 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
