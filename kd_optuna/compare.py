@@ -130,27 +130,28 @@ def run_compare(
     calls ``on_run(run, reused)``.
     """
     done = recorded_runs(study.user_attrs)
+    digests = [job.digest() for job in jobs]
     results: dict[str, Run] = {}
-    todo = []
-    for job in jobs:
-        digest = job.digest()
+    todo: dict[str, Job] = {}
+    for job, digest in zip(jobs, digests):
         if digest in done:
             results[digest] = done[digest]
             if on_run is not None:
                 on_run(done[digest], True)
-        elif digest not in {j.digest() for j in todo}:
-            todo.append(job)
+        else:
+            todo.setdefault(digest, job)
     if todo:
         workers = max(1, min(n_workers, len(todo)))
         threads = threads or max(1, (os.cpu_count() or 1) // workers)
         devices = _devices(device, workers)
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(_run_job, job, devices[i % workers], threads): job for i, job in enumerate(todo)}
+            futures = {pool.submit(_run_job, job, devices[i % workers], threads): digest
+                       for i, (digest, job) in enumerate(todo.items())}
             try:
                 for future in concurrent.futures.as_completed(futures):
                     run = future.result()
-                    digest = futures[future].digest()
+                    digest = futures[future]
                     study.set_user_attr(RUN_ATTR_PREFIX + digest, asdict(run))
                     results[digest] = run
                     if on_run is not None:
@@ -159,7 +160,7 @@ def run_compare(
                 for future in futures:
                     future.cancel()
                 raise
-    return [results[job.digest()] for job in jobs]
+    return [results[digest] for digest in digests]
 
 
 @dataclass(frozen=True)
