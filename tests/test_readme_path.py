@@ -1,8 +1,9 @@
 """README's own sequence, as a user runs it on a fresh clone: `make demo`, then "Using it" in order.
 
 The demo runs on a tiny copy of the digits config (a few trials); README's `--n-trials 100
---n-workers 4` become the demo's count + 2 and 2 workers, and `dashboard` (a server) and
-`correlate digits` (hours of final training) are left out; everything else is README's line.
+--n-workers 4` become the demo's count + 2 and 2 workers, `compare --seeds 5` trains one seed, and
+`dashboard` (a server) and `correlate digits` (hours of final training) are left out; everything
+else is README's line.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def test_readme_steps_run_in_order_after_make_demo(tmp_path, monkeypatch, capsys
         if args[1] == "optimize":
             args[args.index("--n-trials") + 1] = str(held + 2)
             args[args.index("--n-workers") + 1] = "2"
+        if args[1] == "compare":
+            args[args.index("--seeds") + 1] = "1"
         code, out, err = invoke_cli(capsys, *args[1:])
         assert code == 0, f"{line}: {err}"
         ran.append(args[1])
@@ -79,7 +82,9 @@ def test_readme_steps_run_in_order_after_make_demo(tmp_path, monkeypatch, capsys
             assert _finished(url) == held + 2 and f"{held + 2} finished" in out
         if args[1] == "trials":
             assert "canonical_form" in out.splitlines()[0]
-    assert ran == ["create-study", "optimize", "trials", "best", "space", "export", "train_best.py"]
+        if args[1] == "compare":
+            assert "searched" in out and "kd+ls" in out
+    assert ran == ["create-study", "optimize", "trials", "best", "space", "compare", "export", "train_best.py"]
     assert Path("train_best.py").is_file()
 
     # the issue's path: create-study without --skip-if-exists, then an --n-trials the study already holds
