@@ -31,7 +31,8 @@ from scipy import stats
 
 from kd_optuna.classics import CLASSICS
 from kd_optuna.config import load_config
-from kd_optuna.export import script_defaults, train_with_distiller
+from kd_optuna.export import train_with_distiller
+from kd_optuna.script import script_defaults
 from kd_optuna.proxy import ProxySettings
 from kd_optuna.space import GENES, DistillerSpec
 from kd_optuna.task import Task

@@ -355,7 +355,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
     """
     from kd_optuna.config import load_config
     from kd_optuna.correlate import correlate as run, exported_training, format_table
-    from kd_optuna.export import script_defaults
+    from kd_optuna.script import script_defaults
     from kd_optuna.task import Task
     from kd_optuna.workers import WorkerContext
 
@@ -470,7 +470,7 @@ def report(study_name, storage, output) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="train_best.py", show_default=True)
 def export(study_name, storage, trial_choice, output) -> None:
     """Write a script that trains the student with the trial's distiller on the full data."""
-    from kd_optuna.export import write_script
+    from kd_optuna.script import write_script
 
     _, study, config = _open(storage, study_name)
     trial = best_trial(study, trial_choice)
@@ -516,7 +516,7 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     from tqdm.auto import tqdm
 
     from kd_optuna import compare as comparing
-    from kd_optuna.export import script_defaults
+    from kd_optuna.script import script_defaults
 
     chosen = comparing.parse_methods(methods)
     storage_obj, study, config = _open(storage, study_name)

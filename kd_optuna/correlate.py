@@ -85,7 +85,7 @@ FinalTraining = Callable[[DistillerSpec, int], float]
 
 def exported_training(recipe: dict, threads: int | None = None) -> FinalTraining:
     """The exported script's training (``kd_optuna.export.train_with_distiller``) under
-    ``recipe`` (``export.script_defaults(config)``), one seed: its last-epoch test top-1."""
+    ``recipe`` (``script.script_defaults(config)``), one seed: its last-epoch test top-1."""
     import tempfile
 
     from kd_optuna.export import train_with_distiller

@@ -769,7 +769,7 @@ def upload_best_script(study, config, store, trial=None) -> dict[str, Any] | Non
     import json
     import uuid
 
-    from kd_optuna.export import write_script
+    from kd_optuna.script import write_script
 
     if store is None or config is None:
         return None

@@ -16,7 +16,8 @@ from optuna.distributions import CategoricalDistribution
 
 from kd_optuna.classics import CLASSICS
 from kd_optuna.config import CONFIG_ATTR, StudyConfig, load_config
-from kd_optuna.export import METHODS, SETTINGS, build_method_term, script_defaults, write_script
+from kd_optuna.export import METHODS, build_method_term
+from kd_optuna.script import SETTINGS, script_defaults, write_script
 from kd_optuna.space import FULL_OPTIONS, GENES
 
 REPO = Path(__file__).resolve().parent.parent

@@ -316,7 +316,7 @@ def test_create_study_then_optimize_leaves_the_story(tmp_path, tiny_config_path,
 def test_compare_command_refreshes_the_story(tmp_path, capsys, monkeypatch):
     """`kd-optuna compare` with every run already stored (nothing trained) saves its figure and
     the story's note with the compare table."""
-    from kd_optuna.export import script_defaults
+    from kd_optuna.script import script_defaults
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
