@@ -41,8 +41,12 @@ without talking to each other:
 - **never again**: a key that is COMPLETE, PRUNED (rejected), FAILED, RUNNING or WAITING is
   never proposed; only COMPLETE trials are parents. A worker announces its child's key in the
   system attr ``kd_optuna:proposed_key``, then re-reads the storage and chooses again if
-  another trial has that key (up to 4 rounds), so two workers (or threads) that chose the
+  another trial has that key (up to 8 rounds), so two workers (or threads) that chose the
   same key at the same moment do not both run it: of the two, at least one sees the other.
+  A trial that lost a key during the initial population draws its next warm start at random
+  (workers started together would otherwise walk the classics in lockstep and collide every
+  round); one whose every round was lost runs its last key anyway and says so in
+  ``sampler_note``.
 - **shrinkage** (genes only): once ``shrink_after`` trials have been evaluated (completed or
   rejected: on digits three candidates in four are rejected, and rejections are what
   shrinkage learns from first), the option weights follow
@@ -111,7 +115,7 @@ _GROUP = {gene: ("transform" if gene in TRANSFORM_GENES else gene) for gene in G
 
 _FLOOR = 0.05
 _CLASSICS = frozenset(classic_specs())
-_CLAIM_ROUNDS = 4
+_CLAIM_ROUNDS = 8
 _REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
 _MAX_PLANS = 4096
 _INTERSECTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -749,6 +753,10 @@ class EvolutionSampler(BaseSampler):
             if repeat or not self._claimed_elsewhere(study, trial, child.key):
                 break
             lost.append(child.key)
+        else:
+            lost.pop()
+            shared = f"every key chosen in {_CLAIM_ROUNDS} rounds was claimed; {child.key} runs twice"
+            attrs["sampler_note"] = "; ".join(filter(None, [shared, attrs.get("sampler_note")]))
         if lost:
             yielded = f"yielded {len(lost)} key(s) to trials that claimed them"
             attrs["sampler_note"] = "; ".join(filter(None, [yielded, attrs.get("sampler_note")]))
@@ -778,7 +786,7 @@ class EvolutionSampler(BaseSampler):
             if evolved:
                 child = self._evolve(history, genome, context)
             else:
-                child = self._initial(context)
+                child = self._initial(context, after_loss=bool(lost))
         # The rival may take seconds (a language model): other threads go on meanwhile.
         if evolved and self.proposer is not None:
             rivals = self.proposer.propose(context)
@@ -832,15 +840,29 @@ class EvolutionSampler(BaseSampler):
         proposed = len(history.finished_keys) + len(set(history.running_keys)) + len(lost)
         return not history.best or proposed < self.population_size
 
-    def _initial(self, context: ProposalContext) -> Candidate | None:
+    def _initial(self, context: ProposalContext, after_loss: bool = False) -> Candidate | None:
+        """The first warm start not yet seen, else a random candidate.
+
+        ``after_loss``: this trial lost its key to another trial, which chose it at the same
+        moment from the same list. Taking the next warm start in order would have every such
+        worker choose the same key again, round after round (workers started together move
+        in lockstep), so the warm start is drawn at random among those not yet seen.
+        """
         if context.genes:
+            unseen = []
             for spec in self.warm_start:
                 if not context.space.contains(spec):
                     continue
                 extra = context.random_extra()
                 if evolution.genome_key(spec.key, extra) not in context.seen:
-                    proposer = "classic" if spec in _CLASSICS else "warm_start"
-                    return Candidate(spec, proposer, extra=extra)
+                    unseen.append((spec, extra))
+                    if not after_loss:
+                        break
+            if unseen:
+                pick = int(context.rng.randint(len(unseen))) if len(unseen) > 1 else 0
+                spec, extra = unseen[pick]
+                proposer = "classic" if spec in _CLASSICS else "warm_start"
+                return Candidate(spec, proposer, extra=extra)
         found = self._fallback.propose(context)
         return found[0] if found else None
 

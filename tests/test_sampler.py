@@ -365,6 +365,42 @@ def test_the_sampler_derives_its_space_from_the_study_when_not_given():
     assert all(space.contains(DistillerSpec.from_params(t.params)) for t in study.trials)
 
 
+def _claims(sampler, lost_rounds: int) -> list[str]:
+    """Make ``sampler`` lose its first ``lost_rounds`` keys to other trials; record each key."""
+    chosen: list[str] = []
+
+    def claimed_elsewhere(study, trial, key):
+        chosen.append(key)
+        return len(chosen) <= lost_rounds
+
+    sampler._claimed_elsewhere = claimed_elsewhere
+    return chosen
+
+
+def test_workers_that_lost_one_classic_together_do_not_all_choose_the_next():
+    """Workers started together choose the first classic together and all lose it; if each
+    then took the next classic in order they would collide again, round after round."""
+    second = set()
+    for seed in range(10):
+        sampler = EvolutionSampler(seed=seed, population_size=6)
+        chosen = _claims(sampler, lost_rounds=1)
+        optuna.create_study(sampler=sampler).optimize(objective, n_trials=1)
+        assert chosen[0] == classic_specs()[0].key
+        second.add(chosen[1])
+    assert len(second) > 1
+
+
+def test_a_key_claimed_in_every_round_runs_and_the_trial_says_so():
+    sampler = EvolutionSampler(seed=0, population_size=6)
+    chosen = _claims(sampler, lost_rounds=100)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert key_of(trial) == chosen[-1]
+    note = trial.user_attrs["sampler_note"]
+    assert f"{chosen[-1]} runs twice" in note and f"yielded {len(chosen) - 1} key(s)" in note
+
+
 WORKER = textwrap.dedent(
     """
     import sys, zlib, optuna
