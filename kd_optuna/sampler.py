@@ -70,9 +70,9 @@ the frontier (the RUNNING/WAITING trials plus those finished since the last call
 search space, option counts and the predictor's sufficient statistics are updated per
 absorbed trial (O(P + cells)); weights, and rho's ridge solution (one solve of at most a few
 hundred unknowns), are recomputed only when a trial was absorbed. What remains proportional
-to the study size is listing the trials (Optuna's ``study._get_trials(deepcopy=False,
-use_cache=True)`` and one fresh ``get_all_trials`` for the claim check), which any sampler
-reading the history pays.
+to the study size is listing the trials (Optuna's per-trial snapshot of the list, see
+``kd_optuna.optuna_private.cached_trials``, and one fresh ``study.get_trials`` for the claim
+check), which any sampler reading the history pays.
 """
 
 from __future__ import annotations
@@ -85,13 +85,13 @@ import math
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
-from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from kd_optuna import evolution
+from kd_optuna import evolution, optuna_private
 from kd_optuna.classics import classic_specs
 from kd_optuna.errors import InvalidSpace, KdOptunaError
 from kd_optuna.predictor import AdditivePredictor, spec_cells
@@ -119,6 +119,24 @@ _CLAIM_ROUNDS = 8
 _REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
 _MAX_PLANS = 4096
 _INTERSECTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class _LazyRandomState:
+    """A numpy RandomState made on first use, as Optuna's own samplers hold theirs (Optuna's
+    class for it is private): seeded at once when ``seed`` is given, so a seeded sampler draws
+    the same values, else created only when first drawn from, so copies of an unseeded
+    sampler made before that draw each get their own entropy."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng: np.random.RandomState | None = None
+        if seed is not None:
+            self.rng.seed(seed=seed)
+
+    @property
+    def rng(self) -> np.random.RandomState:
+        if self._rng is None:
+            self._rng = np.random.RandomState()
+        return self._rng
 
 
 class SamplerConfigError(KdOptunaError, ValueError):
@@ -540,7 +558,7 @@ class EvolutionSampler(BaseSampler):
         self.max_tries = int(max_tries)
         self.screen = int(screen)
         self.mutation_scale = float(mutation_scale)
-        self._rng = LazyRandomState(seed)
+        self._rng = _LazyRandomState(seed)
         self._random = RandomSampler(seed=None if seed is None else seed + 1)
         self._mutation = MutationProposer()
         self._crossover = CrossoverProposer()
@@ -574,19 +592,20 @@ class EvolutionSampler(BaseSampler):
         deleted, so a shorter list can only be an older one.
         """
         sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
-        cache_key = (id(study._storage), study._study_id)
+        storage = optuna_private.study_storage(study)
+        cache_key = (id(storage), optuna_private.study_id(study))
         history = self._histories.get(cache_key)
         if fresh:
-            trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+            trials = study.get_trials(deepcopy=False)
         else:
-            trials = study._get_trials(deepcopy=False, use_cache=True)
-        stale = history is None or history.storage is not study._storage
+            trials = optuna_private.cached_trials(study)
+        stale = history is None or history.storage is not storage
         if not stale and history.frontier:
             if len(trials) < history.frontier:
                 return history
             stale = trials[history.frontier - 1].number != history.frontier - 1
         if stale or history.sign != sign:
-            history = _History(study._storage, study._study_id, sign, self.population_size)
+            history = _History(storage, cache_key[1], sign, self.population_size)
             self._histories[cache_key] = history
         history.update(trials)
         return history
@@ -714,7 +733,7 @@ class EvolutionSampler(BaseSampler):
                 f"{param_name} = {plan.params[param_name]!r} is not a value the objective "
                 f"offers; drew {value!r}"
             )
-            study._storage.set_trial_user_attr(trial._trial_id, "sampler_note", note)
+            optuna_private.set_trial_user_attr(study, trial, "sampler_note", note)
         return value
 
     def _from_plan(self, plan: _Plan, name: str, dist: BaseDistribution) -> Any:
@@ -768,7 +787,7 @@ class EvolutionSampler(BaseSampler):
         if child.second_parent is not None:
             lineage["crossover_parent"] = child.second_parent
         for key, value in {**lineage, **attrs}.items():
-            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+            optuna_private.set_trial_user_attr(study, trial, key, value)
         return child, population
 
     def _announce(
@@ -797,7 +816,7 @@ class EvolutionSampler(BaseSampler):
             child = _fix(child, trial, genome)
             if genome.genes is not None and history.n_evaluated >= self.shrink_after:
                 attrs["space_state"] = _summary(weights, history.n_evaluated)
-            study._storage.set_trial_system_attr(trial._trial_id, PROPOSED_KEY_ATTR, child.key)
+            optuna_private.set_trial_system_attr(study, trial, PROPOSED_KEY_ATTR, child.key)
         return child, attrs, history.members()
 
     def _claimed_elsewhere(self, study: Study, trial: FrozenTrial, key: str) -> bool:
@@ -981,7 +1000,7 @@ _NOTHING = object()
 
 
 def _plan_key(study: Study, trial: FrozenTrial) -> tuple[int, int]:
-    return id(study._storage), trial._trial_id
+    return id(optuna_private.study_storage(study)), optuna_private.trial_id(trial)
 
 
 def _offered_genes(genome: _Genome, offered: Mapping[str, BaseDistribution]) -> _Genome:

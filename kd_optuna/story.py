@@ -47,6 +47,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from kd_optuna import optuna_private
 from kd_optuna.space import GENES
 
 #: The objective's name in the dashboard.
@@ -530,15 +531,11 @@ def storage_url(study) -> str:
     """The study's storage URL, password masked."""
     from kd_optuna.storage import mask_url
 
-    storage = getattr(study._storage, "_backend", study._storage)
+    storage = optuna_private.backend(optuna_private.study_storage(study))
     engine = getattr(storage, "engine", None)
     if engine is None:
         return "(in-memory storage)"
     return mask_url(engine.url.render_as_string(hide_password=True))
-
-
-def _study_id(study) -> int:
-    return study._study_id
 
 
 def _task(config) -> list[tuple[str, str]]:
@@ -701,7 +698,7 @@ def artifact_dir(storage: Any, explicit: str | os.PathLike | None = None) -> Pat
     if os.environ.get(ARTIFACT_DIR_ENV):
         return Path(os.environ[ARTIFACT_DIR_ENV])
     if not isinstance(storage, str):
-        backend = getattr(storage._storage, "_backend", storage._storage)
+        backend = optuna_private.backend(optuna_private.study_storage(storage))
         engine = getattr(backend, "engine", None)
         if engine is None:
             return None
@@ -739,9 +736,9 @@ def _existing_artifact(study, trial, filename: str, store) -> str | None:
 
     from optuna.artifacts.exceptions import ArtifactNotFound
 
-    prefix = f"{DASHBOARD_TRIAL_ARTIFACT_PREFIX}{trial._trial_id}:"
-    attrs = {k: v for k, v in study._storage.get_study_system_attrs(_study_id(study)).items() if k.startswith(prefix)}
-    attrs.update({k: v for k, v in study._storage.get_trial_system_attrs(trial._trial_id).items() if k.startswith("artifacts:")})
+    prefix = f"{DASHBOARD_TRIAL_ARTIFACT_PREFIX}{optuna_private.trial_id(trial)}:"
+    attrs = {k: v for k, v in optuna_private.study_system_attrs(study).items() if k.startswith(prefix)}
+    attrs.update({k: v for k, v in optuna_private.trial_system_attrs(study, trial).items() if k.startswith("artifacts:")})
     for key, value in attrs.items():
         if not isinstance(value, str):
             continue
@@ -787,10 +784,10 @@ def upload_best_script(study, config, store, trial=None) -> dict[str, Any] | Non
             with open(path, "rb") as handle:
                 store.write(artifact_id, handle)
         meta = {"artifact_id": artifact_id, "filename": filename, "mimetype": "text/x-python", "encoding": None}
-        study._storage.set_study_system_attr(
-            _study_id(study), f"{DASHBOARD_TRIAL_ARTIFACT_PREFIX}{trial._trial_id}:{artifact_id}", json.dumps(meta))
-    return {"trial": trial.number, "filename": filename, "artifact_id": artifact_id,
-            "url": f"/artifacts/{_study_id(study)}/{trial._trial_id}/{artifact_id}"}
+        optuna_private.set_study_system_attr(
+            study, f"{DASHBOARD_TRIAL_ARTIFACT_PREFIX}{optuna_private.trial_id(trial)}:{artifact_id}", json.dumps(meta))
+    ids = f"{optuna_private.study_id(study)}/{optuna_private.trial_id(trial)}"
+    return {"trial": trial.number, "filename": filename, "artifact_id": artifact_id, "url": f"/artifacts/{ids}/{artifact_id}"}
 
 
 # -- writing it into the study ----------------------------------------------------------------
@@ -827,7 +824,7 @@ _ARTIFACT_ATTR = "kd_optuna:story:best_script"
 
 
 def _recorded_artifact(study) -> dict[str, Any] | None:
-    value = study._storage.get_study_system_attrs(_study_id(study)).get(_ARTIFACT_ATTR)
+    value = optuna_private.study_system_attrs(study).get(_ARTIFACT_ATTR)
     return dict(value) if isinstance(value, Mapping) else None
 
 
@@ -870,7 +867,7 @@ def refresh(study, config=None, *, artifact_dir_path: str | os.PathLike | None =
             artifact = None
             story.commands.insert(0, ("the best script could not be exported", str(error)))
         if artifact is not None:
-            study._storage.set_study_system_attr(_study_id(study), _ARTIFACT_ATTR, artifact)
+            optuna_private.set_study_system_attr(study, _ARTIFACT_ATTR, artifact)
     story.artifact = artifact or _recorded_artifact(study)
     note = write_note(study, config, story)
     return Refreshed(tuple(saved), artifact, note)
@@ -902,7 +899,7 @@ class PeriodicRefresh:
         from optuna.trial import TrialState
 
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        return len(self.study._storage.get_all_trials(self.study._study_id, deepcopy=False, states=states))
+        return len(self.study.get_trials(deepcopy=False, states=states))
 
     def __call__(self) -> bool:
         import time

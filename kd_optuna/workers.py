@@ -51,6 +51,7 @@ from sqlalchemy import text
 
 from kd_optuna.config import StudyConfig
 from kd_optuna.errors import KdOptunaError
+from kd_optuna import optuna_private
 from kd_optuna.storage import DATABASE_ERRORS, describe_error, load_study, mask_secrets, open_storage, study_config
 
 WORKER_ATTR = "worker"
@@ -372,14 +373,14 @@ def _next_trial(args, storage, study, host_lock):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
             _fail_unclaimed(storage, study)
-        counts = count_states(storage, study._study_id)
+        counts = count_states(storage, optuna_private.study_id(study))
         finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
         if finished >= args.n_trials:
             return None, True
         if finished + counts[TrialState.RUNNING] < args.n_trials:
             trial = study.ask()
             if storage.get_heartbeat_interval() is not None:
-                storage.record_heartbeat(trial._trial_id)
+                storage.record_heartbeat(optuna_private.trial_id(trial))
             return trial, False
     return None, False
 
@@ -406,11 +407,11 @@ def _fail_unclaimed(storage, study) -> None:
         if WORKER_ATTR in trial.user_attrs or started is None or now - started < grace:
             continue
         try:
-            failed = storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            failed = storage.set_trial_state_values(optuna_private.trial_id(trial), TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, elsewhere
             continue
         if failed and callback is not None:
-            callback(study, storage.get_trial(trial._trial_id))
+            callback(study, storage.get_trial(optuna_private.trial_id(trial)))
 
 
 def _finish(args, storage, study, trial, objective, interrupt, name, say, save_note) -> bool:
@@ -438,7 +439,7 @@ def _finish(args, storage, study, trial, objective, interrupt, name, say, save_n
         study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass
-    stored = storage.get_trial(trial._trial_id)
+    stored = storage.get_trial(optuna_private.trial_id(trial))
     if stored.state != state:
         say(f"worker {args.context.index}: trial {trial.number} was failed by the heartbeat meanwhile; its retry runs it again")
     elif interrupted:
@@ -477,7 +478,7 @@ def queue_again(study: optuna.Study, trial: optuna.trial.FrozenTrial, retry: boo
 def _run_trial(storage, trial, objective, interrupt, name):
     """Run ``objective(trial)`` under a heartbeat: (state, value, error message or None)."""
     trial.set_user_attr(WORKER_ATTR, name)
-    with _Heartbeat(storage, trial._trial_id):
+    with _Heartbeat(storage, optuna_private.trial_id(trial)):
         try:
             interrupt.in_objective = True
             if interrupt.stop:
@@ -531,7 +532,7 @@ def optimize(
     config = study_config(study)
     config.check_files()
     deadline = None if timeout is None else time.time() + timeout
-    counts = count_states(storage, study._study_id)
+    counts = count_states(storage, optuna_private.study_id(study))
     if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
         summary = summarize(study)
         summary.target_met_before = True
@@ -629,7 +630,7 @@ def _replace_dead(index, process, restarts, study, storage, deadline, n_trials, 
     passed or the target is met. The replacement, or None."""
     try:
         _fail_orphans(study, storage, [process], reason=f"its worker {how_it_ended(process.exitcode)}")
-        counts = count_states(storage, study._study_id)
+        counts = count_states(storage, optuna_private.study_id(study))
     except DATABASE_ERRORS:  # the heartbeat fails its trial; the count is checked by the workers
         counts = None
     if restarts[index] >= MAX_RESTARTS or (deadline is not None and time.time() >= deadline):
@@ -739,13 +740,13 @@ def _fail_orphans(study: optuna.Study, storage, processes, reason: str = INTERRU
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get(WORKER_ATTR) in ended:
             try:
-                storage.set_trial_user_attr(trial._trial_id, FAIL_REASON_ATTR, reason)
-                if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                storage.set_trial_user_attr(optuna_private.trial_id(trial), FAIL_REASON_ATTR, reason)
+                if not storage.set_trial_state_values(optuna_private.trial_id(trial), TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
                 continue
             failed.append(trial.number)
-            queue_again(study, storage.get_trial(trial._trial_id), retry=reason != INTERRUPTED)
+            queue_again(study, storage.get_trial(optuna_private.trial_id(trial)), retry=reason != INTERRUPTED)
     return failed
 
 
