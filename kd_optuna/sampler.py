@@ -139,6 +139,18 @@ class _LazyRandomState:
         return self._rng
 
 
+class _DefaultProposer:
+    """The type of :data:`DEFAULT_PROPOSER` (``None`` already means "no proposer")."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_PROPOSER"
+
+
+#: Default of ``EvolutionSampler(proposer=...)``: each sampler builds its own ``RandomProposer()``
+#: (a default instance in the signature would be one object shared by every sampler).
+DEFAULT_PROPOSER = _DefaultProposer()
+
+
 class SamplerConfigError(KdOptunaError, ValueError):
     """An EvolutionSampler argument out of range."""
 
@@ -480,7 +492,8 @@ class EvolutionSampler(BaseSampler):
         space: the gene options. ``None`` takes them from the study's trials (what the
             objective suggests), or the whole space for a study without KD trials.
         proposer: the rival of the mutated child in guided selection (Algorithm 1's E):
-            a random genome by default, or e.g. an ``LLMProposer``; ``None`` for pure
+            by default (:data:`DEFAULT_PROPOSER`) a fresh ``RandomProposer()`` of this sampler's
+            own, a random genome; or e.g. an ``LLMProposer``; ``None`` for pure
             mutation/crossover without a contest.
         seed: seed of the random number generator.
         reject_min, reject_rate: an option drops out once at least ``reject_min`` trials with
@@ -504,7 +517,7 @@ class EvolutionSampler(BaseSampler):
         warm_start: bool | Sequence[DistillerSpec] = True,
         shrink_after: int = 50,
         space: SearchSpace | None = None,
-        proposer: Proposer | None = RandomProposer(),
+        proposer: Proposer | None | _DefaultProposer = DEFAULT_PROPOSER,
         seed: int | None = None,
         *,
         reject_min: int = 3,
@@ -552,7 +565,7 @@ class EvolutionSampler(BaseSampler):
             self.warm_start = tuple(warm_start or ())
         self.shrink_after = int(shrink_after)
         self.space = space
-        self.proposer = proposer
+        self.proposer = RandomProposer() if isinstance(proposer, _DefaultProposer) else proposer
         self.reject_min = int(reject_min)
         self.reject_rate = float(reject_rate)
         self.max_tries = int(max_tries)

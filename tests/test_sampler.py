@@ -340,6 +340,13 @@ def test_same_seed_in_another_process_gives_the_same_params():
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(_params(7)))
 
 
+def test_the_default_proposer_is_a_fresh_random_proposer_per_sampler_and_none_means_no_contest():
+    a, b = EvolutionSampler(), EvolutionSampler()
+    assert isinstance(a.proposer, RandomProposer) and a.proposer is not b.proposer
+    assert EvolutionSampler(proposer=None).proposer is None
+    assert _params(7) == [t.params for t in run(EvolutionSampler(seed=7, population_size=8), 40).trials]
+
+
 def test_reseed_rng_makes_two_copies_of_a_seeded_sampler_differ():
     a, b = EvolutionSampler(seed=4, warm_start=False), EvolutionSampler(seed=4, warm_start=False)
     b.reseed_rng()
