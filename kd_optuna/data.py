@@ -144,26 +144,32 @@ def class_balanced_subset(
     per_class: int | None = None,
     fraction: float | None = None,
     seed: int = 0,
+    *,
+    at_most: bool = False,
 ) -> torch.Tensor:
     """Sorted indices (M,) of a seeded class-balanced subset of ``labels`` (N,).
 
-    Exactly one of ``per_class`` (that many per class) or ``fraction`` (per class c, max(1,
-    round(fraction * n_c)) of its n_c items). The same labels and seed give the same subset.
+    Exactly one of ``per_class`` (that many per class; 0: every index, 0..N-1) or ``fraction``
+    (per class c, max(1, round(fraction * n_c)) of its n_c items). Each class, in sorted order,
+    takes the first ones of randperm(n_c) from one generator seeded with ``seed``; a class with
+    fewer than ``per_class`` items raises, or gives all of them when ``at_most``.
     """
     if (per_class is None) == (fraction is None):
         raise DataError("class_balanced_subset needs exactly one of per_class or fraction")
-    if per_class is not None and per_class < 1:
-        raise DataError(f"per_class must be at least 1, got {per_class}")
+    if per_class is not None and per_class < 0:
+        raise DataError(f"per_class must be at least 0, got {per_class}")
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise DataError(f"fraction must be in (0, 1], got {fraction}")
-    labels = torch.as_tensor(labels, dtype=torch.long)
+    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
+    if per_class == 0:
+        return torch.arange(labels.shape[0])
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for c in torch.unique(labels).tolist():
         members = torch.nonzero(labels == c).flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         take = per_class if per_class is not None else max(1, round(fraction * len(members)))
-        if take > len(members):
+        if take > len(members) and not at_most:
             raise DataError(f"class {c} has {len(members)} items, fewer than per_class={per_class}")
         chosen.append(members[:take])
     if not chosen:

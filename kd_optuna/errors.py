@@ -1,4 +1,4 @@
-"""The exceptions kd-optuna raises on purpose.
+"""The exceptions kd-optuna raises on purpose, and ``first_line`` to quote another one.
 
 Every error a user can cause by input derives from :class:`KdOptunaError`; the command line
 turns it into a one-line message and exit code 2.
@@ -22,3 +22,10 @@ class InvalidDistiller(KdOptunaError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def first_line(error: BaseException, limit: int = 160, default: str = "") -> str:
+    """The first line of ``str(error)`` (stripped), cut to ``limit`` characters; ``default``
+    when the message is empty."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else default

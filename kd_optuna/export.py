@@ -74,11 +74,10 @@ def train_with_distiller(
     atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
     """
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    from kd_optuna.checkpoints import load_model, save_checkpoint
+    from kd_optuna.checkpoints import load_model
     from kd_optuna.data import load_dataset
+    from kd_optuna.engine import make_optimizer, train_epochs
     from kd_optuna.models import build_model, tap_model
     from kd_optuna.space import DistillerSpec
     from kd_optuna.workers import WorkerContext
@@ -119,98 +118,154 @@ def train_with_distiller(
         epochs=epochs,
     )
     params = list(tapped_student.parameters()) + list(term.parameters())
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer("sgd", params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    last_path = out / "last.pt"
-    start_epoch, best_top1, best_epoch, history = 0, -1.0, 0, []
-    if resume:
-        if not last_path.is_file():
-            raise KdOptunaError(f"--resume: no checkpoint {last_path}; run without --resume first")
-        state = torch.load(last_path, map_location=target, weights_only=True)
-        if state.get("method", "searched") != method:
-            raise KdOptunaError(
-                f"--resume: {last_path} was written by --method {state.get('method', 'searched')}; "
-                "use the same --method or another --output-dir"
-            )
-        if method == "searched" and state.get("spec") != spec.to_json():
-            raise KdOptunaError(f"--resume: {last_path} was written for another distiller; use another --output-dir")
-        tapped_student.model.load_state_dict(state["student"])
-        term.load_state_dict(state["distiller"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.last_epoch = int(state["epoch"])
-        term.resume_schedule(int(state["epoch"]))
-        start_epoch, best_top1, best_epoch = int(state["epoch"]), float(state["best_top1"]), int(state["best_epoch"])
-        history = list(state["history"])
-
-    train_loader = _indexed_loader(splits, batch_size, num_workers, seed)
-    val_loader = splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0)
+    loaders = (_indexed_loader(splits, batch_size, num_workers, seed),
+               splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0))
+    run = _FullTraining(tapped_student, tapped_teacher, term, optimizer, scheduler, loaders, spec=spec, method=method,
+                        out=out, device=target, seed=seed, epochs=epochs, progress=progress,
+                        meta={"model_name": student, "num_classes": num_classes, "dataset": dataset})
+    start_epoch = run.resume() if resume else 0
     test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
-    for epoch in range(start_epoch, epochs):
-        if train_loader.generator is not None:
-            train_loader.generator.manual_seed(seed + epoch)
-        tapped_student.train()
-        term.train()
-        term.epoch_start(epoch)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
-        totals, seen = {"loss": 0.0, "ce": 0.0, "term": 0.0}, 0
-        for step, (x, y, index) in enumerate(bar):
-            if max_steps is not None and step >= max_steps:
-                break
-            x, y = x.to(target, non_blocking=True), y.to(target, non_blocking=True)
-            t_out = None
-            if tapped_teacher is not None:
-                with torch.no_grad():
-                    t_out = tapped_teacher(x)
-            s_out = tapped_student(x)
-            ce = F.cross_entropy(s_out["logit"], y)
-            extra = term(x, y, index.to(target), s_out, t_out)
-            loss = term.ce_weight * ce + extra
-            if not math.isfinite(loss.item()):
-                raise KdOptunaError(f"the loss became {loss.item()} in epoch {epoch + 1}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for name, value in (("loss", loss), ("ce", ce), ("term", extra)):
-                totals[name] += value.item() * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
-        scheduler.step()
-        term.epoch_end()
-        val_top1 = _top1(tapped_student, val_loader, target)
-        if val_top1 > best_top1:
-            best_top1, best_epoch = val_top1, epoch + 1
-            save_checkpoint(
-                out / "best_student.pt", tapped_student.model, model_name=student, num_classes=num_classes,
-                dataset=dataset, accuracy=val_top1,
-                extra={"distiller": spec.key if method == "searched" else method, "epoch": epoch + 1,
-                       "chosen_on": "val"},
-            )
-        means = {name: total / max(1, seen) for name, total in totals.items()}
-        history.append({"epoch": epoch + 1, **means, "val_top1": val_top1})
-        if progress:
-            tqdm.write(
-                f"epoch {epoch + 1}/{epochs}: loss {means['loss']:.4f} (CE {means['ce']:.4f} + {method} "
-                f"{means['term']:.4f})  val top-1 {100 * val_top1:.2f}%"
-            )
-        _save_atomic(last_path, {
-            "spec": spec.to_json(),
-            "method": method,
-            "student": tapped_student.model.state_dict(),
-            "distiller": term.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch + 1,
-            "best_top1": best_top1,
-            "best_epoch": best_epoch,
-            "history": history,
-        })
+    train_epochs(optimizer, run.epoch_batches, run.loss, epochs=epochs, first_epoch=start_epoch,
+                 max_steps=max_steps, hooks=run.hooks())
+    history = run.history
     return {
         "final_top1": _top1(tapped_student, test_loader, target),
         "final_val_top1": history[-1]["val_top1"] if history else None,
-        "best_val_top1": best_top1, "best_epoch": best_epoch, "history": history,
+        "best_val_top1": run.best_top1, "best_epoch": run.best_epoch, "history": history,
     }
+
+
+class _FullTraining:
+    """The state and engine hooks of :func:`train_with_distiller`: the batches and loss of an
+    epoch, the running means, and at each epoch's end the lr schedule, val top-1, the best
+    student and ``last.pt`` (which :meth:`resume` reads back)."""
+
+    def __init__(self, student, teacher, term, optimizer, scheduler, loaders, *, spec, method, out, device, seed,
+                 epochs, progress, meta):
+        self.student, self.teacher, self.term = student, teacher, term
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader = loaders
+        self.spec, self.method, self.out, self.device, self.seed = spec, method, out, device, seed
+        self.epochs, self.progress, self.meta = epochs, progress, meta
+        self.best_top1, self.best_epoch, self.history = -1.0, 0, []
+        self.epoch, self.bar, self.totals, self.seen, self.parts = 0, None, {}, 0, ()
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    def hooks(self):
+        from kd_optuna.engine import Hooks
+
+        return Hooks(epoch_start=self.epoch_start, after_loss=self.check, after_step=self.add, epoch_end=self.epoch_end)
+
+    def resume(self) -> int:
+        """Load ``last.pt`` into the models, term, optimiser and schedules; the epoch to start at."""
+        import torch
+
+        if not self.last_path.is_file():
+            raise KdOptunaError(f"--resume: no checkpoint {self.last_path}; run without --resume first")
+        state = torch.load(self.last_path, map_location=self.device, weights_only=True)
+        if state.get("method", "searched") != self.method:
+            raise KdOptunaError(
+                f"--resume: {self.last_path} was written by --method {state.get('method', 'searched')}; "
+                "use the same --method or another --output-dir"
+            )
+        if self.method == "searched" and state.get("spec") != self.spec.to_json():
+            raise KdOptunaError(f"--resume: {self.last_path} was written for another distiller; use another --output-dir")
+        self.student.model.load_state_dict(state["student"])
+        self.term.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.last_epoch = int(state["epoch"])
+        self.term.resume_schedule(int(state["epoch"]))
+        self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
+        self.history = list(state["history"])
+        return int(state["epoch"])
+
+    def epoch_start(self, epoch: int) -> None:
+        if self.train_loader.generator is not None:
+            self.train_loader.generator.manual_seed(self.seed + epoch)
+        self.student.train()
+        self.term.train()
+        self.term.epoch_start(epoch)
+        self.totals, self.seen = {"loss": 0.0, "ce": 0.0, "term": 0.0}, 0
+
+    def epoch_batches(self, epoch: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                        disable=not self.progress, leave=False)
+        self.epoch = epoch
+        return self.bar
+
+    def loss(self, batch):
+        """``ce_weight * CE(s_logit, y) + term``, the teacher run without gradients."""
+        import torch
+        import torch.nn.functional as F
+
+        x, y, index = batch
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        t_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(x)
+        s_out = self.student(x)
+        ce = F.cross_entropy(s_out["logit"], y)
+        extra = self.term(x, y, index.to(self.device), s_out, t_out)
+        self.parts = (ce, extra)
+        return self.term.ce_weight * ce + extra
+
+    def check(self, step: int, loss) -> None:
+        if not math.isfinite(loss.item()):
+            raise KdOptunaError(f"the loss became {loss.item()} in epoch {self.epoch + 1}; lower --lr")
+
+    def add(self, step: int, loss, batch) -> None:
+        for name, value in (("loss", loss), ("ce", self.parts[0]), ("term", self.parts[1])):
+            self.totals[name] += value.item() * len(batch[1])
+        self.seen += len(batch[1])
+        self.bar.set_postfix(loss=f"{self.totals['loss'] / self.seen:.4f}")
+
+    def epoch_end(self, epoch: int) -> None:
+        self.scheduler.step()
+        self.term.epoch_end()
+        val_top1 = _top1(self.student, self.val_loader, self.device)
+        if val_top1 > self.best_top1:
+            self.best_top1, self.best_epoch = val_top1, epoch + 1
+            self._save_best(epoch, val_top1)
+        means = {name: total / max(1, self.seen) for name, total in self.totals.items()}
+        self.history.append({"epoch": epoch + 1, **means, "val_top1": val_top1})
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(
+                f"epoch {epoch + 1}/{self.epochs}: loss {means['loss']:.4f} (CE {means['ce']:.4f} + {self.method} "
+                f"{means['term']:.4f})  val top-1 {100 * val_top1:.2f}%"
+            )
+        _save_atomic(self.last_path, {
+            "spec": self.spec.to_json(),
+            "method": self.method,
+            "student": self.student.model.state_dict(),
+            "distiller": self.term.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+        })
+
+    def _save_best(self, epoch: int, val_top1: float) -> None:
+        from kd_optuna.checkpoints import save_checkpoint
+
+        save_checkpoint(
+            self.out / "best_student.pt", self.student.model, **self.meta, accuracy=val_top1,
+            extra={"distiller": self.spec.key if self.method == "searched" else self.method, "epoch": epoch + 1,
+                   "chosen_on": "val"},
+        )
 
 
 class MethodTerm:
@@ -299,6 +354,7 @@ def build_method_term(
     """
     import torch
 
+    from kd_optuna.engine import make_optimizer
     from kd_optuna.models import build_model, knowledge_shapes, tap_model
 
     if method not in METHODS:
@@ -308,8 +364,9 @@ def build_method_term(
 
         peer = tap_model(build_model(student_name, num_classes), student_name,
                          nodes=getattr(tapped_student, "nodes", None)).to(device)
-        optimizer = torch.optim.SGD(
-            peer.parameters(), lr=sgd["lr"], momentum=sgd["momentum"], weight_decay=sgd["weight_decay"]
+        optimizer = make_optimizer(
+            "sgd", peer.parameters(), lr=sgd["lr"], momentum=sgd["momentum"], weight_decay=sgd["weight_decay"],
+            nesterov=False,
         )
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(sgd["milestones"]), gamma=sgd["gamma"])
         return MethodTerm(method, mutual=MutualLearning(peer, optimizer), peer_scheduler=scheduler)
@@ -394,16 +451,10 @@ def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
 
 
 def _top1(tapped, loader, device) -> float:
-    import torch
+    """Top-1 in [0, 1] of a tapped model's ``logit`` over the (x, y) batches of ``loader``."""
+    from kd_optuna.engine import evaluate
 
-    tapped.eval()
-    correct, seen = 0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            logits = tapped(x.to(device))["logit"]
-            correct += (logits.argmax(1).cpu() == y).sum().item()
-            seen += len(y)
-    return correct / max(1, seen)
+    return evaluate(tapped, loader, device=device, output="logit").accuracy
 
 
 def _save_atomic(path: Path, payload: dict) -> None:

@@ -26,7 +26,7 @@ import time
 import optuna
 import torch
 
-from kd_optuna.errors import InvalidDistiller
+from kd_optuna.errors import InvalidDistiller, first_line
 from kd_optuna.space import suggest_distiller
 from kd_optuna.task import Task
 
@@ -45,8 +45,7 @@ class Objective:
             return self._run(trial)
         except torch.cuda.OutOfMemoryError as error:
             torch.cuda.empty_cache()
-            message = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            trial.set_user_attr("fail_reason", f"CUDA out of memory: {message}")
+            trial.set_user_attr("fail_reason", f"CUDA out of memory: {first_line(error, limit=200)}")
             return math.nan
 
     def _run(self, trial: optuna.trial.BaseTrial) -> float:

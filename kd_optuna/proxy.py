@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_optuna import engine
+from kd_optuna.data import class_balanced_subset
 from kd_optuna.errors import InvalidDistiller, KdOptunaError
 from kd_optuna.metrics import (
     ScoreWeights,
@@ -46,7 +48,7 @@ from kd_optuna.metrics import (
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = engine.SCHEDULES
 AUGMENTS = ("none", "shift", "shift_flip")
 KD_SOURCES = ("train", "labelled")
 CACHE_DTYPES = ("float16", "float32")
@@ -233,6 +235,17 @@ class ProxySettings:
     def score_weights(self) -> ScoreWeights:
         return ScoreWeights(self.score_ce, self.score_sharpness, self.score_cka)
 
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The proxy's optimiser over ``params``: SGD is Nesterov when ``nesterov`` and momentum > 0."""
+        return engine.make_optimizer(self.optimizer, params, lr=self.lr, momentum=self.momentum,
+                                     weight_decay=self.weight_decay, nesterov=self.nesterov and self.momentum > 0)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at ``step``: 0.5 * (1 + cos(pi * step / steps)) for cosine,
+        gamma ** #{m in milestones : m * steps <= step} for step, else 1."""
+        milestones = [m * self.steps for m in self.milestones]
+        return engine.lr_factor(self.schedule, step, self.steps, 1, milestones, self.gamma)
+
     def data_key(self) -> dict[str, object]:
         """The settings that decide the proxy data and views (what the teacher cache depends on)."""
         names = ("labels_per_class", "label_seed", "kd_source", "kd_pool_size", "views",
@@ -288,19 +301,6 @@ class ViewPool:
         return self.offsets.cpu().numpy().tobytes() + self.flips.cpu().numpy().tobytes()
 
 
-def class_balanced_indices(labels: Tensor, per_class: int, seed: int) -> Tensor:
-    """Sorted indices of ``per_class`` images of every class (all when 0), drawn with ``seed``."""
-    if per_class == 0:
-        return torch.arange(labels.shape[0])
-    generator = torch.Generator().manual_seed(seed)
-    labels = labels.cpu()
-    chosen = []
-    for c in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == c).flatten()
-        chosen.append(members[torch.randperm(members.shape[0], generator=generator)[:per_class]])
-    return torch.sort(torch.cat(chosen)).values
-
-
 @dataclass
 class ProxyData:
     """Proxy tensors on one device.
@@ -329,13 +329,13 @@ class ProxyData:
         device: torch.device | str = "cpu",
         num_classes: int | None = None,
     ) -> "ProxyData":
-        labelled = class_balanced_indices(train_y, settings.labels_per_class, settings.label_seed)
+        labelled = class_balanced_subset(train_y, settings.labels_per_class, seed=settings.label_seed, at_most=True)
         pool = torch.arange(train_y.shape[0]) if settings.kd_source == "train" else labelled
         if settings.kd_pool_size:
             pool = pool[: settings.kd_pool_size]
         classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
         if settings.val_size and settings.val_size < val_y.shape[0]:
-            keep = class_balanced_indices(val_y, max(1, settings.val_size // classes), seed=0)
+            keep = class_balanced_subset(val_y, max(1, settings.val_size // classes), seed=0, at_most=True)
             val_x, val_y = val_x[keep[: settings.val_size]], val_y[keep[: settings.val_size]]
         return cls(
             train_x.float().to(device), train_y.long().to(device), labelled.to(device),
@@ -395,40 +395,17 @@ class ProxyResult:
         }
 
 
-def make_optimizer(params, settings: ProxySettings) -> torch.optim.Optimizer:
-    if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay,
-                               nesterov=settings.nesterov and settings.momentum > 0)
-    kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=settings.lr, weight_decay=settings.weight_decay)
-
-
-def lr_factor(step: int, settings: ProxySettings) -> float:
-    """Multiplier of ``lr`` at ``step``: 0.5 * (1 + cos(pi * step / steps)) for cosine,
-    gamma ** #{m in milestones : m * steps <= step} for step, else 1."""
-    if settings.schedule == "constant":
-        return 1.0
-    if settings.schedule == "step":
-        return settings.gamma ** sum(step >= m * settings.steps for m in settings.milestones)
-    return 0.5 * (1.0 + math.cos(math.pi * step / settings.steps))
-
-
 def memory_format(settings: ProxySettings) -> torch.memory_format:
     return torch.channels_last if settings.channels_last else torch.contiguous_format
 
 
-@torch.no_grad()
 def predict(model: nn.Module, images: Tensor, batch_size: int) -> dict[str, Tensor]:
     """Eval-mode {emb (M, D), logit (M, K)} of ``model`` over ``images`` (M, ...), float32."""
-    was_training = model.training
-    model.eval()
+    slices = ((images[start : start + batch_size], None) for start in range(0, images.shape[0], batch_size))
     parts: dict[str, list[Tensor]] = {"emb": [], "logit": []}
-    for start in range(0, images.shape[0], batch_size):
-        out = model(images[start : start + batch_size])
+    for out, _ in engine.eval_outputs(model, slices, device_type=images.device.type):
         for k in parts:
             parts[k].append(out[k].float())
-    model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -447,49 +424,71 @@ def train_student(
     the end, ``report(step, calibrated val CE)`` is called. A non-finite loss raises
     ``InvalidDistiller("non-finite loss during training")``, checked at each report.
     """
-    device = data.device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    params = list(student.parameters()) + list(distiller.parameters())
-    optimizer = make_optimizer(params, settings)
-    n_labelled, n_pool = data.labelled.shape[0], data.pool.shape[0]
-    label_batch = min(settings.label_batch_size, n_labelled)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    fmt = memory_format(settings)
-    student.to(memory_format=fmt)
+    optimizer = settings.make_optimizer(list(student.parameters()) + list(distiller.parameters()))
+    student.to(memory_format=memory_format(settings))
     student.train()
     distiller.train()
-    for step in range(settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, settings)
-        positions = torch.randint(0, n_pool, (settings.batch_size,), generator=generator, device=device)
-        views = torch.randint(0, data.views.views, (settings.batch_size,), generator=generator, device=device)
-        if settings.labelled_kd:
-            labels = data.train_y[data.pool[positions]]
-            out = student(data.pool_images(positions, views).contiguous(memory_format=fmt))
-            ce = F.cross_entropy(out["logit"], labels)
-            kd = distiller({k: v.contiguous() for k, v in out.items()}, teacher(positions, views), labels)
-        else:
-            if label_batch < n_labelled:
-                rows = data.labelled[torch.randperm(n_labelled, generator=generator, device=device)[:label_batch]]
-            else:
-                rows = data.labelled
-            x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
-            out = student(x.contiguous(memory_format=fmt))
-            ce = F.cross_entropy(out["logit"][:label_batch], data.train_y[rows])
-            kd = distiller({k: v[label_batch:].contiguous() for k, v in out.items()}, teacher(positions, views))
-        loss = settings.ce_weight * ce + kd
-        bad |= ~torch.isfinite(loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        done = step + 1
+    bad = torch.zeros((), dtype=torch.bool, device=data.device)
+
+    def check(step: int, loss: Tensor) -> None:
+        bad.logical_or_(~torch.isfinite(loss.detach()))
+
+    def after_step(done: int, loss: Tensor, batch) -> None:
         if done % settings.report_every == 0 or done == settings.steps:
             if bool(bad):
                 raise InvalidDistiller("non-finite loss during training")
             if report is not None:
                 logits = predict(student, data.val_x, settings.eval_batch_size)["logit"]
                 report(done, calibrated_cross_entropy(logits, data.val_y))
+
+    engine.train_steps(
+        optimizer, _proxy_batches(data, settings, seed), _ProxyLoss(student, distiller, teacher, data, settings),
+        lr=settings.lr, lr_at=settings.lr_factor, hooks=engine.Hooks(after_loss=check, after_step=after_step),
+    )
     return student
+
+
+def _proxy_batches(data: ProxyData, settings: ProxySettings, seed: int):
+    """``settings.steps`` batches (pool positions (B,), views (B,), labelled rows (L,) or None),
+    drawn in this order from one generator seeded with ``seed`` on the data's device."""
+    device = data.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n_labelled, n_pool = data.labelled.shape[0], data.pool.shape[0]
+    label_batch = min(settings.label_batch_size, n_labelled)
+    for _ in range(settings.steps):
+        positions = torch.randint(0, n_pool, (settings.batch_size,), generator=generator, device=device)
+        views = torch.randint(0, data.views.views, (settings.batch_size,), generator=generator, device=device)
+        rows = None
+        if not settings.labelled_kd:
+            if label_batch < n_labelled:
+                rows = data.labelled[torch.randperm(n_labelled, generator=generator, device=device)[:label_batch]]
+            else:
+                rows = data.labelled
+        yield positions, views, rows
+
+
+class _ProxyLoss:
+    """One proxy step's loss (see the module docstring) on a batch of :func:`_proxy_batches`."""
+
+    def __init__(self, student, distiller, teacher: TeacherLookup, data: ProxyData, settings: ProxySettings):
+        self.student, self.distiller, self.teacher, self.data, self.settings = student, distiller, teacher, data, settings
+        self.fmt = memory_format(settings)
+
+    def __call__(self, batch) -> Tensor:
+        positions, views, rows = batch
+        data = self.data
+        if rows is None:
+            labels = data.train_y[data.pool[positions]]
+            out = self.student(data.pool_images(positions, views).contiguous(memory_format=self.fmt))
+            ce = F.cross_entropy(out["logit"], labels)
+            kd = self.distiller({k: v.contiguous() for k, v in out.items()}, self.teacher(positions, views), labels)
+        else:
+            n = rows.shape[0]
+            x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
+            out = self.student(x.contiguous(memory_format=self.fmt))
+            ce = F.cross_entropy(out["logit"][:n], data.train_y[rows])
+            kd = self.distiller({k: v[n:].contiguous() for k, v in out.items()}, self.teacher(positions, views))
+        return self.settings.ce_weight * ce + kd
 
 
 @dataclass(frozen=True)

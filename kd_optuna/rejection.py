@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_optuna.errors import InvalidDistiller
-from kd_optuna.proxy import ProxyData, ProxySettings, TeacherLookup, make_optimizer, memory_format
+from kd_optuna.engine import Hooks, train_steps
+from kd_optuna.errors import InvalidDistiller, first_line
+from kd_optuna.proxy import ProxyData, ProxySettings, TeacherLookup, memory_format
 from kd_optuna.space import DistillerSpec
 
 REASONS = ("invalid", "repulsive", "non_finite", "exploding", "zero_gradient")
@@ -121,6 +122,14 @@ def check_repulsion(probe: nn.Module, teacher: Mapping[str, Tensor], seed: int =
     return None
 
 
+class _Verdict(Exception):
+    """Raised inside a rejection step to end the steps with ``rejection``."""
+
+    def __init__(self, rejection: Rejection):
+        super().__init__(rejection.detail)
+        self.rejection = rejection
+
+
 def check_steps(
     student: nn.Module,
     distiller: nn.Module,
@@ -133,48 +142,72 @@ def check_steps(
     exactly when no parameter would move; each step costs one forward and one backward pass.
     """
     params = [p for p in list(student.parameters()) + list(distiller.parameters()) if p.requires_grad]
-    optimizer = make_optimizer(params, settings)
-    n_labelled = batch.labelled_x.shape[0]
+    optimizer = settings.make_optimizer(params)
     fmt = memory_format(settings)
     x = torch.cat([batch.labelled_x, batch.kd_x]).contiguous(memory_format=fmt)
     student.to(memory_format=fmt)
-    any_gradient = settings.reject_steps == 0
     student.train()
     distiller.train()
-    for step in range(settings.reject_steps):
-        out = student(x)
+    step_loss = _RejectionStep(student, distiller, batch, settings)
+
+    def finite_gradients(step: int) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise _Verdict(Rejection("non_finite", f"non-finite gradient at rejection step {step}"))
+
+    try:
+        train_steps(optimizer, [x] * settings.reject_steps, step_loss, hooks=Hooks(after_backward=finite_gradients))
+    except _Verdict as verdict:
+        return verdict.rejection
+    if not (step_loss.any_gradient or settings.reject_steps == 0):
+        return Rejection("zero_gradient", "the KD term's gradient is zero: the distiller does nothing")
+    return None
+
+
+class _RejectionStep:
+    """The loss ``ce_weight * CE + KD`` of one rejection step on the images x (L + B, ...), after
+    the checks on its KD term (raising :class:`_Verdict`); ``any_gradient`` records whether the
+    KD gradient w.r.t. the student's outputs was ever above ZERO_GRADIENT_RATIO x the CE one."""
+
+    def __init__(self, student: nn.Module, distiller: nn.Module, batch: RejectionBatch, settings: ProxySettings):
+        self.student, self.distiller, self.batch, self.settings = student, distiller, batch, settings
+        self.step, self.any_gradient = 0, False
+
+    def __call__(self, x: Tensor) -> Tensor:
+        batch, step = self.batch, self.step
+        self.step += 1
+        n_labelled = batch.labelled_x.shape[0]
+        out = self.student(x)
         if batch.kd_y is None:
             ce = F.cross_entropy(out["logit"][:n_labelled], batch.labelled_y)
         else:
             ce = F.cross_entropy(out["logit"], batch.kd_y)
         kd_inputs = {k: v[n_labelled:].contiguous() for k, v in out.items()}
         try:
-            kd = distiller(kd_inputs, batch.teacher, batch.kd_y)
+            kd = self.distiller(kd_inputs, batch.teacher, batch.kd_y)
         except InvalidDistiller as error:
-            return _classify(error)
-        kd_value, ce_value = float(kd.detach()), float(ce.detach())
-        if not math.isfinite(kd_value):
-            return Rejection("non_finite", f"non-finite KD term at rejection step {step}")
-        if step == 0 and kd_value > settings.reject_ratio * ce_value:
-            return Rejection("exploding", f"KD term {kd_value:.4g} is over {settings.reject_ratio:g} x CE {ce_value:.4g}")
+            raise _Verdict(_classify(error)) from None
+        self._check_term(step, kd, ce)
         if kd.requires_grad:
-            outputs = list(kd_inputs.values())
-            kd_grads = torch.autograd.grad(kd, outputs, retain_graph=True, allow_unused=True)
-            (ce_grad,) = torch.autograd.grad(ce, [out["logit"]], retain_graph=True)
-            kd_norm, ce_norm = float(_grad_norm(kd_grads)), float(_grad_norm([ce_grad]))
-            if not math.isfinite(kd_norm):
-                return Rejection("non_finite", f"non-finite KD gradient at rejection step {step}")
-            if kd_norm > ZERO_GRADIENT_RATIO * max(ce_norm, 1e-12):
-                any_gradient = True
-        optimizer.zero_grad(set_to_none=True)
-        (settings.ce_weight * ce + kd).backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return Rejection("non_finite", f"non-finite gradient at rejection step {step}")
-        optimizer.step()
-    if not any_gradient:
-        return Rejection("zero_gradient", "the KD term's gradient is zero: the distiller does nothing")
-    return None
+            self._check_gradient(step, kd, ce, list(kd_inputs.values()), out["logit"])
+        return self.settings.ce_weight * ce + kd
+
+    def _check_term(self, step: int, kd: Tensor, ce: Tensor) -> None:
+        kd_value, ce_value = float(kd.detach()), float(ce.detach())
+        ratio = self.settings.reject_ratio
+        if not math.isfinite(kd_value):
+            raise _Verdict(Rejection("non_finite", f"non-finite KD term at rejection step {step}"))
+        if step == 0 and kd_value > ratio * ce_value:
+            raise _Verdict(Rejection("exploding", f"KD term {kd_value:.4g} is over {ratio:g} x CE {ce_value:.4g}"))
+
+    def _check_gradient(self, step: int, kd: Tensor, ce: Tensor, outputs: list[Tensor], logits: Tensor) -> None:
+        kd_grads = torch.autograd.grad(kd, outputs, retain_graph=True, allow_unused=True)
+        (ce_grad,) = torch.autograd.grad(ce, [logits], retain_graph=True)
+        kd_norm, ce_norm = float(_grad_norm(kd_grads)), float(_grad_norm([ce_grad]))
+        if not math.isfinite(kd_norm):
+            raise _Verdict(Rejection("non_finite", f"non-finite KD gradient at rejection step {step}"))
+        if kd_norm > ZERO_GRADIENT_RATIO * max(ce_norm, 1e-12):
+            self.any_gradient = True
 
 
 def reject(
@@ -208,5 +241,4 @@ def reject(
     except InvalidDistiller as error:
         return _classify(error)
     except RuntimeError as error:
-        message = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
-        return Rejection("invalid", f"{type(error).__name__}: {message}")
+        return Rejection("invalid", f"{type(error).__name__}: {first_line(error, default=type(error).__name__)}")

@@ -31,7 +31,8 @@ from .checkpoints import CheckpointError, load_model, save_checkpoint
 from .errors import KdOptunaError
 from .data import load_dataset
 from .models import build_model
-from .training import default_device, evaluate, train_classifier
+from .engine import default_device, evaluate
+from .training import train_classifier
 
 RECIPES: dict[str, dict] = {
     "digits": dict(epochs=15, batch_size=64, optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="cosine"),

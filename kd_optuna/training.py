@@ -1,4 +1,4 @@
-"""The one training loop (teacher training, full training) and evaluation.
+"""Teacher training on the engine (:mod:`kd_optuna.engine`): ``train_classifier``.
 
 ``train_classifier(model, train_data, epochs=...)`` minimises, per batch,
 ``step_loss(model, x, y)`` (default: cross-entropy of ``model(x)`` (N, K) against y (N,)) with SGD
@@ -21,27 +21,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .engine import Hooks, batches, default_device, evaluate, lr_factor, make_optimizer, torch_threads, train_epochs
 from .errors import KdOptunaError
 
+__all__ = ["TrainResult", "default_device", "evaluate", "train_classifier"]
+
 TensorPair = tuple[torch.Tensor, torch.Tensor]
-SCHEDULES = ("cosine", "step", "constant")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-
-
-def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else the first CUDA GPU when present, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@dataclass
-class Evaluation:
-    """Top-1 accuracy in [0, 1], mean cross-entropy and the number of examples."""
-
-    accuracy: float
-    loss: float
-    count: int
 
 
 @dataclass
@@ -56,89 +41,33 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-def _batches(data, batch_size: int, device: torch.device, shuffle: bool, generator: torch.Generator | None):
-    if isinstance(data, tuple):
-        x, y = data
-        order = torch.randperm(len(y), generator=generator) if shuffle else torch.arange(len(y))
-        for start in range(0, len(y), batch_size):
-            idx = order[start : start + batch_size].to(x.device)
-            yield x[idx], y[idx]
-    else:
-        for x, y in data:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
 def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     if channels_last and x.dim() == 4:
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor | Iterable[TensorPair],
-    y: torch.Tensor | None = None,
-    *,
-    batch_size: int = 1024,
-    device: str | torch.device | None = None,
-    bf16: bool = False,
-) -> Evaluation:
-    """Accuracy and mean cross-entropy of ``model`` in eval mode on images x (N, ...) with labels
-    y (N,), or on an iterable of (x, y) batches when ``y`` is None. The model's mode is restored;
-    the model stays on its own device unless ``device`` is given."""
-    param = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
-    data = (x.to(device), y.to(device)) if y is not None else x
-    was_training = model.training
-    model.eval()
-    correct, total_loss, count = 0, 0.0, 0
-    try:
-        for xb, yb in _batches(data, batch_size, device, shuffle=False, generator=None):
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = model(xb)
-            logits = logits.float()
-            total_loss += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
-            count += len(yb)
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise KdOptunaError("evaluate got no examples: pass a non-empty split")
-    return Evaluation(accuracy=correct / count, loss=total_loss / count, count=count)
-
-
-def _optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    raise KdOptunaError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-
-
-def lr_factor(
-    schedule: str, step: int, total_steps: int, steps_per_epoch: int, milestones=(), gamma: float = 0.1, warmup_steps: int = 0
-) -> float:
-    """Multiplier of the base learning rate at optimiser step ``step`` (0-based):
-    warm-up (step + 1) / warmup_steps, then cosine 0.5 (1 + cos(pi t / T)) over the remaining
-    steps, or gamma ** (number of milestones <= current epoch), or 1."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
-    if schedule == "step":
-        epoch = step // max(1, steps_per_epoch)
-        return gamma ** sum(epoch >= m for m in milestones)
-    if schedule == "constant":
-        return 1.0
-    raise KdOptunaError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
-
-
 def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
+
+
+@dataclass(frozen=True)
+class ClassifierRecipe:
+    """The settings of :func:`train_classifier` that shape one run (see its docstring)."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str
+    milestones: tuple[int, ...]
+    gamma: float
+    warmup_epochs: int
+    bf16: bool
+    channels_last: bool
+    seed: int
 
 
 def train_classifier(
@@ -173,78 +102,95 @@ def train_classifier(
     ``step_loss``. With ``val_data`` (tensors or batches) each epoch ends with an evaluation.
     ``num_threads`` sets torch's CPU threads while training (restored after): on a shared CPU
     small models train several times faster with 1 thread than with an oversubscribed pool.
+    SGD is Nesterov whenever ``momentum`` > 0.
     """
-    arguments = dict(locals())
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        return _train(**arguments)
-    finally:
-        torch.set_num_threads(previous)
+    recipe = ClassifierRecipe(epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, tuple(milestones),
+                              gamma, warmup_epochs, bf16, channels_last, seed)
+    with torch_threads(num_threads):
+        return _train(model, train_data, recipe, augment=augment, step_loss=step_loss or _cross_entropy,
+                      extra_params=extra_params, val_data=val_data, device=default_device(device),
+                      progress=progress, desc=desc)
 
 
-def _train(
-    model, train_data, *, epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, milestones, gamma,
-    warmup_epochs, augment, step_loss, extra_params, val_data, device, bf16, channels_last, seed, num_threads,
-    progress, desc,
-) -> TrainResult:
-    if epochs < 1 or batch_size < 1:
-        raise KdOptunaError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
-    device = default_device(device)
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+def _train(model, train_data, recipe: ClassifierRecipe, *, augment, step_loss, extra_params, val_data, device,
+           progress, desc) -> TrainResult:
+    r = recipe
+    if r.epochs < 1 or r.batch_size < 1:
+        raise KdOptunaError(f"epochs and batch_size must be positive, got {r.epochs} and {r.batch_size}")
+    torch.manual_seed(r.seed)
+    generator = torch.Generator().manual_seed(r.seed)
     model.to(device)
-    if channels_last:
+    if r.channels_last:
         model.to(memory_format=torch.channels_last)
     if isinstance(train_data, tuple):
         train_data = (train_data[0].to(device), train_data[1].to(device))
-        steps_per_epoch = math.ceil(len(train_data[1]) / batch_size)
-        aug_generator = torch.Generator(device=device).manual_seed(seed)
+        steps_per_epoch = math.ceil(len(train_data[1]) / r.batch_size)
+        aug_generator = torch.Generator(device=device).manual_seed(r.seed)
     else:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]
         aug_generator = None
     if steps_per_epoch == 0:
         raise KdOptunaError("train_classifier got an empty training set")
     params = list(model.parameters()) + list(extra_params)
-    opt = _optimizer(optimizer, params, lr, momentum, weight_decay)
-    total_steps = epochs * steps_per_epoch
-    loss_of = step_loss or _cross_entropy
-    result = TrainResult()
-    start = time.perf_counter()
-    bar = _progress(epochs, desc, progress)
-    step, factor = 0, 1.0
-    for epoch in range(epochs):
-        model.train()
-        running, seen = 0.0, 0
-        for x, y in _batches(train_data, batch_size, device, shuffle=True, generator=generator):
-            if augment is not None:
-                x = augment(x, aug_generator)
-            factor = lr_factor(schedule, step, total_steps, steps_per_epoch, milestones, gamma, warmup_epochs * steps_per_epoch)
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = loss_of(model, _prepare(x, channels_last), y)
-            if not torch.isfinite(loss):
-                raise KdOptunaError(f"training loss became {loss.item()} at epoch {epoch + 1}: lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running += loss.item() * len(y)
-            seen += len(y)
-            step += 1
-        record = {"epoch": epoch + 1, "loss": running / max(1, seen), "lr": lr * factor}
-        if val_data is not None:
-            vx, vy = val_data if isinstance(val_data, tuple) else (val_data, None)
-            ev = evaluate(model, vx, vy, device=device, bf16=bf16)
+    opt = make_optimizer(r.optimizer, params, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                         nesterov=r.momentum > 0)
+    total_steps = r.epochs * steps_per_epoch
+
+    def epoch_batches(epoch: int):
+        for x, y in batches(train_data, r.batch_size, device, generator):
+            yield (augment(x, aug_generator) if augment is not None else x), y
+
+    def loss_of(batch) -> torch.Tensor:
+        x, y = batch
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=r.bf16):
+            return step_loss(model, _prepare(x, r.channels_last), y)
+
+    def lr_at(step: int) -> float:
+        return lr_factor(r.schedule, step, total_steps, steps_per_epoch, r.milestones, r.gamma,
+                         r.warmup_epochs * steps_per_epoch)
+
+    log = _EpochLog(model, opt, val_data, device, r.bf16, _progress(r.epochs, desc, progress))
+    train_epochs(opt, epoch_batches, loss_of, epochs=r.epochs, lr=r.lr, lr_at=lr_at, hooks=log.hooks())
+    log.bar.close()
+    log.result.seconds = time.perf_counter() - log.start
+    return log.result
+
+
+class _EpochLog:
+    """The hooks of :func:`train_classifier`: finite-loss check, running loss, epoch records."""
+
+    def __init__(self, model, optimizer, val_data, device, bf16, bar):
+        self.model, self.optimizer, self.val_data, self.device, self.bf16, self.bar = (
+            model, optimizer, val_data, device, bf16, bar)
+        self.result = TrainResult()
+        self.start = time.perf_counter()
+        self.epoch, self.running, self.seen = 0, 0.0, 0
+
+    def hooks(self) -> Hooks:
+        return Hooks(epoch_start=self.epoch_start, after_loss=self.check, after_step=self.add, epoch_end=self.record)
+
+    def epoch_start(self, epoch: int) -> None:
+        self.model.train()
+        self.epoch, self.running, self.seen = epoch, 0.0, 0
+
+    def check(self, step: int, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise KdOptunaError(f"training loss became {loss.item()} at epoch {self.epoch + 1}: lower the learning rate")
+
+    def add(self, step: int, loss: torch.Tensor, batch) -> None:
+        self.running += loss.item() * len(batch[1])
+        self.seen += len(batch[1])
+
+    def record(self, epoch: int) -> None:
+        record = {"epoch": epoch + 1, "loss": self.running / max(1, self.seen), "lr": self.optimizer.param_groups[0]["lr"]}
+        if self.val_data is not None:
+            vx, vy = self.val_data if isinstance(self.val_data, tuple) else (self.val_data, None)
+            ev = evaluate(self.model, vx, vy, device=self.device, bf16=self.bf16)
             record.update(val_accuracy=ev.accuracy, val_loss=ev.loss)
-        record["seconds"] = time.perf_counter() - start
-        result.history.append(record)
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_accuracy")})
-    bar.close()
-    result.seconds = time.perf_counter() - start
-    return result
+        record["seconds"] = time.perf_counter() - self.start
+        self.result.history.append(record)
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "val_accuracy")})
 
 
 def _progress(total: int, desc: str, enabled: bool):

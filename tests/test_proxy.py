@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kd_optuna.classics import CLASSICS
-from kd_optuna.data import load_dataset
+from kd_optuna.data import class_balanced_subset, load_dataset
 from kd_optuna.models import tap_model
 from kd_optuna.models.digits import DigitsCNN
 from kd_optuna.proxy import (
@@ -12,8 +12,6 @@ from kd_optuna.proxy import (
     ProxyData,
     ProxySettings,
     ViewPool,
-    class_balanced_indices,
-    lr_factor,
 )
 from kd_optuna.task import Task
 
@@ -47,17 +45,17 @@ def test_settings_validate_and_map_from_a_table():
 
 def test_cosine_schedule_decays_to_zero():
     s = ProxySettings(steps=100)
-    assert lr_factor(0, s) == 1.0 and lr_factor(50, s) == pytest.approx(0.5) and lr_factor(100, s) == pytest.approx(0)
-    assert lr_factor(70, dataclasses.replace(s, schedule="constant")) == 1.0
+    assert s.lr_factor(0) == 1.0 and s.lr_factor(50) == pytest.approx(0.5) and s.lr_factor(100) == pytest.approx(0)
+    assert dataclasses.replace(s, schedule="constant").lr_factor(70) == 1.0
 
 
-def test_class_balanced_indices():
+def test_class_balanced_subset_at_most():
     labels = torch.tensor([0, 1, 2] * 10)
-    chosen = class_balanced_indices(labels, 4, seed=0)
+    chosen = class_balanced_subset(labels, 4, seed=0, at_most=True)
     assert torch.bincount(labels[chosen]).tolist() == [4, 4, 4]
-    assert torch.equal(chosen, class_balanced_indices(labels, 4, seed=0))
-    assert not torch.equal(chosen, class_balanced_indices(labels, 4, seed=1))
-    assert torch.equal(class_balanced_indices(labels, 0, seed=0), torch.arange(30))
+    assert torch.equal(chosen, class_balanced_subset(labels, 4, seed=0, at_most=True))
+    assert not torch.equal(chosen, class_balanced_subset(labels, 4, seed=1, at_most=True))
+    assert torch.equal(class_balanced_subset(labels, 0, seed=0, at_most=True), torch.arange(30))
 
 
 def test_view_pool_renders_shifts_and_flips():
@@ -133,7 +131,7 @@ def test_epochs_become_steps_over_the_kd_pool_and_the_step_schedule_decays_at_fr
     s = ProxySettings(labels_per_class=0, label_batch_size=0, epochs=2.0, batch_size=64, schedule="step",
                       milestones=(0.5, 0.75), gamma=0.1).for_pool(1000)
     assert s.steps == 32 and s.epochs == 0
-    assert [lr_factor(step, s) for step in (0, 15, 16, 23, 24, 31)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [s.lr_factor(step) for step in (0, 15, 16, 23, 24, 31)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_labelled_kd_batches_give_the_distiller_the_true_labels():

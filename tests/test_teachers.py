@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from kd_optuna.checkpoints import load_model
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.teachers import load_or_train_teacher, train_teacher
-from kd_optuna.training import default_device, evaluate, lr_factor, train_classifier
+from kd_optuna.engine import default_device, evaluate, lr_factor
+from kd_optuna.training import train_classifier
 from test_data import tiny_cifar100  # noqa: F401  (fixture)
 
 
