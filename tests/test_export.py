@@ -52,13 +52,16 @@ def test_script_is_valid_and_inert_with_hostile_study_data(tmp_path):
     text = path.read_text()
     compile(text, str(path), "exec")
     tree = ast.parse(text)
-    data_literals = {
-        id(node.args[0]) for node in ast.walk(tree)
-        if isinstance(node, ast.Call) and ast.unparse(node.func) == "json.loads"
+    data_literals = {  # the values of the script's module-level NAME = literal lines
+        id(node.value) for node in tree.body
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
     }
     hostile = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and "PWNED" in str(n.value)]
     assert hostile and all(id(n) in data_literals for n in hostile)
-    assert "PWNED" not in text.split("SPEC = ", 1)[0]
+    assert "PWNED" not in text.split("DISTILLER = ", 1)[0]
+    module = _script_module(path)
+    assert (module.STUDY, module.DATA_ROOT) == (EVIL, EVIL)
+    assert module.FORMULA == CLASSICS["kd"][0].formula()  # the spec's own, never the trial's user attr
     result = subprocess.run(
         [sys.executable, str(path), "--help"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120
     )
