@@ -258,9 +258,11 @@ class SearchRun:
 
     def duplicates(self) -> tuple[int, int]:
         """(claims yielded to another trial, canonical keys trained more than once)."""
+        from kd_optuna.lineage import read_lineage
+
         yielded = 0
         for a in self.attrs:
-            m = re.search(r"yielded (\d+) key", str(a.get("sampler_note", "")))
+            m = re.search(r"yielded (\d+) key", str(read_lineage(a).get("sampler_note", "")))
             yielded += int(m.group(1)) if m else 0
         keys = [a["spec"] for a in self.attrs if "spec" in a]
         return yielded, len(keys) - len(set(keys))

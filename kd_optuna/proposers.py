@@ -207,7 +207,7 @@ def mutate(
 
 
 class Proposer(abc.ABC):
-    """Offers candidate children; ``name`` is recorded as the trial's ``proposer`` user attr."""
+    """Offers candidate children; ``name`` is recorded as the trial's ``lineage:proposer`` user attr."""
 
     name: str = "proposer"
 

@@ -46,18 +46,20 @@ without talking to each other:
   A trial that lost a key during the initial population draws its next warm start at random
   (workers started together would otherwise walk the classics in lockstep and collide every
   round); one whose every round was lost runs its last key anyway and says so in
-  ``sampler_note``.
+  ``lineage:sampler_note``.
 - **shrinkage** (genes only): once ``shrink_after`` trials have been evaluated (completed or
   rejected: on digits three candidates in four are rejected, and rejections are what
   shrinkage learns from first), the option weights follow
   :meth:`EvolutionSampler.space_weights`, a pure function of the trial list (see there).
 
-Lineage is written as user attrs of the trial: ``proposer`` ("classic", "warm_start",
-"random", "mutation", "crossover", "llm", ...), ``parent`` (trial number or None),
-``crossover_parent`` (crossover only), ``mutated`` (genes and params), ``predictor`` (the rho
-of each contestant and the winner, when there was a contest), ``space_state`` (the shrinkage
-in force, once ``shrink_after`` trials were evaluated; before that every weight is 1)
-and ``sampler_note`` when a fallback was needed.
+Lineage is written as user attrs of the trial, each under the prefix ``lineage:``
+(``kd_optuna.lineage``, whose ``read_lineage(trial)`` reads them, and the un-prefixed names that
+earlier versions wrote): ``lineage:proposer`` ("classic", "warm_start", "random", "mutation",
+"crossover", "llm", ...), ``lineage:parent`` (trial number or None), ``lineage:crossover_parent``
+(crossover only), ``lineage:mutated`` (genes and params), ``lineage:predictor`` (the rho of each
+contestant and the winner, when there was a contest), ``lineage:space_state`` (the shrinkage in
+force, once ``shrink_after`` trials were evaluated; before that every weight is 1) and
+``lineage:sampler_note`` when a fallback was needed.
 
 The only thing held in memory between calls beyond a cache of the storage is the plan of a
 trial in progress (its child and parent, until ``after_trial``), which only the process that
@@ -94,6 +96,7 @@ from optuna.trial import FrozenTrial, TrialState
 from kd_optuna import evolution, optuna_private
 from kd_optuna.classics import classic_specs
 from kd_optuna.errors import InvalidSpace, KdOptunaError
+from kd_optuna.lineage import attr_name
 from kd_optuna.predictor import AdditivePredictor, spec_cells
 from kd_optuna.proposers import (
     Candidate,
@@ -746,7 +749,7 @@ class EvolutionSampler(BaseSampler):
                 f"{param_name} = {plan.params[param_name]!r} is not a value the objective "
                 f"offers; drew {value!r}"
             )
-            optuna_private.set_trial_user_attr(study, trial, "sampler_note", note)
+            optuna_private.set_trial_user_attr(study, trial, attr_name("sampler_note"), note)
         return value
 
     def _from_plan(self, plan: _Plan, name: str, dist: BaseDistribution) -> Any:
@@ -800,7 +803,7 @@ class EvolutionSampler(BaseSampler):
         if child.second_parent is not None:
             lineage["crossover_parent"] = child.second_parent
         for key, value in {**lineage, **attrs}.items():
-            optuna_private.set_trial_user_attr(study, trial, key, value)
+            optuna_private.set_trial_user_attr(study, trial, attr_name(key), value)
         return child, population
 
     def _announce(

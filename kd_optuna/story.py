@@ -15,9 +15,10 @@ shrank away, the family tree of the best distillers, why trials were rejected, a
     (box and points) and the shrinkage weight in force (bars, right axis, the sampler's
     ``space_weights``, as ``kd-optuna space`` prints them; where those cannot be computed,
     the options the latest ``space_state`` dropped are at 0);
-  - ``kd_optuna_lineage``: the best distinct distillers and their ancestors (``parent``,
-    ``crossover_parent``), each trial placed at (number, score), edges labelled with the
-    mutated genes, hover with the proposer and rho's contest (``predictor``);
+  - ``kd_optuna_lineage``: the best distinct distillers and their ancestors (the lineage
+    attrs ``parent``, ``crossover_parent``, read with ``kd_optuna.lineage.read_lineage``), each
+    trial placed at (number, score), edges labelled with the mutated genes, hover with the
+    proposer and rho's contest (``predictor``);
   - ``kd_optuna_rejections``: trials per outcome (completed, each ``reject_reason``,
     failed) in bins of consecutive trial numbers;
   - ``kd_optuna_compare``: top-1 per method and seed, when the study holds compare runs;
@@ -48,6 +49,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kd_optuna import optuna_private
+from kd_optuna.lineage import read_lineage
 from kd_optuna.space import GENES
 
 #: The objective's name in the dashboard.
@@ -142,7 +144,7 @@ def _formula(trial) -> str:
 
 
 def _mutated(trial) -> list[str]:
-    value = trial.user_attrs.get("mutated")
+    value = read_lineage(trial).get("mutated")
     if isinstance(value, str):
         return [value] if value else []
     if isinstance(value, (list, tuple)):
@@ -204,9 +206,9 @@ def classic_scores(trials: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def latest_space_state(trials: Sequence[Any]) -> Mapping[str, Any] | None:
-    """The ``space_state`` user attr of the highest-numbered trial that has one."""
+    """The ``space_state`` lineage attr of the highest-numbered trial that has one."""
     for trial in sorted(trials, key=lambda t: t.number, reverse=True):
-        state = trial.user_attrs.get("space_state")
+        state = read_lineage(trial).get("space_state")
         if isinstance(state, Mapping):
             return state
     return None
@@ -380,7 +382,7 @@ def genes_figure(trials: Sequence[Any], weights: Mapping[str, Mapping[Any, float
 
 
 def _rho_text(trial) -> str:
-    contest = trial.user_attrs.get("predictor")
+    contest = read_lineage(trial).get("predictor")
     if not isinstance(contest, Mapping):
         return ""
     rho = contest.get("rho")
@@ -401,7 +403,7 @@ def lineage(trials: Sequence[Any], top: int = _LINEAGE_TOP, max_nodes: int = _LI
         trial = by_number[number]
         family[number] = trial
         for attr in ("parent", "crossover_parent"):
-            parent = _int(trial.user_attrs.get(attr))
+            parent = _int(read_lineage(trial).get(attr))
             if parent is not None and parent not in family and parent != number:
                 queue.append(parent)
     return leaders, sorted(family.values(), key=lambda t: t.number)
@@ -418,7 +420,7 @@ def lineage_figure(trials: Sequence[Any], top: int = _LINEAGE_TOP):
     for attr, name, dash in (("parent", "parent → child", "solid"), ("crossover_parent", "crossover's second parent", "dot")):
         xs, ys, mid_x, mid_y, mid_text = [], [], [], [], []
         for trial in family:
-            parent = _int(trial.user_attrs.get(attr))
+            parent = _int(read_lineage(trial).get(attr))
             if parent not in where or where[parent][1] is None or where[trial.number][1] is None:
                 continue
             (x0, y0), (x1, y1) = where[parent], where[trial.number]
@@ -434,19 +436,19 @@ def lineage_figure(trials: Sequence[Any], top: int = _LINEAGE_TOP):
         if mid_text:
             figure.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="text", text=mid_text, name="mutated genes",
                                         textfont={"size": 9, "color": "#555555"}, hoverinfo="skip"))
-    proposers = sorted({str(t.user_attrs.get("proposer", "unknown")) for t in family})
+    proposers = sorted({str(read_lineage(t).get("proposer", "unknown")) for t in family})
     for proposer in proposers:
-        members = [t for t in family if str(t.user_attrs.get("proposer", "unknown")) == proposer and _scored(t)]
+        members = [t for t in family if str(read_lineage(t).get("proposer", "unknown")) == proposer and _scored(t)]
         if not members:
             continue
         hover = []
         for t in members:
             lines = [f"trial {t.number} ({proposer})" + (f", #{rank[t.number]} best" if t.number in rank else ""),
                      f"score {_fmt(t.value)}", _formula(t)]
-            parent = _int(t.user_attrs.get("parent"))
+            parent = _int(read_lineage(t).get("parent"))
+            second = read_lineage(t).get("crossover_parent")
             if parent is not None:
-                lines.append(f"parent {parent}" + (f", crossover with {t.user_attrs.get('crossover_parent')}"
-                                                   if t.user_attrs.get("crossover_parent") is not None else ""))
+                lines.append(f"parent {parent}" + (f", crossover with {second}" if second is not None else ""))
             if _mutated(t):
                 lines.append("mutated: " + ", ".join(_mutated(t)))
             if _rho_text(t):
@@ -569,8 +571,8 @@ def _best_row(rank: int, trial) -> dict[str, Any]:
     attrs = trial.user_attrs
     row = {"rank": rank, "trial": trial.number, "score": trial.value, "formula": _formula(trial)}
     row.update({name: attrs.get(name) for name in ("val_ce", "cka_gap", "val_acc", "sharpness_gap")})
-    proposer = attrs.get("proposer")
-    parent = _int(attrs.get("parent"))
+    proposer = read_lineage(attrs).get("proposer")
+    parent = _int(read_lineage(attrs).get("parent"))
     row["origin"] = "" if proposer is None else str(proposer) + (f" of {parent}" if parent is not None else "")
     return row
 

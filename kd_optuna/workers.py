@@ -51,6 +51,7 @@ from sqlalchemy import text
 
 from kd_optuna.config import StudyConfig
 from kd_optuna.errors import KdOptunaError
+from kd_optuna.lineage import read_lineage
 from kd_optuna import optuna_private
 from kd_optuna.storage import DATABASE_ERRORS, describe_error, load_study, mask_secrets, open_storage, study_config
 
@@ -189,6 +190,7 @@ def trial_note(trial: optuna.Trial | optuna.trial.FrozenTrial, state: TrialState
         lines += [f"`{attrs['formula']}`", ""]
     if value is not None:
         lines.append(f"- score: {value:.6g}")
+    attrs = {**attrs, **read_lineage(trial)}
     for key in ("reject_reason", "val_ce", "val_acc", "sharpness_gap", "cka_gap", "proxy_seconds", "proposer", "parent", "spec"):
         if key in attrs:
             shown = f"{attrs[key]:.6g}" if isinstance(attrs[key], float) else str(attrs[key])

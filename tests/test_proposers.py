@@ -12,6 +12,7 @@ import numpy as np
 import optuna
 import pytest
 
+from kd_optuna.lineage import read_lineage
 from kd_optuna.predictor import AdditivePredictor
 from kd_optuna.proposers import (
     CrossoverProposer,
@@ -350,14 +351,14 @@ def test_a_study_with_the_llm_proposer_records_the_contest_and_survives_failures
     study.optimize(lambda t: _score(suggest_distiller(t)), n_trials=12)
     chat.mode = "500"
     study.optimize(lambda t: _score(suggest_distiller(t)), n_trials=4)
-    contests = [t.user_attrs["predictor"] for t in study.trials if "predictor" in t.user_attrs]
+    contests = [read_lineage(t)["predictor"] for t in study.trials if "predictor" in read_lineage(t)]
     assert contests and all(set(c["rho"]) == {"mutation", "llm"} for c in contests)
     for c in contests:
         assert c["winner"] == ("llm" if c["rho"]["llm"] < c["rho"]["mutation"] else "mutation")
-    winners = {t.user_attrs["proposer"] for t in study.trials[4:]}
+    winners = {read_lineage(t)["proposer"] for t in study.trials[4:]}
     assert "llm" in winners
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert all(t.user_attrs["proposer"] == "mutation" for t in study.trials[-4:])
+    assert all(read_lineage(t)["proposer"] == "mutation" for t in study.trials[-4:])
     stored = json.dumps([[t.user_attrs, t.system_attrs] for t in study.trials], default=str)
     assert KEY not in stored
     assert len(chat.requests) == 12
@@ -377,7 +378,7 @@ def test_threads_waiting_on_the_language_model_never_run_one_key_twice(chat):
     study.optimize(lambda t: _score(suggest_distiller(t)), n_trials=24, n_jobs=3)
     keys = [DistillerSpec.from_params(t.params).key for t in study.trials]
     assert len(keys) == 24 and len(set(keys)) == 24
-    assert "llm" in {t.user_attrs["proposer"] for t in study.trials}
+    assert "llm" in {read_lineage(t)["proposer"] for t in study.trials}
 
 
 def test_random_proposer_offers_distinct_new_candidates():

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from kd_optuna.classics import classic_specs
 from kd_optuna.errors import KdOptunaError
+from kd_optuna.lineage import NAMES, PREFIX, read_lineage
 from kd_optuna.proposers import RandomProposer
 from kd_optuna.sampler import PROPOSED_KEY_ATTR, EvolutionSampler, SamplerConfigError
 from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
@@ -56,9 +57,9 @@ def test_initial_population_starts_with_the_classics_in_order():
     keys = [key_of(t) for t in study.trials]
     assert keys[: len(classic_specs())] == [spec.key for spec in classic_specs()]
     n = len(classic_specs())
-    assert all(t.user_attrs["proposer"] == "classic" for t in study.trials[:n])
-    assert all(t.user_attrs["proposer"] == "random" for t in study.trials[n:])
-    assert all(t.user_attrs["parent"] is None for t in study.trials)
+    assert all(read_lineage(t)["proposer"] == "classic" for t in study.trials[:n])
+    assert all(read_lineage(t)["proposer"] == "random" for t in study.trials[n:])
+    assert all(read_lineage(t)["parent"] is None for t in study.trials)
 
 
 def test_a_narrowed_space_skips_classics_outside_it():
@@ -75,13 +76,13 @@ def test_no_canonical_key_is_evaluated_twice_and_children_follow_the_lineage():
     study = run(sampler, 120)
     keys = [key_of(t) for t in study.trials]
     assert len(set(keys)) == len(keys)
-    evolved = [t for t in study.trials if t.user_attrs["proposer"] == "mutation"]
+    evolved = [t for t in study.trials if read_lineage(t)["proposer"] == "mutation"]
     assert len(evolved) > 60
     by_number = {t.number: t for t in study.trials}
     for trial in evolved:
-        parent = by_number[trial.user_attrs["parent"]]
+        parent = by_number[read_lineage(trial)["parent"]]
         changed = [g for g in GENES if trial.params[g] != parent.params[g]]
-        assert changed and changed == trial.user_attrs["mutated"]
+        assert changed and changed == read_lineage(trial)["mutated"]
 
 
 def _best_distinct(trials, size, sign=1.0):
@@ -99,7 +100,7 @@ def test_parents_come_from_the_best_distinct_completed_trials(direction, sign):
     sampler = EvolutionSampler(population_size=8, seed=5, warm_start=False, crossover_prob=0.5)
     study = run(sampler, 80, direction=direction)
     for trial in study.trials:
-        parents = [trial.user_attrs["parent"], trial.user_attrs.get("crossover_parent")]
+        parents = [read_lineage(trial)["parent"], read_lineage(trial).get("crossover_parent")]
         population = _best_distinct(study.trials[: trial.number], 8, sign)
         for parent in filter(lambda p: p is not None, parents):
             assert parent in population
@@ -117,13 +118,13 @@ def test_crossover_children_take_each_gene_from_a_parent_unless_mutated():
     sampler = EvolutionSampler(population_size=6, seed=2, crossover_prob=1.0, warm_start=False)
     study = run(sampler, 50)
     by_number = {t.number: t for t in study.trials}
-    crossed = [t for t in study.trials if t.user_attrs["proposer"] == "crossover"]
+    crossed = [t for t in study.trials if read_lineage(t)["proposer"] == "crossover"]
     assert len(crossed) > 20
     for trial in crossed:
-        a = by_number[trial.user_attrs["parent"]].params
-        b = by_number[trial.user_attrs["crossover_parent"]].params
+        a = by_number[read_lineage(trial)["parent"]].params
+        b = by_number[read_lineage(trial)["crossover_parent"]].params
         for gene in GENES:
-            if gene not in trial.user_attrs["mutated"]:
+            if gene not in read_lineage(trial)["mutated"]:
                 assert trial.params[gene] in (a[gene], b[gene])
 
 
@@ -159,7 +160,7 @@ def test_rejected_and_failed_keys_are_never_proposed_again_nor_parents():
     keys = [key_of(t) for t in study.trials]
     assert sorted(keys) == sorted(distinct)
     complete = {t.number for t in study.trials if t.state == TrialState.COMPLETE}
-    parents = {t.user_attrs["parent"] for t in study.trials} - {None}
+    parents = {read_lineage(t)["parent"] for t in study.trials} - {None}
     assert parents and parents <= complete
 
 
@@ -198,7 +199,7 @@ def test_an_exhausted_space_proposes_a_repeat_and_says_so():
     study = run(EvolutionSampler(space=space, seed=0), len(distinct) + 1,
                 func=lambda t: score_of(suggest_distiller(t, space)))
     assert {key_of(t) for t in study.trials} == distinct
-    assert "repeat" in study.trials[-1].user_attrs["sampler_note"]
+    assert "repeat" in read_lineage(study.trials[-1])["sampler_note"]
 
 
 def test_space_weights_drop_rejected_options_and_damp_the_unpromising():
@@ -221,8 +222,8 @@ def test_space_weights_drop_rejected_options_and_damp_the_unpromising():
     assert weights["distance"]["hard"] == 0.0
     assert weights["knowledge"]["feat"] == 1.0
     assert weights["knowledge"]["logit"] < 1.0 and weights["knowledge"]["emb"] < 1.0
-    after = [t for t in study.trials if t.user_attrs.get("space_state")]
-    assert after and after[-1].user_attrs["space_state"]["dropped"] == {"distance": ["hard"]}
+    after = [t for t in study.trials if read_lineage(t).get("space_state")]
+    assert after and read_lineage(after[-1])["space_state"]["dropped"] == {"distance": ["hard"]}
     late = study.trials[-30:]
     assert all(t.params["distance"] != "hard" for t in late)
 
@@ -262,18 +263,18 @@ def test_distiller_genes_and_a_learning_rate_evolve_together():
     assert all(1e-4 <= t.params["lr"] <= 1e-1 and t.params["width"] in range(8, 65, 8)
                for t in study.trials)
     by_number = {t.number: t for t in study.trials}
-    mutants = [t for t in study.trials if t.user_attrs["proposer"] == "mutation"]
+    mutants = [t for t in study.trials if read_lineage(t)["proposer"] == "mutation"]
     assert len(mutants) > 60
     for trial in mutants:
-        parent = by_number[trial.user_attrs["parent"]].params
+        parent = by_number[read_lineage(trial)["parent"]].params
         changed = [n for n in [*GENES, "lr", "width"] if trial.params[n] != parent[n]]
-        assert changed == trial.user_attrs["mutated"]
-    assert {"lr", "width"} & {n for t in mutants for n in t.user_attrs["mutated"]} == {"lr", "width"}
-    assert any(set(t.user_attrs["mutated"]) & set(GENES) for t in mutants)
+        assert changed == read_lineage(trial)["mutated"]
+    assert {"lr", "width"} & {n for t in mutants for n in read_lineage(t)["mutated"]} == {"lr", "width"}
+    assert any(set(read_lineage(t)["mutated"]) & set(GENES) for t in mutants)
     def off(trials):
         return statistics.median(abs(math.log10(t.params["lr"]) + 2) for t in trials)
 
-    initial = [t for t in study.trials if t.user_attrs["proposer"] == "random"][:10]
+    initial = [t for t in study.trials if read_lineage(t)["proposer"] == "random"][:10]
     assert len(initial) == 10 and off(study.trials[-50:]) < 0.5 * off(initial)
     assert study.best_trial.params["knowledge"] == "feat"
 
@@ -283,7 +284,7 @@ def test_the_tournament_makes_the_best_member_a_parent_more_often_than_the_worst
     trials = run(sampler, 200).trials
     ranks = []
     for trial in trials:
-        parent = trial.user_attrs["parent"]
+        parent = read_lineage(trial)["parent"]
         if parent is None:
             continue
         population = sorted(_best_distinct(trials[: trial.number], 10),
@@ -307,6 +308,15 @@ def test_a_tournament_that_cannot_select_is_refused_naming_both_values():
     for size in (2, 3, 4, 7, 12, 20, 100):
         sampler = EvolutionSampler(population_size=size)
         assert sampler.top_k < round(sampler.sample_ratio * size)
+
+
+def test_lineage_is_stored_under_the_lineage_prefix_only():
+    study = run(EvolutionSampler(seed=0, population_size=4), 16)
+    for trial in study.trials:
+        assert not set(trial.user_attrs) & set(NAMES)
+        stored = {k for k in trial.user_attrs if k.startswith(PREFIX)}
+        assert stored and stored == {PREFIX + name for name in read_lineage(trial)}
+    assert {"classic", "mutation"} <= {read_lineage(t)["proposer"] for t in study.trials}
 
 
 def test_invalid_arguments_raise_a_kd_optuna_error():
@@ -404,7 +414,7 @@ def test_a_key_claimed_in_every_round_runs_and_the_trial_says_so():
     study.optimize(objective, n_trials=1)
     trial = study.trials[0]
     assert key_of(trial) == chosen[-1]
-    note = trial.user_attrs["sampler_note"]
+    note = read_lineage(trial)["sampler_note"]
     assert f"{chosen[-1]} runs twice" in note and f"yielded {len(chosen) - 1} key(s)" in note
 
 
@@ -439,9 +449,9 @@ def _run_workers(storage: str, n_workers: int, n_trials: int) -> list:
     keys = [key_of(t) for t in trials]
     print(f"duplicate keys among {total} trials of {n_workers} workers: {len(keys) - len(set(keys))}")
     assert len(set(keys)) == total
-    assert {"classic", "mutation"} <= {t.user_attrs["proposer"] for t in trials}
+    assert {"classic", "mutation"} <= {read_lineage(t)["proposer"] for t in trials}
     numbers = {t.number for t in trials}
-    assert all(t.user_attrs["parent"] in numbers | {None} for t in trials)
+    assert all(read_lineage(t)["parent"] in numbers | {None} for t in trials)
     return trials
 
 
@@ -466,7 +476,7 @@ def test_genes_fixed_by_an_enqueued_trial_shape_the_child_and_its_lineage():
     trial = study.trials[-1]
     assert trial.params["knowledge"] == "emb" and trial.params["distance"] == "cos"
     assert trial.system_attrs[PROPOSED_KEY_ATTR] == key_of(trial)
-    assert trial.user_attrs["proposer"] in {"mutation", "crossover", "random"}
+    assert read_lineage(trial)["proposer"] in {"mutation", "crossover", "random"}
 
 
 def test_a_warm_start_list_runs_first_and_is_named_in_the_lineage():
@@ -474,7 +484,7 @@ def test_a_warm_start_list_runs_first_and_is_named_in_the_lineage():
     kd = classic_specs()[0]
     study = run(EvolutionSampler(seed=0, warm_start=[own, kd]), 3)
     assert [key_of(t) for t in study.trials[:2]] == [own.key, kd.key]
-    assert [t.user_attrs["proposer"] for t in study.trials] == ["warm_start", "classic", "random"]
+    assert [read_lineage(t)["proposer"] for t in study.trials] == ["warm_start", "classic", "random"]
 
 
 def test_evolution_starts_after_population_size_proposals_even_if_most_were_rejected():
@@ -486,13 +496,13 @@ def test_evolution_starts_after_population_size_proposals_even_if_most_were_reje
         return score_of(spec)
 
     study = run(EvolutionSampler(population_size=6, warm_start=False, seed=0), 20, func=func)
-    proposers = [t.user_attrs["proposer"] for t in study.trials]
+    proposers = [read_lineage(t)["proposer"] for t in study.trials]
     assert proposers[:6] == ["random"] * 6
     first_child = next(i for i, p in enumerate(proposers) if p in ("mutation", "crossover"))
     completed_before = [t for t in study.trials[:first_child] if t.state == TrialState.COMPLETE]
     assert 1 <= len(completed_before) < 6
-    children = [t for t in study.trials[first_child:] if t.user_attrs["parent"] is not None]
-    assert all(t.params["knowledge"] == "feat" or "knowledge" in t.user_attrs["mutated"]
+    children = [t for t in study.trials[first_child:] if read_lineage(t)["parent"] is not None]
+    assert all(t.params["knowledge"] == "feat" or "knowledge" in read_lineage(t)["mutated"]
                for t in children)
 
 
@@ -510,7 +520,7 @@ def test_screening_children_with_rho_avoids_options_that_get_rejected():
     def rejected_children(screen):
         sampler = EvolutionSampler(population_size=5, warm_start=valid, seed=0, screen=screen)
         study = run(sampler, 60, func=func)
-        children = [t for t in study.trials if t.user_attrs["parent"] is not None]
+        children = [t for t in study.trials if read_lineage(t)["parent"] is not None]
         return sum(t.state == TrialState.PRUNED for t in children) / len(children)
 
     screened, single = rejected_children(8), rejected_children(1)
@@ -556,9 +566,9 @@ def test_conditional_params_are_inherited_from_the_parent_and_the_search_improve
     by_number = {t.number: t for t in trials}
     inherited = total = 0
     for trial in trials:
-        if trial.user_attrs.get("proposer") != "mutation":
+        if read_lineage(trial).get("proposer") != "mutation":
             continue
-        parent = by_number[trial.user_attrs["parent"]].params
+        parent = by_number[read_lineage(trial)["parent"]].params
         for name in {"ya", "yb"} & set(trial.params) & set(parent):
             total += 1
             inherited += trial.params[name] == parent[name]
@@ -581,8 +591,8 @@ def test_a_categorical_study_without_genes_never_repeats_a_setting():
     study = run(EvolutionSampler(seed=0, population_size=6), 27, func=func)
     settings = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(settings)) == 27
-    assert "proposer" not in study.trials[0].user_attrs  # a study without genes: no distiller
-    assert all(t.user_attrs["proposer"] in ("random", "mutation", "crossover")
+    assert "proposer" not in read_lineage(study.trials[0])  # a study without genes: no distiller
+    assert all(read_lineage(t)["proposer"] in ("random", "mutation", "crossover")
                for t in study.trials[1:])
 
 
@@ -596,7 +606,7 @@ def test_an_objective_narrowing_a_gene_runs_with_the_default_space():
     assert all(t.params["knowledge"] == "emb" and t.params["distance"] in ("l2", "cos")
                for t in study.trials)
     first = [c for c in classic_specs() if c.knowledge == "emb"][0]
-    assert study.trials[0].user_attrs["proposer"] == "classic" and key_of(study.trials[0]) == first.key
-    assert {"mutation", "crossover"} & {t.user_attrs["proposer"] for t in study.trials}
+    assert read_lineage(study.trials[0])["proposer"] == "classic" and key_of(study.trials[0]) == first.key
+    assert {"mutation", "crossover"} & {read_lineage(t)["proposer"] for t in study.trials}
     keys = [key_of(t) for t in study.trials]
     assert len(set(keys)) == len(keys)

@@ -7,6 +7,7 @@ crossover children with lineage attrs, rejected candidates, and compare runs.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -21,6 +22,7 @@ from optuna.trial import TrialState, create_trial
 from conftest import create_kd_study, invoke_cli
 from kd_optuna import compare, story
 from kd_optuna.classics import CLASSICS
+from kd_optuna.lineage import NAMES, attr_name
 from kd_optuna.space import GENES, DistillerSpec
 from kd_optuna.storage import study_config
 
@@ -31,7 +33,9 @@ def _distributions(config):
     return {gene: CategoricalDistribution(list(config.space.options[gene])) for gene in GENES}
 
 
-def _trial(config, spec: DistillerSpec, value=None, state=TrialState.COMPLETE, **attrs):
+def _trial_of(config, spec: DistillerSpec, value=None, state=TrialState.COMPLETE, old_names=False, **attrs):
+    """A trial with ``attrs``; lineage ones under their prefix, or as earlier versions wrote them."""
+    attrs = {(k if old_names or k not in NAMES else attr_name(k)): v for k, v in attrs.items()}
     user_attrs = {"spec": spec.key, "formula": spec.formula(), **attrs}
     if state == TrialState.COMPLETE:
         user_attrs.update(val_ce=value * 0.8, cka_gap=value * 0.1, val_acc=1 - value, sharpness_gap=0.01,
@@ -40,14 +44,19 @@ def _trial(config, spec: DistillerSpec, value=None, state=TrialState.COMPLETE, *
                         params=spec.to_params(), distributions=_distributions(config), user_attrs=user_attrs)
 
 
+_trial = _trial_of
+
+
 def _vary(spec: DistillerSpec, **genes) -> DistillerSpec:
     return DistillerSpec.from_params({**spec.to_params(), **genes})
 
 
-def story_study(url: str, with_compare: bool = True) -> optuna.Study:
-    """Trials 0-3 classics (sp rejected), 4-5 mutations, 6 a crossover, 7 rejected random."""
-    study = create_kd_study(url)
+def story_study(url: str, with_compare: bool = True, name: str = "s", old_names: bool = False) -> optuna.Study:
+    """Trials 0-3 classics (sp rejected), 4-5 mutations, 6 a crossover, 7 rejected random;
+    ``old_names``: lineage attrs without their prefix, as kd-optuna wrote them before it."""
+    study = create_kd_study(url, name=name)
     config = study_config(study)
+    _trial = functools.partial(_trial_of, old_names=old_names)
     kd, kd_ls, fitnets, sp = (CLASSICS[n][0] for n in ("kd", "kd_ls", "fitnets", "sp"))
     study.add_trial(_trial(config, kd, 0.30, proposer="classic", parent=None, mutated=[]))
     study.add_trial(_trial(config, kd_ls, 0.26, proposer="classic", parent=None, mutated=[]))
@@ -176,6 +185,20 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     again = story.refresh(study)
     assert again.artifact["artifact_id"] == refreshed.artifact["artifact_id"]
     assert sorted(p.name for p in store_dir.iterdir()) == [refreshed.artifact["artifact_id"]]
+
+
+def test_a_study_written_before_the_lineage_prefix_tells_the_same_story(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    new, old = story_study(url, name="new"), story_study(url, name="old", old_names=True)
+    assert any(k.startswith("lineage:") for t in new.trials for k in t.user_attrs)
+    assert not any(k.startswith("lineage:") for t in old.trials for k in t.user_attrs)
+    built = {s.study_name: story.build(s) for s in (new, old)}
+    assert story.note_text(built["old"]).replace("old", "new") == story.note_text(built["new"])
+    for name in ("lineage", "genes"):
+        figures = [json.loads(b.figures[name].to_json()) for b in built.values()]
+        assert figures[0] == figures[1]
+    assert story.latest_space_state(old.trials)["dropped"] == {"distance": ["l1"]}
+    assert [t.number for t in story.lineage(old.trials)[1]] == [t.number for t in story.lineage(new.trials)[1]]
 
 
 def test_note_follows_a_new_best_and_compare_writes_it(tmp_path, monkeypatch):
