@@ -28,14 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.ops import (
-    CALIBRATIONS,
-    DISTANCES,
-    LOGITS_NEEDED,
-    RANDOM_TRANSFORMS,
-    TRANSFORMS,
-    CalibrationInputs,
-)
+from kd_optuna.ops import CALIBRATIONS, DISTANCES, TRANSFORMS, CalibrationInputs
 from kd_optuna.space import KNOWLEDGE_RANK, DistillerSpec
 
 #: A transformed knowledge tensor beyond this magnitude is rejected: past it, squares and
@@ -144,8 +137,9 @@ class DistillerLoss(nn.Module):
         self._transforms = [TRANSFORMS[name] for name in self.transform_names]
         ordinal, self._random = 0, []
         for name in self.transform_names:
-            self._random.append(ordinal if name in RANDOM_TRANSFORMS else None)
-            ordinal += name in RANDOM_TRANSFORMS
+            random = TRANSFORMS.info(name).random
+            self._random.append(ordinal if random else None)
+            ordinal += random
         self._distance = DISTANCES[spec.distance]
         self._calibration = CALIBRATIONS[spec.calibration]
         self._temperature = float(computed.temperature)
@@ -155,7 +149,7 @@ class DistillerLoss(nn.Module):
         rank = KNOWLEDGE_RANK[knowledge]
         self.student_shapes = {knowledge: _per_sample_shape(student_shapes, "student", knowledge, rank)}
         self.teacher_shapes = {knowledge: _per_sample_shape(teacher_shapes, "teacher", knowledge, rank)}
-        self.logits_needed = LOGITS_NEEDED.get(spec.calibration, ())
+        self.logits_needed = CALIBRATIONS.info(spec.calibration).logits
         for who, shapes, declared in (
             ("student", student_shapes, self.student_shapes),
             ("teacher", teacher_shapes, self.teacher_shapes),

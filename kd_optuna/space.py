@@ -12,9 +12,11 @@ A distiller is eight genes, each suggested under a fixed public parameter name::
 and the loss it stands for is ``lambda * T^2 * mean_n(w_n * d_n)`` (see ``kd_optuna.loss``).
 
 This module is plain data: it imports no torch, so the sampler and the command line can use it
-without loading a deep-learning stack. What a transform does to the *rank* of a tensor is part
-of that data (``TRANSFORM_RANKS``), and so are the properties of the ops that make two specs
-one loss (element-wise, non-negative output, which shifts and scalings a distance ignores):
+without loading a deep-learning stack. The options of the transform, distance and calibration
+genes are the ops registered in ``kd_optuna.ops`` (one function and one decorator each, which
+register without loading torch), in registration order. What a transform does to the *rank*
+of a tensor is read off its decorator (``TRANSFORM_RANKS``); this module adds the properties
+of the ops that make two specs one loss (element-wise, non-negative output, which shifts and scalings a distance ignores):
 from them ``DistillerSpec.canonical`` computes a normal form of the loss, whose ``key`` is
 what deduplication, caching and the sampler's features use. ``DistillerSpec.
 dropped_transforms`` and ``canonical_notes`` say what the normal form changed and why.
@@ -28,72 +30,33 @@ import json
 from fractions import Fraction
 from typing import Any, Iterable, Mapping, NamedTuple
 
+import kd_optuna.ops  # noqa: F401  (registers every op; loads no torch)
 from kd_optuna.errors import InvalidSpace
+from kd_optuna.ops.registry import CALIBRATIONS as _CALIBRATION_OPS
+from kd_optuna.ops.registry import DISTANCES as _DISTANCE_OPS
+from kd_optuna.ops.registry import TRANSFORMS as _TRANSFORM_OPS
 
 KNOWLEDGE: tuple[str, ...] = ("logit", "emb", "feat")
 
 #: Rank of each knowledge tensor: logits and embeddings are (N, K), feature maps (N, C, H, W).
 KNOWLEDGE_RANK: dict[str, int] = {"logit": 2, "emb": 2, "feat": 4}
 
-_EVERY_RANK = {2: 2, 3: 3, 4: 4}
-
-#: For each transform, ``{input rank: output rank}`` for the ranks it acts on; at any rank not
-#: listed the transform returns its input unchanged. Listing 1's 38 names plus Listing 2's
-#: ``abs`` and ``swish``, spelled as in Listing 1, and ``zscore`` (per-sample standardisation).
-TRANSFORM_RANKS: dict[str, dict[int, int]] = {
-    # element-wise
-    "exp": _EVERY_RANK,
-    "mish": _EVERY_RANK,
-    "leaky": _EVERY_RANK,
-    "relu": _EVERY_RANK,
-    "tanh": _EVERY_RANK,
-    "sigmoid": _EVERY_RANK,
-    "pow2": _EVERY_RANK,
-    "pow4": _EVERY_RANK,
-    "log": _EVERY_RANK,
-    "sqrt": _EVERY_RANK,
-    "abs": _EVERY_RANK,
-    "swish": _EVERY_RANK,
-    "scale": _EVERY_RANK,
-    "drop": _EVERY_RANK,
-    "no": {},
-    # attention and masks (FGD, MGD)
-    "satt": {4: 4},
-    "natt": _EVERY_RANK,
-    "catt": _EVERY_RANK,
-    "mask": {4: 4},
-    # relations: Gram matrices between channels (ICKD) and between samples (SP)
-    "bmm": {3: 3, 4: 3},
-    "mm": {2: 2, 3: 2, 4: 2},
-    # reshapes
-    "batch": {3: 2, 4: 2},
-    "channel": {4: 3},
-    # multi-scale (KR) and local (LKD)
-    "scale_r1": {},
-    "scale_r2": {4: 4},
-    "multi_scale_r4": {4: 4},
-    "local_s1": {4: 2},
-    "local_s2": {4: 4},
-    "local_s4": {4: 4},
-    # normalisations
-    "norm_HW": {3: 3, 4: 4},
-    "norm_C": _EVERY_RANK,
-    "norm_N": _EVERY_RANK,
-    "softmax_N": _EVERY_RANK,
-    "softmax_C": _EVERY_RANK,
-    "softmax_HW": {3: 3, 4: 3},
-    "logsoftmax_N": _EVERY_RANK,
-    "logsoftmax_C": _EVERY_RANK,
-    "logsoftmax_HW": {3: 3, 4: 3},
-    "min_max_normalize": _EVERY_RANK,
-    "batchnorm": _EVERY_RANK,
-    # logit standardisation (Sun et al. 2024), added to the seed's list
-    "zscore": _EVERY_RANK,
-}
-
-TRANSFORMS: tuple[str, ...] = tuple(TRANSFORM_RANKS)
-DISTANCES: tuple[str, ...] = ("l1", "l2", "kl", "hard", "smooth_l1", "cos", "pear", "cor")
-CALIBRATIONS: tuple[str, ...] = ("entropy", "focal", "sim", "conf", "no")
+#: The options of the op genes and the rank table are read off the op registries
+#: (``kd_optuna.ops.registry``): an op is one function and one decorator, and registering it
+#: is the only edit a new option needs. Each tuple lists the names in registration order,
+#: which is the order of the definitions in each op module. The tables follow the registries
+#: when an op joins or leaves (``_derive_options``): ``TRANSFORM_RANKS`` and ``FULL_OPTIONS``
+#: are updated in place, the tuples rebound (``space.TRANSFORMS`` is current; a tuple bound
+#: by ``from kd_optuna.space import TRANSFORMS`` before the change is not).
+#:
+#: ``TRANSFORM_RANKS``: for each transform, ``{input rank: output rank}`` for the ranks it acts
+#: on; at any rank not listed the transform returns its input unchanged. Listing 1's 38 names
+#: plus Listing 2's ``abs`` and ``swish``, spelled as in Listing 1, and ``zscore``
+#: (per-sample standardisation).
+TRANSFORM_RANKS: dict[str, dict[int, int]] = {}
+TRANSFORMS: tuple[str, ...] = ()
+DISTANCES: tuple[str, ...] = ()
+CALIBRATIONS: tuple[str, ...] = ()
 TEMPERATURES: tuple[int, ...] = (1, 4, 8, 16)
 MAGNITUDES: tuple[float, ...] = (100, 50, 25, 10, 5, 1, 0.1, 0.01)
 
@@ -110,16 +73,31 @@ GENES: tuple[str, ...] = (
 )
 TRANSFORM_GENES: tuple[str, ...] = ("transform1", "transform2", "transform3")
 
-FULL_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "knowledge": KNOWLEDGE,
-    "transform1": TRANSFORMS,
-    "transform2": TRANSFORMS,
-    "transform3": TRANSFORMS,
-    "distance": DISTANCES,
-    "calibration": CALIBRATIONS,
-    "temperature": TEMPERATURES,
-    "magnitude": MAGNITUDES,
-}
+FULL_OPTIONS: dict[str, tuple[Any, ...]] = dict.fromkeys(GENES, ())
+
+
+def _derive_options() -> None:
+    """Fill the op genes' options and the rank table from the registries."""
+    global TRANSFORMS, DISTANCES, CALIBRATIONS
+    TRANSFORM_RANKS.clear()
+    TRANSFORM_RANKS.update((info.name, dict(info.ranks)) for info in _TRANSFORM_OPS.infos())
+    TRANSFORMS = tuple(_TRANSFORM_OPS)
+    DISTANCES = tuple(_DISTANCE_OPS)
+    CALIBRATIONS = tuple(_CALIBRATION_OPS)
+    FULL_OPTIONS.update(
+        knowledge=KNOWLEDGE,
+        transform1=TRANSFORMS,
+        transform2=TRANSFORMS,
+        transform3=TRANSFORMS,
+        distance=DISTANCES,
+        calibration=CALIBRATIONS,
+        temperature=TEMPERATURES,
+        magnitude=MAGNITUDES,
+    )
+
+
+for _registry in (_TRANSFORM_OPS, _DISTANCE_OPS, _CALIBRATION_OPS):
+    _registry.watch(_derive_options)
 
 
 def _check_option(gene: str, value: Any, options: Iterable[Any]) -> Any:
@@ -180,8 +158,9 @@ _PAST_BATCH = ELEMENTWISE | {
 _FLAT_DISTANCES = frozenset({"l1", "l2", "smooth_l1", "cos", "pear", "cor"})
 #: d(a s, a t) = a^k d(s, t) for a > 0.
 _DEGREE = {"l1": 1, "l2": 2}
-#: Distances that see the temperature: d(s/T, t/T) is not a power of T times d(s, t).
-_TEMPERED = frozenset({"smooth_l1", "kl", "hard"})
+#: d(a s, a t) = d(s, t) for a > 0. The other distances, and any the space has no property of,
+#: see the temperature: d(s/T, t/T) is not a power of T times d(s, t).
+_SCALE_FREE = frozenset({"cos", "pear", "cor"})
 #: Distances d(s + c, t + c) = d(s, t) for a constant c (so `scale` folds into T or lambda).
 _SHIFT_FREE = frozenset({"l1", "l2", "smooth_l1", "kl", "hard"})
 
@@ -318,14 +297,14 @@ def _scale_form(distance: str, temperature: int, magnitude: Fraction, scales: in
     The loss is lambda T^2 d(a s / T, a t / T) with a = 2^-scales (the shifts of `scale` cancel
     in the distances that absorb it). Homogeneous d (l1: k = 1, l2: k = 2) give
     lambda T^(2-k) a^k d(s, t); cos, pear and cor ignore the scale: lambda T^2 d(s, t); the
-    others see T/a and lambda T^2 apart.
+    others (smooth_l1, kl, hard, and a newly registered distance) see T/a and lambda T^2 apart.
     """
     if distance in _DEGREE:
         k = _DEGREE[distance]
         return ("coefficient", magnitude * Fraction(temperature) ** (2 - k) / 2 ** (k * scales))
-    if distance in _TEMPERED:
-        return ("temperature", temperature * 2**scales, magnitude * temperature**2)
-    return ("coefficient", magnitude * temperature**2)
+    if distance in _SCALE_FREE:
+        return ("coefficient", magnitude * temperature**2)
+    return ("temperature", temperature * 2**scales, magnitude * temperature**2)
 
 
 def _fraction(magnitude: float) -> Fraction:
@@ -569,32 +548,25 @@ class DistillerSpec:
     def formula(self) -> str:
         """A formula a person can read, e.g. for the dashboard, of the canonical form.
 
-        ``coefficient * mean_n(w_n * d_n)`` with the coefficient lambda * T^2; a distance of
-        two terms is in parentheses where a weight multiplies it.
+        ``coefficient * mean_n(w_n * d_n)`` with the coefficient lambda * T^2; each op writes
+        as its decorator's ``formula`` says, and a distance of two terms (``compound``) is in
+        parentheses where a weight multiplies it.
         """
         c = self.canonical()
 
         def side(who: str) -> str:
             expr = f"{who}_{c.knowledge}"
             for name in c.effective_transforms():
-                expr = f"{name}({expr})"
+                expr = _TRANSFORM_OPS.info(name).formula.format(x=expr)
             return f"{expr}/{c.temperature}" if c.temperature != 1 else expr
 
-        s, t = side("s"), side("t")
-        distance, compound = {
-            "l1": (f"|{s} - {t}|", False),
-            "l2": (f"({s} - {t})^2", False),
-            "kl": (f"KL(softmax({t}) || softmax({s}))", False),
-            "hard": (f"CE({s}, argmax {t})", False),
-            "smooth_l1": (f"smoothL1({s} - {t})", False),
-            "cos": (f"1 - cos({s}, {t})", True),
-            "pear": (f"1 - pearson({s}, {t})", True),
-            "cor": (f"cor({s}, {t})", False),
-        }[c.distance]
-        if c.calibration == "no":
+        measure = _DISTANCE_OPS.info(c.distance)
+        distance = measure.formula.format(s=side("s"), t=side("t"))
+        weight = _CALIBRATION_OPS.info(c.calibration).formula
+        if weight is None:
             weighted = distance
         else:
-            weighted = f"w_{c.calibration} * " + (f"({distance})" if compound else distance)
+            weighted = f"{weight} * " + (f"({distance})" if measure.compound else distance)
         coefficient = c.magnitude * c.temperature**2
         return f"{coefficient:g} * mean_n({weighted})"
 
@@ -666,3 +638,12 @@ def suggest_distiller(trial: Any, space: SearchSpace | None = None) -> Distiller
     space = space or SearchSpace()
     params = {gene: trial.suggest_categorical(gene, list(space[gene])) for gene in GENES}
     return DistillerSpec.from_params(params)
+
+
+def _clear_caches() -> None:
+    _reduce_chain.cache_clear()
+    _normal_form.cache_clear()
+
+
+for _registry in (_TRANSFORM_OPS, _DISTANCE_OPS, _CALIBRATION_OPS):
+    _registry.watch(_clear_caches)

@@ -4,6 +4,12 @@ A calibration returns one weight per sample, shape ``(N,)``, float32, detached a
 negative; the loss is ``mean_n(w_n * d_n)``. Logits are the raw model outputs ``(N, K)`` at
 temperature 1, with any number of classes K, on any device. When a batch has no labels
 (distillation on unlabelled images), the teacher's argmax stands in for the label.
+
+Each is one function under one ``@calibration(name, logits=...)`` decorator
+(``kd_optuna.ops.registry``): ``logits`` says whose logits it reads, ``formula`` how its weight
+writes in ``DistillerSpec.formula`` (``w_name``; none for ``no``). The order of the
+definitions is the order of the options of the ``calibration`` gene. torch is imported at the
+first call (``kd_optuna.ops.lazy``).
 """
 
 from __future__ import annotations
@@ -11,18 +17,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from kd_optuna.ops.registry import CALIBRATIONS
+from kd_optuna.ops.lazy import lazy_import
+from kd_optuna.ops.registry import calibration
 
-#: Which logits each calibration reads; the others read none.
-LOGITS_NEEDED: dict[str, tuple[str, ...]] = {
-    "entropy": ("teacher",),
-    "conf": ("teacher",),
-    "focal": ("student", "teacher"),
-}
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
+    F = lazy_import("torch.nn.functional", globals(), "F")
+
 RATIO_EPS = 1e-7
 
 
@@ -57,7 +64,7 @@ def _label_ce(logits: Tensor, label: Tensor) -> Tensor:
     return F.cross_entropy(logits, label, reduction="none")
 
 
-@CALIBRATIONS.register("entropy")
+@calibration("entropy", logits=("teacher",))
 def entropy(inputs: CalibrationInputs) -> Tensor:
     """H(softmax(t_logit)) / log K in [0, 1]: the teacher's uncertainty, (N, K) -> (N,); 0 when
     K = 1.
@@ -73,19 +80,7 @@ def entropy(inputs: CalibrationInputs) -> Tensor:
     return (-(log_p.exp() * log_p).sum(dim=1) / math.log(classes)).clamp(0, 1)
 
 
-@CALIBRATIONS.register("conf")
-def conf(inputs: CalibrationInputs) -> Tensor:
-    """softmax(t_logit)[label] in [0, 1]: the teacher's confidence in the label (its own
-    argmax when labels is None, i.e. its top probability), (N, K) -> (N,).
-
-    The seed's 1 - CE_s went negative and hard-coded 100 classes and CUDA.
-    """
-    logits = _logits(inputs.teacher_logit, "teacher", "conf")
-    label = inputs.label_or_teacher_argmax()
-    return F.softmax(logits, dim=1).gather(1, label.unsqueeze(1)).squeeze(1)
-
-
-@CALIBRATIONS.register("focal")
+@calibration("focal", logits=("student", "teacher"))
 def focal(inputs: CalibrationInputs) -> Tensor:
     """WSLD's weight (seed Eq. 13): 1 - exp(-CE_s / (CE_t + 1e-7)) in [0, 1).
 
@@ -99,7 +94,7 @@ def focal(inputs: CalibrationInputs) -> Tensor:
     return 1 - torch.exp(-ratio)
 
 
-@CALIBRATIONS.register("sim")
+@calibration("sim")
 def sim(inputs: CalibrationInputs) -> Tensor:
     """(1 + cos(s, t)) / 2 in [0, 1] of the transformed knowledge flattened to (N, D) -> (N,).
 
@@ -110,7 +105,19 @@ def sim(inputs: CalibrationInputs) -> Tensor:
     return ((1 + F.cosine_similarity(s, t, dim=1, eps=1e-8)) / 2).clamp(0, 1)
 
 
-@CALIBRATIONS.register("no")
+@calibration("conf", logits=("teacher",))
+def conf(inputs: CalibrationInputs) -> Tensor:
+    """softmax(t_logit)[label] in [0, 1]: the teacher's confidence in the label (its own
+    argmax when labels is None, i.e. its top probability), (N, K) -> (N,).
+
+    The seed's 1 - CE_s went negative and hard-coded 100 classes and CUDA.
+    """
+    logits = _logits(inputs.teacher_logit, "teacher", "conf")
+    label = inputs.label_or_teacher_argmax()
+    return F.softmax(logits, dim=1).gather(1, label.unsqueeze(1)).squeeze(1)
+
+
+@calibration("no", formula=None)
 def no(inputs: CalibrationInputs) -> Tensor:
     """w = 1 for every sample, (N,)."""
     return torch.ones(inputs.student.shape[0], device=inputs.student.device)

@@ -4,15 +4,27 @@ A distance ``d(student, teacher)`` takes two tensors of one shape, ``(N, ...)`` 
 and returns ``(N,)``: one value per sample, never negative, and 0 when student equals teacher
 (except ``hard``, a cross-entropy against the teacher's argmax, which is only >= 0). The
 argument order is fixed: student first, teacher second (the seed swapped the names).
+
+Each is one function under one ``@distance(name, formula=...)`` decorator
+(``kd_optuna.ops.registry``); ``formula`` is its per-sample term in ``DistillerSpec.formula``.
+The order of the definitions is the order of the options of the ``distance`` gene. torch is
+imported at the first call (``kd_optuna.ops.lazy``).
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from kd_optuna.ops.registry import DISTANCES
+from kd_optuna.ops.lazy import lazy_import
+from kd_optuna.ops.registry import distance
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
+    F = lazy_import("torch.nn.functional", globals(), "F")
 
 NORM_EPS = 1e-8
 #: Exponent alpha of the seed's correlation distance (Eq. 12).
@@ -50,25 +62,19 @@ def _unit_difference(student: Tensor, teacher: Tensor, dim: int) -> Tensor:
     return 0.5 * (s - t).pow(2).sum(dim=dim)
 
 
-@DISTANCES.register("l1")
+@distance("l1", formula="|{s} - {t}|")
 def l1(student: Tensor, teacher: Tensor) -> Tensor:
     """mean over non-batch dims of |s - t| -> (N,)."""
     return _mean_per_sample((student - teacher).abs())
 
 
-@DISTANCES.register("l2")
+@distance("l2", formula="({s} - {t})^2")
 def l2(student: Tensor, teacher: Tensor) -> Tensor:
     """mean over non-batch dims of (s - t)^2 -> (N,) (mean squared error, as the seed's)."""
     return _mean_per_sample((student - teacher).pow(2))
 
 
-@DISTANCES.register("smooth_l1")
-def smooth_l1(student: Tensor, teacher: Tensor) -> Tensor:
-    """mean over non-batch dims of Huber(s - t), beta 1 -> (N,)."""
-    return _mean_per_sample(F.smooth_l1_loss(student, teacher, reduction="none"))
-
-
-@DISTANCES.register("kl")
+@distance("kl", formula="KL(softmax({t}) || softmax({s}))")
 def kl(student: Tensor, teacher: Tensor) -> Tensor:
     """KL(softmax(t) || softmax(s)) along the last axis, summed there, mean over the rest -> (N,).
 
@@ -85,7 +91,7 @@ def kl(student: Tensor, teacher: Tensor) -> Tensor:
     return per_row.reshape(per_row.shape[0], -1).mean(dim=1).clamp(min=0)
 
 
-@DISTANCES.register("hard")
+@distance("hard", formula="CE({s}, argmax {t})")
 def hard(student: Tensor, teacher: Tensor) -> Tensor:
     """Cross-entropy of the student against the teacher's argmax over dim 1 -> (N,).
 
@@ -97,13 +103,19 @@ def hard(student: Tensor, teacher: Tensor) -> Tensor:
     return per_position.reshape(per_position.shape[0], -1).mean(dim=1)
 
 
-@DISTANCES.register("cos")
+@distance("smooth_l1", formula="smoothL1({s} - {t})")
+def smooth_l1(student: Tensor, teacher: Tensor) -> Tensor:
+    """mean over non-batch dims of Huber(s - t), beta 1 -> (N,)."""
+    return _mean_per_sample(F.smooth_l1_loss(student, teacher, reduction="none"))
+
+
+@distance("cos", formula="1 - cos({s}, {t})", compound=True)
 def cos(student: Tensor, teacher: Tensor) -> Tensor:
     """1 - cos(s, t) of the flattened samples, in [0, 2] -> (N,). The seed returned cos itself."""
     return _unit_difference(student.flatten(1), teacher.flatten(1), dim=1)
 
 
-@DISTANCES.register("pear")
+@distance("pear", formula="1 - pearson({s}, {t})", compound=True)
 def pear(student: Tensor, teacher: Tensor) -> Tensor:
     """1 - Pearson(s, t) of the flattened samples, in [0, 2] -> (N,).
 
@@ -115,7 +127,7 @@ def pear(student: Tensor, teacher: Tensor) -> Tensor:
     return _unit_difference(_centre(s, 1), _centre(t, 1), 1)
 
 
-@DISTANCES.register("cor")
+@distance("cor", formula="cor({s}, {t})")
 def cor(student: Tensor, teacher: Tensor) -> Tensor:
     """Batch correlation distance (seed Eq. 12, Barlow-Twins style), broadcast to (N,).
 

@@ -1,29 +1,36 @@
 """The 41 knowledge transforms of the search space (seed E.1, Listing 2, and ``zscore``), by name.
 
 Every transform maps a float tensor whose dim 0 is the batch ``N`` to a tensor whose dim 0 is
-still ``N``. Which ranks it acts on, and the rank it returns, is ``kd_optuna.space.
-TRANSFORM_RANKS``: the ``transform`` decorator below enforces that table, so a transform
-returns its input unchanged at any rank the table does not list (spatial ops on logits, for
-instance) and the body of each op only sees the ranks it is written for.
+still ``N``. Each is one function under one ``@transform(name, ranks=...)`` decorator
+(``kd_optuna.ops.registry``): ``ranks`` are the input ranks it acts on (a mapping where the
+rank changes, ``{input: output}``), and at any other rank the op returns its input unchanged
+(spatial ops on logits, for instance), so the body of each op only sees the ranks it is
+written for. The order of the definitions is the order of the options of ``transform1-3``.
 
 Shapes: rank 2 is ``(N, C)`` (logits ``C = K`` classes, embeddings ``C = D``), rank 3
 ``(N, C, L)``, rank 4 ``(N, C, H, W)``.
 
 Random ops (``drop``, ``mask``) take a ``torch.Generator``; ``DistillerLoss`` gives the
 student's and the teacher's call generators seeded alike, so both draw the same mask.
+
+torch is imported at the first call of an op (``kd_optuna.ops.lazy``): importing this module
+only registers the ops and their metadata.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from kd_optuna.ops.lazy import lazy_import
+from kd_optuna.ops.registry import EVERY_RANK, transform
 
-from kd_optuna.ops.registry import TRANSFORMS
-from kd_optuna.space import TRANSFORM_RANKS
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch = lazy_import("torch", globals())
+    F = lazy_import("torch.nn.functional", globals(), "F")
 
 #: exp's input is capped here: exp(20) ~ 4.9e8 leaves room for a distance without overflow.
 EXP_CAP = 20.0
@@ -45,31 +52,6 @@ ZSCORE_VAR_FLOOR = 1e-24
 #: A centred sample below this share of the sample's norm is rounding noise of a constant.
 ZSCORE_CONSTANT = 1e-5
 
-#: Names of the transforms that draw random numbers and so take a generator.
-RANDOM_TRANSFORMS: set[str] = set()
-
-
-def transform(name: str, *, random: bool = False) -> Callable:
-    """Register ``fn`` as transform ``name``, acting only at the ranks TRANSFORM_RANKS lists.
-
-    The registered op has the signature ``op(x, generator=None) -> Tensor``.
-    """
-    acts_on = TRANSFORM_RANKS[name]
-
-    def register(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def op(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-            if x.dim() not in acts_on:
-                return x
-            return fn(x, generator) if random else fn(x)
-
-        if random:
-            RANDOM_TRANSFORMS.add(name)
-        TRANSFORMS.register(name)(op)
-        return op
-
-    return register
-
 
 def _per_sample(stat: Tensor, x: Tensor) -> Tensor:
     """Reshape an (N,) statistic to broadcast against ``x``."""
@@ -85,56 +67,56 @@ def _uniform(shape: tuple[int, ...], x: Tensor, generator: torch.Generator | Non
 # ---------------------------------------------------------------- element-wise, every rank
 
 
-@transform("exp")
+@transform("exp", ranks=EVERY_RANK)
 def exp(x: Tensor) -> Tensor:
     """exp(min(x, 20)): capped so a logit of 1e4 gives exp(20), not inf (gradient 0 above)."""
     return torch.exp(x.clamp(max=EXP_CAP))
 
 
-@transform("mish")
+@transform("mish", ranks=EVERY_RANK)
 def mish(x: Tensor) -> Tensor:
     """x * tanh(softplus(x)), element-wise, same shape."""
     return F.mish(x)
 
 
-@transform("leaky")
+@transform("leaky", ranks=EVERY_RANK)
 def leaky(x: Tensor) -> Tensor:
     """leaky_relu(x) = max(x, 0.01 x), element-wise, same shape."""
     return F.leaky_relu(x, 0.01)
 
 
-@transform("relu")
+@transform("relu", ranks=EVERY_RANK)
 def relu(x: Tensor) -> Tensor:
     """max(x, 0), element-wise, same shape."""
     return F.relu(x)
 
 
-@transform("tanh")
+@transform("tanh", ranks=EVERY_RANK)
 def tanh(x: Tensor) -> Tensor:
     """tanh(x), element-wise, same shape."""
     return torch.tanh(x)
 
 
-@transform("sigmoid")
+@transform("sigmoid", ranks=EVERY_RANK)
 def sigmoid(x: Tensor) -> Tensor:
     """1 / (1 + exp(-x)), element-wise, same shape."""
     return torch.sigmoid(x)
 
 
-@transform("pow2")
+@transform("pow2", ranks=EVERY_RANK)
 def pow2(x: Tensor) -> Tensor:
     """x^2, element-wise, same shape."""
     return x * x
 
 
-@transform("pow4")
+@transform("pow4", ranks=EVERY_RANK)
 def pow4(x: Tensor) -> Tensor:
     """x^4, element-wise, same shape."""
     square = x * x
     return square * square
 
 
-@transform("log")
+@transform("log", ranks=EVERY_RANK)
 def log(x: Tensor) -> Tensor:
     """sign(x) * log(1 + |x|): odd, finite at 0 with gradient 1/(1+|x|) <= 1.
 
@@ -145,7 +127,7 @@ def log(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.log(1 + x.abs())
 
 
-@transform("sqrt")
+@transform("sqrt", ranks=EVERY_RANK)
 def sqrt(x: Tensor) -> Tensor:
     """sign(x) * (sqrt(|x| + 1e-6) - sqrt(1e-6)): signed, 0 at 0, gradient at most 500.
 
@@ -155,31 +137,25 @@ def sqrt(x: Tensor) -> Tensor:
     return x / (torch.sqrt(x.abs() + SQRT_EPS) + SQRT_EPS**0.5)
 
 
-@transform("abs")
+@transform("abs", ranks=EVERY_RANK)
 def abs_(x: Tensor) -> Tensor:
     """|x|, element-wise, same shape."""
     return x.abs()
 
 
-@transform("swish")
+@transform("swish", ranks=EVERY_RANK)
 def swish(x: Tensor) -> Tensor:
     """x * sigmoid(x), element-wise, same shape."""
     return F.silu(x)
 
 
-@transform("scale")
+@transform("scale", ranks=EVERY_RANK)
 def scale(x: Tensor) -> Tensor:
     """(x + 1) / 2: maps [-1, 1] to [0, 1], element-wise, same shape."""
     return (x + 1.0) * 0.5
 
 
-@transform("no")
-def no(x: Tensor) -> Tensor:  # pragma: no cover - TRANSFORM_RANKS lists no rank for it
-    """Identity at every rank (the table lists none)."""
-    return x
-
-
-@transform("drop", random=True)
+@transform("drop", ranks=EVERY_RANK, random=True)
 def drop(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Inverted dropout, p = 0.1: x * keep / 0.9 with keep ~ Bernoulli(0.9).
 
@@ -191,10 +167,16 @@ def drop(x: Tensor, generator: torch.Generator | None) -> Tensor:
     return x * keep / (1.0 - DROP_P)
 
 
+@transform("no", ranks=())
+def no(x: Tensor) -> Tensor:  # pragma: no cover - it lists no rank
+    """Identity at every rank (it lists none)."""
+    return x
+
+
 # ---------------------------------------------------------------- attention and masks
 
 
-@transform("satt")
+@transform("satt", ranks=(4,))
 def satt(x: Tensor) -> Tensor:
     """FGD spatial attention: H*W * softmax_hw(mean_c |F| / 0.5), (N,C,H,W) -> (N,1,H,W)."""
     n, _, h, w = x.shape
@@ -202,13 +184,13 @@ def satt(x: Tensor) -> Tensor:
     return (h * w * F.softmax(pooled / ATTENTION_TAU, dim=1)).view(n, 1, h, w)
 
 
-@transform("natt")
+@transform("natt", ranks=EVERY_RANK)
 def natt(x: Tensor) -> Tensor:
     """Attention over the batch: N * softmax(x / 0.5, dim=0), same shape."""
     return x.shape[0] * F.softmax(x / ATTENTION_TAU, dim=0)
 
 
-@transform("catt")
+@transform("catt", ranks=EVERY_RANK)
 def catt(x: Tensor) -> Tensor:
     """FGD channel attention: C * softmax_c(g / 0.5).
 
@@ -221,7 +203,7 @@ def catt(x: Tensor) -> Tensor:
     return channels * F.softmax(x / ATTENTION_TAU, dim=1)
 
 
-@transform("mask", random=True)
+@transform("mask", ranks=(4,), random=True)
 def mask(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """MGD's random mask: zeroes each pixel (all channels) with probability 0.65.
 
@@ -235,7 +217,7 @@ def mask(x: Tensor, generator: torch.Generator | None) -> Tensor:
 # ---------------------------------------------------------------- relations
 
 
-@transform("bmm")
+@transform("bmm", ranks={3: 3, 4: 3})
 def bmm(x: Tensor) -> Tensor:
     """Channel Gram matrix (ICKD): G = F F^T / L with F of shape (N, C, L), L = H*W.
 
@@ -246,7 +228,7 @@ def bmm(x: Tensor) -> Tensor:
     return torch.bmm(flat, flat.transpose(1, 2)) / flat.shape[2]
 
 
-@transform("mm")
+@transform("mm", ranks={2: 2, 3: 2, 4: 2})
 def mm(x: Tensor) -> Tensor:
     """Sample Gram matrix (SP): G = X X^T / D with X the flattened samples, (N, D).
 
@@ -260,13 +242,13 @@ def mm(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------- reshapes
 
 
-@transform("batch")
+@transform("batch", ranks={3: 2, 4: 2})
 def batch(x: Tensor) -> Tensor:
     """Flatten each sample: (N, C, L) or (N, C, H, W) -> (N, C*L) or (N, C*H*W)."""
     return x.flatten(1)
 
 
-@transform("channel")
+@transform("channel", ranks={4: 3})
 def channel(x: Tensor) -> Tensor:
     """Flatten the spatial dims: (N, C, H, W) -> (N, C, H*W)."""
     return x.flatten(2)
@@ -275,8 +257,8 @@ def channel(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------- multi-scale and local
 
 
-@transform("scale_r1")
-def scale_r1(x: Tensor) -> Tensor:  # pragma: no cover - TRANSFORM_RANKS lists no rank for it
+@transform("scale_r1", ranks=())
+def scale_r1(x: Tensor) -> Tensor:  # pragma: no cover - it lists no rank
     """Identity: the seed's max over 1x1 windows changes nothing."""
     return x
 
@@ -285,7 +267,7 @@ def _max_pool(x: Tensor, ratio: int) -> Tensor:
     return F.max_pool2d(x, kernel_size=ratio, stride=ratio, ceil_mode=True)
 
 
-@transform("scale_r2")
+@transform("scale_r2", ranks=(4,))
 def scale_r2(x: Tensor) -> Tensor:
     """Max over 2x2 windows, stride 2: (N,C,H,W) -> (N,C,ceil(H/2),ceil(W/2)).
 
@@ -295,13 +277,13 @@ def scale_r2(x: Tensor) -> Tensor:
     return _max_pool(x, 2)
 
 
-@transform("multi_scale_r4")
+@transform("multi_scale_r4", ranks=(4,))
 def multi_scale_r4(x: Tensor) -> Tensor:
     """Max over 4x4 windows, stride 4: (N,C,H,W) -> (N,C,ceil(H/4),ceil(W/4))."""
     return _max_pool(x, 4)
 
 
-@transform("local_s1")
+@transform("local_s1", ranks={4: 2})
 def local_s1(x: Tensor) -> Tensor:
     """Every pixel of every channel as its own patch: (N,C,H,W) -> (N, C*H*W)."""
     return x.flatten(1)
@@ -317,7 +299,7 @@ def _patches(x: Tensor, size: int) -> Tensor:
     return x.reshape(n, c * rows * cols, size, size)
 
 
-@transform("local_s2")
+@transform("local_s2", ranks=(4,))
 def local_s2(x: Tensor) -> Tensor:
     """2x2 patches (LKD): (N,C,H,W) -> (N, C*ceil(H/2)*ceil(W/2), 2, 2).
 
@@ -326,7 +308,7 @@ def local_s2(x: Tensor) -> Tensor:
     return _patches(x, 2)
 
 
-@transform("local_s4")
+@transform("local_s4", ranks=(4,))
 def local_s4(x: Tensor) -> Tensor:
     """4x4 patches: (N,C,H,W) -> (N, C*ceil(H/4)*ceil(W/4), 4, 4), zero-padded like local_s2."""
     return _patches(x, 4)
@@ -335,37 +317,37 @@ def local_s4(x: Tensor) -> Tensor:
 # ---------------------------------------------------------------- normalisations
 
 
-@transform("norm_HW")
+@transform("norm_HW", ranks=(3, 4))
 def norm_HW(x: Tensor) -> Tensor:
     """L2-normalise over the trailing dims: dim 2 of (N,C,L), dims 2, 3 of (N,C,H,W)."""
     return F.normalize(x.flatten(2), dim=2, eps=NORM_EPS).view_as(x)
 
 
-@transform("norm_C")
+@transform("norm_C", ranks=EVERY_RANK)
 def norm_C(x: Tensor) -> Tensor:
     """L2-normalise over dim 1 (classes or channels), same shape."""
     return F.normalize(x, dim=1, eps=NORM_EPS)
 
 
-@transform("norm_N")
+@transform("norm_N", ranks=EVERY_RANK)
 def norm_N(x: Tensor) -> Tensor:
     """L2-normalise over the batch (dim 0), same shape."""
     return F.normalize(x, dim=0, eps=NORM_EPS)
 
 
-@transform("softmax_N")
+@transform("softmax_N", ranks=EVERY_RANK)
 def softmax_N(x: Tensor) -> Tensor:
     """softmax over the batch (dim 0), same shape."""
     return F.softmax(x, dim=0)
 
 
-@transform("softmax_C")
+@transform("softmax_C", ranks=EVERY_RANK)
 def softmax_C(x: Tensor) -> Tensor:
     """softmax over dim 1, same shape."""
     return F.softmax(x, dim=1)
 
 
-@transform("softmax_HW")
+@transform("softmax_HW", ranks={3: 3, 4: 3})
 def softmax_HW(x: Tensor) -> Tensor:
     """softmax over positions: (N,C,L) -> (N,C,L) over dim 2; (N,C,H,W) -> (N,C,H*W).
 
@@ -374,25 +356,25 @@ def softmax_HW(x: Tensor) -> Tensor:
     return F.softmax(x.flatten(2), dim=2)
 
 
-@transform("logsoftmax_N")
+@transform("logsoftmax_N", ranks=EVERY_RANK)
 def logsoftmax_N(x: Tensor) -> Tensor:
     """log_softmax over the batch (dim 0), same shape. The seed normalised over dim 1."""
     return F.log_softmax(x, dim=0)
 
 
-@transform("logsoftmax_C")
+@transform("logsoftmax_C", ranks=EVERY_RANK)
 def logsoftmax_C(x: Tensor) -> Tensor:
     """log_softmax over dim 1, same shape."""
     return F.log_softmax(x, dim=1)
 
 
-@transform("logsoftmax_HW")
+@transform("logsoftmax_HW", ranks={3: 3, 4: 3})
 def logsoftmax_HW(x: Tensor) -> Tensor:
     """log_softmax over positions, shapes as softmax_HW."""
     return F.log_softmax(x.flatten(2), dim=2)
 
 
-@transform("min_max_normalize")
+@transform("min_max_normalize", ranks=EVERY_RANK)
 def min_max_normalize(x: Tensor) -> Tensor:
     """(x - min) / (max - min + 1e-6) with min, max over each sample's values, same shape.
 
@@ -405,7 +387,7 @@ def min_max_normalize(x: Tensor) -> Tensor:
     return (x - low) / (high - low + MIN_MAX_EPS)
 
 
-@transform("batchnorm")
+@transform("batchnorm", ranks=EVERY_RANK)
 def batchnorm(x: Tensor) -> Tensor:
     """Parameter-free batch standardisation per channel (dim 1): (x - mean) / sqrt(var + 1e-5).
 
@@ -419,7 +401,7 @@ def batchnorm(x: Tensor) -> Tensor:
     return (x - mean) * torch.rsqrt(var + BATCHNORM_EPS)
 
 
-@transform("zscore")
+@transform("zscore", ranks=EVERY_RANK)
 def zscore(x: Tensor) -> Tensor:
     """Per-sample standardisation (logit standardization, Sun et al. CVPR 2024), same shape:
 
