@@ -24,6 +24,7 @@ import torch
 from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study, invoke_cli, run_worker_in_process
+from kd_optuna import optuna_private
 from kd_optuna.cache import load_or_build
 from kd_optuna.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
 from kd_optuna.config import CONFIG_ATTR, load_config
@@ -298,10 +299,10 @@ def test_the_llm_key_never_reaches_attrs_messages_output_or_the_exported_script(
             outputs.append(text)
         outputs.append((tmp_path / "train_best.py").read_text())
         storage = open_storage(url, heartbeat_interval=None)
-        trials = storage.get_all_trials(study._study_id)
+        trials = storage.get_all_trials(optuna_private.study_id(study))
         outputs.append(repr([(t.user_attrs, t.system_attrs) for t in trials]))
-        outputs.append(repr((storage.get_study_user_attrs(study._study_id),
-                             storage.get_study_system_attrs(study._study_id))))
+        outputs.append(repr((storage.get_study_user_attrs(optuna_private.study_id(study)),
+                             storage.get_study_system_attrs(optuna_private.study_id(study)))))
         assert len(trials) == 6
         for text in outputs:
             assert LLM_KEY not in text and LLM_KEY[3:15] not in text

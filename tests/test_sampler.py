@@ -15,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from kd_optuna import optuna_private
 from kd_optuna.classics import classic_specs
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.lineage import NAMES, PREFIX, read_lineage
@@ -180,8 +181,9 @@ def test_running_and_waiting_keys_are_not_proposed():
     dists = {g: optuna.distributions.CategoricalDistribution(list(space[g])) for g in GENES}
     study.add_trial(optuna.create_trial(params=specs[0].to_params(), distributions=dists, value=1))
     study.enqueue_trial(specs[1].to_params())
-    announced = study._storage.create_new_trial(study._study_id)
-    study._storage.set_trial_system_attr(announced, PROPOSED_KEY_ATTR, specs[2].key)
+    storage = optuna_private.study_storage(study)
+    announced = storage.create_new_trial(optuna_private.study_id(study))
+    storage.set_trial_system_attr(announced, PROPOSED_KEY_ATTR, specs[2].key)
     half_suggested = study.ask()
     for gene in GENES:
         half_suggested._suggest(gene, dists[gene])
@@ -551,7 +553,7 @@ def test_the_relative_search_space_is_optuna_s_intersection_of_finished_trials()
     study = optuna.create_study(sampler=sampler)
     study.optimize(conditional_objective, n_trials=40)
     expected = optuna.search_space.IntersectionSearchSpace(include_pruned=True).calculate(study)
-    trial = study._storage.get_trial(study.ask()._trial_id)
+    trial = optuna_private.study_storage(study).get_trial(optuna_private.trial_id(study.ask()))
     assert sampler.infer_relative_search_space(study, trial) == expected
     assert set(expected) == {"kind", "x", "n"}
 

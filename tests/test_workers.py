@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study, run_worker_in_process
+from kd_optuna import optuna_private
 from kd_optuna.storage import open_storage
 from kd_optuna.workers import WorkerContext, optimize, trial_note
 
@@ -40,9 +41,9 @@ def test_one_worker_in_process_reaches_the_target_and_writes_notes(tmp_path):
     assert code == 0 and messages == []
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
-    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    system_attrs = optuna_private.study_system_attrs(study)
     for trial in trials:
-        note = get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]
+        note = get_note_from_system_attrs(system_attrs, optuna_private.trial_id(trial))["body"]
         assert trial.user_attrs["formula"] in note and f"{trial.value:.6g}" in note
 
 
@@ -59,9 +60,9 @@ def test_two_workers_stop_exactly_at_n_trials_with_a_note_per_trial(tmp_path):
     assert len(trials) == 12 and {t.state for t in trials} == {TrialState.COMPLETE}
     assert [t.number for t in trials] == list(range(12))
     assert len({t.user_attrs["worker"] for t in trials}) == 2
-    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    system_attrs = optuna_private.study_system_attrs(study)
     for trial in trials:
-        note = get_note_from_system_attrs(system_attrs, trial._trial_id)["body"]
+        note = get_note_from_system_attrs(system_attrs, optuna_private.trial_id(trial))["body"]
         assert trial.user_attrs["formula"] in note and f"{trial.value:.6g}" in note
     # the same command again finds the target reached and adds nothing
     again = optimize(url, "s", 12, n_workers=1, objective_factory=TrivialObjective(), progress=False)
@@ -89,6 +90,13 @@ def test_trial_note_has_a_canonical_form_line_per_change():
     plain = DistillerSpec("logit", "no", "no", "no", "kl", "no", 4, 1)
     assert "canonical form" not in trial_note(optuna.trial.create_trial(value=0.1, params=plain.to_params(), distributions={
         g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}), TrialState.COMPLETE, 0.1)
+
+
+def test_trial_note_shows_the_lineage_of_new_and_old_studies():
+    for prefix in ("lineage:", ""):  # "": the names written before the lineage prefix
+        trial = optuna.trial.create_trial(value=0.1, user_attrs={f"{prefix}proposer": "mutation", f"{prefix}parent": 4})
+        note = trial_note(trial, TrialState.COMPLETE, 0.1)
+        assert "- proposer: mutation" in note and "- parent: 4" in note
 
 
 def test_cpu_threads_are_shared_between_workers():
