@@ -19,6 +19,9 @@ KD batch xk (B, C, H, W) at views v (B,) and t the teacher's outputs of (xk, v):
         loss = ce_weight * CE(out.logit[:L], yl) + distiller({k: out[k][L:]}, t)
 
 In the second form the KD images count as unlabelled, so the distiller gets no labels.
+The steps run on :func:`kd_optuna.engine.train_steps` (batches from ``_proxy_batches``, the
+loss ``_ProxyLoss``), with the optimiser and schedule of ``ProxySettings.make_optimizer`` and
+``ProxySettings.lr_factor``.
 """
 
 from __future__ import annotations

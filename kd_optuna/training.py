@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from .engine import Hooks, batches, default_device, evaluate, lr_factor, make_optimizer, torch_threads, train_epochs
 from .errors import KdOptunaError
 
-__all__ = ["TrainResult", "default_device", "evaluate", "train_classifier"]
+__all__ = ["TrainResult", "default_device", "train_classifier"]  # default_device: task.py, benchmarks
 
 TensorPair = tuple[torch.Tensor, torch.Tensor]
 
