@@ -161,6 +161,11 @@ _DEGREE = {"l1": 1, "l2": 2}
 #: d(a s, a t) = d(s, t) for a > 0. The other distances, and any the space has no property of,
 #: see the temperature: d(s/T, t/T) is not a power of T times d(s, t).
 _SCALE_FREE = frozenset({"cos", "pear", "cor"})
+#: Calibrations whose reading the rules know: sim reads the transformed knowledge (the cosine
+#: of the flattened samples: it ignores reshapes and positive scalings, not shifts), the others
+#: read only logits or nothing. With any other calibration (a newly registered one) the normal
+#: form keeps the trailing transforms, T and lambda as written.
+_KNOWN_CALIBRATIONS = frozenset({"entropy", "focal", "sim", "conf", "no"})
 #: Distances d(s + c, t + c) = d(s, t) for a constant c (so `scale` folds into T or lambda).
 _SHIFT_FREE = frozenset({"l1", "l2", "smooth_l1", "kl", "hard"})
 
@@ -337,7 +342,7 @@ def _reduce_tail(knowledge: str, chain: tuple, distance: str, calibration: str):
     """Strip the trailing transforms this distance ignores; count the `scale` ops folded in."""
     chain, dropped, scales = list(chain), [], 0
     folds_scale = distance in _SHIFT_FREE and calibration != "sim"
-    while chain:
+    while chain and calibration in _KNOWN_CALIBRATIONS:
         rank = KNOWLEDGE_RANK[knowledge]
         for name, _ in chain[:-1]:
             rank = TRANSFORM_RANKS[name][rank]
@@ -377,11 +382,14 @@ def _normal_form(spec: "DistillerSpec") -> _Normal:
         spec.knowledge, chain, spec.distance, spec.calibration
     )
     dropped += tail
-    form = _scale_form(distance, spec.temperature, _fraction(spec.magnitude), scales)
-    folds_scale = distance in _SHIFT_FREE and spec.calibration != "sim"
-    added, temperature, magnitude = _representative(
-        distance, form, 3 - len(chain) if folds_scale else 0
-    )
+    if spec.calibration in _KNOWN_CALIBRATIONS:
+        form = _scale_form(distance, spec.temperature, _fraction(spec.magnitude), scales)
+        folds_scale = distance in _SHIFT_FREE and spec.calibration != "sim"
+        added, temperature, magnitude = _representative(
+            distance, form, 3 - len(chain) if folds_scale else 0
+        )
+    else:  # it may read the knowledge as it pleases: T and lambda as written
+        added, temperature, magnitude = 0, spec.temperature, spec.magnitude
     if added:  # the encoding keeps some of the scale ops it folded: they are not dropped
         kept = [i for i, d in enumerate(dropped) if d.name == "scale"][-added:]
         dropped = tuple(d for i, d in enumerate(dropped) if i not in kept)

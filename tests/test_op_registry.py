@@ -98,7 +98,8 @@ def test_a_new_transform_is_in_the_space_the_formula_and_the_loss(cleanup):
         assert space.FULL_OPTIONS[gene][-1] == "test_double"
         assert SearchSpace()[gene][-1] == "test_double"
     assert space.TRANSFORM_RANKS["test_double"] == {2: 2, 3: 3, 4: 4}
-    assert SearchSpace().narrow(transform1=["test_double", "no"])["transform1"] == ("test_double", "no")
+    narrowed = SearchSpace().narrow(transform1=["test_double", "no"])
+    assert narrowed["transform1"] == ("test_double", "no")
 
     spec = DistillerSpec("logit", "test_double", "no", "no", "l2", "no", 1, 1)
     assert spec.key == "logit|test_double>no>no|l2|no|T1|x1"
@@ -107,8 +108,8 @@ def test_a_new_transform_is_in_the_space_the_formula_and_the_loss(cleanup):
 
     student, teacher = batch(0), batch(1)
     doubled = DistillerLoss(spec, SHAPES, SHAPES)(student, teacher)
-    plain = DistillerLoss(spec.__class__("logit", "no", "no", "no", "l2", "no", 1, 1), SHAPES, SHAPES)
-    torch.testing.assert_close(doubled, 4 * plain(student, teacher))
+    plain = DistillerSpec("logit", "no", "no", "no", "l2", "no", 1, 1)
+    torch.testing.assert_close(doubled, 4 * DistillerLoss(plain, SHAPES, SHAPES)(student, teacher))
 
 
 def test_a_new_transform_acts_only_at_its_ranks(cleanup):
@@ -193,6 +194,26 @@ def test_a_new_calibration_is_in_the_space_the_formula_and_the_loss(cleanup):
     torch.testing.assert_close(loss(student, teacher), 0.5 * plain(student, teacher))
 
 
+def test_a_new_calibration_keeps_the_transforms_t_and_lambda_it_may_read(cleanup):
+    @calibration("test_reader")
+    def test_reader(inputs):
+        """1 + the student's first transformed value, clamped at 0: reads the knowledge."""
+        return inputs.student.flatten(1)[:, 0].detach().clamp(min=0) + 1
+
+    kl = DistillerSpec("logit", "logsoftmax_C", "no", "no", "kl", "no", 4, 1)
+    assert kl.key == "logit|no>no>no|kl|no|T4|x1"  # kl absorbs the shift; no reads nothing
+    read = DistillerSpec("logit", "logsoftmax_C", "no", "no", "kl", "test_reader", 4, 1)
+    assert read.key == "logit|logsoftmax_C>no>no|kl|test_reader|T4|x1"
+    l2 = DistillerSpec("emb", "no", "no", "no", "l2", "no", 4, 1)
+    assert l2.key == "emb|no>no>no|l2|no|T1|x1"  # T cancels in l2
+    l2_read = DistillerSpec("emb", "no", "no", "no", "l2", "test_reader", 4, 1)
+    assert l2_read.canonical() == l2_read
+    assert l2_read.key == "emb|no>no>no|l2|test_reader|T4|x1"
+    assert DistillerSpec("logit", "satt", "relu", "abs", "l2", "test_reader", 1, 1).key == (
+        "logit|relu>no>no|l2|test_reader|T1|x1"  # exact rewrites of the chain still apply
+    )
+
+
 def test_a_calibration_without_a_weight_text_is_left_out_of_the_formula(cleanup):
     @calibration("test_one", formula=None)
     def test_one(inputs):
@@ -244,7 +265,9 @@ def test_neg(x):
 
 spec = space.DistillerSpec("logit", "test_neg", "no", "no", "kl", "no", 4, 1)
 assert space.TRANSFORMS[-1] == "test_neg", space.TRANSFORMS
-assert spec.formula() == "16 * mean_n(KL(softmax(test_neg(t_logit)/4) || softmax(test_neg(s_logit)/4)))"
+assert spec.formula() == (
+    "16 * mean_n(KL(softmax(test_neg(t_logit)/4) || softmax(test_neg(s_logit)/4)))"
+)
 assert spec.key == "logit|test_neg>no>no|kl|no|T4|x1"
 space.SearchSpace().size()
 sys.exit(1 if "torch" in sys.modules else 0)
