@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_optuna.errors import InvalidDistiller
+from kd_optuna.errors import InvalidDistiller, first_line
 from kd_optuna.ops import CALIBRATIONS, DISTANCES, TRANSFORMS, CalibrationInputs
 from kd_optuna.space import KNOWLEDGE_RANK, DistillerSpec
 
@@ -284,7 +284,7 @@ class DistillerLoss(nn.Module):
         except InvalidDistiller:
             raise
         except Exception as exc:  # an op that cannot take these shapes
-            message = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+            message = first_line(exc)
             raise InvalidDistiller(
                 f"{self.spec.key} cannot be computed for these shapes: "
                 f"{type(exc).__name__}: {message}"
