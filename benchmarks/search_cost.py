@@ -118,6 +118,7 @@ def install_timers(clock: _Clock) -> None:
     from optuna.storages import BaseStorage, RDBStorage
     from optuna.storages._cached_storage import _CachedStorage
 
+    import kd_optuna.trial_loop as trial_loop
     import kd_optuna.workers as workers
     from kd_optuna.sampler import EvolutionSampler
 
@@ -127,7 +128,8 @@ def install_timers(clock: _Clock) -> None:
     storage_methods += ["_get_stale_trial_ids", "get_heartbeat_interval", "record_heartbeat"]
     for cls in (RDBStorage, _CachedStorage):
         _patch_methods(cls, storage_methods, clock, "storage")
-    workers.count_states = clock.wrap("storage", workers.count_states)
+    for module in (workers, trial_loop):  # the parent's counts and each worker's
+        module.count_states = clock.wrap("storage", module.count_states)
     del optuna
 
 

@@ -86,7 +86,7 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
     loaded = dataclasses.replace(loaded, study=StudySection(name=name))
     rdb = open_storage(storage, heartbeat_interval=None)
     if name in study_names(rdb):
-        from kd_optuna.workers import summarize
+        from kd_optuna.summary import summarize
 
         existing = load_study(rdb, name, storage)
         study_config(existing)
@@ -132,7 +132,7 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads,
     def train_missing_teacher(config) -> None:
         """Train the study's teacher here, once, with its bar: the workers then read the cache."""
         from kd_optuna.task import cached_teacher_checkpoint
-        from kd_optuna.workers import WorkerContext
+        from kd_optuna.devices import WorkerContext
 
         if config.teacher.checkpoint is None:
             cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
@@ -191,7 +191,7 @@ def _trial_row(trial) -> dict[str, Any]:
 
 def _canonical_notes(trial) -> list[str]:
     """Why the trial's params show a transform or T/lambda its canonical spec does not compute."""
-    from kd_optuna.workers import canonical_notes
+    from kd_optuna.story import canonical_notes
 
     return canonical_notes(trial.params)
 
@@ -317,8 +317,9 @@ def space(study_name, storage, fmt) -> None:
 def train_teacher(config: str, output: str | None, epochs: int | None, device: str) -> None:
     """Train the teacher of CONFIG with its dataset's recipe and save the checkpoint."""
     from kd_optuna.config import load_config
+    from kd_optuna.devices import WorkerContext
     from kd_optuna.teachers import train_teacher as train
-    from kd_optuna.workers import WorkerContext, check_counts
+    from kd_optuna.workers import check_counts
 
     check_counts({"--epochs": epochs})
     loaded = load_config(config)
@@ -355,9 +356,9 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
     """
     from kd_optuna.config import load_config
     from kd_optuna.correlate import correlate as run, exported_training, format_table
+    from kd_optuna.devices import WorkerContext
     from kd_optuna.script import script_defaults
     from kd_optuna.task import Task
-    from kd_optuna.workers import WorkerContext
 
     if (config is None) == (from_study is None):
         raise KdOptunaError("give a CONFIG or --from-study NAME (one of them)")

@@ -922,3 +922,34 @@ class PeriodicRefresh:
                 self._reported = True
                 self.on_error(f"the dashboard story was not refreshed: {exc.__class__.__name__}: {exc}")
             return False
+
+
+# -- one trial's dashboard note -------------------------------------------------------------
+
+
+def trial_note(trial, state, value: float | None) -> str:
+    """Markdown note for the dashboard: formula, score or rejection, metrics, lineage."""
+    attrs = trial.user_attrs
+    lines = [f"### Trial {trial.number}: {state.name.lower()}", ""]
+    if "formula" in attrs:
+        lines += [f"`{attrs['formula']}`", ""]
+    if value is not None:
+        lines.append(f"- score: {value:.6g}")
+    attrs = {**attrs, **read_lineage(trial)}
+    for key in ("reject_reason", "val_ce", "val_acc", "sharpness_gap", "cka_gap", "proxy_seconds", "proposer", "parent", "spec"):
+        if key in attrs:
+            shown = f"{attrs[key]:.6g}" if isinstance(attrs[key], float) else str(attrs[key])
+            lines.append(f"- {key}: {shown}")
+    lines += [f"- canonical form: {note}" for note in canonical_notes(trial.params)]
+    return "\n".join(lines) + "\n"
+
+
+def canonical_notes(params: Mapping[str, Any]) -> list[str]:
+    """``DistillerSpec.canonical_notes()`` of a trial's params: why a transform or a T/lambda
+    pair shown in the params is not what the canonical spec computes ([] for other params)."""
+    from kd_optuna.space import DistillerSpec
+
+    try:
+        return DistillerSpec.from_params(params).canonical_notes()
+    except Exception:  # not a distiller's params (a user's own study), or an invalid one
+        return []

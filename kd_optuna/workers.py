@@ -1,27 +1,12 @@
 """`kd-optuna optimize`: N worker processes on one study, a progress bar, a clean Ctrl-C.
 
-Each worker is a spawned process that opens its own connection to the storage, reloads the
-study config from the study (JSON, never pickled), builds its objective and loops::
+This module is the parent: it starts the workers (``kd_optuna.trial_loop`` is what each one
+runs; ``kd_optuna.devices`` picks its device and threads), shows the progress bar, refreshes
+the dashboard story, and returns the study's summary (``kd_optuna.summary``).
 
-    under the host lock: fail stale trials; if finished >= n_trials: stop
-                         if finished + running < n_trials: ask (a WAITING retry first)
-    run the objective under a heartbeat; write the dashboard note; tell
-
-where *finished* counts COMPLETE and PRUNED trials of the whole study, so ``n_trials`` is the
-study's target: the same command resumes after an interruption, and workers on several hosts
-share it (across hosts it may be exceeded by at most one trial per extra host, since the lock
-is per host). A worker that finds every slot taken waits, so a trial whose worker died is
-failed by the heartbeat and retried by a worker still alive.
-
-Worker ``i`` of ``N`` uses GPU ``i mod count`` when CUDA is there (``--device auto`` or
-``cuda``), and ``max(1, cores // N)`` CPU threads unless ``--threads`` says how many.
-
-Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial (``fail_reason =
-interrupted``), queues a copy with the same params (WAITING, run first by the next ask, so the
-same command resumes with the interrupted trials: the classics' warm start is not lost) and
-stops; the parent waits for them, then fails and queues again any trial its workers left
-RUNNING. A database write is never cut in half: a signal only interrupts the objective, never
-a storage call.
+Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial, queues a copy with the same
+params and stops (see ``kd_optuna.trial_loop``); the parent waits for them, then fails and
+queues again any trial its workers left RUNNING.
 
 A worker that dies (a signal such as SIGKILL from the OOM killer, or an unexpected exit code)
 is reported on stderr and in the summary with its index, pid and how it ended; its running
@@ -32,477 +17,45 @@ broken setup, the database unreachable) is not restarted; its own message is sho
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import sys
-import threading
 import time
-import warnings
 from typing import Any, Callable, Mapping
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import text
 
-from kd_optuna.config import StudyConfig
-from kd_optuna.errors import KdOptunaError
-from kd_optuna.lineage import read_lineage
 from kd_optuna import optuna_private
-from kd_optuna.storage import DATABASE_ERRORS, describe_error, load_study, mask_secrets, open_storage, study_config
+from kd_optuna.config import StudyConfig
+from kd_optuna.devices import WorkerContext
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.storage import DATABASE_ERRORS, describe_error, load_study, open_storage, study_config
+from kd_optuna.story import canonical_notes, trial_note  # noqa: F401 - imported from here by callers
+from kd_optuna.summary import (  # noqa: F401 - Summary, REASON_ATTR: imported from here by callers
+    FAIL_REASON_ATTR,
+    INTERRUPTED,
+    REASON_ATTR,
+    WORKER_ATTR,
+    Summary,
+    count_states,
+    summarize,
+)
+from kd_optuna.trial_loop import (  # noqa: F401 - task_objective, ObjectiveFactory: the defaults callers name
+    POLL_S,
+    ObjectiveFactory,
+    WorkerArgs,
+    queue_again,
+    task_objective,
+    worker_main,
+)
 
-WORKER_ATTR = "worker"
-REASON_ATTR = "reject_reason"
-FAIL_REASON_ATTR = "fail_reason"
-MAX_CONSECUTIVE_FAILURES = 5
-POLL_S = 0.5
-DB_OUTAGE_S = 120
-LOCK_TIMEOUT_S = 300
 MAX_RESTARTS = 3
-INTERRUPTED = "interrupted"
 #: Exit codes of a worker that ended on its own terms: done, stopped with its message (1, 2), interrupted.
 _OWN_EXITS = (0, 1, 2, 130)
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerContext:
-    """What a worker knows of itself; ``torch_device()`` picks and configures its device."""
-
-    index: int
-    n_workers: int
-    device: str = "auto"
-    threads: int | None = None
-
-    def cpu_threads(self) -> int:
-        """``threads`` if set, else an even split of this process's cores: ``max(1, cores // n_workers)``."""
-        if self.threads is not None:
-            return self.threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // self.n_workers)
-
-    def torch_device(self) -> str:
-        """``cuda:i mod count`` (auto or cuda with CUDA present), else the device asked for;
-        sets torch to ``cpu_threads()`` threads."""
-        import torch
-
-        torch.set_num_threads(self.cpu_threads())
-        if self.device in ("auto", "cuda"):
-            if torch.cuda.is_available():
-                return f"cuda:{self.index % torch.cuda.device_count()}"
-            if self.device == "cuda":
-                raise KdOptunaError("--device cuda but no CUDA device is visible; use --device cpu")
-            return "cpu"
-        return self.device
-
-
-ObjectiveFactory = Callable[[StudyConfig, WorkerContext], Callable[[optuna.Trial], float]]
-
-
-def task_objective(config: StudyConfig, worker: WorkerContext) -> Callable[[optuna.Trial], float]:
-    """The real objective: proxy training of the config's student (kd_optuna.objective)."""
-    from pathlib import Path
-
-    from kd_optuna.objective import Objective
-    from kd_optuna.task import Task
-
-    task = Task.from_config(config, device=worker.torch_device(), cache_dir=Path(".kd_optuna_cache"))
-    return Objective(task)
-
-
-@dataclasses.dataclass
-class Summary:
-    """What an optimize run leaves: counts over the whole study and the best trial."""
-
-    complete: int
-    pruned: int
-    rejected: int
-    failed: int
-    running: int
-    best_value: float | None
-    best_number: int | None
-    best_formula: str | None
-    interrupted: bool = False
-    worker_errors: list[str] = dataclasses.field(default_factory=list)
-    interrupted_trials: int = 0
-    waiting: int = 0
-    worker_deaths: list[str] = dataclasses.field(default_factory=list)
-    target_met_before: bool = False
-
-    @property
-    def finished(self) -> int:
-        return self.complete + self.pruned
-
-    def describe(self) -> str:
-        """e.g. ``40 finished (31 complete, 7 rejected, 2 pruned early), 2 failed (2 interrupted),
-        2 queued to run again; worker 1 (pid 4242) killed by SIGKILL, restarted (1 of 3)``."""
-        text = (
-            f"{self.finished} finished ({self.complete} complete, {self.rejected} rejected, "
-            f"{self.pruned - self.rejected} pruned early), {self.failed} failed"
-        )
-        if self.interrupted_trials:
-            text += f" ({self.interrupted_trials} interrupted)"
-        if self.waiting:
-            text += f", {self.waiting} queued to run again"
-        return "; ".join([text, *self.worker_deaths])
-
-
-def count_states(storage: optuna.storages.RDBStorage, study_id: int) -> dict[TrialState, int]:
-    """Trials of the study per state, by one aggregate query."""
-    query = text("SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state")
-    with storage.engine.connect() as connection:
-        rows = connection.execute(query, {"sid": study_id}).all()
-    counts = {state: 0 for state in TrialState}
-    for state, n in rows:
-        name = state.name if isinstance(state, TrialState) else str(state)
-        counts[TrialState[name]] += n
-    return counts
-
-
-def summarize(study: optuna.Study) -> Summary:
-    """Counts and the best trial (lowest value) of ``study``; ``rejected`` are PRUNED with a reason."""
-    trials = study.get_trials(deepcopy=False)
-    by_state = {state: [t for t in trials if t.state == state] for state in TrialState}
-    complete = [t for t in by_state[TrialState.COMPLETE] if t.value is not None]
-    best = min(complete, key=lambda t: t.value) if complete else None
-    return Summary(
-        complete=len(by_state[TrialState.COMPLETE]),
-        pruned=len(by_state[TrialState.PRUNED]),
-        rejected=sum(1 for t in by_state[TrialState.PRUNED] if REASON_ATTR in t.user_attrs),
-        failed=len(by_state[TrialState.FAIL]),
-        running=len(by_state[TrialState.RUNNING]),
-        interrupted_trials=sum(1 for t in by_state[TrialState.FAIL] if t.user_attrs.get(FAIL_REASON_ATTR) == INTERRUPTED),
-        waiting=len(by_state[TrialState.WAITING]),
-        best_value=best.value if best else None,
-        best_number=best.number if best else None,
-        best_formula=best.user_attrs.get("formula") if best else None,
-    )
-
-
-def trial_note(trial: optuna.Trial | optuna.trial.FrozenTrial, state: TrialState, value: float | None) -> str:
-    """Markdown note for the dashboard: formula, score or rejection, metrics, lineage."""
-    attrs = trial.user_attrs
-    lines = [f"### Trial {trial.number}: {state.name.lower()}", ""]
-    if "formula" in attrs:
-        lines += [f"`{attrs['formula']}`", ""]
-    if value is not None:
-        lines.append(f"- score: {value:.6g}")
-    attrs = {**attrs, **read_lineage(trial)}
-    for key in ("reject_reason", "val_ce", "val_acc", "sharpness_gap", "cka_gap", "proxy_seconds", "proposer", "parent", "spec"):
-        if key in attrs:
-            shown = f"{attrs[key]:.6g}" if isinstance(attrs[key], float) else str(attrs[key])
-            lines.append(f"- {key}: {shown}")
-    lines += [f"- canonical form: {note}" for note in canonical_notes(trial.params)]
-    return "\n".join(lines) + "\n"
-
-
-def canonical_notes(params: Mapping[str, Any]) -> list[str]:
-    """``DistillerSpec.canonical_notes()`` of a trial's params: why a transform or a T/lambda
-    pair shown in the params is not what the canonical spec computes ([] for other params)."""
-    from kd_optuna.space import DistillerSpec
-
-    try:
-        return DistillerSpec.from_params(params).canonical_notes()
-    except Exception:  # not a distiller's params (a user's own study), or an invalid one
-        return []
-
-
-class _Heartbeat:
-    """Writes the trial's heartbeat every ``interval`` seconds until stopped (a daemon thread)."""
-
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int):
-        self._storage = storage
-        self._trial_id = trial_id
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "_Heartbeat":
-        interval = self._storage.get_heartbeat_interval()
-        if interval is not None:
-            self._storage.record_heartbeat(self._trial_id)
-            self._thread = threading.Thread(target=self._beat, args=(interval,), daemon=True)
-            self._thread.start()
-        return self
-
-    def _beat(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            try:
-                self._storage.record_heartbeat(self._trial_id)
-            except Exception:  # a database hiccup: the next beat tries again
-                pass
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-class _Interrupt:
-    """SIGINT/SIGTERM: remember to stop; raise KeyboardInterrupt only inside the objective."""
-
-    def __init__(self) -> None:
-        self.stop = False
-        self.in_objective = False
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop:
-            return
-        self.stop = True
-        if self.in_objective:
-            raise KeyboardInterrupt
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerArgs:
-    storage_url: str
-    study_name: str
-    n_trials: int
-    deadline: float | None
-    context: WorkerContext
-    heartbeat_interval: int | None
-    grace_period: int | None
-    objective_factory: ObjectiveFactory
-    parent_pid: int
-
-
-def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
-    """Entry point of one worker process; its exit code says how it ended (0, 1, 2, 130)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    interrupt = _Interrupt()
-    name = f"{socket.gethostname()}:{os.getpid()}"
-
-    def say(text_: str) -> None:
-        messages.put((args.context.index, mask_secrets(text_, args.storage_url)))
-
-    try:
-        from optuna_dashboard import save_note  # imported once here, not inside a trial
-
-        storage = open_storage(args.storage_url, args.heartbeat_interval, args.grace_period, check_filesystem=False)
-        study = load_study(storage, args.study_name, args.storage_url)
-        config = study_config(study)
-        seed = config.search.get("seed")
-        study.sampler = config.make_sampler(None if seed is None else seed + args.context.index)
-        interrupt.in_objective = True  # building the task may train a teacher: Ctrl-C must reach it
-        objective = args.objective_factory(config, args.context)
-        interrupt.in_objective = False
-    except KdOptunaError as exc:
-        say(f"worker {args.context.index}: {exc}")
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as exc:
-        say(f"worker {args.context.index} could not start: {exc.__class__.__name__}: {describe_error(exc, args.storage_url)}")
-        sys.exit(1)
-    code = _loop(args, storage, study, objective, interrupt, _HostLock(host_lock, say), name, say, save_note)
-    storage.engine.dispose()
-    sys.exit(code)
-
-
-def _loop(args, storage, study, objective, interrupt, host_lock, name, say, save_note) -> int:
-    """Trials until the target, the deadline or a signal; a database outage is waited out for
-    up to DB_OUTAGE_S seconds (the trial in flight, if any, is failed by the heartbeat)."""
-    failures = 0
-    outage_since = None
-    while not interrupt.stop and os.getppid() == args.parent_pid:
-        if args.deadline is not None and time.time() >= args.deadline:
-            return 0
-        try:
-            trial, done = _next_trial(args, storage, study, host_lock)
-            if done:
-                return 0
-            if trial is None:
-                time.sleep(POLL_S)
-                continue
-            failed = _finish(args, storage, study, trial, objective, interrupt, name, say, save_note)
-            outage_since = None
-        except DATABASE_ERRORS as exc:
-            if outage_since is None:
-                outage_since = time.time()
-                say(f"worker {args.context.index}: database error, retrying: {describe_error(exc, args.storage_url)}")
-            if time.time() - outage_since > DB_OUTAGE_S:
-                say(f"worker {args.context.index}: database unreachable for {DB_OUTAGE_S} s; stopping")
-                return 1
-            time.sleep(2.0)
-            continue
-        if interrupt.stop:
-            return 130
-        failures = failures + 1 if failed else 0
-        if failures >= MAX_CONSECUTIVE_FAILURES:
-            say(f"worker {args.context.index}: stopping after {failures} failed trials in a row")
-            return 1
-    return 130 if interrupt.stop else 0
-
-
-class _HostLock:
-    """The per-host lock around count-and-ask. A worker killed while holding it would block the
-    others forever, so waiting longer than LOCK_TIMEOUT_S drops the lock for good (the trial
-    target may then be exceeded by a trial or two) and says so."""
-
-    def __init__(self, lock: Any, say: Callable[[str], None]):
-        self._lock = lock
-        self._say = say
-        self._broken = False
-        self._held = False
-
-    def __enter__(self) -> None:
-        if not self._broken:
-            self._held = self._lock.acquire(timeout=LOCK_TIMEOUT_S)
-            if not self._held:
-                self._broken = True
-                self._say(f"the host lock was held for over {LOCK_TIMEOUT_S} s (a worker killed inside it?); going on without it")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._held:
-            self._held = False
-            self._lock.release()
-
-
-def _next_trial(args, storage, study, host_lock):
-    """(trial or None, target reached): under the host lock, fail stale trials, count, ask.
-
-    The new trial gets its first heartbeat before the lock is released, so a worker killed
-    right after ``ask`` leaves a trial that goes stale like any other.
-    """
-    with host_lock:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-            _fail_unclaimed(storage, study)
-        counts = count_states(storage, optuna_private.study_id(study))
-        finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        if finished >= args.n_trials:
-            return None, True
-        if finished + counts[TrialState.RUNNING] < args.n_trials:
-            trial = study.ask()
-            if storage.get_heartbeat_interval() is not None:
-                storage.record_heartbeat(optuna_private.trial_id(trial))
-            return trial, False
-    return None, False
-
-
-def _fail_unclaimed(storage, study) -> None:
-    """Fail (and retry) RUNNING trials that no worker ever claimed, once past the grace period.
-
-    Heartbeats only fail trials that had one. A trial asked for outside a worker (or by a
-    worker killed between ``ask`` and its first heartbeat, before this module recorded one
-    under the lock) has none, no worker attr, and would hold a slot of ``--n-trials`` forever.
-    """
-    interval = storage.get_heartbeat_interval()
-    if interval is None:
-        return
-    grace = datetime.timedelta(seconds=storage.grace_period or 2 * interval)
-    now = datetime.datetime.now()
-    callback = (
-        storage.get_heartbeat_stale_trial_callback()  # optuna >= 4.9
-        if hasattr(storage, "get_heartbeat_stale_trial_callback")
-        else storage.get_failed_trial_callback()
-    )
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started = trial.datetime_start
-        if WORKER_ATTR in trial.user_attrs or started is None or now - started < grace:
-            continue
-        try:
-            failed = storage.set_trial_state_values(optuna_private.trial_id(trial), TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile, elsewhere
-            continue
-        if failed and callback is not None:
-            callback(study, storage.get_trial(optuna_private.trial_id(trial)))
-
-
-def _finish(args, storage, study, trial, objective, interrupt, name, say, save_note) -> bool:
-    """Run one trial, note it, tell it; True when it failed for a reason other than a signal.
-    A trial ended by a signal is failed as ``interrupted`` and queued again with its params."""
-    state, value, error = _run_trial(storage, trial, objective, interrupt, name)
-    interrupted = error == INTERRUPTED
-    failed = state == TrialState.FAIL and not interrupted
-    if interrupted:
-        trial.set_user_attr(FAIL_REASON_ATTR, INTERRUPTED)
-    if failed:
-        reason = trial.user_attrs.get(FAIL_REASON_ATTR)
-        if reason is None:
-            reason = (error or "failed")[:500]
-            trial.set_user_attr(FAIL_REASON_ATTR, reason)
-        say(f"worker {args.context.index}: trial {trial.number} failed: {reason}")
-    if state != TrialState.FAIL:
-        try:
-            save_note(trial, trial_note(trial, state, value))
-        except DATABASE_ERRORS:
-            raise
-        except Exception as exc:
-            say(f"worker {args.context.index}: dashboard note of trial {trial.number} not saved: {exc}")
-    try:
-        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state, skip_if_finished=True)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
-    stored = storage.get_trial(optuna_private.trial_id(trial))
-    if stored.state != state:
-        say(f"worker {args.context.index}: trial {trial.number} was failed by the heartbeat meanwhile; its retry runs it again")
-    elif interrupted:
-        queue_again(study, stored)
-    return failed
-
-
-def queue_again(study: optuna.Study, trial: optuna.trial.FrozenTrial, retry: bool = False) -> bool:
-    """Queue a copy of the ended ``trial`` (same params, WAITING), which the next ask runs
-    first, as the heartbeat's retry does for a dead worker's trial; True when queued.
-    ``system_attrs`` keep Optuna's retry convention (``failed_trial`` names the original trial).
-    An interrupt (``retry=False``) is listed in ``interrupted_trials`` and does not count against
-    ``max_retry``; a worker's death (``retry=True``) is appended to ``retry_history`` like the
-    heartbeat's retries, and a trial already retried DEFAULT_MAX_RETRY times is not queued (a
-    trial that kills its worker each time). The copy drops the ended run's ``fail_reason`` and
-    ``worker``."""
-    from kd_optuna.storage import DEFAULT_MAX_RETRY
-
-    system_attrs = {"failed_trial": trial.number, **trial.system_attrs}
-    if retry:
-        system_attrs["retry_history"] = [*system_attrs.get("retry_history", []), trial.number]
-        if len(system_attrs["retry_history"]) > DEFAULT_MAX_RETRY:
-            return False
-    else:
-        system_attrs["interrupted_trials"] = [*system_attrs.get("interrupted_trials", []), trial.number]
-    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (FAIL_REASON_ATTR, WORKER_ATTR)}
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            user_attrs=user_attrs, system_attrs=system_attrs,
-        )
-    )
-    return True
-
-
-def _run_trial(storage, trial, objective, interrupt, name):
-    """Run ``objective(trial)`` under a heartbeat: (state, value, error message or None)."""
-    trial.set_user_attr(WORKER_ATTR, name)
-    with _Heartbeat(storage, optuna_private.trial_id(trial)):
-        try:
-            interrupt.in_objective = True
-            if interrupt.stop:
-                raise KeyboardInterrupt
-            value = objective(trial)
-            interrupt.in_objective = False
-        except optuna.TrialPruned:
-            interrupt.in_objective = False
-            return TrialState.PRUNED, None, None
-        except KeyboardInterrupt:
-            interrupt.in_objective = False
-            return TrialState.FAIL, None, INTERRUPTED
-        except Exception as exc:
-            interrupt.in_objective = False
-            return TrialState.FAIL, None, f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return TrialState.FAIL, None, f"the objective returned {type(value).__name__}, not a number"
-    if value != value:
-        return TrialState.FAIL, None, "the objective returned NaN"
-    return TrialState.COMPLETE, value, None
 
 
 def optimize(

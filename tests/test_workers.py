@@ -240,19 +240,19 @@ def run_interrupt_scenario(url: str, tmp_path: Path) -> None:
 
 
 def test_a_lock_left_held_by_a_dead_worker_is_dropped_with_a_message(monkeypatch):
-    import kd_optuna.workers as workers
+    import kd_optuna.trial_loop as trial_loop
 
-    monkeypatch.setattr(workers, "LOCK_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(trial_loop, "LOCK_TIMEOUT_S", 0.1)
     lock = threading.Lock()
     lock.acquire()  # its holder "died"
     said = []
-    host_lock = workers._HostLock(lock, said.append)
+    host_lock = trial_loop._HostLock(lock, said.append)
     with host_lock:
         pass
     with host_lock:
         pass
     assert len(said) == 1 and "without it" in said[0]
-    free = workers._HostLock(threading.Lock(), said.append)
+    free = trial_loop._HostLock(threading.Lock(), said.append)
     with free:
         pass
     assert len(said) == 1
