@@ -116,17 +116,17 @@ def install_timers(clock: _Clock) -> None:
     """Wrap the sampler's entry points and the storages' methods (in this process only)."""
     import optuna
     from optuna.storages import BaseStorage, RDBStorage
-    from optuna.storages._cached_storage import _CachedStorage
 
     import kd_optuna.trial_loop as trial_loop
     import kd_optuna.workers as workers
+    from kd_optuna.optuna_private import cached_storage_class
     from kd_optuna.sampler import EvolutionSampler
 
     _patch_methods(EvolutionSampler, ("infer_relative_search_space", "sample_relative", "sample_independent",
                                       "before_trial", "after_trial"), clock, "sampler")
     storage_methods = [n for n, v in vars(BaseStorage).items() if callable(v) and not n.startswith("_")]
     storage_methods += ["_get_stale_trial_ids", "get_heartbeat_interval", "record_heartbeat"]
-    for cls in (RDBStorage, _CachedStorage):
+    for cls in (RDBStorage, cached_storage_class()):
         _patch_methods(cls, storage_methods, clock, "storage")
     for module in (workers, trial_loop):  # the parent's counts and each worker's
         module.count_states = clock.wrap("storage", module.count_states)

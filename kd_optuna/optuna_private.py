@@ -67,3 +67,11 @@ def trial_system_attrs(study: Study, trial: Trial | FrozenTrial) -> dict[str, An
     """A trial's system attrs as stored now (not as a possibly stale FrozenTrial holds them):
     a live Trial exposes no system attrs publicly."""
     return study._storage.get_trial_system_attrs(trial._trial_id)
+
+
+def cached_storage_class() -> type:
+    """The class of the cache Optuna wraps around an RDBStorage (``_CachedStorage``): private,
+    and a benchmark that times storage calls has to wrap its methods too."""
+    from optuna.storages._cached_storage import _CachedStorage
+
+    return _CachedStorage
