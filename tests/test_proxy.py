@@ -102,7 +102,10 @@ def test_proxy_run_is_deterministic_reports_and_tells_kd_from_none():
     for result in (first, none):
         assert 0.0 <= result.val_acc <= 1.0 and 0.0 <= result.cka_gap <= 1.0
         assert 0.0 < result.val_ce <= result.val_ce_raw + 1e-12
-        assert result.score == pytest.approx(result.val_ce + 2.0 * result.cka_gap)
+        assert result.score == pytest.approx(result.val_ce)
+    weighted = task.run(spec, dataclasses.replace(FAST, score_cka=2.0))
+    assert weighted.val_ce == first.val_ce
+    assert weighted.score == pytest.approx(weighted.val_ce + 2.0 * weighted.cka_gap) != first.score
     two_seeds = task.run(spec, dataclasses.replace(FAST, seeds=(0, 1)))
     assert [s for s, _ in two_seeds.curve] == [3, 6, 9, 12]
     test = task.run(spec, on_test=True)
