@@ -47,6 +47,7 @@ from optuna.trial import TrialState  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
 from kd_optuna.config import CONFIG_ATTR, load_config  # noqa: E402
+from kd_optuna.optuna_private import study_id  # noqa: E402
 from kd_optuna.storage import open_storage, study_config  # noqa: E402
 
 STUDY = "load"
@@ -108,7 +109,7 @@ def check_study(url: str, name: str, target: int, backend: str = "", mode: str =
         study = optuna.load_study(study_name=name, storage=storage)
         with storage.engine.connect() as connection:
             rows = connection.execute(
-                text("SELECT number, trial_id FROM trials WHERE study_id = :sid"), {"sid": study._study_id}
+                text("SELECT number, trial_id FROM trials WHERE study_id = :sid"), {"sid": study_id(study)}
             ).all()
         numbers = [r[0] for r in rows]
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)

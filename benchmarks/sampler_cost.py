@@ -204,7 +204,7 @@ def read_cost(study: optuna.Study, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        study._storage.get_all_trials(study._study_id, deepcopy=False)
+        study.get_trials(deepcopy=False)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

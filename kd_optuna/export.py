@@ -80,7 +80,7 @@ def train_with_distiller(
     from kd_optuna.engine import make_optimizer, train_epochs
     from kd_optuna.models import build_model, tap_model
     from kd_optuna.space import DistillerSpec
-    from kd_optuna.workers import WorkerContext
+    from kd_optuna.devices import WorkerContext
 
     if epochs < 1 or batch_size < 1:
         raise KdOptunaError("--epochs and --batch-size must be at least 1")

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study
 from kd_optuna.cli import main
+from kd_optuna.optuna_private import study_system_attrs, trial_id
 from kd_optuna.storage import open_storage
 from kd_optuna.workers import optimize
 from test_workers import run_interrupt_scenario, run_sigkill_scenario
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.postgres
 def _check_recorded_once(study, n_trials):
     trials = study.get_trials(deepcopy=False)
     assert [t.number for t in trials] == list(range(len(trials)))
-    assert len({t._trial_id for t in trials}) == len(trials)
+    assert len({trial_id(t) for t in trials}) == len(trials)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == n_trials
     assert not [t for t in trials if t.state == TrialState.RUNNING]
@@ -37,7 +38,7 @@ def test_four_workers_record_every_trial_exactly_once(pg_server, pg_url, capfd):
     assert len({t.user_attrs["worker"] for t in trials}) == 4
     out, err = capfd.readouterr()
     stored = repr([(t.user_attrs, t.system_attrs) for t in trials]) + repr(study.user_attrs)
-    stored += repr(study._storage.get_study_system_attrs(study._study_id))
+    stored += repr(study_system_attrs(study))
     assert "40/40" in err
     assert pg_server.password not in out + err + stored
 
