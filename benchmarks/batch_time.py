@@ -7,8 +7,8 @@ student's forward, CE + the distillation term, backward and an SGD step (momentu
 weight decay 5e-4) over the student's and the distiller's parameters. DML has no teacher: its
 step is the student's plus the peer student's forward, backward and step (two resnet20s, etc.).
 
-Methods: KD (the classic "kd" spec through kd_optuna.loss.DistillerLoss), PKT, CRD (50,000-row
-memory bank, 16,384 negatives), RKD, DML, the other classic specs of kd_optuna.classics, and
+Methods: KD (the classic "kd" spec through kd_optuna.distill.loss.DistillerLoss), PKT, CRD (50,000-row
+memory bank, 16,384 negatives), RKD, DML, the other classic specs of kd_optuna.distill.classics, and
 with ``--searched`` a DistillerSpec JSON (a file or the JSON text). Repeats are interleaved:
 every repeat times each method once, in a fresh random order, for ``--steps`` batches (after
 ``--warmup`` untimed batches per method at the start), so slow drifts of a shared machine hit
@@ -42,10 +42,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kd_optuna.baselines import MutualLearning, build_baseline
-from kd_optuna.classics import CLASSICS
+from kd_optuna.distill.baselines import MutualLearning, build_baseline
+from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.loss import DistillerLoss
+from kd_optuna.distill.loss import DistillerLoss
 from kd_optuna.models import build_model, knowledge_shapes, tap_model
 from kd_optuna.space import DistillerSpec
 

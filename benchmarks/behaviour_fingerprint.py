@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler_synthetic import categorical_landscape, mixed_landscape, synthetic_objective  # noqa: E402
 
-from kd_optuna.classics import CLASSICS  # noqa: E402
-from kd_optuna.sampler import EvolutionSampler  # noqa: E402
+from kd_optuna.distill.classics import CLASSICS  # noqa: E402
+from kd_optuna.search.sampler import EvolutionSampler  # noqa: E402
 
 TRIALS = 60
 SEEDS = (0, 1, 2)
@@ -50,8 +50,8 @@ def sampler_values() -> dict[str, dict[str, list[float]]]:
 
 
 def proxy_metrics() -> dict[str, dict[str, float]]:
-    from kd_optuna.config import load_config
-    from kd_optuna.task import Task
+    from kd_optuna.run.config import load_config
+    from kd_optuna.proxy.task import Task
 
     task = Task.from_config(load_config("digits"), device="cpu")
     specs = {"kd": CLASSICS["kd"][0], "fitnets": CLASSICS["fitnets"][0], "ce_only": None}
@@ -60,9 +60,9 @@ def proxy_metrics() -> dict[str, dict[str, float]]:
 
 
 def exported_training(tmp: Path) -> dict[str, dict[str, float]]:
-    from kd_optuna.config import load_config
-    from kd_optuna.export import train_with_distiller
-    from kd_optuna.script import script_defaults
+    from kd_optuna.run.config import load_config
+    from kd_optuna.export.training import train_with_distiller
+    from kd_optuna.export.script import script_defaults
 
     recipe = {**script_defaults(load_config("digits")), "epochs": 2, "milestones": [1], "device": "cpu"}
     out = {}

@@ -6,7 +6,7 @@
 Each measurement runs in a fresh process (``ru_maxrss`` is a process's lifetime peak): it
 makes synthetic ImageFolder-like data (N random RGB images of S x S, float32, 4 classes, as
 ``ProxyData`` holds them), measures the resident memory (VmRSS) with the data in place, then
-builds the cache (``kd_optuna.cache.cached_teacher`` into an empty folder), loads it again as a
+builds the cache (``kd_optuna.proxy.cache.cached_teacher`` into an empty folder), loads it again as a
 second worker would, and runs 200 lookups of 64 (image, view) pairs, as a proxy trial does.
 The figure is the peak minus the resident memory before the cache: what the cache costs.
 
@@ -80,9 +80,9 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from kd_optuna.cache import cached_teacher as new_cached_teacher
-    from kd_optuna.cache import state_dict_sha256
-    from kd_optuna.proxy import ProxyData, ProxySettings
+    from kd_optuna.proxy.cache import cached_teacher as new_cached_teacher
+    from kd_optuna.proxy.cache import state_dict_sha256
+    from kd_optuna.proxy.training import ProxyData, ProxySettings
 
     n, size = args.n, args.size
     generator = torch.Generator().manual_seed(0)

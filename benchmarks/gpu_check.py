@@ -3,7 +3,7 @@
     bash benchmarks/gpu_check.sh                  # on a GPU machine: the whole check, < 8 min
     python benchmarks/gpu_check.py --cpu --quick  # the same logic on the CPU, in seconds
 
-The device is the project's default (``kd_optuna.training.default_device``: the first CUDA
+The device is the project's default (``kd_optuna.train.classifier.default_device``: the first CUDA
 GPU when one is present, else the CPU), so nothing needs a flag on a GPU; ``--cpu`` forces the
 CPU. Data: random CIFAR-shaped tensors (3 x 32 x 32, 100 classes; 45,000 train and 5,000 val
 images like kd_optuna's CIFAR-100 split; ``--quick``: 256 and 64), untrained resnet56 teacher
@@ -37,12 +37,12 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from kd_optuna.classics import CLASSICS  # noqa: E402
-from kd_optuna.config import load_config  # noqa: E402
+from kd_optuna.distill.classics import CLASSICS  # noqa: E402
+from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.models import build_model, tap_model  # noqa: E402
-from kd_optuna.proxy import ProxyData, ProxySettings, predict  # noqa: E402
-from kd_optuna.task import Task  # noqa: E402
-from kd_optuna.training import default_device  # noqa: E402
+from kd_optuna.proxy.training import ProxyData, ProxySettings, predict  # noqa: E402
+from kd_optuna.proxy.task import Task  # noqa: E402
+from kd_optuna.train.classifier import default_device  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

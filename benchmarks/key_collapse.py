@@ -125,7 +125,7 @@ def values(spec: DistillerSpec, seed: int) -> tuple:
     import torch
 
     from kd_optuna.errors import InvalidDistiller
-    from kd_optuna.loss import DistillerLoss
+    from kd_optuna.distill.loss import DistillerLoss
 
     out = []
     for shapes, n in INPUTS:

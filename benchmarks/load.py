@@ -10,7 +10,7 @@ it), records the canonical key as the ``spec`` user attr and scores it by a hash
 
 Two ways of running the workers:
 
-* ``--mode workers`` (default): ``kd_optuna.workers.optimize``, exactly what
+* ``--mode workers`` (default): ``kd_optuna.run.workers.optimize``, exactly what
   ``kd-optuna optimize --n-workers N --n-trials M`` runs: N spawned worker processes, each with
   its own storage connection, heartbeat and seeded sampler, asking under the per-host lock.
   ``--trials`` is the study's target, so the study must end with exactly that many trials.
@@ -46,16 +46,16 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-from kd_optuna.config import CONFIG_ATTR, load_config  # noqa: E402
+from kd_optuna.run.config import CONFIG_ATTR, load_config  # noqa: E402
 from kd_optuna.optuna_private import study_id  # noqa: E402
-from kd_optuna.storage import open_storage, study_config  # noqa: E402
+from kd_optuna.run.storage import open_storage, study_config  # noqa: E402
 
 STUDY = "load"
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyHashObjective:
-    """Objective factory (``kd_optuna.workers.ObjectiveFactory``): a real distiller suggested,
+    """Objective factory (``kd_optuna.run.workers.ObjectiveFactory``): a real distiller suggested,
     its canonical key recorded, value = crc32(key) mod 10007 / 10007 in [0, 1)."""
 
     def __call__(self, config, worker=None):
@@ -149,7 +149,7 @@ def run_load(url: str, n_workers: int, n_trials: int, mode: str = "workers", fac
              name: str = STUDY, backend: str = "") -> LoadFigures:
     """Create the study at ``url``, run the workers, check the study; ``n_trials`` is the target
     (``--mode optuna``: rounded down to a multiple of ``n_workers``)."""
-    from kd_optuna.workers import optimize
+    from kd_optuna.run.workers import optimize
 
     factory = factory or KeyHashObjective()
     create_study(url, name)

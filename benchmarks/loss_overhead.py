@@ -26,9 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kd_optuna.classics import CLASSICS
+from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.loss import DistillerLoss
+from kd_optuna.distill.loss import DistillerLoss
 from kd_optuna.models import build_model, knowledge_shapes, tap_model
 from kd_optuna.space import FULL_OPTIONS, GENES, KNOWLEDGE, DistillerSpec
 

@@ -31,11 +31,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd_optuna.classics import CLASSICS  # noqa: E402
-from kd_optuna.config import load_config  # noqa: E402
+from kd_optuna.distill.classics import CLASSICS  # noqa: E402
+from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.models import build_model, tap_model  # noqa: E402
-from kd_optuna.proxy import ProxyData, ProxySettings  # noqa: E402
-from kd_optuna.task import Task  # noqa: E402
+from kd_optuna.proxy.training import ProxyData, ProxySettings  # noqa: E402
+from kd_optuna.proxy.task import Task  # noqa: E402
 
 
 def digits_task(checkpoint: str | None, **kwargs) -> Task:

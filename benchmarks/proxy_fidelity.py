@@ -2,7 +2,7 @@
 
 For a fixed set of candidate distillers (the classics, one-gene neighbours of vanilla KD and
 seeded random specs that pass the rejection protocol), this trains each one with the study's
-exported recipe (``kd_optuna.export.train_with_distiller``: the study's ``[train]`` settings,
+exported recipe (``kd_optuna.export.training.train_with_distiller``: the study's ``[train]`` settings,
 last-epoch top-1 on the test split, several seeds), and runs each proxy regime on it:
 
     few_labels    the first version's proxy: Adam 1e-2 cosine, 5 labels per class, 200 steps
@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from scipy import stats
 
-from kd_optuna.classics import CLASSICS
-from kd_optuna.config import load_config
-from kd_optuna.export import train_with_distiller
-from kd_optuna.script import script_defaults
-from kd_optuna.proxy import ProxySettings
+from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.run.config import load_config
+from kd_optuna.export.training import train_with_distiller
+from kd_optuna.export.script import script_defaults
+from kd_optuna.proxy.training import ProxySettings
 from kd_optuna.space import GENES, DistillerSpec
-from kd_optuna.task import Task
+from kd_optuna.proxy.task import Task
 
 ALL_REGIMES = {
     "few_labels": None,

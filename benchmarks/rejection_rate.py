@@ -3,7 +3,7 @@
     python benchmarks/rejection_rate.py --n 400 [--checkpoint teacher.pt] [--threads 1]
 
 Draws ``--n`` specs uniformly from every gene (seeded), runs the loss-rejection protocol of
-kd_optuna.rejection on each, and prints the count per reason, the mean time of one check and
+kd_optuna.proxy.rejection on each, and prints the count per reason, the mean time of one check and
 that time as a fraction of one proxy trial (vanilla KD, the study's proxy settings).
 """
 
@@ -21,12 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd_optuna.classics import CLASSICS  # noqa: E402
-from kd_optuna.rejection import REASONS  # noqa: E402
+from kd_optuna.distill.classics import CLASSICS  # noqa: E402
+from kd_optuna.proxy.rejection import REASONS  # noqa: E402
 from kd_optuna.space import FULL_OPTIONS, GENES, DistillerSpec  # noqa: E402
 
-from kd_optuna.config import load_config  # noqa: E402
-from kd_optuna.task import Task  # noqa: E402
+from kd_optuna.run.config import load_config  # noqa: E402
+from kd_optuna.proxy.task import Task  # noqa: E402
 
 
 def digits_task(checkpoint: str | None) -> Task:

@@ -46,9 +46,9 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 from optuna.trial import TrialState
 
-from kd_optuna.sampler import EvolutionSampler
+from kd_optuna.search.sampler import EvolutionSampler
 from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
-from kd_optuna.storage import open_storage
+from kd_optuna.run.storage import open_storage
 
 SPACE = SearchSpace()
 DISTRIBUTIONS = {g: CategoricalDistribution(list(SPACE[g])) for g in GENES}

@@ -26,10 +26,10 @@ from functools import lru_cache
 import optuna
 import torch
 
-from kd_optuna.classics import CLASSICS
-from kd_optuna.config import load_config
-from kd_optuna.objective import Objective
-from kd_optuna.task import Task
+from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.run.config import load_config
+from kd_optuna.proxy.objective import Objective
+from kd_optuna.proxy.task import Task
 
 SAMPLERS = {
     "evolution": lambda config, seed: config.make_sampler(seed=seed),

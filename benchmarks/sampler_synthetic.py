@@ -44,7 +44,7 @@ from typing import Callable
 import numpy as np
 import optuna
 
-from kd_optuna.sampler import EvolutionSampler
+from kd_optuna.search.sampler import EvolutionSampler
 from kd_optuna.space import GENES, SearchSpace, suggest_distiller
 
 Factory = Callable[[int], optuna.samplers.BaseSampler]

@@ -5,7 +5,7 @@
     python benchmarks/scaling.py --backends sqlite --workers 1,2 --trials 40 --steps 50 --reference
 
 Each run creates a fresh study from ``studies/digits.toml`` (``kd-optuna create-study``) and
-searches it with ``kd_optuna.workers.optimize``, exactly as ``kd-optuna optimize --n-workers N``
+searches it with ``kd_optuna.run.workers.optimize``, exactly as ``kd-optuna optimize --n-workers N``
 does, with the workers' own thread split: worker i of N sets torch to ``max(1, cores // N)``
 threads (``WorkerContext.torch_device``). The storage is a SQLite file in a temporary folder
 (the project's settings: WAL, synchronous=NORMAL, busy timeout) or a database on a private

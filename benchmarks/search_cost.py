@@ -8,7 +8,7 @@ Three parts, each printed as a Markdown table:
 
 1. **Searches.** For each (trials, population) setting and each worker count, a fresh SQLite
    study is created from ``studies/digits.toml`` (population_size replaced) by
-   ``kd-optuna create-study`` and searched by ``kd_optuna.workers.optimize`` -- the worker
+   ``kd-optuna create-study`` and searched by ``kd_optuna.run.workers.optimize`` -- the worker
    processes, Task, Objective and EvolutionSampler of a real run. The only addition is a
    timing wrapper installed in each worker (``TimedObjectiveFactory``): it times the
    rejection protocol (``Task.reject``), every call into the sampler (its own reads and
@@ -117,10 +117,10 @@ def install_timers(clock: _Clock) -> None:
     import optuna
     from optuna.storages import BaseStorage, RDBStorage
 
-    import kd_optuna.trial_loop as trial_loop
-    import kd_optuna.workers as workers
+    import kd_optuna.run.trial_loop as trial_loop
+    import kd_optuna.run.workers as workers
     from kd_optuna.optuna_private import cached_storage_class
-    from kd_optuna.sampler import EvolutionSampler
+    from kd_optuna.search.sampler import EvolutionSampler
 
     _patch_methods(EvolutionSampler, ("infer_relative_search_space", "sample_relative", "sample_independent",
                                       "before_trial", "after_trial"), clock, "sampler")
@@ -135,7 +135,7 @@ def install_timers(clock: _Clock) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TimedObjectiveFactory:
-    """The real objective factory (``kd_optuna.workers.task_objective``) plus timers; each
+    """The real objective factory (``kd_optuna.run.workers.task_objective``) plus timers; each
     worker appends one JSON line per told trial to ``out_dir/worker-<pid>.jsonl``."""
 
     out_dir: str
@@ -144,7 +144,7 @@ class TimedObjectiveFactory:
     def __call__(self, config, worker):
         import optuna
 
-        from kd_optuna.workers import task_objective
+        from kd_optuna.run.workers import task_objective
 
         clock = _Clock()
         install_timers(clock)
@@ -199,7 +199,7 @@ def study_toml(population: int, proxy: dict[str, Any]) -> str:
 
 
 def create_study(url: str, name: str, toml: Path) -> None:
-    from kd_optuna import cli
+    from kd_optuna.run import cli
 
     with contextlib.redirect_stdout(io.StringIO()):
         cli.main(["create-study", str(toml), "--study-name", name, "--storage", url])
@@ -260,7 +260,7 @@ class SearchRun:
 
     def duplicates(self) -> tuple[int, int]:
         """(claims yielded to another trial, canonical keys trained more than once)."""
-        from kd_optuna.lineage import read_lineage
+        from kd_optuna.search.lineage import read_lineage
 
         yielded = 0
         for a in self.attrs:
@@ -274,8 +274,8 @@ def run_search(trials: int, population: int, workers: int, proxy: dict[str, Any]
                url: str | None = None, backend: str = "sqlite", threads: int | None = None) -> SearchRun:
     """Create a study (SQLite in a temporary folder unless ``url``) and search it; the timing
     records come back with the trials' user attrs."""
-    from kd_optuna.storage import open_storage
-    from kd_optuna.workers import optimize
+    from kd_optuna.run.storage import open_storage
+    from kd_optuna.run.workers import optimize
 
     with tempfile.TemporaryDirectory(prefix="kd_search_cost_") as tmp:
         toml = Path(tmp) / "digits.toml"
@@ -312,10 +312,10 @@ def run_search(trials: int, population: int, workers: int, proxy: dict[str, Any]
 
 def cache_saving(spec_names: list[str], proxy: dict[str, Any], threads: int) -> dict[str, float]:
     """Proxy seconds (training + scoring) per trial with the live teacher and with the cache."""
-    from kd_optuna.classics import CLASSICS
-    from kd_optuna.config import load_config
-    from kd_optuna.proxy import ProxySettings
-    from kd_optuna.task import Task
+    from kd_optuna.distill.classics import CLASSICS
+    from kd_optuna.run.config import load_config
+    from kd_optuna.proxy.training import ProxySettings
+    from kd_optuna.proxy.task import Task
 
     torch.set_num_threads(threads)
     config = load_config("digits")
@@ -347,11 +347,11 @@ def cifar_trial_parts(steps: int, train_size: int, val_size: int, threads: int) 
     step (one cached training step), val_pass (one validation pass over ``val_size`` images),
     rejection, score_fixed (scoring minus its validation pass), and kd_batch (one KD training
     step with the live teacher, batch 64, SGD: the seed's Table 3 measurement)."""
-    from kd_optuna.classics import CLASSICS
-    from kd_optuna.config import load_config
+    from kd_optuna.distill.classics import CLASSICS
+    from kd_optuna.run.config import load_config
     from kd_optuna.models import build_model, tap_model
-    from kd_optuna.proxy import ProxyData, predict
-    from kd_optuna.task import Task
+    from kd_optuna.proxy.training import ProxyData, predict
+    from kd_optuna.proxy.task import Task
 
     torch.set_num_threads(threads)
     device = torch.device("cpu")

@@ -9,7 +9,7 @@ A distiller is eight genes, each suggested under a fixed public parameter name::
     temperature  T, the knowledge is divided by T after the transforms
     magnitude    the loss weight lambda
 
-and the loss it stands for is ``lambda * T^2 * mean_n(w_n * d_n)`` (see ``kd_optuna.loss``).
+and the loss it stands for is ``lambda * T^2 * mean_n(w_n * d_n)`` (see ``kd_optuna.distill.loss``).
 
 This module is plain data: it imports no torch, so the sampler and the command line can use it
 without loading a deep-learning stack. The options of the transform, distance and calibration

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pg
-from kd_optuna.config import CONFIG_ATTR, load_config
+from kd_optuna.run.config import CONFIG_ATTR, load_config
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -60,7 +60,7 @@ def tiny_config_path(tmp_path: Path) -> Path:
 
 def create_kd_study(url: str, name: str = "s", config_name: str = "digits") -> optuna.Study:
     """A study holding the digits config, as create-study makes it (without the CLI)."""
-    from kd_optuna.storage import open_storage
+    from kd_optuna.run.storage import open_storage
 
     config = load_config(config_name)
     storage = open_storage(url, heartbeat_interval=None)
@@ -71,7 +71,7 @@ def create_kd_study(url: str, name: str = "s", config_name: str = "digits") -> o
 
 def invoke_cli(capsys, *args: str) -> tuple[int, str, str]:
     """Run ``kd-optuna ARGS`` in this process: (exit code, stdout, stderr)."""
-    from kd_optuna.cli import main
+    from kd_optuna.run.cli import main
 
     try:
         main(list(args))
@@ -90,13 +90,13 @@ class WorkerMessages(list):
 
 def run_worker_in_process(url: str, n_trials: int, factory, deadline: float | None = None,
                           heartbeat: int = 20, grace: int | None = None) -> tuple[int, list]:
-    """One worker's loop (kd_optuna.workers.worker_main) on study "s" in this process;
+    """One worker's loop (kd_optuna.run.workers.worker_main) on study "s" in this process;
     (exit code, messages). The signal handlers it installs are restored."""
     import os
     import signal
     import threading
 
-    from kd_optuna import workers
+    from kd_optuna.run import workers
 
     args = workers.WorkerArgs(url, "s", n_trials, deadline, workers.WorkerContext(0, 1, "cpu"), heartbeat, grace,
                               factory, os.getppid())
@@ -155,8 +155,8 @@ def tiny_digits_task(settings, seed: int):
     from kd_optuna.data import load_dataset
     from kd_optuna.models import tap_model
     from kd_optuna.models.digits import DigitsCNN
-    from kd_optuna.proxy import ProxyData
-    from kd_optuna.task import Task
+    from kd_optuna.proxy.training import ProxyData
+    from kd_optuna.proxy.task import Task
 
     splits = load_dataset("digits")
     x, y = splits.tensors("train", torch.arange(100))

@@ -61,7 +61,7 @@ class PgServer:
         """Create an empty database ``<prefix><random hex>`` on this server; its URL."""
         import sqlalchemy
 
-        from kd_optuna.storage import resolve_url
+        from kd_optuna.run.storage import resolve_url
 
         name = prefix + secrets.token_hex(4)
         engine = sqlalchemy.create_engine(resolve_url(self.url), isolation_level="AUTOCOMMIT")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from kd_optuna.baselines import (
+from kd_optuna.distill.baselines import (
     BASELINES,
     CRD,
     METHOD_DESCRIPTIONS,
@@ -25,9 +25,9 @@ from kd_optuna.baselines import (
     build_baseline,
     mutual_kl,
 )
-from kd_optuna.baselines.crd import bank_dot, draw_negatives, nce_loss
-from kd_optuna.baselines.pkt import neighbour_probabilities, pkt_divergence
-from kd_optuna.baselines.rkd import normalised_distances, rkd_angle_loss, rkd_distance_loss
+from kd_optuna.distill.baselines.crd import bank_dot, draw_negatives, nce_loss
+from kd_optuna.distill.baselines.pkt import neighbour_probabilities, pkt_divergence
+from kd_optuna.distill.baselines.rkd import normalised_distances, rkd_angle_loss, rkd_distance_loss
 from kd_optuna.errors import KdOptunaError
 
 STUDENT = {"logit": (5,), "emb": (6,), "feat": (6, 2, 2)}
@@ -342,7 +342,7 @@ def test_build_baseline_refuses_bad_requests_with_a_fix():
         build_baseline("pkt", {"logit": (5,)}, TEACHER)
     with pytest.raises(KdOptunaError, match="pkt"):
         build_baseline("pkt", STUDENT, TEACHER, temperature=4)
-    with pytest.raises(KdOptunaError, match="kd_optuna.baselines.DKD"):
+    with pytest.raises(KdOptunaError, match="kd_optuna.distill.baselines.DKD"):
         build_baseline("dkd", STUDENT, TEACHER, weight=2)
 
 

@@ -8,9 +8,9 @@ import statistics
 import pytest
 import torch
 
-from kd_optuna.baselines import DKD, DKDLS, KDLS, InvalidBaseline, build_baseline, standardize
-from kd_optuna.baselines.dkd import dkd_terms
-from kd_optuna.baselines.ls import kd_divergence
+from kd_optuna.distill.baselines import DKD, DKDLS, KDLS, InvalidBaseline, build_baseline, standardize
+from kd_optuna.distill.baselines.dkd import dkd_terms
+from kd_optuna.distill.baselines.ls import kd_divergence
 
 K = 7
 SHAPES = {"logit": (K,), "emb": (3,)}

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from kd_optuna.cache import (
+from kd_optuna.proxy.cache import (
     cache_key,
     cached_teacher,
     compute_teacher_outputs,
@@ -14,12 +14,12 @@ from kd_optuna.cache import (
     state_dict_sha256,
     tensor_sha256,
 )
-from kd_optuna.classics import CLASSICS
+from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.data import load_dataset
 from kd_optuna.models import tap_model
 from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.proxy import ProxyData, ProxySettings
-from kd_optuna.task import Task
+from kd_optuna.proxy.training import ProxyData, ProxySettings
+from kd_optuna.proxy.task import Task
 
 
 FAST = ProxySettings(labels_per_class=2, steps=4, batch_size=16, report_every=4, sharpness_size=32,
@@ -166,7 +166,7 @@ def test_cached_teacher_reads_the_file_of_an_earlier_worker(tmp_path):
 # -- a memory budget at any dataset size, only the knowledge in force (issue 11, point 3) --------
 
 def test_a_cache_over_the_budget_stays_on_disk_and_reads_the_same_rows(tmp_path):
-    from kd_optuna.cache import DiskArray
+    from kd_optuna.proxy.cache import DiskArray
 
     data, teacher = tiny_parts()
     sha = state_dict_sha256(teacher)
@@ -185,7 +185,7 @@ def test_a_cache_over_the_budget_stays_on_disk_and_reads_the_same_rows(tmp_path)
 
 
 def test_only_the_knowledge_in_force_is_cached(tmp_path):
-    from kd_optuna.cache import knowledge_for
+    from kd_optuna.proxy.cache import knowledge_for
     from kd_optuna.space import SearchSpace
 
     assert knowledge_for(SearchSpace()) == ("feat", "emb", "logit")
@@ -203,7 +203,7 @@ def test_optimize_with_a_tiny_budget_keeps_the_cache_on_disk(tmp_path, capsys, m
     import optuna
 
     from conftest import invoke_cli, tiny_digits_toml
-    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
 
     monkeypatch.chdir(tmp_path)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from kd_optuna import space
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.loss import DistillerLoss
+from kd_optuna.distill.loss import DistillerLoss
 from kd_optuna.space import DistillerSpec
 
 SPECS = int(os.environ.get("KD_OPTUNA_CANONICAL_SPECS", "1000"))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kd_optuna.checkpoints import CheckpointError, load_model, load_state, read_checkpoint, save_checkpoint
+from kd_optuna.train.checkpoints import CheckpointError, load_model, load_state, read_checkpoint, save_checkpoint
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.models import build_model
 

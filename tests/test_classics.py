@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_optuna.classics import CLASSICS, classic_specs
-from kd_optuna.loss import DistillerLoss
+from kd_optuna.distill.classics import CLASSICS, classic_specs
+from kd_optuna.distill.loss import DistillerLoss
 
 STUDENT = {"logit": (100,), "emb": (64,), "feat": (64, 8, 8)}
 TEACHER = {"logit": (100,), "emb": (256,), "feat": (256, 8, 8)}

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution
 
 from conftest import invoke_cli, tiny_digits_toml
-from kd_optuna.classics import CLASSICS
+from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.space import FULL_OPTIONS, GENES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def test_dashboard_serves_the_study_on_loopback(study_url, tmp_path):
     add_trials(study_url, "digits_tiny")
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "kd_optuna.cli", "dashboard", "--storage", study_url, "--port", str(port)],
+        [sys.executable, "-m", "kd_optuna.run.cli", "dashboard", "--storage", study_url, "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
     )
     try:
@@ -213,7 +213,7 @@ def test_optimize_with_the_real_objective_then_export(study_url, tmp_path, capsy
 
 @pytest.mark.slow
 def test_train_teacher_writes_a_checkpoint_that_loads(tmp_path, tiny_config_path, capsys, monkeypatch):
-    from kd_optuna.checkpoints import load_model
+    from kd_optuna.train.checkpoints import load_model
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "teacher.pt"
@@ -294,7 +294,7 @@ def test_ctrl_c_on_optimize_then_the_same_command_reruns_the_interrupted_trials(
     config = tmp_path / "slow_tiny.toml"
     config.write_text(tiny_digits_toml().replace("\nsteps = 4\n", "\nsteps = 400\n"))
     url = f"sqlite:///{tmp_path / 'kd.db'}"
-    kd = [sys.executable, "-m", "kd_optuna.cli"]
+    kd = [sys.executable, "-m", "kd_optuna.run.cli"]
     assert subprocess.run([*kd, "create-study", str(config), "--storage", url], cwd=tmp_path, timeout=120).returncode == 0
     command = [*kd, "optimize", "--storage", url, "--n-trials", "4", "--n-workers", "2", "--no-progress"]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

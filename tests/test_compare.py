@@ -6,10 +6,10 @@ import optuna
 import pytest
 from scipy import stats
 
-from kd_optuna import compare
-from kd_optuna.classics import CLASSICS
+from kd_optuna.run import compare
+from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.export import METHODS
+from kd_optuna.export.training import METHODS
 
 KD = CLASSICS["kd"][0].to_params()
 

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_PROXY, tiny_digits_toml
-from kd_optuna.config import (
+from kd_optuna.run.config import (
     ConfigError,
     StudyConfig,
     load_config,

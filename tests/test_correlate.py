@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kd_optuna.classics import CLASSICS
-from kd_optuna.correlate import (
+from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.run.correlate import (
     COMBINATIONS,
     SEED_TABLE_1,
     Candidate,
@@ -15,9 +15,9 @@ from kd_optuna.correlate import (
 from kd_optuna.data import load_dataset
 from kd_optuna.models import tap_model
 from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.proxy import ProxyData, ProxySettings
+from kd_optuna.proxy.training import ProxyData, ProxySettings
 from kd_optuna.space import DistillerSpec
-from kd_optuna.task import Task
+from kd_optuna.proxy.task import Task
 
 
 FAST = ProxySettings(labels_per_class=2, steps=3, batch_size=16, report_every=3, sharpness_size=32,
@@ -89,8 +89,8 @@ def test_given_candidates_keep_their_metrics_and_vanilla_kd_is_the_reference():
 
 def test_the_exported_training_is_the_final(tmp_path):
     """One epoch of the real recipe on digits: what the exported script reports, last epoch on test."""
-    from kd_optuna.checkpoints import save_checkpoint
-    from kd_optuna.export import train_with_distiller
+    from kd_optuna.train.checkpoints import save_checkpoint
+    from kd_optuna.export.training import train_with_distiller
     from kd_optuna.models import build_model
 
     torch.manual_seed(0)

@@ -14,10 +14,10 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
-from kd_optuna.classics import CLASSICS
-from kd_optuna.config import CONFIG_ATTR, StudyConfig, load_config
-from kd_optuna.export import METHODS, build_method_term
-from kd_optuna.script import SETTINGS, script_defaults, write_script
+from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.run.config import CONFIG_ATTR, StudyConfig, load_config
+from kd_optuna.export.training import METHODS, build_method_term
+from kd_optuna.export.script import SETTINGS, script_defaults, write_script
 from kd_optuna.space import FULL_OPTIONS, GENES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +89,7 @@ def test_export_refuses_a_missing_directory(tmp_path):
 def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
     import torch
 
-    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
 
     torch.manual_seed(0)
@@ -103,7 +103,7 @@ def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
     study.add_trial(completed_trial(CLASSICS["kd"][0]))
     script = tmp_path / "train_best.py"
     code = subprocess.run(
-        [sys.executable, "-m", "kd_optuna.cli", "export", "--storage", url, "-o", str(script)],
+        [sys.executable, "-m", "kd_optuna.run.cli", "export", "--storage", url, "-o", str(script)],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120,
     )
     assert code.returncode == 0, code.stderr
@@ -125,7 +125,7 @@ def exported_at_script(tmp_path_factory):
     """A script exported from a study whose trial is attention transfer (not kd), and its teacher."""
     import torch
 
-    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
 
     root = tmp_path_factory.mktemp("export")
@@ -165,7 +165,7 @@ def test_each_method_adds_its_term_to_the_students_ce(exported_at_script, method
     assert state["method"] == method
     first = state["history"][0]
     assert first["term"] > 0
-    from kd_optuna.baselines import BASELINES
+    from kd_optuna.distill.baselines import BASELINES
 
     ce_weight = getattr(BASELINES.get(method), "ce_weight", 1.0)  # 0.1 for kd+ls, as its paper trains
     assert first["loss"] == pytest.approx(ce_weight * first["ce"] + first["term"])
@@ -176,7 +176,7 @@ def test_each_method_adds_its_term_to_the_students_ce(exported_at_script, method
 def test_methods_give_distinct_terms_on_the_same_batch():
     import torch
 
-    from kd_optuna.loss import DistillerLoss
+    from kd_optuna.distill.loss import DistillerLoss
     from kd_optuna.models import build_model, knowledge_shapes, tap_model
 
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def test_in_memory_batches_are_the_data_loaders_batches():
     from torch.utils.data import DataLoader
 
     from kd_optuna.data import load_dataset
-    from kd_optuna.export import IndexedDataset, _indexed_loader
+    from kd_optuna.export.training import IndexedDataset, _indexed_loader
 
     splits = load_dataset("digits")
     fast = _indexed_loader(splits, 100, 0, seed=5)
@@ -250,7 +250,7 @@ def test_in_memory_batches_are_the_data_loaders_batches():
 def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path):
     import torch
 
-    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
 
     torch.manual_seed(0)

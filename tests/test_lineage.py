@@ -1,4 +1,4 @@
-"""kd_optuna.lineage: one prefix for the sampler's lineage attrs, and studies written before it."""
+"""kd_optuna.search.lineage: one prefix for the sampler's lineage attrs, and studies written before it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from kd_optuna.lineage import NAMES, PREFIX, attr_name, read_lineage
+from kd_optuna.search.lineage import NAMES, PREFIX, attr_name, read_lineage
 
 OLD = {"proposer": "mutation", "parent": 3, "crossover_parent": 1, "mutated": ["distance"],
        "predictor": {"winner": "mutation"}, "space_state": {"basis": 50}, "sampler_note": "a note"}

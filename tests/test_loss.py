@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kd_optuna.loss as loss_module
+import kd_optuna.distill.loss as loss_module
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.loss import DistillerLoss
+from kd_optuna.distill.loss import DistillerLoss
 from kd_optuna.space import DistillerSpec
 
 SHAPES = {"logit": (10,), "emb": (12,), "feat": (6, 4, 4)}

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from kd_optuna import space
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.loss import DistillerLoss
+from kd_optuna.distill.loss import DistillerLoss
 from kd_optuna.space import DistillerSpec
 
 EXAMPLES = int(os.environ.get("KD_OPTUNA_LOSS_EXAMPLES", "200"))

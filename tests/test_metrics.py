@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_optuna.metrics import (
+from kd_optuna.proxy.metrics import (
     ScoreWeights,
     accuracy,
     adaptive_sharpness,

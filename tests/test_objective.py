@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from conftest import tiny_digits_task
-from kd_optuna.classics import CLASSICS
-from kd_optuna.objective import Objective
-from kd_optuna.proxy import ProxySettings
-from kd_optuna.rejection import Rejection
+from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.proxy.objective import Objective
+from kd_optuna.proxy.training import ProxySettings
+from kd_optuna.proxy.rejection import Rejection
 from kd_optuna.space import GENES
-from kd_optuna.task import Task
+from kd_optuna.proxy.task import Task
 
 
 FAST = ProxySettings(labels_per_class=2, steps=4, batch_size=16, report_every=2, sharpness_size=32,
@@ -114,7 +114,7 @@ def test_params_are_the_public_gene_names(task):
 def _digits_config(checkpoint, **proxy):
     import dataclasses
 
-    from kd_optuna.config import load_config
+    from kd_optuna.run.config import load_config
 
     config = load_config("digits")
     return dataclasses.replace(
@@ -125,7 +125,7 @@ def _digits_config(checkpoint, **proxy):
 
 
 def test_task_from_config_loads_the_checkpoint_and_caches_teacher_outputs(tmp_path):
-    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
 
     torch.manual_seed(0)
@@ -142,10 +142,10 @@ def test_task_from_config_loads_the_checkpoint_and_caches_teacher_outputs(tmp_pa
 
 
 def test_a_missing_teacher_is_trained_once_per_cache_folder(tmp_path, monkeypatch):
-    from kd_optuna import teachers
-    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.train import teachers
+    from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
-    from kd_optuna.task import cached_teacher_checkpoint
+    from kd_optuna.proxy.task import cached_teacher_checkpoint
 
     calls = []
 

@@ -10,9 +10,10 @@ import sys
 import pytest
 import torch
 
-from kd_optuna import ops, space
+from kd_optuna import ops
+from kd_optuna import space
 from kd_optuna.errors import InvalidSpace
-from kd_optuna.loss import DistillerLoss
+from kd_optuna.distill.loss import DistillerLoss
 from kd_optuna.ops import (
     CALIBRATIONS,
     DISTANCES,
@@ -256,7 +257,7 @@ def test_a_removed_op_leaves_the_space():
 def test_the_space_and_the_registries_load_no_torch():
     code = """
 import sys
-import kd_optuna.space as space, kd_optuna.ops, kd_optuna.classics
+import kd_optuna.space as space, kd_optuna.ops, kd_optuna.distill.classics
 from kd_optuna.ops import EVERY_RANK, transform
 
 @transform("test_neg", ranks=EVERY_RANK)

@@ -113,7 +113,7 @@ def test_unknown_model_name_says_what_is_accepted(tmp_path, capsys, monkeypatch)
 
 def test_timm_model_with_nodes_is_accepted():
     pytest.importorskip("timm")
-    from kd_optuna.config import StudyConfig
+    from kd_optuna.run.config import StudyConfig
 
     data = {
         "data": {"dataset": "cifar100"}, "teacher": {"model": "resnet56"},

@@ -10,10 +10,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study
-from kd_optuna.cli import main
+from kd_optuna.run.cli import main
 from kd_optuna.optuna_private import study_system_attrs, trial_id
-from kd_optuna.storage import open_storage
-from kd_optuna.workers import optimize
+from kd_optuna.run.storage import open_storage
+from kd_optuna.run.workers import optimize
 from test_workers import run_interrupt_scenario, run_sigkill_scenario
 
 pytestmark = pytest.mark.postgres

@@ -12,9 +12,9 @@ import numpy as np
 import optuna
 import pytest
 
-from kd_optuna.lineage import read_lineage
-from kd_optuna.predictor import AdditivePredictor
-from kd_optuna.proposers import (
+from kd_optuna.search.lineage import read_lineage
+from kd_optuna.search.predictor import AdditivePredictor
+from kd_optuna.search.proposers import (
     CrossoverProposer,
     LLMProposer,
     Member,
@@ -26,7 +26,7 @@ from kd_optuna.proposers import (
     mutate,
     parse_candidates,
 )
-from kd_optuna.sampler import EvolutionSampler
+from kd_optuna.search.sampler import EvolutionSampler
 from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -301,7 +301,7 @@ def test_llm_failures_give_no_candidate_and_a_warning_without_the_key(
     chat, caplog, mode, content, why
 ):
     chat.mode, chat.content = mode, content
-    with caplog.at_level(logging.WARNING, logger="kd_optuna.proposers"):
+    with caplog.at_level(logging.WARNING, logger="kd_optuna.search.proposers"):
         assert llm(chat, timeout=0.5).propose(context()) == []
     (record,) = caplog.records
     assert why in record.getMessage().lower() or why in record.getMessage()
@@ -310,7 +310,7 @@ def test_llm_failures_give_no_candidate_and_a_warning_without_the_key(
 
 def test_an_unreachable_endpoint_gives_no_candidate(caplog):
     proposer = LLMProposer("http://127.0.0.1:9/v1", "m", KEY, timeout=0.5)
-    with caplog.at_level(logging.WARNING, logger="kd_optuna.proposers"):
+    with caplog.at_level(logging.WARNING, logger="kd_optuna.search.proposers"):
         assert proposer.propose(context()) == []
     assert "127.0.0.1:9" in caplog.text and KEY not in caplog.text
 

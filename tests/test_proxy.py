@@ -3,17 +3,17 @@ import dataclasses
 import pytest
 import torch
 
-from kd_optuna.classics import CLASSICS
+from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.data import class_balanced_subset, load_dataset
 from kd_optuna.models import tap_model
 from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.proxy import (
+from kd_optuna.proxy.training import (
     InvalidProxySettings,
     ProxyData,
     ProxySettings,
     ViewPool,
 )
-from kd_optuna.task import Task
+from kd_optuna.proxy.task import Task
 
 
 FAST = ProxySettings(labels_per_class=3, steps=6, batch_size=16, report_every=3, sharpness_size=32)
@@ -113,7 +113,7 @@ def test_proxy_run_is_deterministic_reports_and_tells_kd_from_none():
 
 
 def test_the_recipe_shrunk_follows_the_train_settings():
-    from kd_optuna.config import TrainConfig
+    from kd_optuna.run.config import TrainConfig
 
     train = TrainConfig(epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
                         milestones=(15, 22, 27), gamma=0.1)
@@ -147,7 +147,7 @@ def test_labelled_kd_batches_give_the_distiller_the_true_labels():
             seen.append(labels)
             return student["logit"].sum() * 0
 
-    from kd_optuna.proxy import train_student
+    from kd_optuna.proxy.training import train_student
 
     torch.manual_seed(0)
     train_student(task.new_student(), Spy(), task.data, task.teacher_outputs, task.proxy, seed=0)
@@ -156,8 +156,8 @@ def test_labelled_kd_batches_give_the_distiller_the_true_labels():
 
 
 def test_a_long_recipe_is_capped_in_steps():
-    from kd_optuna.config import TrainConfig
-    from kd_optuna.proxy import RECIPE_MAX_STEPS
+    from kd_optuna.run.config import TrainConfig
+    from kd_optuna.proxy.training import RECIPE_MAX_STEPS
 
     cifar = TrainConfig(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
                         milestones=(150, 180, 210), gamma=0.1)

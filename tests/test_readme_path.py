@@ -39,7 +39,7 @@ def _finished(url: str) -> int:
 
 @pytest.mark.slow
 def test_readme_steps_run_in_order_after_make_demo(tmp_path, monkeypatch, capsys):
-    from kd_optuna import demo
+    from kd_optuna.run import demo
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("KD_OPTUNA_STORAGE", raising=False)
@@ -47,7 +47,7 @@ def test_readme_steps_run_in_order_after_make_demo(tmp_path, monkeypatch, capsys
     tiny = tmp_path / "digits_tiny.toml"
     tiny.write_text(tiny_digits_toml())
 
-    # make demo (python -m kd_optuna.demo), on the tiny config
+    # make demo (python -m kd_optuna.run.demo), on the tiny config
     assert demo.run(n_trials=3, timeout=600, config=str(tiny)) == 0
     out, err = capsys.readouterr()
     assert "4/4 best distiller" in out

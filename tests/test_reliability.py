@@ -25,16 +25,16 @@ from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study, invoke_cli, run_worker_in_process
 from kd_optuna import optuna_private
-from kd_optuna.cache import load_or_build
-from kd_optuna.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
-from kd_optuna.config import CONFIG_ATTR, load_config
+from kd_optuna.proxy.cache import load_or_build
+from kd_optuna.train.checkpoints import CheckpointError, read_checkpoint, save_checkpoint
+from kd_optuna.run.config import CONFIG_ATTR, load_config
 from kd_optuna.data import load_dataset
 from kd_optuna.models import build_model, tap_model
 from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.objective import Objective
-from kd_optuna.proxy import ProxyData, ProxySettings
-from kd_optuna.storage import StorageError, open_storage, study_config
-from kd_optuna.task import Task
+from kd_optuna.proxy.objective import Objective
+from kd_optuna.proxy.training import ProxyData, ProxySettings
+from kd_optuna.run.storage import StorageError, open_storage, study_config
+from kd_optuna.proxy.task import Task
 
 PACKAGE = Path(__file__).resolve().parent.parent / "kd_optuna"
 SENTINEL = "KD_OPTUNA_PWNED"
@@ -285,7 +285,7 @@ def test_the_llm_key_never_reaches_attrs_messages_output_or_the_exported_script(
         url = f"sqlite:///{tmp_path / 'kd.db'}"
         config = load_config("digits").to_dict()
         config["search"].update(proposer="llm", llm_url=chat.url, llm_model="m", population_size=2, llm_timeout=2.0)
-        from kd_optuna.config import StudyConfig
+        from kd_optuna.run.config import StudyConfig
 
         study = optuna.create_study(storage=open_storage(url, heartbeat_interval=None), study_name="s")
         study.set_user_attr(CONFIG_ATTR, StudyConfig.from_dict(config).to_json())
@@ -316,7 +316,7 @@ def test_outputs_and_the_exported_script_of_a_postgres_study_never_hold_its_pass
 ):
     from test_cli import add_trials
 
-    from kd_optuna.storage import resolve_url
+    from kd_optuna.run.storage import resolve_url
 
     monkeypatch.chdir(tmp_path)
     script = tmp_path / "train_best.py"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_optuna.baselines import InvalidBaseline, ReviewKD, build_baseline
-from kd_optuna.baselines.reviewkd import hcl_loss
+from kd_optuna.distill.baselines import InvalidBaseline, ReviewKD, build_baseline
+from kd_optuna.distill.baselines.reviewkd import hcl_loss
 
 
 def _shapes(c, hw, d):

@@ -16,11 +16,11 @@ import pytest
 from optuna.trial import TrialState
 
 from kd_optuna import optuna_private
-from kd_optuna.classics import classic_specs
+from kd_optuna.distill.classics import classic_specs
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.lineage import NAMES, PREFIX, read_lineage
-from kd_optuna.proposers import RandomProposer
-from kd_optuna.sampler import PROPOSED_KEY_ATTR, EvolutionSampler, SamplerConfigError
+from kd_optuna.search.lineage import NAMES, PREFIX, read_lineage
+from kd_optuna.search.proposers import RandomProposer
+from kd_optuna.search.sampler import PROPOSED_KEY_ATTR, EvolutionSampler, SamplerConfigError
 from kd_optuna.space import GENES, DistillerSpec, SearchSpace, suggest_distiller
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -423,7 +423,7 @@ def test_a_key_claimed_in_every_round_runs_and_the_trial_says_so():
 WORKER = textwrap.dedent(
     """
     import sys, zlib, optuna
-    from kd_optuna.sampler import EvolutionSampler
+    from kd_optuna.search.sampler import EvolutionSampler
     from kd_optuna.space import suggest_distiller
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -465,7 +465,7 @@ def test_worker_processes_share_one_sqlite_study(tmp_path):
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_four_worker_processes_share_one_postgres_study(pg_url):
-    from kd_optuna.storage import resolve_url
+    from kd_optuna.run.storage import resolve_url
 
     _run_workers(resolve_url(pg_url), n_workers=4, n_trials=10)
 
@@ -581,7 +581,7 @@ def test_conditional_params_are_inherited_from_the_parent_and_the_search_improve
 
 
 def evolution_contains(dist, value):
-    from kd_optuna.evolution import contains
+    from kd_optuna.search.evolution import contains
 
     return contains(dist, value)
 

@@ -1,4 +1,4 @@
-"""The sampler's operators on any Optuna distribution (kd_optuna.evolution)."""
+"""The sampler's operators on any Optuna distribution (kd_optuna.search.evolution)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from kd_optuna import evolution
+from kd_optuna.search import evolution
 
 DISTRIBUTIONS = [
     CategoricalDistribution(["a", "b", None, 3, 2.5, True]),

@@ -1,7 +1,7 @@
 """Optuna's own sampler test suite, run against EvolutionSampler on generic search spaces.
 
 Floats, ints, categoricals and conditional params that are not distiller genes are evolved
-(kd_optuna.evolution) and must pass the same checks as any Optuna sampler's; a
+(kd_optuna.search.evolution) and must pass the same checks as any Optuna sampler's; a
 multi-objective study must be refused.
 """
 
@@ -15,7 +15,7 @@ from optuna.testing.pytest_samplers import (
     SingleOnlySamplerTestCase,
 )
 
-from kd_optuna.sampler import EvolutionSampler
+from kd_optuna.search.sampler import EvolutionSampler
 
 
 class TestEvolutionSamplerBasic(BasicSamplerTestCase):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from kd_optuna.classics import CLASSICS
-from kd_optuna.config import StudyConfig, load_config
+from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.run.config import StudyConfig, load_config
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.export import METHODS, train_with_distiller
-from kd_optuna.script import SETTINGS, python_literal, script_defaults, script_text, write_script
+from kd_optuna.export.training import METHODS, train_with_distiller
+from kd_optuna.export.script import SETTINGS, python_literal, script_defaults, script_text, write_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,13 +146,13 @@ def test_main_calls_train_with_distiller_once_with_every_setting_as_a_keyword(tm
     assert set(keywords) <= set(inspect.signature(train_with_distiller).parameters)
 
     calls = []
-    import kd_optuna.export
+    import kd_optuna.export.training
 
     def fake(spec_params, **kwargs):
         calls.append((spec_params, kwargs))
         return {"final_top1": 0.5, "best_val_top1": 0.75, "best_epoch": 2}
 
-    monkeypatch.setattr(kd_optuna.export, "train_with_distiller", fake)
+    monkeypatch.setattr(kd_optuna.export.training, "train_with_distiller", fake)
     _load(text, tmp_path).main(["--epochs", "3", "--milestones", "1,2", "--method", "dml", "--max-steps", "4"])
     ((spec_params, kwargs),) = calls
     assert spec_params == spec.to_params()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kd_optuna.classics import CLASSICS, classic_specs
+from kd_optuna.distill.classics import CLASSICS, classic_specs
 from kd_optuna.errors import InvalidSpace
 from kd_optuna.space import (
     CALIBRATIONS,
@@ -195,7 +195,7 @@ def test_from_json_refuses_unknown_genes_and_non_objects():
 
 def test_space_is_importable_without_torch():
     code = (
-        "import sys, kd_optuna.space, kd_optuna.classics; "
+        "import sys, kd_optuna.space, kd_optuna.distill.classics; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

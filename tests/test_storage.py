@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from conftest import create_kd_study
-from kd_optuna.storage import (
+from kd_optuna.run.storage import (
     StorageError,
     check_url,
     filesystem_type,
@@ -130,7 +130,7 @@ def test_filesystem_type_takes_the_deepest_mount_holding_the_file(path, kind):
 
 
 def test_a_sqlite_file_on_a_network_filesystem_gets_a_warning_naming_postgresql(tmp_path, monkeypatch, caplog):
-    import kd_optuna.storage as storage
+    import kd_optuna.run.storage as storage
 
     real = storage.filesystem_type
     monkeypatch.setattr(storage, "filesystem_type", lambda path: real(path, f"nfs:/x {tmp_path} nfs4 rw 0 0\n"))
@@ -149,7 +149,7 @@ def test_a_sqlite_file_on_a_network_filesystem_gets_a_warning_naming_postgresql(
 def test_optuna_s_wrapped_database_errors_are_described_by_their_cause_masked():
     import sqlalchemy.exc
 
-    from kd_optuna.storage import DATABASE_ERRORS, describe_error
+    from kd_optuna.run.storage import DATABASE_ERRORS, describe_error
 
     url = "postgresql://kd:hunter2@db/kd"
     cause = sqlalchemy.exc.OperationalError("SELECT", {}, Exception("password hunter2 refused\nDETAIL: more"))

@@ -20,11 +20,11 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from conftest import create_kd_study, invoke_cli
-from kd_optuna import compare, story
-from kd_optuna.classics import CLASSICS
-from kd_optuna.lineage import NAMES, attr_name
+from kd_optuna.run import compare, story
+from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.search.lineage import NAMES, attr_name
 from kd_optuna.space import GENES, DistillerSpec
-from kd_optuna.storage import study_config
+from kd_optuna.run.storage import study_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -276,7 +276,7 @@ def test_kd_optuna_dashboard_serves_the_best_script(tmp_path, monkeypatch):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "kd_optuna.cli", "dashboard", "--storage", url, "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "kd_optuna.run.cli", "dashboard", "--storage", url, "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         meta = None
@@ -339,7 +339,7 @@ def test_create_study_then_optimize_leaves_the_story(tmp_path, tiny_config_path,
 def test_compare_command_refreshes_the_story(tmp_path, capsys, monkeypatch):
     """`kd-optuna compare` with every run already stored (nothing trained) saves its figure and
     the story's note with the compare table."""
-    from kd_optuna.script import script_defaults
+    from kd_optuna.export.script import script_defaults
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)

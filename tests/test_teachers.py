@@ -5,11 +5,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kd_optuna.checkpoints import load_model
+from kd_optuna.train.checkpoints import load_model
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.teachers import load_or_train_teacher, train_teacher
-from kd_optuna.engine import default_device, evaluate, lr_factor
-from kd_optuna.training import train_classifier
+from kd_optuna.train.teachers import load_or_train_teacher, train_teacher
+from kd_optuna.train.engine import default_device, evaluate, lr_factor
+from kd_optuna.train.classifier import train_classifier
 from test_data import tiny_cifar100  # noqa: F401  (fixture)
 
 
@@ -165,7 +165,7 @@ def test_cifar_teacher_trains_through_the_augmenting_loader(tiny_cifar100, tmp_p
 # -- the trained-teacher cache is keyed by all that changes the teacher (issue 11, point 2) ------
 
 def _own_teacher_config(tmp_path, root):
-    from kd_optuna.config import load_config
+    from kd_optuna.run.config import load_config
     from test_own_models import own_model_toml
 
     path = tmp_path / f"{root.name}.toml"
@@ -176,7 +176,7 @@ def _own_teacher_config(tmp_path, root):
 def test_teacher_key_follows_root_files_classes_recipe_and_seed(tmp_path):
     import os
 
-    from kd_optuna.teachers import teacher_identity, teacher_key
+    from kd_optuna.train.teachers import teacher_identity, teacher_key
     from test_own_models import image_folder
 
     a = image_folder(tmp_path / "a", per_class=2)
@@ -204,8 +204,8 @@ def test_teacher_key_follows_root_files_classes_recipe_and_seed(tmp_path):
 def test_a_second_image_folder_study_trains_its_own_teacher(tmp_path, monkeypatch, caplog):
     import logging
 
-    from kd_optuna import teachers
-    from kd_optuna.task import Task
+    from kd_optuna.train import teachers
+    from kd_optuna.proxy.task import Task
     from test_own_models import image_folder
 
     monkeypatch.setitem(teachers.RECIPES, "imagefolder", dict(teachers.RECIPES["imagefolder"], epochs=1, batch_size=8))
@@ -230,11 +230,11 @@ def test_a_second_image_folder_study_trains_its_own_teacher(tmp_path, monkeypatc
 def test_a_teacher_at_the_old_name_is_reused_only_for_its_own_key(tmp_path, monkeypatch, caplog):
     import logging
 
-    from kd_optuna import teachers
-    from kd_optuna.checkpoints import save_checkpoint
+    from kd_optuna.train import teachers
+    from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
-    from kd_optuna.task import cached_teacher_checkpoint
-    from kd_optuna.teachers import teacher_identity, teacher_key
+    from kd_optuna.proxy.task import cached_teacher_checkpoint
+    from kd_optuna.train.teachers import teacher_identity, teacher_key
     from test_own_models import image_folder
 
     root = image_folder(tmp_path / "images", per_class=1)

@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 
 from conftest import TrivialObjective, create_kd_study, run_worker_in_process
 from kd_optuna import optuna_private
-from kd_optuna.storage import open_storage
-from kd_optuna.workers import WorkerContext, optimize, trial_note
+from kd_optuna.run.storage import open_storage
+from kd_optuna.run.workers import WorkerContext, optimize, trial_note
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -199,7 +199,7 @@ _INTERRUPT_SCRIPT = textwrap.dedent(
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     from conftest import TrivialObjective
-    from kd_optuna.workers import optimize
+    from kd_optuna.run.workers import optimize
     if __name__ == "__main__":
         s = optimize({url!r}, "s", {n}, n_workers=4, objective_factory=TrivialObjective(sleep_s={sleep}), progress=False)
         sys.exit(130 if s.interrupted else 0)
@@ -240,7 +240,7 @@ def run_interrupt_scenario(url: str, tmp_path: Path) -> None:
 
 
 def test_a_lock_left_held_by_a_dead_worker_is_dropped_with_a_message(monkeypatch):
-    import kd_optuna.trial_loop as trial_loop
+    import kd_optuna.run.trial_loop as trial_loop
 
     monkeypatch.setattr(trial_loop, "LOCK_TIMEOUT_S", 0.1)
     lock = threading.Lock()
@@ -263,7 +263,7 @@ _RESUME_SCRIPT = textwrap.dedent(
     import sys
     sys.path[:0] = [{tests!r}, {repo!r}]
     from conftest import TrivialObjective
-    from kd_optuna.workers import optimize
+    from kd_optuna.run.workers import optimize
     if __name__ == "__main__":
         s = optimize({url!r}, "s", {n}, n_workers=2, objective_factory=TrivialObjective(sleep_s={sleep}), progress=False)
         print(s.describe())
@@ -275,7 +275,7 @@ _RESUME_SCRIPT = textwrap.dedent(
 @pytest.mark.slow
 def test_ctrl_c_to_the_parent_queues_the_interrupted_trials_and_resume_runs_their_params(tmp_path):
     """Issue 11.6: Ctrl-C while the first classics run; the resumed study runs them again."""
-    from kd_optuna.classics import classic_specs
+    from kd_optuna.distill.classics import classic_specs
     from kd_optuna.space import DistillerSpec
 
     url = f"sqlite:///{tmp_path / 's.db'}"

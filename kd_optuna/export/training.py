@@ -1,0 +1,465 @@
+"""Full training with a distiller: the function the exported script calls (seed F.1 / F.2).
+
+SGD with momentum, lr x ``gamma`` at each milestone epoch, loss ``CE(student logits, labels) +
+distiller(student, teacher, labels)`` on the train split, top-1 on the test split after each
+epoch, a checkpoint of student, distiller adapters, optimiser and scheduler each epoch
+(``resume`` continues from it), the best student (by val top-1) kept apart.
+
+``method`` swaps the distiller for a reference method on the same settings (:data:`METHODS`):
+``searched`` (the trial's spec, the default), ``kd`` (Hinton's KD as a spec), ``pkt``, ``rkd``,
+``crd`` (``kd_optuna.distill.baselines``; CRD reads each sample's index in the train split) or ``dml``
+(a peer student trained beside the student, no teacher). The term is added to the student's CE.
+The script itself is written by :mod:`kd_optuna.export.script`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from kd_optuna.errors import KdOptunaError
+
+from kd_optuna.distill.baselines import METHOD_DESCRIPTIONS
+
+#: ``--method`` choices: the term added to the student's cross-entropy.
+METHODS: dict[str, str] = {
+    "searched": "the exported trial's distiller",
+    "kd": "vanilla KD (Hinton et al. 2015): T^2 KL(softmax(t/4) || softmax(s/4)), T 4",
+    **METHOD_DESCRIPTIONS,
+}
+
+#: The recipe length the baselines' published warm-ups were set for (CIFAR-100, 240 epochs):
+#: a warm-up of w epochs there becomes round(w * epochs / 240) epochs (at least 1) here.
+PUBLISHED_EPOCHS = 240
+
+def train_with_distiller(
+    spec_params: dict[str, Any],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    milestones: list[int],
+    gamma: float,
+    num_workers: int,
+    seed: int,
+    dataset: str,
+    data_root: str | None,
+    download: bool,
+    teacher: str,
+    teacher_checkpoint: str | None,
+    student: str,
+    device: str,
+    output_dir: str,
+    method: str = "searched",
+    max_steps: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    cache_dir: str = ".kd_optuna_cache",
+    split_seed: int = 0,
+    teacher_nodes: dict[str, str] | None = None,
+    student_nodes: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train ``student`` with CE plus the ``method``'s term; return final/best top-1.
+
+    Each epoch: for every batch (x, y, index) of the train split, ``loss = CE(s_logit, y) +
+    term`` where ``term = distiller(s, t, y[, index])`` with s, t the tapped outputs {feat,
+    emb, logit} of student and (frozen, eval-mode) teacher, or for ``dml`` the peer's KL term
+    (the peer steps first); SGD step; then the lr schedule; then test top-1. ``max_steps``
+    (smoke tests) ends each epoch after that many batches. Writes ``output_dir/last.pt``
+    (everything to resume) and ``output_dir/best_student.pt`` (our checkpoint format), both
+    atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
+    """
+    import torch
+
+    from kd_optuna.train.checkpoints import load_model
+    from kd_optuna.data import load_dataset
+    from kd_optuna.train.engine import make_optimizer, train_epochs
+    from kd_optuna.models import build_model, tap_model
+    from kd_optuna.space import DistillerSpec
+    from kd_optuna.train.devices import WorkerContext
+
+    if epochs < 1 or batch_size < 1:
+        raise KdOptunaError("--epochs and --batch-size must be at least 1")
+    if method not in METHODS:
+        raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if max_steps is not None and max_steps < 1:
+        raise KdOptunaError(f"--max-steps {max_steps}: give a positive number of batches or leave it out")
+    spec = DistillerSpec.from_params(spec_params)
+    target = torch.device(WorkerContext(0, 1, device).torch_device())
+    torch.manual_seed(seed)
+    splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed)
+    num_classes = splits.num_classes
+
+    with torch.random.fork_rng(devices=[]):
+        build_model(student, num_classes)  # unknown names fail here, before a teacher is trained
+        if method != "dml":
+            build_model(teacher, num_classes)
+    tapped_teacher = None
+    if method != "dml":
+        if teacher_checkpoint is None:
+            from kd_optuna.proxy.task import cached_teacher_checkpoint
+
+            teacher_checkpoint = str(cached_teacher_checkpoint(
+                dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(target),
+            ))
+        teacher_model, _ = load_model(teacher_checkpoint, teacher, num_classes, target)
+        tapped_teacher = tap_model(teacher_model, teacher, nodes=teacher_nodes).to(target).eval()
+        for p in tapped_teacher.parameters():
+            p.requires_grad_(False)
+    tapped_student = tap_model(build_model(student, num_classes), student, nodes=student_nodes).to(target)
+    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
+    term = build_method_term(
+        method, spec, tapped_student, tapped_teacher, tuple(splits.input_shape),
+        num_data=len(splits.train), student_name=student, num_classes=num_classes, sgd=sgd, device=target,
+        epochs=epochs,
+    )
+    params = list(tapped_student.parameters()) + list(term.parameters())
+    optimizer = make_optimizer("sgd", params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    loaders = (_indexed_loader(splits, batch_size, num_workers, seed),
+               splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0))
+    run = _FullTraining(tapped_student, tapped_teacher, term, optimizer, scheduler, loaders, spec=spec, method=method,
+                        out=out, device=target, seed=seed, epochs=epochs, progress=progress,
+                        meta={"model_name": student, "num_classes": num_classes, "dataset": dataset})
+    start_epoch = run.resume() if resume else 0
+    test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
+    train_epochs(optimizer, run.epoch_batches, run.loss, epochs=epochs, first_epoch=start_epoch,
+                 max_steps=max_steps, hooks=run.hooks())
+    history = run.history
+    return {
+        "final_top1": _top1(tapped_student, test_loader, target),
+        "final_val_top1": history[-1]["val_top1"] if history else None,
+        "best_val_top1": run.best_top1, "best_epoch": run.best_epoch, "history": history,
+    }
+
+
+class _FullTraining:
+    """The state and engine hooks of :func:`train_with_distiller`: the batches and loss of an
+    epoch, the running means, and at each epoch's end the lr schedule, val top-1, the best
+    student and ``last.pt`` (which :meth:`resume` reads back)."""
+
+    def __init__(self, student, teacher, term, optimizer, scheduler, loaders, *, spec, method, out, device, seed,
+                 epochs, progress, meta):
+        self.student, self.teacher, self.term = student, teacher, term
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader = loaders
+        self.spec, self.method, self.out, self.device, self.seed = spec, method, out, device, seed
+        self.epochs, self.progress, self.meta = epochs, progress, meta
+        self.best_top1, self.best_epoch, self.history = -1.0, 0, []
+        self.epoch, self.bar, self.totals, self.seen, self.parts = 0, None, {}, 0, ()
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    def hooks(self):
+        from kd_optuna.train.engine import Hooks
+
+        return Hooks(epoch_start=self.epoch_start, after_loss=self.check, after_step=self.add, epoch_end=self.epoch_end)
+
+    def resume(self) -> int:
+        """Load ``last.pt`` into the models, term, optimiser and schedules; the epoch to start at."""
+        import torch
+
+        if not self.last_path.is_file():
+            raise KdOptunaError(f"--resume: no checkpoint {self.last_path}; run without --resume first")
+        state = torch.load(self.last_path, map_location=self.device, weights_only=True)
+        if state.get("method", "searched") != self.method:
+            raise KdOptunaError(
+                f"--resume: {self.last_path} was written by --method {state.get('method', 'searched')}; "
+                "use the same --method or another --output-dir"
+            )
+        if self.method == "searched" and state.get("spec") != self.spec.to_json():
+            raise KdOptunaError(f"--resume: {self.last_path} was written for another distiller; use another --output-dir")
+        self.student.model.load_state_dict(state["student"])
+        self.term.load_state_dict(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.last_epoch = int(state["epoch"])
+        self.term.resume_schedule(int(state["epoch"]))
+        self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
+        self.history = list(state["history"])
+        return int(state["epoch"])
+
+    def epoch_start(self, epoch: int) -> None:
+        if self.train_loader.generator is not None:
+            self.train_loader.generator.manual_seed(self.seed + epoch)
+        self.student.train()
+        self.term.train()
+        self.term.epoch_start(epoch)
+        self.totals, self.seen = {"loss": 0.0, "ce": 0.0, "term": 0.0}, 0
+
+    def epoch_batches(self, epoch: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                        disable=not self.progress, leave=False)
+        self.epoch = epoch
+        return self.bar
+
+    def loss(self, batch):
+        """``ce_weight * CE(s_logit, y) + term``, the teacher run without gradients."""
+        import torch
+        import torch.nn.functional as F
+
+        x, y, index = batch
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        t_out = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(x)
+        s_out = self.student(x)
+        ce = F.cross_entropy(s_out["logit"], y)
+        extra = self.term(x, y, index.to(self.device), s_out, t_out)
+        self.parts = (ce, extra)
+        return self.term.ce_weight * ce + extra
+
+    def check(self, step: int, loss) -> None:
+        if not math.isfinite(loss.item()):
+            raise KdOptunaError(f"the loss became {loss.item()} in epoch {self.epoch + 1}; lower --lr")
+
+    def add(self, step: int, loss, batch) -> None:
+        for name, value in (("loss", loss), ("ce", self.parts[0]), ("term", self.parts[1])):
+            self.totals[name] += value.item() * len(batch[1])
+        self.seen += len(batch[1])
+        self.bar.set_postfix(loss=f"{self.totals['loss'] / self.seen:.4f}")
+
+    def epoch_end(self, epoch: int) -> None:
+        self.scheduler.step()
+        self.term.epoch_end()
+        val_top1 = _top1(self.student, self.val_loader, self.device)
+        if val_top1 > self.best_top1:
+            self.best_top1, self.best_epoch = val_top1, epoch + 1
+            self._save_best(epoch, val_top1)
+        means = {name: total / max(1, self.seen) for name, total in self.totals.items()}
+        self.history.append({"epoch": epoch + 1, **means, "val_top1": val_top1})
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(
+                f"epoch {epoch + 1}/{self.epochs}: loss {means['loss']:.4f} (CE {means['ce']:.4f} + {self.method} "
+                f"{means['term']:.4f})  val top-1 {100 * val_top1:.2f}%"
+            )
+        _save_atomic(self.last_path, {
+            "spec": self.spec.to_json(),
+            "method": self.method,
+            "student": self.student.model.state_dict(),
+            "distiller": self.term.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+        })
+
+    def _save_best(self, epoch: int, val_top1: float) -> None:
+        from kd_optuna.train.checkpoints import save_checkpoint
+
+        save_checkpoint(
+            self.out / "best_student.pt", self.student.model, **self.meta, accuracy=val_top1,
+            extra={"distiller": self.spec.key if self.method == "searched" else self.method, "epoch": epoch + 1,
+                   "chosen_on": "val"},
+        )
+
+
+class MethodTerm:
+    """What a ``--method`` adds to the student's CE, and the state it trains and checkpoints.
+
+    ``loss`` (a ``DistillerLoss`` or a ``kd_optuna.distill.baselines`` loss, trained with the student:
+    ``parameters()``) is called as ``loss(s, t, labels)``, or with ``index`` (N,) when it
+    ``needs_index`` (CRD). ``mutual`` (DML) instead steps its peer on the batch and returns
+    the student's KL term; the peer has its own SGD and lr schedule (``epoch_end``).
+    """
+
+    def __init__(self, name: str, loss=None, mutual=None, peer_scheduler=None):
+        self.name = name
+        self.loss = loss
+        self.mutual = mutual
+        self.peer_scheduler = peer_scheduler
+
+    def __call__(self, images, labels, index, student_out, teacher_out):
+        """The 0-dim term for a batch: images (N, C, H, W), labels (N,), index (N,) into the
+        train split, tapped outputs {feat, emb, logit} (``teacher_out`` None for dml)."""
+        if self.mutual is not None:
+            return self.mutual.mutual_term(images, labels, student_out["logit"])
+        if getattr(self.loss, "needs_index", False):
+            return self.loss(student_out, teacher_out, labels, index)
+        return self.loss(student_out, teacher_out, labels)
+
+    def parameters(self) -> list:
+        return [] if self.loss is None else list(self.loss.parameters())
+
+    def train(self) -> None:
+        if self.loss is not None:
+            self.loss.train()
+
+    @property
+    def ce_weight(self) -> float:
+        """The weight of the student's CE in the method's published recipe (0.1 for kd+ls, else 1)."""
+        return float(getattr(self.loss, "ce_weight", 1.0))
+
+    def epoch_start(self, epoch: int) -> None:
+        """Tell the loss the 0-based epoch about to run (DKD's warm-up reads it)."""
+        if self.loss is not None and hasattr(self.loss, "set_epoch"):
+            self.loss.set_epoch(epoch)
+
+    def epoch_end(self) -> None:
+        if self.peer_scheduler is not None:
+            self.peer_scheduler.step()
+
+    def resume_schedule(self, epoch: int) -> None:
+        if self.peer_scheduler is not None:
+            self.peer_scheduler.last_epoch = epoch
+
+    def state_dict(self) -> dict:
+        if self.mutual is not None:
+            return {"peer": self.mutual.peer.state_dict(), "peer_optimizer": self.mutual.optimizer.state_dict()}
+        return self.loss.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.mutual is not None:
+            self.mutual.peer.load_state_dict(state["peer"])
+            self.mutual.optimizer.load_state_dict(state["peer_optimizer"])
+        else:
+            self.loss.load_state_dict(state)
+
+
+def build_method_term(
+    method: str,
+    spec: Any,
+    tapped_student: Any,
+    tapped_teacher: Any,
+    input_shape: tuple[int, ...],
+    *,
+    num_data: int,
+    student_name: str,
+    num_classes: int,
+    sgd: dict[str, Any],
+    device: Any,
+    epochs: int = PUBLISHED_EPOCHS,
+) -> MethodTerm:
+    """The :class:`MethodTerm` of ``method`` (a key of :data:`METHODS`) for these tapped models.
+
+    ``searched`` uses ``spec``; ``kd`` the spec ``CLASSICS["kd"]``; every other loss method
+    ``build_baseline`` with ``num_data`` = size of the train split and its published warm-up
+    scaled to ``epochs`` (see PUBLISHED_EPOCHS); dml a fresh peer ``student_name`` with
+    SGD(lr, momentum, weight_decay) and MultiStepLR(milestones, gamma) from ``sgd``
+    (``tapped_teacher`` may then be None).
+    """
+    import torch
+
+    from kd_optuna.train.engine import make_optimizer
+    from kd_optuna.models import build_model, knowledge_shapes, tap_model
+
+    if method not in METHODS:
+        raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "dml":
+        from kd_optuna.distill.baselines import MutualLearning
+
+        peer = tap_model(build_model(student_name, num_classes), student_name,
+                         nodes=getattr(tapped_student, "nodes", None)).to(device)
+        optimizer = make_optimizer(
+            "sgd", peer.parameters(), lr=sgd["lr"], momentum=sgd["momentum"], weight_decay=sgd["weight_decay"],
+            nesterov=False,
+        )
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(sgd["milestones"]), gamma=sgd["gamma"])
+        return MethodTerm(method, mutual=MutualLearning(peer, optimizer), peer_scheduler=scheduler)
+    student_shapes = knowledge_shapes(tapped_student, input_shape)
+    teacher_shapes = knowledge_shapes(tapped_teacher, input_shape)
+    if method in ("searched", "kd"):
+        from kd_optuna.distill.classics import CLASSICS
+        from kd_optuna.distill.loss import DistillerLoss
+
+        chosen = spec if method == "searched" else CLASSICS["kd"][0]
+        return MethodTerm(method, loss=DistillerLoss(chosen, student_shapes, teacher_shapes).to(device))
+    import inspect
+
+    from kd_optuna.distill.baselines import BASELINES, build_baseline
+
+    options = {}
+    warmup = inspect.signature(BASELINES[method]).parameters.get("warmup_epochs")
+    if warmup is not None and isinstance(warmup.default, int) and warmup.default > 0:
+        options["warmup_epochs"] = max(1, round(warmup.default * epochs / PUBLISHED_EPOCHS))
+    loss = build_baseline(method, student_shapes, teacher_shapes, num_data=num_data, **options)
+    return MethodTerm(method, loss=loss.to(device))
+
+
+class IndexedDataset:
+    """Items (image, label, i) of ``base``, whose items are (image, label): CRD needs i."""
+
+    def __init__(self, base: Any):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return image, label, i
+
+
+class _TensorBatches:
+    """The batches a shuffled, seeded DataLoader over a TensorDataset yields, by tensor indexing.
+
+    Each epoch one int64 draw (the DataLoader iterator's base seed), then ``order =
+    randperm(N, generator)``; batch b is ``(x[order[bB:(b+1)B]], y[...], order[...])``: the
+    same draws and the same batches as ``DataLoader(shuffle=True, generator=generator)``
+    gives, without collating item by item (for un-augmented data already in memory, such as
+    digits).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, generator: Any):
+        self.images, self.labels = dataset.tensors
+        self.batch_size = batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        import torch
+
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # DataLoader's base seed
+        order = torch.randperm(len(self.labels), generator=self.generator)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.images[index], self.labels[index], index
+
+
+def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
+    """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index)."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if isinstance(splits.train, TensorDataset) and splits.augmentation == "none":
+        return _TensorBatches(splits.train, batch_size, torch.Generator().manual_seed(seed))
+    return DataLoader(
+        IndexedDataset(splits.train),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _top1(tapped, loader, device) -> float:
+    """Top-1 in [0, 1] of a tapped model's ``logit`` over the (x, y) batches of ``loader``."""
+    from kd_optuna.train.engine import evaluate
+
+    return evaluate(tapped, loader, device=device, output="logit").accuracy
+
+
+def _save_atomic(path: Path, payload: dict) -> None:
+    import torch
+
+    partial = path.with_name(path.name + ".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)

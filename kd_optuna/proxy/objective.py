@@ -1,0 +1,80 @@
+"""The Optuna objective: one trial = suggest a distiller, reject it or train and score it.
+
+``Objective(task)(trial) -> float``, lower is better (the combined score of kd_optuna.proxy.metrics).
+User attrs written on every trial (fixed names, read by the sampler and the dashboard):
+
+    spec, formula                     canonical key and readable formula
+    rejection_seconds                 time of the rejection protocol
+    reject_reason, reject_detail      when rejected or non-finite in training (trial pruned)
+    val_ce, val_ce_raw, val_acc,      the proxy metrics (kd_optuna.proxy.training.ProxyResult),
+    sharpness_gap, cka_gap            averaged over the proxy seeds
+    proxy_seconds                     training + scoring seconds
+    training_seconds, scoring_seconds
+    pruned_at_step                    when an Optuna pruner stopped the trial
+    fail_reason                       a CUDA out-of-memory: the trial fails (value NaN) and
+                                      the worker goes on with the next one
+
+The validation CE (calibrated) is reported every ``report_every`` steps as an intermediate
+value, steps counted across the proxy seeds, so Optuna's pruners work on it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import optuna
+import torch
+
+from kd_optuna.errors import InvalidDistiller, first_line
+from kd_optuna.space import suggest_distiller
+from kd_optuna.proxy.task import Task
+
+
+class Objective:
+    """Callable objective over ``task``; ``threads`` sets torch's CPU threads for each call."""
+
+    def __init__(self, task: Task, threads: int | None = None):
+        self.task = task
+        self.threads = threads
+
+    def __call__(self, trial: optuna.trial.BaseTrial) -> float:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+        try:
+            return self._run(trial)
+        except torch.cuda.OutOfMemoryError as error:
+            torch.cuda.empty_cache()
+            trial.set_user_attr("fail_reason", f"CUDA out of memory: {first_line(error, limit=200)}")
+            return math.nan
+
+    def _run(self, trial: optuna.trial.BaseTrial) -> float:
+        spec = suggest_distiller(trial, self.task.space)
+        trial.set_user_attr("spec", spec.key)
+        trial.set_user_attr("formula", spec.formula())
+        start = time.perf_counter()
+        rejection = self.task.reject(spec)
+        trial.set_user_attr("rejection_seconds", time.perf_counter() - start)
+        if rejection is not None:
+            trial.set_user_attr("reject_reason", rejection.reason)
+            trial.set_user_attr("reject_detail", rejection.detail)
+            raise optuna.TrialPruned(f"rejected ({rejection.reason}): {rejection.detail}")
+
+        def report(step: int, value: float) -> None:
+            trial.report(value, step)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at_step", step)
+                raise optuna.TrialPruned(f"pruned at step {step} with val_ce {value:.4f}")
+
+        try:
+            result = self.task.run(spec, report=report)
+        except InvalidDistiller as error:
+            trial.set_user_attr("reject_reason", "non_finite")
+            trial.set_user_attr("reject_detail", error.reason)
+            raise optuna.TrialPruned(f"rejected (non_finite): {error.reason}") from None
+        for name, value in result.metrics().items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr("training_seconds", result.train_seconds)
+        trial.set_user_attr("scoring_seconds", result.score_seconds)
+        trial.set_user_attr("proxy_seconds", result.train_seconds + result.score_seconds)
+        return result.score

@@ -1,0 +1,288 @@
+"""A Task: everything a proxy trial needs, built once per worker process.
+
+The proxy data on the worker's device, the frozen tapped teacher, a student factory, the proxy
+settings, the search space, the teacher's cached outputs over the proxy views, the study-level
+teacher reference (val embeddings and sharpness) and the fixed rejection batch. The last three
+are computed on first use and then shared by every trial of the worker.
+
+    task = Task.from_config(config)                        # from a validated study config
+    task = Task(data, teacher, new_student, ProxySettings())  # directly, e.g. in tests
+    result = task.run(spec)                                # a ProxyResult
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kd_optuna.proxy.cache import (
+    CachedTeacher, cached_teacher, compute_teacher_outputs, knowledge_for, state_dict_sha256,
+)
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.distill.loss import DistillerLoss
+from kd_optuna.proxy.training import (
+    NoDistillation,
+    ProxyData,
+    ProxyResult,
+    ProxySettings,
+    TeacherLookup,
+    TeacherReference,
+    live_teacher,
+    run_proxy,
+)
+from kd_optuna.proxy.rejection import Rejection, RejectionBatch, reject
+from kd_optuna.space import DistillerSpec, SearchSpace
+
+log = logging.getLogger(__name__)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode and no gradients: the teacher never trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+class Task:
+    """The teacher/student pair, proxy data and settings of one study, on one device.
+
+    Args:
+        data: proxy tensors (kd_optuna.proxy.training.ProxyData), already on ``data.device``.
+        teacher: the tapped teacher (forward -> {feat, emb, logit}), frozen here.
+        new_student: returns a freshly initialised tapped student on the data's device
+            (callers seed torch before calling it).
+        proxy: the proxy settings; ``space`` the search space.
+        test: optional held-out (images, labels) for final accuracies (``kd-optuna correlate``).
+        cache_dir: where the teacher-output cache lives; None keeps it in memory only.
+        use_cache: False runs the teacher on every batch instead (same views, same metrics).
+        teacher_sha256, teacher_nodes: identify the teacher in the cache key (the hash is
+            computed from its weights when not given).
+    """
+
+    def __init__(
+        self,
+        data: ProxyData,
+        teacher: nn.Module,
+        new_student: Callable[[], nn.Module],
+        proxy: ProxySettings | None = None,
+        space: SearchSpace | None = None,
+        *,
+        test: tuple[Tensor, Tensor] | None = None,
+        cache_dir: Path | None = None,
+        use_cache: bool = True,
+        teacher_sha256: str | None = None,
+        teacher_nodes: Mapping[str, str] | None = None,
+        name: str = "task",
+    ):
+        self.data = data
+        self.teacher = freeze(teacher.to(data.device))
+        self.new_student = new_student
+        self.proxy = (proxy or ProxySettings()).for_pool(data.pool.shape[0])
+        self.space = space or SearchSpace()
+        self.test = None if test is None else (test[0].float().to(data.device), test[1].long().to(data.device))
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.use_cache = use_cache
+        self.teacher_sha256 = teacher_sha256 or state_dict_sha256(self.teacher)
+        self.teacher_nodes = dict(teacher_nodes) if teacher_nodes else None
+        self.name = name
+        self._rejection_student: tuple[nn.Module, dict[str, Tensor]] | None = None
+        input_shape = tuple(data.train_x.shape[1:])
+        from kd_optuna.models import knowledge_shapes
+
+        self.teacher_shapes = knowledge_shapes(self.teacher, input_shape)
+        self.student_shapes = knowledge_shapes(new_student(), input_shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @functools.cached_property
+    def teacher_outputs(self) -> TeacherLookup:
+        """The teacher lookup of every trial: cached outputs, or the live teacher."""
+        if not self.use_cache:
+            return live_teacher(self.teacher, self.data)
+        knowledge = knowledge_for(self.space)
+        if self.cache_dir is None:
+            return CachedTeacher(compute_teacher_outputs(self.teacher, self.data, self.proxy.cache_dtype,
+                                                         knowledge=knowledge))
+        return cached_teacher(
+            self.teacher, self.teacher_sha256, self.teacher_nodes, self.data, self.cache_dir,
+            self.proxy.cache_dtype, knowledge=knowledge,
+        )
+
+    @functools.cached_property
+    def reference(self) -> TeacherReference:
+        return TeacherReference.compute(self.teacher, self.data, self.proxy)
+
+    @functools.cached_property
+    def rejection_batch(self) -> RejectionBatch:
+        return RejectionBatch.build(self.data, self.teacher_outputs, self.proxy)
+
+    def make_distiller(self, spec: DistillerSpec | None, check_finite: bool = False) -> nn.Module:
+        """The DistillerLoss of ``spec`` on the task's shapes (None: no distillation)."""
+        if spec is None:
+            return NoDistillation()
+        return DistillerLoss(spec, self.student_shapes, self.teacher_shapes, check_finite).to(self.device)
+
+    def make_probe(self, spec: DistillerSpec) -> nn.Module:
+        """The loss of ``spec`` with the teacher's shapes on both sides (for the repulsion check)."""
+        return DistillerLoss(spec, self.teacher_shapes, self.teacher_shapes, True).to(self.device)
+
+    def rejection_student(self) -> nn.Module:
+        """One student kept for rejection checks, reset to its first-seed initial weights."""
+        if self._rejection_student is None:
+            torch.manual_seed(self.proxy.seeds[0])
+            student = self.new_student()
+            state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            self._rejection_student = (student, state)
+        student, state = self._rejection_student
+        student.load_state_dict(state)
+        return student
+
+    def reject(self, spec: DistillerSpec) -> Rejection | None:
+        """The loss-rejection protocol (kd_optuna.proxy.rejection) for ``spec``."""
+        return reject(spec, self.make_distiller, self.make_probe, self.rejection_student,
+                      self.rejection_batch, self.proxy)
+
+    def run(
+        self,
+        spec: DistillerSpec | None,
+        settings: ProxySettings | None = None,
+        report: Callable[[int, float], None] | None = None,
+        on_test: bool = False,
+    ) -> ProxyResult:
+        """Train and score a proxy student with ``spec`` (None: CE only) under ``settings``.
+
+        ``settings`` may differ from the task's in training fields (steps, seeds, lr...), not
+        in the data fields that the cache depends on. ``on_test`` scores CE and accuracy on
+        the test split.
+        """
+        settings = (settings or self.proxy).for_pool(self.data.pool.shape[0])
+        if settings.data_key() != self.proxy.data_key():
+            raise KdOptunaError("run() settings must keep the task's data settings; build another Task")
+        test = None
+        if on_test:
+            if self.test is None:
+                raise KdOptunaError("this task has no test split; give Task(test=(images, labels))")
+            test = self.test
+        return run_proxy(self.new_student, lambda: self.make_distiller(spec), self.data,
+                         self.teacher_outputs, self.reference, settings, report, test)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Any,
+        device: str | None = None,
+        cache_dir: Path = Path(".kd_optuna_cache"),
+    ) -> "Task":
+        """Build the task a study config names, on ``device`` (CUDA when present, else CPU).
+
+        ``config.teacher.checkpoint`` None: a teacher is trained once with
+        ``kd_optuna.train.teachers.train_teacher`` and kept under ``cache_dir`` (see that function).
+        """
+        from kd_optuna.data import load_dataset
+        from kd_optuna.models import build_model, tap_model
+        from kd_optuna.train.classifier import default_device
+
+        target = default_device(device)
+        splits = load_dataset(config.data.dataset, root=config.data.root, download=config.data.download)
+        num_classes = splits.num_classes
+        settings: ProxySettings = config.proxy
+        train_x, train_y = splits.tensors("train")
+        val_x, val_y = splits.tensors("val")
+        data = ProxyData.build(train_x, train_y, val_x, val_y, settings, target, num_classes)
+        test = splits.tensors("test")
+
+        teacher_model = _load_teacher(config, num_classes, target, Path(cache_dir))
+        teacher = tap_model(teacher_model, config.teacher.model, nodes=config.teacher.nodes)
+        student_name, student_nodes = config.student.model, config.student.nodes
+
+        def new_student() -> nn.Module:
+            model = build_model(student_name, num_classes)
+            return tap_model(model, student_name, nodes=student_nodes).to(target)
+
+        return cls(
+            data, teacher, new_student, settings, config.space, test=test, cache_dir=Path(cache_dir),
+            teacher_nodes=teacher.nodes, name=f"{config.data.dataset}:{config.teacher.model}->{student_name}",
+        )
+
+
+def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, root=None,
+                              download: bool = False, device: str | None = None, *, seed: int = 0,
+                              training: Mapping[str, Any] | None = None, progress: bool = False) -> Path:
+    """A teacher trained with ``kd_optuna.train.teachers.train_teacher``, once per cache folder and key.
+
+    The checkpoint is ``cache_dir/teacher-<dataset>-<model>-<key>.pt``, ``key`` naming all
+    that changes the weights (``kd_optuna.train.teachers.teacher_identity``: data root and a
+    fingerprint of its files, class folders, model, recipe with the ``training`` overrides,
+    ``seed``), so a study on other data never gets another study's teacher. A checkpoint at
+    the older name ``teacher-<dataset>-<model>.pt`` (what ``kd-optuna train-teacher`` writes)
+    is reused only when its metadata records the same key. Every reuse says so in one line,
+    with the path. Workers starting at once wait on a lock while the first trains it
+    (train_teacher writes it atomically). ``progress``: an epoch bar on stderr while training.
+    """
+    import re
+
+    from kd_optuna.proxy.cache import file_lock
+    from kd_optuna.train.checkpoints import CheckpointError, read_checkpoint
+    from kd_optuna.train.teachers import teacher_identity, teacher_key, train_teacher
+
+    overrides = dict(training or {})
+    if download:
+        from kd_optuna.data import load_dataset
+
+        load_dataset(dataset, root=root, download=True, seed=seed)
+    identity = teacher_identity(dataset, model_name, root, seed=seed, **overrides)
+    key = teacher_key(identity)
+    safe_model = re.sub(r"[^\w.-]", "_", model_name)
+    path = Path(cache_dir) / f"teacher-{dataset}-{safe_model}-{key[:16]}.pt"
+    legacy = Path(cache_dir) / f"teacher-{dataset}-{safe_model}.pt"
+    where = f"{identity['root']} ({identity['file_count']} files)" if "root" in identity else "the embedded data"
+
+    def reuse(found: Path) -> Path:
+        log.warning("reusing the cached teacher %s trained on %s %s, seed %d: %s",
+                    model_name, dataset, where, seed, found)
+        return found
+
+    def legacy_matches() -> bool:
+        if not legacy.is_file():
+            return False
+        try:
+            _, meta = read_checkpoint(legacy)
+        except CheckpointError:
+            return False
+        return (meta or {}).get("cache_key") == key
+
+    if path.exists():
+        return reuse(path)
+    if legacy_matches():
+        return reuse(legacy)
+    with file_lock(path.with_name(path.name + ".lock")):
+        if path.exists():
+            return reuse(path)
+        if legacy.is_file():
+            log.warning("not reusing %s: it records no training on %s %s with this recipe and seed", legacy,
+                        dataset, where)
+        log.warning("no teacher checkpoint given: training %s on %s %s into %s", model_name, dataset, where, path)
+        train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=progress,
+                      seed=seed, **overrides)
+    return path
+
+
+def _load_teacher(config: Any, num_classes: int, device: torch.device, cache_dir: Path) -> nn.Module:
+    from kd_optuna.train.checkpoints import load_model
+
+    checkpoint = config.teacher.checkpoint
+    if checkpoint is None:
+        checkpoint = cached_teacher_checkpoint(
+            config.data.dataset, config.teacher.model, cache_dir, config.data.root,
+            config.data.download, str(device),
+        )
+    model, _ = load_model(checkpoint, config.teacher.model, num_classes, device)
+    return model

@@ -1,0 +1,582 @@
+"""The proxy trial: a short, seeded training of the student with one distiller, then its metrics.
+
+Regime (DESIGN.md "Scoring"): a study's proxy is its full-training recipe shrunk
+(:meth:`ProxySettings.from_recipe`): the same SGD, learning rate, loss scale, batch size and
+labels as the exported training, for a third of its epochs. Measured on digits_hard, the first
+version's regime (Adam, 5 labels per class, the distillation term on unlabelled images) picked
+distillers that trained worse than vanilla KD under the real recipe; it is still what
+``ProxySettings()`` gives, for experiments and tests. Every trial uses the same seeds,
+labelled subset and views, so trials differ only by their distiller.
+
+All proxy data lives on the device as tensors. Augmentation is a fixed pool of ``views``
+shifted (and optionally flipped) copies per image, rendered in batches on the device; the
+teacher's outputs for each (image, view) are what ``kd_optuna.proxy.cache`` stores. One step, with
+KD batch xk (B, C, H, W) at views v (B,) and t the teacher's outputs of (xk, v)::
+
+    labelled KD batch (label_batch_size 0):   out = student(xk), labels yk (B,)
+        loss = ce_weight * CE(out.logit, yk) + distiller(out, t, yk)
+    separate labelled batch xl (L, ...), yl:  out = student(cat(xl, xk))
+        loss = ce_weight * CE(out.logit[:L], yl) + distiller({k: out[k][L:]}, t)
+
+In the second form the KD images count as unlabelled, so the distiller gets no labels.
+The steps run on :func:`kd_optuna.train.engine.train_steps` (batches from ``_proxy_batches``, the
+loss ``_ProxyLoss``), with the optimiser and schedule of ``ProxySettings.make_optimizer`` and
+``ProxySettings.lr_factor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_optuna.train import engine
+from kd_optuna.data import class_balanced_subset
+from kd_optuna.errors import InvalidDistiller, KdOptunaError
+from kd_optuna.proxy.metrics import (
+    ScoreWeights,
+    accuracy,
+    adaptive_sharpness,
+    calibrated_cross_entropy,
+    cka_gap,
+    combined_score,
+    cross_entropy,
+)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = engine.SCHEDULES
+AUGMENTS = ("none", "shift", "shift_flip")
+KD_SOURCES = ("train", "labelled")
+CACHE_DTYPES = ("float16", "float32")
+#: The proxy's length as a fraction of the full training's epochs (``ProxySettings.from_recipe``),
+#: measured on digits_hard (BENCHMARKS.md, issue 16), and its cap in steps: 2,000 steps of
+#: batch 64 is about the seed's budget per candidate (Table 2: 2,000 evaluations in 21 h on one
+#: RTX 3090 Ti, about 38 s each); for CIFAR's 240 epochs a third would be 80 epochs a trial.
+RECIPE_EPOCHS_FRACTION = 1 / 3
+RECIPE_MAX_STEPS = 2000
+
+
+class InvalidProxySettings(KdOptunaError, ValueError):
+    """A proxy setting out of its range or not among its options."""
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Every setting of a proxy trial; the study config's ``[proxy]`` table maps onto the fields.
+
+    Data: ``labels_per_class`` labelled train images per class (0: all) chosen with
+    ``label_seed``; KD batches from ``kd_source`` ("train": the whole train split, "labelled":
+    the labelled images only), at most ``kd_pool_size`` of them (0: all); validation on a
+    class-balanced ``val_size`` images of the val split (0: all). Augmentation: ``views`` copies per
+    image (view 0 is the image itself), shifted by up to ``shift`` pixels (``augment`` =
+    "shift") and flipped left-right with probability 1/2 ("shift_flip"), drawn with
+    ``view_seed``. Training: ``steps`` optimiser steps (or ``epochs`` passes over the KD pool,
+    when > 0) of ``batch_size`` KD images plus ``label_batch_size`` labelled ones (0: the KD
+    batch is labelled, CE is taken on it), ``optimizer`` at ``lr`` (SGD with ``momentum``,
+    Nesterov when ``nesterov``) with ``schedule`` ("step": x ``gamma`` at each fraction of the
+    run in ``milestones``), once per seed
+    in ``seeds`` (the metrics are averaged); validation CE is reported every ``report_every``
+    steps. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
+    score = ``score_ce`` * val_ce + ``score_sharpness`` * |sharpness_gap| + ``score_cka`` *
+    cka_gap (validation CE alone by default: against the exported training on digits_hard it
+    ranks random candidates as well as CE + CKA-gap, Spearman 0.71 against 0.72, and the head
+    of a study far better, 0.63 against 0.22, where selecting on the sum makes the CKA gap
+    anti-predict; the sharpness gap predicted nothing. Both gaps are recorded, weighing 0). Rejection: ``reject_steps`` steps on fixed batches of ``reject_batch_size``, a KD
+    term over ``reject_ratio`` x CE is "exploding". ``cache_dtype``: storage of the teacher's
+    feat and emb (logits are always float32). ``channels_last``: the student and its input
+    batches use the channels-last memory format (about 2x faster for the digits CNN on a CPU);
+    the distiller always receives contiguous tensors.
+    """
+
+    labels_per_class: int = 5
+    label_seed: int = 0
+    kd_source: str = "train"
+    kd_pool_size: int = 0
+    val_size: int = 0
+    views: int = 1
+    augment: str = "none"
+    shift: int = 2
+    view_seed: int = 0
+    steps: int = 200
+    epochs: float = 0.0
+    max_steps: int = 0
+    batch_size: int = 64
+    label_batch_size: int = 50
+    ce_weight: float = 1.0
+    optimizer: str = "adam"
+    lr: float = 1e-2
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    milestones: tuple[float, ...] = ()
+    gamma: float = 0.1
+    seeds: tuple[int, ...] = (0,)
+    report_every: int = 50
+    eval_batch_size: int = 1024
+    sharpness_rho: float = 0.05
+    sharpness_size: int = 256
+    score_ce: float = 1.0
+    score_sharpness: float = 0.0
+    score_cka: float = 0.0
+    reject_steps: int = 2
+    reject_batch_size: int = 32
+    reject_ratio: float = 1000.0
+    cache_dtype: str = "float16"
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "milestones"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, options in (
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("augment", AUGMENTS),
+            ("kd_source", KD_SOURCES),
+            ("cache_dtype", CACHE_DTYPES),
+        ):
+            if getattr(self, name) not in options:
+                raise InvalidProxySettings(
+                    f"proxy {name} = {getattr(self, name)!r}; choose one of: {', '.join(options)}"
+                )
+        positive = ("views", "steps", "batch_size", "report_every",
+                    "eval_batch_size", "sharpness_size", "reject_batch_size")
+        non_negative = ("labels_per_class", "kd_pool_size", "val_size", "shift", "reject_steps",
+                        "label_batch_size", "max_steps")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (name in positive):
+                low = 1 if name in positive else 0
+                raise InvalidProxySettings(f"proxy {name} must be an integer >= {low}, got {value!r}")
+        for name in ("lr", "reject_ratio"):
+            if not getattr(self, name) > 0:
+                raise InvalidProxySettings(f"proxy {name} must be > 0, got {getattr(self, name)!r}")
+        if self.label_batch_size == 0 and (self.labels_per_class != 0 or self.kd_source != "train"):
+            raise InvalidProxySettings(
+                "proxy label_batch_size = 0 (CE on the KD batch) needs every KD image labelled: "
+                "set labels_per_class = 0 and kd_source = \"train\", or give label_batch_size > 0"
+            )
+        if not all(isinstance(m, (int, float)) and 0 < m < 1 for m in self.milestones):
+            raise InvalidProxySettings(
+                f"proxy milestones are fractions of the run in (0, 1), got {list(self.milestones)!r}"
+            )
+        for name in ("ce_weight", "momentum", "weight_decay", "sharpness_rho", "epochs", "gamma",
+                     "score_ce", "score_sharpness", "score_cka"):
+            if not getattr(self, name) >= 0:
+                raise InvalidProxySettings(f"proxy {name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise InvalidProxySettings(f"proxy seeds must be a non-empty list of integers, got {self.seeds!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, object]) -> "ProxySettings":
+        """Build from a config table; an unknown key raises, listing the fields."""
+        unknown = sorted(set(table) - set(cls.field_names()))
+        if unknown:
+            raise InvalidProxySettings(
+                f"unknown proxy settings {unknown}; the settings are: {', '.join(cls.field_names())}"
+            )
+        return cls(**table)
+
+    @classmethod
+    def from_recipe(cls, train: Any, table: Mapping[str, object] = {}, epochs_fraction: float = RECIPE_EPOCHS_FRACTION) -> "ProxySettings":
+        """The study's full-training recipe shrunk, with the config's ``[proxy]`` ``table`` on top.
+
+        ``train`` is a resolved TrainConfig (SGD at ``lr`` with ``momentum`` and
+        ``weight_decay``, ``batch_size``, lr x ``gamma`` at epoch ``milestones`` of ``epochs``).
+        The proxy keeps the optimiser, learning rate, loss scale, batch size and labels (every
+        train image labelled, CE on the KD batch, the distiller given the labels) and trains
+        ``epochs_fraction`` x ``epochs`` epochs (at most ``RECIPE_MAX_STEPS`` steps), the
+        milestones at the same fractions of the run.
+        Any key of ``table`` overrides the recipe's value; a table that sets ``steps`` (and not
+        ``epochs``) trains that many steps, and one that sets ``labels_per_class`` or
+        ``kd_source`` keeps the separate labelled batch of ``label_batch_size``.
+        """
+        recipe: dict[str, object] = {
+            "optimizer": "sgd", "lr": float(train.lr), "momentum": float(train.momentum), "nesterov": False,
+            "weight_decay": float(train.weight_decay), "batch_size": int(train.batch_size),
+            "labels_per_class": 0, "label_batch_size": 0, "kd_source": "train",
+            "epochs": float(train.epochs) * epochs_fraction, "max_steps": RECIPE_MAX_STEPS, "schedule": "step",
+            "milestones": tuple(m / train.epochs for m in train.milestones if 0 < m < train.epochs),
+            "gamma": float(train.gamma),
+        }
+        if "steps" in table and "epochs" not in table:
+            recipe["epochs"] = 0.0
+        if "labels_per_class" in table or "kd_source" in table:
+            for name in ("labels_per_class", "label_batch_size", "kd_source"):
+                recipe.pop(name)
+        return cls.from_mapping({**recipe, **dict(table)})
+
+    @property
+    def labelled_kd(self) -> bool:
+        """True when the KD batch is the labelled batch (``label_batch_size`` 0): CE and the
+        distiller see the same images, and the distiller gets their labels, as in full training."""
+        return self.label_batch_size == 0
+
+    def for_pool(self, pool_size: int) -> "ProxySettings":
+        """These settings with ``epochs`` (passes over a KD pool of ``pool_size``) turned into
+        ``steps = min(ceil(epochs * pool_size / batch_size), max_steps or inf)``; unchanged when
+        ``epochs`` is 0."""
+        if not self.epochs:
+            return self
+        steps = max(1, math.ceil(self.epochs * pool_size / self.batch_size))
+        if self.max_steps:
+            steps = min(steps, self.max_steps)
+        return dataclasses.replace(self, epochs=0.0, steps=steps, report_every=min(self.report_every, steps))
+
+    @property
+    def score_weights(self) -> ScoreWeights:
+        return ScoreWeights(self.score_ce, self.score_sharpness, self.score_cka)
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        """The proxy's optimiser over ``params``: SGD is Nesterov when ``nesterov`` and momentum > 0."""
+        return engine.make_optimizer(self.optimizer, params, lr=self.lr, momentum=self.momentum,
+                                     weight_decay=self.weight_decay, nesterov=self.nesterov and self.momentum > 0)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of ``lr`` at ``step``: 0.5 * (1 + cos(pi * step / steps)) for cosine,
+        gamma ** #{m in milestones : m * steps <= step} for step, else 1."""
+        milestones = [m * self.steps for m in self.milestones]
+        return engine.lr_factor(self.schedule, step, self.steps, 1, milestones, self.gamma)
+
+    def data_key(self) -> dict[str, object]:
+        """The settings that decide the proxy data and views (what the teacher cache depends on)."""
+        names = ("labels_per_class", "label_seed", "kd_source", "kd_pool_size", "views",
+                 "augment", "shift", "view_seed")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass(frozen=True)
+class ViewPool:
+    """``views`` fixed augmented copies of each of ``n`` images: crop offsets and flips.
+
+    offsets (n, views, 2) in [0, 2 * shift], flips (n, views) bool, ``flipping`` whether any
+    flip is set; view 0 is the identity.
+    ``render(images (B, C, H, W), rows (B,), views (B,))`` pads by ``shift`` with zeros and
+    crops each image at its offset, on the images' device, in one gather.
+    """
+
+    offsets: Tensor
+    flips: Tensor
+    shift: int
+    flipping: bool = False
+
+    @classmethod
+    def build(cls, n: int, settings: ProxySettings, device: torch.device | str = "cpu") -> "ViewPool":
+        generator = torch.Generator().manual_seed(settings.view_seed)
+        shift = settings.shift if settings.augment != "none" else 0
+        offsets = torch.randint(0, 2 * shift + 1, (n, settings.views, 2), generator=generator)
+        flips = torch.rand(n, settings.views, generator=generator) < 0.5
+        if settings.augment != "shift_flip":
+            flips[:] = False
+        offsets[:, 0] = shift
+        flips[:, 0] = False
+        return cls(offsets.to(device), flips.to(device), shift, bool(flips.any()))
+
+    @property
+    def views(self) -> int:
+        return self.offsets.shape[1]
+
+    def render(self, images: Tensor, rows: Tensor, views: Tensor) -> Tensor:
+        if self.shift == 0 and not self.flipping:
+            return images
+        b, _, h, w = images.shape
+        offsets = self.offsets[rows, views]
+        s = self.shift
+        padded = F.pad(images, (s, s, s, s))
+        ys = offsets[:, 0, None] + torch.arange(h, device=images.device)
+        xs = offsets[:, 1, None] + torch.arange(w, device=images.device)
+        xs = torch.where(self.flips[rows, views][:, None], xs.flip(1), xs)
+        batch = torch.arange(b, device=images.device)[:, None, None]
+        return padded[batch, :, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+    def fingerprint(self) -> bytes:
+        return self.offsets.cpu().numpy().tobytes() + self.flips.cpu().numpy().tobytes()
+
+
+@dataclass
+class ProxyData:
+    """Proxy tensors on one device.
+
+    train_x (N, C, H, W), train_y (N,); labelled (L,) and pool (P,) index train; val_x (M, ...),
+    val_y (M,) is held out (training never sees it); views covers the P pool images.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    labelled: Tensor
+    pool: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    views: ViewPool
+    num_classes: int
+
+    @classmethod
+    def build(
+        cls,
+        train_x: Tensor,
+        train_y: Tensor,
+        val_x: Tensor,
+        val_y: Tensor,
+        settings: ProxySettings,
+        device: torch.device | str = "cpu",
+        num_classes: int | None = None,
+    ) -> "ProxyData":
+        labelled = class_balanced_subset(train_y, settings.labels_per_class, seed=settings.label_seed, at_most=True)
+        pool = torch.arange(train_y.shape[0]) if settings.kd_source == "train" else labelled
+        if settings.kd_pool_size:
+            pool = pool[: settings.kd_pool_size]
+        classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+        if settings.val_size and settings.val_size < val_y.shape[0]:
+            keep = class_balanced_subset(val_y, max(1, settings.val_size // classes), seed=0, at_most=True)
+            val_x, val_y = val_x[keep[: settings.val_size]], val_y[keep[: settings.val_size]]
+        return cls(
+            train_x.float().to(device), train_y.long().to(device), labelled.to(device),
+            pool.to(device), val_x.float().to(device), val_y.long().to(device),
+            ViewPool.build(pool.shape[0], settings, device), classes,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    def pool_images(self, positions: Tensor, views: Tensor) -> Tensor:
+        """Rendered pool images at pool positions (B,) and views (B,) -> (B, C, H, W)."""
+        return self.views.render(self.train_x[self.pool[positions]], positions, views)
+
+
+TeacherLookup = Callable[[Tensor, Tensor], Mapping[str, Tensor]]
+"""(pool positions (B,), views (B,)) -> teacher outputs {feat, emb, logit} as float32."""
+
+
+def live_teacher(teacher: nn.Module, data: ProxyData) -> TeacherLookup:
+    """A lookup that runs the frozen teacher (eval mode) on the rendered views every time."""
+
+    @torch.no_grad()
+    def lookup(positions: Tensor, views: Tensor) -> Mapping[str, Tensor]:
+        teacher.eval()
+        return {k: v.float().contiguous() for k, v in teacher(data.pool_images(positions, views)).items()}
+
+    return lookup
+
+
+class NoDistillation(nn.Module):
+    """The reference without KD: a distiller whose term is always 0 (the student learns by CE)."""
+
+    def forward(self, student, teacher, labels=None) -> Tensor:
+        return student["logit"].new_zeros(())
+
+
+@dataclass
+class ProxyResult:
+    """Metrics of one proxy trial, averaged over seeds; ``curve`` = [(step, val_ce)]."""
+
+    val_ce: float
+    val_ce_raw: float
+    val_acc: float
+    sharpness_gap: float
+    cka_gap: float
+    score: float
+    train_seconds: float
+    score_seconds: float
+    curve: list[tuple[int, float]]
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "val_ce": self.val_ce, "val_ce_raw": self.val_ce_raw, "val_acc": self.val_acc,
+            "sharpness_gap": self.sharpness_gap, "cka_gap": self.cka_gap,
+        }
+
+
+def memory_format(settings: ProxySettings) -> torch.memory_format:
+    return torch.channels_last if settings.channels_last else torch.contiguous_format
+
+
+def predict(model: nn.Module, images: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """Eval-mode {emb (M, D), logit (M, K)} of ``model`` over ``images`` (M, ...), float32."""
+    slices = ((images[start : start + batch_size], None) for start in range(0, images.shape[0], batch_size))
+    parts: dict[str, list[Tensor]] = {"emb": [], "logit": []}
+    for out, _ in engine.eval_outputs(model, slices, device_type=images.device.type):
+        for k in parts:
+            parts[k].append(out[k].float())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def train_student(
+    student: nn.Module,
+    distiller: nn.Module,
+    data: ProxyData,
+    teacher: TeacherLookup,
+    settings: ProxySettings,
+    seed: int,
+    report: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """Train ``student`` (and the distiller's adapter) for ``settings.steps`` steps in place.
+
+    Batches are drawn with a generator seeded by ``seed``. Every ``report_every`` steps and at
+    the end, ``report(step, calibrated val CE)`` is called. A non-finite loss raises
+    ``InvalidDistiller("non-finite loss during training")``, checked at each report.
+    """
+    optimizer = settings.make_optimizer(list(student.parameters()) + list(distiller.parameters()))
+    student.to(memory_format=memory_format(settings))
+    student.train()
+    distiller.train()
+    bad = torch.zeros((), dtype=torch.bool, device=data.device)
+
+    def check(step: int, loss: Tensor) -> None:
+        bad.logical_or_(~torch.isfinite(loss.detach()))
+
+    def after_step(done: int, loss: Tensor, batch) -> None:
+        if done % settings.report_every == 0 or done == settings.steps:
+            if bool(bad):
+                raise InvalidDistiller("non-finite loss during training")
+            if report is not None:
+                logits = predict(student, data.val_x, settings.eval_batch_size)["logit"]
+                report(done, calibrated_cross_entropy(logits, data.val_y))
+
+    engine.train_steps(
+        optimizer, _proxy_batches(data, settings, seed), _ProxyLoss(student, distiller, teacher, data, settings),
+        lr=settings.lr, lr_at=settings.lr_factor, hooks=engine.Hooks(after_loss=check, after_step=after_step),
+    )
+    return student
+
+
+def _proxy_batches(data: ProxyData, settings: ProxySettings, seed: int):
+    """``settings.steps`` batches (pool positions (B,), views (B,), labelled rows (L,) or None),
+    drawn in this order from one generator seeded with ``seed`` on the data's device."""
+    device = data.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n_labelled, n_pool = data.labelled.shape[0], data.pool.shape[0]
+    label_batch = min(settings.label_batch_size, n_labelled)
+    for _ in range(settings.steps):
+        positions = torch.randint(0, n_pool, (settings.batch_size,), generator=generator, device=device)
+        views = torch.randint(0, data.views.views, (settings.batch_size,), generator=generator, device=device)
+        rows = None
+        if not settings.labelled_kd:
+            if label_batch < n_labelled:
+                rows = data.labelled[torch.randperm(n_labelled, generator=generator, device=device)[:label_batch]]
+            else:
+                rows = data.labelled
+        yield positions, views, rows
+
+
+class _ProxyLoss:
+    """One proxy step's loss (see the module docstring) on a batch of :func:`_proxy_batches`."""
+
+    def __init__(self, student, distiller, teacher: TeacherLookup, data: ProxyData, settings: ProxySettings):
+        self.student, self.distiller, self.teacher, self.data, self.settings = student, distiller, teacher, data, settings
+        self.fmt = memory_format(settings)
+
+    def __call__(self, batch) -> Tensor:
+        positions, views, rows = batch
+        data = self.data
+        if rows is None:
+            labels = data.train_y[data.pool[positions]]
+            out = self.student(data.pool_images(positions, views).contiguous(memory_format=self.fmt))
+            ce = F.cross_entropy(out["logit"], labels)
+            kd = self.distiller({k: v.contiguous() for k, v in out.items()}, self.teacher(positions, views), labels)
+        else:
+            n = rows.shape[0]
+            x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
+            out = self.student(x.contiguous(memory_format=self.fmt))
+            ce = F.cross_entropy(out["logit"][:n], data.train_y[rows])
+            kd = self.distiller({k: v[n:].contiguous() for k, v in out.items()}, self.teacher(positions, views))
+        return self.settings.ce_weight * ce + kd
+
+
+@dataclass(frozen=True)
+class TeacherReference:
+    """Study-level teacher values on the held-out split: val emb (M, D) and sharpness."""
+
+    val_emb: Tensor
+    val_logit: Tensor
+    sharpness: float
+
+    @classmethod
+    def compute(cls, teacher: nn.Module, data: ProxyData, settings: ProxySettings) -> "TeacherReference":
+        out = predict(teacher, data.val_x, settings.eval_batch_size)
+        n = settings.sharpness_size
+        sharp = adaptive_sharpness(teacher, data.val_x[:n], data.val_y[:n], settings.sharpness_rho)
+        return cls(out["emb"], out["logit"], sharp)
+
+
+def evaluate_student(
+    student: nn.Module,
+    data: ProxyData,
+    reference: TeacherReference,
+    settings: ProxySettings,
+    images: Tensor | None = None,
+    labels: Tensor | None = None,
+) -> dict[str, float]:
+    """val_ce (calibrated), val_ce_raw, val_acc, sharpness_gap, cka_gap on held-out images.
+
+    ``images``/``labels`` default to the val split; the CKA and sharpness terms always use the
+    val split, where the teacher reference was computed.
+    """
+    x = data.val_x if images is None else images
+    y = data.val_y if labels is None else labels
+    out = predict(student, x, settings.eval_batch_size)
+    val_out = out if images is None else predict(student, data.val_x, settings.eval_batch_size)
+    n = settings.sharpness_size
+    sharp = adaptive_sharpness(student, data.val_x[:n], data.val_y[:n], settings.sharpness_rho)
+    return {
+        "val_ce": calibrated_cross_entropy(out["logit"], y),
+        "val_ce_raw": cross_entropy(out["logit"], y),
+        "val_acc": accuracy(out["logit"], y),
+        "sharpness_gap": sharp - reference.sharpness,
+        "cka_gap": cka_gap(val_out["emb"], reference.val_emb),
+    }
+
+
+def run_proxy(
+    new_student: Callable[[], nn.Module],
+    new_distiller: Callable[[], nn.Module],
+    data: ProxyData,
+    teacher: TeacherLookup,
+    reference: TeacherReference,
+    settings: ProxySettings,
+    report: Callable[[int, float], None] | None = None,
+    test: tuple[Tensor, Tensor] | None = None,
+) -> ProxyResult:
+    """One proxy trial: for each seed, seed torch, build a student and a distiller, train, score.
+
+    ``report(global_step, val_ce)`` gets steps counted across seeds (seed i's step s is
+    ``i * steps + s``). ``test`` = (images, labels) scores CE/accuracy there instead of val.
+    """
+    per_seed, curve = [], []
+    train_seconds = score_seconds = 0.0
+    for i, seed in enumerate(settings.seeds):
+        torch.manual_seed(seed)
+        student = new_student()
+        distiller = new_distiller()
+
+        def record(step: int, value: float, offset: int = i * settings.steps) -> None:
+            curve.append((offset + step, value))
+            if report is not None:
+                report(offset + step, value)
+
+        start = time.perf_counter()
+        train_student(student, distiller, data, teacher, settings, seed, record)
+        middle = time.perf_counter()
+        images, labels = test if test is not None else (None, None)
+        per_seed.append(evaluate_student(student, data, reference, settings, images, labels))
+        train_seconds += middle - start
+        score_seconds += time.perf_counter() - middle
+    mean = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in per_seed[0]}
+    return ProxyResult(
+        val_ce=mean["val_ce"], val_ce_raw=mean["val_ce_raw"], val_acc=mean["val_acc"],
+        sharpness_gap=mean["sharpness_gap"], cka_gap=mean["cka_gap"],
+        score=combined_score(mean, settings.score_weights),
+        train_seconds=train_seconds, score_seconds=score_seconds, curve=curve,
+    )

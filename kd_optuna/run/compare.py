@@ -1,0 +1,255 @@
+"""`kd-optuna compare`: every method x seed trained with the study's full recipe, paired by seed.
+
+Each run is the exported script's training (:func:`kd_optuna.export.training.train_with_distiller`, the
+study's ``[train]`` settings, one seed, the same splits, teacher and schedule for every method)
+and yields the **last-epoch** test top-1 in percent. Runs are recorded in the study's storage
+as they finish, as study user attrs ``kd_optuna:compare:<digest>`` whose value is a
+:class:`Run` record; the digest covers everything that decides the run (method, seed, the
+distiller's canonical key for ``searched``, the recipe), so an interrupted or repeated compare
+trains only what is missing, and a changed ``--epochs`` trains anew.
+
+Statistics, per method m over its seeds: mean and sample std of top-1. For ``searched``
+against m over the seeds both have, the paired differences d_i = top1_searched,i - top1_m,i
+give ``mean(d) +- t_{0.975, n-1} * std(d) / sqrt(n)``, the 95% interval of the mean gain.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from kd_optuna.errors import KdOptunaError
+
+#: Prefix of the study user attrs that hold compare runs.
+RUN_ATTR_PREFIX = "kd_optuna:compare:"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run: ``top1`` and ``val_top1`` in percent at the last epoch."""
+
+    method: str
+    seed: int
+    top1: float
+    val_top1: float
+    epochs: int
+    distiller: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run to do: the method, seed, the spec params of ``searched`` and the recipe."""
+
+    method: str
+    seed: int
+    spec_params: Mapping[str, Any]
+    recipe: Mapping[str, Any]
+
+    @property
+    def distiller(self) -> str:
+        from kd_optuna.space import DistillerSpec
+
+        return DistillerSpec.from_params(self.spec_params).key if self.method == "searched" else self.method
+
+    def digest(self) -> str:
+        decided_by = {"method": self.method, "seed": self.seed, "distiller": self.distiller,
+                      "recipe": {k: v for k, v in self.recipe.items() if k not in ("device", "num_workers", "output_dir")}}
+        return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"searched,kd,dkd"`` -> the list; an unknown name raises, listing the methods."""
+    from kd_optuna.export.training import METHODS
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise KdOptunaError(f"unknown method {', '.join(unknown) or '(none)'}; choose from: {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def recorded_runs(user_attrs: Mapping[str, Any]) -> dict[str, Run]:
+    """digest -> Run of every compare run stored in a study's user attrs."""
+    runs = {}
+    for key, value in user_attrs.items():
+        if key.startswith(RUN_ATTR_PREFIX) and isinstance(value, Mapping):
+            try:
+                runs[key[len(RUN_ATTR_PREFIX):]] = Run(**value)
+            except TypeError:
+                continue
+    return runs
+
+
+def _run_job(job: Job, device: str, threads: int) -> Run:
+    import time
+
+    import torch
+
+    from kd_optuna.export.training import train_with_distiller
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = train_with_distiller(
+        dict(job.spec_params), **{**job.recipe, "seed": job.seed, "device": device,
+                                  "output_dir": os.path.join(job.recipe["output_dir"], f"{job.method}-seed{job.seed}")},
+        method=job.method, progress=False,
+    )
+    return Run(job.method, job.seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
+               int(job.recipe["epochs"]), job.distiller, time.perf_counter() - start)
+
+
+def _devices(device: str, n_workers: int) -> list[str]:
+    """Worker i's device: GPU i mod count when CUDA is used, else ``device`` for all."""
+    import torch
+
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(n_workers)]
+    return ["cpu" if device == "auto" else device] * n_workers
+
+
+def run_compare(
+    study: Any,
+    jobs: Sequence[Job],
+    *,
+    n_workers: int = 1,
+    device: str = "auto",
+    threads: int | None = None,
+    on_run: Callable[[Run, bool], None] | None = None,
+) -> list[Run]:
+    """Train the ``jobs`` not yet recorded in ``study``; return every job's Run, in job order.
+
+    Runs go to ``n_workers`` spawned processes (``threads`` torch threads each: the cores
+    split evenly by default); the parent stores each run in the study as it finishes and
+    calls ``on_run(run, reused)``.
+    """
+    done = recorded_runs(study.user_attrs)
+    digests = [job.digest() for job in jobs]
+    results: dict[str, Run] = {}
+    todo: dict[str, Job] = {}
+    for job, digest in zip(jobs, digests):
+        if digest in done:
+            results[digest] = done[digest]
+            if on_run is not None:
+                on_run(done[digest], True)
+        else:
+            todo.setdefault(digest, job)
+    if todo:
+        workers = max(1, min(n_workers, len(todo)))
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
+        devices = _devices(device, workers)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(_run_job, job, devices[i % workers], threads): digest
+                       for i, (digest, job) in enumerate(todo.items())}
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    run = future.result()
+                    digest = futures[future]
+                    study.set_user_attr(RUN_ATTR_PREFIX + digest, asdict(run))
+                    results[digest] = run
+                    if on_run is not None:
+                        on_run(run, False)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    return [results[digest] for digest in digests]
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    method: str
+    n: int
+    mean: float
+    std: float
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """searched minus ``method`` over ``n`` shared seeds: mean, 95% interval, wins."""
+
+    method: str
+    n: int
+    mean: float
+    low: float
+    high: float
+    wins: int
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def summarise(runs: Sequence[Run]) -> tuple[list[MethodSummary], list[PairedGain]]:
+    """Per-method mean/std of top-1, and searched's paired gain over each other method."""
+    from scipy import stats
+
+    by_method: dict[str, dict[int, float]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, {})[run.seed] = run.top1
+    summaries = [MethodSummary(m, len(v), *_mean_std(list(v.values()))) for m, v in by_method.items()]
+    gains = []
+    searched = by_method.get("searched", {})
+    for method, values in by_method.items():
+        if method == "searched":
+            continue
+        seeds = sorted(set(searched) & set(values))
+        if not seeds:
+            continue
+        diffs = [searched[s] - values[s] for s in seeds]
+        mean, std = _mean_std(diffs)
+        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+        gains.append(PairedGain(method, len(diffs), mean, mean - half, mean + half, sum(d > 0 for d in diffs)))
+    return summaries, gains
+
+
+def format_table(summaries: Sequence[MethodSummary], gains: Sequence[PairedGain]) -> str:
+    """A markdown table: method, seeds, mean +- std, and searched's paired gain over it."""
+    gain_of = {g.method: g for g in gains}
+    lines = ["| method | seeds | top-1 (last epoch, test) | searched - method, paired [95% interval] | searched wins |",
+             "|---|---:|---:|---:|---:|"]
+    for s in summaries:
+        g = gain_of.get(s.method)
+        gain = f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" if g else ""
+        wins = f"{g.wins}/{g.n}" if g else ""
+        lines.append(f"| {s.method} | {s.n} | {s.mean:.2f} +- {s.std:.2f} | {gain} | {wins} |")
+    return "\n".join(lines)
+
+
+def as_json(runs: Sequence[Run], summaries, gains) -> dict[str, Any]:
+    return {
+        "runs": [{"method": r.method, "seed": r.seed, "top1": r.top1, "val_top1": r.val_top1,
+                  "epochs": r.epochs, "distiller": r.distiller} for r in runs],
+        "methods": {s.method: {"n": s.n, "mean": s.mean, "std": s.std} for s in summaries},
+        "searched_minus": {g.method: {"n": g.n, "mean": g.mean, "low": g.low, "high": g.high, "wins": g.wins}
+                           for g in gains},
+    }
+
+
+def save_to_dashboard(study: Any, runs: Sequence[Run], summaries, gains, formula: str) -> None:
+    """The results as the study's note and a figure in optuna-dashboard (one box per method)."""
+    import plotly.graph_objects as go
+    from optuna_dashboard import save_plotly_graph_object
+
+    figure = go.Figure()
+    for s in summaries:
+        figure.add_trace(go.Box(y=[r.top1 for r in runs if r.method == s.method], name=s.method,
+                                boxpoints="all", jitter=0.3))
+    figure.update_layout(title="kd-optuna compare: last-epoch test top-1 per method (each point a seed)",
+                         yaxis_title="top-1 (%)")
+    save_plotly_graph_object(study, figure, graph_object_id="kd_optuna_compare")
+    from kd_optuna.run import story
+
+    # the study note is the story's: task, best distillers, and this table among them
+    note = story.build(study)
+    note.compare_formula = formula
+    story.write_note(study, story=note)

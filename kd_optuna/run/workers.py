@@ -1,0 +1,312 @@
+"""`kd-optuna optimize`: N worker processes on one study, a progress bar, a clean Ctrl-C.
+
+This module is the parent: it starts the workers (``kd_optuna.run.trial_loop`` is what each one
+runs; ``kd_optuna.train.devices`` picks its device and threads), shows the progress bar, refreshes
+the dashboard story, and returns the study's summary (``kd_optuna.run.summary``).
+
+Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial, queues a copy with the same
+params and stops (see ``kd_optuna.run.trial_loop``); the parent waits for them, then fails and
+queues again any trial its workers left RUNNING.
+
+A worker that dies (a signal such as SIGKILL from the OOM killer, or an unexpected exit code)
+is reported on stderr and in the summary with its index, pid and how it ended; its running
+trial is failed and queued again at once, and the worker is restarted in its slot, at most
+MAX_RESTARTS times per slot. A worker that stops for a reason it said itself (exit 1 or 2: a
+broken setup, the database unreachable) is not restarted; its own message is shown.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+from kd_optuna import optuna_private
+from kd_optuna.run.config import StudyConfig
+from kd_optuna.train.devices import WorkerContext
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.run.storage import DATABASE_ERRORS, describe_error, load_study, open_storage, study_config
+from kd_optuna.run.story import canonical_notes, trial_note  # noqa: F401 - imported from here by callers
+from kd_optuna.run.summary import (  # noqa: F401 - Summary, REASON_ATTR: imported from here by callers
+    FAIL_REASON_ATTR,
+    INTERRUPTED,
+    REASON_ATTR,
+    WORKER_ATTR,
+    Summary,
+    count_states,
+    summarize,
+)
+from kd_optuna.run.trial_loop import (  # noqa: F401 - task_objective, ObjectiveFactory: the defaults callers name
+    POLL_S,
+    ObjectiveFactory,
+    WorkerArgs,
+    queue_again,
+    task_objective,
+    worker_main,
+)
+
+MAX_RESTARTS = 3
+#: Exit codes of a worker that ended on its own terms: done, stopped with its message (1, 2), interrupted.
+_OWN_EXITS = (0, 1, 2, 130)
+
+
+def optimize(
+    storage_url: str,
+    study_name: str,
+    n_trials: int,
+    n_workers: int = 1,
+    timeout: float | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    heartbeat_interval: int | None = 20,
+    grace_period: int | None = None,
+    objective_factory: ObjectiveFactory = task_objective,
+    progress: bool = True,
+    on_start: Callable[[list[int]], None] | None = None,
+    before_workers: Callable[[StudyConfig], None] | None = None,
+) -> Summary:
+    """Run ``n_workers`` processes on the study until it holds ``n_trials`` finished trials,
+    ``timeout`` seconds pass, or Ctrl-C; returns the study's summary. ``threads``: torch CPU
+    threads per worker (None: the cores split evenly). ``before_workers(config)`` runs once
+    here when there are trials to run, before any worker starts (the CLI trains a missing
+    teacher there, with a progress bar)."""
+    if n_trials < 1 or n_workers < 1 or (threads is not None and threads < 1):
+        raise KdOptunaError("--n-trials, --n-workers and --threads must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise KdOptunaError("--timeout must be a positive number of seconds")
+    storage = open_storage(storage_url, heartbeat_interval, grace_period)
+    study = load_study(storage, study_name, storage_url)
+    config = study_config(study)
+    config.check_files()
+    deadline = None if timeout is None else time.time() + timeout
+    counts = count_states(storage, optuna_private.study_id(study))
+    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+        summary = summarize(study)
+        summary.target_met_before = True
+        storage.engine.dispose()
+        return summary
+    if before_workers is not None:
+        before_workers(config)
+
+    ctx = multiprocessing.get_context("spawn")
+    host_lock = ctx.Lock()
+    messages = ctx.Queue()
+
+    def start(index: int):
+        args = WorkerArgs(
+            storage_url, study_name, n_trials, deadline, WorkerContext(index, n_workers, device, threads),
+            heartbeat_interval, grace_period, objective_factory, os.getpid(),
+        )
+        process = ctx.Process(target=worker_main, args=(args, host_lock, messages), name=f"kd-optuna-worker-{index}")
+        process.start()
+        return process
+
+    slots = [start(index) for index in range(n_workers)]
+    processes = list(slots)  # every process started, replacements included
+    if on_start is not None:
+        on_start([p.pid for p in slots])
+
+    errors: list[str] = []
+    deaths: list[str] = []
+    restarts = [0] * n_workers
+    interrupted = False
+    bar = _progress_bar(n_trials, progress)
+    refresh_story = _story_refresher(study, bar)
+    try:
+        while True:
+            _drain(messages, errors, bar)
+            for index, process in enumerate(slots):
+                if process.is_alive() or process.exitcode in _OWN_EXITS or getattr(process, "_kd_reported", False):
+                    continue
+                process._kd_reported = True
+                replacement = _replace_dead(index, process, restarts, study, storage, deadline, n_trials, start)
+                if replacement is not None:
+                    slots[index] = replacement
+                    processes.append(replacement)
+                deaths.append(_death_line(index, process, replacement, restarts[index]))
+                _say(f"kd-optuna: {deaths[-1]}", bar)
+            if not any(p.is_alive() for p in slots):
+                break
+            _update_bar(bar, study)
+            refresh_story()
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        interrupted = True
+        _stop_workers(processes)
+    finally:
+        _drain(messages, errors, bar)
+        for process in processes:
+            process.join(timeout=30)
+        try:
+            _fail_orphans(study, storage, processes)
+        except DATABASE_ERRORS as exc:
+            errors.append(f"could not fail the trials of ended workers ({describe_error(exc, storage_url)}); "
+                          "the next worker's heartbeat check fails them")
+        _update_bar(bar, study)
+        if bar is not None:
+            bar.close()
+    messages.close()
+    messages.join_thread()
+    for index, process in enumerate(slots):  # a worker that died after the loop's last look (not stopped by us)
+        if not interrupted and process.exitcode not in _OWN_EXITS and not getattr(process, "_kd_reported", False):
+            deaths.append(_death_line(index, process, None, restarts[index]))
+            _say(f"kd-optuna: {deaths[-1]}", None)
+    summary = summarize(study)
+    summary.interrupted = interrupted or any(p.exitcode == 130 for p in slots)
+    summary.worker_errors = errors
+    summary.worker_deaths = deaths
+    storage.engine.dispose()
+    return summary
+
+
+def how_it_ended(exitcode: int | None) -> str:
+    """``killed by SIGKILL`` for a negative exit code (the signal), else ``exited with code N``."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
+def _replace_dead(index, process, restarts, study, storage, deadline, n_trials, start):
+    """A worker died: fail and queue again its running trial now (not a grace period later),
+    and start a replacement in its slot unless the slot used its MAX_RESTARTS, the deadline
+    passed or the target is met. The replacement, or None."""
+    try:
+        _fail_orphans(study, storage, [process], reason=f"its worker {how_it_ended(process.exitcode)}")
+        counts = count_states(storage, optuna_private.study_id(study))
+    except DATABASE_ERRORS:  # the heartbeat fails its trial; the count is checked by the workers
+        counts = None
+    if restarts[index] >= MAX_RESTARTS or (deadline is not None and time.time() >= deadline):
+        return None
+    if counts is not None and counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+        return None
+    restarts[index] += 1
+    return start(index)
+
+
+def _death_line(index: int, process, replacement, restarted: int) -> str:
+    """e.g. ``worker 1 (pid 4242) killed by SIGKILL; restarted (1 of 3), now pid 4300``."""
+    line = f"worker {index} (pid {process.pid}) {how_it_ended(process.exitcode)}"
+    if replacement is not None:
+        return f"{line}; restarted ({restarted} of {MAX_RESTARTS}), now pid {replacement.pid}"
+    if restarted >= MAX_RESTARTS:
+        return f"{line}; not restarted: its slot was restarted {MAX_RESTARTS} times"
+    return f"{line}; not restarted"
+
+
+def _say(text_: str, bar) -> None:
+    """A line on stderr, above the progress bar when there is one."""
+    if bar is not None:
+        bar.write(text_, file=sys.stderr)
+    else:
+        print(text_, file=sys.stderr, flush=True)
+
+
+def _story_refresher(study, bar):
+    """The dashboard story's refresh every few finished trials, for a kd-optuna study (one with
+    a stored config); a no-op for any other study."""
+    from kd_optuna.run.config import CONFIG_ATTR
+
+    if CONFIG_ATTR not in study.user_attrs:
+        return lambda: False
+    from kd_optuna.run.story import PeriodicRefresh
+
+    return PeriodicRefresh(study, on_error=lambda message: _say(f"kd-optuna: {message}", bar))
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="trial", dynamic_ncols=True, desc="trials")
+
+
+def _update_bar(bar, study: optuna.Study) -> None:
+    """Show finished trials, rejected, failed, the best score and formula; redraw on a change
+    (or every 10 s, for the elapsed time)."""
+    if bar is None:
+        return
+    try:
+        summary = summarize(study)
+    except Exception:  # a busy database: the next poll shows it
+        return
+    best = "-" if summary.best_value is None else f"{summary.best_value:.4g}"
+    postfix = f"rejected={summary.rejected} failed={summary.failed} best={best} {summary.best_formula or '-'}"
+    shown = (min(summary.finished, bar.total), postfix)
+    last = getattr(bar, "_kd_shown", (None, None, 0.0))
+    if shown != last[:2] or time.time() - last[2] > 10:
+        bar.n = shown[0]
+        bar.set_postfix_str(postfix, refresh=False)
+        bar.refresh()
+        bar._kd_shown = (*shown, time.time())
+
+
+def _drain(messages, errors: list[str], bar) -> None:
+    while True:
+        try:
+            _, text_ = messages.get_nowait()
+        except Exception:
+            return
+        errors.append(text_)
+        if bar is not None:
+            bar.write(text_)
+        else:
+            logging.getLogger("kd_optuna").warning(text_)
+
+
+def _stop_workers(processes, wait_s: float = 20.0) -> None:
+    """SIGINT each live worker (a second one is ignored), then SIGTERM, then SIGKILL."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig, wait in ((signal.SIGINT, wait_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        alive = [p for p in processes if p.is_alive()]
+        if not alive:
+            break
+        for process in alive:
+            try:
+                os.kill(process.pid, sig)
+            except ProcessLookupError:
+                pass
+        end = time.time() + wait
+        for process in alive:
+            process.join(timeout=max(0.0, end - time.time()))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _fail_orphans(study: optuna.Study, storage, processes, reason: str = INTERRUPTED) -> list[int]:
+    """Fail RUNNING trials whose worker (one of ``processes``) has ended, with ``fail_reason``
+    = ``reason``, and queue each again with its params; the failed trials' numbers.
+    A trial that finished meanwhile (told, or failed by a heartbeat check) is left alone."""
+    host = socket.gethostname()
+    ended = {f"{host}:{p.pid}" for p in processes if not p.is_alive()}
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(WORKER_ATTR) in ended:
+            try:
+                storage.set_trial_user_attr(optuna_private.trial_id(trial), FAIL_REASON_ATTR, reason)
+                if not storage.set_trial_state_values(optuna_private.trial_id(trial), TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:  # finished meanwhile
+                continue
+            failed.append(trial.number)
+            queue_again(study, storage.get_trial(optuna_private.trial_id(trial)), retry=reason != INTERRUPTED)
+    return failed
+
+
+def check_counts(values: Mapping[str, Any]) -> None:
+    """Refuse zero or negative counts with the flag's name."""
+    for flag, value in values.items():
+        if value is not None and value < 1:
+            raise KdOptunaError(f"{flag} must be at least 1, got {value}")

@@ -1,0 +1,2 @@
+"""Where candidates come from: EvolutionSampler (Algorithm 1 on Optuna), its proposers, the
+additive predictor that ranks contestants, the genome helpers and the lineage each trial keeps."""

@@ -1,0 +1,196 @@
+"""Checkpoints: our own format, plain state dicts and RepDistiller / mdistiller teachers.
+
+``save_checkpoint`` writes ``{"format", "state_dict", "meta"}`` where meta holds model_name,
+num_classes, dataset, accuracy, sha256 (of the weights, see ``weights_sha256``) and the package
+version. ``load_state`` reads, always with ``torch.load(..., weights_only=True)``, any of
+
+- our checkpoint (the hash is verified; model name and class count are checked against meta),
+- a plain state dict ``{name: tensor}``,
+- the ``ckpt_epoch_240.pth`` layout of RepDistiller and mdistiller, ``{"model": state_dict, ...}``
+  (our zoo uses their parameter names, so no conversion is needed),
+
+and, in every case, a ``module.`` prefix left by DataParallel is removed. The weights are then
+checked against ``build_model(model_name, num_classes)``; a mismatch names both architectures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kd_optuna import __version__
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.models import MODEL_NAMES, build_model
+
+FORMAT = "kd-optuna-checkpoint/1"
+
+
+class CheckpointError(KdOptunaError):
+    """A checkpoint that cannot be read, is corrupt, or holds another architecture or class count."""
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted keys, each key's dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    model_name: str,
+    num_classes: int,
+    dataset: str,
+    accuracy: float,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``model``'s state dict and metadata to ``path`` (atomically); return the path."""
+    path = Path(path)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    meta = {
+        "model_name": model_name,
+        "num_classes": int(num_classes),
+        "dataset": dataset,
+        "accuracy": float(accuracy),
+        "sha256": weights_sha256(state),
+        "version": __version__,
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, partial)
+    os.replace(partial, path)
+    return path
+
+
+_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_RESAVE = "where the model is defined, save only its weights: torch.save(model.state_dict(), path)"
+
+
+def unreadable_reason(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words that end with the fix.
+
+    torch's own message advises loading with weights_only=False, which runs whatever code the
+    file holds; that advice is never repeated: only the name of a refused global is kept."""
+    text = str(exc)
+    found = _GLOBAL.search(text)
+    if found:
+        return (
+            f"holds Python objects besides tensors ({found.group(1)}), which kd-optuna never loads; {_RESAVE}"
+        )
+    if isinstance(exc, OSError) and not isinstance(exc, EOFError):
+        return f"cannot be read ({type(exc).__name__}: {exc.strerror or 'I/O error'}); check the file's permissions"
+    if isinstance(exc, EOFError) or "central directory" in text or "zip archive" in text:
+        return "is empty or truncated (an interrupted copy or download?); copy the checkpoint again"
+    return f"is not a PyTorch checkpoint of weights ({type(exc).__name__}); check the path, or {_RESAVE}"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict, our meta or None) from any supported layout, weights_only, hash verified."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError,
+            IndexError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path} {unreadable_reason(exc)}") from None
+    meta = None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        state, meta = payload["state_dict"], payload["meta"]
+        if weights_sha256(state) != meta.get("sha256"):
+            raise CheckpointError(f"checkpoint {path} is corrupt: its weights do not match the sha256 in its metadata")
+    elif isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        state = payload["model"]
+    elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        state = payload["state_dict"]
+    else:
+        state = payload
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict (expected {{name: tensor}}, {{'model': ...}} or our format)"
+        )
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state, meta
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _on_meta(name: str, num_classes: int) -> nn.Module:
+    with torch.device("meta"):
+        return build_model(name, num_classes)
+
+
+def _class_count(expected: dict, state: dict) -> int | None:
+    """The checkpoint's class count: dim 0 of the tensors whose shape differs from the
+    expected model's in dim 0 only (the classifier), if that is all that differs."""
+    differing = [k for k in expected if tuple(state[k].shape) != expected[k]]
+    counts = {state[k].shape[0] for k in differing if state[k].shape[1:] == expected[k][1:]}
+    if differing and len(counts) == 1 and all(state[k].shape[1:] == expected[k][1:] for k in differing):
+        return counts.pop()
+    return None
+
+
+def describe_architecture(state: dict[str, torch.Tensor]) -> str:
+    """'<zoo name> with <K> classes' for the first registered model whose parameter names and
+    shapes (apart from the class count) match ``state``; else 'an unknown architecture'."""
+    for name in MODEL_NAMES:
+        try:
+            expected = _shapes(_on_meta(name, 1))
+        except KdOptunaError:
+            continue
+        if set(expected) != set(state):
+            continue
+        classes = _class_count(expected, state)
+        if classes is not None:
+            return f"{name} with {classes} classes"
+    return f"an unknown architecture ({len(state)} tensors, first {next(iter(state))!r})"
+
+
+def load_state(path: str | os.PathLike, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, checked to fit ``build_model(model_name, num_classes)``."""
+    state, meta = read_checkpoint(path)
+    return _checked(path, state, meta, model_name, num_classes)
+
+
+def _checked(path, state: dict, meta: dict | None, model_name: str, num_classes: int) -> dict[str, torch.Tensor]:
+    wanted = f"{model_name} with {num_classes} classes"
+    if meta is not None and (meta.get("model_name"), meta.get("num_classes")) != (model_name, num_classes):
+        held = f"{meta.get('model_name')} with {meta.get('num_classes')} classes"
+        raise CheckpointError(f"checkpoint {path} holds {held}, but {wanted} was asked for")
+    expected = _shapes(_on_meta(model_name, num_classes))
+    if set(expected) != set(state) or any(tuple(state[k].shape) != expected[k] for k in expected):
+        raise CheckpointError(f"checkpoint {path} holds {describe_architecture(state)}, but {wanted} was asked for")
+    return state
+
+
+def load_model(
+    path: str | os.PathLike,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict | None]:
+    """Build the model and load ``path`` into it, in eval mode. Name and class count default to
+    the checkpoint's metadata (our format); returns (model, meta or None)."""
+    state, meta = read_checkpoint(path)
+    model_name = model_name or (meta or {}).get("model_name")
+    num_classes = num_classes or (meta or {}).get("num_classes")
+    if model_name is None or num_classes is None:
+        raise CheckpointError(f"checkpoint {path} has no metadata: give the model name and number of classes")
+    model = build_model(model_name, num_classes)
+    model.load_state_dict(_checked(path, state, meta, model_name, num_classes))
+    return model.to(device).eval(), meta
