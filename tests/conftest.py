@@ -7,6 +7,7 @@ child imports ``conftest`` by name, the tests directory being on ``sys.path``).
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -17,6 +18,16 @@ import torch
 
 import pg
 from kd_optuna.run.config import CONFIG_ATTR, load_config
+
+
+def default_sigint(argv: list[str]) -> list[str]:
+    """``argv`` run with SIGINT handled as in a terminal's foreground job, for a process a test
+    sends Ctrl-C. A suite started in the background (``make test &``) runs with SIGINT ignored,
+    which every child inherits and Python then leaves ignored; a handler reset to the default
+    survives ``exec``."""
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    return [sys.executable, "-c", reset, *argv]
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

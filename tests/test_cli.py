@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution
 
-from conftest import invoke_cli, tiny_digits_toml
+from conftest import default_sigint, invoke_cli, tiny_digits_toml
 from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.space import FULL_OPTIONS, GENES
 
@@ -297,8 +297,8 @@ def test_ctrl_c_on_optimize_then_the_same_command_reruns_the_interrupted_trials(
     kd = [sys.executable, "-m", "kd_optuna.run.cli"]
     assert subprocess.run([*kd, "create-study", str(config), "--storage", url], cwd=tmp_path, timeout=120).returncode == 0
     command = [*kd, "optimize", "--storage", url, "--n-trials", "4", "--n-workers", "2", "--no-progress"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(default_sigint(command), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     study = optuna.load_study(study_name="digits_tiny", storage=url)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TrivialObjective, create_kd_study, run_worker_in_process
+from conftest import TrivialObjective, create_kd_study, default_sigint, run_worker_in_process
 from kd_optuna import optuna_private
 from kd_optuna.run.storage import open_storage
 from kd_optuna.run.workers import WorkerContext, optimize, trial_note
@@ -218,7 +218,7 @@ def run_interrupt_scenario(url: str, tmp_path: Path) -> None:
     study = create_kd_study(url)
     script = tmp_path / "run.py"
     script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=8, sleep=30.0))
-    process = subprocess.Popen([sys.executable, str(script)], start_new_session=True, cwd=tmp_path)
+    process = subprocess.Popen(default_sigint([sys.executable, str(script)]), start_new_session=True, cwd=tmp_path)
     deadline = time.time() + 90
     while time.time() < deadline and _states(study).get(TrialState.RUNNING, 0) < 4:
         time.sleep(0.2)
@@ -282,7 +282,7 @@ def test_ctrl_c_to_the_parent_queues_the_interrupted_trials_and_resume_runs_thei
     study = create_kd_study(url)
     script = tmp_path / "run.py"
     script.write_text(_RESUME_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=4, sleep=60.0))
-    process = subprocess.Popen([sys.executable, str(script)], start_new_session=True, cwd=tmp_path,
+    process = subprocess.Popen(default_sigint([sys.executable, str(script)]), start_new_session=True, cwd=tmp_path,
                                stdout=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     running = []

@@ -268,21 +268,24 @@ def _drain(messages, errors: list[str], bar) -> None:
 
 
 def _stop_workers(processes, wait_s: float = 20.0) -> None:
-    """SIGINT each live worker (a second one is ignored), then SIGTERM, then SIGKILL."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig, wait in ((signal.SIGINT, wait_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        alive = [p for p in processes if p.is_alive()]
-        if not alive:
-            break
-        for process in alive:
-            try:
-                os.kill(process.pid, sig)
-            except ProcessLookupError:
-                pass
-        end = time.time() + wait
-        for process in alive:
-            process.join(timeout=max(0.0, end - time.time()))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """SIGINT each live worker (a second Ctrl-C meanwhile is ignored), then SIGTERM, then
+    SIGKILL; the caller's SIGINT handler is back afterwards, whatever happened."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for sig, wait in ((signal.SIGINT, wait_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            alive = [p for p in processes if p.is_alive()]
+            if not alive:
+                break
+            for process in alive:
+                try:
+                    os.kill(process.pid, sig)
+                except ProcessLookupError:
+                    pass
+            end = time.time() + wait
+            for process in alive:
+                process.join(timeout=max(0.0, end - time.time()))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _fail_orphans(study: optuna.Study, storage, processes, reason: str = INTERRUPTED) -> list[int]:
