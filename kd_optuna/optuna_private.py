@@ -75,3 +75,12 @@ def cached_storage_class() -> type:
     from optuna.storages._cached_storage import _CachedStorage
 
     return _CachedStorage
+
+
+def lazy_random_state(seed: int | None = None):
+    """Optuna's ``LazyRandomState``, the RandomState its own samplers hold (made on first use,
+    so copies of an unseeded sampler each get their own entropy): the class is private."""
+    from optuna.samplers._lazy_random_state import LazyRandomState
+
+    return LazyRandomState(seed)
+

@@ -87,7 +87,6 @@ import math
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
@@ -123,24 +122,6 @@ _CLAIM_ROUNDS = 8
 _REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
 _MAX_PLANS = 4096
 _INTERSECTED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class _LazyRandomState:
-    """A numpy RandomState made on first use, as Optuna's own samplers hold theirs (Optuna's
-    class for it is private): seeded at once when ``seed`` is given, so a seeded sampler draws
-    the same values, else created only when first drawn from, so copies of an unseeded
-    sampler made before that draw each get their own entropy."""
-
-    def __init__(self, seed: int | None = None) -> None:
-        self._rng: np.random.RandomState | None = None
-        if seed is not None:
-            self.rng.seed(seed=seed)
-
-    @property
-    def rng(self) -> np.random.RandomState:
-        if self._rng is None:
-            self._rng = np.random.RandomState()
-        return self._rng
 
 
 class _DefaultProposer:
@@ -575,7 +556,7 @@ class EvolutionSampler(BaseSampler):
         self.max_tries = int(max_tries)
         self.screen = int(screen)
         self.mutation_scale = float(mutation_scale)
-        self._rng = _LazyRandomState(seed)
+        self._rng = optuna_private.lazy_random_state(seed)
         self._random = RandomSampler(seed=None if seed is None else seed + 1)
         self._mutation = MutationProposer()
         self._crossover = CrossoverProposer()

@@ -109,12 +109,13 @@ def train_steps(
     lr_at: Callable[[int], float] | None = None,
     first_step: int = 0,
     max_steps: int | None = None,
-    hooks: Hooks = Hooks(),
+    hooks: Hooks | None = None,
 ) -> int:
     """One optimiser step per batch (see the module docstring); returns the step count after.
 
     With ``max_steps`` the loop ends when the batch after the ``max_steps``-th is drawn.
     """
+    hooks = hooks if hooks is not None else Hooks()
     step = first_step
     for taken, batch in enumerate(batches):
         if max_steps is not None and taken >= max_steps:
@@ -146,10 +147,11 @@ def train_epochs(
     lr: float = 0.0,
     lr_at: Callable[[int], float] | None = None,
     max_steps: int | None = None,
-    hooks: Hooks = Hooks(),
+    hooks: Hooks | None = None,
 ) -> int:
     """Epochs ``first_epoch`` .. ``epochs - 1`` of :func:`train_steps` over ``epoch_batches(epoch)``,
     each between ``hooks.epoch_start`` and ``hooks.epoch_end``; returns the step count."""
+    hooks = hooks if hooks is not None else Hooks()
     step = 0
     for epoch in range(first_epoch, epochs):
         if hooks.epoch_start is not None:
