@@ -402,8 +402,9 @@ def lineage(trials: Sequence[Any], top: int = _LINEAGE_TOP, max_nodes: int = _LI
             continue
         trial = by_number[number]
         family[number] = trial
+        origin = read_lineage(trial)
         for attr in ("parent", "crossover_parent"):
-            parent = _int(read_lineage(trial).get(attr))
+            parent = _int(origin.get(attr))
             if parent is not None and parent not in family and parent != number:
                 queue.append(parent)
     return leaders, sorted(family.values(), key=lambda t: t.number)
@@ -416,11 +417,12 @@ def lineage_figure(trials: Sequence[Any], top: int = _LINEAGE_TOP):
     leaders, family = lineage(trials, top)
     rank = {t.number: i + 1 for i, t in enumerate(leaders)}
     where = {t.number: (t.number, t.value if _scored(t) else None) for t in family}
+    origins = {t.number: read_lineage(t) for t in family}
     figure = go.Figure()
     for attr, name, dash in (("parent", "parent → child", "solid"), ("crossover_parent", "crossover's second parent", "dot")):
         xs, ys, mid_x, mid_y, mid_text = [], [], [], [], []
         for trial in family:
-            parent = _int(read_lineage(trial).get(attr))
+            parent = _int(origins[trial.number].get(attr))
             if parent not in where or where[parent][1] is None or where[trial.number][1] is None:
                 continue
             (x0, y0), (x1, y1) = where[parent], where[trial.number]
@@ -436,17 +438,17 @@ def lineage_figure(trials: Sequence[Any], top: int = _LINEAGE_TOP):
         if mid_text:
             figure.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="text", text=mid_text, name="mutated genes",
                                         textfont={"size": 9, "color": "#555555"}, hoverinfo="skip"))
-    proposers = sorted({str(read_lineage(t).get("proposer", "unknown")) for t in family})
-    for proposer in proposers:
-        members = [t for t in family if str(read_lineage(t).get("proposer", "unknown")) == proposer and _scored(t)]
+    proposer_of = {t.number: str(origins[t.number].get("proposer", "unknown")) for t in family}
+    for proposer in sorted(set(proposer_of.values())):
+        members = [t for t in family if proposer_of[t.number] == proposer and _scored(t)]
         if not members:
             continue
         hover = []
         for t in members:
             lines = [f"trial {t.number} ({proposer})" + (f", #{rank[t.number]} best" if t.number in rank else ""),
                      f"score {_fmt(t.value)}", _formula(t)]
-            parent = _int(read_lineage(t).get("parent"))
-            second = read_lineage(t).get("crossover_parent")
+            parent = _int(origins[t.number].get("parent"))
+            second = origins[t.number].get("crossover_parent")
             if parent is not None:
                 lines.append(f"parent {parent}" + (f", crossover with {second}" if second is not None else ""))
             if _mutated(t):
@@ -571,8 +573,8 @@ def _best_row(rank: int, trial) -> dict[str, Any]:
     attrs = trial.user_attrs
     row = {"rank": rank, "trial": trial.number, "score": trial.value, "formula": _formula(trial)}
     row.update({name: attrs.get(name) for name in ("val_ce", "cka_gap", "val_acc", "sharpness_gap")})
-    proposer = read_lineage(attrs).get("proposer")
-    parent = _int(read_lineage(attrs).get("parent"))
+    origin = read_lineage(attrs)
+    proposer, parent = origin.get("proposer"), _int(origin.get("parent"))
     row["origin"] = "" if proposer is None else str(proposer) + (f" of {parent}" if parent is not None else "")
     return row
 
