@@ -303,16 +303,16 @@ def random_crop_flip(padding: int, fill: Sequence[float]):
     return augment
 
 
-def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float) -> DatasetSplits:
+def _open_cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset]:
+    """torchvision's (train, test) CIFAR-10 or CIFAR-100 under ``root``, downloaded there first if
+    ``download``; a missing, corrupt or undownloadable copy is a DataError saying what to do."""
     import torchvision
-    from torchvision import transforms as T
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     folder = root / cls.base_folder
     label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
     try:
-        base_train = cls(str(root), train=True, download=download)
-        base_test = cls(str(root), train=False, download=False)
+        return cls(str(root), train=True, download=download), cls(str(root), train=False, download=False)
     except RuntimeError:
         if folder.exists():
             state = ("is corrupt or not the official release: its files fail torchvision's md5 check, "
@@ -328,6 +328,11 @@ def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float
     except OSError as exc:
         raise DataError(f"could not download {label} into {root}: {exc}; copy {cls.filename} there by hand") from None
 
+
+def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float) -> DatasetSplits:
+    from torchvision import transforms as T
+
+    base_train, base_test = _open_cifar(name, root, download)
     mean, std = CIFAR_STATS[name]
     normalise = [T.ToTensor(), T.Normalize(mean, std)]
     train_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalise])
