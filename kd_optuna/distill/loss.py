@@ -173,6 +173,13 @@ class DistillerLoss(nn.Module):
     def extra_repr(self) -> str:
         return self.spec.formula()
 
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a CUDA graph replaying this loss computes what calling it again would: no
+        random transform (their per-call seed is drawn in Python) and no finiteness check (it
+        reads the loss on the host)."""
+        return not self.check_finite and all(r is None for r in self._random)
+
     def forward(
         self,
         student: Mapping[str, Tensor],

@@ -10,6 +10,7 @@ User attrs written on every trial (fixed names, read by the sampler and the dash
     sharpness_gap, cka_gap            averaged over the proxy seeds
     proxy_seconds                     training + scoring seconds
     training_seconds, scoring_seconds
+    step_mode                         how a CUDA-graphed trial's steps ran (``[proxy] cuda_graph``)
     pruned_at_step                    when an Optuna pruner stopped the trial
     fail_reason                       a CUDA out-of-memory: the trial fails (value NaN) and
                                       the worker goes on with the next one
@@ -77,4 +78,6 @@ class Objective:
         trial.set_user_attr("training_seconds", result.train_seconds)
         trial.set_user_attr("scoring_seconds", result.score_seconds)
         trial.set_user_attr("proxy_seconds", result.train_seconds + result.score_seconds)
+        if result.step_mode != "eager":
+            trial.set_user_attr("step_mode", result.step_mode)
         return result.score

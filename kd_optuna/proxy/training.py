@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_optuna.train import engine
+from kd_optuna.train.graphs import CudaGraphs, GraphBackend, GraphedStep
 from kd_optuna.data import class_balanced_subset
 from kd_optuna.errors import InvalidDistiller, KdOptunaError
 from kd_optuna.proxy.metrics import (
@@ -92,7 +93,10 @@ class ProxySettings:
     term over ``reject_ratio`` x CE is "exploding". ``cache_dtype``: storage of the teacher's
     feat and emb (logits are always float32). ``channels_last``: the student and its input
     batches use the channels-last memory format (about 2x faster for the digits CNN on a CPU);
-    the distiller always receives contiguous tensors.
+    the distiller always receives contiguous tensors. ``cuda_graph``: on a CUDA device, capture
+    each training step as a CUDA graph after warm-up and replay it (:mod:`kd_optuna.train.graphs`),
+    for schedules whose lr is piecewise constant ("step", "constant") and distillers without
+    random transforms; elsewhere, and on the CPU, the step runs eagerly as without it.
     """
 
     labels_per_class: int = 5
@@ -131,6 +135,7 @@ class ProxySettings:
     reject_ratio: float = 1000.0
     cache_dtype: str = "float16"
     channels_last: bool = True
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         for name in ("seeds", "milestones"):
@@ -374,13 +379,16 @@ def live_teacher(teacher: nn.Module, data: ProxyData) -> TeacherLookup:
 class NoDistillation(nn.Module):
     """The reference without KD: a distiller whose term is always 0 (the student learns by CE)."""
 
+    graph_safe = True
+
     def forward(self, student, teacher, labels=None) -> Tensor:
         return student["logit"].new_zeros(())
 
 
 @dataclass
 class ProxyResult:
-    """Metrics of one proxy trial, averaged over seeds; ``curve`` = [(step, val_ce)]."""
+    """Metrics of one proxy trial, averaged over seeds; ``curve`` = [(step, val_ce)];
+    ``step_mode`` how its steps ran (:func:`train_student`'s ``step_mode``, the last seed's)."""
 
     val_ce: float
     val_ce_raw: float
@@ -391,6 +399,7 @@ class ProxyResult:
     train_seconds: float
     score_seconds: float
     curve: list[tuple[int, float]]
+    step_mode: str = "eager"
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -421,12 +430,17 @@ def train_student(
     settings: ProxySettings,
     seed: int,
     report: Callable[[int, float], None] | None = None,
-) -> nn.Module:
-    """Train ``student`` (and the distiller's adapter) for ``settings.steps`` steps in place.
+    graphs: Callable[[torch.device], GraphBackend] | None = None,
+) -> str:
+    """Train ``student`` (and the distiller's adapter) for ``settings.steps`` steps in place;
+    returns how the steps ran: "eager", or "cuda graph: C captures, R replays, E eager" (with
+    the reason when a capture failed and the rest ran eagerly).
 
     Batches are drawn with a generator seeded by ``seed``. Every ``report_every`` steps and at
     the end, ``report(step, calibrated val CE)`` is called. A non-finite loss raises
     ``InvalidDistiller("non-finite loss during training")``, checked at each report.
+    ``graphs(device)``: the graph backend when :func:`graphable` (default
+    :class:`~kd_optuna.train.graphs.CudaGraphs`; tests pass one that runs on the CPU).
     """
     optimizer = settings.make_optimizer(list(student.parameters()) + list(distiller.parameters()))
     student.to(memory_format=memory_format(settings))
@@ -445,11 +459,26 @@ def train_student(
                 logits = predict(student, data.val_x, settings.eval_batch_size)["logit"]
                 report(done, calibrated_cross_entropy(logits, data.val_y))
 
-    engine.train_steps(
-        optimizer, _proxy_batches(data, settings, seed), _ProxyLoss(student, distiller, teacher, data, settings),
-        lr=settings.lr, lr_at=settings.lr_factor, hooks=engine.Hooks(after_loss=check, after_step=after_step),
-    )
-    return student
+    hooks = engine.Hooks(after_loss=check, after_step=after_step)
+    step_loss = _ProxyLoss(student, distiller, teacher, data, settings)
+    run_step = None
+    if graphable(settings, distiller, data.device, graphs is not None):
+        run_step = GraphedStep(optimizer, step_loss, hooks, (graphs or CudaGraphs)(data.device))
+    engine.train_steps(optimizer, _proxy_batches(data, settings, seed), step_loss,
+                       lr=settings.lr, lr_at=settings.lr_factor, hooks=hooks, run_step=run_step)
+    if run_step is None:
+        return "eager"
+    mode = f"cuda graph: {run_step.captures} captures, {run_step.replays} replays, {run_step.eager_steps} eager"
+    return mode if run_step.fallback is None else f"{mode} ({run_step.fallback})"
+
+
+def graphable(settings: ProxySettings, distiller: nn.Module, device: torch.device, any_device: bool = False) -> bool:
+    """Whether the proxy step may be replayed from a graph: ``cuda_graph`` set, the device CUDA
+    (any device when ``any_device``), the lr piecewise constant (schedule "step" or "constant":
+    a graph is captured once per lr) and the distiller ``graph_safe`` (no Python-side randomness
+    or state that a replay would freeze)."""
+    return (settings.cuda_graph and (any_device or device.type == "cuda")
+            and settings.schedule in ("step", "constant") and bool(getattr(distiller, "graph_safe", False)))
 
 
 def _proxy_batches(data: ProxyData, settings: ProxySettings, seed: int):
@@ -548,14 +577,17 @@ def run_proxy(
     settings: ProxySettings,
     report: Callable[[int, float], None] | None = None,
     test: tuple[Tensor, Tensor] | None = None,
+    graphs: Callable[[torch.device], GraphBackend] | None = None,
 ) -> ProxyResult:
     """One proxy trial: for each seed, seed torch, build a student and a distiller, train, score.
 
     ``report(global_step, val_ce)`` gets steps counted across seeds (seed i's step s is
     ``i * steps + s``). ``test`` = (images, labels) scores CE/accuracy there instead of val.
+    ``graphs``: as in :func:`train_student`.
     """
     per_seed, curve = [], []
     train_seconds = score_seconds = 0.0
+    step_mode = "eager"
     for i, seed in enumerate(settings.seeds):
         torch.manual_seed(seed)
         student = new_student()
@@ -567,7 +599,7 @@ def run_proxy(
                 report(offset + step, value)
 
         start = time.perf_counter()
-        train_student(student, distiller, data, teacher, settings, seed, record)
+        step_mode = train_student(student, distiller, data, teacher, settings, seed, record, graphs)
         middle = time.perf_counter()
         images, labels = test if test is not None else (None, None)
         per_seed.append(evaluate_student(student, data, reference, settings, images, labels))
@@ -578,5 +610,5 @@ def run_proxy(
         val_ce=mean["val_ce"], val_ce_raw=mean["val_ce_raw"], val_acc=mean["val_acc"],
         sharpness_gap=mean["sharpness_gap"], cka_gap=mean["cka_gap"],
         score=combined_score(mean, settings.score_weights),
-        train_seconds=train_seconds, score_seconds=score_seconds, curve=curve,
+        train_seconds=train_seconds, score_seconds=score_seconds, curve=curve, step_mode=step_mode,
     )

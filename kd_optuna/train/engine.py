@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kd_optuna.errors import KdOptunaError
+from kd_optuna.train.graphs import optimizer_step
 
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -110,10 +111,14 @@ def train_steps(
     first_step: int = 0,
     max_steps: int | None = None,
     hooks: Hooks | None = None,
+    run_step: Callable[[int, Any], Tensor] | None = None,
 ) -> int:
     """One optimiser step per batch (see the module docstring); returns the step count after.
 
     With ``max_steps`` the loop ends when the batch after the ``max_steps``-th is drawn.
+    ``run_step(step, batch) -> loss`` replaces the eager step (:func:`~kd_optuna.train.graphs.optimizer_step`
+    with these hooks), e.g. a :class:`~kd_optuna.train.graphs.GraphedStep` that replays it
+    from a CUDA graph.
     """
     hooks = hooks if hooks is not None else Hooks()
     step = first_step
@@ -123,14 +128,10 @@ def train_steps(
         if lr_at is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr * lr_at(step)
-        loss = step_loss(batch)
-        if hooks.after_loss is not None:
-            hooks.after_loss(step, loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if hooks.after_backward is not None:
-            hooks.after_backward(step)
-        optimizer.step()
+        if run_step is not None:
+            loss = run_step(step, batch)
+        else:
+            loss = optimizer_step(optimizer, step_loss, hooks, step, batch)
         step += 1
         if hooks.after_step is not None:
             hooks.after_step(step, loss, batch)
