@@ -1,7 +1,7 @@
 """The `kd-optuna` command line (click), following the `optuna` CLI's conventions.
 
     kd-optuna create-study CONFIG [--study-name NAME] [--storage URL] [--skip-if-exists]
-    kd-optuna optimize [--study-name] [--storage] --n-trials N [--timeout S] [--n-workers N] [--device]
+    kd-optuna optimize [--study-name] [--storage] --n-trials N [--timeout S] [--n-workers N | --workers-per-gpu K] [--device]
     kd-optuna trials | best | space [--study-name] [--storage] [-f table|json|yaml]
     kd-optuna train-teacher CONFIG [-o PATH] [--epochs N] [--device]
     kd-optuna correlate CONFIG [--n-candidates N] [-f]
@@ -117,16 +117,22 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
 @_storage_option
 @click.option("--n-trials", type=int, required=True, help="Finished trials the study should hold (all workers together).")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
-@click.option("--n-workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--n-workers", type=int, default=None, help="Worker processes on this machine [default: 1].")
+@click.option("--workers-per-gpu", default=None, metavar="K|auto",
+              help="K worker processes on each visible GPU (auto: as many as its free memory and the cores allow); instead of --n-workers.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, or a device such as cuda:1.")
 @click.option("--threads", type=int, default=None, help="CPU threads per worker [default: the cores split evenly].")
 @click.option("--heartbeat", type=int, default=20, show_default=True, help="Heartbeat interval in seconds; a trial silent for twice that is failed and retried.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
-def optimize(study_name, storage, n_trials, timeout, n_workers, device, threads, heartbeat, progress) -> None:
+def optimize(study_name, storage, n_trials, timeout, n_workers, workers_per_gpu, device, threads, heartbeat, progress) -> None:
     """Run N worker processes on the study until it holds --n-trials finished trials."""
     from kd_optuna.run.workers import check_counts, optimize as run
+    from kd_optuna.train.devices import resolve_workers
 
     check_counts({"--n-trials": n_trials, "--n-workers": n_workers, "--threads": threads, "--heartbeat": heartbeat})
+    n_workers, line = resolve_workers(n_workers, workers_per_gpu, device)
+    if line is not None:
+        click.echo(f"kd-optuna: {line}", err=True)
     _, study, _ = _open(storage, study_name)
 
     def train_missing_teacher(config) -> None:

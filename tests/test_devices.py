@@ -1,0 +1,93 @@
+"""Workers per GPU (issue 13): how many workers, which GPU each takes, and its memory share.
+
+The machine running the suite has no GPU; CUDA's presence, its devices and their free memory
+are stood in for where the code asks torch and nvidia-smi, the only places it asks.
+"""
+
+import subprocess
+
+import pytest
+import torch
+
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.train import devices
+from kd_optuna.train.devices import WorkerContext, resolve_workers
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """``gpus(free GiB per GPU, cores)``: CUDA present with those GPUs, nvidia-smi answering;
+    returns the list of (device, fraction) memory limits the workers set."""
+    limits = []
+
+    def install(free_gib, cores=16):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(free_gib))
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: limits.append((str(d), f)))
+        monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
+        monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        answer = "".join(f"{int(g * 1024)}\n" for g in free_gib)
+        monkeypatch.setattr(devices.subprocess, "run",
+                            lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=answer, stderr=""))
+        return limits
+
+    return install
+
+
+def test_without_workers_per_gpu_n_workers_counts_as_before():
+    assert resolve_workers(None, None) == (1, None)
+    assert resolve_workers(3, None) == (3, None)
+
+
+def test_k_per_gpu_runs_k_times_the_gpus(gpus):
+    gpus([140, 140])
+    assert resolve_workers(None, "4") == (8, None)
+    assert resolve_workers(None, "4", device="cuda:1") == (4, None)
+
+
+def test_auto_takes_what_the_cores_and_the_free_memory_allow(gpus):
+    gpus([140], cores=16)
+    count, line = resolve_workers(None, "auto")
+    assert count == 16 and "16 per GPU x 1 GPU" in line
+    gpus([10], cores=16)  # 10 GiB free, 4 GiB a worker
+    assert resolve_workers(None, "auto")[0] == 2
+    gpus([1], cores=16)
+    assert resolve_workers(None, "auto")[0] == 1
+    gpus([140, 140], cores=16)
+    assert resolve_workers(None, "auto")[0] == 16  # 8 per GPU: the cores shared by both
+
+
+def test_without_a_gpu_workers_per_gpu_is_ignored_and_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    count, line = resolve_workers(None, "4")
+    assert count == 1 and "no CUDA device" in line
+    assert resolve_workers(None, "4", device="cpu")[0] == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "2.5"])
+def test_a_bad_count_is_refused(value):
+    with pytest.raises(KdOptunaError, match="--workers-per-gpu must be a positive integer or auto"):
+        resolve_workers(None, value)
+
+
+def test_both_counts_are_refused():
+    with pytest.raises(KdOptunaError, match="not both"):
+        resolve_workers(2, "2")
+
+
+def test_workers_sharing_a_gpu_each_get_a_share_of_its_memory(gpus):
+    limits = gpus([140, 140])
+    before = torch.get_num_threads()
+    try:
+        assert [WorkerContext(i, 8, "auto", threads=1).torch_device() for i in range(8)] == [
+            "cuda:0", "cuda:1"] * 4
+        assert limits == [(f"cuda:{i % 2}", pytest.approx(0.95 / 4)) for i in range(8)]
+        limits.clear()
+        assert WorkerContext(0, 1, "auto", threads=1).torch_device() == "cuda:0" and limits == []
+        assert WorkerContext(0, 3, "cuda:1", threads=1).torch_device() == "cuda:1"
+        assert limits == [("cuda:1", pytest.approx(0.95 / 3))]
+    finally:
+        torch.set_num_threads(before)
+
