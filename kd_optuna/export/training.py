@@ -37,31 +37,14 @@ PUBLISHED_EPOCHS = 240
 def train_with_distiller(
     spec_params: dict[str, Any],
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-    milestones: list[int],
-    gamma: float,
-    num_workers: int,
-    seed: int,
-    dataset: str,
-    data_root: str | None,
-    download: bool,
-    teacher: str,
-    teacher_checkpoint: str | None,
-    student: str,
-    device: str,
-    output_dir: str,
-    method: str = "searched",
-    max_steps: int | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    cache_dir: str = ".kd_optuna_cache",
-    split_seed: int = 0,
-    teacher_nodes: dict[str, str] | None = None,
-    student_nodes: dict[str, str] | None = None,
+    epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float, milestones: list[int], gamma: float,
+    num_workers: int, seed: int,
+    dataset: str, data_root: str | None, download: bool,
+    teacher: str, teacher_checkpoint: str | None, student: str,
+    device: str, output_dir: str,
+    method: str = "searched", max_steps: int | None = None, resume: bool = False, progress: bool = True,
+    cache_dir: str = ".kd_optuna_cache", split_seed: int = 0,
+    teacher_nodes: dict[str, str] | None = None, student_nodes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` with CE plus the ``method``'s term; return final/best top-1.
 
@@ -75,41 +58,22 @@ def train_with_distiller(
     """
     import torch
 
-    from kd_optuna.train.checkpoints import load_model
     from kd_optuna.data import load_dataset
-    from kd_optuna.train.engine import make_optimizer, train_epochs
     from kd_optuna.models import build_model, tap_model
     from kd_optuna.space import DistillerSpec
     from kd_optuna.train.devices import WorkerContext
+    from kd_optuna.train.engine import train_epochs
 
-    if epochs < 1 or batch_size < 1:
-        raise KdOptunaError("--epochs and --batch-size must be at least 1")
-    if method not in METHODS:
-        raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    if max_steps is not None and max_steps < 1:
-        raise KdOptunaError(f"--max-steps {max_steps}: give a positive number of batches or leave it out")
+    _check_arguments(epochs, batch_size, method, max_steps)
     spec = DistillerSpec.from_params(spec_params)
     target = torch.device(WorkerContext(0, 1, device).torch_device())
     torch.manual_seed(seed)
     splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed)
     num_classes = splits.num_classes
-
-    with torch.random.fork_rng(devices=[]):
-        build_model(student, num_classes)  # unknown names fail here, before a teacher is trained
-        if method != "dml":
-            build_model(teacher, num_classes)
-    tapped_teacher = None
-    if method != "dml":
-        if teacher_checkpoint is None:
-            from kd_optuna.proxy.task import cached_teacher_checkpoint
-
-            teacher_checkpoint = str(cached_teacher_checkpoint(
-                dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(target),
-            ))
-        teacher_model, _ = load_model(teacher_checkpoint, teacher, num_classes, target)
-        tapped_teacher = tap_model(teacher_model, teacher, nodes=teacher_nodes).to(target).eval()
-        for p in tapped_teacher.parameters():
-            p.requires_grad_(False)
+    _check_model_names(student, None if method == "dml" else teacher, num_classes)
+    tapped_teacher = None if method == "dml" else _frozen_teacher(
+        teacher, num_classes, target, checkpoint=teacher_checkpoint, nodes=teacher_nodes,
+        dataset=dataset, data_root=data_root, download=download, cache_dir=cache_dir)
     tapped_student = tap_model(build_model(student, num_classes), student, nodes=student_nodes).to(target)
     sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
     term = build_method_term(
@@ -117,10 +81,7 @@ def train_with_distiller(
         num_data=len(splits.train), student_name=student, num_classes=num_classes, sgd=sgd, device=target,
         epochs=epochs,
     )
-    params = list(tapped_student.parameters()) + list(term.parameters())
-    optimizer = make_optimizer("sgd", params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
-
+    optimizer, scheduler = _milestone_sgd(list(tapped_student.parameters()) + list(term.parameters()), **sgd)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     loaders = (_indexed_loader(splits, batch_size, num_workers, seed),
@@ -132,12 +93,63 @@ def train_with_distiller(
     test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
     train_epochs(optimizer, run.epoch_batches, run.loss, epochs=epochs, first_epoch=start_epoch,
                  max_steps=max_steps, hooks=run.hooks())
-    history = run.history
-    return {
-        "final_top1": _top1(tapped_student, test_loader, target),
-        "final_val_top1": history[-1]["val_top1"] if history else None,
-        "best_val_top1": run.best_top1, "best_epoch": run.best_epoch, "history": history,
-    }
+    return run.results(test_loader)
+
+
+def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int | None) -> None:
+    if epochs < 1 or batch_size < 1:
+        raise KdOptunaError("--epochs and --batch-size must be at least 1")
+    if method not in METHODS:
+        raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if max_steps is not None and max_steps < 1:
+        raise KdOptunaError(f"--max-steps {max_steps}: give a positive number of batches or leave it out")
+
+
+def _check_model_names(student: str, teacher: str | None, num_classes: int) -> None:
+    """Build ``student`` and ``teacher`` (None: no teacher) once and drop them, so an unknown name
+    fails before a teacher is trained; the global torch RNG is left as it was."""
+    import torch
+
+    from kd_optuna.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        build_model(student, num_classes)
+        if teacher is not None:
+            build_model(teacher, num_classes)
+
+
+def _frozen_teacher(teacher: str, num_classes: int, device: Any, *, checkpoint: str | None,
+                    nodes: dict[str, str] | None, dataset: str, data_root: str | None, download: bool,
+                    cache_dir: str) -> Any:
+    """The tapped ``teacher`` in eval mode without gradients, on ``device``, loaded from
+    ``checkpoint``; with none, from the teacher cache in ``cache_dir`` (trained there first if
+    missing, on ``dataset``)."""
+    from kd_optuna.models import tap_model
+    from kd_optuna.train.checkpoints import load_model
+
+    if checkpoint is None:
+        from kd_optuna.proxy.task import cached_teacher_checkpoint
+
+        checkpoint = str(cached_teacher_checkpoint(
+            dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(device),
+        ))
+    model, _ = load_model(checkpoint, teacher, num_classes, device)
+    tapped = tap_model(model, teacher, nodes=nodes).to(device).eval()
+    for p in tapped.parameters():
+        p.requires_grad_(False)
+    return tapped
+
+
+def _milestone_sgd(params: list, *, lr: float, momentum: float, weight_decay: float, milestones: list[int],
+                   gamma: float) -> tuple[Any, Any]:
+    """(SGD(params, lr, momentum, weight_decay), the MultiStepLR that multiplies lr by ``gamma``
+    at each epoch of ``milestones``)."""
+    import torch
+
+    from kd_optuna.train.engine import make_optimizer
+
+    optimizer = make_optimizer("sgd", params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False)
+    return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
 
 
 class _FullTraining:
@@ -158,6 +170,16 @@ class _FullTraining:
     @property
     def last_path(self) -> Path:
         return self.out / "last.pt"
+
+    def results(self, test_loader) -> dict[str, Any]:
+        """What :func:`train_with_distiller` returns: the student's top-1 on ``test_loader`` now
+        (``final_top1``), the last and best val top-1, the best epoch and the history."""
+        history = self.history
+        return {
+            "final_top1": _top1(self.student, test_loader, self.device),
+            "final_val_top1": history[-1]["val_top1"] if history else None,
+            "best_val_top1": self.best_top1, "best_epoch": self.best_epoch, "history": history,
+        }
 
     def hooks(self):
         from kd_optuna.train.engine import Hooks
