@@ -454,6 +454,50 @@ class _Genome:
     assumed: bool = False
 
 
+def _check_settings(
+    population_size: int,
+    sample_ratio: float,
+    top_k: int,
+    *,
+    mutation_prob: float,
+    crossover_prob: float,
+    shrink_after: int,
+    reject_min: int,
+    reject_rate: float,
+    max_tries: int,
+    screen: int,
+    mutation_scale: float,
+) -> None:
+    """Raise SamplerConfigError for the first ``EvolutionSampler`` setting out of range: a count
+    below 1, a probability outside [0, 1], ``sample_ratio`` 0, a tournament that keeps all it
+    draws (``round(sample_ratio * population_size) <= top_k`` with more than one member),
+    ``shrink_after`` below 0 or ``mutation_scale`` not above 0."""
+    if min(population_size, top_k, max_tries, reject_min, screen) < 1:
+        raise SamplerConfigError(
+            "population_size, top_k, max_tries, reject_min and screen must be at least 1"
+        )
+    for name, p in [
+        ("sample_ratio", sample_ratio),
+        ("mutation_prob", mutation_prob),
+        ("crossover_prob", crossover_prob),
+        ("reject_rate", reject_rate),
+    ]:
+        if not 0.0 <= p <= 1.0:
+            raise SamplerConfigError(f"{name} must be between 0 and 1, got {p}")
+    if sample_ratio == 0.0:
+        raise SamplerConfigError("sample_ratio must be above 0")
+    drawn = int(round(sample_ratio * population_size))
+    if drawn <= top_k and population_size > 1:
+        raise SamplerConfigError(
+            f"the tournament draws round(sample_ratio * population_size) = {drawn} members "
+            f"and keeps top_k = {top_k}: it must draw more than it keeps to select"
+        )
+    if shrink_after < 0:
+        raise SamplerConfigError(f"shrink_after must be >= 0, got {shrink_after}")
+    if not mutation_scale > 0:
+        raise SamplerConfigError(f"mutation_scale must be above 0, got {mutation_scale}")
+
+
 class EvolutionSampler(BaseSampler):
     """KD-Zero's evolutionary search over distiller genes and any other params; see the module
     docstring.
@@ -515,30 +559,11 @@ class EvolutionSampler(BaseSampler):
             top_k = 2 if population_size >= 3 else 1
         if sample_ratio is None:
             sample_ratio = min(1.0, max(0.5, (top_k + 1) / max(1, population_size)))
-        if min(population_size, top_k, max_tries, reject_min, screen) < 1:
-            raise SamplerConfigError(
-                "population_size, top_k, max_tries, reject_min and screen must be at least 1"
-            )
-        for name, p in [
-            ("sample_ratio", sample_ratio),
-            ("mutation_prob", mutation_prob),
-            ("crossover_prob", crossover_prob),
-            ("reject_rate", reject_rate),
-        ]:
-            if not 0.0 <= p <= 1.0:
-                raise SamplerConfigError(f"{name} must be between 0 and 1, got {p}")
-        if sample_ratio == 0.0:
-            raise SamplerConfigError("sample_ratio must be above 0")
-        drawn = int(round(sample_ratio * population_size))
-        if drawn <= top_k and population_size > 1:
-            raise SamplerConfigError(
-                f"the tournament draws round(sample_ratio * population_size) = {drawn} members "
-                f"and keeps top_k = {top_k}: it must draw more than it keeps to select"
-            )
-        if shrink_after < 0:
-            raise SamplerConfigError(f"shrink_after must be >= 0, got {shrink_after}")
-        if not mutation_scale > 0:
-            raise SamplerConfigError(f"mutation_scale must be above 0, got {mutation_scale}")
+        _check_settings(
+            population_size, sample_ratio, top_k, mutation_prob=mutation_prob, crossover_prob=crossover_prob,
+            shrink_after=shrink_after, reject_min=reject_min, reject_rate=reject_rate, max_tries=max_tries,
+            screen=screen, mutation_scale=mutation_scale,
+        )
         self.population_size = int(population_size)
         self.sample_ratio = float(sample_ratio)
         self.top_k = int(top_k)
