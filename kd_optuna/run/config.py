@@ -373,21 +373,49 @@ def _check_value(source: str, key: str, value: Any, hint: Any) -> Any:
     if hint is Any:
         return value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_value(source, key, value, arg)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
+        return _check_union(source, key, value, args)
     if origin is typing.Literal:
         if value in args and type(value) is not bool:
             return value
         raise ConfigError(f"{source}: {key} = {value!r} is not allowed; use one of: {', '.join(map(repr, args))}")
+    if hint in (bool, int, float, str):
+        return _check_scalar(source, key, value, hint)
+    if origin in (tuple, list):
+        return _check_list(source, key, value, origin, args)
+    if origin in (dict, Mapping) or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: {key} must be a table, got {_kind(value)} {value!r}")
+        key_hint, value_hint = args if args else (Any, Any)
+        return {
+            _check_value(source, f"{key} key", k, key_hint): _check_value(source, f"{key}.{k}", v, value_hint)
+            for k, v in value.items()
+        }
+    if isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {_kind(value)} {value!r}")
+    return value
+
+
+def _check_union(source: str, key: str, value: Any, args: tuple) -> Any:
+    """``value`` as the first type of ``args`` it converts to (``None`` if that is one of them);
+    else the error of the first type tried."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _check_value(source, key, value, arg)
+        except ConfigError as exc:
+            errors.append(exc)
+    raise errors[0]
+
+
+def _check_scalar(source: str, key: str, value: Any, hint: type) -> Any:
+    """``value`` as a TOML boolean, integer, finite number (an integer becomes a float) or string:
+    ``hint`` is bool, int, float or str; a boolean is never an integer or a number."""
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -402,36 +430,26 @@ def _check_value(source: str, key: str, value: Any, hint: Any) -> Any:
                 raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{source}: {key} must be a number, got {_kind(value)} {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{source}: {key} must be a string, got {_kind(value)} {value!r}")
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{source}: {key} must be a list, got {_kind(value)} {value!r}")
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_check_value(source, f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-            return tuple(items)
-        if origin is tuple and args:
-            if len(value) != len(args):
-                raise ConfigError(f"{source}: {key} must be a list of {len(args)} items, got {len(value)}")
-            return tuple(_check_value(source, f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        items = [_check_value(source, f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin in (dict, Mapping) or hint is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: {key} must be a table, got {_kind(value)} {value!r}")
-        key_hint, value_hint = args if args else (Any, Any)
-        return {
-            _check_value(source, f"{key} key", k, key_hint): _check_value(source, f"{key}.{k}", v, value_hint)
-            for k, v in value.items()
-        }
-    if isinstance(hint, type):
-        if isinstance(value, hint):
-            return value
-        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {_kind(value)} {value!r}")
-    return value
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{source}: {key} must be a string, got {_kind(value)} {value!r}")
+
+
+def _check_list(source: str, key: str, value: Any, origin: type, args: tuple) -> Any:
+    """``value`` (a list) as ``origin`` (tuple or list) of ``args``: ``tuple[X, ...]`` any length,
+    ``tuple[X, Y]`` exactly those items, ``list[X]``; each item checked, named ``key[i]``."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{source}: {key} must be a list, got {_kind(value)} {value!r}")
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        items = [_check_value(source, f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        return tuple(items)
+    if origin is tuple and args:
+        if len(value) != len(args):
+            raise ConfigError(f"{source}: {key} must be a list of {len(args)} items, got {len(value)}")
+        return tuple(_check_value(source, f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    inner = args[0] if args else Any
+    items = [_check_value(source, f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
 
 
 def _build(cls: type, table: Mapping[str, Any], source: str, section: str):
