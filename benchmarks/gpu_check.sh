@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh                 # on a GPU machine, no network: < 8 min
 #   bash benchmarks/gpu_check.sh --cpu --quick   # the same logic on the CPU, to test it
+#   bash benchmarks/gpu_check.sh --packing       # issue 13 instead: proxy trials per hour by workers
+#                                                # per GPU and CUDA graphs (benchmarks/gpu_packing.py), < 8 min
 #
 # Needs no network. Python: $PYTHON if set, else the repository's .venv if it runs, else
 # python3. If a folder .whl holds wheels (e.g. optuna for a machine without it), they are
@@ -49,4 +51,9 @@ if ! "$py" -c "import torch, torchvision, numpy, kd_optuna.task" 2>/tmp/kd_gpu_c
   exit 2
 fi
 rm -f /tmp/kd_gpu_check_import.$$
-exec timeout "${GPU_CHECK_TIMEOUT:-470}" "$py" benchmarks/gpu_check.py "$@"
+script=benchmarks/gpu_check.py
+if [ "${1:-}" = "--packing" ]; then
+  script=benchmarks/gpu_packing.py
+  shift
+fi
+exec timeout "${GPU_CHECK_TIMEOUT:-470}" "$py" "$script" "$@"
