@@ -318,29 +318,10 @@ def genes_figure(trials: Sequence[Any], weights: Mapping[str, Mapping[Any, float
     figure = go.Figure()
     genes, categories = [], []
     for gene in GENES:
-        options = list(weights.get(gene, {}))
-        seen = {str(o) for o in options}
-        options += sorted({t.params[gene] for t in scored + rejected
-                           if gene in t.params and str(t.params[gene]) not in seen}, key=str)
-        if not options:
-            continue
-        labels = [str(o) for o in options]
-        counts = {o: sum(1 for t in scored if str(t.params.get(gene)) == o) for o in labels}
-        rejects = {o: sum(1 for t in rejected if str(t.params.get(gene)) == o) for o in labels}
-        values = [(str(t.params[gene]), t.value) for t in scored if gene in t.params]
-        figure.add_trace(go.Bar(
-            x=labels, y=[weights.get(gene, {}).get(o, 1.0) for o in options], name="shrinkage weight", meta=gene,
-            marker={"color": "#1f77b4"}, opacity=0.3, yaxis="y2", legendgroup="weight",
-            customdata=[[counts[o], rejects[o]] for o in labels],
-            hovertemplate="%{x}: weight %{y:.2f}<br>%{customdata[0]} completed, %{customdata[1]} rejected<extra></extra>",
-        ))
-        figure.add_trace(go.Box(
-            x=[o for o, _ in values], y=[v for _, v in values], name="score", meta=gene, boxpoints="all",
-            jitter=0.3, pointpos=0, marker={"color": "#d62728", "size": 5}, line={"width": 1}, legendgroup="score",
-            hovertemplate="%{x}: %{y:.4g}<extra></extra>",
-        ))
-        genes.append(gene)
-        categories.append(labels)
+        labels = _add_gene_traces(figure, gene, weights.get(gene, {}), scored, rejected)
+        if labels:
+            genes.append(gene)
+            categories.append(labels)
     if not genes:
         return figure
 
@@ -379,6 +360,38 @@ def genes_figure(trials: Sequence[Any], weights: Mapping[str, Mapping[Any, float
         margin={"t": 110},
     )
     return figure
+
+
+def _add_gene_traces(figure, gene: str, weights: Mapping[Any, float], scored: Sequence[Any],
+                     rejected: Sequence[Any]) -> list[str]:
+    """Add ``gene``'s two traces to ``figure``: its options' shrinkage ``weights`` (bars, right
+    axis, 1 for an option without one, hover: completed and rejected trials with the option) and
+    the ``scored`` trials' scores by option (box and points); return the option labels, in order
+    (the weighted options, then the others trials used, sorted), or [] and add nothing if none."""
+    import plotly.graph_objects as go
+
+    options = list(weights)
+    seen = {str(o) for o in options}
+    options += sorted({t.params[gene] for t in scored + rejected
+                       if gene in t.params and str(t.params[gene]) not in seen}, key=str)
+    if not options:
+        return []
+    labels = [str(o) for o in options]
+    counts = {o: sum(1 for t in scored if str(t.params.get(gene)) == o) for o in labels}
+    rejects = {o: sum(1 for t in rejected if str(t.params.get(gene)) == o) for o in labels}
+    values = [(str(t.params[gene]), t.value) for t in scored if gene in t.params]
+    figure.add_trace(go.Bar(
+        x=labels, y=[weights.get(o, 1.0) for o in options], name="shrinkage weight", meta=gene,
+        marker={"color": "#1f77b4"}, opacity=0.3, yaxis="y2", legendgroup="weight",
+        customdata=[[counts[o], rejects[o]] for o in labels],
+        hovertemplate="%{x}: weight %{y:.2f}<br>%{customdata[0]} completed, %{customdata[1]} rejected<extra></extra>",
+    ))
+    figure.add_trace(go.Box(
+        x=[o for o, _ in values], y=[v for _, v in values], name="score", meta=gene, boxpoints="all",
+        jitter=0.3, pointpos=0, marker={"color": "#d62728", "size": 5}, line={"width": 1}, legendgroup="score",
+        hovertemplate="%{x}: %{y:.4g}<extra></extra>",
+    ))
+    return labels
 
 
 def _rho_text(trial) -> str:
