@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kd_optuna.errors import InvalidSpace, KdOptunaError
+from kd_optuna.search.from_config import PROPOSER_KEYS, PROPOSERS, build_sampler
 from kd_optuna.space import GENES, SearchSpace
 
 if sys.version_info >= (3, 11):
@@ -148,7 +149,7 @@ def _sampler_class() -> type:
 
 
 #: EvolutionSampler arguments that the study config does not set: the space comes from
-#: [space] and the proposer is built from [search] settings by the sampler itself.
+#: [space] and the proposer is built from [search] settings (kd_optuna.search.from_config).
 _SAMPLER_EXCLUDED = ("self", "space")
 
 
@@ -575,17 +576,6 @@ def _build_space(source: str, table: Mapping[str, Any]) -> SearchSpace:
         raise ConfigError(f"{source}: [space] {_one_line(str(exc))}") from None
 
 
-_PROPOSERS = ("random", "llm", "none")
-#: [search] keys that build the proposer rather than go to EvolutionSampler as they are.
-_PROPOSER_KEYS: dict[str, Any] = {
-    "proposer": str,
-    "llm_url": str,
-    "llm_model": str,
-    "llm_timeout": float,
-    "llm_candidates": int,
-}
-
-
 def _build_search(source: str, table: Mapping[str, Any]) -> dict[str, Any]:
     """The [search] table checked against EvolutionSampler's signature.
 
@@ -600,13 +590,13 @@ def _build_search(source: str, table: Mapping[str, Any]) -> dict[str, Any]:
         for name, p in parameters.items()
         if name not in _SAMPLER_EXCLUDED + ("proposer",) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
     ]
-    _check_unknown(source, "search", table, sampler_keys + list(_PROPOSER_KEYS))
+    _check_unknown(source, "search", table, sampler_keys + list(PROPOSER_KEYS))
     hints = typing.get_type_hints(_sampler_class().__init__)
     checked: dict[str, Any] = {}
     for name, value in table.items():
         key = f"search.{name}"
-        if name in _PROPOSER_KEYS:
-            checked[name] = _check_value(source, key, value, _PROPOSER_KEYS[name])
+        if name in PROPOSER_KEYS:
+            checked[name] = _check_value(source, key, value, PROPOSER_KEYS[name])
         elif name == "warm_start":
             checked[name] = _check_value(source, key, value, typing.Union[bool, list[str]])
             if isinstance(checked[name], list):
@@ -622,8 +612,8 @@ def _build_search(source: str, table: Mapping[str, Any]) -> dict[str, Any]:
                 hint = type(default)
             checked[name] = _check_value(source, key, value, hint)
     proposer = checked.get("proposer", "random")
-    if proposer not in _PROPOSERS:
-        raise ConfigError(f"{source}: search.proposer = {proposer!r}; use one of: {', '.join(_PROPOSERS)}")
+    if proposer not in PROPOSERS:
+        raise ConfigError(f"{source}: search.proposer = {proposer!r}; use one of: {', '.join(PROPOSERS)}")
     url = checked.get("llm_url")
     if url is not None and re.search(r"//[^/@]*:[^/@]*@", url):
         raise ConfigError(
@@ -635,28 +625,6 @@ def _build_search(source: str, table: Mapping[str, Any]) -> dict[str, Any]:
     except KdOptunaError as exc:
         raise ConfigError(f"{source}: [search] {_one_line(str(exc))}") from None
     return checked
-
-
-def build_sampler(search: Mapping[str, Any], space: SearchSpace, check_only: bool = False):
-    """An EvolutionSampler from a checked [search] table and the study's space."""
-    from kd_optuna.distill.classics import CLASSICS
-    from kd_optuna.search.proposers import LLMProposer, RandomProposer
-
-    kwargs = {k: v for k, v in search.items() if k not in _PROPOSER_KEYS}
-    if isinstance(kwargs.get("warm_start"), list):
-        kwargs["warm_start"] = [CLASSICS[name][0] for name in kwargs["warm_start"]]
-    proposer_name = search.get("proposer", "random")
-    proposer = None
-    if proposer_name == "random":
-        proposer = RandomProposer()
-    elif proposer_name == "llm" and not check_only:
-        llm = {"url": search.get("llm_url"), "model": search.get("llm_model")}
-        if "llm_timeout" in search:
-            llm["timeout"] = search["llm_timeout"]
-        if "llm_candidates" in search:
-            llm["n_candidates"] = search["llm_candidates"]
-        proposer = LLMProposer(**llm)
-    return _sampler_class()(space=space, proposer=proposer, **kwargs)
 
 
 def _check_train(source: str, train: TrainConfig) -> None:
