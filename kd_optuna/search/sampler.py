@@ -223,8 +223,106 @@ class _Plan:
     lazy: Any = None
 
 
+class _Shrinkage:
+    """The statistics search-space shrinkage reads, and the option weights they give.
+
+    Holds ``n_evaluated`` (completed trials with a score plus rejected trials), ``n_with_genes``
+    (n, the completed trials with genes) and ``counts``: per feature o, a (group, option) pair of
+    the canonical specs (:func:`_features`: the three transform slots pooled), c_o completed and
+    j_o rejected trials with it. Given the features of the population's P' members with genes,
+    e_o of them with o, :meth:`weights` is 1 for every option until ``shrink_after`` trials were
+    evaluated (or while n = 0), then::
+
+        weight(o) = clip((e_o + 1) / (c_o * P' / n + 1), 0.05, 1)
+        weight(o) = 0  if j_o >= reject_min and j_o >= reject_rate * (c_o + j_o)
+
+    and where a gene would lose every option, those of lowest j_o / (c_o + j_o) weigh 0.05, the
+    others 0.
+    """
+
+    def __init__(self) -> None:
+        self.n_evaluated = 0
+        self.n_with_genes = 0
+        self.counts: dict[tuple[str, Any], _Counts] = {}
+
+    def add_complete(self, features: Sequence[tuple[str, Any]]) -> None:
+        """Count a completed trial with a score, of these features ([]: a trial without genes)."""
+        self.n_evaluated += 1
+        if features:
+            self.n_with_genes += 1
+        for feature in features:
+            self.counts.setdefault(feature, _Counts()).complete += 1
+
+    def add_rejection(self, features: Sequence[tuple[str, Any]]) -> None:
+        """Count a rejected trial, of these features ([]: a trial without genes)."""
+        self.n_evaluated += 1
+        for feature in features:
+            self.counts.setdefault(feature, _Counts()).rejected += 1
+
+    def weights(
+        self,
+        space: SearchSpace,
+        elite: Sequence[Sequence[tuple[str, Any]]],
+        shrink_after: int,
+        reject_min: int,
+        reject_rate: float,
+    ) -> dict[str, dict[Any, float]]:
+        """gene -> option of ``space`` -> weight, ``elite`` being the features of each population
+        member ([] for one without genes)."""
+        if self.n_evaluated < shrink_after or not self.n_with_genes:
+            return {g: {o: 1.0 for o in space[g]} for g in GENES}
+        return self._shrunk(space, elite, reject_min, reject_rate)
+
+    def _shrunk(self, space, elite_features, reject_min, reject_rate) -> dict[str, dict[Any, float]]:
+        elite: dict[tuple[str, Any], int] = {}
+        n_elite = 0
+        for features in elite_features:
+            n_elite += bool(features)
+            for feature in features:
+                elite[feature] = elite.get(feature, 0) + 1
+        share = n_elite / self.n_with_genes
+        by_feature: dict[tuple[str, Any], float] = {}
+
+        def weight(feature: tuple[str, Any]) -> float:
+            if feature not in by_feature:
+                counts = self.counts.get(feature, _NONE)
+                ratio = (elite.get(feature, 0) + 1.0) / (counts.complete * share + 1.0)
+                tried = counts.complete + counts.rejected
+                dropped = counts.rejected >= reject_min and counts.rejected >= reject_rate * tried
+                by_feature[feature] = 0.0 if dropped else max(_FLOOR, min(1.0, ratio))
+            return by_feature[feature]
+
+        weights = {}
+        for gene in GENES:
+            group = _GROUP[gene]
+            weights[gene] = {o: weight((group, o)) for o in space[gene]}
+            if not any(w > 0 for w in weights[gene].values()):
+                weights[gene] = self._least_rejected(group, weights[gene])
+        return weights
+
+    def _least_rejected(self, group: str, options: Mapping[Any, float]) -> dict[Any, float]:
+        def rate(option: Any) -> float:
+            c = self.counts.get((group, option), _NONE)
+            return c.rejected / max(1, c.complete + c.rejected)
+
+        lowest = min(rate(o) for o in options)
+        return {o: (_FLOOR if rate(o) == lowest else 0.0) for o in options}
+
+
 class _History:
-    """What one process has derived from one study's trials; see the module docstring."""
+    """What one process has derived from one study's trials (see the module docstring's Cost).
+
+    Every trial before ``frontier`` is finished and absorbed, as are those in ``absorbed``
+    beyond it; :meth:`update` absorbs each other trial once it is finished and lists the
+    unfinished ones (``unfinished``, their keys ``running_keys``). From the absorbed trials it
+    holds the keys never to propose again (``finished_keys``), the population (``top``: the
+    ``population_size`` least (score, number, key) over distinct keys, score = sign * value;
+    ``best_member`` and ``best_features`` per key), the relative search space (``space``: the
+    intersection of the distributions of the COMPLETE and PRUNED trials), the newest gene
+    distributions (``distributions``), rho's statistics (``predictor``) and the shrinkage's
+    (``shrinkage``). ``version`` counts the absorbed trials; the caches derived from the rest
+    (members, genome, weights) are kept until it changes.
+    """
 
     def __init__(self, storage: Any, study_id: int, sign: float, population_size: int):
         self.storage = storage
@@ -242,10 +340,7 @@ class _History:
         self.best_features: dict[str, list[tuple[str, Any]]] = {}
         self._weights: tuple[Any, dict[str, dict[Any, float]]] = (None, {})
         self.top: list[tuple[float, int, str]] = []
-        self.n_complete = 0
-        self.n_spec_complete = 0
-        self.n_rejected = 0
-        self.counts: dict[tuple[str, Any], _Counts] = {}
+        self.shrinkage = _Shrinkage()
         self.predictor = AdditivePredictor()
         self.space: dict[str, BaseDistribution] | None = None
         self.distributions: dict[str, CategoricalDistribution] | None = None
@@ -291,10 +386,8 @@ class _History:
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             self._add_complete(Member(trial.number, spec, self.sign * trial.value, extra), key, cells)
         elif _is_rejection(trial):
-            self.n_rejected += 1
             self.predictor.add_rejection_cells(cells)
-            for feature in _features(spec) if spec else ():
-                self.counts.setdefault(feature, _Counts()).rejected += 1
+            self.shrinkage.add_rejection(_features(spec) if spec else [])
 
     def _intersect(self, distributions: Mapping[str, BaseDistribution]) -> None:
         if self.space is None:
@@ -314,13 +407,9 @@ class _History:
         score = member.score
         if math.isnan(score):
             return
-        self.n_complete += 1
         self.predictor.add_cells(cells, score)
         features = _features(member.spec) if member.spec else []
-        if member.spec is not None:
-            self.n_spec_complete += 1
-        for feature in features:
-            self.counts.setdefault(feature, _Counts()).complete += 1
+        self.shrinkage.add_complete(features)
         entry = (score, member.number)
         old = self.best.get(key)
         if old is not None and old <= entry:
@@ -334,10 +423,6 @@ class _History:
                 del self.top[at]
         bisect.insort(self.top, (score, member.number, key))
         del self.top[self.population_size :]
-
-    @property
-    def n_evaluated(self) -> int:
-        return self.n_complete + self.n_rejected
 
     def members(self) -> list[Member]:
         """The population, best first."""
@@ -353,51 +438,15 @@ class _History:
         reject_min: int,
         reject_rate: float,
     ) -> dict[str, dict[Any, float]]:
-        """See ``EvolutionSampler.space_weights``; cached until the next trial is absorbed."""
+        """The shrinkage weights of the population now (see :class:`_Shrinkage` and
+        ``EvolutionSampler.space_weights``); cached until the next trial is absorbed."""
         cache_key = (self.version, space, shrink_after, reject_min, reject_rate)
         if self._weights[0] == cache_key:
             return self._weights[1]
-        if self.n_evaluated < shrink_after or not self.n_spec_complete:
-            weights = {g: {o: 1.0 for o in space[g]} for g in GENES}
-        else:
-            weights = self._shrunk(space, reject_min, reject_rate)
+        elite = [self.best_features[key] for _, _, key in self.top]
+        weights = self.shrinkage.weights(space, elite, shrink_after, reject_min, reject_rate)
         self._weights = (cache_key, weights)
         return weights
-
-    def _shrunk(self, space, reject_min, reject_rate) -> dict[str, dict[Any, float]]:
-        elite: dict[tuple[str, Any], int] = {}
-        n_elite = 0
-        for _, _, key in self.top:
-            n_elite += bool(self.best_features[key])
-            for feature in self.best_features[key]:
-                elite[feature] = elite.get(feature, 0) + 1
-        share = n_elite / self.n_spec_complete
-        by_feature: dict[tuple[str, Any], float] = {}
-
-        def weight(feature: tuple[str, Any]) -> float:
-            if feature not in by_feature:
-                counts = self.counts.get(feature, _NONE)
-                ratio = (elite.get(feature, 0) + 1.0) / (counts.complete * share + 1.0)
-                tried = counts.complete + counts.rejected
-                dropped = counts.rejected >= reject_min and counts.rejected >= reject_rate * tried
-                by_feature[feature] = 0.0 if dropped else max(_FLOOR, min(1.0, ratio))
-            return by_feature[feature]
-
-        weights = {}
-        for gene in GENES:
-            group = _GROUP[gene]
-            weights[gene] = {o: weight((group, o)) for o in space[gene]}
-            if not any(w > 0 for w in weights[gene].values()):
-                weights[gene] = self._least_rejected(group, weights[gene])
-        return weights
-
-    def _least_rejected(self, group: str, options: Mapping[Any, float]) -> dict[Any, float]:
-        def rate(option: Any) -> float:
-            c = self.counts.get((group, option), _NONE)
-            return c.rejected / max(1, c.complete + c.rejected)
-
-        lowest = min(rate(o) for o in options)
-        return {o: (_FLOOR if rate(o) == lowest else 0.0) for o in options}
 
 
 class _Seen:
@@ -837,8 +886,8 @@ class EvolutionSampler(BaseSampler):
             if child is None:
                 child = self._last_resort(context, attrs)
             child = _fix(child, trial, genome)
-            if genome.genes is not None and history.n_evaluated >= self.shrink_after:
-                attrs["space_state"] = _summary(weights, history.n_evaluated)
+            if genome.genes is not None and history.shrinkage.n_evaluated >= self.shrink_after:
+                attrs["space_state"] = _summary(weights, history.shrinkage.n_evaluated)
             optuna_private.set_trial_system_attr(study, trial, PROPOSED_KEY_ATTR, child.key)
         return child, attrs, history.members()
 
