@@ -395,3 +395,53 @@ def test_periodic_refresh_every_n_finished_trials(tmp_path, monkeypatch):
     assert len(errors) == 1 and "ZeroDivisionError" in errors[0]
     with pytest.raises(ValueError):
         story.PeriodicRefresh(study, every=0)
+
+
+def test_only_the_best_trial_keeps_a_script_when_the_best_changes_twice(tmp_path, monkeypatch):
+    """Two new bests after the first refresh: the study's page lists one script, the current
+    best's; the former bests' files are gone from the store; an artifact a user attached to a
+    former best by hand (another filename) stays."""
+    import uuid
+
+    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    config = study_config(study)
+    store_dir = tmp_path / "s.db.artifacts"
+    first = story.refresh(study)
+    assert first.artifact["trial"] == 5
+
+    own = str(uuid.uuid4())  # what a user's upload through optuna-dashboard leaves on trial 5
+    (store_dir / own).write_text("notes")
+    meta = {"artifact_id": own, "filename": "notes.txt", "mimetype": "text/plain", "encoding": None}
+    from kd_optuna import optuna_private
+
+    optuna_private.set_study_system_attr(
+        study, f"{story.DASHBOARD_TRIAL_ARTIFACT_PREFIX}{optuna_private.trial_id(study.trials[5])}:{own}", json.dumps(meta))
+
+    base = DistillerSpec.from_params(study.trials[5].params)
+    artifacts = [first.artifact]
+    for value, transform in ((0.15, "zscore"), (0.10, "exp")):
+        study.add_trial(_trial(config, _vary(base, transform1=transform), value, proposer="mutation", parent=5))
+        artifacts.append(story.refresh(study).artifact)
+    assert [a["trial"] for a in artifacts] == [5, 8, 9]
+    assert len({a["artifact_id"] for a in artifacts}) == 3
+
+    detail = _study_page(url)
+    listed = {t["number"]: [a["filename"] for a in t["artifacts"]] for t in detail["trials"] if t["artifacts"]}
+    assert listed == {5: ["notes.txt"], 9: ["train_trial9.py"]}
+    assert sorted(p.name for p in store_dir.iterdir()) == sorted([own, artifacts[-1]["artifact_id"]])
+    assert [s["trial"] for s in story.story_scripts(study)] == [9]
+    note = _study_page(url)["note"]["body"]
+    assert artifacts[-1]["url"] in note and all(a["url"] not in note for a in artifacts[:2])
+
+    # a refresh with the same best keeps the one script; a study written before this cleanup
+    # (a script left on a former best) is cleaned by the next refresh
+    assert story.refresh(study).artifact["artifact_id"] == artifacts[-1]["artifact_id"]
+    with monkeypatch.context() as m:
+        m.setattr(story, "remove_former_scripts", lambda *a, **k: [])
+        stale = story.upload_best_script(study, config, story.artifact_store(store_dir), trial=study.trials[8])
+    assert [s["trial"] for s in story.story_scripts(study)] == [8, 9]
+    story.refresh(study)
+    assert [s["trial"] for s in story.story_scripts(study)] == [9]
+    assert not (store_dir / stale["artifact_id"]).exists()

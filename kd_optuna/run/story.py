@@ -30,7 +30,9 @@ shrank away, the family tree of the best distillers, why trials were rejected, a
 - the best trial's exported script as an artifact of that trial (optuna's
   ``FileSystemArtifactStore`` in :func:`artifact_dir`: ``x.db.artifacts/`` beside
   ``sqlite:///x.db``, else ``--artifact-dir`` / ``KD_OPTUNA_ARTIFACT_DIR``), so it is
-  downloadable from the trial's page of ``kd-optuna dashboard``; uploaded once per best trial.
+  downloadable from the trial's page of ``kd-optuna dashboard``; uploaded once per best trial,
+  and when the best changes the former best's script is deleted (:func:`remove_former_scripts`),
+  so the study holds exactly one script, on the current best trial.
 
 Everything is read from the trials' user attrs (names in ``kd_optuna.proxy.objective`` and
 ``kd_optuna.search.sampler``), defensively: a trial without lineage or metrics is drawn with what it
@@ -778,7 +780,8 @@ def upload_best_script(study, config, store, trial=None) -> dict[str, Any] | Non
 
     The file goes to ``store`` under a new uuid and its metadata to the study system attr
     ``dashboard:artifacts:<trial_id>:<artifact_id>``, which optuna-dashboard lists on the
-    trial's page and serves at ``url``.
+    trial's page and serves at ``url``. Every other script this function stored (a former
+    best trial's) is then deleted (:func:`remove_former_scripts`): one script, the best's.
     """
     import json
     import uuid
@@ -803,8 +806,61 @@ def upload_best_script(study, config, store, trial=None) -> dict[str, Any] | Non
         meta = {"artifact_id": artifact_id, "filename": filename, "mimetype": "text/x-python", "encoding": None}
         optuna_private.set_study_system_attr(
             study, f"{DASHBOARD_TRIAL_ARTIFACT_PREFIX}{optuna_private.trial_id(trial)}:{artifact_id}", json.dumps(meta))
+    remove_former_scripts(study, store, keep=artifact_id)
     ids = f"{optuna_private.study_id(study)}/{optuna_private.trial_id(trial)}"
     return {"trial": trial.number, "filename": filename, "artifact_id": artifact_id, "url": f"/artifacts/{ids}/{artifact_id}"}
+
+
+def story_scripts(study) -> list[dict[str, Any]]:
+    """The exported scripts :func:`upload_best_script` stored in ``study``, oldest trial first:
+    {trial, filename, artifact_id, key} per script still listed on a trial's page.
+
+    A script is one of ours when its metadata sits under :data:`DASHBOARD_TRIAL_ARTIFACT_PREFIX`
+    and names ``train_trial<n>.py`` (``text/x-python``) for that trial's own number ``n``.
+    """
+    import json
+
+    numbers = {optuna_private.trial_id(t): t.number for t in study.get_trials(deepcopy=False)}
+    found = []
+    for key, value in optuna_private.study_system_attrs(study).items():
+        if not key.startswith(DASHBOARD_TRIAL_ARTIFACT_PREFIX) or not isinstance(value, str):
+            continue
+        trial_part, _, artifact_id = key[len(DASHBOARD_TRIAL_ARTIFACT_PREFIX):].partition(":")
+        number = numbers.get(_int(trial_part))
+        try:
+            meta = json.loads(value)
+        except ValueError:
+            continue
+        if (number is None or not isinstance(meta, Mapping) or meta.get("artifact_id") != artifact_id
+                or meta.get("filename") != SCRIPT_NAME.format(number=number) or meta.get("mimetype") != "text/x-python"):
+            continue
+        found.append({"trial": number, "filename": meta["filename"], "artifact_id": artifact_id, "key": key})
+    return sorted(found, key=lambda a: a["trial"])
+
+
+def remove_former_scripts(study, store, keep: str | None = None) -> list[int]:
+    """Delete every script of :func:`story_scripts` except the artifact ``keep`` (the best
+    trial's), so the study holds one; return the trials whose script went.
+
+    As optuna-dashboard's own delete button does it: the file leaves ``store``
+    (``ArtifactStore.remove``) and the metadata attr is set to JSON ``null``, which the
+    dashboard skips (an optuna storage cannot delete a system attr).
+    """
+    import json
+
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    removed = []
+    for script in story_scripts(study):
+        if script["artifact_id"] == keep:
+            continue
+        try:
+            store.remove(script["artifact_id"])
+        except (ArtifactNotFound, FileNotFoundError):
+            pass  # the file is gone already; drop the listing all the same
+        optuna_private.set_study_system_attr(study, script["key"], json.dumps(None))
+        removed.append(script["trial"])
+    return removed
 
 
 # -- writing it into the study ----------------------------------------------------------------
@@ -883,6 +939,8 @@ def refresh(study, config=None, *, artifact_dir_path: str | os.PathLike | None =
         except KdOptunaError as error:  # an export that cannot be written: say so in the note
             artifact = None
             story.commands.insert(0, ("the best script could not be exported", str(error)))
+            remove_former_scripts(study, store)  # a former best's script is not the best's
+            optuna_private.set_study_system_attr(study, _ARTIFACT_ATTR, None)
         if artifact is not None:
             optuna_private.set_study_system_attr(study, _ARTIFACT_ATTR, artifact)
     story.artifact = artifact or _recorded_artifact(study)
