@@ -187,6 +187,11 @@ def default_root() -> Path:
     return Path(os.environ.get("KD_OPTUNA_DATA", "data"))
 
 
+#: How a missing CIFAR copy is downloaded, in the error that says it is missing: the study
+#: config's key (and the Python keyword); callers with their own switch give theirs.
+DOWNLOAD_HINT = "set `download = true` under [data] in the study config (download=True in Python)"
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -195,18 +200,21 @@ def load_dataset(
     *,
     val_fraction: float = 0.1,
     image_size: int = 224,
+    download_hint: str = DOWNLOAD_HINT,
 ) -> DatasetSplits:
     """Load ``name`` (one of DATASET_NAMES) as seeded train / val / test splits.
 
     ``val_fraction`` is the class-balanced share of the training set held out as ``val`` for
     cifar10/cifar100/imagefolder (digits uses its fixed 360/360 split); ``image_size`` is the
-    crop of imagefolder. A missing or corrupt root raises DataError naming the path and the fix.
+    crop of imagefolder. A missing or corrupt root raises DataError naming the path and the fix;
+    ``download_hint`` is how the caller's user asks for the download (the study config's key
+    by default; the exported script gives its ``--download true`` flag).
     """
     root = default_root() if root is None else Path(root)
     if name in ("digits", "digits_hard"):
         return _digits(seed, hard=name == "digits_hard")
     if name in CIFAR_STATS:
-        return _cifar(name, root, download, seed, val_fraction)
+        return _cifar(name, root, download, seed, val_fraction, download_hint)
     if name == "imagefolder":
         return _imagefolder(root, seed, val_fraction, image_size)
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
@@ -303,9 +311,11 @@ def random_crop_flip(padding: int, fill: Sequence[float]):
     return augment
 
 
-def _open_cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset]:
+def _open_cifar(name: str, root: Path, download: bool,
+                download_hint: str = DOWNLOAD_HINT) -> tuple[Dataset, Dataset]:
     """torchvision's (train, test) CIFAR-10 or CIFAR-100 under ``root``, downloaded there first if
-    ``download``; a missing, corrupt or undownloadable copy is a DataError saying what to do."""
+    ``download``; a missing, corrupt or undownloadable copy is a DataError saying what to do
+    (without ``download``: ``download_hint``, or placing the genuine files)."""
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -320,7 +330,7 @@ def _open_cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset
         else:
             state = "is missing"
         fetch = ("downloading did not fix it; delete the folder and try again, or"
-                 if download else "set `download = true` under [data] in the study config (download=True in Python), or")
+                 if download else f"{download_hint}, or")
         raise DataError(
             f"{label} at {folder} {state}: {fetch} place the genuine files: extract {cls.filename} "
             f"from {cls.url} into {root}"
@@ -329,10 +339,11 @@ def _open_cifar(name: str, root: Path, download: bool) -> tuple[Dataset, Dataset
         raise DataError(f"could not download {label} into {root}: {exc}; copy {cls.filename} there by hand") from None
 
 
-def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float) -> DatasetSplits:
+def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float,
+           download_hint: str = DOWNLOAD_HINT) -> DatasetSplits:
     from torchvision import transforms as T
 
-    base_train, base_test = _open_cifar(name, root, download)
+    base_train, base_test = _open_cifar(name, root, download, download_hint)
     mean, std = CIFAR_STATS[name]
     normalise = [T.ToTensor(), T.Normalize(mean, std)]
     train_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalise])

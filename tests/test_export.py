@@ -262,7 +262,10 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
     cases = {
         ("--teacher-checkpoint", str(tmp_path / "missing.pt")): "does not exist",
         ("--teacher-checkpoint", str(tmp_path / "garbage.pt")): "not a PyTorch checkpoint",
-        ("--dataset", "cifar100", "--data-root", str(tmp_path)): "CIFAR-100",
+        # the script's own switch, not the study config's `download = true` under [data] (Issue 11)
+        ("--dataset", "cifar100", "--data-root", str(tmp_path)):
+            "CIFAR-100 at {}/cifar-100-python is missing: run it again with --download true, or place".format(tmp_path),
+        ("--dataset", "cifar10", "--data-root", str(tmp_path / "absent")): "is missing: run it again with --download true",
         ("--dataset", "bogus"): "unknown dataset",
         ("--student", "bogus"): "unknown model",
         ("--teacher", "bogus"): "unknown model",
@@ -278,5 +281,5 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
         assert run.returncode == 2, (args, run.stderr)
         errors = [line for line in run.stderr.splitlines() if "error" in line]
         assert len(errors) == 1 and words in errors[0] and "Traceback" not in run.stderr, (args, run.stderr)
-        assert "weights_only=False" not in run.stderr
+        assert "weights_only=False" not in run.stderr and "study config" not in run.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".kd_optuna_cache/*bogus*"))

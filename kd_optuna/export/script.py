@@ -186,6 +186,7 @@ $keywords
             max_steps=args.max_steps,
             resume=args.resume,
             progress=not args.no_progress,
+            download_hint="run it again with --download true",
         )
     except (KdOptunaError, OSError) as error:
         text = " ".join(str(error).split()) or type(error).__name__

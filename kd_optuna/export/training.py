@@ -45,6 +45,7 @@ def train_with_distiller(
     method: str = "searched", max_steps: int | None = None, resume: bool = False, progress: bool = True,
     cache_dir: str = ".kd_optuna_cache", split_seed: int = 0,
     teacher_nodes: dict[str, str] | None = None, student_nodes: dict[str, str] | None = None,
+    download_hint: str | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` with CE plus the ``method``'s term; return final/best top-1.
 
@@ -55,6 +56,8 @@ def train_with_distiller(
     (smoke tests) ends each epoch after that many batches. Writes ``output_dir/last.pt``
     (everything to resume) and ``output_dir/best_student.pt`` (our checkpoint format), both
     atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
+    ``download_hint``: how the caller's user asks for the dataset's download, said when it is
+    missing (None: the study config's ``download = true``; the exported script gives its flag).
     """
     import torch
 
@@ -68,7 +71,8 @@ def train_with_distiller(
     spec = DistillerSpec.from_params(spec_params)
     target = torch.device(WorkerContext(0, 1, device).torch_device())
     torch.manual_seed(seed)
-    splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed)
+    hint = {} if download_hint is None else {"download_hint": download_hint}
+    splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, **hint)
     num_classes = splits.num_classes
     _check_model_names(student, None if method == "dml" else teacher, num_classes)
     tapped_teacher = None if method == "dml" else _frozen_teacher(
