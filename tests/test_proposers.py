@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from kd_optuna.search.lineage import read_lineage
-from kd_optuna.search.predictor import AdditivePredictor
+from kd_optuna.search.predictor import AdditivePredictor, RidgeFit
 from kd_optuna.search.proposers import (
     CrossoverProposer,
     LLMProposer,
@@ -172,6 +172,30 @@ def test_predictor_ignores_the_order_of_trials_and_non_finite_scores():
     b.add(KD, float("inf"))
     assert all(a.predict(s) == pytest.approx(b.predict(s)) for s in specs)
     assert a.predict(GOOD) < a.predict(FITNETS)
+
+
+def test_ridge_fit_updated_trial_by_trial_equals_the_ridge_solution_from_scratch():
+    """Predictions between additions (Sherman-Morrison updates, options first seen late) equal
+    the penalised least-squares solution computed directly from all the rows."""
+    rng = np.random.default_rng(0)
+    fit, rows, ys = RidgeFit(shrinkage=2.0), [], []
+    for i in range(400):
+        cells = [(gene, int(rng.integers(3 + 5 * (i > 200) + gene))) for gene in range(8)]
+        y = float(rng.normal())
+        fit.add(cells, y)
+        rows.append(cells)
+        ys.append(y)
+        if i % 37 == 0 or i == 399:
+            query = [(gene, int(rng.integers(9 + gene))) for gene in range(8)]
+            columns = {cell: j + 1 for j, cell in enumerate(dict.fromkeys(c for r in rows for c in r))}
+            x = np.zeros((len(rows), len(columns) + 1))
+            x[:, 0] = 1.0
+            for k, row in enumerate(rows):
+                x[k, [columns[c] for c in row]] = 1.0
+            penalty = np.diag([0.0] + [2.0] * len(columns))
+            solution = np.linalg.solve(x.T @ x + penalty, x.T @ np.array(ys))
+            expected = solution[0] + sum(solution[columns[c]] for c in query if c in columns)
+            assert fit.predict(query) == pytest.approx(expected, abs=1e-9)
 
 
 # -- parsing a model's reply ----------------------------------------------------------------

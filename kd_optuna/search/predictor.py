@@ -27,10 +27,10 @@ score::
     expected(s) = (1 - reject(s)) * rho(s) + reject(s) * worst
 
 with ``worst`` the highest completed score: a rejected trial teaches as little as the worst
-one. ``add``/``add_rejection`` update the sufficient statistics (X'X, X'y) in O(64); the first
-prediction after an update solves one (p+1)-square system, p being the number of distinct
-options seen (below 200 on the full space), and the fit does not depend on the order trials
-were added in.
+one. ``add``/``add_rejection`` update the sufficient statistics (X'X, X'y) in O(64) and the
+inverse of the penalised system in O(p^2) (Sherman-Morrison, :class:`RidgeFit`), p being the
+number of distinct options seen (below 200 on the full space); a prediction is then O(9), and
+the fit does not depend on the order trials were added in (up to float rounding).
 """
 
 from __future__ import annotations
@@ -60,9 +60,19 @@ def spec_cells(spec: DistillerSpec) -> list[Cell]:
 class RidgeFit:
     """``y ~ b + x . w`` over one-hot gene options, ``m * |w|^2`` penalty, ``b`` free.
 
-    Keeps the sufficient statistics ``[1 x]' [1 x]`` and ``[1 x]' y`` as one growing
-    matrix and vector, column 0 being the intercept; solves lazily on the first prediction
-    after an update.
+    Keeps the sufficient statistics ``G = [1 x]' [1 x]`` and ``c = [1 x]' y`` (column 0 the
+    intercept) and, once a prediction has asked for it, the inverse ``A = (G + D)^-1`` with
+    ``D = diag(0, m, ..., m)``. The first prediction inverts once; every later trial updates
+    ``A`` in place by Sherman-Morrison, for the row ``z = [1 x]``::
+
+        u  = A z                     (the sum of A's columns at z's ones)
+        A <- A - u u' / (1 + z' u)
+
+    after growing ``A`` by ``1/m`` on the diagonal for each option seen for the first time
+    (its column of ``G`` was zero, so ``G + D`` was block diagonal there). The solution is
+    ``(b, w) = A c``. All of it is elementwise numpy, no BLAS call: a (p+1)-square LAPACK
+    solve per proposal cost 0.2 ms alone but 9-11 ms on a loaded 2-core machine, where
+    OpenBLAS's threads wait for a core (BENCHMARKS.md, issue 15's proposal cost).
     """
 
     def __init__(self, shrinkage: float) -> None:
@@ -71,6 +81,7 @@ class RidgeFit:
         self._column: dict[Cell, int] = {}
         self._gram = np.zeros((1, 1))
         self._moment = np.zeros(1)
+        self._inverse: np.ndarray | None = None
         self._solution: np.ndarray | None = None
 
     def add(self, cells: list[Cell], y: float) -> None:
@@ -79,16 +90,31 @@ class RidgeFit:
         self._moment[columns] += y
         self.n += 1
         self._solution = None
+        if self._inverse is not None:
+            self._downdate(columns)
 
     def predict(self, cells: list[Cell]) -> float:
         if not self.n:
             return 0.0
         if self._solution is None:
-            penalty = np.full(len(self._moment), self.shrinkage)
-            penalty[0] = 0.0
-            self._solution = np.linalg.solve(self._gram + np.diag(penalty), self._moment)
+            if self._inverse is None:
+                penalty = np.full(len(self._moment), self.shrinkage)
+                penalty[0] = 0.0
+                self._inverse = np.linalg.inv(self._gram + np.diag(penalty))
+            self._solution = (self._inverse * self._moment).sum(axis=1)
         columns = [self._column[cell] for cell in cells if cell in self._column]
         return float(self._solution[0] + self._solution[columns].sum())
+
+    def _downdate(self, columns: list[int]) -> None:
+        inverse = self._inverse
+        grown = len(self._moment) - len(inverse)
+        if grown:
+            inverse = np.pad(inverse, ((0, grown), (0, grown)))
+            new = np.arange(len(inverse) - grown, len(inverse))
+            inverse[new, new] = 1.0 / self.shrinkage
+        u = inverse[:, columns].sum(axis=1)
+        inverse -= np.multiply.outer(u, u) / (1.0 + u[columns].sum())
+        self._inverse = inverse
 
     def _column_of(self, cell: Cell) -> int:
         column = self._column.get(cell)
