@@ -205,7 +205,7 @@ def test_a_second_image_folder_study_trains_its_own_teacher(tmp_path, monkeypatc
     import logging
 
     from kd_optuna.train import teachers
-    from kd_optuna.proxy.task import Task
+    from kd_optuna.proxy.task import SAID_ENV, Task
     from test_own_models import image_folder
 
     monkeypatch.setitem(teachers.RECIPES, "imagefolder", dict(teachers.RECIPES["imagefolder"], epochs=1, batch_size=8))
@@ -220,6 +220,10 @@ def test_a_second_image_folder_study_trains_its_own_teacher(tmp_path, monkeypatc
     assert len(trained) == 2 and task_first.teacher_sha256 != task_second.teacher_sha256
     assert [r for r in caplog.records if "reusing" in r.getMessage()] == []
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kd_optuna"):  # the same command: trained here, said once
+        Task.from_config(first, device="cpu", cache_dir=cache)
+    assert [r for r in caplog.records if "reusing" in r.getMessage()] == []
+    monkeypatch.delenv(SAID_ENV)  # a new command
     with caplog.at_level(logging.WARNING, logger="kd_optuna"):
         again = Task.from_config(first, device="cpu", cache_dir=cache)
     assert again.teacher_sha256 == task_first.teacher_sha256

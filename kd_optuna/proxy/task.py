@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -223,9 +224,12 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
     fingerprint of its files, class folders, model, recipe with the ``training`` overrides,
     ``seed``), so a study on other data never gets another study's teacher. A checkpoint at
     the older name ``teacher-<dataset>-<model>.pt`` (what ``kd-optuna train-teacher`` writes)
-    is reused only when its metadata records the same key. Every reuse says so in one line,
-    with the path. Workers starting at once wait on a lock while the first trains it
-    (train_teacher writes it atomically). ``progress``: an epoch bar on stderr while training.
+    is reused only when its metadata records the same key. A reuse says so in one line, with
+    the path, once per command: a checkpoint this process or the process that started it
+    (``kd-optuna optimize``'s parent, for its workers) already named or trained is reused
+    silently (``_first_mention``). Workers starting at once wait on a lock while the first
+    trains it (train_teacher writes it atomically). ``progress``: an epoch bar on stderr while
+    training.
     """
     import re
 
@@ -243,11 +247,14 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
     safe_model = re.sub(r"[^\w.-]", "_", model_name)
     path = Path(cache_dir) / f"teacher-{dataset}-{safe_model}-{key[:16]}.pt"
     legacy = Path(cache_dir) / f"teacher-{dataset}-{safe_model}.pt"
-    where = f"{identity['root']} ({identity['file_count']} files)" if "root" in identity else "the embedded data"
+    if "root" in identity:
+        source = f"{dataset} from {identity['root']} ({identity['file_count']} files)"
+    else:
+        source = f"{dataset} (embedded data)"
 
     def reuse(found: Path) -> Path:
-        log.warning("reusing the cached teacher %s trained on %s %s, seed %d: %s",
-                    model_name, dataset, where, seed, found)
+        if _first_mention(found):
+            log.warning("reusing the cached teacher %s, trained on %s with seed %d: %s", model_name, source, seed, found)
         return found
 
     def legacy_matches() -> bool:
@@ -267,12 +274,29 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
         if path.exists():
             return reuse(path)
         if legacy.is_file():
-            log.warning("not reusing %s: it records no training on %s %s with this recipe and seed", legacy,
-                        dataset, where)
-        log.warning("no teacher checkpoint given: training %s on %s %s into %s", model_name, dataset, where, path)
+            log.warning("not reusing %s: it was not trained on %s with this recipe and seed %d", legacy, source, seed)
+        log.warning("no teacher checkpoint given: training %s on %s with seed %d into %s", model_name, source, seed, path)
         train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=progress,
                       seed=seed, **overrides)
+        _first_mention(path)  # trained here: its later loads in this command need no line
     return path
+
+
+#: The teacher checkpoints this command has already named, as absolute paths joined by
+#: os.pathsep: kept in the environment, so that the processes a command starts after naming
+#: one (``kd-optuna optimize``'s workers) inherit what their parent said.
+SAID_ENV = "KD_OPTUNA_TEACHERS_SAID"
+
+
+def _first_mention(path: Path) -> bool:
+    """True the first time this command (this process or the one that started it) names the
+    teacher checkpoint ``path``; marks it named."""
+    key = str(Path(path).resolve())
+    said = [p for p in os.environ.get(SAID_ENV, "").split(os.pathsep) if p]
+    if key in said:
+        return False
+    os.environ[SAID_ENV] = os.pathsep.join([*said, key])
+    return True
 
 
 def _load_teacher(config: Any, num_classes: int, device: torch.device, cache_dir: Path) -> nn.Module:
