@@ -105,6 +105,11 @@ def _json(app, path: str):
     return json.loads(body)
 
 
+def _subtitle(figure: dict) -> str:
+    """The small lines under a figure's title (the annotation story._title names "subtitle")."""
+    return next(a["text"] for a in figure["layout"].get("annotations", ()) if a.get("name") == "subtitle")
+
+
 def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     """After refresh, the study page's API has the figures, the named objective, the note with
     the best distillers, classics, compare table and commands, the metric columns, and the
@@ -134,7 +139,7 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     assert "best so far" in names and any(n.startswith("vanilla KD (trial 0): 0.3") for n in names)
     best_line = next(t for t in progress["data"] if t.get("name") == "best so far")
     assert best_line["y"] == [0.30, 0.26, 0.26, 0.22, 0.21, 0.21]
-    assert "sp (rejected: not_decreasing)" in progress["layout"]["title"]["text"]
+    assert "sp (rejected: not_decreasing)" in _subtitle(progress)
     genes = figures["kd_optuna_genes"]
     bars = {t["meta"]: t for t in genes["data"] if t["type"] == "bar"}
     assert list(bars) == list(GENES) and [b["label"] for b in genes["layout"]["updatemenus"][0]["buttons"]] == list(GENES)
@@ -445,3 +450,100 @@ def test_only_the_best_trial_keeps_a_script_when_the_best_changes_twice(tmp_path
     story.refresh(study)
     assert [s["trial"] for s in story.story_scripts(study)] == [9]
     assert not (store_dir / stale["artifact_id"]).exists()
+
+
+def _spread_study(url: str, name: str = "spread") -> optuna.Study:
+    """kd_ls first (0.26), vanilla KD far worse (3.2), 20 mutations of kd_ls scoring 0.20-0.29,
+    three with distance pear scoring 0.45-0.5 (worse, not diverging) and one with distance l2
+    that diverged (50)."""
+    study = create_kd_study(url, name=name)
+    config = study_config(study)
+    kd, kd_ls = CLASSICS["kd"][0], CLASSICS["kd_ls"][0]
+    study.add_trial(_trial(config, kd_ls, 0.26, proposer="classic", parent=None, mutated=[]))
+    study.add_trial(_trial(config, kd, 3.2, proposer="classic", parent=None, mutated=[]))
+    temperatures, magnitudes = list(config.space.options["temperature"]), list(config.space.options["magnitude"])
+    for i in range(20):
+        spec = _vary(kd_ls, temperature=temperatures[i % len(temperatures)], magnitude=magnitudes[i % len(magnitudes)])
+        study.add_trial(_trial(config, spec, 0.29 - 0.0045 * i, proposer="mutation", parent=0, mutated=["temperature"]))
+    for i, value in enumerate((0.45, 0.48, 0.5)):
+        spec = _vary(kd_ls, distance="pear", temperature=temperatures[i])
+        study.add_trial(_trial(config, spec, value, proposer="mutation", parent=0, mutated=["distance"]))
+    study.add_trial(_trial(config, _vary(kd_ls, distance="l2"), 50.0, proposer="mutation", parent=0, mutated=["distance"]))
+    return study
+
+
+def _layouts(figure: dict) -> dict[str, dict]:
+    """The genes figure's layout per gene, as its menu's buttons set it."""
+    return {b["label"]: b["args"][1] for b in figure["layout"]["updatemenus"][0]["buttons"]}
+
+
+def test_progress_range_holds_the_best_so_far_and_marks_a_classic_off_scale(tmp_path):
+    """A classic far worse than the rest no longer stretches the y axis: the range holds every
+    best-so-far value and the completed scores' spread, and says where vanilla KD is."""
+    study = _spread_study(f"sqlite:///{tmp_path / 's.db'}")
+    figure = json.loads(story.build(study).figures["progress"].to_json())
+    low, high = figure["layout"]["yaxis"]["range"]
+    best = next(t for t in figure["data"] if t["name"] == "best so far")["y"]
+    assert all(low <= v <= high for v in best)
+    assert high < 0.6 and 3.2 > high  # the spread of the completed scores, not vanilla KD's 3.2
+    assert 0.5 <= high  # pear's 0.5 is among the scores the range shows
+    off = next(a for a in figure["layout"]["annotations"] if a.get("name") == "off scale")
+    assert off["text"] == "↑ vanilla KD 3.2 (off scale)"
+    assert 0 <= off["y"] <= 1 and off["yref"] == "paper"
+    assert "kd_ls" not in off["text"]
+    assert "2 high scores above the range" in _subtitle(figure)  # vanilla KD and the diverged one
+    assert any(t["name"].startswith("vanilla KD (trial 1): 3.2") for t in figure["data"])  # its legend entry stays
+
+
+def test_gene_figure_keeps_every_box_and_label_in_view(tmp_path):
+    """Per gene: pear's worse box lies inside the y range; the diverged score is drawn at the
+    top edge of distance's range, and a "▲ 1" label inside the plot marks l2; every drawn score
+    and every label is within the axis range."""
+    study = _spread_study(f"sqlite:///{tmp_path / 's.db'}")
+    figure = json.loads(story.build(study).figures["genes"].to_json())
+    layouts = _layouts(figure)
+    boxes = {t["meta"]: t for t in figure["data"] if t["type"] == "box"}
+    for gene, layout in layouts.items():
+        box, view = boxes[gene], layout["yaxis.range"]
+        assert view is not None, gene  # 3.2 and 50 are out of every gene's view
+        assert all(view[0] <= y <= view[1] for y in box["y"]), gene
+        assert sorted(box["customdata"]) == sorted(t.value for t in study.trials if t.state == TrialState.COMPLETE)
+        categories = layout["xaxis.categoryarray"]
+        labels = [a for a in layout["annotations"] if a.get("name", "").startswith("above: ")]
+        assert all(0 <= a["y"] <= 1 and a["yref"] == "paper" and a["yanchor"] == "top" for a in labels), gene
+        above = {x for x, y in zip(box["x"], box["customdata"]) if y > view[1]}
+        assert {categories[a["x"]] for a in labels} == above, gene
+        assert sum(int(a["text"].split()[-1]) for a in labels) == 2, gene  # 3.2 and 50
+    distance = layouts["distance"]
+    pear = [y for x, y in zip(boxes["distance"]["x"], boxes["distance"]["customdata"]) if x == "pear"]
+    assert pear and max(pear) <= distance["yaxis.range"][1]
+    label = next(a for a in distance["annotations"] if a.get("name") == "above: l2")
+    assert label["text"] == "▲ 1" and distance["xaxis.categoryarray"][label["x"]] == "l2" and "50" in label["hovertext"]
+    drawn = [y for x, y in zip(boxes["distance"]["x"], boxes["distance"]["y"]) if x == "l2"]
+    assert max(drawn) == distance["yaxis.range"][1]  # at the top edge, not off it
+    first = figure["layout"]
+    menu_gene = first["updatemenus"][0]["buttons"][first["updatemenus"][0]["active"]]["label"]
+    assert first["yaxis"]["range"] == layouts[menu_gene]["yaxis.range"]
+    assert first["annotations"] == layouts[menu_gene]["annotations"]
+
+
+def test_titles_fit_a_half_width_dashboard_card_and_lineage_labels_leave_nodes_clear(tmp_path):
+    """Each figure's title and subtitle lines are short enough for a ~450 px card; the lineage's
+    mutated genes are hover text on a mark mid-edge, not printed over the nodes."""
+    study = story_study(f"sqlite:///{tmp_path / 's.db'}")
+    study.add_trial(_trial(study_config(study), _vary(CLASSICS["kd"][0], distance="pear"), 0.5, proposer="random",
+                           parent=None, mutated=[], reject_reason=None))
+    figures = {n: json.loads(f.to_json()) for n, f in story.build(study).figures.items()}
+    assert set(figures) == set(story.FIGURE_IDS)
+    for name, figure in figures.items():
+        titles = [figure["layout"]["title"]["text"]] + [l["title.text"] for l in _layouts(figure).values()] \
+            if name == "genes" else [figure["layout"]["title"]["text"]]
+        assert all("<br>" not in t and len(t) <= story._TITLE_CHARS for t in titles), (name, titles)
+        lines = _subtitle(figure).split("<br>")
+        assert lines and all(len(line) <= story._SUB_CHARS for line in lines), (name, lines)
+        assert figure["layout"]["margin"]["t"] >= 30 + 24 + 14 * len(lines)
+    lineage = figures["lineage"]
+    marks = next(t for t in lineage["data"] if t.get("name") == "mutated genes")
+    assert marks["mode"] == "markers" and "mutated: %{text}" in marks["hovertemplate"]
+    nodes = [t for t in lineage["data"] if t.get("mode") == "markers+text"]
+    assert {text for t in nodes for text in t["text"]} <= {"", *(f"#{i}" for i in range(1, 7))}

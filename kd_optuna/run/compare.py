@@ -236,18 +236,13 @@ def as_json(runs: Sequence[Run], summaries, gains) -> dict[str, Any]:
 
 
 def save_to_dashboard(study: Any, runs: Sequence[Run], summaries, gains, formula: str) -> None:
-    """The results as the study's note and a figure in optuna-dashboard (one box per method)."""
-    import plotly.graph_objects as go
+    """The results as the study's note and a figure in optuna-dashboard (one box per method,
+    the story's :func:`kd_optuna.run.story.compare_figure`)."""
     from optuna_dashboard import save_plotly_graph_object
 
-    figure = go.Figure()
-    for s in summaries:
-        figure.add_trace(go.Box(y=[r.top1 for r in runs if r.method == s.method], name=s.method,
-                                boxpoints="all", jitter=0.3))
-    figure.update_layout(title="kd-optuna compare: last-epoch test top-1 per method (each point a seed)",
-                         yaxis_title="top-1 (%)")
-    save_plotly_graph_object(study, figure, graph_object_id="kd_optuna_compare")
     from kd_optuna.run import story
+
+    save_plotly_graph_object(study, story.compare_figure(runs, summaries), graph_object_id=story.FIGURE_IDS["compare"])
 
     # the study note is the story's: task, best distillers, and this table among them
     note = story.build(study)
