@@ -282,3 +282,50 @@ def test_optimize_trains_a_missing_teacher_once_before_the_workers_with_a_progre
     assert "teacher digits_teacher" in err and "/15 [" in err and "epoch" in err
     cached = list(Path(".kd_optuna_cache").glob("teacher-digits-digits_teacher-*.pt"))
     assert len(cached) == 1 and out.startswith("1 finished")
+
+
+def test_a_teachers_epochs_are_its_datasets_recipe_not_train_epochs_as_the_readme_says(tmp_path, monkeypatch, capsys,
+                                                                                       caplog):
+    """Issue 11: a teacher trained on first use takes its dataset's recipe, whatever the study's
+    [train] epochs (the student's); `train-teacher --epochs N` without -o is not what the search
+    reuses; README and the config templates say so, with the recipes' own numbers."""
+    import logging
+    from pathlib import Path
+
+    from conftest import invoke_cli, tiny_digits_toml
+    from kd_optuna.proxy.task import cached_teacher_checkpoint
+    from kd_optuna.train import teachers
+    from kd_optuna.train.checkpoints import read_checkpoint
+
+    repo = Path(__file__).resolve().parent.parent
+    readme = " ".join((repo / "README.md").read_text().split())
+    recipes = teachers.RECIPES
+    assert recipes["digits"]["epochs"] == recipes["digits_hard"]["epochs"] == 15
+    assert recipes["cifar10"]["epochs"] == recipes["cifar100"]["epochs"] == 240 and recipes["imagefolder"]["epochs"] == 100
+    for words in ("digits and digits_hard 15 epochs", "CIFAR-10/100 240 epochs", "imagefolder 100 epochs",
+                  "`[train] epochs` does not change it", "no config key does",
+                  "`kd-optuna train-teacher CONFIG --epochs N -o teacher.pt` and `checkpoint = \"teacher.pt\"`"):
+        assert words in readme, words
+    for template in ("digits.toml", "digits_hard.toml"):
+        assert "(15 epochs; no key sets them, [train] below is the student's)" in (
+            repo / "kd_optuna" / "studies" / template).read_text()
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_digits_toml())  # [train] epochs = 1
+    code, out, err = invoke_cli(capsys, "train-teacher", str(config), "--epochs", "1")
+    assert code == 0, err
+    legacy = Path(".kd_optuna_cache") / "teacher-digits-digits_teacher.pt"
+    assert read_checkpoint(legacy)[1]["epochs"] == 1
+    trained = []
+
+    def recorded(dataset, model_name, out_path, **kwargs):  # what the search would train, in a blink
+        trained.append(kwargs)
+        return real(dataset, model_name, out_path, **{**kwargs, "epochs": 1})
+
+    real = teachers.train_teacher
+    monkeypatch.setattr(teachers, "train_teacher", recorded)
+    with caplog.at_level(logging.WARNING, logger="kd_optuna"):
+        path = cached_teacher_checkpoint("digits", "digits_teacher", Path(".kd_optuna_cache"))
+    assert path != legacy and len(trained) == 1 and "epochs" not in trained[0]  # the recipe's 15
+    assert any("not reusing" in r.getMessage() and str(legacy) in r.getMessage() for r in caplog.records)

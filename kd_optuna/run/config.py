@@ -6,6 +6,8 @@ A config has these tables (every key but ``data.dataset``, ``teacher.model`` and
     [study]    name                         the study name create-study uses by default
     [data]     dataset, root, download      digits | cifar10 | cifar100 | imagefolder (ImageNet)
     [teacher]  model, checkpoint, nodes, num_classes     checkpoint absent: train one, cache it
+                                            (the dataset's recipe, kd_optuna.train.teachers.RECIPES:
+                                            no key sets its epochs; [train] is the student's)
     [student]  model, nodes, num_classes
     [proxy]    the fields of kd_optuna.proxy.training.ProxySettings
     [space]    gene = [options]             narrows the search space (kd_optuna.space)
