@@ -87,8 +87,7 @@ def optimize(
     config = study_config(study)
     config.check_files()
     deadline = None if timeout is None else time.time() + timeout
-    counts = count_states(storage, optuna_private.study_id(study))
-    if counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
+    if _finished(storage, study) >= n_trials:
         summary = summarize(study)
         summary.target_met_before = True
         storage.engine.dispose()
@@ -96,75 +95,135 @@ def optimize(
     if before_workers is not None:
         before_workers(config)
 
-    ctx = multiprocessing.get_context("spawn")
-    host_lock = ctx.Lock()
-    messages = ctx.Queue()
+    def worker_args(index: int) -> WorkerArgs:
+        context = WorkerContext(index, n_workers, device, threads)
+        return WorkerArgs(storage_url, study_name, n_trials, deadline, context, heartbeat_interval,
+                          grace_period, objective_factory, os.getpid())
 
-    def start(index: int):
-        args = WorkerArgs(
-            storage_url, study_name, n_trials, deadline, WorkerContext(index, n_workers, device, threads),
-            heartbeat_interval, grace_period, objective_factory, os.getpid(),
-        )
-        process = ctx.Process(target=worker_main, args=(args, host_lock, messages), name=f"kd-optuna-worker-{index}")
+    pool = _Pool(worker_args, n_workers)
+    if on_start is not None:
+        on_start([p.pid for p in pool.slots])
+    bar = _progress_bar(n_trials, progress)
+    interrupted = False
+    try:
+        _watch(pool, study, storage, deadline, n_trials, bar)
+    except KeyboardInterrupt:
+        interrupted = True
+        _stop_workers(pool.processes)
+    finally:
+        _wind_down(pool, study, storage, storage_url, bar)
+    pool.close(report_late_deaths=not interrupted)
+    summary = summarize(study)
+    summary.interrupted = interrupted or any(p.exitcode == 130 for p in pool.slots)
+    summary.worker_errors = pool.errors
+    summary.worker_deaths = pool.deaths
+    storage.engine.dispose()
+    return summary
+
+
+class _Pool:
+    """The spawned worker processes of one optimize, one per slot: started, restarted in their
+    slot when they die (``restarts`` per slot), their messages (``errors``) and deaths
+    (``deaths``, one line each) kept for the summary."""
+
+    def __init__(self, worker_args: Callable[[int], WorkerArgs], n_workers: int) -> None:
+        self._ctx = multiprocessing.get_context("spawn")
+        self._host_lock = self._ctx.Lock()
+        self._messages = self._ctx.Queue()
+        self._worker_args = worker_args
+        self.slots = [self._start(index) for index in range(n_workers)]
+        self.processes = list(self.slots)  # every process started, replacements included
+        self.restarts = [0] * n_workers
+        self.errors: list[str] = []
+        self.deaths: list[str] = []
+        self._reported: set[int] = set()
+
+    def _start(self, index: int):
+        process = self._ctx.Process(target=worker_main, name=f"kd-optuna-worker-{index}",
+                                    args=(self._worker_args(index), self._host_lock, self._messages))
         process.start()
         return process
 
-    slots = [start(index) for index in range(n_workers)]
-    processes = list(slots)  # every process started, replacements included
-    if on_start is not None:
-        on_start([p.pid for p in slots])
+    def newly_dead(self) -> list[tuple[int, Any]]:
+        """(slot, process) of each worker that died (not an exit of its own) since the last call."""
+        dead = [(index, p) for index, p in enumerate(self.slots)
+                if not p.is_alive() and p.exitcode not in _OWN_EXITS and p.pid not in self._reported]
+        self._reported.update(p.pid for _, p in dead)
+        return dead
 
-    errors: list[str] = []
-    deaths: list[str] = []
-    restarts = [0] * n_workers
-    interrupted = False
-    bar = _progress_bar(n_trials, progress)
-    refresh_story = _story_refresher(study, bar)
-    try:
+    def restart(self, index: int):
+        self.restarts[index] += 1
+        self.slots[index] = self._start(index)
+        self.processes.append(self.slots[index])
+        return self.slots[index]
+
+    def report_death(self, index: int, process, replacement, bar) -> None:
+        self.deaths.append(_death_line(index, process, replacement, self.restarts[index]))
+        _say(f"kd-optuna: {self.deaths[-1]}", bar)
+
+    def any_alive(self) -> bool:
+        return any(p.is_alive() for p in self.slots)
+
+    def drain(self, bar) -> None:
+        """Show the workers' messages (above the bar, else as warnings) and keep them."""
         while True:
-            _drain(messages, errors, bar)
-            for index, process in enumerate(slots):
-                if process.is_alive() or process.exitcode in _OWN_EXITS or getattr(process, "_kd_reported", False):
-                    continue
-                process._kd_reported = True
-                replacement = _replace_dead(index, process, restarts, study, storage, deadline, n_trials, start)
-                if replacement is not None:
-                    slots[index] = replacement
-                    processes.append(replacement)
-                deaths.append(_death_line(index, process, replacement, restarts[index]))
-                _say(f"kd-optuna: {deaths[-1]}", bar)
-            if not any(p.is_alive() for p in slots):
-                break
-            _update_bar(bar, study)
-            refresh_story()
-            time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        interrupted = True
-        _stop_workers(processes)
-    finally:
-        _drain(messages, errors, bar)
-        for process in processes:
-            process.join(timeout=30)
-        try:
-            _fail_orphans(study, storage, processes)
-        except DATABASE_ERRORS as exc:
-            errors.append(f"could not fail the trials of ended workers ({describe_error(exc, storage_url)}); "
-                          "the next worker's heartbeat check fails them")
+            try:
+                _, text_ = self._messages.get_nowait()
+            except Exception:
+                return
+            self.errors.append(text_)
+            if bar is not None:
+                bar.write(text_)
+            else:
+                logging.getLogger("kd_optuna").warning(text_)
+
+    def close(self, report_late_deaths: bool) -> None:
+        """Close the message queue; report a worker that died after the last look (and was
+        not stopped by us: ``report_late_deaths`` is False after Ctrl-C)."""
+        self._messages.close()
+        self._messages.join_thread()
+        if report_late_deaths:
+            for index, process in self.newly_dead():
+                self.report_death(index, process, None, None)
+
+
+def _watch(pool: _Pool, study, storage, deadline: float | None, n_trials: int, bar) -> None:
+    """Until no worker is alive: show their messages and the progress, refresh the dashboard
+    story, and fail the trial of a dead worker and restart it (see :func:`_may_restart`)."""
+    refresh_story = _story_refresher(study, bar)
+    while True:
+        pool.drain(bar)
+        for index, process in pool.newly_dead():
+            replacement = None
+            if _may_restart(index, process, pool.restarts, study, storage, deadline, n_trials):
+                replacement = pool.restart(index)
+            pool.report_death(index, process, replacement, bar)
+        if not pool.any_alive():
+            return
         _update_bar(bar, study)
-        if bar is not None:
-            bar.close()
-    messages.close()
-    messages.join_thread()
-    for index, process in enumerate(slots):  # a worker that died after the loop's last look (not stopped by us)
-        if not interrupted and process.exitcode not in _OWN_EXITS and not getattr(process, "_kd_reported", False):
-            deaths.append(_death_line(index, process, None, restarts[index]))
-            _say(f"kd-optuna: {deaths[-1]}", None)
-    summary = summarize(study)
-    summary.interrupted = interrupted or any(p.exitcode == 130 for p in slots)
-    summary.worker_errors = errors
-    summary.worker_deaths = deaths
-    storage.engine.dispose()
-    return summary
+        refresh_story()
+        time.sleep(POLL_S)
+
+
+def _wind_down(pool: _Pool, study, storage, storage_url: str, bar) -> None:
+    """After the workers stopped (or were stopped): last messages, join them all, fail and queue
+    again any trial they left RUNNING, last progress, close the bar."""
+    pool.drain(bar)
+    for process in pool.processes:
+        process.join(timeout=30)
+    try:
+        _fail_orphans(study, storage, pool.processes)
+    except DATABASE_ERRORS as exc:
+        pool.errors.append(f"could not fail the trials of ended workers ({describe_error(exc, storage_url)}); "
+                           "the next worker's heartbeat check fails them")
+    _update_bar(bar, study)
+    if bar is not None:
+        bar.close()
+
+
+def _finished(storage, study: optuna.Study) -> int:
+    counts = count_states(storage, optuna_private.study_id(study))
+    return counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
 
 
 def how_it_ended(exitcode: int | None) -> str:
@@ -179,21 +238,18 @@ def how_it_ended(exitcode: int | None) -> str:
     return f"exited with code {exitcode}"
 
 
-def _replace_dead(index, process, restarts, study, storage, deadline, n_trials, start):
-    """A worker died: fail and queue again its running trial now (not a grace period later),
-    and start a replacement in its slot unless the slot used its MAX_RESTARTS, the deadline
-    passed or the target is met. The replacement, or None."""
+def _may_restart(index, process, restarts, study, storage, deadline, n_trials) -> bool:
+    """A worker died: fail and queue again its running trial now (not a grace period later);
+    whether to start a replacement in its slot: not when the slot used its MAX_RESTARTS, the
+    deadline passed or the target is met."""
     try:
         _fail_orphans(study, storage, [process], reason=f"its worker {how_it_ended(process.exitcode)}")
-        counts = count_states(storage, optuna_private.study_id(study))
+        finished = _finished(storage, study)
     except DATABASE_ERRORS:  # the heartbeat fails its trial; the count is checked by the workers
-        counts = None
+        finished = None
     if restarts[index] >= MAX_RESTARTS or (deadline is not None and time.time() >= deadline):
-        return None
-    if counts is not None and counts[TrialState.COMPLETE] + counts[TrialState.PRUNED] >= n_trials:
-        return None
-    restarts[index] += 1
-    return start(index)
+        return False
+    return finished is None or finished < n_trials
 
 
 def _death_line(index: int, process, replacement, restarted: int) -> str:
@@ -252,19 +308,6 @@ def _update_bar(bar, study: optuna.Study) -> None:
         bar.set_postfix_str(postfix, refresh=False)
         bar.refresh()
         bar._kd_shown = (*shown, time.time())
-
-
-def _drain(messages, errors: list[str], bar) -> None:
-    while True:
-        try:
-            _, text_ = messages.get_nowait()
-        except Exception:
-            return
-        errors.append(text_)
-        if bar is not None:
-            bar.write(text_)
-        else:
-            logging.getLogger("kd_optuna").warning(text_)
 
 
 def _stop_workers(processes, wait_s: float = 20.0) -> None:
