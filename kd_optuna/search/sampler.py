@@ -65,25 +65,24 @@ The only thing held in memory between calls beyond a cache of the storage is the
 trial in progress (its child and parent, until ``after_trial``), which only the process that
 runs that trial reads.
 
-Cost: each process keeps a per-study cache of what it has derived. Finished trials never
-change, so each is read once: the cache holds the index of the first unfinished trial (the
-``frontier``) and the numbers of trials finished beyond it, and each sample scans only from
-the frontier (the RUNNING/WAITING trials plus those finished since the last call). Population,
-search space, option counts and the predictor's sufficient statistics are updated per
-absorbed trial (O(P + cells)); weights, and rho's ridge solution (one solve of at most a few
-hundred unknowns), are recomputed only when a trial was absorbed. What remains proportional
-to the study size is listing the trials (Optuna's per-trial snapshot of the list, see
-``kd_optuna.optuna_private.cached_trials``, and one fresh ``study.get_trials`` for the claim
-check), which any sampler reading the history pays.
+Cost: each process keeps a per-study cache of what it has derived
+(``kd_optuna.search.history.StudyHistory``; the shrinkage's counts and weights are
+``kd_optuna.search.shrinkage``). Finished trials never change, so each is read once: the cache
+holds the index of the first unfinished trial (the ``frontier``) and the numbers of trials
+finished beyond it, and each sample scans only from the frontier (the RUNNING/WAITING trials
+plus those finished since the last call). Population, search space, option counts and rho's
+statistics (the inverse of its ridge system included) are updated per absorbed trial
+(O(P + cells^2)); weights are recomputed only when a trial was absorbed. What remains
+proportional to the study size is listing the trials (Optuna's per-trial snapshot of the
+list, see ``kd_optuna.optuna_private.cached_trials``, and one fresh ``study.get_trials`` for
+the claim check), which any sampler reading the history pays.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import itertools
-import math
 import threading
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -95,9 +94,10 @@ from optuna.trial import FrozenTrial, TrialState
 from kd_optuna.search import evolution
 from kd_optuna import optuna_private
 from kd_optuna.distill.classics import classic_specs
-from kd_optuna.errors import InvalidSpace, KdOptunaError
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.search.history import PROPOSED_KEY_ATTR, StudyHistory, announced_key  # noqa: F401 - PROPOSED_KEY_ATTR: imported from here
 from kd_optuna.search.lineage import attr_name
-from kd_optuna.search.predictor import AdditivePredictor, spec_cells
+from kd_optuna.search.predictor import spec_cells
 from kd_optuna.search.proposers import (
     Candidate,
     CrossoverProposer,
@@ -108,20 +108,12 @@ from kd_optuna.search.proposers import (
     RandomProposer,
     random_spec,
 )
-from kd_optuna.space import GENES, TRANSFORM_GENES, DistillerSpec, SearchSpace
+from kd_optuna.space import GENES, DistillerSpec, SearchSpace
 
-#: System attr where a worker announces the key of the child it is about to run.
-PROPOSED_KEY_ATTR = "kd_optuna:proposed_key"
-
-#: A shrinkage group per gene: the three transform slots share their statistics.
-_GROUP = {gene: ("transform" if gene in TRANSFORM_GENES else gene) for gene in GENES}
-
-_FLOOR = 0.05
 _CLASSICS = frozenset(classic_specs())
 _CLAIM_ROUNDS = 8
 _REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
 _MAX_PLANS = 4096
-_INTERSECTED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 class _DefaultProposer:
@@ -140,78 +132,6 @@ class SamplerConfigError(KdOptunaError, ValueError):
     """An EvolutionSampler argument out of range."""
 
 
-def _features(spec: DistillerSpec) -> list[tuple[str, Any]]:
-    """The (group, option) pairs a spec has, read on its canonical form.
-
-    A transform counts once however many slots hold it, a no-op transform not at all; the
-    transform option ``no`` is had when fewer than three transforms act.
-    """
-    canonical = spec.canonical()
-    acting = canonical.effective_transforms()
-    pairs = [(g, getattr(canonical, g)) for g in GENES if g not in TRANSFORM_GENES]
-    pairs += [("transform", name) for name in dict.fromkeys(acting)]
-    if len(acting) < 3:
-        pairs.append(("transform", "no"))
-    return pairs
-
-
-def _spec_of(params: Mapping[str, Any]) -> DistillerSpec | None:
-    if not all(gene in params for gene in GENES):
-        return None
-    try:
-        return DistillerSpec.from_params(params)
-    except InvalidSpace:
-        return None
-
-
-def _split(params: Mapping[str, Any]) -> tuple[DistillerSpec | None, dict[str, Any]]:
-    """The spec of ``params`` (if it has valid genes) and its other params."""
-    spec = _spec_of(params)
-    if spec is None:
-        return None, dict(params)
-    return spec, {n: v for n, v in params.items() if n not in GENES}
-
-
-def _key_of(params: Mapping[str, Any]) -> str:
-    spec, extra = _split(params)
-    return evolution.genome_key(spec.key if spec else None, extra)
-
-
-def _announced_key(trial: FrozenTrial) -> str | None:
-    """The key an unfinished trial will evaluate: announced, enqueued, or from its params."""
-    key = trial.system_attrs.get(PROPOSED_KEY_ATTR)
-    if isinstance(key, str):
-        return key
-    fixed = trial.system_attrs.get("fixed_params", {})
-    if fixed:
-        return _key_of(fixed)
-    return _key_of(trial.params) if trial.params else None
-
-
-def _same(a: BaseDistribution | None, b: BaseDistribution) -> bool:
-    """``a == b`` as Optuna defines it, with a fast path for equal categorical choices."""
-    if a is b:
-        return True
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, CategoricalDistribution) and a.choices == b.choices:  # type: ignore[attr-defined]
-        return all(type(x) is type(y) for x, y in zip(a.choices, b.choices))  # type: ignore[attr-defined]
-    return a == b
-
-
-def _is_rejection(trial: FrozenTrial) -> bool:
-    return trial.state == TrialState.PRUNED and bool(trial.user_attrs.get("reject_reason"))
-
-
-@dataclasses.dataclass
-class _Counts:
-    complete: int = 0
-    rejected: int = 0
-
-
-_NONE = _Counts()
-
-
 @dataclasses.dataclass
 class _Plan:
     """A trial in progress: the params chosen for it and where the rest may come from;
@@ -221,232 +141,6 @@ class _Plan:
     parent: Member | None
     population: Sequence[Member]
     lazy: Any = None
-
-
-class _Shrinkage:
-    """The statistics search-space shrinkage reads, and the option weights they give.
-
-    Holds ``n_evaluated`` (completed trials with a score plus rejected trials), ``n_with_genes``
-    (n, the completed trials with genes) and ``counts``: per feature o, a (group, option) pair of
-    the canonical specs (:func:`_features`: the three transform slots pooled), c_o completed and
-    j_o rejected trials with it. Given the features of the population's P' members with genes,
-    e_o of them with o, :meth:`weights` is 1 for every option until ``shrink_after`` trials were
-    evaluated (or while n = 0), then::
-
-        weight(o) = clip((e_o + 1) / (c_o * P' / n + 1), 0.05, 1)
-        weight(o) = 0  if j_o >= reject_min and j_o >= reject_rate * (c_o + j_o)
-
-    and where a gene would lose every option, those of lowest j_o / (c_o + j_o) weigh 0.05, the
-    others 0.
-    """
-
-    def __init__(self) -> None:
-        self.n_evaluated = 0
-        self.n_with_genes = 0
-        self.counts: dict[tuple[str, Any], _Counts] = {}
-
-    def add_complete(self, features: Sequence[tuple[str, Any]]) -> None:
-        """Count a completed trial with a score, of these features ([]: a trial without genes)."""
-        self.n_evaluated += 1
-        if features:
-            self.n_with_genes += 1
-        for feature in features:
-            self.counts.setdefault(feature, _Counts()).complete += 1
-
-    def add_rejection(self, features: Sequence[tuple[str, Any]]) -> None:
-        """Count a rejected trial, of these features ([]: a trial without genes)."""
-        self.n_evaluated += 1
-        for feature in features:
-            self.counts.setdefault(feature, _Counts()).rejected += 1
-
-    def weights(
-        self,
-        space: SearchSpace,
-        elite: Sequence[Sequence[tuple[str, Any]]],
-        shrink_after: int,
-        reject_min: int,
-        reject_rate: float,
-    ) -> dict[str, dict[Any, float]]:
-        """gene -> option of ``space`` -> weight, ``elite`` being the features of each population
-        member ([] for one without genes)."""
-        if self.n_evaluated < shrink_after or not self.n_with_genes:
-            return {g: {o: 1.0 for o in space[g]} for g in GENES}
-        return self._shrunk(space, elite, reject_min, reject_rate)
-
-    def _shrunk(self, space, elite_features, reject_min, reject_rate) -> dict[str, dict[Any, float]]:
-        elite: dict[tuple[str, Any], int] = {}
-        n_elite = 0
-        for features in elite_features:
-            n_elite += bool(features)
-            for feature in features:
-                elite[feature] = elite.get(feature, 0) + 1
-        share = n_elite / self.n_with_genes
-        by_feature: dict[tuple[str, Any], float] = {}
-
-        def weight(feature: tuple[str, Any]) -> float:
-            if feature not in by_feature:
-                counts = self.counts.get(feature, _NONE)
-                ratio = (elite.get(feature, 0) + 1.0) / (counts.complete * share + 1.0)
-                tried = counts.complete + counts.rejected
-                dropped = counts.rejected >= reject_min and counts.rejected >= reject_rate * tried
-                by_feature[feature] = 0.0 if dropped else max(_FLOOR, min(1.0, ratio))
-            return by_feature[feature]
-
-        weights = {}
-        for gene in GENES:
-            group = _GROUP[gene]
-            weights[gene] = {o: weight((group, o)) for o in space[gene]}
-            if not any(w > 0 for w in weights[gene].values()):
-                weights[gene] = self._least_rejected(group, weights[gene])
-        return weights
-
-    def _least_rejected(self, group: str, options: Mapping[Any, float]) -> dict[Any, float]:
-        def rate(option: Any) -> float:
-            c = self.counts.get((group, option), _NONE)
-            return c.rejected / max(1, c.complete + c.rejected)
-
-        lowest = min(rate(o) for o in options)
-        return {o: (_FLOOR if rate(o) == lowest else 0.0) for o in options}
-
-
-class _History:
-    """What one process has derived from one study's trials (see the module docstring's Cost).
-
-    Every trial before ``frontier`` is finished and absorbed, as are those in ``absorbed``
-    beyond it; :meth:`update` absorbs each other trial once it is finished and lists the
-    unfinished ones (``unfinished``, their keys ``running_keys``). From the absorbed trials it
-    holds the keys never to propose again (``finished_keys``), the population (``top``: the
-    ``population_size`` least (score, number, key) over distinct keys, score = sign * value;
-    ``best_member`` and ``best_features`` per key), the relative search space (``space``: the
-    intersection of the distributions of the COMPLETE and PRUNED trials), the newest gene
-    distributions (``distributions``), rho's statistics (``predictor``) and the shrinkage's
-    (``shrinkage``). ``version`` counts the absorbed trials; the caches derived from the rest
-    (members, genome, weights) are kept until it changes.
-    """
-
-    def __init__(self, storage: Any, study_id: int, sign: float, population_size: int):
-        self.storage = storage
-        self.study_id = study_id
-        self.sign = sign
-        self.population_size = population_size
-        self.frontier = 0
-        self.absorbed: set[int] = set()
-        self.version = 0
-        self.finished_keys: set[str] = set()
-        self.running_keys: list[str] = []
-        self.unfinished: list[FrozenTrial] = []
-        self.best: dict[str, tuple[float, int]] = {}
-        self.best_member: dict[str, Member] = {}
-        self.best_features: dict[str, list[tuple[str, Any]]] = {}
-        self._weights: tuple[Any, dict[str, dict[Any, float]]] = (None, {})
-        self.top: list[tuple[float, int, str]] = []
-        self.shrinkage = _Shrinkage()
-        self.predictor = AdditivePredictor()
-        self.space: dict[str, BaseDistribution] | None = None
-        self.distributions: dict[str, CategoricalDistribution] | None = None
-        self._distributions_number = -1
-        self.saw_params = False
-        self._members: tuple[int, list[Member]] = (-1, [])
-        self.genome: tuple[int, Any] = (-1, None)
-
-    def update(self, trials: Sequence[FrozenTrial]) -> None:
-        running, unfinished = [], []
-        advancing = True
-        for i in range(self.frontier, len(trials)):
-            trial = trials[i]
-            if trial.state.is_finished():
-                if trial.number not in self.absorbed:
-                    self._absorb(trial)
-                    self.absorbed.add(trial.number)
-                if advancing:
-                    self.absorbed.discard(trial.number)
-                    self.frontier = i + 1
-            else:
-                advancing = False
-                unfinished.append(trial)
-                key = _announced_key(trial)
-                if key is not None:
-                    running.append(key)
-        self.running_keys = running
-        self.unfinished = unfinished
-
-    def _absorb(self, trial: FrozenTrial) -> None:
-        self.version += 1
-        if trial.state in _INTERSECTED:
-            self._intersect(trial.distributions)
-        if not trial.params:
-            return
-        self.saw_params = True
-        spec, extra = _split(trial.params)
-        if spec is not None:
-            self._remember_distributions(trial)
-        key = evolution.genome_key(spec.key if spec else None, extra)
-        self.finished_keys.add(key)
-        cells = (spec_cells(spec) if spec else []) + evolution.cells(extra, trial.distributions)
-        if trial.state == TrialState.COMPLETE and trial.value is not None:
-            self._add_complete(Member(trial.number, spec, self.sign * trial.value, extra), key, cells)
-        elif _is_rejection(trial):
-            self.predictor.add_rejection_cells(cells)
-            self.shrinkage.add_rejection(_features(spec) if spec else [])
-
-    def _intersect(self, distributions: Mapping[str, BaseDistribution]) -> None:
-        if self.space is None:
-            self.space = dict(distributions)
-        elif not all(_same(distributions.get(n), d) for n, d in self.space.items()):
-            self.space = {n: d for n, d in self.space.items() if _same(distributions.get(n), d)}
-
-    def _remember_distributions(self, trial: FrozenTrial) -> None:
-        dists = {g: trial.distributions.get(g) for g in GENES}
-        if trial.number > self._distributions_number and all(
-            isinstance(d, CategoricalDistribution) for d in dists.values()
-        ):
-            self.distributions = dists  # type: ignore[assignment]
-            self._distributions_number = trial.number
-
-    def _add_complete(self, member: Member, key: str, cells: list[tuple[str, Any]]) -> None:
-        score = member.score
-        if math.isnan(score):
-            return
-        self.predictor.add_cells(cells, score)
-        features = _features(member.spec) if member.spec else []
-        self.shrinkage.add_complete(features)
-        entry = (score, member.number)
-        old = self.best.get(key)
-        if old is not None and old <= entry:
-            return
-        self.best[key] = entry
-        self.best_member[key] = member
-        self.best_features[key] = features
-        if old is not None:
-            at = bisect.bisect_left(self.top, (old[0], old[1], key))
-            if at < len(self.top) and self.top[at] == (old[0], old[1], key):
-                del self.top[at]
-        bisect.insort(self.top, (score, member.number, key))
-        del self.top[self.population_size :]
-
-    def members(self) -> list[Member]:
-        """The population, best first."""
-        if self._members[0] != self.version:
-            members = [self.best_member[k] for _, _, k in self.top]
-            self._members = (self.version, members)
-        return self._members[1]
-
-    def weights(
-        self,
-        space: SearchSpace,
-        shrink_after: int,
-        reject_min: int,
-        reject_rate: float,
-    ) -> dict[str, dict[Any, float]]:
-        """The shrinkage weights of the population now (see :class:`_Shrinkage` and
-        ``EvolutionSampler.space_weights``); cached until the next trial is absorbed."""
-        cache_key = (self.version, space, shrink_after, reject_min, reject_rate)
-        if self._weights[0] == cache_key:
-            return self._weights[1]
-        elite = [self.best_features[key] for _, _, key in self.top]
-        weights = self.shrinkage.weights(space, elite, shrink_after, reject_min, reject_rate)
-        self._weights = (cache_key, weights)
-        return weights
 
 
 class _Seen:
@@ -636,7 +330,7 @@ class EvolutionSampler(BaseSampler):
         self._crossover = CrossoverProposer()
         self._fallback = RandomProposer()
         self._lock = threading.Lock()
-        self._histories: dict[tuple[int, int], _History] = {}
+        self._histories: dict[tuple[int, int], StudyHistory] = {}
         self._plans: dict[tuple[int, int], _Plan] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -656,7 +350,7 @@ class EvolutionSampler(BaseSampler):
 
     # -- what the study says -------------------------------------------------------------
 
-    def _history(self, study: Study, fresh: bool = False) -> _History:
+    def _history(self, study: Study, fresh: bool = False) -> StudyHistory:
         """Bring this process's cache of ``study`` up to date and return it (hold the lock).
 
         Reads Optuna's per-trial snapshot of the trial list, or the storage if ``fresh``.
@@ -677,12 +371,12 @@ class EvolutionSampler(BaseSampler):
                 return history
             stale = trials[history.frontier - 1].number != history.frontier - 1
         if stale or history.sign != sign:
-            history = _History(storage, cache_key[1], sign, self.population_size)
+            history = StudyHistory(storage, cache_key[1], sign, self.population_size)
             self._histories[cache_key] = history
         history.update(trials)
         return history
 
-    def _gene_space(self, history: _History) -> SearchSpace | None:
+    def _gene_space(self, history: StudyHistory) -> SearchSpace | None:
         """The gene options of the genome, or ``None`` if the study has no distiller genes."""
         relative = _space_of(history.space) if history.space else None
         if relative is not None:
@@ -696,10 +390,10 @@ class EvolutionSampler(BaseSampler):
             return _space_of(history.distributions) or SearchSpace()
         return None if history.saw_params else SearchSpace()
 
-    def _space_for(self, history: _History) -> SearchSpace:
+    def _space_for(self, history: StudyHistory) -> SearchSpace:
         return self._gene_space(history) or SearchSpace()
 
-    def _genome(self, history: _History) -> _Genome:
+    def _genome(self, history: StudyHistory) -> _Genome:
         """The genome of the next child; recomputed only when a trial was absorbed."""
         if history.genome[0] != history.version:
             genes = self._gene_space(history)
@@ -711,7 +405,7 @@ class EvolutionSampler(BaseSampler):
             history.genome = (history.version, _Genome(genes, extra, relative, assumed))
         return history.genome[1]
 
-    def _weights(self, history: _History, space: SearchSpace) -> dict[str, dict[Any, float]]:
+    def _weights(self, history: StudyHistory, space: SearchSpace) -> dict[str, dict[Any, float]]:
         return history.weights(space, self.shrink_after, self.reject_min, self.reject_rate)
 
     def space_weights(self, study: Study) -> dict[str, dict[Any, float]]:
@@ -902,7 +596,7 @@ class EvolutionSampler(BaseSampler):
         with self._lock:
             history = self._history(study, fresh=True)
             return key in history.finished_keys or any(
-                other.number != trial.number and _announced_key(other) == key
+                other.number != trial.number and announced_key(other) == key
                 for other in history.unfinished
             )
 
@@ -921,7 +615,7 @@ class EvolutionSampler(BaseSampler):
             scale=self.mutation_scale,
         )
 
-    def _initial_phase(self, history: _History, lost: list[str]) -> bool:
+    def _initial_phase(self, history: StudyHistory, lost: list[str]) -> bool:
         """Line 1: until ``population_size`` distinct keys were proposed, or none completed.
 
         The initial population is the first P proposals, not the first P completions: with
@@ -971,7 +665,7 @@ class EvolutionSampler(BaseSampler):
         cells = spec_cells(candidate.spec) if candidate.spec is not None else []
         return cells + evolution.cells(candidate.extra, genome.extra)
 
-    def _evolve(self, history: _History, genome: _Genome, context: ProposalContext):
+    def _evolve(self, history: StudyHistory, genome: _Genome, context: ProposalContext):
         """Lines 5-8: tournament, then crossover (at ``crossover_prob``) or mutation.
 
         ``screen`` distinct children are drawn and rho keeps the one it expects to score
