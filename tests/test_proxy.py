@@ -164,3 +164,72 @@ def test_a_long_recipe_is_capped_in_steps():
     s = ProxySettings.from_recipe(cifar).for_pool(50000)
     assert s.steps == RECIPE_MAX_STEPS and s.milestones == pytest.approx((150 / 240, 180 / 240, 210 / 240))
     assert ProxySettings.from_recipe(cifar, {"max_steps": 0}).for_pool(50000).steps == 80 * 50000 // 64
+
+
+def _shifted_digits_task(settings):
+    """Digits moved far from mean 0 / variance 1, and a student whose BatchNorm layers have
+    torchvision MobileNetV3's momentum 0.01: after a short proxy its running statistics are
+    still mostly the initial ones (0.99 ** 30 = 74%)."""
+    splits = load_dataset("digits")
+    x, y = splits.tensors("train", torch.arange(400))
+    vx, vy = splits.tensors("val", torch.arange(100))
+    data = ProxyData.build(3 * x + 4, y, 3 * vx + 4, vy, settings, num_classes=10)
+
+    def new_student():
+        student = tap_model(DigitsCNN((8, 8, 16)))
+        for layer in student.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.momentum = 0.01
+        return student
+
+    torch.manual_seed(0)
+    return Task(data, tap_model(DigitsCNN((8, 8, 16))), new_student, settings)
+
+
+def test_a_short_proxy_is_scored_with_fresh_batch_norm_statistics(monkeypatch):
+    """Issue 11 anomalies: an own-model study scored 5.25e+06 and a 224 px one exactly ln 4. The
+    eval-mode student normalised by the running statistics a short proxy never moved from their
+    start (torchvision's MobileNetV3: momentum 0.01), so it scored at chance, or with logits of
+    1e6 and more, while it classified well in train mode."""
+    from kd_optuna.proxy import training
+
+    settings = ProxySettings(labels_per_class=0, label_batch_size=0, steps=30, batch_size=64, optimizer="sgd",
+                             lr=0.1, schedule="constant", report_every=15, sharpness_size=32)
+    task = _shifted_digits_task(settings)
+    fixed = task.run(None)
+    assert fixed.val_acc > 0.5 and fixed.val_ce < 1.5, fixed
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "BN_STALE_WEIGHT", 1.0)  # never stale: the scoring before the fix
+        stale = task.run(None)
+    assert stale.val_acc < 0.3 and stale.val_ce > 2.2 and stale.val_ce_raw > 5, stale  # chance: ln 10 = 2.303
+    assert task.run(None).metrics() == fixed.metrics()  # deterministic, and the student left as it was
+
+
+def test_fresh_batch_norm_recomputes_only_stale_statistics_and_restores_them():
+    from kd_optuna.proxy.training import BN_STALE_WEIGHT, fresh_batch_norm, stale_batch_norm
+
+    settings = dataclasses.replace(FAST, batch_size=32)
+    task = _shifted_digits_task(settings)
+    student = task.new_student().train()
+    layers = [m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert stale_batch_norm(student)
+    with torch.no_grad():
+        for _ in range(3):
+            student(task.data.train_x[:32])
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    rng = torch.get_rng_state()
+    with fresh_batch_norm(student, task.data, settings) as recomputed:
+        assert recomputed and not student.training and all(not m.training for m in layers)
+        assert all(m.momentum is None for m in layers)  # a cumulative average meanwhile
+        moved = [m.running_mean.clone() for m in layers]
+    assert student.training and all(m.momentum == 0.01 for m in layers)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    assert not all(torch.equal(a, m.running_mean) for a, m in zip(moved, layers))
+    assert torch.equal(rng, torch.get_rng_state())  # no random draw: training goes on as without it
+
+    for layer in layers:  # after 500 batches at momentum 0.01, 0.99 ** 500 = 0.7% of the start remains
+        layer.num_batches_tracked.fill_(500)
+    assert 0.99 ** 500 < BN_STALE_WEIGHT < 0.99 ** 450 and not stale_batch_norm(student)
+    with fresh_batch_norm(student, task.data, settings) as recomputed:
+        assert not recomputed and not student.training
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items() if "num_batches" not in k)

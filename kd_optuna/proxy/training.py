@@ -26,6 +26,7 @@ loss ``_ProxyLoss``), with the optimiser and schedule of ``ProxySettings.make_op
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -412,6 +413,81 @@ def memory_format(settings: ProxySettings) -> torch.memory_format:
     return torch.channels_last if settings.channels_last else torch.contiguous_format
 
 
+#: Eval-mode BatchNorm normalises by running statistics, an exponential average (momentum m)
+#: that starts at mean 0 and variance 1: after S training batches the start still weighs
+#: (1 - m) ** S. Above this weight the statistics are stale (m = 0.1: fewer than 44 steps;
+#: torchvision's MobileNetV3 and EfficientNets use m = 0.01: fewer than 459) and
+#: :func:`fresh_batch_norm` recomputes them before the student is scored.
+BN_STALE_WEIGHT = 0.01
+#: At most this many KD-pool images (a seeded sample, un-augmented) recompute them.
+BN_REFRESH_IMAGES = 1024
+
+
+def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
+
+
+def stale_batch_norm(model: nn.Module) -> bool:
+    """Whether a BatchNorm layer of ``model`` still holds more than BN_STALE_WEIGHT of its
+    initial running statistics (from ``num_batches_tracked`` and its momentum; a cumulative
+    average, momentum None, is stale only before its first batch)."""
+    for layer in _batch_norms(model):
+        tracked = int(layer.num_batches_tracked)
+        remaining = float(tracked == 0) if layer.momentum is None else (1.0 - layer.momentum) ** tracked
+        if remaining > BN_STALE_WEIGHT:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def fresh_batch_norm(model: nn.Module, data: "ProxyData", settings: ProxySettings):
+    """Inside, ``model`` is in eval mode with BatchNorm statistics that describe its current
+    weights; yields whether they were recomputed. Short proxies leave them stale
+    (:func:`stale_batch_norm`): the eval-mode student then computes with mean 0 / variance 1
+    where its layers have other statistics, and scores at chance or with logits of 1e6 and more
+    while it classifies well in train mode. Stale statistics are recomputed as a cumulative
+    average over batches of ``settings.batch_size`` from at most BN_REFRESH_IMAGES pool images
+    (a sample seeded with 0, view 0), only the BatchNorm layers in train mode (no dropout, no
+    random draw), without gradients. On exit the model's statistics, momentum and mode are
+    restored, so training goes on exactly as without it. Statistics that are not stale are
+    used as they are."""
+    was_training = model.training
+    layers = _batch_norms(model)
+    if not stale_batch_norm(model) or data.pool.shape[0] < 2:
+        model.eval()
+        try:
+            yield False
+        finally:
+            model.train(was_training)
+        return
+    saved = [(layer.momentum, layer.running_mean.clone(), layer.running_var.clone(),
+              layer.num_batches_tracked.clone()) for layer in layers]
+    try:
+        model.eval()
+        for layer in layers:
+            layer.reset_running_stats()
+            layer.momentum = None
+            layer.train()
+        n_pool = data.pool.shape[0]
+        sample = torch.randperm(n_pool, generator=torch.Generator().manual_seed(0))[:BN_REFRESH_IMAGES]
+        sample = sample.to(data.device)
+        chunks = math.ceil(sample.shape[0] / settings.batch_size)
+        fmt = memory_format(settings)
+        with torch.no_grad():
+            for part in torch.tensor_split(sample, chunks):
+                model(data.train_x[data.pool[part]].contiguous(memory_format=fmt))
+        model.eval()
+        yield True
+    finally:
+        for layer, (momentum, mean, var, tracked) in zip(layers, saved):
+            layer.momentum = momentum
+            layer.running_mean.copy_(mean)
+            layer.running_var.copy_(var)
+            layer.num_batches_tracked.copy_(tracked)
+        model.train(was_training)
+
+
 def predict(model: nn.Module, images: Tensor, batch_size: int) -> dict[str, Tensor]:
     """Eval-mode {emb (M, D), logit (M, K)} of ``model`` over ``images`` (M, ...), float32."""
     slices = ((images[start : start + batch_size], None) for start in range(0, images.shape[0], batch_size))
@@ -456,7 +532,8 @@ def train_student(
             if bool(bad):
                 raise InvalidDistiller("non-finite loss during training")
             if report is not None:
-                logits = predict(student, data.val_x, settings.eval_batch_size)["logit"]
+                with fresh_batch_norm(student, data, settings):
+                    logits = predict(student, data.val_x, settings.eval_batch_size)["logit"]
                 report(done, calibrated_cross_entropy(logits, data.val_y))
 
     hooks = engine.Hooks(after_loss=check, after_step=after_step)
@@ -551,14 +628,17 @@ def evaluate_student(
     """val_ce (calibrated), val_ce_raw, val_acc, sharpness_gap, cka_gap on held-out images.
 
     ``images``/``labels`` default to the val split; the CKA and sharpness terms always use the
-    val split, where the teacher reference was computed.
+    val split, where the teacher reference was computed. BatchNorm statistics that a short
+    proxy left stale are recomputed first (:func:`fresh_batch_norm`); the student is left as
+    it was.
     """
     x = data.val_x if images is None else images
     y = data.val_y if labels is None else labels
-    out = predict(student, x, settings.eval_batch_size)
-    val_out = out if images is None else predict(student, data.val_x, settings.eval_batch_size)
     n = settings.sharpness_size
-    sharp = adaptive_sharpness(student, data.val_x[:n], data.val_y[:n], settings.sharpness_rho)
+    with fresh_batch_norm(student, data, settings):
+        out = predict(student, x, settings.eval_batch_size)
+        val_out = out if images is None else predict(student, data.val_x, settings.eval_batch_size)
+        sharp = adaptive_sharpness(student, data.val_x[:n], data.val_y[:n], settings.sharpness_rho)
     return {
         "val_ce": calibrated_cross_entropy(out["logit"], y),
         "val_ce_raw": cross_entropy(out["logit"], y),
