@@ -20,7 +20,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from conftest import create_kd_study, invoke_cli
-from kd_optuna.run import compare, story
+from kd_optuna.run import artifacts as story_artifacts, compare, figures as story_figures, story, study_view
 from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.search.lineage import NAMES, attr_name
 from kd_optuna.space import GENES, DistillerSpec
@@ -106,7 +106,7 @@ def _json(app, path: str):
 
 
 def _subtitle(figure: dict) -> str:
-    """The small lines under a figure's title (the annotation story._title names "subtitle")."""
+    """The small lines under a figure's title (the annotation story_figures._title names "subtitle")."""
     return next(a["text"] for a in figure["layout"].get("annotations", ()) if a.get("name") == "subtitle")
 
 
@@ -116,7 +116,7 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     best trial's script listed and downloadable."""
     from optuna_dashboard import wsgi
 
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     db = tmp_path / "s.db"
     url = f"sqlite:///{db}"
     study = story_study(url)
@@ -126,7 +126,7 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     assert (store_dir / refreshed.artifact["artifact_id"]).is_file()
 
     # what `kd-optuna dashboard` serves: the storage with the artifact store beside it
-    app = wsgi(url, artifact_store=story.artifact_store(story.artifact_dir(url)))
+    app = wsgi(url, artifact_store=story_artifacts.artifact_store(story_artifacts.artifact_dir(url)))
     assert _json(app, "/api/meta")["artifact_is_available"] is True
     studies = _json(app, "/api/studies")["study_summaries"]
     assert [s["study_name"] for s in studies] == ["s"]
@@ -202,13 +202,13 @@ def test_a_study_written_before_the_lineage_prefix_tells_the_same_story(tmp_path
     for name in ("lineage", "genes"):
         figures = [json.loads(b.figures[name].to_json()) for b in built.values()]
         assert figures[0] == figures[1]
-    assert story.latest_space_state(old.trials)["dropped"] == {"distance": ["l1"]}
-    assert [t.number for t in story.lineage(old.trials)[1]] == [t.number for t in story.lineage(new.trials)[1]]
+    assert study_view.latest_space_state(old.trials)["dropped"] == {"distance": ["l1"]}
+    assert [t.number for t in story_figures.lineage(old.trials)[1]] == [t.number for t in story_figures.lineage(new.trials)[1]]
 
 
 def test_note_follows_a_new_best_and_compare_writes_it(tmp_path, monkeypatch):
     """A new best trial gets its own script; compare.save_to_dashboard writes the story's note."""
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = story_study(url, with_compare=False)
     first = story.refresh(study)
@@ -234,17 +234,17 @@ def test_note_follows_a_new_best_and_compare_writes_it(tmp_path, monkeypatch):
 
 
 def test_postgres_like_storage_without_artifact_dir_gets_none(tmp_path, monkeypatch):
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
-    assert story.artifact_dir("postgresql://u:p@h/db") is None
-    assert story.artifact_dir("postgresql://u:p@h/db", tmp_path / "a") == tmp_path / "a"
-    monkeypatch.setenv(story.ARTIFACT_DIR_ENV, str(tmp_path / "b"))
-    assert story.artifact_dir("postgresql://u:p@h/db") == tmp_path / "b"
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV)
-    assert story.artifact_dir("sqlite:///x/y.db") == Path("x/y.db.artifacts")
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
+    assert story_artifacts.artifact_dir("postgresql://u:p@h/db") is None
+    assert story_artifacts.artifact_dir("postgresql://u:p@h/db", tmp_path / "a") == tmp_path / "a"
+    monkeypatch.setenv(story_artifacts.ARTIFACT_DIR_ENV, str(tmp_path / "b"))
+    assert story_artifacts.artifact_dir("postgresql://u:p@h/db") == tmp_path / "b"
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV)
+    assert story_artifacts.artifact_dir("sqlite:///x/y.db") == Path("x/y.db.artifacts")
 
 
 def test_report_is_one_self_contained_page(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = story_study(url)
     out = tmp_path / "report.html"
@@ -274,7 +274,7 @@ def test_kd_optuna_dashboard_serves_the_best_script(tmp_path, monkeypatch):
     import time
     import urllib.request
 
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = story_study(url, with_compare=False)
     refreshed = story.refresh(study)
@@ -309,7 +309,7 @@ def _study_page(url: str) -> dict:
     """GET /api/studies/<id> of the storage's only study, through optuna-dashboard's app."""
     from optuna_dashboard import wsgi
 
-    app = wsgi(url, artifact_store=story.artifact_store(story.artifact_dir(url)))
+    app = wsgi(url, artifact_store=story_artifacts.artifact_store(story_artifacts.artifact_dir(url)))
     studies = _json(app, "/api/studies")["study_summaries"]
     assert len(studies) == 1
     return _json(app, f"/api/studies/{studies[0]['study_id']}")
@@ -320,7 +320,7 @@ def test_create_study_then_optimize_leaves_the_story(tmp_path, tiny_config_path,
     """The real commands: create-study names the objective; optimize (real tiny trials) ends
     with the figures, the note and the best script in the study."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     url = f"sqlite:///{tmp_path / 'kd.db'}"
     code, _, err = invoke_cli(capsys, "create-study", str(tiny_config_path), "--storage", url)
     assert code == 0, err
@@ -347,7 +347,7 @@ def test_compare_command_refreshes_the_story(tmp_path, capsys, monkeypatch):
     from kd_optuna.export.script import script_defaults
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = story_study(url, with_compare=False)
     config = study_config(study)
@@ -379,7 +379,7 @@ def test_periodic_refresh_every_n_finished_trials(tmp_path, monkeypatch):
     trials finished, errors reported once and not raised."""
     from optuna_dashboard import get_note
 
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     study = story_study(f"sqlite:///{tmp_path / 's.db'}", with_compare=False)
     config = study_config(study)
     periodic = story.PeriodicRefresh(study, config, every=2, check_s=0)
@@ -408,7 +408,7 @@ def test_only_the_best_trial_keeps_a_script_when_the_best_changes_twice(tmp_path
     former best by hand (another filename) stays."""
     import uuid
 
-    monkeypatch.delenv(story.ARTIFACT_DIR_ENV, raising=False)
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = story_study(url, with_compare=False)
     config = study_config(study)
@@ -422,7 +422,7 @@ def test_only_the_best_trial_keeps_a_script_when_the_best_changes_twice(tmp_path
     from kd_optuna import optuna_private
 
     optuna_private.set_study_system_attr(
-        study, f"{story.DASHBOARD_TRIAL_ARTIFACT_PREFIX}{optuna_private.trial_id(study.trials[5])}:{own}", json.dumps(meta))
+        study, f"{story_artifacts.DASHBOARD_TRIAL_ARTIFACT_PREFIX}{optuna_private.trial_id(study.trials[5])}:{own}", json.dumps(meta))
 
     base = DistillerSpec.from_params(study.trials[5].params)
     artifacts = [first.artifact]
@@ -436,7 +436,7 @@ def test_only_the_best_trial_keeps_a_script_when_the_best_changes_twice(tmp_path
     listed = {t["number"]: [a["filename"] for a in t["artifacts"]] for t in detail["trials"] if t["artifacts"]}
     assert listed == {5: ["notes.txt"], 9: ["train_trial9.py"]}
     assert sorted(p.name for p in store_dir.iterdir()) == sorted([own, artifacts[-1]["artifact_id"]])
-    assert [s["trial"] for s in story.story_scripts(study)] == [9]
+    assert [s["trial"] for s in story_artifacts.story_scripts(study)] == [9]
     note = _study_page(url)["note"]["body"]
     assert artifacts[-1]["url"] in note and all(a["url"] not in note for a in artifacts[:2])
 
@@ -444,11 +444,11 @@ def test_only_the_best_trial_keeps_a_script_when_the_best_changes_twice(tmp_path
     # (a script left on a former best) is cleaned by the next refresh
     assert story.refresh(study).artifact["artifact_id"] == artifacts[-1]["artifact_id"]
     with monkeypatch.context() as m:
-        m.setattr(story, "remove_former_scripts", lambda *a, **k: [])
-        stale = story.upload_best_script(study, config, story.artifact_store(store_dir), trial=study.trials[8])
-    assert [s["trial"] for s in story.story_scripts(study)] == [8, 9]
+        m.setattr(story_artifacts, "remove_former_scripts", lambda *a, **k: [])
+        stale = story_artifacts.upload_best_script(study, config, story_artifacts.artifact_store(store_dir), trial=study.trials[8])
+    assert [s["trial"] for s in story_artifacts.story_scripts(study)] == [8, 9]
     story.refresh(study)
-    assert [s["trial"] for s in story.story_scripts(study)] == [9]
+    assert [s["trial"] for s in story_artifacts.story_scripts(study)] == [9]
     assert not (store_dir / stale["artifact_id"]).exists()
 
 
@@ -538,9 +538,9 @@ def test_titles_fit_a_half_width_dashboard_card_and_lineage_labels_leave_nodes_c
     for name, figure in figures.items():
         titles = [figure["layout"]["title"]["text"]] + [l["title.text"] for l in _layouts(figure).values()] \
             if name == "genes" else [figure["layout"]["title"]["text"]]
-        assert all("<br>" not in t and len(t) <= story._TITLE_CHARS for t in titles), (name, titles)
+        assert all("<br>" not in t and len(t) <= story_figures._TITLE_CHARS for t in titles), (name, titles)
         lines = _subtitle(figure).split("<br>")
-        assert lines and all(len(line) <= story._SUB_CHARS for line in lines), (name, lines)
+        assert lines and all(len(line) <= story_figures._SUB_CHARS for line in lines), (name, lines)
         assert figure["layout"]["margin"]["t"] >= 30 + 24 + 14 * len(lines)
     lineage = figures["lineage"]
     marks = next(t for t in lineage["data"] if t.get("name") == "mutated genes")

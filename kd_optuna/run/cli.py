@@ -443,7 +443,7 @@ def dashboard(storage: str, host: str, port: int, artifact_dir: str | None) -> N
     from optuna_dashboard import run_server
 
     from kd_optuna.run.storage import mask_url, open_storage
-    from kd_optuna.run.story import artifact_dir as default_artifact_dir, artifact_store
+    from kd_optuna.run.artifacts import artifact_dir as default_artifact_dir, artifact_store
 
     rdb = open_storage(storage, heartbeat_interval=None, must_exist=True)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -11,6 +11,7 @@ import html
 from typing import Any, Sequence
 
 from kd_optuna.run import story as stories
+from kd_optuna.run.study_view import fmt
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1300px;
@@ -28,7 +29,7 @@ _FIGURE_ORDER = ("progress", "genes", "lineage", "rejections", "compare")
 
 
 def _e(value: Any) -> str:
-    return html.escape(stories._fmt(value) if not isinstance(value, str) else value)
+    return html.escape(fmt(value) if not isinstance(value, str) else value)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[bool] | None = None) -> str:
@@ -63,7 +64,7 @@ def html_page(study, config=None) -> str:
     if story.best:
         parts.append(_table(
             ["#", "trial", "score", "formula", "val_ce", "cka_gap", "val_acc", "sharpness_gap", "origin"],
-            [[r["rank"], r["trial"], stories._fmt(r["score"], 5), r["formula"], r["val_ce"], r["cka_gap"], r["val_acc"],
+            [[r["rank"], r["trial"], fmt(r["score"], 5), r["formula"], r["val_ce"], r["cka_gap"], r["val_acc"],
               r["sharpness_gap"], r["origin"]] for r in story.best],
             [True, True, True, False, True, True, True, True, False],
         ))
