@@ -160,3 +160,26 @@ def test_a_missing_teacher_is_trained_once_per_cache_folder(tmp_path, monkeypatc
     assert first == second and first.exists() and calls == [("digits", "digits_teacher")]
     task = Task.from_config(_digits_config(None), device="cpu", cache_dir=tmp_path)
     assert len(calls) == 1 and task.teacher_sha256
+
+
+def test_a_trial_scored_at_chance_is_said_once(task, monkeypatch, caplog):
+    """Issue 11: a 224 px study's best score was exactly ln 4; a score at chance now says so."""
+    import dataclasses
+
+    from kd_optuna.proxy.objective import at_chance
+
+    real = task.run(CLASSICS["kd"][0])
+    chance = dataclasses.replace(real, val_ce=math.log(10) - 1e-5, score=math.log(10) - 1e-5, val_acc=0.1)
+    monkeypatch.setattr(task, "run", lambda spec, report=None: chance)
+    assert at_chance(math.log(4), 4) and not at_chance(math.log(4) - 0.01, 4) and not at_chance(0.0, 1)
+    study = study_with(CLASSICS["kd"][0].to_params(), CLASSICS["kd_ls"][0].to_params())
+    with caplog.at_level("WARNING", logger="kd_optuna.proxy.objective"):
+        study.optimize(Objective(task), n_trials=2)
+    said = [r.getMessage() for r in caplog.records if r.name == "kd_optuna.proxy.objective"]
+    assert len(said) == 1 and "trial 0 scored at chance" in said[0] and "ln 10" in said[0]
+    assert f"{task.proxy.steps} steps of batch {task.proxy.batch_size}" in said[0] and "[proxy] epochs or steps" in said[0]
+    monkeypatch.setattr(task, "run", lambda spec, report=None: real)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kd_optuna.proxy.objective"):
+        study_with(CLASSICS["kd"][0].to_params()).optimize(Objective(task), n_trials=1)
+    assert not caplog.records

@@ -17,10 +17,16 @@ User attrs written on every trial (fixed names, read by the sampler and the dash
 
 The validation CE (calibrated) is reported every ``report_every`` steps as an intermediate
 value, steps counted across the proxy seeds, so Optuna's pruners work on it.
+
+A trial scored at chance (calibrated CE within CHANCE_TOLERANCE of ln K, K classes: every
+student that predicts no better than a uniform guess gets that value) is said once per worker,
+with the proxy's steps and what to change: such trials all score the same and the search
+cannot tell their distillers apart.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -31,6 +37,17 @@ from kd_optuna.errors import InvalidDistiller, first_line
 from kd_optuna.space import suggest_distiller
 from kd_optuna.proxy.task import Task
 
+log = logging.getLogger(__name__)
+
+#: A calibrated CE within this of ln K is chance level (K classes).
+CHANCE_TOLERANCE = 1e-3
+
+
+def at_chance(val_ce: float, num_classes: int) -> bool:
+    """Whether a calibrated validation CE is chance level: ln K is what the calibration gives a
+    student whose logits say nothing of the labels (a temperature of 1e3 flattens them)."""
+    return num_classes > 1 and val_ce >= math.log(num_classes) - CHANCE_TOLERANCE
+
 
 class Objective:
     """Callable objective over ``task``; ``threads`` sets torch's CPU threads for each call."""
@@ -38,6 +55,7 @@ class Objective:
     def __init__(self, task: Task, threads: int | None = None):
         self.task = task
         self.threads = threads
+        self._said_chance = False
 
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
         if self.threads is not None:
@@ -80,4 +98,19 @@ class Objective:
         trial.set_user_attr("proxy_seconds", result.train_seconds + result.score_seconds)
         if result.step_mode != "eager":
             trial.set_user_attr("step_mode", result.step_mode)
+        self._say_chance(trial, result)
         return result.score
+
+    def _say_chance(self, trial: optuna.trial.BaseTrial, result) -> None:
+        classes = self.task.data.num_classes
+        if self._said_chance or not at_chance(result.val_ce, classes):
+            return
+        self._said_chance = True
+        proxy = self.task.proxy
+        log.warning(
+            "trial %d scored at chance: calibrated val CE %.4f = ln %d (validation accuracy %.2f); its proxy "
+            "student, %d steps of batch %d, predicts the validation labels no better than a uniform guess, and "
+            "every such trial scores the same. Train the proxy longer ([proxy] epochs or steps) or check the "
+            "teacher and the data (said once per worker)",
+            trial.number, result.val_ce, classes, result.val_acc, proxy.steps, proxy.batch_size,
+        )
