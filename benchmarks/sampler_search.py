@@ -7,6 +7,7 @@ seeds improved on vanilla KD's score, and the median best-so-far curve at a few 
 
     python benchmarks/sampler_search.py                         # 60 trials x 5 seeds x 3 samplers
     python benchmarks/sampler_search.py --samplers evolution,random --seeds 0 --budget 10   # smoke
+    python benchmarks/sampler_search.py --combine seed_0.json seed_1.json   # one report from runs of one seed each
 
 EvolutionSampler is built from the study config's [search] table, as `kd-optuna optimize` builds
 it. Studies are independent: ``--processes N`` runs N of them at once, each in its own process
@@ -22,14 +23,15 @@ import multiprocessing
 import statistics
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import optuna
 import torch
 
 from kd_optuna.distill.classics import CLASSICS
-from kd_optuna.run.config import load_config
 from kd_optuna.proxy.objective import Objective
 from kd_optuna.proxy.task import Task
+from kd_optuna.run.config import load_config
 
 SAMPLERS = {
     "evolution": lambda config, seed: config.make_sampler(seed=seed),
@@ -106,7 +108,11 @@ def main() -> None:
                         help="Optuna's samplers also start from the classic distillers EvolutionSampler starts from")
     parser.add_argument("--processes", type=int, default=1, help="studies run at once, one process each")
     parser.add_argument("--json", default=None, help="also write every trial's value here")
+    parser.add_argument("--combine", nargs="+", metavar="JSON", help="report on --json files instead of running")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine)
+        return
     names = args.samplers.split(",")
     unknown = [n for n in names if n not in SAMPLERS]
     if unknown:
@@ -122,10 +128,20 @@ def main() -> None:
     else:
         done = [_run_one(job) for job in jobs]
     results = {name: [r for (n, *_), r in zip(jobs, done) if n == name] for name in names}
-    checkpoints = sorted({c for c in (10, 20, 30, 45, args.budget) if c <= args.budget})
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"kd_score": kd_score, "seeds": seeds, "budget": args.budget, "pruner": args.pruner,
+                       "warm_start": args.warm_start, "results": results}, handle)
     start = "every sampler starts from the classic distillers" if args.warm_start else "only evolution starts from the classic distillers"
     print(f"# digits, {args.budget} trials, seeds {seeds}, pruner {args.pruner}, {start}; vanilla KD scores {kd_score:.4f};"
           " lower is better")
+    report(results, kd_score, args.budget)
+
+
+def report(results: dict[str, list[dict]], kd_score: float, budget: int) -> None:
+    """The table of best scores per sampler, then each sampler against the first (paired by
+    seed: run i of every sampler has the same seed)."""
+    checkpoints = sorted({c for c in (10, 20, 30, 45, 60, budget) if c <= budget})
     print("| sampler | median best | min-max best | seeds beating KD | rejected/trial | pruned/trial | "
           + " | ".join(f"best@{c}" for c in checkpoints) + " | s/study |")
     print("|---|---:|---:|---:|---:|---:|" + "---:|" * len(checkpoints) + "---:|")
@@ -134,12 +150,36 @@ def main() -> None:
         curves = " | ".join(f"{statistics.median(r['curve'][c - 1] for r in runs):.4f}" for c in checkpoints)
         print(f"| {name} | {statistics.median(bests):.4f} | {min(bests):.4f}-{max(bests):.4f} | "
               f"{sum(b < kd_score for b in bests)}/{len(bests)} | "
-              f"{statistics.mean(r['rejected'] for r in runs) / args.budget:.2f} | "
-              f"{statistics.mean(r['pruned'] for r in runs) / args.budget:.2f} | {curves} | "
+              f"{statistics.mean(r['rejected'] for r in runs) / budget:.2f} | "
+              f"{statistics.mean(r['pruned'] for r in runs) / budget:.2f} | {curves} | "
               f"{statistics.median(r['seconds'] for r in runs):.0f} |")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"kd_score": kd_score, "results": results}, handle)
+    first, *others = list(results)
+    if not others:
+        return
+    print(f"\n| paired by seed | at trial | median {first} - other | quartiles | min-max | seeds {first} lower |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for other in others:
+        for c in sorted({min(60, budget), budget}):
+            diffs = sorted(a["curve"][c - 1] - b["curve"][c - 1] for a, b in zip(results[first], results[other]))
+            q = statistics.quantiles(diffs, n=4, method="inclusive") if len(diffs) > 1 else [diffs[0]] * 3
+            print(f"| {first} vs {other} | {c} | {statistics.median(diffs):+.4f} | {q[0]:+.4f} to {q[2]:+.4f} | "
+                  f"{diffs[0]:+.4f} to {diffs[-1]:+.4f} | {sum(d < 0 for d in diffs)}/{len(diffs)} |")
+
+
+def combine(paths: list[str]) -> None:
+    """One report from several ``--json`` files of the same budget (one seed each, say, run
+    at different times or on different machines): runs are concatenated per sampler in file
+    order, which keeps the pairing by seed."""
+    loaded = [json.load(open(path)) for path in paths]
+    budgets = {len(runs[0]["curve"]) for data in loaded for runs in data["results"].values()}
+    if len(budgets) != 1:
+        raise SystemExit(f"sampler_search.py: the files hold different budgets {sorted(budgets)}; combine one budget")
+    names = list(loaded[0]["results"])
+    results = {name: [run for data in loaded for run in data["results"][name]] for name in names}
+    seeds = [s for data, path in zip(loaded, paths) for s in data.get("seeds", [Path(path).stem])]
+    print(f"# digits, {budgets.pop()} trials, seeds {seeds} from {len(paths)} files; vanilla KD scores "
+          f"{loaded[0]['kd_score']:.4f}; lower is better")
+    report(results, loaded[0]["kd_score"], len(results[names[0]][0]["curve"]))
 
 
 def _score_of(objective: Objective, spec) -> float:
