@@ -94,16 +94,20 @@ class DatasetSplits:
         self, split: str, indices: Sequence[int] | torch.Tensor | None = None, batch_size: int = 256
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-augmented normalised images (N, C, H, W) float32 and labels (N,) of ``split``
-        (optionally only ``indices`` into it), on the CPU."""
+        (optionally only ``indices`` into it), on the CPU. Decoded images are written batch by
+        batch into the one output tensor (never gathered in a list and concatenated: that held
+        the split twice)."""
         labels = self.labels(split)
         idx = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         if self._fast_tensors is not None:
             return self._fast_tensors(split, idx), labels[idx]
         subset = torch.utils.data.Subset(self._plain[split], idx.tolist())
-        xs = [x for x, _ in DataLoader(subset, batch_size=batch_size, shuffle=False)]
-        if not xs:
-            return torch.empty((0, *self.input_shape)), labels[idx]
-        return torch.cat(xs), labels[idx]
+        out = torch.empty((len(subset), *self.input_shape))
+        start = 0
+        for x, _ in DataLoader(subset, batch_size=batch_size, shuffle=False):
+            out[start : start + x.shape[0]] = x
+            start += x.shape[0]
+        return out, labels[idx]
 
     def loader(
         self, split: str, batch_size: int, *, shuffle: bool | None = None, num_workers: int = 0, seed: int = 0

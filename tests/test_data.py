@@ -143,6 +143,11 @@ def test_imagefolder_loads_train_val_test(tiny_imagefolder):
     assert splits.train[0][0].shape == (3, 32, 32)
     x, y = splits.tensors("test")
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 0, 1, 1]
+    # written batch by batch into one tensor (issue 11.3), the same images as the items one by one
+    assert torch.equal(x, torch.stack([splits.test[i][0] for i in range(4)]))
+    some, labels = splits.tensors("train", [5, 0, 12], batch_size=2)
+    assert torch.equal(some, torch.stack([splits._plain["train"][i][0] for i in (5, 0, 12)])) and labels.shape == (3,)
+    assert splits.tensors("train", [])[0].shape == (0, 3, 32, 32)
 
 
 def test_imagefolder_without_val_folder_is_an_error(tiny_imagefolder):

@@ -124,7 +124,8 @@ def _digits_config(checkpoint, **proxy):
     )
 
 
-def test_task_from_config_loads_the_checkpoint_and_caches_teacher_outputs(tmp_path):
+def test_task_from_config_loads_the_checkpoint_and_caches_teacher_outputs(tmp_path, monkeypatch):
+    from kd_optuna.data import DatasetSplits
     from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.models import build_model
 
@@ -132,10 +133,15 @@ def test_task_from_config_loads_the_checkpoint_and_caches_teacher_outputs(tmp_pa
     path = save_checkpoint(tmp_path / "teacher.pt", build_model("digits_teacher", 10), model_name="digits_teacher",
                            num_classes=10, dataset="digits", accuracy=0.0)
     config = _digits_config(str(path), steps=2, report_every=2, sharpness_size=16)
+    loaded = []
+    tensors = DatasetSplits.tensors
+    monkeypatch.setattr(DatasetSplits, "tensors", lambda self, split, *a, **k: loaded.append(split) or tensors(self, split, *a, **k))
     task = Task.from_config(config, device="cpu", cache_dir=tmp_path / "cache")
     assert task.device.type == "cpu" and task.proxy == config.proxy.for_pool(task.data.pool.shape[0]) and task.space == config.space
     assert task.student_shapes["logit"] == (10,) and task.teacher_shapes["feat"][0] == 128
-    assert task.test is not None and task.data.val_x.shape[1:] == (1, 16, 16)
+    assert loaded == ["train", "val"]  # issue 11.3: an optimize worker never holds the test split's images
+    assert task.test is not None and task.test[0].shape[1:] == (1, 16, 16) and task.data.val_x.shape[1:] == (1, 16, 16)
+    assert loaded == ["train", "val", "test"] and task.test is task.test
     task.teacher_outputs
     assert len(list((tmp_path / "cache").glob("teacher-outputs-*.pt"))) == 1
     assert not any(p.requires_grad for p in task.teacher.parameters())

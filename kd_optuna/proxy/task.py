@@ -59,7 +59,9 @@ class Task:
         new_student: returns a freshly initialised tapped student on the data's device
             (callers seed torch before calling it).
         proxy: the proxy settings; ``space`` the search space.
-        test: optional held-out (images, labels) for final accuracies (``kd-optuna correlate``).
+        test: optional held-out (images, labels) for final accuracies (``kd-optuna correlate``),
+            or a function returning them, called on first use (``from_config`` passes one: an
+            optimize worker never scores on the test split, so it never holds its images).
         cache_dir: where the teacher-output cache lives; None keeps it in memory only.
         use_cache: False runs the teacher on every batch instead (same views, same metrics).
         teacher_sha256, teacher_nodes: identify the teacher in the cache key (the hash is
@@ -74,7 +76,7 @@ class Task:
         proxy: ProxySettings | None = None,
         space: SearchSpace | None = None,
         *,
-        test: tuple[Tensor, Tensor] | None = None,
+        test: tuple[Tensor, Tensor] | Callable[[], tuple[Tensor, Tensor]] | None = None,
         cache_dir: Path | None = None,
         use_cache: bool = True,
         teacher_sha256: str | None = None,
@@ -86,7 +88,7 @@ class Task:
         self.new_student = new_student
         self.proxy = (proxy or ProxySettings()).for_pool(data.pool.shape[0])
         self.space = space or SearchSpace()
-        self.test = None if test is None else (test[0].float().to(data.device), test[1].long().to(data.device))
+        self._test = test
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.use_cache = use_cache
         self.teacher_sha256 = teacher_sha256 or state_dict_sha256(self.teacher)
@@ -102,6 +104,15 @@ class Task:
     @property
     def device(self) -> torch.device:
         return self.data.device
+
+    @functools.cached_property
+    def test(self) -> tuple[Tensor, Tensor] | None:
+        """The test (images, labels) on the task's device, loaded on first use; None without."""
+        test = self._test() if callable(self._test) else self._test
+        self._test = None
+        if test is None:
+            return None
+        return test[0].float().to(self.device), test[1].long().to(self.device)
 
     @functools.cached_property
     def teacher_outputs(self) -> TeacherLookup:
@@ -198,7 +209,6 @@ class Task:
         train_x, train_y = splits.tensors("train")
         val_x, val_y = splits.tensors("val")
         data = ProxyData.build(train_x, train_y, val_x, val_y, settings, target, num_classes)
-        test = splits.tensors("test")
 
         teacher_model = _load_teacher(config, num_classes, target, Path(cache_dir))
         teacher = tap_model(teacher_model, config.teacher.model, nodes=config.teacher.nodes)
@@ -209,7 +219,7 @@ class Task:
             return tap_model(model, student_name, nodes=student_nodes).to(target)
 
         return cls(
-            data, teacher, new_student, settings, config.space, test=test, cache_dir=Path(cache_dir),
+            data, teacher, new_student, settings, config.space, test=lambda: splits.tensors("test"), cache_dir=Path(cache_dir),
             teacher_nodes=teacher.nodes, name=f"{config.data.dataset}:{config.teacher.model}->{student_name}",
         )
 
