@@ -111,3 +111,42 @@ def test_combined_score_is_a_fixed_weighted_sum():
     metrics = {"val_ce": 0.3, "sharpness_gap": -0.2, "cka_gap": 0.1}
     assert combined_score(metrics, ScoreWeights()) == pytest.approx(0.3)
     assert combined_score(metrics, ScoreWeights(1.0, 2.0, 3.0)) == pytest.approx(0.3 + 0.4 + 0.3)
+
+
+def test_sharpness_and_predictions_of_large_inputs_are_taken_in_chunks_with_the_same_values(monkeypatch):
+    """Issue 11.3: 256 sharpness images at 224 px held 6 GiB of activations at once (and 1,024
+    eval images 6.4 GiB); chunks give the same L, g and predictions (float rounding apart)."""
+    from kd_optuna.proxy import metrics
+    from kd_optuna.proxy.training import predict
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 3))
+    net.eval()
+    tapped = _Tapped(net)
+    x, y = _randn(30, 3, 8, 8), torch.arange(30) % 3
+    big = torch.empty(1, 3, 224, 224)
+    assert metrics.rows_within(big, metrics.GRAD_ACTIVATIONS) == 6 and metrics.rows_within(big, metrics.EVAL_ACTIVATIONS) == 22
+    assert metrics.rows_within(x, metrics.GRAD_ACTIVATIONS) >= 30  # small images: one pass, as before
+    whole = adaptive_sharpness(net, x, y, rho=0.1)
+    with torch.no_grad():
+        logits = net(x)
+    calls = []
+    net.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    monkeypatch.setattr(metrics, "SCORING_BUDGET", 7 * metrics.GRAD_ACTIVATIONS * x[:1].numel() * 4)  # 7 rows a pass
+    chunked = adaptive_sharpness(net, x, y, rho=0.1)
+    assert max(calls) == 7 and sum(calls) == 60  # L(w) and L(w + e) over the 30 rows, 7 at a time
+    assert chunked == pytest.approx(whole, rel=1e-4, abs=1e-7)
+    calls.clear()
+    out = predict(tapped, x, batch_size=1024)  # 7 * 64 / 20 = 22 rows a pass
+    assert calls == [22, 8] and torch.allclose(out["logit"], logits, atol=1e-6)
+
+
+class _Tapped(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        logit = self.net(x)
+        return {"emb": logit, "logit": logit}

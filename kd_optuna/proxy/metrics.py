@@ -27,6 +27,24 @@ from torch import Tensor, nn
 #: The interval of T searched by calibration.
 _LOG_T_RANGE = (math.log(1e-3), math.log(1e3))
 
+#: About this many bytes of activations per scoring pass: a pass over more images is cut into
+#: chunks (``rows_within``). Activations per byte of input, measured for torchvision's resnet18
+#: at 224 px on a CPU (BENCHMARKS.md, issue 11.3): eval mode without gradients 11 (6.4 MiB an
+#: image), a forward and backward 42 (24 MiB an image); with margin:
+SCORING_BUDGET = 256 * 2**20
+EVAL_ACTIVATIONS = 20
+GRAD_ACTIVATIONS = 64
+
+
+def rows_within(inputs: Tensor, activations_per_input: int, budget: int | None = None) -> int:
+    """Rows of ``inputs`` (N, ...) per pass so that a pass holds about ``budget`` bytes
+    (default SCORING_BUDGET) of activations, ``activations_per_input`` times its input; at
+    least 1. Small images (digits, CIFAR) fit a whole scoring pass; 224 px images 22 (eval) or
+    6 (gradients) a pass."""
+    budget = SCORING_BUDGET if budget is None else budget
+    per_row = max(1, inputs[:1].numel() * inputs.element_size())
+    return max(1, budget // (activations_per_input * per_row))
+
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """Fraction of rows of ``logits`` (N, K) whose argmax equals ``labels`` (N,)."""
@@ -116,7 +134,9 @@ def adaptive_sharpness(
     Scaling by |w| makes models of different sizes comparable (a rescaled network has the
     same value). When g is zero, a direction drawn from a generator seeded with ``seed`` is
     used instead. Frozen parameters count too. The model's weights, mode and requires_grad flags
-    are restored.
+    are restored. Inputs too large for one pass (``rows_within``: 224 px images) are taken in
+    chunks, the gradient of each chunk's summed CE added up and divided by N (the same L and g,
+    up to float rounding), so the activations held are a chunk's, not all N images'.
     """
     params = [p for p in model.parameters() if p.is_floating_point()]
     frozen = [p for p in params if not p.requires_grad]
@@ -124,10 +144,14 @@ def adaptive_sharpness(
     model.eval()
     for p in frozen:
         p.requires_grad_(True)
+    chunk = rows_within(inputs, GRAD_ACTIVATIONS)
     try:
-        with torch.enable_grad():
-            loss = F.cross_entropy(_logits_of(model, inputs).float(), labels.long())
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        if inputs.shape[0] <= chunk:
+            with torch.enable_grad():
+                loss = F.cross_entropy(_logits_of(model, inputs).float(), labels.long())
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        else:
+            loss, grads = _chunked_loss_and_grads(model, inputs, labels, params, chunk)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         scaled = [p.detach().abs() * g for p, g in zip(params, grads)]
         norm = torch.sqrt(sum((s.double() ** 2).sum() for s in scaled))
@@ -145,7 +169,11 @@ def adaptive_sharpness(
             for p, e in zip(params, steps):
                 p.add_(e)
             try:
-                raised = F.cross_entropy(_logits_of(model, inputs).float(), labels.long())
+                if inputs.shape[0] <= chunk:
+                    raised = F.cross_entropy(_logits_of(model, inputs).float(), labels.long())
+                else:
+                    raised = sum(F.cross_entropy(_logits_of(model, x).float(), y.long(), reduction="sum")
+                                 for x, y in zip(inputs.split(chunk), labels.split(chunk))) / inputs.shape[0]
             finally:
                 for p, e in zip(params, steps):
                     p.sub_(e)
@@ -154,6 +182,20 @@ def adaptive_sharpness(
         model.train(was_training)
         for p in frozen:
             p.requires_grad_(False)
+
+
+def _chunked_loss_and_grads(model: nn.Module, inputs: Tensor, labels: Tensor, params: list, chunk: int):
+    """Mean CE over ``inputs`` and its gradients w.r.t. ``params``, ``chunk`` rows at a time."""
+    n = inputs.shape[0]
+    loss = torch.zeros((), dtype=torch.float32, device=inputs.device)
+    grads: list[Tensor | None] = [None] * len(params)
+    for x, y in zip(inputs.split(chunk), labels.split(chunk)):
+        with torch.enable_grad():
+            part = F.cross_entropy(_logits_of(model, x).float(), y.long(), reduction="sum") / n
+            parts = torch.autograd.grad(part, params, allow_unused=True)
+        loss = loss + part.detach()
+        grads = [g if p is None else (p if g is None else g + p) for g, p in zip(grads, parts)]
+    return loss, grads
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from kd_optuna.train.graphs import CudaGraphs, GraphBackend, GraphedStep
 from kd_optuna.data import class_balanced_subset
 from kd_optuna.errors import InvalidDistiller, KdOptunaError
 from kd_optuna.proxy.metrics import (
+    EVAL_ACTIVATIONS,
     ScoreWeights,
     accuracy,
     adaptive_sharpness,
@@ -50,6 +51,7 @@ from kd_optuna.proxy.metrics import (
     cka_gap,
     combined_score,
     cross_entropy,
+    rows_within,
 )
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -489,7 +491,10 @@ def fresh_batch_norm(model: nn.Module, data: "ProxyData", settings: ProxySetting
 
 
 def predict(model: nn.Module, images: Tensor, batch_size: int) -> dict[str, Tensor]:
-    """Eval-mode {emb (M, D), logit (M, K)} of ``model`` over ``images`` (M, ...), float32."""
+    """Eval-mode {emb (M, D), logit (M, K)} of ``model`` over ``images`` (M, ...), float32, in
+    batches of ``batch_size`` (``eval_batch_size``), fewer where the images are large
+    (:func:`~kd_optuna.proxy.metrics.rows_within`: 1,024 images at 224 px held 6.4 GiB)."""
+    batch_size = max(1, min(batch_size, rows_within(images, EVAL_ACTIVATIONS)))
     slices = ((images[start : start + batch_size], None) for start in range(0, images.shape[0], batch_size))
     parts: dict[str, list[Tensor]] = {"emb": [], "logit": []}
     for out, _ in engine.eval_outputs(model, slices, device_type=images.device.type):
