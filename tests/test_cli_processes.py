@@ -66,13 +66,14 @@ def _optimize(url: str, n_trials: int) -> list[str]:
 
 
 def _teacher_lines(err: str) -> list[str]:
-    return [line for line in err.splitlines() if "teacher" in line]
+    """The lines that say where the teacher came from (reused, trained, or not reused)."""
+    return [line for line in err.splitlines() if re.search(r"cached teacher|teacher checkpoint|training \S+ on ", line)]
 
 
 @pytest.mark.slow
 def test_the_teacher_reuse_line_is_said_once_by_optimize_with_two_workers_and_once_by_correlate(tmp_path):
-    """Issue 11: the cached teacher is named once per command: by `optimize`'s parent, not
-    again by each worker; by `correlate`'s first load, not again per candidate and seed."""
+    """Issue 11: the cached teacher is named once per command: by `optimize`'s and `compare`'s
+    parent, not again by each worker; by `correlate`'s first load, not again per candidate and seed."""
     url = _study(tmp_path)
     said = f"reusing the cached teacher digits_teacher, trained on digits (embedded data) with seed 0: " \
            f"{_cached_teacher(tmp_path)}"
@@ -95,6 +96,12 @@ def test_the_teacher_reuse_line_is_said_once_by_optimize_with_two_workers_and_on
     assert run.returncode == 0, run.stderr
     assert '"candidates"' in run.stdout and "correlate:" in run.stderr
     assert _teacher_lines(run.stderr) == [said], run.stderr  # 2 candidates x 2 seeds load it 5 times in all
+
+    run = subprocess.run([*KD, "compare", "--study-name", STUDY, "--storage", url, "--methods", "kd,dkd", "--seeds", "1",
+                          "--epochs", "1", "--n-workers", "2", "--threads", "1", "-f", "json"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert _teacher_lines(run.stderr) == [said], run.stderr  # said by the parent, not by each of 2 workers
 
 
 def _wait_for_running(study, process, count: int, timeout: float = 300.0) -> list:

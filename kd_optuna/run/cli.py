@@ -134,21 +134,10 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, workers_per_gpu,
     if line is not None:
         click.echo(f"kd-optuna: {line}", err=True)
     _, study, _ = _open(storage, study_name)
-
-    def train_missing_teacher(config) -> None:
-        """Train the study's teacher here, once, with its bar: the workers then read the cache."""
-        from kd_optuna.proxy.task import cached_teacher_checkpoint
-        from kd_optuna.train.devices import WorkerContext
-
-        if config.teacher.checkpoint is None:
-            cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
-                                      config.data.root, config.data.download,
-                                      str(WorkerContext(0, 1, device, threads).torch_device()),  # alone: every core
-                                      progress=progress)
-
     summary = run(
         storage, study.study_name, n_trials, n_workers=n_workers, timeout=timeout, device=device, threads=threads,
-        heartbeat_interval=heartbeat, progress=progress, before_workers=train_missing_teacher,
+        heartbeat_interval=heartbeat, progress=progress,
+        before_workers=lambda config: _train_missing_teacher(config, device, threads, progress),
     )
     _refresh_story(study)
     best = "none yet" if summary.best_value is None else f"trial {summary.best_number}, score {summary.best_value:.5g}: {summary.best_formula}"
@@ -534,6 +523,9 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
         recipe["epochs"] = epochs
         recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]
     jobs = [comparing.Job(method, seed, spec.to_params(), recipe) for method in chosen for seed in range(seeds)]
+    recorded = comparing.recorded_runs(study.user_attrs)
+    if any(job.digest() not in recorded for job in jobs):
+        _train_missing_teacher(config, device, threads, progress and fmt != "json")
     bar = tqdm(total=len(jobs), desc="compare", unit="run", disable=not progress or fmt == "json")
 
     def on_run(run, reused) -> None:
@@ -552,6 +544,19 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     else:
         click.echo(f"searched: {spec.formula()}")
         click.echo(comparing.format_table(summaries, gains))
+
+
+def _train_missing_teacher(config, device: str, threads: int | None, progress: bool) -> None:
+    """Train the study's teacher here, once, with its bar, when it has no checkpoint: the
+    worker processes started afterwards read the cache (and say nothing about it)."""
+    from kd_optuna.proxy.task import cached_teacher_checkpoint
+    from kd_optuna.train.devices import WorkerContext
+
+    if config.teacher.checkpoint is None:
+        cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
+                                  config.data.root, config.data.download,
+                                  str(WorkerContext(0, 1, device, threads).torch_device()),  # alone: every core
+                                  progress=progress)
 
 
 def _searched_spec(storage_obj, storage_url, study, trial_choice, from_study, spec_text):
