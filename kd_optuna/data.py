@@ -27,7 +27,9 @@ seeded and class-balanced; proxy training never touches it) and ``test``.
 ``root=None`` means ``$KD_OPTUNA_DATA`` or ``./data``. Splits depend only on ``seed``: use the same
 seed for the teacher and for the search. ``DatasetSplits.tensors(split, indices)`` gives
 un-augmented, normalised images and labels as tensors (for teacher caches and on-device proxy
-training), and ``DatasetSplits.augment_batch`` applies the training augmentation to such a batch.
+training), ``DatasetSplits.pixels(split, indices)`` the same images as uint8 before normalising
+(CIFAR and ImageFolder; a quarter of the memory), and ``DatasetSplits.augment_batch`` applies
+the training augmentation to such a batch.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ class DatasetSplits:
     _plain: dict[str, Dataset] = field(default_factory=dict, repr=False)
     _labels: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _fast_tensors: Callable[[str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    _plain_pixels: dict[str, Dataset] = field(default_factory=dict, repr=False)
+    _fast_pixels: Callable[[str, torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
 
     def labels(self, split: str) -> torch.Tensor:
         """All labels of ``split`` as a LongTensor (N,), without reading any image."""
@@ -101,13 +105,27 @@ class DatasetSplits:
         idx = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
         if self._fast_tensors is not None:
             return self._fast_tensors(split, idx), labels[idx]
-        subset = torch.utils.data.Subset(self._plain[split], idx.tolist())
-        out = torch.empty((len(subset), *self.input_shape))
-        start = 0
-        for x, _ in DataLoader(subset, batch_size=batch_size, shuffle=False):
-            out[start : start + x.shape[0]] = x
-            start += x.shape[0]
-        return out, labels[idx]
+        return _stacked(self._plain[split], idx, self.input_shape, torch.float32, batch_size), labels[idx]
+
+    @property
+    def has_pixels(self) -> bool:
+        """Whether :meth:`pixels` serves this dataset (8-bit images: CIFAR, ImageFolder; not digits)."""
+        return self._fast_pixels is not None or bool(self._plain_pixels)
+
+    def pixels(
+        self, split: str, indices: Sequence[int] | torch.Tensor | None = None, batch_size: int = 256
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The uint8 pixels (N, C, H, W) of the images :meth:`tensors` gives, before ToTensor's
+        division and Normalize (a quarter of the memory), and the labels (N,): ``tensors`` is
+        ``(pixels.float() / 255 - mean) / std``, bit for bit. DataError where ``has_pixels`` is
+        False."""
+        if not self.has_pixels:
+            raise DataError(f"{self.name} has no 8-bit pixels; use tensors()")
+        labels = self.labels(split)
+        idx = torch.arange(len(labels)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        if self._fast_pixels is not None:
+            return self._fast_pixels(split, idx), labels[idx]
+        return _stacked(self._plain_pixels[split], idx, self.input_shape, torch.uint8, batch_size), labels[idx]
 
     def loader(
         self, split: str, batch_size: int, *, shuffle: bool | None = None, num_workers: int = 0, seed: int = 0
@@ -127,6 +145,19 @@ class DatasetSplits:
             pin_memory=torch.cuda.is_available(),
             persistent_workers=num_workers > 0,
         )
+
+
+def _stacked(dataset: Dataset, idx: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+             batch_size: int) -> torch.Tensor:
+    """Items ``idx`` of ``dataset`` (image, label) as one (N, *shape) tensor, written batch by
+    batch (never gathered in a list and concatenated: that held them twice)."""
+    subset = torch.utils.data.Subset(dataset, idx.tolist())
+    out = torch.empty((len(subset), *shape), dtype=dtype)
+    start = 0
+    for x, _ in DataLoader(subset, batch_size=batch_size, shuffle=False):
+        out[start : start + x.shape[0]] = x
+        start += x.shape[0]
+    return out
 
 
 def usable_cores() -> int:
@@ -358,10 +389,13 @@ def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float
     sources = {"train": (base_train, train_idx), "val": (base_train, val_idx), "test": (base_test, None)}
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
-    def fast_tensors(split: str, idx: torch.Tensor) -> torch.Tensor:
+    def fast_pixels(split: str, idx: torch.Tensor) -> torch.Tensor:
         base, chosen = sources[split]
         rows = idx if chosen is None else chosen[idx]
-        pixels = torch.as_tensor(base.data[rows.numpy()]).permute(0, 3, 1, 2).float() / 255.0
+        return torch.as_tensor(base.data[rows.numpy()]).permute(0, 3, 1, 2)
+
+    def fast_tensors(split: str, idx: torch.Tensor) -> torch.Tensor:
+        pixels = fast_pixels(split, idx).float() / 255.0
         return (pixels - mean_t) / std_t
 
     def split_labels(split: str) -> torch.Tensor:
@@ -386,6 +420,7 @@ def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float
         _plain={s: _TransformedSubset(b, i, eval_transform) for s, (b, i) in sources.items()},
         _labels={s: split_labels(s) for s in SPLITS},
         _fast_tensors=fast_tensors,
+        _fast_pixels=lambda split, idx: fast_pixels(split, idx).contiguous(),
     )
 
 
@@ -410,6 +445,7 @@ def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) ->
     train_transform = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *normalise])
     resize = round(image_size * 256 / 224)
     eval_transform = T.Compose([T.Resize(resize), T.CenterCrop(image_size), *normalise])
+    pixel_transform = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
     train_labels_all = torch.as_tensor(base_train.targets, dtype=torch.long)
     val_idx = class_balanced_subset(train_labels_all, fraction=val_fraction, seed=seed)
     train_idx = _complement(len(train_labels_all), val_idx)
@@ -430,4 +466,5 @@ def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) ->
         eval_transform=eval_transform,
         _plain={s: _TransformedSubset(b, i, eval_transform) for s, (b, i) in sources.items()},
         _labels={"train": train_labels_all[train_idx], "val": train_labels_all[val_idx], "test": test_labels},
+        _plain_pixels={s: _TransformedSubset(b, i, pixel_transform) for s, (b, i) in sources.items()},
     )

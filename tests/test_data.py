@@ -206,3 +206,31 @@ def test_loaders_start_no_more_workers_than_cores_and_do_not_warn(tiny_imagefold
     assert x.shape == (4, 3, 32, 32)
     assert not [w for w in recwarn if "worker" in str(w.message)]
     assert splits.loader("val", 4, num_workers=0).num_workers == 0
+
+
+@pytest.mark.parametrize("name", ["imagefolder", "cifar100"])
+def test_pixels_are_the_tensors_before_normalising_bit_for_bit(name, tiny_imagefolder, tiny_cifar100):
+    """Issue 11.3: the proxy holds 8-bit train images as uint8 (a quarter of float32) and
+    normalises each batch as ToTensor and Normalize did, to the same float32 values."""
+    from kd_optuna.proxy.training import ProxyData, ProxySettings
+
+    if name == "imagefolder":
+        splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)
+    else:
+        splits = load_dataset("cifar100", root=tiny_cifar100)
+    assert splits.has_pixels and not load_dataset("digits").has_pixels
+    for split in ("train", "test"):
+        x, y = splits.tensors(split)
+        pixels, labels = splits.pixels(split)
+        assert pixels.dtype == torch.uint8 and pixels.shape == x.shape and torch.equal(labels, y)
+        assert torch.equal(splits.pixels(split, [3, 1])[0], pixels[[3, 1]])
+    x, y = splits.tensors("train")
+    vx, vy = splits.tensors("val")
+    settings = ProxySettings(labels_per_class=2, views=2, augment="shift", shift=2)
+    floats = ProxyData.build(x, y, vx, vy, settings)
+    uint8 = ProxyData.build(splits.pixels("train")[0], y, vx, vy, settings, pixel_stats=(splits.mean, splits.std))
+    rows = torch.arange(len(y))
+    assert uint8.train_x.dtype == torch.uint8 and torch.equal(uint8.train_images(rows), x)
+    assert torch.equal(uint8.pool_images(rows[:6], torch.tensor([0, 1] * 3)), floats.pool_images(rows[:6], torch.tensor([0, 1] * 3)))
+    with pytest.raises(KdOptunaError, match="pixel_stats"):
+        ProxyData.build(splits.pixels("train")[0], y, vx, vy, settings)

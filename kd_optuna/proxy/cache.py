@@ -87,13 +87,16 @@ def state_dict_sha256(model: nn.Module) -> str:
 
 
 def _pool_sha256(data: ProxyData) -> str:
-    """sha256 of the pool images, gathered about 16 MiB at a time (never a copy of the pool)."""
+    """sha256 of the pool images, gathered about 16 MiB at a time (never a copy of the pool).
+    The images hashed are the normalised float32 ones (``ProxyData.train_images``), so uint8
+    pixels give the key their float32 images gave."""
     digest = hashlib.sha256()
     x = data.train_x
-    chunk = max(1, _CHUNK // max(1, x[0].numel() * x.element_size())) if x.shape[0] else 1
-    digest.update(f"pool|{x.dtype}|{(data.pool.shape[0], *x.shape[1:])}|".encode())
+    dtype = torch.float32 if data.pixel_stats is not None else x.dtype
+    chunk = max(1, _CHUNK // max(1, x[0].numel() * dtype.itemsize)) if x.shape[0] else 1
+    digest.update(f"pool|{dtype}|{(data.pool.shape[0], *x.shape[1:])}|".encode())
     for start in range(0, data.pool.shape[0], chunk):
-        digest.update(_bytes_of(x[data.pool[start : start + chunk]].cpu().contiguous()))
+        digest.update(_bytes_of(data.train_images(data.pool[start : start + chunk]).cpu().contiguous()))
     return digest.hexdigest()
 
 

@@ -71,7 +71,7 @@ class RejectionBatch:
         rows = data.labelled[: min(settings.label_batch_size, b)]
         kd_y = data.train_y[data.pool[positions]] if settings.labelled_kd else None
         return cls(
-            data.train_x[rows], data.train_y[rows], data.pool_images(positions, views),
+            data.train_images(rows), data.train_y[rows], data.pool_images(positions, views),
             {k: v.float() for k, v in teacher(positions, views).items()}, kd_y,
         )
 

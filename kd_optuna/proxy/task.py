@@ -206,9 +206,13 @@ class Task:
         splits = load_dataset(config.data.dataset, root=config.data.root, download=config.data.download)
         num_classes = splits.num_classes
         settings: ProxySettings = config.proxy
-        train_x, train_y = splits.tensors("train")
+        if splits.has_pixels:  # 8-bit images stay uint8 on the device: a quarter of float32
+            train_x, train_y = splits.pixels("train")
+            stats = (splits.mean, splits.std)
+        else:
+            (train_x, train_y), stats = splits.tensors("train"), None
         val_x, val_y = splits.tensors("val")
-        data = ProxyData.build(train_x, train_y, val_x, val_y, settings, target, num_classes)
+        data = ProxyData.build(train_x, train_y, val_x, val_y, settings, target, num_classes, pixel_stats=stats)
 
         teacher_model = _load_teacher(config, num_classes, target, Path(cache_dir))
         teacher = tap_model(teacher_model, config.teacher.model, nodes=config.teacher.nodes)

@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -319,6 +319,12 @@ class ProxyData:
 
     train_x (N, C, H, W), train_y (N,); labelled (L,) and pool (P,) index train; val_x (M, ...),
     val_y (M,) is held out (training never sees it); views covers the P pool images.
+
+    train_x is float32 and normalised, or, with ``pixel_stats`` (per-channel mean and std), the
+    uint8 pixels of an 8-bit dataset (a quarter of the memory: 147 KiB instead of 588 KiB an
+    image at 224 px), normalised batch by batch in :meth:`train_images` with the arithmetic of
+    torchvision's ToTensor and Normalize (the same float32 values bit for bit). Read train
+    images through :meth:`train_images` or :meth:`pool_images`; val_x is always float32.
     """
 
     train_x: Tensor
@@ -329,6 +335,7 @@ class ProxyData:
     val_y: Tensor
     views: ViewPool
     num_classes: int
+    pixel_stats: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def build(
@@ -340,7 +347,16 @@ class ProxyData:
         settings: ProxySettings,
         device: torch.device | str = "cpu",
         num_classes: int | None = None,
+        pixel_stats: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> "ProxyData":
+        """``train_x`` float images, or uint8 pixels (N, C, H, W) with ``pixel_stats`` =
+        (mean, std) per channel, as torchvision's Normalize takes them."""
+        if (train_x.dtype == torch.uint8) != (pixel_stats is not None):
+            raise KdOptunaError("ProxyData.build takes uint8 train pixels together with pixel_stats (mean, std), "
+                                "float images without")
+        stats = None
+        if pixel_stats is not None:
+            stats = tuple(torch.as_tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device) for v in pixel_stats)
         labelled = class_balanced_subset(train_y, settings.labels_per_class, seed=settings.label_seed, at_most=True)
         pool = torch.arange(train_y.shape[0]) if settings.kd_source == "train" else labelled
         if settings.kd_pool_size:
@@ -350,18 +366,26 @@ class ProxyData:
             keep = class_balanced_subset(val_y, max(1, settings.val_size // classes), seed=0, at_most=True)
             val_x, val_y = val_x[keep[: settings.val_size]], val_y[keep[: settings.val_size]]
         return cls(
-            train_x.float().to(device), train_y.long().to(device), labelled.to(device),
-            pool.to(device), val_x.float().to(device), val_y.long().to(device),
-            ViewPool.build(pool.shape[0], settings, device), classes,
+            (train_x if stats is not None else train_x.float()).to(device), train_y.long().to(device),
+            labelled.to(device), pool.to(device), val_x.float().to(device), val_y.long().to(device),
+            ViewPool.build(pool.shape[0], settings, device), classes, stats,
         )
 
     @property
     def device(self) -> torch.device:
         return self.train_x.device
 
+    def train_images(self, rows: Tensor) -> Tensor:
+        """Normalised float32 train images at ``rows`` (B,) -> (B, C, H, W)."""
+        x = self.train_x[rows]
+        if self.pixel_stats is None:
+            return x
+        mean, std = self.pixel_stats
+        return x.float().div_(255).sub_(mean).div_(std)
+
     def pool_images(self, positions: Tensor, views: Tensor) -> Tensor:
         """Rendered pool images at pool positions (B,) and views (B,) -> (B, C, H, W)."""
-        return self.views.render(self.train_x[self.pool[positions]], positions, views)
+        return self.views.render(self.train_images(self.pool[positions]), positions, views)
 
 
 TeacherLookup = Callable[[Tensor, Tensor], Mapping[str, Tensor]]
@@ -478,7 +502,7 @@ def fresh_batch_norm(model: nn.Module, data: "ProxyData", settings: ProxySetting
         fmt = memory_format(settings)
         with torch.no_grad():
             for part in torch.tensor_split(sample, chunks):
-                model(data.train_x[data.pool[part]].contiguous(memory_format=fmt))
+                model(data.train_images(data.pool[part]).contiguous(memory_format=fmt))
         model.eval()
         yield True
     finally:
@@ -599,7 +623,7 @@ class _ProxyLoss:
             kd = self.distiller({k: v.contiguous() for k, v in out.items()}, self.teacher(positions, views), labels)
         else:
             n = rows.shape[0]
-            x = torch.cat([data.train_x[rows], data.pool_images(positions, views)])
+            x = torch.cat([data.train_images(rows), data.pool_images(positions, views)])
             out = self.student(x.contiguous(memory_format=self.fmt))
             ce = F.cross_entropy(out["logit"][:n], data.train_y[rows])
             kd = self.distiller({k: v[n:].contiguous() for k, v in out.items()}, self.teacher(positions, views))
