@@ -329,3 +329,40 @@ def test_a_teachers_epochs_are_its_datasets_recipe_not_train_epochs_as_the_readm
         path = cached_teacher_checkpoint("digits", "digits_teacher", Path(".kd_optuna_cache"))
     assert path != legacy and len(trained) == 1 and "epochs" not in trained[0]  # the recipe's 15
     assert any("not reusing" in r.getMessage() and str(legacy) in r.getMessage() for r in caplog.records)
+
+
+def test_training_a_teacher_leaves_the_callers_random_state_as_it_was(tmp_path):
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    train_teacher("digits", "digits_student", tmp_path / "t.pt", epochs=1, progress=False, device="cpu")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_exported_training_is_the_same_whether_it_trained_the_teacher_or_read_it_from_the_cache(tmp_path):
+    """The first run of a fresh machine trains the teacher into the cache; it must train the
+    student of its seed exactly as every later run does (before, the teacher's training reseeded
+    torch, so the first run's student started from the teacher's seed, whatever --seed said)."""
+    from kd_optuna.distill.classics import CLASSICS
+    from kd_optuna.export.training import train_with_distiller
+
+    recipe = dict(epochs=1, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[], gamma=0.1,
+                  num_workers=0, seed=3, dataset="digits", data_root=None, download=False, teacher="digits_student",
+                  teacher_checkpoint=None, student="digits_student", device="cpu", max_steps=3,
+                  cache_dir=str(tmp_path / "cache"), progress=False)
+    params = CLASSICS["kd"][0].to_params()
+    first = train_with_distiller(params, **recipe, output_dir=str(tmp_path / "first"))
+    assert len(list((tmp_path / "cache").glob("teacher-*.pt"))) == 1
+    again = train_with_distiller(params, **recipe, output_dir=str(tmp_path / "again"))
+    assert first["history"] == again["history"] and first["final_top1"] == again["final_top1"]
+    first_weights = torch.load(tmp_path / "first" / "last.pt", weights_only=True)
+    again_weights = torch.load(tmp_path / "again" / "last.pt", weights_only=True)
+    student = [k for k in first_weights if "student" in k]
+    assert student and all(_equal(first_weights[k], again_weights[k]) for k in student)
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    return a == b

@@ -142,7 +142,11 @@ def train_teacher(
 ) -> TeacherReport:
     """Train ``model_name`` on ``dataset`` with its recipe (``overrides`` replace recipe entries
     and reach ``train_classifier``: epochs, lr, bf16, channels_last, num_threads, ...), evaluate
-    it on the test split and save a checkpoint at ``out_path``."""
+    it on the test split and save a checkpoint at ``out_path``.
+
+    The caller's random state (torch's CPU generator and the training device's) is left as it
+    was: whatever the caller builds or draws next (a student's initial weights) is the same
+    whether the teacher was trained here or read from the cache."""
     allowed = set(inspect.signature(train_classifier).parameters) - {"model", "train_data", "device", "seed", "progress"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
@@ -153,33 +157,35 @@ def train_teacher(
     recipe = {**RECIPES[dataset], **overrides}
     if dataset.startswith("digits") and device.type == "cpu":
         recipe.setdefault("num_threads", 1)
-    torch.manual_seed(seed)
-    model = build_model(model_name, splits.num_classes)
-    if dataset.startswith("digits"):
-        train_data = splits.tensors("train")
-        val_data = splits.tensors("val")
-        test_data = splits.tensors("test")
-    else:
-        train_data = splits.loader("train", recipe["batch_size"], num_workers=num_workers, seed=seed)
-        val_data = (splits.loader("val", 256, num_workers=num_workers), None)
-        test_data = (splits.loader("test", 256, num_workers=num_workers), None)
-    result = train_classifier(
-        model, train_data, device=device, seed=seed, progress=progress, desc=f"teacher {model_name}", **recipe
-    )
-    bf16 = bool(recipe.get("bf16", False))
-    val = evaluate(model, *val_data, device=device, bf16=bf16)
-    test = evaluate(model, *test_data, device=device, bf16=bf16)
-    path = save_checkpoint(
-        out_path,
-        model,
-        model_name=model_name,
-        num_classes=splits.num_classes,
-        dataset=dataset,
-        accuracy=test.accuracy,
-        extra={"val_accuracy": val.accuracy, "split_seed": seed, "epochs": recipe["epochs"],
-               "cache_key": teacher_key(identity), "data_root": identity.get("root"),
-               "data_files": identity["file_count"]},
-    )
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        model = build_model(model_name, splits.num_classes)
+        if dataset.startswith("digits"):
+            train_data = splits.tensors("train")
+            val_data = splits.tensors("val")
+            test_data = splits.tensors("test")
+        else:
+            train_data = splits.loader("train", recipe["batch_size"], num_workers=num_workers, seed=seed)
+            val_data = (splits.loader("val", 256, num_workers=num_workers), None)
+            test_data = (splits.loader("test", 256, num_workers=num_workers), None)
+        result = train_classifier(
+            model, train_data, device=device, seed=seed, progress=progress, desc=f"teacher {model_name}", **recipe
+        )
+        bf16 = bool(recipe.get("bf16", False))
+        val = evaluate(model, *val_data, device=device, bf16=bf16)
+        test = evaluate(model, *test_data, device=device, bf16=bf16)
+        path = save_checkpoint(
+            out_path,
+            model,
+            model_name=model_name,
+            num_classes=splits.num_classes,
+            dataset=dataset,
+            accuracy=test.accuracy,
+            extra={"val_accuracy": val.accuracy, "split_seed": seed, "epochs": recipe["epochs"],
+                   "cache_key": teacher_key(identity), "data_root": identity.get("root"),
+                   "data_files": identity["file_count"]},
+        )
     return TeacherReport(path, model_name, dataset, test.accuracy, val.accuracy, result.seconds, recipe["epochs"])
 
 
