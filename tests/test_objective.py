@@ -189,3 +189,19 @@ def test_a_trial_scored_at_chance_is_said_once(task, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="kd_optuna.proxy.objective"):
         study_with(CLASSICS["kd"][0].to_params()).optimize(Objective(task), n_trials=1)
     assert not caplog.records
+
+
+def test_a_trial_at_chance_after_one_that_learned_is_the_distiller_and_nothing_is_said(task, monkeypatch, caplog):
+    """A distiller that stops its student learning scores ln K in a healthy study: advice to
+    train the proxy longer would be wrong there."""
+    import dataclasses
+
+    real = task.run(CLASSICS["kd"][0])
+    chance = dataclasses.replace(real, val_ce=math.log(10), score=math.log(10), val_acc=0.1)
+    results = iter([real, chance, chance])
+    monkeypatch.setattr(task, "run", lambda spec, report=None: next(results))
+    study = study_with(CLASSICS["kd"][0].to_params(), CLASSICS["kd_ls"][0].to_params(), CLASSICS["fitnets"][0].to_params())
+    with caplog.at_level("WARNING", logger="kd_optuna.proxy.objective"):
+        study.optimize(Objective(task), n_trials=3)
+    assert [t.value for t in study.trials][1:] == [math.log(10)] * 2
+    assert not [r for r in caplog.records if r.name == "kd_optuna.proxy.objective"]

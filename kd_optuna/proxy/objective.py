@@ -19,9 +19,11 @@ The validation CE (calibrated) is reported every ``report_every`` steps as an in
 value, steps counted across the proxy seeds, so Optuna's pruners work on it.
 
 A trial scored at chance (calibrated CE within CHANCE_TOLERANCE of ln K, K classes: every
-student that predicts no better than a uniform guess gets that value) is said once per worker,
-with the proxy's steps and what to change: such trials all score the same and the search
-cannot tell their distillers apart.
+student that predicts no better than a uniform guess gets that value) while no completed trial
+of the study has scored better is said once per worker, with the proxy's steps and what to
+change: such trials all score the same and the search cannot tell their distillers apart.
+Once some trial has beaten chance, a trial at chance is a distiller that stopped its student
+learning, which the search handles by its score, and nothing is said.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Objective:
         self.task = task
         self.threads = threads
         self._said_chance = False
+        self._chance_beaten = False
 
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
         if self.threads is not None:
@@ -103,7 +106,7 @@ class Objective:
 
     def _say_chance(self, trial: optuna.trial.BaseTrial, result) -> None:
         classes = self.task.data.num_classes
-        if self._said_chance or not at_chance(result.val_ce, classes):
+        if self._said_chance or not at_chance(result.val_ce, classes) or self._beaten_in(trial, classes):
             return
         self._said_chance = True
         proxy = self.task.proxy
@@ -114,3 +117,16 @@ class Objective:
             "teacher and the data (said once per worker)",
             trial.number, result.val_ce, classes, result.val_acc, proxy.steps, proxy.batch_size,
         )
+
+    def _beaten_in(self, trial: optuna.trial.BaseTrial, classes: int) -> bool:
+        """Whether a completed trial of ``trial``'s study scored its val CE below chance
+        (remembered once true: it stays true)."""
+        if not self._chance_beaten:
+            study = getattr(trial, "study", None)
+            done = [] if study is None else study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            self._chance_beaten = any(
+                isinstance(t.user_attrs.get("val_ce"), float)
+                and t.user_attrs["val_ce"] < math.log(classes) and not at_chance(t.user_attrs["val_ce"], classes)
+                for t in done
+            )
+        return self._chance_beaten
