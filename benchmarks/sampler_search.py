@@ -1,11 +1,13 @@
 """Does EvolutionSampler search well? Best digits score after a fixed budget, against Optuna's samplers.
 
-For each sampler and seed, one in-memory study runs ``budget`` trials of the real digits
-objective (``Objective(Task.from_config(load_config("digits")))``, one CPU thread, the same
-code for every sampler); the script prints the median best score (lower is better), how many
-seeds improved on vanilla KD's score, and the median best-so-far curve at a few budgets::
+For each sampler and seed, one in-memory study runs ``budget`` trials of the real objective of
+a study config (``Objective(Task.from_config(load_config(config)))``, digits unless
+``--config`` names another; one CPU thread, the same code for every sampler); the script
+prints the median best score (lower is better), how many seeds improved on vanilla KD's
+score, and the median best-so-far curve at a few budgets::
 
     python benchmarks/sampler_search.py                         # 60 trials x 5 seeds x 3 samplers
+    python benchmarks/sampler_search.py --config digits_hard --samplers evolution --budget 110
     python benchmarks/sampler_search.py --samplers evolution,random --seeds 0 --budget 10   # smoke
     python benchmarks/sampler_search.py --combine seed_0.json seed_1.json   # one report from runs of one seed each
 
@@ -82,23 +84,24 @@ def run(sampler_name: str, config, objective, seed: int, budget: int, pruner: st
 
 
 @lru_cache(maxsize=1)
-def _digits():
-    """The study config and the objective, built once per process."""
+def _task(name: str):
+    """The study config ``name`` and its objective, built once per process."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)
-    config = load_config("digits")
+    config = load_config(name)
     task = Task.from_config(config, device="cpu")
     return config, Objective(task, threads=1)
 
 
-def _run_one(job: tuple[str, int, int, str, bool]) -> dict:
-    name, seed, budget, pruner, warm_start = job
-    config, objective = _digits()
+def _run_one(job: tuple[str, int, int, str, bool, str]) -> dict:
+    name, seed, budget, pruner, warm_start, config_name = job
+    config, objective = _task(config_name)
     return run(name, config, objective, seed, budget, pruner, warm_start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="digits", help="the study config searched (a name or a TOML path)")
     parser.add_argument("--samplers", default="evolution,random,tpe", help=f"comma list of {', '.join(SAMPLERS)}")
     parser.add_argument("--budget", type=int, default=60, help="trials per study")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of sampler seeds")
@@ -119,9 +122,9 @@ def main() -> None:
         parser.error(f"unknown samplers {unknown}; choose from {', '.join(SAMPLERS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    config, objective = _digits()
+    config, objective = _task(args.config)
     kd_score = _score_of(objective, CLASSICS["kd"][0])
-    jobs = [(name, seed, args.budget, args.pruner, args.warm_start) for name in names for seed in seeds]
+    jobs = [(name, seed, args.budget, args.pruner, args.warm_start, args.config) for name in names for seed in seeds]
     if args.processes > 1:
         with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
             done = pool.map(_run_one, jobs, chunksize=1)
@@ -130,10 +133,10 @@ def main() -> None:
     results = {name: [r for (n, *_), r in zip(jobs, done) if n == name] for name in names}
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"kd_score": kd_score, "seeds": seeds, "budget": args.budget, "pruner": args.pruner,
+            json.dump({"config": args.config, "kd_score": kd_score, "seeds": seeds, "budget": args.budget, "pruner": args.pruner,
                        "warm_start": args.warm_start, "results": results}, handle)
     start = "every sampler starts from the classic distillers" if args.warm_start else "only evolution starts from the classic distillers"
-    print(f"# digits, {args.budget} trials, seeds {seeds}, pruner {args.pruner}, {start}; vanilla KD scores {kd_score:.4f};"
+    print(f"# {args.config}, {args.budget} trials, seeds {seeds}, pruner {args.pruner}, {start}; vanilla KD scores {kd_score:.4f};"
           " lower is better")
     report(results, kd_score, args.budget)
 
@@ -177,7 +180,7 @@ def combine(paths: list[str]) -> None:
     names = list(loaded[0]["results"])
     results = {name: [run for data in loaded for run in data["results"][name]] for name in names}
     seeds = [s for data, path in zip(loaded, paths) for s in data.get("seeds", [Path(path).stem])]
-    print(f"# digits, {budgets.pop()} trials, seeds {seeds} from {len(paths)} files; vanilla KD scores "
+    print(f"# {loaded[0].get('config', 'digits')}, {budgets.pop()} trials, seeds {seeds} from {len(paths)} files; vanilla KD scores "
           f"{loaded[0]['kd_score']:.4f}; lower is better")
     report(results, loaded[0]["kd_score"], len(results[names[0]][0]["curve"]))
 
