@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from conftest import TrivialObjective, create_kd_study, default_sigint, run_worker_in_process
 from kd_optuna import optuna_private
 from kd_optuna.run.storage import open_storage
-from kd_optuna.run.workers import WorkerContext, optimize, trial_note
+from kd_optuna.run.story import trial_note
+from kd_optuna.run.workers import WorkerContext, optimize
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -54,10 +54,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 from kd_optuna import optuna_private
-from kd_optuna.run.artifacts import (  # noqa: F401 - ARTIFACT_DIR_ENV, SCRIPT_NAME, story_scripts: read from here too
-    ARTIFACT_DIR_ENV, SCRIPT_NAME, artifact_dir, artifact_store, remove_former_scripts, story_scripts,
-    upload_best_script,
-)
+from kd_optuna.run.artifacts import artifact_dir, artifact_store, remove_former_scripts, upload_best_script
 from kd_optuna.run.figures import compare_figure, genes_figure, lineage_figure, progress_figure, rejection_figure
 from kd_optuna.run.study_view import (
     TOP, as_int, best_distinct, classic_scores, fmt, formula_of, gene_weights, key_of, outcome_of,

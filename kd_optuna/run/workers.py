@@ -34,7 +34,6 @@ from kd_optuna.run.config import StudyConfig
 from kd_optuna.train.devices import WorkerContext
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.run.storage import DATABASE_ERRORS, describe_error, load_study, open_storage, study_config
-from kd_optuna.run.story import canonical_notes, trial_note  # noqa: F401 - imported from here by callers
 from kd_optuna.run.summary import (  # noqa: F401 - Summary, REASON_ATTR: imported from here by callers
     FAIL_REASON_ATTR,
     INTERRUPTED,
