@@ -125,8 +125,6 @@ class Objective:
             study = getattr(trial, "study", None)
             done = [] if study is None else study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             self._chance_beaten = any(
-                isinstance(t.user_attrs.get("val_ce"), float)
-                and t.user_attrs["val_ce"] < math.log(classes) and not at_chance(t.user_attrs["val_ce"], classes)
-                for t in done
+                isinstance(ce := t.user_attrs.get("val_ce"), float) and not at_chance(ce, classes) for t in done
             )
         return self._chance_beaten
