@@ -80,6 +80,7 @@ def run(sampler_name: str, config, objective, seed: int, budget: int, pruner: st
         "pruned": sum(t.state == optuna.trial.TrialState.PRUNED and "reject_reason" not in t.user_attrs
                       for t in study.trials),
         "seconds": time.perf_counter() - start,
+        "proxy_runs": sum(len(t.user_attrs.get("proxy_seeds", ())) for t in study.trials),
     }
 
 

@@ -7,7 +7,10 @@ User attrs written on every trial (fixed names, read by the sampler and the dash
     rejection_seconds                 time of the rejection protocol
     reject_reason, reject_detail      when rejected or non-finite in training (trial pruned)
     val_ce, val_ce_raw, val_acc,      the proxy metrics (kd_optuna.proxy.training.ProxyResult),
-    sharpness_gap, cka_gap            averaged over the proxy seeds
+    sharpness_gap, cka_gap            averaged over the proxy seeds the trial ran
+    proxy_seeds, seed_scores          those seeds: ``seeds``, then the ``confirm_seeds`` that
+                                      confirmation ran (kd_optuna.proxy.confirmation), and
+                                      the score of each
     proxy_seconds                     training + scoring seconds
     training_seconds, scoring_seconds
     step_mode                         how a CUDA-graphed trial's steps ran (``[proxy] cuda_graph``)
@@ -16,7 +19,9 @@ User attrs written on every trial (fixed names, read by the sampler and the dash
                                       the worker goes on with the next one
 
 The validation CE (calibrated) is reported every ``report_every`` steps as an intermediate
-value, steps counted across the proxy seeds, so Optuna's pruners work on it.
+value, steps counted across the proxy ``seeds``, so Optuna's pruners work on it. A trial that
+may beat the study's best then runs its confirmation seeds, unreported, and returns the mean
+over every seed it ran (:mod:`kd_optuna.proxy.confirmation`).
 
 A trial scored at chance (calibrated CE within CHANCE_TOLERANCE of ln K, K classes: every
 student that predicts no better than a uniform guess gets that value) while no completed trial
@@ -28,6 +33,7 @@ learning, which the search handles by its score, and nothing is said.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -37,7 +43,10 @@ import torch
 
 from kd_optuna.errors import InvalidDistiller, first_line
 from kd_optuna.space import suggest_distiller
+from kd_optuna.proxy import confirmation
+from kd_optuna.proxy.confirmation import SEED_SCORES_ATTR
 from kd_optuna.proxy.task import Task
+from kd_optuna.proxy.training import ProxyResult
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +99,14 @@ class Objective:
 
         try:
             result = self.task.run(spec, report=report)
+            result = self._confirm(trial, spec, result)
         except InvalidDistiller as error:
             trial.set_user_attr("reject_reason", "non_finite")
             trial.set_user_attr("reject_detail", error.reason)
             raise optuna.TrialPruned(f"rejected (non_finite): {error.reason}") from None
+        weights = self.task.proxy.score_weights
+        trial.set_user_attr("proxy_seeds", list(result.seeds))
+        trial.set_user_attr(SEED_SCORES_ATTR, result.seed_scores(weights))
         for name, value in result.metrics().items():
             trial.set_user_attr(name, value)
         trial.set_user_attr("training_seconds", result.train_seconds)
@@ -103,6 +116,24 @@ class Objective:
             trial.set_user_attr("step_mode", result.step_mode)
         self._say_chance(trial, result)
         return result.score
+
+    def _confirm(self, trial: optuna.trial.BaseTrial, spec, result: ProxyResult) -> ProxyResult:
+        """``result`` joined with the runs of ``confirm_seeds`` the race asks for
+        (:mod:`kd_optuna.proxy.confirmation`); unchanged for a trial outside a minimised
+        single-objective study. Confirmation runs report nothing to the pruner."""
+        proxy = self.task.proxy.for_pool(self.task.data.pool.shape[0])
+        study = getattr(trial, "study", None)
+        if not proxy.confirm_seeds or study is None or study.directions != [optuna.study.StudyDirection.MINIMIZE]:
+            return result
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        best, sigma = confirmation.best_value(done), confirmation.pooled_spread(done)
+        weights = proxy.score_weights
+        for seed in proxy.confirm_seeds:
+            if not confirmation.go_on(result.seed_scores(weights), best, sigma, proxy.confirm_z):
+                break
+            more = self.task.run(spec, dataclasses.replace(proxy, seeds=(seed,), confirm_seeds=()))
+            result = result.joined(more, weights, proxy.steps)
+        return result
 
     def _say_chance(self, trial: optuna.trial.BaseTrial, result) -> None:
         classes = self.task.data.num_classes

@@ -65,6 +65,8 @@ CACHE_DTYPES = ("float16", "float32")
 #: RTX 3090 Ti, about 38 s each); for CIFAR's 240 epochs a third would be 80 epochs a trial.
 RECIPE_EPOCHS_FRACTION = 1 / 3
 RECIPE_MAX_STEPS = 2000
+#: How many confirmation seeds a recipe proxy has (``ProxySettings.from_recipe``).
+RECIPE_CONFIRM_SEEDS = 3
 
 
 class InvalidProxySettings(KdOptunaError, ValueError):
@@ -87,7 +89,9 @@ class ProxySettings:
     Nesterov when ``nesterov``) with ``schedule`` ("step": x ``gamma`` at each fraction of the
     run in ``milestones``), once per seed
     in ``seeds`` (the metrics are averaged); validation CE is reported every ``report_every``
-    steps. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
+    steps. Confirmation (the Objective, :mod:`kd_optuna.proxy.confirmation`): a trial that may
+    beat the study's best runs ``confirm_seeds`` too, one at a time, while its mean over the
+    seeds run minus ``confirm_z`` standard errors is below the best. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
     score = ``score_ce`` * val_ce + ``score_sharpness`` * |sharpness_gap| + ``score_cka`` *
     cka_gap (validation CE alone by default: against the exported training on digits_hard it
     ranks random candidates as well as CE + CKA-gap, Spearman 0.71 against 0.72, and the head
@@ -126,6 +130,8 @@ class ProxySettings:
     milestones: tuple[float, ...] = ()
     gamma: float = 0.1
     seeds: tuple[int, ...] = (0,)
+    confirm_seeds: tuple[int, ...] = ()
+    confirm_z: float = 1.0
     report_every: int = 50
     eval_batch_size: int = 1024
     sharpness_rho: float = 0.05
@@ -141,7 +147,7 @@ class ProxySettings:
     cuda_graph: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("seeds", "milestones"):
+        for name in ("seeds", "confirm_seeds", "milestones"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name, options in (
@@ -182,6 +188,18 @@ class ProxySettings:
                 raise InvalidProxySettings(f"proxy {name} must be >= 0, got {getattr(self, name)!r}")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise InvalidProxySettings(f"proxy seeds must be a non-empty list of integers, got {self.seeds!r}")
+        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.confirm_seeds):
+            raise InvalidProxySettings(
+                f"proxy confirm_seeds must be a list of integers ([] turns confirmation off), got {self.confirm_seeds!r}"
+            )
+        every = self.seeds + self.confirm_seeds
+        if len(set(every)) != len(every):
+            raise InvalidProxySettings(
+                f"proxy seeds {list(self.seeds)} and confirm_seeds {list(self.confirm_seeds)} repeat a seed; "
+                "give each seed once, in one of the two lists"
+            )
+        if not (isinstance(self.confirm_z, (int, float)) and not isinstance(self.confirm_z, bool) and self.confirm_z >= 0):
+            raise InvalidProxySettings(f"proxy confirm_z must be a number >= 0, got {self.confirm_z!r}")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -206,7 +224,8 @@ class ProxySettings:
         The proxy keeps the optimiser, learning rate, loss scale, batch size and labels (every
         train image labelled, CE on the KD batch, the distiller given the labels) and trains
         ``epochs_fraction`` x ``epochs`` epochs (at most ``RECIPE_MAX_STEPS`` steps), the
-        milestones at the same fractions of the run.
+        milestones at the same fractions of the run, and confirms a trial that may beat the
+        study's best on the ``RECIPE_CONFIRM_SEEDS`` seeds after the highest of ``seeds``.
         Any key of ``table`` overrides the recipe's value; a table that sets ``steps`` (and not
         ``epochs``) trains that many steps, and one that sets ``labels_per_class`` or
         ``kd_source`` keeps the separate labelled batch of ``label_batch_size``.
@@ -219,6 +238,9 @@ class ProxySettings:
             "milestones": tuple(m / train.epochs for m in train.milestones if 0 < m < train.epochs),
             "gamma": float(train.gamma),
         }
+        seeds = table.get("seeds") or (0,)
+        if isinstance(seeds, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            recipe["confirm_seeds"] = tuple(range(max(seeds) + 1, max(seeds) + 1 + RECIPE_CONFIRM_SEEDS))
         if "steps" in table and "epochs" not in table:
             recipe["epochs"] = 0.0
         if "labels_per_class" in table or "kd_source" in table:
@@ -415,7 +437,8 @@ class NoDistillation(nn.Module):
 @dataclass
 class ProxyResult:
     """Metrics of one proxy trial, averaged over seeds; ``curve`` = [(step, val_ce)];
-    ``step_mode`` how its steps ran (:func:`train_student`'s ``step_mode``, the last seed's)."""
+    ``step_mode`` how its steps ran (:func:`train_student`'s ``step_mode``, the last seed's);
+    ``seeds`` the seeds it ran and ``seed_metrics`` each one's metrics, in that order."""
 
     val_ce: float
     val_ce_raw: float
@@ -427,12 +450,50 @@ class ProxyResult:
     score_seconds: float
     curve: list[tuple[int, float]]
     step_mode: str = "eager"
+    seeds: tuple[int, ...] = ()
+    seed_metrics: tuple[Mapping[str, float], ...] = ()
 
     def metrics(self) -> dict[str, float]:
         return {
             "val_ce": self.val_ce, "val_ce_raw": self.val_ce_raw, "val_acc": self.val_acc,
             "sharpness_gap": self.sharpness_gap, "cka_gap": self.cka_gap,
         }
+
+    def seed_scores(self, weights: ScoreWeights) -> list[float]:
+        """The combined score of each seed on its own, in ``seeds`` order."""
+        return [combined_score(m, weights) for m in self.seed_metrics]
+
+    @classmethod
+    def of_seeds(
+        cls,
+        seeds: Sequence[int],
+        seed_metrics: Sequence[Mapping[str, float]],
+        weights: ScoreWeights,
+        train_seconds: float = 0.0,
+        score_seconds: float = 0.0,
+        curve: list[tuple[int, float]] | None = None,
+        step_mode: str = "eager",
+    ) -> "ProxyResult":
+        """The result over ``seeds``: each metric the mean of the seeds', the score
+        ``combined_score`` of those means."""
+        mean = {k: sum(m[k] for m in seed_metrics) / len(seed_metrics) for k in seed_metrics[0]}
+        return cls(
+            val_ce=mean["val_ce"], val_ce_raw=mean["val_ce_raw"], val_acc=mean["val_acc"],
+            sharpness_gap=mean["sharpness_gap"], cka_gap=mean["cka_gap"],
+            score=combined_score(mean, weights), train_seconds=train_seconds,
+            score_seconds=score_seconds, curve=list(curve or []), step_mode=step_mode,
+            seeds=tuple(seeds), seed_metrics=tuple(dict(m) for m in seed_metrics),
+        )
+
+    def joined(self, more: "ProxyResult", weights: ScoreWeights, steps: int) -> "ProxyResult":
+        """This result and ``more`` (further seeds of the same trial) as one: metrics over all
+        their seeds, seconds summed, ``more``'s curve after this one's (``steps`` a seed)."""
+        offset = len(self.seeds) * steps
+        return ProxyResult.of_seeds(
+            self.seeds + more.seeds, self.seed_metrics + more.seed_metrics, weights,
+            self.train_seconds + more.train_seconds, self.score_seconds + more.score_seconds,
+            self.curve + [(offset + step, value) for step, value in more.curve], more.step_mode,
+        )
 
 
 def memory_format(settings: ProxySettings) -> torch.memory_format:
@@ -714,10 +775,5 @@ def run_proxy(
         per_seed.append(evaluate_student(student, data, reference, settings, images, labels))
         train_seconds += middle - start
         score_seconds += time.perf_counter() - middle
-    mean = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in per_seed[0]}
-    return ProxyResult(
-        val_ce=mean["val_ce"], val_ce_raw=mean["val_ce_raw"], val_acc=mean["val_acc"],
-        sharpness_gap=mean["sharpness_gap"], cka_gap=mean["cka_gap"],
-        score=combined_score(mean, settings.score_weights),
-        train_seconds=train_seconds, score_seconds=score_seconds, curve=curve, step_mode=step_mode,
-    )
+    return ProxyResult.of_seeds(settings.seeds, per_seed, settings.score_weights,
+                                train_seconds, score_seconds, curve, step_mode)

@@ -1,0 +1,66 @@
+"""Confirmation: a trial that may beat the study's best runs more proxy seeds first.
+
+A proxy score is one short training, and its seed is part of it: on digits_hard the
+seed-to-seed standard deviation of one distiller's score is 0.016-0.041 (8 distillers x 5
+seeds, BENCHMARKS "Confirmation"), as wide as the spread of the eight distillers' means
+(0.318-0.384). The lowest of a hundred single-seed scores is then the luckiest draw more than
+the best distiller: the pick regresses towards its mean after real training, and a bad
+distiller can win the study on a lucky seed.
+
+So a trial is raced against the incumbent, as irace and SMAC's intensification race
+configurations. After the trial's ``seeds`` it runs each of ``confirm_seeds`` in turn while it
+can still beat the incumbent::
+
+    go on while   mean(y_1..y_k) - z * sigma / sqrt(k)  <  best
+
+``y_i`` the trial's per-seed scores so far (lower is better), ``best`` the lowest value among
+the study's completed trials (none yet: ``+inf``, so the first trial is confirmed), ``z`` is
+``confirm_z``, and ``sigma`` the pooled within-trial standard deviation of the per-seed scores
+of the study's completed trials that ran two seeds or more::
+
+    sigma^2 = sum_t sum_i (y_ti - mean_t)^2 / sum_t (k_t - 1)
+
+``0`` while no trial has two seeds: a trial is then confirmed when its mean beats the best.
+The trial's value is its mean over every seed it ran. A trial stops early only once its mean is
+at least ``best``, so whichever trial ends as the study's best ran every confirmation seed;
+trials far from the best run ``seeds`` alone, and the cost follows the proxy's noise. A trial's
+first seed was selected for being low, so ``sigma`` leans high: the race confirms more, not
+less.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+from optuna.trial import FrozenTrial
+
+#: The user attr holding a trial's per-seed scores (a list of floats, in the order they ran).
+SEED_SCORES_ATTR = "seed_scores"
+
+
+def pooled_spread(trials: Iterable[FrozenTrial]) -> float:
+    """``sigma`` above over the ``seed_scores`` of ``trials`` (0 when none has two seeds)."""
+    squares, freedom = 0.0, 0
+    for trial in trials:
+        scores = trial.user_attrs.get(SEED_SCORES_ATTR)
+        if not isinstance(scores, list) or len(scores) < 2:
+            continue
+        if not all(isinstance(y, (int, float)) and math.isfinite(y) for y in scores):
+            continue
+        mean = sum(scores) / len(scores)
+        squares += sum((y - mean) ** 2 for y in scores)
+        freedom += len(scores) - 1
+    return math.sqrt(squares / freedom) if freedom else 0.0
+
+
+def best_value(trials: Iterable[FrozenTrial]) -> float:
+    """The lowest finite value of ``trials`` (``+inf`` if none)."""
+    values = [t.value for t in trials if t.value is not None and math.isfinite(t.value)]
+    return min(values, default=math.inf)
+
+
+def go_on(scores: Sequence[float], best: float, sigma: float, z: float) -> bool:
+    """Whether a trial with per-seed ``scores`` so far may still beat ``best`` (see above)."""
+    k = len(scores)
+    return sum(scores) / k - z * sigma / math.sqrt(k) < best
