@@ -64,6 +64,8 @@ model = "resnet20"
 [proxy]
 steps = {steps}
 cuda_graph = {graph}
+# one proxy run per trial, as the seed's 2,000 evaluations count them
+confirm_seeds = []
 {quick}
 [search]
 population_size = 20

@@ -127,7 +127,6 @@ def test_the_study_best_ran_every_confirmation_seed(task):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"seeds": (0, 1), "confirm_seeds": (1, 2)}, "repeat a seed"),
         ({"confirm_seeds": (1, "2")}, "confirm_seeds must be a list of integers"),
         ({"confirm_z": -1.0}, "confirm_z must be a number >= 0"),
     ],
@@ -148,8 +147,16 @@ def test_a_recipe_proxy_confirms_on_the_three_seeds_after_its_own():
     assert recipe_config({}).proxy.confirm_seeds == (1, 2, 3)
     assert recipe_config({"seeds": [0, 4]}).proxy.confirm_seeds == (5, 6, 7)
     assert recipe_config({"confirm_seeds": []}).proxy.confirm_seeds == ()
-    with pytest.raises(ConfigError, match="repeat a seed"):
-        recipe_config({"seeds": [0, 1], "confirm_seeds": [1]})
+    with pytest.raises(ConfigError, match="confirm_z must be a number >= 0"):
+        recipe_config({"confirm_z": -0.5})
+
+
+def test_a_confirmation_seed_among_the_trial_seeds_runs_once(task):
+    overlapping = tiny_digits_task(dataclasses.replace(CONFIRMING, seeds=(0, 1), confirm_seeds=(1, 2)), seed=2)
+    study = optuna.create_study()
+    study.enqueue_trial(KD.to_params())
+    study.optimize(Objective(overlapping, threads=1), n_trials=1)
+    assert study.trials[0].user_attrs["proxy_seeds"] == [0, 1, 2]
 
 
 def test_a_study_stored_before_confirmation_keeps_its_proxy():

@@ -128,7 +128,7 @@ class Objective:
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         best, sigma = confirmation.best_value(done), confirmation.pooled_spread(done)
         weights = proxy.score_weights
-        for seed in proxy.confirm_seeds:
+        for seed in [s for s in proxy.confirm_seeds if s not in proxy.seeds]:
             if not confirmation.go_on(result.seed_scores(weights), best, sigma, proxy.confirm_z):
                 break
             more = self.task.run(spec, dataclasses.replace(proxy, seeds=(seed,), confirm_seeds=()))

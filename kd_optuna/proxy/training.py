@@ -90,8 +90,8 @@ class ProxySettings:
     run in ``milestones``), once per seed
     in ``seeds`` (the metrics are averaged); validation CE is reported every ``report_every``
     steps. Confirmation (the Objective, :mod:`kd_optuna.proxy.confirmation`): a trial that may
-    beat the study's best runs ``confirm_seeds`` too, one at a time, while its mean over the
-    seeds run minus ``confirm_z`` standard errors is below the best. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
+    beat the study's best runs those of ``confirm_seeds`` not in ``seeds`` too, one at a time,
+    while its mean over the seeds run minus ``confirm_z`` standard errors is below the best. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
     score = ``score_ce`` * val_ce + ``score_sharpness`` * |sharpness_gap| + ``score_cka`` *
     cka_gap (validation CE alone by default: against the exported training on digits_hard it
     ranks random candidates as well as CE + CKA-gap, Spearman 0.71 against 0.72, and the head
@@ -191,12 +191,6 @@ class ProxySettings:
         if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.confirm_seeds):
             raise InvalidProxySettings(
                 f"proxy confirm_seeds must be a list of integers ([] turns confirmation off), got {self.confirm_seeds!r}"
-            )
-        every = self.seeds + self.confirm_seeds
-        if len(set(every)) != len(every):
-            raise InvalidProxySettings(
-                f"proxy seeds {list(self.seeds)} and confirm_seeds {list(self.confirm_seeds)} repeat a seed; "
-                "give each seed once, in one of the two lists"
             )
         if not (isinstance(self.confirm_z, (int, float)) and not isinstance(self.confirm_z, bool) and self.confirm_z >= 0):
             raise InvalidProxySettings(f"proxy confirm_z must be a number >= 0, got {self.confirm_z!r}")
