@@ -105,3 +105,28 @@ def test_sampler_search_runs_studies_in_processes_with_the_values_of_one_process
 
 def out_rows(output: str) -> list[list[str]]:
     return [row for name in ("evolution", "random") for row in table_rows(output, name)]
+
+
+@pytest.mark.slow
+def test_proxy_noise_prints_each_distillers_spread_and_the_ratio(tmp_path):
+    from conftest import tiny_digits_toml
+
+    (tmp_path / "tiny.toml").write_text(tiny_digits_toml())
+    specs = {"kd": {"knowledge": "logit", "transform1": "no", "transform2": "no", "transform3": "no",
+                    "distance": "kl", "calibration": "no", "temperature": 4, "magnitude": 1},
+             "kd_x10": {"knowledge": "logit", "transform1": "no", "transform2": "no", "transform3": "no",
+                        "distance": "kl", "calibration": "no", "temperature": 4, "magnitude": 10}}
+    (tmp_path / "specs.json").write_text(json.dumps(specs))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/proxy_noise.py"), "--config", "tiny.toml", "--specs", "specs.json",
+         "--seeds", "0,1,2", "--json", "noise.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row[0]: row for row in table_rows(result.stdout, "kd") + table_rows(result.stdout, "kd_x10")}
+    assert set(rows) == {"kd", "kd_x10"} and all(len(row) == 6 for row in rows.values()), result.stdout
+    saved = json.loads((tmp_path / "noise.json").read_text())["scores"]
+    for name, row in rows.items():
+        assert float(row[1]) == pytest.approx(sum(saved[name]) / 3, abs=1e-4)
+    assert "pooled within-distiller std" in result.stdout and "first on the mean" in result.stdout
