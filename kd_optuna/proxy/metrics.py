@@ -212,7 +212,8 @@ def combined_score(metrics: Mapping[str, float], weights: ScoreWeights) -> float
 
     ``metrics`` needs ``val_ce``, ``sharpness_gap``, ``cka_gap``. The sharpness gap enters by
     its size (a student flatter or sharper than its teacher both count). Nothing here depends
-    on other trials, so the value of a trial is the same whatever finished before it.
+    on other trials, so one seed's score is the same whatever finished before it; how many
+    seeds a trial runs does depend on the study's best (:mod:`kd_optuna.proxy.confirmation`).
     """
     return (
         weights.ce * float(metrics["val_ce"])
