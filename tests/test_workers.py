@@ -76,6 +76,14 @@ def test_trial_note_lists_rejection_reason():
     assert "reject_reason: nan" in note and "`f(x)`" in note
 
 
+def test_trial_note_shows_each_seed_of_a_confirmed_trial():
+    attrs = {"proxy_seeds": [0, 1, 2], "seed_scores": [0.31, 0.35, 0.33]}
+    note = trial_note(optuna.trial.create_trial(value=0.33, user_attrs=attrs), TrialState.COMPLETE, 0.33)
+    assert "- the mean over proxy seeds 0: 0.31, 1: 0.35, 2: 0.33" in note
+    one = {"proxy_seeds": [0], "seed_scores": [0.31]}
+    assert "proxy seeds" not in trial_note(optuna.trial.create_trial(value=0.31, user_attrs=one), TrialState.COMPLETE, 0.31)
+
+
 def test_trial_note_has_a_canonical_form_line_per_change():
     from optuna.distributions import CategoricalDistribution
 

@@ -403,6 +403,10 @@ def trial_note(trial, state, value: float | None) -> str:
         lines += [f"`{attrs['formula']}`", ""]
     if value is not None:
         lines.append(f"- score: {value:.6g}")
+    seeds, scores = attrs.get("proxy_seeds"), attrs.get("seed_scores")
+    if isinstance(seeds, list) and isinstance(scores, list) and len(scores) == len(seeds) > 1:
+        each = ", ".join(f"{seed}: {score:.4g}" for seed, score in zip(seeds, scores))
+        lines.append(f"- the mean over proxy seeds {each}")
     attrs = {**attrs, **read_lineage(trial)}
     for key in ("reject_reason", "val_ce", "val_acc", "sharpness_gap", "cka_gap", "proxy_seconds", "proposer", "parent", "spec"):
         if key in attrs:
