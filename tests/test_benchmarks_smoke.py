@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(*command: str, timeout: int = 600) -> str:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
+    # GPU_CHECK_TIMEOUT guards the device's 8-minute budget; on a shared CPU, bf16 alone can take minutes
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable, "GPU_CHECK_TIMEOUT": str(timeout - 10)}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, f"{command} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result.stdout
