@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from kd_optuna.distill.classics import CLASSICS  # noqa: E402
+from kd_optuna.proxy.confirmation import pooled_std  # noqa: E402
 from kd_optuna.proxy.task import Task  # noqa: E402
 from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.space import DistillerSpec  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
               + " | ".join(f"{v:.4f}" for v in runs) + " |", flush=True)
     if len(scores) < 2:
         return
-    within = math.sqrt(statistics.mean(statistics.variance(v) for v in scores.values()))
+    within = pooled_std(scores.values())
     between = statistics.stdev(statistics.mean(v) for v in scores.values())
     firsts = [min(scores, key=lambda n: scores[n][i]) for i in range(len(seeds))]
     best_mean = min(scores, key=lambda n: statistics.mean(scores[n]))

@@ -39,19 +39,26 @@ from optuna.trial import FrozenTrial
 SEED_SCORES_ATTR = "seed_scores"
 
 
-def pooled_spread(trials: Iterable[FrozenTrial]) -> float:
-    """``sigma`` above over the ``seed_scores`` of ``trials`` (0 when none has two seeds)."""
+def pooled_std(groups: Iterable[Sequence[float]]) -> float:
+    """``sqrt(sum_g sum_i (y_gi - mean_g)^2 / sum_g (k_g - 1))`` over the groups with two values
+    or more (0 when none has two)."""
     squares, freedom = 0.0, 0
-    for trial in trials:
-        scores = trial.user_attrs.get(SEED_SCORES_ATTR)
-        if not isinstance(scores, list) or len(scores) < 2:
+    for values in groups:
+        if len(values) < 2:
             continue
-        if not all(isinstance(y, (int, float)) and math.isfinite(y) for y in scores):
-            continue
-        mean = sum(scores) / len(scores)
-        squares += sum((y - mean) ** 2 for y in scores)
-        freedom += len(scores) - 1
+        mean = sum(values) / len(values)
+        squares += sum((y - mean) ** 2 for y in values)
+        freedom += len(values) - 1
     return math.sqrt(squares / freedom) if freedom else 0.0
+
+
+def pooled_spread(trials: Iterable[FrozenTrial]) -> float:
+    """``sigma`` above: :func:`pooled_std` of the trials' finite ``seed_scores``."""
+    groups = (trial.user_attrs.get(SEED_SCORES_ATTR) for trial in trials)
+    return pooled_std(
+        scores for scores in groups
+        if isinstance(scores, list) and all(isinstance(y, (int, float)) and math.isfinite(y) for y in scores)
+    )
 
 
 def best_value(trials: Iterable[FrozenTrial]) -> float:

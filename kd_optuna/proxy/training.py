@@ -69,6 +69,10 @@ RECIPE_MAX_STEPS = 2000
 RECIPE_CONFIRM_SEEDS = 3
 
 
+def _all_ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
 class InvalidProxySettings(KdOptunaError, ValueError):
     """A proxy setting out of its range or not among its options."""
 
@@ -91,7 +95,8 @@ class ProxySettings:
     in ``seeds`` (the metrics are averaged); validation CE is reported every ``report_every``
     steps. Confirmation (the Objective, :mod:`kd_optuna.proxy.confirmation`): a trial that may
     beat the study's best runs those of ``confirm_seeds`` not in ``seeds`` too, one at a time,
-    while its mean over the seeds run minus ``confirm_z`` standard errors is below the best. Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
+    while its mean over the seeds run minus ``confirm_z`` standard errors is below the best.
+    Scoring: sharpness with radius ``sharpness_rho`` on ``sharpness_size`` val images;
     score = ``score_ce`` * val_ce + ``score_sharpness`` * |sharpness_gap| + ``score_cka`` *
     cka_gap (validation CE alone by default: against the exported training on digits_hard it
     ranks random candidates as well as CE + CKA-gap, Spearman 0.71 against 0.72, and the head
@@ -186,9 +191,9 @@ class ProxySettings:
                      "score_ce", "score_sharpness", "score_cka"):
             if not getattr(self, name) >= 0:
                 raise InvalidProxySettings(f"proxy {name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+        if not self.seeds or not _all_ints(self.seeds):
             raise InvalidProxySettings(f"proxy seeds must be a non-empty list of integers, got {self.seeds!r}")
-        if not all(isinstance(s, int) and not isinstance(s, bool) for s in self.confirm_seeds):
+        if not _all_ints(self.confirm_seeds):
             raise InvalidProxySettings(
                 f"proxy confirm_seeds must be a list of integers ([] turns confirmation off), got {self.confirm_seeds!r}"
             )
@@ -232,15 +237,16 @@ class ProxySettings:
             "milestones": tuple(m / train.epochs for m in train.milestones if 0 < m < train.epochs),
             "gamma": float(train.gamma),
         }
-        seeds = table.get("seeds") or (0,)
-        if isinstance(seeds, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-            recipe["confirm_seeds"] = tuple(range(max(seeds) + 1, max(seeds) + 1 + RECIPE_CONFIRM_SEEDS))
         if "steps" in table and "epochs" not in table:
             recipe["epochs"] = 0.0
         if "labels_per_class" in table or "kd_source" in table:
             for name in ("labels_per_class", "label_batch_size", "kd_source"):
                 recipe.pop(name)
-        return cls.from_mapping({**recipe, **dict(table)})
+        settings = cls.from_mapping({**recipe, **dict(table)})
+        if "confirm_seeds" in table:
+            return settings
+        last = max(settings.seeds)
+        return dataclasses.replace(settings, confirm_seeds=tuple(range(last + 1, last + 1 + RECIPE_CONFIRM_SEEDS)))
 
     @property
     def labelled_kd(self) -> bool:
@@ -463,10 +469,10 @@ class ProxyResult:
         seeds: Sequence[int],
         seed_metrics: Sequence[Mapping[str, float]],
         weights: ScoreWeights,
-        train_seconds: float = 0.0,
-        score_seconds: float = 0.0,
-        curve: list[tuple[int, float]] | None = None,
-        step_mode: str = "eager",
+        train_seconds: float,
+        score_seconds: float,
+        curve: list[tuple[int, float]],
+        step_mode: str,
     ) -> "ProxyResult":
         """The result over ``seeds``: each metric the mean of the seeds', the score
         ``combined_score`` of those means."""
@@ -475,7 +481,7 @@ class ProxyResult:
             val_ce=mean["val_ce"], val_ce_raw=mean["val_ce_raw"], val_acc=mean["val_acc"],
             sharpness_gap=mean["sharpness_gap"], cka_gap=mean["cka_gap"],
             score=combined_score(mean, weights), train_seconds=train_seconds,
-            score_seconds=score_seconds, curve=list(curve or []), step_mode=step_mode,
+            score_seconds=score_seconds, curve=list(curve), step_mode=step_mode,
             seeds=tuple(seeds), seed_metrics=tuple(dict(m) for m in seed_metrics),
         )
 
