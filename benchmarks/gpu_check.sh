@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_check.sh --cpu --quick   # the same logic on the CPU, to test it
 #   bash benchmarks/gpu_check.sh --packing       # issue 13 instead: proxy trials per hour by workers
 #                                                # per GPU and CUDA graphs (benchmarks/gpu_packing.py), < 8 min
+#   bash benchmarks/gpu_check.sh --side-by-side  # issue 13: K proxy students in one vmapped model against K
+#                                                # sequential trials (benchmarks/side_by_side.py), about 2 min
 #
 # Needs no network. Python: $PYTHON if set, else the repository's .venv if it runs, else
 # python3. If a folder .whl holds wheels (e.g. optuna for a machine without it), they are
@@ -52,8 +54,8 @@ if ! "$py" -c "import torch, torchvision, numpy, kd_optuna.task" 2>/tmp/kd_gpu_c
 fi
 rm -f /tmp/kd_gpu_check_import.$$
 script=benchmarks/gpu_check.py
-if [ "${1:-}" = "--packing" ]; then
-  script=benchmarks/gpu_packing.py
-  shift
-fi
+case "${1:-}" in
+  --packing) script=benchmarks/gpu_packing.py; shift ;;
+  --side-by-side) script=benchmarks/side_by_side.py; shift ;;
+esac
 exec timeout "${GPU_CHECK_TIMEOUT:-470}" "$py" "$script" "$@"

@@ -82,6 +82,18 @@ def test_gpu_packing_runs_a_real_optimize_on_cpu_and_reports_vanilla_kd(tmp_path
     assert row["completed"] >= 2 and row["kd_metrics"] is not None and row["evals_per_hour"] > 0, out
 
 
+@pytest.mark.slow
+def test_side_by_side_students_train_as_the_sequential_ones(tmp_path):
+    out = run("bash", "benchmarks/gpu_check.sh", "--side-by-side", "--cpu", "--quick", "--json", str(tmp_path / "sbs.json"))
+    figures = json.loads((tmp_path / "sbs.json").read_text())
+    assert [row["k"] for row in figures["rows"]] == [1, 2], out
+    for row in figures["rows"]:
+        # the same weights, BatchNorm statistics and validation CE as K sequential trials, up to float sums
+        assert row["max_val_ce_diff"] < figures["seed_noise"] / 10, out
+        assert row["speedup"] > 0 and row["speedup_contiguous"] > 0, out
+    assert len(table_rows(out, "2")) == 1, out
+
+
 def test_sampler_synthetic_prints_a_median_per_sampler():
     out = run(sys.executable, "benchmarks/sampler_synthetic.py", "--seeds", "2", "--budgets", "12", "--interactions", "1")
     (row,) = table_rows(out, "12")
