@@ -6,7 +6,7 @@
 The device is the project's default (``kd_optuna.train.classifier.default_device``: the first CUDA
 GPU when one is present, else the CPU), so nothing needs a flag on a GPU; ``--cpu`` forces the
 CPU. Data: random CIFAR-shaped tensors (3 x 32 x 32, 100 classes; 45,000 train and 5,000 val
-images like kd_optuna's CIFAR-100 split; ``--quick``: 256 and 64), untrained resnet56 teacher
+images like kd_optuna's CIFAR-100 split; ``--quick``: 64 and 32, batches of 8), untrained resnet56 teacher
 (its BN statistics settled on a batch) and resnet20 students: only the times matter.
 
 Eight variants: teacher-output cache on/off x bf16 autocast on/off x channels_last on/off. For
@@ -138,7 +138,7 @@ def time_variant(variant: Variant, data: ProxyData, teacher, settings: ProxySett
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--quick", action="store_true", help="tiny data, 1 step, 1 repeat: checks the logic")
+    parser.add_argument("--quick", action="store_true", help="tiny data and batches, 1 step, 1 repeat: checks the logic")
     parser.add_argument("--steps", type=int, default=None, help="proxy steps per trial (default: the study's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed trials per variant (default 3; quick 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -149,9 +149,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     study = load_config("cifar100_resnet56_resnet20").proxy
     steps = args.steps or (1 if args.quick else study.steps)
     settings = dataclasses.replace(study, steps=steps, epochs=0.0, report_every=min(study.report_every, steps))
-    if args.quick:
-        settings = dataclasses.replace(settings, sharpness_size=32)
-    train, val = (256, 64) if args.quick else (45_000, 5_000)
+    if args.quick:  # batches of 8: a CPU without bf16 kernels takes some 20 s for one bf16 step of batch 64
+        settings = dataclasses.replace(settings, sharpness_size=8, batch_size=8, reject_batch_size=8,
+                                       label_batch_size=min(settings.label_batch_size, 8))
+    # quick: 64 train images, since a 1-step proxy's stale BatchNorm statistics are recomputed on the pool
+    # (kd_optuna.proxy.training.fresh_batch_norm), in bf16 without CPU kernels for it
+    train, val = (64, 32) if args.quick else (45_000, 5_000)
     repeats = args.repeats or (1 if args.quick else 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
