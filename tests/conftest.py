@@ -50,6 +50,9 @@ TINY_PROXY = {
     "sharpness_size": 32,
     "reject_steps": 1,
     "reject_batch_size": 16,
+    # one proxy run per trial: confirmation has its own tests (test_confirmation.py and
+    # test_cli.py's recipe-default study), and on here it ran up to 4x the proxy runs of every test
+    "confirm_seeds": [],
 }
 
 

@@ -213,6 +213,22 @@ def test_optimize_with_the_real_objective_then_export(study_url, tmp_path, capsy
         assert code == 0 and (tmp_path / "train.py").is_file()
 
 
+def test_optimize_confirms_the_first_trial_on_the_recipes_confirm_seeds(tmp_path, capsys):
+    """A study config that leaves confirm_seeds out gets the recipe's three; the first trial of
+    a study has no best to lose to, so it runs them all and its value is their mean."""
+    config = tmp_path / "confirmed.toml"
+    config.write_text(tiny_digits_toml().replace("confirm_seeds = []\n", ""))
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    assert run(capsys, "create-study", str(config), "--storage", url)[0] == 0
+    code, out, err = run(capsys, "optimize", "--storage", url, "--n-trials", "1", "--no-progress")
+    assert code == 0, err
+    (trial,) = optuna.load_study(study_name="digits_tiny", storage=url).get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs
+    assert trial.user_attrs["proxy_seeds"] == [0, 1, 2, 3]
+    scores = trial.user_attrs["seed_scores"]
+    assert len(set(scores)) == 4 and trial.value == pytest.approx(sum(scores) / 4)
+
+
 @pytest.mark.slow
 def test_train_teacher_writes_a_checkpoint_that_loads(tmp_path, tiny_config_path, capsys, monkeypatch):
     from kd_optuna.train.checkpoints import load_model
