@@ -105,11 +105,15 @@ def test_sampler_synthetic_prints_a_median_per_sampler():
 def test_sampler_search_runs_studies_in_processes_with_the_values_of_one_process(tmp_path):
     import json
 
+    from conftest import tiny_digits_toml
+
+    (tmp_path / "tiny.toml").write_text(tiny_digits_toml())
     values = []
     for processes in ("1", "2"):
         path = tmp_path / f"search{processes}.json"
-        out = run(sys.executable, "benchmarks/sampler_search.py", "--samplers", "evolution,random", "--seeds", "0",
-                  "--budget", "2", "--processes", processes, "--json", str(path))
+        out = run(sys.executable, "benchmarks/sampler_search.py", "--config", str(tmp_path / "tiny.toml"),
+                  "--samplers", "evolution,random", "--seeds", "0,1", "--budget", "3", "--processes", processes,
+                  "--json", str(path))
         assert [row[0] for row in out_rows(out)] == ["evolution", "random"], out
         values.append(json.loads(path.read_text())["results"])
     strip = [{name: [r["values"] for r in runs] for name, runs in result.items()} for result in values]
