@@ -28,7 +28,7 @@ milliseconds per candidate-step, sequential and side by side, the speed-ups, pea
 the largest difference of a candidate's calibrated validation CE between the two, beside the
 difference the proxy seed alone makes (seed 0 against seed 1, one candidate): the side-by-side
 students must agree with the sequential ones far inside that. The data are those of
-``benchmarks/gpu_packing.py`` (CIFAR-shaped random tensors, an untrained resnet56 teacher,
+``benchmarks/gpu_check.py`` (CIFAR-shaped random tensors, an untrained resnet56 teacher,
 the resnet20 student, 100 classes, the CIFAR-100 study's proxy recipe): only times matter.
 """
 
@@ -63,23 +63,15 @@ from kd_optuna.train.graphs import CudaGraphs, GraphedStep  # noqa: E402
 
 
 def synthetic_task(device: torch.device, train: int, val: int, settings: ProxySettings):
-    """The packing benchmark's task: random CIFAR-shaped data, resnet56 -> resnet20, in memory."""
+    """The GPU check's task (``benchmarks/gpu_check.py``): random CIFAR-shaped data, an
+    untrained resnet56 teacher with settled BatchNorm statistics, resnet20 students, in memory."""
+    from gpu_check import build_data, settled_teacher  # benchmarks/, this script's folder
+
     from kd_optuna.models import build_model, tap_model
     from kd_optuna.proxy.task import Task
-    from kd_optuna.proxy.training import ProxyData
 
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(train, 3, 32, 32, generator=g), torch.arange(train) % 100
-    vx, vy = torch.randn(val, 3, 32, 32, generator=g), torch.arange(val) % 100
-    data = ProxyData.build(x, y, vx, vy, settings, device, num_classes=100)
-    torch.manual_seed(0)
-    teacher = build_model("resnet56", 100).to(device)
-    with torch.no_grad():
-        for m in teacher.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.momentum = None
-        teacher.train()(data.train_x[:256])
-    teacher = tap_model(teacher.eval(), "resnet56")
+    data = build_data(settings, device, train, val)
+    teacher = settled_teacher(device, data.train_x[:256])
 
     def new_student():
         return tap_model(build_model("resnet20", 100), "resnet20").to(device)
