@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     os.chdir(REPO)
     workers = [int(w) for w in (args.workers or ("1,2" if args.quick else "1,2,4")).split(",")]
     trials = args.trials or (6 if args.quick else 24)
+    # one proxy run per trial: confirmation runs more seeds for the trials that may beat the best so far,
+    # which depends on how the workers interleave, and would change the work between worker counts
     proxy = {"steps": 10, "report_every": 10, "val_size": 120, "sharpness_size": 64} if args.quick else {}
+    proxy["confirm_seeds"] = []
     if args.steps:
         proxy.update(steps=args.steps, report_every=min(50, args.steps))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.chdir(REPO)  # the workers keep the teacher and its outputs under ./.kd_optuna_cache
     if args.quick:
         settings = args.settings or "4x2"
-        proxy = {"steps": 10, "report_every": 10, "val_size": 120, "sharpness_size": 64}
+        proxy = {"steps": 10, "report_every": 10, "val_size": 120, "sharpness_size": 64, "confirm_seeds": []}
         cifar = dict(steps=args.cifar_steps or 1, train_size=128, val_size=64)
         cache_specs = ["kd"]
     else:
