@@ -149,11 +149,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     study = load_config("cifar100_resnet56_resnet20").proxy
     steps = args.steps or (1 if args.quick else study.steps)
     settings = dataclasses.replace(study, steps=steps, epochs=0.0, report_every=min(study.report_every, steps))
-    if args.quick:  # batches of 8: a CPU without bf16 kernels takes some 20 s for one bf16 step of batch 64
+    # quick: 64 train images and batches of 8. A 1-step proxy's stale BatchNorm statistics are
+    # recomputed over the pool at each report (kd_optuna.proxy.training.fresh_batch_norm), and a CPU
+    # without bf16 convolution kernels took 16-34 s a report for it over 256 images
+    if args.quick:
         settings = dataclasses.replace(settings, sharpness_size=8, batch_size=8, reject_batch_size=8,
                                        label_batch_size=min(settings.label_batch_size, 8))
-    # quick: 64 train images, since a 1-step proxy's stale BatchNorm statistics are recomputed on the pool
-    # (kd_optuna.proxy.training.fresh_batch_norm), in bf16 without CPU kernels for it
     train, val = (64, 32) if args.quick else (45_000, 5_000)
     repeats = args.repeats or (1 if args.quick else 3)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"

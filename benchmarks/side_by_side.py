@@ -58,6 +58,7 @@ from kd_optuna.proxy.metrics import calibrated_cross_entropy  # noqa: E402
 from kd_optuna.proxy.training import (  # noqa: E402
     ProxySettings, _proxy_batches, memory_format, predict, train_student,
 )
+from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.train import engine  # noqa: E402
 from kd_optuna.train.graphs import CudaGraphs, GraphedStep  # noqa: E402
 
@@ -227,16 +228,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    # the CIFAR-100 study's proxy recipe (SGD 0.05, momentum 0.9, wd 5e-4, batch 64, step schedule), shortened
-    settings = ProxySettings(labels_per_class=0, label_batch_size=0, optimizer="sgd", lr=0.05, momentum=0.9,
-                             weight_decay=5e-4, schedule="step", milestones=(0.625, 0.75, 0.875), steps=steps,
-                             batch_size=64, sharpness_size=32 if args.quick else 256)
+    study = load_config("cifar100_resnet56_resnet20").proxy  # the CIFAR-100 study's proxy recipe, shortened
+    settings = dataclasses.replace(study, steps=steps, epochs=0.0, report_every=steps, confirm_seeds=(),
+                                   sharpness_size=32 if args.quick else study.sharpness_size)
     task = synthetic_task(device, train, val, settings)
     safe = [spec for spec, _ in CLASSICS.values() if task.make_distiller(spec).graph_safe]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"side by side; {date}; device: {name}; torch {torch.__version__}; Python {platform.python_version()}")
-    print(f"resnet56 -> resnet20 proxy students, {steps} steps of batch 64, CIFAR-shaped random data ({train} train), "
+    print(f"resnet56 -> resnet20 proxy students, {steps} steps of batch {settings.batch_size}, CIFAR-shaped random data ({train} train), "
           f"candidates cycling through {len(safe)} graph-safe classic distillers; medians of {repeats}\n", flush=True)
     noise = seed_noise(task, safe[0], settings)
     train_side_by_side(*fresh(task, safe[:1], 0), task.data, task.teacher_outputs, settings, 0, False)  # warm-up
