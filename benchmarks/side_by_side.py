@@ -50,13 +50,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch.func import functional_call, stack_module_state, vmap  # noqa: E402
 
 from kd_optuna.distill.classics import CLASSICS  # noqa: E402
 from kd_optuna.proxy.metrics import calibrated_cross_entropy  # noqa: E402
 from kd_optuna.proxy.training import (  # noqa: E402
-    ProxySettings, _proxy_batches, memory_format, predict, train_student,
+    ProxySettings, _proxy_batches, candidate_loss, memory_format, predict, step_inputs, train_student,
 )
 from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.train import engine  # noqa: E402
@@ -116,22 +115,12 @@ def train_side_by_side(students, distillers, data, teacher, settings: ProxySetti
     optimizer = settings.make_optimizer(params)
 
     def step_loss(batch):
-        positions, views, rows = batch
+        positions, views, _ = batch
+        inputs = step_inputs(data, batch)
+        out = stacked(inputs.images.contiguous(memory_format=fmt))
         t = teacher(positions, views)
-        if rows is None:  # the KD batch is labelled: CE and the distiller see it whole, with labels
-            labels = data.train_y[data.pool[positions]]
-            x, ce_rows, kd_rows, kd_labels = data.pool_images(positions, views), slice(None), slice(None), (labels,)
-        else:
-            n = rows.shape[0]
-            x = torch.cat([data.train_images(rows), data.pool_images(positions, views)])
-            labels, ce_rows, kd_rows, kd_labels = data.train_y[rows], slice(None, n), slice(n, None), ()
-        out = stacked(x.contiguous(memory_format=fmt))
-        total = 0.0
-        for k, distiller in enumerate(distillers):
-            ce = F.cross_entropy(out["logit"][k][ce_rows], labels)
-            kd = distiller({name: v[k][kd_rows].contiguous() for name, v in out.items()}, t, *kd_labels)
-            total = total + settings.ce_weight * ce + kd
-        return total
+        return sum(candidate_loss({name: v[k] for name, v in out.items()}, distiller, t, inputs, settings.ce_weight)
+                   for k, distiller in enumerate(distillers))
 
     hooks = engine.Hooks()
     run_step = GraphedStep(optimizer, step_loss, hooks, CudaGraphs(data.device)) if graph else None

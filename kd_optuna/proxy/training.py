@@ -19,9 +19,9 @@ KD batch xk (B, C, H, W) at views v (B,) and t the teacher's outputs of (xk, v):
         loss = ce_weight * CE(out.logit[:L], yl) + distiller({k: out[k][L:]}, t)
 
 In the second form the KD images count as unlabelled, so the distiller gets no labels.
-The steps run on :func:`kd_optuna.train.engine.train_steps` (batches from ``_proxy_batches``, the
-loss ``_ProxyLoss``), with the optimiser and schedule of ``ProxySettings.make_optimizer`` and
-``ProxySettings.lr_factor``.
+The steps run on :func:`kd_optuna.train.engine.train_steps` (batches from ``_proxy_batches``,
+the loss ``candidate_loss`` of ``step_inputs``), with the optimiser and schedule of
+``ProxySettings.make_optimizer`` and ``ProxySettings.lr_factor``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -667,28 +667,54 @@ def _proxy_batches(data: ProxyData, settings: ProxySettings, seed: int):
         yield positions, views, rows
 
 
+class StepInputs(NamedTuple):
+    """One proxy batch as the student sees it (the module docstring's two forms).
+
+    ``images`` (L + B, C, H, W): the labelled rows, then the KD batch (L = 0 in the labelled
+    form); ``labels`` (L,) or (B,): the cross-entropy targets; ``ce_rows``/``kd_rows``: the
+    slices of the student's outputs that the CE and the distiller see; ``kd_labels``: the
+    distiller's extra arguments, ``(labels,)`` when the KD batch is labelled, else ``()``.
+    """
+
+    images: Tensor
+    labels: Tensor
+    ce_rows: slice
+    kd_rows: slice
+    kd_labels: tuple[Tensor, ...]
+
+
+def step_inputs(data: ProxyData, batch) -> StepInputs:
+    """The :class:`StepInputs` of one batch of :func:`_proxy_batches`."""
+    positions, views, rows = batch
+    if rows is None:
+        labels = data.train_y[data.pool[positions]]
+        return StepInputs(data.pool_images(positions, views), labels, slice(None), slice(None), (labels,))
+    n = rows.shape[0]
+    images = torch.cat([data.train_images(rows), data.pool_images(positions, views)])
+    return StepInputs(images, data.train_y[rows], slice(None, n), slice(n, None), ())
+
+
+def candidate_loss(out: Mapping[str, Tensor], distiller, teacher: Mapping[str, Tensor], inputs: StepInputs,
+                   ce_weight: float) -> Tensor:
+    """``ce_weight * CE(out.logit[ce_rows], labels) + distiller(out[kd_rows], teacher, *kd_labels)``:
+    one candidate's step loss from its student's outputs ``out`` on ``inputs.images``."""
+    ce = F.cross_entropy(out["logit"][inputs.ce_rows], inputs.labels)
+    kd = distiller({k: v[inputs.kd_rows].contiguous() for k, v in out.items()}, teacher, *inputs.kd_labels)
+    return ce_weight * ce + kd
+
+
 class _ProxyLoss:
-    """One proxy step's loss (see the module docstring) on a batch of :func:`_proxy_batches`."""
+    """One proxy step's loss (:func:`candidate_loss`) on a batch of :func:`_proxy_batches`."""
 
     def __init__(self, student, distiller, teacher: TeacherLookup, data: ProxyData, settings: ProxySettings):
         self.student, self.distiller, self.teacher, self.data, self.settings = student, distiller, teacher, data, settings
         self.fmt = memory_format(settings)
 
     def __call__(self, batch) -> Tensor:
-        positions, views, rows = batch
-        data = self.data
-        if rows is None:
-            labels = data.train_y[data.pool[positions]]
-            out = self.student(data.pool_images(positions, views).contiguous(memory_format=self.fmt))
-            ce = F.cross_entropy(out["logit"], labels)
-            kd = self.distiller({k: v.contiguous() for k, v in out.items()}, self.teacher(positions, views), labels)
-        else:
-            n = rows.shape[0]
-            x = torch.cat([data.train_images(rows), data.pool_images(positions, views)])
-            out = self.student(x.contiguous(memory_format=self.fmt))
-            ce = F.cross_entropy(out["logit"][:n], data.train_y[rows])
-            kd = self.distiller({k: v[n:].contiguous() for k, v in out.items()}, self.teacher(positions, views))
-        return self.settings.ce_weight * ce + kd
+        positions, views, _ = batch
+        inputs = step_inputs(self.data, batch)
+        out = self.student(inputs.images.contiguous(memory_format=self.fmt))
+        return candidate_loss(out, self.distiller, self.teacher(positions, views), inputs, self.settings.ce_weight)
 
 
 @dataclass(frozen=True)
