@@ -21,8 +21,8 @@ seeded and class-balanced; proxy training never touches it) and ``test``.
   (class-balanced) is the validation split; the official test set is the test split.
 - ``imagefolder``: torchvision ``ImageFolder`` on ``root/train/<class>/*`` and ``root/val/<class>/*``
   (the ImageNet layout); ``root/val`` is the test split and 10% of ``root/train`` the validation
-  split. Training: RandomResizedCrop(224) and flip; evaluation: resize to 256 and centre crop 224;
-  ImageNet normalisation.
+  split. Training: RandomResizedCrop(S) and flip; evaluation: resize to round(S * 256 / 224) and
+  centre crop S; ImageNet normalisation. ``image_size`` S is 224 (ImageNet's) unless given.
 
 ``root=None`` means ``$KD_OPTUNA_DATA`` or ``./data``. Splits depend only on ``seed``: use the same
 seed for the teacher and for the search. ``DatasetSplits.tensors(split, indices)`` gives
@@ -54,6 +54,10 @@ CIFAR_STATS = {
 }
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 DIGITS_SIZE = 16
+#: The square crop of imagefolder images when a study gives no ``[data] image_size`` (ImageNet's).
+IMAGEFOLDER_SIZE = 224
+#: The smallest such crop: CIFAR's 32 px, what the zoo's smallest models take.
+MIN_IMAGE_SIZE = 32
 HARD_DIGITS_SEED = 2024
 HARD_DIGITS_NOISE = 0.2
 HARD_DIGITS_OCCLUSION = 4
@@ -234,16 +238,17 @@ def load_dataset(
     seed: int = 0,
     *,
     val_fraction: float = 0.1,
-    image_size: int = 224,
+    image_size: int | None = None,
     download_hint: str = DOWNLOAD_HINT,
 ) -> DatasetSplits:
     """Load ``name`` (one of DATASET_NAMES) as seeded train / val / test splits.
 
     ``val_fraction`` is the class-balanced share of the training set held out as ``val`` for
     cifar10/cifar100/imagefolder (digits uses its fixed 360/360 split); ``image_size`` is the
-    crop of imagefolder. A missing or corrupt root raises DataError naming the path and the fix;
-    ``download_hint`` is how the caller's user asks for the download (the study config's key
-    by default; the exported script gives its ``--download true`` flag).
+    square crop of imagefolder (None: ``IMAGEFOLDER_SIZE``); the other datasets have one size.
+    A missing or corrupt root raises DataError naming the path and the fix; ``download_hint``
+    is how the caller's user asks for the download (the study config's key by default; the
+    exported script gives its ``--download true`` flag).
     """
     root = default_root() if root is None else Path(root)
     if name in ("digits", "digits_hard"):
@@ -251,7 +256,7 @@ def load_dataset(
     if name in CIFAR_STATS:
         return _cifar(name, root, download, seed, val_fraction, download_hint)
     if name == "imagefolder":
-        return _imagefolder(root, seed, val_fraction, image_size)
+        return _imagefolder(root, seed, val_fraction, image_size or IMAGEFOLDER_SIZE)
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
 
 

@@ -56,6 +56,13 @@ def test_the_digest_names_what_decides_a_run():
     assert compare.Job("kd", 0, KD, recipe).digest() == compare.Job("kd", 0, other, recipe).digest()
 
 
+def test_a_setting_added_later_keeps_the_digest_of_runs_stored_before_it_at_its_old_value():
+    recipe = {"epochs": 2, "lr": 0.05, "dataset": "imagefolder"}  # a recipe stored before [data] image_size
+    before = compare.Job("searched", 0, KD, recipe).digest()
+    assert compare.Job("searched", 0, KD, {**recipe, "image_size": None}).digest() == before
+    assert compare.Job("searched", 0, KD, {**recipe, "image_size": 64}).digest() != before
+
+
 @pytest.mark.slow
 def test_compare_from_the_cli_stores_runs_and_reuses_them(tmp_path, capsys, monkeypatch):
     from conftest import create_kd_study, invoke_cli

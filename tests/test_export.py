@@ -273,6 +273,8 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
         ("--batch-size", "0"): "--batch-size: expected a positive integer",
         ("--lr", "-1"): "--lr: expected a number > 0",
         ("--student-nodes", "[1]"): "--student-nodes: expected JSON",
+        ("--image-size", "0"): "--image-size: expected a positive integer",
+        ("--image-size", "64"): "--image-size crops imagefolder images; digits images have one size",
     }
     for args, words in cases.items():
         run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--no-progress", "--max-steps", "1",

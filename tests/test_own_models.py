@@ -169,3 +169,89 @@ def test_create_study_accepts_a_good_teacher_checkpoint(tmp_path, capsys, monkey
     url = f"sqlite:///{tmp_path / 'kd.db'}"
     code, _, err = invoke_cli(capsys, "create-study", _digits_toml(tmp_path, checkpoint), "--storage", url)
     assert code == 0, err
+
+
+def _mixed_image_folder(root):
+    """:func:`image_folder` with one grayscale, one RGBA and one non-square image per split."""
+    image_folder(root, per_class=4, size=40)
+    for part in ("train", "val"):
+        Image.new("L", (40, 40), 120).save(root / part / "cat" / "0.png")
+        Image.new("RGBA", (40, 40), (200, 40, 40, 128)).save(root / part / "dog" / "0.png")
+        Image.new("RGB", (56, 36), (40, 90, 200)).save(root / part / "cat" / "1.png")
+    return root
+
+
+@pytest.mark.slow
+def test_an_image_folder_at_image_size_32_runs_with_cifar_models_from_search_to_exported_script(tmp_path, capsys,
+                                                                                               monkeypatch):
+    import subprocess
+    import sys
+
+    from kd_optuna.proxy.task import Task
+    from kd_optuna.run.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    root = _mixed_image_folder(tmp_path / "images")
+    small = TINY_PROXY | {"labels_per_class": 1, "val_size": 4, "sharpness_size": 4, "batch_size": 8}
+    proxy = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in small.items())
+    config = tmp_path / "small.toml"
+    config.write_text(
+        f'[study]\nname = "small"\n\n[data]\ndataset = "imagefolder"\nroot = "{root}"\nimage_size = 32\n\n'
+        '[teacher]\nmodel = "resnet8"\nnum_classes = 2\n\n[student]\nmodel = "resnet8"\nnum_classes = 2\n\n'
+        f"[proxy]\n{proxy}\n\n[train]\nepochs = 1\nbatch_size = 8\nnum_workers = 0\n"
+    )
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    assert invoke_cli(capsys, "create-study", str(config), "--storage", url)[0] == 0
+    code, _, err = invoke_cli(capsys, "optimize", "--storage", url, "--n-trials", "1", "--device", "cpu",
+                              "--threads", "1", "--no-progress")
+    assert code == 0, err
+    trials = optuna.load_study(study_name="small", storage=url).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE], [t.user_attrs for t in trials]
+    teachers = list((tmp_path / ".kd_optuna_cache").glob("teacher-imagefolder-resnet8-*.pt"))
+    assert len(teachers) == 1
+    task = Task.from_config(load_config(str(config)), device="cpu", cache_dir=tmp_path / ".kd_optuna_cache")
+    assert tuple(task.data.train_x.shape[1:]) == (3, 32, 32) and tuple(task.data.val_x.shape[1:]) == (3, 32, 32)
+    assert list((tmp_path / ".kd_optuna_cache").glob("teacher-imagefolder-resnet8-*.pt")) == teachers
+
+    assert invoke_cli(capsys, "export", "--storage", url, "--trial", "best", "-o", "train_small.py")[0] == 0
+    assert "IMAGE_SIZE = 32" in (tmp_path / "train_small.py").read_text()
+    env = {**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])}
+    run = subprocess.run([sys.executable, "train_small.py", "--device", "cpu", "--no-progress", "--max-steps", "1",
+                          "--output-dir", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "final top-1" in run.stdout
+    assert list((tmp_path / ".kd_optuna_cache").glob("teacher-imagefolder-resnet8-*.pt")) == teachers
+
+
+def test_image_size_is_part_of_a_cached_teacher_s_key(tmp_path):
+    from kd_optuna.train.teachers import teacher_identity, teacher_key
+
+    root = image_folder(tmp_path / "images", per_class=1)
+    default = teacher_identity("imagefolder", "resnet8", root)
+    assert teacher_identity("imagefolder", "resnet8", root, image_size=None) == default
+    assert "image_size" not in default
+    keys = {teacher_key(teacher_identity("imagefolder", "resnet8", root, image_size=s)) for s in (None, 32, 64)}
+    assert len(keys) == 3
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ('dataset = "cifar100"\nimage_size = 64', ["data.image_size", "cifar100 images are (3, 32, 32)", "remove the key"]),
+        ('dataset = "imagefolder"\nroot = "ROOT"\nimage_size = 16', ["image_size must be at least 32 pixels, got 16"]),
+        ('dataset = "imagefolder"\nroot = "ROOT"\nimage_size = "64"', ["data.image_size must be an integer"]),
+    ],
+)
+def test_a_bad_image_size_is_one_line_at_create_study(tmp_path, capsys, monkeypatch, data, words):
+    monkeypatch.chdir(tmp_path)
+    root = image_folder(tmp_path / "images", per_class=1)
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[data]\n{data.replace("ROOT", str(root))}\n\n[teacher]\nmodel = "resnet8"\n'
+                      '\n[student]\nmodel = "resnet8"\n')
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url, "--study-name", "bad")
+    line = err.strip()
+    assert code == 2 and "\n" not in line and line.startswith("kd-optuna: error:"), err
+    for word in words:
+        assert word in line, line
+    assert optuna.get_all_study_names(url) == []

@@ -38,6 +38,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "seed": ("int", "random seed"),
     "dataset": ("str", "dataset name (digits, cifar10, cifar100, imagefolder)"),
     "data_root": ("str_or_none", "data directory"),
+    "image_size": ("positive_int_or_none", "imagefolder's square crop in pixels (none: 224)"),
     "download": ("bool", "download the dataset if missing (true/false)"),
     "teacher": ("str", "teacher model name"),
     "teacher_checkpoint": ("str_or_none", "teacher checkpoint (none: train one, cached)"),
@@ -53,7 +54,7 @@ _PARSERS = {
     "int": "int", "float": "float", "str": "str", "bool": "true_or_false", "int_list": "int_list",
     "str_or_none": "str_or_none", "nodes": "nodes", "positive_int": "positive_int",
     "non_negative_int": "non_negative_int", "positive_float": "positive_float",
-    "non_negative_float": "non_negative_float",
+    "non_negative_float": "non_negative_float", "positive_int_or_none": "positive_int_or_none",
 }
 
 # The template is filled by string.Template in one pass: $name markers, $$ for a dollar sign.
@@ -146,6 +147,10 @@ positive_int = number(int, 0, True, "a positive integer")
 non_negative_int = number(int, 0, False, "an integer >= 0")
 positive_float = number(float, 0.0, True, "a number > 0")
 non_negative_float = number(float, 0.0, False, "a number >= 0")
+
+
+def positive_int_or_none(text):
+    return None if text.lower() in ("", "none") else positive_int(text)
 
 
 class Parser(argparse.ArgumentParser):
@@ -306,6 +311,7 @@ def script_defaults(config: Any) -> dict[str, Any]:
         "seed": train.seed,
         "dataset": config.data.dataset,
         "data_root": config.data.root,
+        "image_size": config.data.image_size,
         "download": config.data.download,
         "teacher": config.teacher.model,
         "teacher_checkpoint": config.teacher.checkpoint,

@@ -39,7 +39,7 @@ def train_with_distiller(
     *,
     epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float, milestones: list[int], gamma: float,
     num_workers: int, seed: int,
-    dataset: str, data_root: str | None, download: bool,
+    dataset: str, data_root: str | None, download: bool, image_size: int | None = None,
     teacher: str, teacher_checkpoint: str | None, student: str,
     device: str, output_dir: str,
     method: str = "searched", max_steps: int | None = None, resume: bool = False, progress: bool = True,
@@ -58,6 +58,7 @@ def train_with_distiller(
     atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
     ``download_hint``: how the caller's user asks for the dataset's download, said when it is
     missing (None: the study config's ``download = true``; the exported script gives its flag).
+    ``image_size``: an image folder's crop (``kd_optuna.data.load_dataset``; None: 224).
     """
     import torch
 
@@ -68,16 +69,17 @@ def train_with_distiller(
     from kd_optuna.train.engine import train_epochs
 
     _check_arguments(epochs, batch_size, method, max_steps)
+    _check_image_size(dataset, image_size)
     spec = DistillerSpec.from_params(spec_params)
     target = torch.device(WorkerContext(0, 1, device).torch_device())
     torch.manual_seed(seed)
     hint = {} if download_hint is None else {"download_hint": download_hint}
-    splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, **hint)
+    splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size, **hint)
     num_classes = splits.num_classes
     _check_model_names(student, None if method == "dml" else teacher, num_classes)
     tapped_teacher = None if method == "dml" else _frozen_teacher(
         teacher, num_classes, target, checkpoint=teacher_checkpoint, nodes=teacher_nodes,
-        dataset=dataset, data_root=data_root, download=download, cache_dir=cache_dir)
+        dataset=dataset, data_root=data_root, download=download, image_size=image_size, cache_dir=cache_dir)
     tapped_student = tap_model(build_model(student, num_classes), student, nodes=student_nodes).to(target)
     sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
     term = build_method_term(
@@ -109,6 +111,17 @@ def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int |
         raise KdOptunaError(f"--max-steps {max_steps}: give a positive number of batches or leave it out")
 
 
+def _check_image_size(dataset: str, image_size: int | None) -> None:
+    from kd_optuna.data import MIN_IMAGE_SIZE
+
+    if image_size is None:
+        return
+    if dataset != "imagefolder":
+        raise KdOptunaError(f"--image-size crops imagefolder images; {dataset} images have one size: give --image-size none")
+    if image_size < MIN_IMAGE_SIZE:
+        raise KdOptunaError(f"--image-size {image_size}: give at least {MIN_IMAGE_SIZE} pixels, or none for 224")
+
+
 def _check_model_names(student: str, teacher: str | None, num_classes: int) -> None:
     """Build ``student`` and ``teacher`` (None: no teacher) once and drop them, so an unknown name
     fails before a teacher is trained; the global torch RNG is left as it was."""
@@ -124,7 +137,7 @@ def _check_model_names(student: str, teacher: str | None, num_classes: int) -> N
 
 def _frozen_teacher(teacher: str, num_classes: int, device: Any, *, checkpoint: str | None,
                     nodes: dict[str, str] | None, dataset: str, data_root: str | None, download: bool,
-                    cache_dir: str) -> Any:
+                    image_size: int | None, cache_dir: str) -> Any:
     """The tapped ``teacher`` in eval mode without gradients, on ``device``, loaded from
     ``checkpoint``; with none, from the teacher cache in ``cache_dir`` (trained there first if
     missing, on ``dataset``)."""
@@ -136,6 +149,7 @@ def _frozen_teacher(teacher: str, num_classes: int, device: Any, *, checkpoint: 
 
         checkpoint = str(cached_teacher_checkpoint(
             dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(device),
+            image_size=image_size,
         ))
     model, _ = load_model(checkpoint, teacher, num_classes, device)
     tapped = tap_model(model, teacher, nodes=nodes).to(device).eval()

@@ -203,7 +203,8 @@ class Task:
         from kd_optuna.train.classifier import default_device
 
         target = default_device(device)
-        splits = load_dataset(config.data.dataset, root=config.data.root, download=config.data.download)
+        splits = load_dataset(config.data.dataset, root=config.data.root, download=config.data.download,
+                              image_size=config.data.image_size)
         num_classes = splits.num_classes
         settings: ProxySettings = config.proxy
         if splits.has_pixels:  # 8-bit images stay uint8 on the device: a quarter of float32
@@ -230,15 +231,16 @@ class Task:
 
 def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, root=None,
                               download: bool = False, device: str | None = None, *, seed: int = 0,
-                              training: Mapping[str, Any] | None = None, progress: bool = False) -> Path:
+                              image_size: int | None = None, training: Mapping[str, Any] | None = None,
+                              progress: bool = False) -> Path:
     """A teacher trained with ``kd_optuna.train.teachers.train_teacher``, once per cache folder and key.
 
     The checkpoint is ``cache_dir/teacher-<dataset>-<model>-<key>.pt``, ``key`` naming all
     that changes the weights (``kd_optuna.train.teachers.teacher_identity``: data root and a
-    fingerprint of its files, class folders, model, recipe with the ``training`` overrides,
-    ``seed``), so a study on other data never gets another study's teacher. A checkpoint at
-    the older name ``teacher-<dataset>-<model>.pt`` (what ``kd-optuna train-teacher`` writes)
-    is reused only when its metadata records the same key. A reuse says so in one line, with
+    fingerprint of its files, class folders and ``image_size``, model, recipe with the
+    ``training`` overrides, ``seed``), so a study on other data never gets another study's
+    teacher. A checkpoint at the older name ``teacher-<dataset>-<model>.pt`` (what
+    ``kd-optuna train-teacher`` writes) is reused only when its metadata records the same key. A reuse says so in one line, with
     the path, once per command: a checkpoint this process or the process that started it
     (``kd-optuna optimize``'s parent, for its workers) already named or trained is reused
     silently (``_first_mention``). Workers starting at once wait on a lock while the first
@@ -256,7 +258,7 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
         from kd_optuna.data import load_dataset
 
         load_dataset(dataset, root=root, download=True, seed=seed)
-    identity = teacher_identity(dataset, model_name, root, seed=seed, **overrides)
+    identity = teacher_identity(dataset, model_name, root, seed=seed, image_size=image_size, **overrides)
     key = teacher_key(identity)
     safe_model = re.sub(r"[^\w.-]", "_", model_name)
     path = Path(cache_dir) / f"teacher-{dataset}-{safe_model}-{key[:16]}.pt"
@@ -291,7 +293,7 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
             log.warning("not reusing %s: it was not trained on %s with this recipe and seed %d", legacy, source, seed)
         log.warning("no teacher checkpoint given: training %s on %s with seed %d into %s", model_name, source, seed, path)
         train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=progress,
-                      seed=seed, **overrides)
+                      seed=seed, image_size=image_size, **overrides)
         _first_mention(path)  # trained here: its later loads in this command need no line
     return path
 
@@ -313,14 +315,18 @@ def _first_mention(path: Path) -> bool:
     return True
 
 
+def config_teacher_checkpoint(config: Any, cache_dir: Path, device: str | None = None, progress: bool = False) -> Path:
+    """:func:`cached_teacher_checkpoint` of a study config's ``[teacher]`` on its ``[data]``."""
+    data = config.data
+    return cached_teacher_checkpoint(data.dataset, config.teacher.model, cache_dir, data.root, data.download, device,
+                                     image_size=data.image_size, progress=progress)
+
+
 def _load_teacher(config: Any, num_classes: int, device: torch.device, cache_dir: Path) -> nn.Module:
     from kd_optuna.train.checkpoints import load_model
 
     checkpoint = config.teacher.checkpoint
     if checkpoint is None:
-        checkpoint = cached_teacher_checkpoint(
-            config.data.dataset, config.teacher.model, cache_dir, config.data.root,
-            config.data.download, str(device),
-        )
+        checkpoint = config_teacher_checkpoint(config, cache_dir, str(device))
     model, _ = load_model(checkpoint, config.teacher.model, num_classes, device)
     return model

@@ -323,7 +323,7 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
     overrides = {"epochs": epochs} if epochs else {}
     report = train(
         loaded.data.dataset, loaded.teacher.model, path, root=loaded.data.root, download=loaded.data.download,
-        device=WorkerContext(0, 1, device).torch_device(), **overrides,
+        image_size=loaded.data.image_size, device=WorkerContext(0, 1, device).torch_device(), **overrides,
     )
     click.echo(f"teacher {loaded.teacher.model} saved to {report.path}: test top-1 {report.test_accuracy:.2%}")
     if output:
@@ -549,12 +549,11 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
 def _train_missing_teacher(config, device: str, threads: int | None, progress: bool) -> None:
     """Train the study's teacher here, once, with its bar, when it has no checkpoint: the
     worker processes started afterwards read the cache (and say nothing about it)."""
-    from kd_optuna.proxy.task import cached_teacher_checkpoint
+    from kd_optuna.proxy.task import config_teacher_checkpoint
     from kd_optuna.train.devices import WorkerContext
 
     if config.teacher.checkpoint is None:
-        cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
-                                  config.data.root, config.data.download,
+        config_teacher_checkpoint(config, Path(".kd_optuna_cache"),
                                   str(WorkerContext(0, 1, device, threads).torch_device()),  # alone: every core
                                   progress=progress)
 

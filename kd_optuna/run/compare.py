@@ -43,6 +43,11 @@ class Run:
     seconds: float
 
 
+#: Recipe settings added after compare runs were first stored, with the value every earlier run
+#: had: left out of a run's digest at that value, so that a stored run keeps its digest.
+_LATER_SETTINGS = {"image_size": None}
+
+
 @dataclass(frozen=True)
 class Job:
     """One run to do: the method, seed, the spec params of ``searched`` and the recipe."""
@@ -59,8 +64,9 @@ class Job:
         return DistillerSpec.from_params(self.spec_params).key if self.method == "searched" else self.method
 
     def digest(self) -> str:
-        decided_by = {"method": self.method, "seed": self.seed, "distiller": self.distiller,
-                      "recipe": {k: v for k, v in self.recipe.items() if k not in ("device", "num_workers", "output_dir")}}
+        recipe = {k: v for k, v in self.recipe.items()
+                  if k not in ("device", "num_workers", "output_dir") and (k, v) not in _LATER_SETTINGS.items()}
+        decided_by = {"method": self.method, "seed": self.seed, "distiller": self.distiller, "recipe": recipe}
         return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:20]
 
 

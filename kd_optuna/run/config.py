@@ -5,6 +5,7 @@ A config has these tables (every key but ``data.dataset``, ``teacher.model`` and
 
     [study]    name                         the study name create-study uses by default
     [data]     dataset, root, download      digits | cifar10 | cifar100 | imagefolder (ImageNet)
+               image_size                   imagefolder only: the square crop (default 224)
     [teacher]  model, checkpoint, nodes, num_classes     checkpoint absent: train one, cache it
                                             (the dataset's recipe, kd_optuna.train.teachers.RECIPES:
                                             no key sets its epochs; [train] is the student's)
@@ -83,9 +84,25 @@ class StudySection:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
+    """``image_size``: imagefolder's square crop S, images (3, S, S); None is 224."""
+
     dataset: str
     root: str | None = None
     download: bool = False
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None:
+            from kd_optuna.data import MIN_IMAGE_SIZE
+
+            if self.image_size < MIN_IMAGE_SIZE:
+                raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {self.image_size}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the models see."""
+        shape = DATASETS[self.dataset].input_shape
+        return shape if self.image_size is None else (shape[0], self.image_size, self.image_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +223,15 @@ class StudyConfig:
             raise ConfigError(
                 f"{source}: data.dataset = {dataset_config.dataset!r} is not known; use one of: {', '.join(DATASETS)}"
             )
+        if dataset_config.image_size is not None and dataset_config.dataset != "imagefolder":
+            raise ConfigError(
+                f"{source}: data.image_size sets the crop of imagefolder images; {dataset_config.dataset} images are "
+                f"{DATASETS[dataset_config.dataset].input_shape}: remove the key"
+            )
         teacher = _build(TeacherConfig, data["teacher"], source, "teacher")
         student = _build(StudentConfig, data["student"], source, "student")
         if check_models:
-            _check_models(source, dataset_config.dataset, teacher, student)
+            _check_models(source, dataset_config, teacher, student)
         proxy_table = data.get("proxy", {})
         proxy = _build(_proxy_settings_class(), proxy_table, source, "proxy")
         space = _build_space(source, data.get("space", {}))
@@ -474,9 +496,10 @@ def _build(cls: type, table: Mapping[str, Any], source: str, section: str):
         raise ConfigError(f"{source}: [{section}] {_one_line(str(exc))}; fix the value") from None
 
 
-def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: StudentConfig) -> None:
+def _check_models(source: str, data: DataConfig, teacher: TeacherConfig, student: StudentConfig) -> None:
     from kd_optuna.models import UnknownModel, model_entry
 
+    dataset, input_shape = data.dataset, data.input_shape
     info = DATASETS[dataset]
     entries = {}
     for role, part in (("teacher", teacher), ("student", student)):
@@ -485,15 +508,15 @@ def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: St
         except UnknownModel as exc:
             raise ConfigError(f"{source}: {role}.model = {part.model!r} is not a known model: {exc}") from None
         if entry.input_shape is None:
-            if info.input_shape[0] != 3:
+            if input_shape[0] != 3:
                 raise ConfigError(
                     f"{source}: {role}.model = {part.model!r} ({entry.source}) takes 3-channel images but {dataset} "
-                    f"images are {info.input_shape}; pick a {dataset} model"
+                    f"images are {input_shape}; pick a {dataset} model"
                 )
-        elif info.family != "imagenet" and tuple(entry.input_shape) != info.input_shape:
+        elif info.family != "imagenet" and tuple(entry.input_shape) != input_shape:
             raise ConfigError(
                 f"{source}: {role}.model = {part.model!r} takes {tuple(entry.input_shape)} inputs but {dataset} images are "
-                f"{info.input_shape}; pick a {dataset} model"
+                f"{input_shape}; pick a {dataset} model"
             )
         if part.num_classes is not None and part.num_classes < 1:
             raise ConfigError(f"{source}: {role}.num_classes must be at least 1, got {part.num_classes}")
@@ -516,7 +539,7 @@ def _check_models(source: str, dataset: str, teacher: TeacherConfig, student: St
         )
     for role, part in (("teacher", teacher), ("student", student)):
         if part.nodes is not None or entries[role].source != "zoo":
-            _check_tap(source, role, part, entries[role].source, t_classes, info.input_shape)
+            _check_tap(source, role, part, entries[role].source, t_classes, input_shape)
 
 
 def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int, input_shape: tuple) -> None:

@@ -29,7 +29,7 @@ def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: fl
     TOML file; tests give a tiny one) unless it exists; 0, or 1 / 130 as the search ended."""
     from kd_optuna.run.cli import best_trial, main as cli_main
     from kd_optuna.run.storage import load_study, open_storage, study_config
-    from kd_optuna.proxy.task import cached_teacher_checkpoint
+    from kd_optuna.proxy.task import config_teacher_checkpoint
     from kd_optuna.run.workers import optimize, summarize
 
     click.echo("1/4 study: digits (digits_teacher -> digits_student), storage " + storage)
@@ -43,8 +43,7 @@ def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: fl
     config = study_config(study)
     if config.teacher.checkpoint is None:
         click.echo("2/4 teacher: trained once, then read from .kd_optuna_cache/")
-        path = cached_teacher_checkpoint(config.data.dataset, config.teacher.model, Path(".kd_optuna_cache"),
-                                         config.data.root, config.data.download, progress=True)
+        path = config_teacher_checkpoint(config, Path(".kd_optuna_cache"), progress=True)
         click.echo(f"    teacher checkpoint: {path}")
     else:
         click.echo(f"2/4 teacher: {config.teacher.checkpoint}")

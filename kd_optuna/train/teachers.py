@@ -10,7 +10,7 @@ split's, and its metadata also records the validation accuracy and the split see
 A teacher trained without a given checkpoint is cached under a name holding ``teacher_key``
 of ``teacher_identity(...)``: everything that changes its weights: the dataset, the data root
 (resolved) with a fingerprint of its files (relative names, sizes and modification times:
-cheap, no file is read), the class folders of an image folder, the model, the recipe with its
+cheap, no file is read), the class folders and the crop size of an image folder, the model, the recipe with its
 overrides and the seed. The key is also written into the checkpoint's metadata (``cache_key``),
 so a file found under another name is reused only if it was trained for the same key.
 """
@@ -87,9 +87,11 @@ def files_fingerprint(folders: list[Path]) -> tuple[str, int]:
 
 
 def teacher_identity(
-    dataset: str, model_name: str, root: str | os.PathLike | None = None, *, seed: int = 0, **overrides
+    dataset: str, model_name: str, root: str | os.PathLike | None = None, *, seed: int = 0,
+    image_size: int | None = None, **overrides
 ) -> dict:
-    """What a trained teacher's weights depend on, as plain data (see the module docstring)."""
+    """What a trained teacher's weights depend on, as plain data (see the module docstring);
+    ``image_size`` None (the dataset's one size, 224 for imagefolder) adds nothing."""
     from kd_optuna.data import default_root
 
     if dataset not in RECIPES:
@@ -105,6 +107,8 @@ def teacher_identity(
         folders = _data_folders(dataset, resolved)
     if dataset == "imagefolder" and folders[0].is_dir():
         identity["classes"] = sorted(p.name for p in folders[0].iterdir() if p.is_dir())
+    if image_size is not None:
+        identity["image_size"] = int(image_size)
     identity["files"], identity["file_count"] = files_fingerprint(folders)
     return identity
 
@@ -135,6 +139,7 @@ def train_teacher(
     root: str | os.PathLike | None = None,
     download: bool = False,
     seed: int = 0,
+    image_size: int | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 4,
     progress: bool = True,
@@ -142,7 +147,8 @@ def train_teacher(
 ) -> TeacherReport:
     """Train ``model_name`` on ``dataset`` with its recipe (``overrides`` replace recipe entries
     and reach ``train_classifier``: epochs, lr, bf16, channels_last, num_threads, ...), evaluate
-    it on the test split and save a checkpoint at ``out_path``.
+    it on the test split and save a checkpoint at ``out_path``. ``image_size``: an image
+    folder's crop (``kd_optuna.data.load_dataset``).
 
     The caller's random state (torch's CPU generator and the training device's) is left as it
     was: whatever the caller builds or draws next (a student's initial weights) is the same
@@ -151,8 +157,8 @@ def train_teacher(
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise KdOptunaError(f"unknown teacher training setting(s) {', '.join(unknown)}; use: {', '.join(sorted(allowed))}")
-    splits = load_dataset(dataset, root=root, download=download, seed=seed)
-    identity = teacher_identity(dataset, model_name, root, seed=seed, **overrides)
+    splits = load_dataset(dataset, root=root, download=download, seed=seed, image_size=image_size)
+    identity = teacher_identity(dataset, model_name, root, seed=seed, image_size=image_size, **overrides)
     device = default_device(device)
     recipe = {**RECIPES[dataset], **overrides}
     if dataset.startswith("digits") and device.type == "cpu":
