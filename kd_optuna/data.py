@@ -444,6 +444,11 @@ def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) ->
         raise DataError(f"image folder {root} holds no usable images ({exc}); {layout}") from None
     if base_train.classes != base_test.classes:
         raise DataError(f"{root}/train and {root}/val must hold the same class folders; {layout}")
+    counts = torch.bincount(torch.as_tensor(base_train.targets, dtype=torch.long), minlength=len(base_train.classes))
+    few = [f"{name} ({int(n)})" for name, n in zip(base_train.classes, counts) if n < 2]
+    if few:
+        raise DataError(f"{root}/train: class folder(s) {', '.join(few)} hold fewer than 2 images; each class needs "
+                        "2 or more there (a share is held out for validation): add images or remove the folder")
 
     mean, std = IMAGENET_STATS
     normalise = [T.ToTensor(), T.Normalize(mean, std)]

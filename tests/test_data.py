@@ -150,6 +150,13 @@ def test_imagefolder_loads_train_val_test(tiny_imagefolder):
     assert splits.tensors("train", [])[0].shape == (0, 3, 32, 32)
 
 
+def test_an_imagefolder_class_with_one_training_image_is_named_instead_of_losing_it_to_validation(tiny_imagefolder):
+    for image in sorted((tiny_imagefolder / "train" / "dog").iterdir())[1:]:
+        image.unlink()
+    with pytest.raises(DataError, match=r"class folder\(s\) dog \(1\) hold fewer than 2 images.*add images or remove"):
+        load_dataset("imagefolder", root=tiny_imagefolder, image_size=32)
+
+
 def test_imagefolder_without_val_folder_is_an_error(tiny_imagefolder):
     import shutil
 
