@@ -1,4 +1,4 @@
-"""The exceptions kd-optuna raises on purpose, and ``first_line`` to quote another one.
+"""The exceptions kd-optuna raises on purpose, and ``error_message``/``first_line`` to quote one.
 
 Every error a user can cause by input derives from :class:`KdOptunaError`; the command line
 turns it into a one-line message and exit code 2.
@@ -24,8 +24,23 @@ class InvalidDistiller(KdOptunaError):
         self.reason = reason
 
 
-def first_line(error: BaseException, limit: int = 160, default: str = "") -> str:
-    """The first line of ``str(error)`` (stripped), cut to ``limit`` characters; ``default``
-    when the message is empty."""
+def error_message(error: BaseException) -> str:
+    """``str(error)``, stripped. An exception that torch re-raised from a DataLoader worker reads
+    "Caught T in DataLoader worker process N.", the worker's traceback, then
+    "module.T: text": its message is that ``text``, what the worker raised."""
     text = str(error).strip()
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and " in DataLoader worker process " in lines[0]:
+        kind = type(error)
+        prefix = f"{kind.__module__}.{kind.__qualname__}: "
+        for line in reversed(lines):
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+    return text
+
+
+def first_line(error: BaseException, limit: int = 160, default: str = "") -> str:
+    """The first line of :func:`error_message` of ``error``, cut to ``limit`` characters;
+    ``default`` when the message is empty."""
+    text = error_message(error)
     return text.splitlines()[0][:limit] if text else default

@@ -67,3 +67,23 @@ def test_first_line():
     assert first_line(RuntimeError("  shape mismatch\nat line 3")) == "shape mismatch"
     assert first_line(RuntimeError("x" * 300), limit=200) == "x" * 200
     assert first_line(RuntimeError(""), default="RuntimeError") == "RuntimeError"
+
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise KdOptunaError(f"item {i} cannot be read; replace it")
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_quoted_by_what_the_worker_said():
+    from kd_optuna.errors import error_message
+
+    with pytest.raises(KdOptunaError) as caught:
+        next(iter(torch.utils.data.DataLoader(_Unreadable(), batch_size=1, num_workers=1)))
+    assert str(caught.value).startswith("Caught KdOptunaError in DataLoader worker process 0.")
+    assert "Traceback" in str(caught.value)
+    assert error_message(caught.value) == first_line(caught.value) == "item 0 cannot be read; replace it"
+    assert error_message(KdOptunaError("  Caught nothing\nsecond line ")) == "Caught nothing\nsecond line"

@@ -179,7 +179,7 @@ $flags
 # -- the training ----------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    from kd_optuna.errors import KdOptunaError
+    from kd_optuna.errors import KdOptunaError, error_message
     from kd_optuna.export import train_with_distiller
 
     print("distiller:", FORMULA if args.method == "searched" else args.method)
@@ -194,7 +194,7 @@ $keywords
             download_hint="run it again with --download true",
         )
     except (KdOptunaError, OSError) as error:
-        text = " ".join(str(error).split()) or type(error).__name__
+        text = " ".join(error_message(error).split()) or type(error).__name__
         print("{}: error: {}".format(sys.argv[0], text), file=sys.stderr)
         sys.exit(2)
     print("final top-1: {:.2f}% (test, last epoch)  best val top-1: {:.2f}% (epoch {}, kept in --output-dir)".format(

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import click
 
-from kd_optuna.errors import KdOptunaError
+from kd_optuna.errors import KdOptunaError, error_message
 from kd_optuna.run.storage import DEFAULT_STORAGE, describe_error, mask_secrets
 
 FORMATS = click.Choice(["table", "json", "yaml"])
@@ -589,7 +589,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         _fail(exc.format_message(), args, exc.exit_code if exc.exit_code else 2)
     except KdOptunaError as exc:
-        _fail(str(exc), args, 2)
+        _fail(error_message(exc), args, 2)
     except KeyboardInterrupt:
         click.echo("kd-optuna: interrupted", err=True)
         sys.exit(130)
