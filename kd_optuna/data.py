@@ -429,6 +429,21 @@ def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float
     )
 
 
+def read_image(path: str):
+    """The RGB PIL image at ``path`` (torchvision's ``default_loader``); a file that is not an
+    image PIL can read raises DataError naming it and the fix."""
+    from PIL import UnidentifiedImageError
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except UnidentifiedImageError:
+        raise DataError(f"image file {path} is not an image PIL can read; replace or remove it") from None
+    except OSError as exc:
+        reason = " ".join(str(exc).split())
+        raise DataError(f"image file {path} cannot be read ({reason}); replace or remove it") from None
+
+
 def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) -> DatasetSplits:
     import torchvision
     from torchvision import transforms as T
@@ -438,8 +453,8 @@ def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) ->
         if not (root / part).is_dir():
             raise DataError(f"image folder {root / part} does not exist: {layout}")
     try:
-        base_train = torchvision.datasets.ImageFolder(str(root / "train"))
-        base_test = torchvision.datasets.ImageFolder(str(root / "val"))
+        base_train = torchvision.datasets.ImageFolder(str(root / "train"), loader=read_image)
+        base_test = torchvision.datasets.ImageFolder(str(root / "val"), loader=read_image)
     except (FileNotFoundError, OSError) as exc:
         raise DataError(f"image folder {root} holds no usable images ({exc}); {layout}") from None
     if base_train.classes != base_test.classes:

@@ -157,6 +157,19 @@ def test_an_imagefolder_class_with_one_training_image_is_named_instead_of_losing
         load_dataset("imagefolder", root=tiny_imagefolder, image_size=32)
 
 
+def test_an_unreadable_image_file_is_named_with_the_fix(tiny_imagefolder):
+    broken = tiny_imagefolder / "train" / "cat" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)
+    with pytest.raises(DataError, match=f"image file {broken} is not an image PIL can read; replace or remove it"):
+        for split in ("train", "val"):  # the file is in one of them
+            splits.tensors(split)
+    broken.write_bytes(b"")
+    with pytest.raises(DataError, match=f"image file {broken} "):
+        for split in ("train", "val"):
+            splits.tensors(split)
+
+
 def test_imagefolder_without_val_folder_is_an_error(tiny_imagefolder):
     import shutil
 

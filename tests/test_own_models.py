@@ -222,6 +222,15 @@ def test_an_image_folder_at_image_size_32_runs_with_cifar_models_from_search_to_
     assert "final top-1" in run.stdout
     assert list((tmp_path / ".kd_optuna_cache").glob("teacher-imagefolder-resnet8-*.pt")) == teachers
 
+    broken = root / "train" / "dog" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    run = subprocess.run([sys.executable, "train_small.py", "--device", "cpu", "--no-progress", "--max-steps", "1",
+                          "--num-workers", "2", "--output-dir", "out2"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    errors = [line for line in run.stderr.splitlines() if "error" in line]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert errors == [f"train_small.py: error: image file {broken} is not an image PIL can read; replace or remove it"]
+
 
 def test_image_size_is_part_of_a_cached_teacher_s_key(tmp_path):
     from kd_optuna.train.teachers import teacher_identity, teacher_key
