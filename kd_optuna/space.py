@@ -463,6 +463,21 @@ class DistillerSpec:
             raise InvalidSpace(f"unknown genes {unknown}; the genes are: {', '.join(GENES)}")
         return cls.from_params(data)
 
+    @classmethod
+    def from_key(cls, key: str) -> "DistillerSpec":
+        """The canonical spec of a :attr:`key` (``knowledge|t1>t2>t3|distance|calibration|T4|x10``),
+        as a study's compare runs and the sampler's history store it; ``from_key(s.key).key ==
+        s.key``. Anything else raises InvalidSpace."""
+        parts = str(key).split("|")
+        transforms = parts[1].split(">") if len(parts) == 6 else []
+        if len(transforms) != 3 or not parts[4].startswith("T") or not parts[5].startswith("x"):
+            raise InvalidSpace(f"{key!r} is not a distiller key such as 'logit|no>no>no|kl|no|T4|x1'")
+        try:
+            temperature, magnitude = int(parts[4][1:]), float(parts[5][1:])
+        except ValueError:
+            raise InvalidSpace(f"{key!r} is not a distiller key: its T and x parts must be numbers") from None
+        return cls(parts[0], *transforms, parts[2], parts[3], temperature, magnitude)
+
     def effective_transforms(self) -> tuple[str, ...]:
         """The params' transforms that act at the rank they meet, in order (rank no-ops left out).
 

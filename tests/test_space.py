@@ -99,6 +99,14 @@ def test_canonical_form_is_idempotent_and_keeps_the_key(spec):
     assert canonical.formula() == spec.formula()
     assert canonical.refusal() == spec.refusal()
     assert canonical.dropped_transforms() == ()
+    assert DistillerSpec.from_key(spec.key) == canonical
+
+
+@pytest.mark.parametrize("key", ["", "logit|no>no|kl|no|T4|x1", "logit|no>no>no|kl|no|4|x1", "logit|no>no>no|kl|no|T4|xten",
+                                 "logit|no>no>no|kl|no|T3|x1", "pixel|no>no>no|kl|no|T4|x1"])
+def test_from_key_refuses_what_is_not_a_key(key):
+    with pytest.raises(InvalidSpace):
+        DistillerSpec.from_key(key)
 
 
 def test_transforms_that_cannot_act_on_logits_collapse_to_no():

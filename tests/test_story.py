@@ -207,7 +207,8 @@ def test_a_study_written_before_the_lineage_prefix_tells_the_same_story(tmp_path
 
 
 def test_note_follows_a_new_best_and_compare_writes_it(tmp_path, monkeypatch):
-    """A new best trial gets its own script; compare.save_to_dashboard writes the story's note."""
+    """A new best trial gets its own script; compare's runs appear in the story's note, with the
+    formula of a distiller that no trial holds (``compare --spec``)."""
     monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     url = f"sqlite:///{tmp_path / 's.db'}"
     study = story_study(url, with_compare=False)
@@ -223,14 +224,19 @@ def test_note_follows_a_new_best_and_compare_writes_it(tmp_path, monkeypatch):
     runs = [compare.Run("searched", 0, 70.0, 70.0, 1, better.key, 1.0), compare.Run("kd", 0, 69.0, 69.0, 1, "kd", 1.0)]
     for i, run in enumerate(runs):
         study.set_user_attr(f"{compare.RUN_ATTR_PREFIX}r{i}", asdict(run))
-    summaries, gains = compare.summarise(runs)
-    compare.save_to_dashboard(study, runs, summaries, gains, better.formula())
+    third = story.refresh(study)
     from optuna_dashboard import get_note
 
     note = get_note(study)
+    assert note == third.note and "kd_optuna_compare" in third.figures
     assert note.startswith("# kd-optuna study `s`") and "## Best distillers" in note
     assert f"searched distiller: `{better.formula()}`" in note and "| kd | 1 | 69.00 +- 0.00 |" in note
     assert second.artifact["url"] in note
+
+    elsewhere = _vary(better, magnitude=0.01)
+    assert all(t.user_attrs.get("spec") != elsewhere.key for t in study.trials)
+    study.set_user_attr(f"{compare.RUN_ATTR_PREFIX}r0", asdict(compare.Run("searched", 0, 71.0, 71.0, 1, elsewhere.key, 1.0)))
+    assert f"searched distiller: `{elsewhere.formula()}`" in story.refresh(study).note
 
 
 def test_postgres_like_storage_without_artifact_dir_gets_none(tmp_path, monkeypatch):

@@ -537,7 +537,6 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     finally:
         bar.close()
     summaries, gains = comparing.summarise(runs)
-    comparing.save_to_dashboard(study, runs, summaries, gains, spec.formula())
     _refresh_story(study, config)
     if fmt == "json":
         click.echo(json.dumps(comparing.as_json(runs, summaries, gains), indent=2))

@@ -239,18 +239,3 @@ def as_json(runs: Sequence[Run], summaries, gains) -> dict[str, Any]:
         "searched_minus": {g.method: {"n": g.n, "mean": g.mean, "low": g.low, "high": g.high, "wins": g.wins}
                            for g in gains},
     }
-
-
-def save_to_dashboard(study: Any, runs: Sequence[Run], summaries, gains, formula: str) -> None:
-    """The results as the study's note and a figure in optuna-dashboard (one box per method,
-    the story's :func:`kd_optuna.run.figures.compare_figure`)."""
-    from optuna_dashboard import save_plotly_graph_object
-
-    from kd_optuna.run import figures, story
-
-    save_plotly_graph_object(study, figures.compare_figure(runs, summaries), graph_object_id=story.FIGURE_IDS["compare"])
-
-    # the study note is the story's: task, best distillers, and this table among them
-    note = story.build(study)
-    note.compare_formula = formula
-    story.write_note(study, story=note)

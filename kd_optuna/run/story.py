@@ -160,8 +160,20 @@ def _compare(study, trials) -> tuple[str | None, str | None, Any]:
     if keys:
         key = sorted(keys)[0]
         trial = next((t for t in trials if key_of(t) == key), None)
-        formula = formula_of(trial) if trial is not None else key
+        formula = formula_of(trial) if trial is not None else _formula_of_key(key)
     return compare.format_table(summaries, gains), formula, compare_figure(runs, summaries)
+
+
+def _formula_of_key(key: str) -> str:
+    """The formula of a distiller that ``compare --spec`` trained and no trial holds; the key
+    itself where it is none that this version reads."""
+    from kd_optuna.errors import InvalidSpace
+    from kd_optuna.space import DistillerSpec
+
+    try:
+        return DistillerSpec.from_key(key).formula()
+    except InvalidSpace:
+        return key
 
 
 def build(study, config=None, trials: Sequence[Any] | None = None) -> Story:
