@@ -205,6 +205,17 @@ def test_half_precision_inputs_are_computed_in_float32(dtype):
     torch.testing.assert_close(value, reference)
 
 
+@pytest.mark.parametrize("knowledge", ["emb", "feat"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_an_adapter_cast_with_the_student_computes_in_its_dtype(knowledge, dtype):
+    loss = DistillerLoss(spec(knowledge, distance="l2"), SHAPES, WIDE).to(dtype)
+    s, t = outputs(SHAPES, requires_grad=True, dtype=dtype), outputs(WIDE, seed=1, dtype=dtype)
+    value = loss(s, t)
+    value.backward()
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in loss.adapter.parameters())
+
+
 def test_labels_are_optional_and_default_to_the_teacher_argmax():
     loss = DistillerLoss(spec(calibration="focal"), SHAPES, SHAPES)
     s, t = outputs(SHAPES), outputs(SHAPES, seed=1)

@@ -10,8 +10,9 @@ The module computes the spec's canonical form (``DistillerSpec.canonical``: the 
 the transforms it cannot see removed and T, lambda in a normal form), so specs with one key
 give one loss, bit for bit; ``literal=True`` computes the params as written instead, the
 reference the canonical form is tested against. The adapter (student side only) makes the student's knowledge the teacher's shape; its
-parameters are the module's parameters and are trained with the student. The teacher's
-tensors are detached. Everything is computed in float32, whatever the inputs' dtype.
+parameters are the module's parameters and are trained with the student; it computes in
+their dtype (float32 unless the module was cast). The teacher's tensors are detached.
+Everything after the adapter is computed in float32, whatever the inputs' dtype.
 
     >>> from kd_optuna.distill.classics import CLASSICS
     >>> loss = DistillerLoss(CLASSICS["kd"][0], {"logit": (100,)}, {"logit": (100,)})
@@ -206,7 +207,7 @@ class DistillerLoss(nn.Module):
             )
         if s.shape[0] == 0:
             raise InvalidDistiller("empty batch: give at least one sample")
-        s = self.adapter(s.float()).float()
+        s = self.adapter(s.to(self._adapter_dtype())).float()
         with _float32(s.device):
             return self._distil(s, t, student, teacher, labels, seed)
 
@@ -248,6 +249,11 @@ class DistillerLoss(nn.Module):
             student=s, teacher=t, student_logit=logits.get("student"),
             teacher_logit=logits.get("teacher"), labels=labels,
         )
+
+    def _adapter_dtype(self) -> torch.dtype:
+        """The dtype of the adapter's parameters (float32 unless the module was cast, e.g. by
+        ``.to(torch.bfloat16)`` with the student), which its input must have."""
+        return next((p.dtype for p in self.adapter.parameters()), torch.float32)
 
     @staticmethod
     def _take(outputs: Mapping[str, Tensor], who: str, name: str, shapes) -> Tensor:
