@@ -63,6 +63,17 @@ def test_initial_population_starts_with_the_classics_in_order():
     assert all(read_lineage(t)["parent"] is None for t in study.trials)
 
 
+def test_the_classics_run_once_each_when_the_objective_also_suggests_a_learning_rate():
+    def func(trial):
+        spec = suggest_distiller(trial)
+        return score_of(spec) + abs(math.log10(trial.suggest_float("lr", 1e-4, 1e-1, log=True)) + 2)
+
+    n = len(classic_specs())
+    study = run(EvolutionSampler(seed=0), n + 3, func=func)
+    assert [key_of(t) for t in study.trials[:n]] == [spec.key for spec in classic_specs()]
+    assert [read_lineage(t)["proposer"] for t in study.trials[n:]] == ["random"] * 3
+
+
 def test_a_narrowed_space_skips_classics_outside_it():
     space = SearchSpace().narrow(knowledge=["logit"])
     sampler = EvolutionSampler(space=space, seed=0)

@@ -175,6 +175,13 @@ def genome_key(distiller_key: str | None, extra: Mapping[str, Any]) -> str:
     return f"{distiller_key}; {rest}" if distiller_key is not None else "params:{" + rest + "}"
 
 
+def distiller_of(key: str) -> str | None:
+    """The distiller key a :func:`genome_key` starts with; None for a genome without genes."""
+    if key.startswith("params:{"):
+        return None
+    return key.split("; ", 1)[0]
+
+
 def cells(extra: Mapping[str, Any], space: Distributions) -> list[tuple[str, Hashable]]:
     """The predictor cells of ``extra`` (see the module docstring); unknown names skipped."""
     out: list[tuple[str, Hashable]] = []

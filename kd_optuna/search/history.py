@@ -83,7 +83,8 @@ class StudyHistory:
     Every trial before ``frontier`` is finished and absorbed, as are those in ``absorbed``
     beyond it; :meth:`update` absorbs each other trial once it is finished and lists the
     unfinished ones (``unfinished``, their keys ``running_keys``). From the absorbed trials it
-    holds the keys never to propose again (``finished_keys``), the population (``top``: the
+    holds the keys never to propose again (``finished_keys``; their distiller keys,
+    ``finished_distillers``), the population (``top``: the
     ``population_size`` least (score, number, key) over distinct keys, score = sign * value;
     ``best_member`` and ``best_features`` per key), the relative search space (``space``: the
     intersection of the distributions of the COMPLETE and PRUNED trials), the newest gene
@@ -101,6 +102,7 @@ class StudyHistory:
         self.absorbed: set[int] = set()
         self.version = 0
         self.finished_keys: set[str] = set()
+        self.finished_distillers: set[str] = set()
         self.running_keys: list[str] = []
         self.unfinished: list[FrozenTrial] = []
         self.best: dict[str, tuple[float, int]] = {}
@@ -148,6 +150,7 @@ class StudyHistory:
         spec, extra = _split(trial.params)
         if spec is not None:
             self._remember_distributions(trial)
+            self.finished_distillers.add(spec.key)
         key = evolution.genome_key(spec.key if spec else None, extra)
         self.finished_keys.add(key)
         cells = (spec_cells(spec) if spec else []) + evolution.cells(extra, trial.distributions)

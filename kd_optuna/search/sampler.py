@@ -23,8 +23,8 @@ without talking to each other:
   study, so lower is better throughout.
 - **initial population** (line 1): until ``population_size`` distinct keys have been
   proposed (and while none has completed), a child is the next warm-start spec (the classic
-  distillers, in order) not yet seen in the study (other params drawn at random), then a
-  random genome. Rejected candidates count as proposed, so a high rejection rate does not
+  distillers, in order) whose distiller no trial has yet, whatever its other params (drawn
+  at random), then a random genome. Rejected candidates count as proposed, so a high rejection rate does not
   keep the search random.
 - **child** (lines 5-8): a tournament draws ``d = round(sample_ratio * P)`` members of the
   population (``P`` its current size), keeps its ``top_k`` best (``d > top_k`` is required of
@@ -144,14 +144,21 @@ class _Plan:
 
 
 class _Seen:
-    """The keys not to propose: finished ones plus those of unfinished trials."""
+    """The keys not to propose: finished ones plus those of unfinished trials; and the
+    distillers of those keys (``finished_distillers``: of the finished ones)."""
 
-    def __init__(self, finished: set[str], running: Iterable[str]):
+    def __init__(self, finished: set[str], running: Iterable[str], finished_distillers: set[str]):
         self.finished = finished
         self.running = set(running)
+        self.finished_distillers = finished_distillers
+        self.running_distillers = {evolution.distiller_of(key) for key in self.running}
 
     def __contains__(self, key: object) -> bool:
         return key in self.finished or key in self.running
+
+    def has_distiller(self, spec: DistillerSpec) -> bool:
+        """Whether some trial has ``spec``'s distiller, whatever its other params."""
+        return spec.key in self.finished_distillers or spec.key in self.running_distillers
 
 
 def _space_of(distributions: Mapping[str, BaseDistribution]) -> SearchSpace | None:
@@ -565,13 +572,13 @@ class EvolutionSampler(BaseSampler):
             history = self._history(study, fresh=bool(lost))
             space = genome.genes or SearchSpace()
             weights = self._weights(history, space) if genome.genes is not None else {}
-            seen = _Seen(history.finished_keys, history.running_keys + lost)
+            seen = _Seen(history.finished_keys, history.running_keys + lost, history.finished_distillers)
             context = self._context(history, genome, weights, seen, ())
             evolved = not self._initial_phase(history, lost)
             if evolved:
                 child = self._evolve(history, genome, context)
             else:
-                child = self._initial(context, after_loss=bool(lost))
+                child = self._initial(context, seen, after_loss=bool(lost))
         # The rival may take seconds (a language model): other threads go on meanwhile.
         if evolved and self.proposer is not None:
             rivals = self.proposer.propose(context)
@@ -625,8 +632,12 @@ class EvolutionSampler(BaseSampler):
         proposed = len(history.finished_keys) + len(set(history.running_keys)) + len(lost)
         return not history.best or proposed < self.population_size
 
-    def _initial(self, context: ProposalContext, after_loss: bool = False) -> Candidate | None:
-        """The first warm start not yet seen, else a random candidate.
+    def _initial(
+        self, context: ProposalContext, seen: _Seen, after_loss: bool = False
+    ) -> Candidate | None:
+        """The first warm start whose distiller no trial has (whatever its other params: a
+        study that also searches a learning rate tries each classic once), else a random
+        candidate.
 
         ``after_loss``: this trial lost its key to another trial, which chose it at the same
         moment from the same list. Taking the next warm start in order would have every such
@@ -638,9 +649,8 @@ class EvolutionSampler(BaseSampler):
             for spec in self.warm_start:
                 if not context.space.contains(spec):
                     continue
-                extra = context.random_extra()
-                if evolution.genome_key(spec.key, extra) not in context.seen:
-                    unseen.append((spec, extra))
+                if not seen.has_distiller(spec):
+                    unseen.append((spec, context.random_extra()))
                     if not after_loss:
                         break
             if unseen:
