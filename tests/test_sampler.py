@@ -591,6 +591,23 @@ def test_conditional_params_are_inherited_from_the_parent_and_the_search_improve
     assert statistics.median(complete[-40:]) < statistics.median(complete[:20])
 
 
+def test_conditional_params_make_trials_new_once_the_other_params_are_exhausted():
+    """Two settings of ``kind`` are exhausted after two trials; from then on only the params
+    each kind asks for can make a trial new, so they must not be the population's copies."""
+
+    def func(trial):
+        if trial.suggest_categorical("kind", ["a", "b"]) == "a":
+            return trial.suggest_float("ya", 0.0, 1.0)
+        return 0.5 + trial.suggest_int("yb", 0, 5)
+
+    study = run(EvolutionSampler(seed=0), 30, func=func)
+    ya = [t.params["ya"] for t in study.trials if "ya" in t.params]
+    yb = [t.params["yb"] for t in study.trials if "yb" in t.params]
+    assert len(ya) > 5 and len(set(ya)) == len(ya)
+    assert len(set(yb[:6])) == min(6, len(yb))
+    assert min(ya[-5:]) < 0.5 * ya[0]
+
+
 def evolution_contains(dist, value):
     from kd_optuna.search.evolution import contains
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -43,6 +43,10 @@ def _split(params: Mapping[str, Any]) -> tuple[DistillerSpec | None, dict[str, A
     if spec is None:
         return None, dict(params)
     return spec, {n: v for n, v in params.items() if n not in GENES}
+
+
+def _key_over(distiller_key: str | None, extra: Mapping[str, Any], names: frozenset[str]) -> str:
+    return evolution.genome_key(distiller_key, {n: v for n, v in extra.items() if n in names})
 
 
 def _key_of(params: Mapping[str, Any]) -> str:
@@ -103,6 +107,9 @@ class StudyHistory:
         self.version = 0
         self.finished_keys: set[str] = set()
         self.finished_distillers: set[str] = set()
+        self._finished_genomes: list[tuple[str | None, dict[str, Any]]] = []
+        self._finished_params: list[Mapping[str, Any]] = []
+        self._keys_over: tuple[frozenset[str] | None, set[str]] = (None, set())
         self.running_keys: list[str] = []
         self.unfinished: list[FrozenTrial] = []
         self.best: dict[str, tuple[float, int]] = {}
@@ -153,12 +160,37 @@ class StudyHistory:
             self.finished_distillers.add(spec.key)
         key = evolution.genome_key(spec.key if spec else None, extra)
         self.finished_keys.add(key)
+        self._finished_genomes.append((spec.key if spec else None, extra))
+        self._finished_params.append(trial.params)
+        names = self._keys_over[0]
+        if names is not None:
+            self._keys_over[1].add(_key_over(spec.key if spec else None, extra, names))
         cells = (spec_cells(spec) if spec else []) + evolution.cells(extra, trial.distributions)
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             self._add_complete(Member(trial.number, spec, self.sign * trial.value, extra), key, cells)
         elif _is_rejection(trial):
             self.predictor.add_rejection_cells(cells)
             self.shrinkage.add_rejection(features(spec) if spec else [])
+
+    def finished_keys_over(self, names: Iterable[str]) -> set[str]:
+        """The finished trials' keys over their distiller and the params ``names`` only (a
+        genome's), which a child over that genome must not repeat: a param outside ``names``
+        (a conditional one) does not make a trial's key another. Cached for one ``names``."""
+        names = frozenset(names)
+        if self._keys_over[0] != names:
+            keys = {_key_over(spec, extra, names) for spec, extra in self._finished_genomes}
+            self._keys_over = (names, keys)
+        return self._keys_over[1]
+
+    def taken_values(self, name: str, params: Mapping[str, Any]) -> set[tuple[type, Any]]:
+        """The values (with their type: True is not 1) of ``name`` in the finished trials
+        whose params agree with ``params``: the values that would make a trial with
+        ``params`` so far repeat one of them. A scan of the finished trials."""
+        return {
+            (type(other[name]), other[name])
+            for other in self._finished_params
+            if name in other and all(n in other and other[n] == v for n, v in params.items())
+        }
 
     def _intersect(self, distributions: Mapping[str, BaseDistribution]) -> None:
         if self.space is None:

@@ -10,8 +10,9 @@ without talking to each other:
   ``optuna.search_space.IntersectionSearchSpace(include_pruned=True)`` computes it, kept
   incrementally. A param outside it (a conditional one, or any param before a trial has
   finished) is sampled independently: from the child's plan where it has one, else inherited
-  from the parent or the best population member that has it, mutated at ``mutation_prob``,
-  else at random.
+  from the parent or the best population member that has it, mutated at ``mutation_prob``
+  (always when the child repeats a trial, the space being exhausted: the conditional params
+  are then all that can make it new), else at random.
 - **genome**: the distiller genes when they are in the relative space, when ``space`` is given,
   or when some trial had them, plus every other param of the relative space. While no
   finished trial has any param, the study may search distillers or not: the child is
@@ -135,12 +136,15 @@ class SamplerConfigError(KdOptunaError, ValueError):
 @dataclasses.dataclass
 class _Plan:
     """A trial in progress: the params chosen for it and where the rest may come from;
-    ``lazy``, the genome to propose over once the objective asks for a gene (a new study)."""
+    ``lazy``, the genome to propose over once the objective asks for a gene (a new study);
+    ``repeat``, the params are those of another trial (the space is exhausted), so only the
+    params outside them (conditional ones) can make the trial new."""
 
     params: dict[str, Any]
     parent: Member | None
     population: Sequence[Member]
     lazy: Any = None
+    repeat: bool = False
 
 
 class _Seen:
@@ -469,9 +473,11 @@ class EvolutionSampler(BaseSampler):
     def _plan(self, study: Study, trial: FrozenTrial, genome: _Genome) -> _Plan:
         """Propose the trial's child over ``genome`` and remember it as the trial's plan."""
         genes = _with_fixed(genome.genes, trial) if genome.genes is not None else None
-        child, population = self._propose(study, trial, dataclasses.replace(genome, genes=genes))
+        child, population, repeat = self._propose(
+            study, trial, dataclasses.replace(genome, genes=genes)
+        )
         parent = next((m for m in population if m.number == child.parent), None)
-        return self._store(study, trial, _Plan(child.params(), parent, population))
+        return self._store(study, trial, _Plan(child.params(), parent, population, repeat=repeat))
 
     def _store(self, study: Study, trial: FrozenTrial, plan: _Plan) -> _Plan:
         with self._lock:
@@ -497,7 +503,7 @@ class EvolutionSampler(BaseSampler):
             plan = self._plan(study, trial, _offered_genes(plan.lazy, offered))
         with self._lock:
             if plan is not None:
-                value = self._from_plan(plan, param_name, param_distribution)
+                value = self._from_plan(study, trial, plan, param_name, param_distribution)
                 if value is not _NOTHING:
                     return value
         value = self._random.sample_independent(study, trial, param_name, param_distribution)
@@ -509,7 +515,12 @@ class EvolutionSampler(BaseSampler):
             optuna_private.set_trial_user_attr(study, trial, attr_name("sampler_note"), note)
         return value
 
-    def _from_plan(self, plan: _Plan, name: str, dist: BaseDistribution) -> Any:
+    def _from_plan(
+        self, study: Study, trial: FrozenTrial, plan: _Plan, name: str, dist: BaseDistribution
+    ) -> Any:
+        """The planned value of ``name``; else a donor's, mutated at ``mutation_prob`` (hold
+        the lock). When the planned params repeat another trial's, a value no finished trial
+        with the params so far has: a mutation of the donor's, else a draw."""
         if name in plan.params:
             value = plan.params[name]
             return value if evolution.contains(dist, value) else _NOTHING
@@ -517,10 +528,27 @@ class EvolutionSampler(BaseSampler):
         for member in donors:
             if name in member.extra and evolution.contains(dist, member.extra[name]):
                 value = member.extra[name]
+                if plan.repeat:
+                    return self._new_value(study, trial, name, dist, value)
                 if self._rng.rng.random_sample() < self.mutation_prob:
                     value = evolution.mutate_value(dist, value, self._rng.rng, self.mutation_scale)
                 return value
         return _NOTHING
+
+    def _new_value(
+        self, study: Study, trial: FrozenTrial, name: str, dist: BaseDistribution, value: Any
+    ) -> Any:
+        """A value of ``name`` that no finished trial with ``trial``'s params so far has: one of
+        ``max_tries`` mutations of ``value``, else of as many draws; ``_NOTHING`` if none."""
+        taken = self._history(study).taken_values(name, trial.params)
+        rng = self._rng.rng
+        mutations = (
+            evolution.mutate_value(dist, value, rng, self.mutation_scale) for _ in range(self.max_tries)
+        )
+        draws = (evolution.draw(dist, rng) for _ in range(self.max_tries))
+        return next(
+            (v for v in itertools.chain(mutations, draws) if (type(v), v) not in taken), _NOTHING
+        )
 
     def after_trial(
         self,
@@ -536,8 +564,9 @@ class EvolutionSampler(BaseSampler):
 
     def _propose(
         self, study: Study, trial: FrozenTrial, genome: _Genome
-    ) -> tuple[Candidate, Sequence[Member]]:
-        """Choose, announce and record one child; yield to an earlier trial with its key."""
+    ) -> tuple[Candidate, Sequence[Member], bool]:
+        """Choose, announce and record one child; yield to an earlier trial with its key.
+        Also returns whether the child repeats another trial's key."""
         lost: list[str] = []
         for _ in range(_CLAIM_ROUNDS):
             child, attrs, population = self._announce(study, trial, genome, lost)
@@ -546,6 +575,7 @@ class EvolutionSampler(BaseSampler):
                 break
             lost.append(child.key)
         else:
+            repeat = True
             lost.pop()
             shared = f"every key chosen in {_CLAIM_ROUNDS} rounds was claimed; {child.key} runs twice"
             attrs["sampler_note"] = "; ".join(filter(None, [shared, attrs.get("sampler_note")]))
@@ -561,7 +591,7 @@ class EvolutionSampler(BaseSampler):
             lineage["crossover_parent"] = child.second_parent
         for key, value in {**lineage, **attrs}.items():
             optuna_private.set_trial_user_attr(study, trial, attr_name(key), value)
-        return child, population
+        return child, population, repeat
 
     def _announce(
         self, study: Study, trial: FrozenTrial, genome: _Genome, lost: list[str]
@@ -572,7 +602,8 @@ class EvolutionSampler(BaseSampler):
             history = self._history(study, fresh=bool(lost))
             space = genome.genes or SearchSpace()
             weights = self._weights(history, space) if genome.genes is not None else {}
-            seen = _Seen(history.finished_keys, history.running_keys + lost, history.finished_distillers)
+            finished = history.finished_keys_over(genome.extra)
+            seen = _Seen(finished, history.running_keys + lost, history.finished_distillers)
             context = self._context(history, genome, weights, seen, ())
             evolved = not self._initial_phase(history, lost)
             if evolved:
@@ -602,7 +633,8 @@ class EvolutionSampler(BaseSampler):
         """
         with self._lock:
             history = self._history(study, fresh=True)
-            return key in history.finished_keys or any(
+            finished = history.finished_keys_over(self._genome(history).extra)
+            return key in finished or any(
                 other.number != trial.number and announced_key(other) == key
                 for other in history.unfinished
             )
