@@ -216,6 +216,16 @@ def test_an_adapter_cast_with_the_student_computes_in_its_dtype(knowledge, dtype
     assert all(p.grad is not None and p.grad.dtype == dtype for p in loss.adapter.parameters())
 
 
+def test_labels_given_as_a_list_or_array_are_class_indices_and_other_objects_are_invalid():
+    loss = DistillerLoss(spec(calibration="focal"), SHAPES, SHAPES)
+    s, t = outputs(SHAPES), outputs(SHAPES, seed=1)
+    reference = loss(s, t, torch.tensor([0, 1, 2, 3]))
+    assert loss(s, t, [0, 1, 2, 3]) == reference
+    assert loss(s, t, torch.tensor([0, 1, 2, 3]).numpy()) == reference
+    with pytest.raises(InvalidDistiller, match="labels must be class indices .* got object"):
+        loss(s, t, object())
+
+
 def test_labels_are_optional_and_default_to_the_teacher_argmax():
     loss = DistillerLoss(spec(calibration="focal"), SHAPES, SHAPES)
     s, t = outputs(SHAPES), outputs(SHAPES, seed=1)

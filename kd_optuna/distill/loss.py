@@ -110,7 +110,7 @@ class DistillerLoss(nn.Module):
             (``spec.refusal()``: a softmax over kl's axis right before kl).
 
     ``forward(student, teacher, labels=None)`` takes the two output mappings (tensors with a
-    batch dim N, any float dtype) and optional labels (N,); it returns a 0-dim float32
+    batch dim N, any float dtype) and optional labels (N,) (a tensor, list or array); it returns a 0-dim float32
     tensor. With ``check_finite`` it raises ``InvalidDistiller("non-finite loss")`` for a
     NaN/inf loss and ``InvalidDistiller("knowledge overflows after transforms")`` when the
     student's knowledge exceeds 1e12 in magnitude after a transform (its gradients would
@@ -236,7 +236,7 @@ class DistillerLoss(nn.Module):
             if who in self.logits_needed:
                 logits[who] = self._take(outputs, who, "logit", shapes).detach().float()
         if labels is not None:
-            labels = labels.detach().reshape(-1)
+            labels = _label_tensor(labels)
             if labels.shape[0] != s.shape[0]:
                 raise InvalidDistiller(
                     f"labels have {labels.shape[0]} entries for a batch of {s.shape[0]}"
@@ -304,6 +304,19 @@ class DistillerLoss(nn.Module):
             ) from exc
         finally:
             self.train(training)
+
+
+def _label_tensor(labels) -> Tensor:
+    """``labels`` as a detached flat tensor: a tensor, or what ``torch.as_tensor`` takes (a list
+    or an array of class indices)."""
+    if not isinstance(labels, Tensor):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise InvalidDistiller(
+                f"labels must be class indices (a tensor, list or array), got {type(labels).__name__}"
+            ) from None
+    return labels.detach().reshape(-1)
 
 
 def _float32(device: torch.device):
