@@ -626,6 +626,15 @@ def test_a_categorical_study_without_genes_never_repeats_a_setting():
                for t in study.trials[1:])
 
 
+def test_a_sampler_given_a_space_on_an_objective_without_genes_never_repeats_a_setting():
+    def func(trial):
+        return sum(trial.suggest_categorical(f"g{i}", [0, 1, 2]) for i in range(3))
+
+    study = run(EvolutionSampler(seed=0, population_size=6, space=SearchSpace()), 27, func=func)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 27
+    assert all(read_lineage(t)["proposer"] != "classic" for t in study.trials[1:])
+
+
 def test_an_objective_narrowing_a_gene_runs_with_the_default_space():
     def func(trial):
         spec = suggest_distiller(trial, SearchSpace().narrow(knowledge=["emb"], distance=["l2", "cos"]))

@@ -13,8 +13,9 @@ without talking to each other:
   from the parent or the best population member that has it, mutated at ``mutation_prob``
   (always when the child repeats a trial, the space being exhausted: the conditional params
   are then all that can make it new), else at random.
-- **genome**: the distiller genes when they are in the relative space, when ``space`` is given,
-  or when some trial had them, plus every other param of the relative space. While no
+- **genome**: the distiller genes when they are in the relative space, when some trial had
+  them, or when ``space`` is given and no trial without them has finished, plus every other
+  param of the relative space. While no
   finished trial has any param, the study may search distillers or not: the child is
   proposed (and its lineage written) only when the objective asks for a gene, over the
   choices of the genes it has offered by then.
@@ -395,11 +396,13 @@ class EvolutionSampler(BaseSampler):
                 return relative
             narrowed = {g: [o for o in relative[g] if o in self.space[g]] for g in GENES}
             return relative.narrow(**narrowed) if all(narrowed.values()) else relative
+        if history.saw_params and history.distributions is None:
+            return None  # trials with params, none with the genes: not a distiller study
         if self.space is not None:
             return self.space
         if history.distributions is not None:
             return _space_of(history.distributions) or SearchSpace()
-        return None if history.saw_params else SearchSpace()
+        return SearchSpace()
 
     def _space_for(self, history: StudyHistory) -> SearchSpace:
         return self._gene_space(history) or SearchSpace()
