@@ -215,6 +215,13 @@ def test_an_exhausted_space_proposes_a_repeat_and_says_so():
     assert "repeat" in read_lineage(study.trials[-1])["sampler_note"]
 
 
+def test_an_exhausted_space_of_other_params_says_it_drew_no_unseen_setting():
+    study = run(EvolutionSampler(seed=0), 4, func=lambda t: t.suggest_categorical("c", ["a", "b", "c"]) == "a")
+    assert read_lineage(study.trials[-1])["sampler_note"] == (
+        "no unseen setting in 64 random draws; proposing a repeat"
+    )
+
+
 def test_space_weights_drop_rejected_options_and_damp_the_unpromising():
     space = SearchSpace().narrow(
         transform1=["no"], transform2=["no"], transform3=["no"], calibration=["no"]
