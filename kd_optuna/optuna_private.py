@@ -84,3 +84,13 @@ def lazy_random_state(seed: int | None = None):
 
     return LazyRandomState(seed)
 
+
+
+def wrapper_fixed_params(study: Study) -> dict[str, Any]:
+    """The params that an ``optuna.samplers.PartialFixedSampler`` around the study's sampler
+    fixes: it drops them from the relative search space and answers them itself, so its base
+    sampler learns them only from this private attribute (no public accessor)."""
+    from optuna.samplers import PartialFixedSampler
+
+    sampler = getattr(study, "sampler", None)
+    return dict(sampler._fixed_params) if isinstance(sampler, PartialFixedSampler) else {}

@@ -499,6 +499,24 @@ def test_genes_fixed_by_an_enqueued_trial_shape_the_child_and_its_lineage():
     assert read_lineage(trial)["proposer"] in {"mutation", "crossover", "random"}
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_genes_and_params_fixed_by_a_partial_fixed_sampler_shape_the_child():
+    def func(trial):
+        spec = suggest_distiller(trial, TINY)
+        return score_of(spec) + trial.suggest_categorical("c", [0, 1, 2]) + trial.suggest_int("n", 0, 3)
+
+    fixed = {"distance": "l2", "n": 2}
+    sampler = optuna.samplers.PartialFixedSampler(fixed, EvolutionSampler(seed=0, population_size=6))
+    study = run(sampler, 12, func=func)  # 2 knowledge x 2 calibration x 3 c (T cancels with l2)
+    assert all(t.params["distance"] == "l2" and t.params["n"] == 2 for t in study.trials)
+    settings = [(key_of(t), t.params["c"]) for t in study.trials]
+    assert len(set(settings)) == len(settings)
+    assert all(
+        t.system_attrs[PROPOSED_KEY_ATTR] == f"{key_of(t)}; c={t.params['c']!r}, n=2"
+        for t in study.trials[1:]
+    )
+
+
 def test_a_warm_start_list_runs_first_and_is_named_in_the_lineage():
     own = DistillerSpec("emb", "relu", "no", "no", "l1", "no", 1, 5)
     kd = classic_specs()[0]

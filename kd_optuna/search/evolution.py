@@ -164,6 +164,23 @@ def inherit(
 _MISSING = object()
 
 
+def pinned(dist: BaseDistribution, value: Any) -> BaseDistribution | None:
+    """A distribution of ``dist``'s kind that holds ``value`` only (a fixed param: drawn,
+    mutated and inherited, it stays ``value``); None if ``value`` cannot be one of its kind."""
+    try:
+        if isinstance(dist, CategoricalDistribution):
+            return CategoricalDistribution([value])
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if isinstance(dist, IntDistribution) and float(value).is_integer():
+            return IntDistribution(int(value), int(value), log=dist.log and value >= 1)
+        if isinstance(dist, FloatDistribution):
+            return FloatDistribution(float(value), float(value), log=dist.log and value > 0)
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
 def genome_key(distiller_key: str | None, extra: Mapping[str, Any]) -> str:
     """The deduplication key: the distiller's canonical key, then the other params, sorted.
 

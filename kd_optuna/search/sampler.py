@@ -183,9 +183,15 @@ def _space_of_choices(choices: tuple[tuple[Any, ...], ...]) -> SearchSpace | Non
         return None
 
 
-def _with_fixed(space: SearchSpace, trial: FrozenTrial) -> SearchSpace:
-    """``space`` narrowed to the genes an enqueued trial fixes, so lineage tells the truth."""
-    fixed = trial.system_attrs.get("fixed_params", {})
+def _fixed_params(study: Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The params ``trial`` takes whatever the sampler proposes: those an enqueued trial fixes
+    and, where it does not, those a ``PartialFixedSampler`` around this sampler fixes."""
+    return {**optuna_private.wrapper_fixed_params(study), **trial.system_attrs.get("fixed_params", {})}
+
+
+def _with_fixed(space: SearchSpace, fixed: Mapping[str, Any]) -> SearchSpace:
+    """``space`` narrowed to the genes ``fixed`` (:func:`_fixed_params`), so the child's key
+    and lineage are those of the spec that runs."""
     genes = {g: [fixed[g]] for g in GENES if g in fixed}
     if not genes:
         return space
@@ -452,7 +458,7 @@ class EvolutionSampler(BaseSampler):
         self._raise_error_if_multi_objective(study)
         with self._lock:
             genome = self._genome(self._history(study))
-        fixed = trial.system_attrs.get("fixed_params", {})
+        fixed = _fixed_params(study, trial)
         names = set(genome.relative) | (set(GENES) if genome.genes is not None else set())
         if names and names <= set(fixed):
             return {}
@@ -464,7 +470,7 @@ class EvolutionSampler(BaseSampler):
         self._raise_error_if_multi_objective(study)
         with self._lock:
             genome = self._genome(self._history(study))
-        fixed = trial.system_attrs.get("fixed_params", {})
+        fixed = _fixed_params(study, trial)
         names = set(genome.relative) | (set(GENES) if genome.genes is not None else set())
         if not names or names <= set(fixed):
             return {}
@@ -476,9 +482,11 @@ class EvolutionSampler(BaseSampler):
 
     def _plan(self, study: Study, trial: FrozenTrial, genome: _Genome) -> _Plan:
         """Propose the trial's child over ``genome`` and remember it as the trial's plan."""
-        genes = _with_fixed(genome.genes, trial) if genome.genes is not None else None
+        fixed = _fixed_params(study, trial)
+        genes = _with_fixed(genome.genes, fixed) if genome.genes is not None else None
+        extra = {n: _pinned(d, n, fixed) for n, d in genome.extra.items()}
         child, population, repeat = self._propose(
-            study, trial, dataclasses.replace(genome, genes=genes)
+            study, trial, dataclasses.replace(genome, genes=genes, extra=extra)
         )
         parent = next((m for m in population if m.number == child.parent), None)
         return self._store(study, trial, _Plan(child.params(), parent, population, repeat=repeat))
@@ -621,7 +629,7 @@ class EvolutionSampler(BaseSampler):
             child = self._select(history.predictor, genome, child, rivals, attrs)
             if child is None:
                 child = self._last_resort(context, attrs)
-            child = _fix(child, trial, genome)
+            child = _fix(child, _fixed_params(study, trial), genome)
             if genome.genes is not None and history.shrinkage.n_evaluated >= self.shrink_after:
                 attrs["space_state"] = _summary(weights, history.shrinkage.n_evaluated)
             optuna_private.set_trial_system_attr(study, trial, PROPOSED_KEY_ATTR, child.key)
@@ -832,9 +840,17 @@ def _offered_genes(genome: _Genome, offered: Mapping[str, BaseDistribution]) -> 
         return genome
 
 
-def _fix(child: Candidate, trial: FrozenTrial, genome: _Genome) -> Candidate:
-    """``child`` with the other params an enqueued trial fixes, as Optuna will suggest them."""
-    fixed = trial.system_attrs.get("fixed_params", {})
+def _pinned(dist: BaseDistribution, name: str, fixed: Mapping[str, Any]) -> BaseDistribution:
+    """``dist`` held to the value ``fixed`` gives ``name``, so that the children are proposed
+    and checked for newness with it; ``dist`` where ``name`` is not fixed."""
+    if name not in fixed:
+        return dist
+    return evolution.pinned(dist, fixed[name]) or dist
+
+
+def _fix(child: Candidate, fixed: Mapping[str, Any], genome: _Genome) -> Candidate:
+    """``child`` with the other params ``fixed`` (:func:`_fixed_params`), as the trial will
+    have them."""
     extra = {n: fixed[n] for n in genome.extra if n in fixed}
     if not extra:
         return child
