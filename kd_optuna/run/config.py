@@ -24,6 +24,7 @@ pickled or evaluated. Relative paths are read from the directory the command run
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.resources
 import inspect
 import json
@@ -382,12 +383,16 @@ def _kind(value: Any) -> str:
 
 
 def _check_unknown(source: str, prefix: str, table: Mapping[str, Any], known: typing.Iterable[str]) -> None:
+    """An unknown key of ``table`` raises ConfigError naming it, the known key it most likely
+    misspells (``difflib``'s close matches), and every known key."""
     known = tuple(known)
     for key in table:
         if key not in known:
             where = f"[{prefix}] " if prefix else ""
+            close = difflib.get_close_matches(str(key), known, n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(
-                f"{source}: {where}unknown key {str(key)!r}; the keys are: {', '.join(known)}"
+                f"{source}: {where}unknown key {str(key)!r}{guess}; the keys are: {', '.join(known)}"
             )
 
 
@@ -653,16 +658,27 @@ def _build_search(source: str, table: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_train(source: str, train: TrainConfig) -> None:
+    """The [train] values the exported script's own flags accept (kd_optuna.export.script.SETTINGS):
+    epochs and batch_size at least 1, lr and gamma above 0, the others not negative, milestones
+    increasing epochs from 1 (MultiStepLR would apply one at epoch 0 before the first epoch,
+    where the proxy ignores it)."""
     for key in ("epochs", "batch_size"):
         value = getattr(train, key)
         if value is not None and value < 1:
             raise ConfigError(f"{source}: train.{key} must be at least 1, got {value}")
-    for key in ("lr", "weight_decay", "momentum", "gamma"):
+    for key in ("lr", "gamma"):
+        value = getattr(train, key)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{source}: train.{key} must be greater than 0, got {value}")
+    for key in ("weight_decay", "momentum", "num_workers"):
         value = getattr(train, key)
         if value is not None and value < 0:
             raise ConfigError(f"{source}: train.{key} must not be negative, got {value}")
-    if train.milestones is not None and list(train.milestones) != sorted(set(train.milestones)):
-        raise ConfigError(f"{source}: train.milestones must be increasing epochs, got {list(train.milestones)}")
+    if train.milestones is not None:
+        if list(train.milestones) != sorted(set(train.milestones)):
+            raise ConfigError(f"{source}: train.milestones must be increasing epochs, got {list(train.milestones)}")
+        if train.milestones and train.milestones[0] < 1:
+            raise ConfigError(f"{source}: train.milestones are epochs counted from 1, got {list(train.milestones)}")
 
 
 def _plain(value: Any) -> Any:
