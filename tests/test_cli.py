@@ -115,6 +115,19 @@ def test_best_without_completed_trials_and_unknown_or_foreign_studies(study_url,
     assert code == 2 and "--study-name" in err
 
 
+def test_a_plain_optuna_study_of_the_same_name_is_named_as_such(study_url, tiny_config_path, capsys):
+    plain = optuna.create_study(storage=study_url, study_name="plain")
+    plain.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    for extra in ((), ("--skip-if-exists",)):
+        code, _, err = run(capsys, "create-study", str(tiny_config_path), "--storage", study_url,
+                           "--study-name", "plain", *extra)
+        assert code == 2 and err.count("\n") == 1 and "already exists" in err and "another --study-name" in err
+    add_trials(study_url, "digits_tiny")
+    code, _, err = run(capsys, "compare", "--storage", study_url, "--study-name", "digits_tiny",
+                       "--from-study", "plain", "--methods", "searched", "--seeds", "1")
+    assert code == 2 and "'plain'" in err and "plain Optuna" in err
+
+
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -78,7 +78,7 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
     import optuna
 
     from kd_optuna.run.config import CONFIG_ATTR, StudySection, load_config
-    from kd_optuna.run.storage import StorageError, load_study, open_storage, study_config, study_names
+    from kd_optuna.run.storage import StorageError, load_study, mask_url, open_storage, study_config, study_names
 
     loaded = load_config(config)
     loaded.check_files()
@@ -89,6 +89,11 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
         from kd_optuna.run.summary import summarize
 
         existing = load_study(rdb, name, storage)
+        if CONFIG_ATTR not in existing.user_attrs:
+            raise StorageError(
+                f"study {name!r} already exists in {mask_url(storage)} without a kd-optuna config (made by plain "
+                "Optuna?); give another --study-name"
+            )
         study_config(existing)
         held = f"{summarize(existing).finished} finished trials"
         if not skip_if_exists:
@@ -560,7 +565,7 @@ def _train_missing_teacher(config, device: str, threads: int | None, progress: b
 def _searched_spec(storage_obj, storage_url, study, trial_choice, from_study, spec_text):
     """The DistillerSpec that `compare` trains as `searched`."""
     from kd_optuna.space import DistillerSpec
-    from kd_optuna.run.storage import load_study
+    from kd_optuna.run.storage import load_study, study_config
 
     if from_study is not None and spec_text is not None:
         raise KdOptunaError("give --from-study or --spec, not both")
@@ -571,7 +576,10 @@ def _searched_spec(storage_obj, storage_url, study, trial_choice, from_study, sp
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
             raise KdOptunaError(f"--spec: not a distiller spec ({' '.join(str(exc).split())[:120]}); "
                                 "give a JSON object of knowledge, transform1-3, distance, calibration, temperature, magnitude") from None
-    source = study if from_study is None else load_study(storage_obj, from_study, storage_url)
+    source = study
+    if from_study is not None:
+        source = load_study(storage_obj, from_study, storage_url)
+        study_config(source)  # a study of plain Optuna has no distillers: say so, not that its params lack genes
     return DistillerSpec.from_params(best_trial(source, trial_choice).params)
 
 
