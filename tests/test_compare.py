@@ -97,6 +97,30 @@ def test_compare_from_the_cli_stores_runs_and_reuses_them(tmp_path, capsys, monk
     assert "kd-optuna compare" in get_note(optuna.load_study(study_name="s", storage=url))
 
 
+def test_baselines_compare_on_a_study_without_a_completed_trial(tmp_path, capsys, monkeypatch):
+    """Only `searched` needs the search's best trial: `--methods kd` runs before any trial
+    completed (here its run is stored already, so nothing trains)."""
+    from dataclasses import asdict
+
+    from conftest import create_kd_study, invoke_cli
+    from kd_optuna.export.script import script_defaults
+    from kd_optuna.run.storage import study_config
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url, "s", "digits")
+    recipe = {**script_defaults(study_config(study)), "epochs": 1, "milestones": []}
+    digest = compare.Job("kd", 0, KD, recipe).digest()
+    study.set_user_attr(compare.RUN_ATTR_PREFIX + digest, asdict(compare.Run("kd", 0, 51.5, 50.0, 1, "kd", 1.0)))
+    code, out, err = invoke_cli(capsys, "compare", "--storage", url, "--methods", "kd", "--seeds", "1",
+                                "--epochs", "1", "--no-progress", "-f", "json")
+    assert code == 0, err
+    assert json.loads(out)["runs"] == [{"method": "kd", "seed": 0, "top1": 51.5, "val_top1": 50.0, "epochs": 1,
+                                        "distiller": "kd"}]
+    code, _, err = invoke_cli(capsys, "compare", "--storage", url, "--methods", "searched,kd", "--seeds", "1")
+    assert code == 2 and "no completed trial" in err
+
+
 def test_compare_help_lists_every_method_and_bad_methods_exit_2(capsys):
     from conftest import invoke_cli
 

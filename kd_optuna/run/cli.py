@@ -516,18 +516,24 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     """
     from tqdm.auto import tqdm
 
+    from kd_optuna.distill.classics import CLASSICS
     from kd_optuna.run import compare as comparing
     from kd_optuna.export.script import script_defaults
 
     chosen = comparing.parse_methods(methods)
     storage_obj, study, config = _open(storage, study_name)
-    spec = _searched_spec(storage_obj, storage, study, trial_choice, from_study, spec_text)
+    spec = None
+    if "searched" in chosen or from_study is not None or spec_text is not None or trial_choice != "best":
+        spec = _searched_spec(storage_obj, storage, study, trial_choice, from_study, spec_text)
+    # the baselines ignore the spec (train_with_distiller keeps it in the checkpoints): a study
+    # without a completed trial can train them before its search has found a distiller
+    spec_params = (spec or CLASSICS["kd"][0]).to_params()
     recipe = {**script_defaults(config), "num_workers": 0,
               "output_dir": output_dir or str(Path("kd_optuna_runs") / "compare" / study.study_name)}
     if epochs is not None:
         recipe["epochs"] = epochs
         recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]
-    jobs = [comparing.Job(method, seed, spec.to_params(), recipe) for method in chosen for seed in range(seeds)]
+    jobs = [comparing.Job(method, seed, spec_params, recipe) for method in chosen for seed in range(seeds)]
     recorded = comparing.recorded_runs(study.user_attrs)
     if any(job.digest() not in recorded for job in jobs):
         _train_missing_teacher(config, device, threads, progress and fmt != "json")
@@ -546,7 +552,8 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     if fmt == "json":
         click.echo(json.dumps(comparing.as_json(runs, summaries, gains), indent=2))
     else:
-        click.echo(f"searched: {spec.formula()}")
+        if "searched" in chosen:
+            click.echo(f"searched: {spec.formula()}")
         click.echo(comparing.format_table(summaries, gains))
 
 
