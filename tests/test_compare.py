@@ -121,6 +121,20 @@ def test_baselines_compare_on_a_study_without_a_completed_trial(tmp_path, capsys
     assert code == 2 and "no completed trial" in err
 
 
+@pytest.mark.parametrize("name", ["/tmp/escaped", "../../up", "..", ".", "a/b", "a\\b", "my study ü"])
+def test_the_default_runs_folder_is_one_folder_below_compare_whatever_the_study_name(name):
+    from pathlib import Path
+
+    folder = compare.default_output_dir(name)
+    assert folder.parent == Path("kd_optuna_runs") / "compare"
+    assert folder.name not in ("", ".", "..") and "/" not in folder.name and "\\" not in folder.name
+    assert folder != compare.default_output_dir(name + "x")
+
+
+def test_a_plain_study_name_is_its_runs_folder():
+    assert str(compare.default_output_dir("digits-2.b_c")) == "kd_optuna_runs/compare/digits-2.b_c"
+
+
 def test_compare_help_lists_every_method_and_bad_methods_exit_2(capsys):
     from conftest import invoke_cli
 

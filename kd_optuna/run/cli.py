@@ -529,7 +529,7 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     # without a completed trial can train them before its search has found a distiller
     spec_params = (spec or CLASSICS["kd"][0]).to_params()
     recipe = {**script_defaults(config), "num_workers": 0,
-              "output_dir": output_dir or str(Path("kd_optuna_runs") / "compare" / study.study_name)}
+              "output_dir": output_dir or str(comparing.default_output_dir(study.study_name))}
     if epochs is not None:
         recipe["epochs"] = epochs
         recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]

@@ -21,7 +21,9 @@ import json
 import math
 import multiprocessing
 import os
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from kd_optuna.errors import KdOptunaError
@@ -68,6 +70,17 @@ class Job:
                   if k not in ("device", "num_workers", "output_dir") and (k, v) not in _LATER_SETTINGS.items()}
         decided_by = {"method": self.method, "seed": self.seed, "distiller": self.distiller, "recipe": recipe}
         return hashlib.sha256(json.dumps(decided_by, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def default_output_dir(study_name: str) -> Path:
+    """``kd_optuna_runs/compare/NAME``, NAME the study name as one folder name: a character
+    other than a letter, digit, ``.``, ``_`` or ``-`` becomes ``_`` (a name such as ``/abs`` or
+    ``../up`` stays below ``kd_optuna_runs/compare``), and a name so changed ends with 8 hex
+    digits of its SHA-256, so that two study names never share a folder."""
+    folder = re.sub(r"[^\w.-]", "_", study_name).strip(".")
+    if folder != study_name:
+        folder = f"{folder or '_'}-{hashlib.sha256(study_name.encode()).hexdigest()[:8]}"
+    return Path("kd_optuna_runs") / "compare" / folder
 
 
 def parse_methods(text: str) -> list[str]:
