@@ -65,6 +65,18 @@ def test_create_study_stores_the_config_and_refuses_a_duplicate(study_url, tiny_
     assert code == 0 and len(optuna.get_all_study_names(study_url)) == 2
 
 
+def test_a_blank_study_name_exits_2_and_writes_nothing(tmp_path, capsys):
+    db = tmp_path / "never.db"
+    blank_in_config = tmp_path / "blank.toml"
+    blank_in_config.write_text(tiny_digits_toml(name=""))
+    for args in (("--study-name", ""), ("--study-name", "  ")):
+        code, _, err = run(capsys, "create-study", str(blank_in_config), "--storage", f"sqlite:///{db}", *args)
+        assert code == 2 and err.count("\n") == 1 and "blank" in err and "Traceback" not in err
+    code, _, err = run(capsys, "create-study", str(blank_in_config), "--storage", f"sqlite:///{db}")
+    assert code == 2 and "[study] name" in err and "blank" in err
+    assert not db.exists()
+
+
 def test_invalid_config_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(tiny_digits_toml().replace('model = "digits_student"', 'model = "digits_studnet"'))

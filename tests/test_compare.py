@@ -121,7 +121,7 @@ def test_baselines_compare_on_a_study_without_a_completed_trial(tmp_path, capsys
     assert code == 2 and "no completed trial" in err
 
 
-@pytest.mark.parametrize("name", ["/tmp/escaped", "../../up", "..", ".", "a/b", "a\\b", "my study ü"])
+@pytest.mark.parametrize("name", ["/tmp/escaped", "../../up", "..", ".", "", "a/b", "a\\b", "my study ü"])
 def test_the_default_runs_folder_is_one_folder_below_compare_whatever_the_study_name(name):
     from pathlib import Path
 

@@ -124,6 +124,7 @@ def test_search_table_builds_the_sampler():
         ({"train": {"num_workers": -1}}, ["train.num_workers", "must not be negative"]),
         ({"teacher": {"model": "digits_teacher", "nodes": {"feat": "x"}}}, ["teacher.nodes", "feat, emb, logit"]),
         ({"extra": {}}, ["unknown key 'extra'"]),
+        ({"study": {"name": " "}}, ["[study]", "blank"]),
         ({"data": {"dataset": "mnist"}}, ["data.dataset", "digits"]),
         ({"data": "digits"}, ["data must be a table"]),
         ({"data": {"dataset": "digits", "download": "yes"}}, ["data.download", "true or false"]),

@@ -80,6 +80,8 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
     from kd_optuna.run.config import CONFIG_ATTR, StudySection, load_config
     from kd_optuna.run.storage import StorageError, load_study, mask_url, open_storage, study_config, study_names
 
+    if study_name is not None and not study_name.strip():
+        raise KdOptunaError(f"--study-name {study_name!r} is blank; give a name, or leave the option out for the config's")
     loaded = load_config(config)
     loaded.check_files()
     name = study_name or loaded.name

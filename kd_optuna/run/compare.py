@@ -78,7 +78,7 @@ def default_output_dir(study_name: str) -> Path:
     ``../up`` stays below ``kd_optuna_runs/compare``), and a name so changed ends with 8 hex
     digits of its SHA-256, so that two study names never share a folder."""
     folder = re.sub(r"[^\w.-]", "_", study_name).strip(".")
-    if folder != study_name:
+    if folder != study_name or not folder:
         folder = f"{folder or '_'}-{hashlib.sha256(study_name.encode()).hexdigest()[:8]}"
     return Path("kd_optuna_runs") / "compare" / folder
 

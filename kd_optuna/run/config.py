@@ -82,6 +82,10 @@ KNOWLEDGE_NODES = ("feat", "emb", "logit")
 class StudySection:
     name: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.name is not None and not self.name.strip():
+            raise ValueError(f"name = {self.name!r} is blank; give the study a name or remove the key (the file's name is used)")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
