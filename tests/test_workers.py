@@ -48,6 +48,28 @@ def test_one_worker_in_process_reaches_the_target_and_writes_notes(tmp_path):
         assert trial.user_attrs["formula"] in note and f"{trial.value:.6g}" in note
 
 
+_ONE_KD = {"knowledge": ["logit"], "transform1": ["no"], "transform2": ["no"], "transform3": ["no"],
+           "distance": ["kl"], "calibration": ["no"], "temperature": [4], "magnitude": [1]}
+
+
+@pytest.mark.parametrize("narrowed, distillers", [(_ONE_KD, 1), ({**_ONE_KD, "temperature": [1, 4]}, 2)])
+def test_a_worker_stops_when_its_space_has_no_untried_distiller(tmp_path, narrowed, distillers):
+    """The seeded proxy scores a repeat the same: once the space is spent, the worker says so
+    and stops instead of filling --n-trials with repeats."""
+    from kd_optuna.run.config import CONFIG_ATTR
+    from kd_optuna.run.storage import study_config
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    config = study_config(study)
+    study.set_user_attr(CONFIG_ATTR, dataclasses.replace(config, space=config.space.narrow(**narrowed)).to_json())
+    code, messages = run_worker_in_process(url, 20, TrivialObjective())
+    trials = study.get_trials(deepcopy=False)
+    assert code == 0 and len(messages) == 1 and "wider [space]" in messages[0][1]
+    assert len({t.user_attrs["spec"] for t in trials}) == distillers and len(trials) <= distillers + 2
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+
+
 @pytest.mark.slow
 def test_two_workers_stop_exactly_at_n_trials_with_a_note_per_trial(tmp_path):
     from optuna_dashboard._note import get_note_from_system_attrs

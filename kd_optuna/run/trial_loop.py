@@ -155,14 +155,15 @@ def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
     except Exception as exc:
         say(f"worker {args.context.index} could not start: {exc.__class__.__name__}: {describe_error(exc, args.storage_url)}")
         sys.exit(1)
-    code = _loop(args, storage, study, objective, interrupt, _HostLock(host_lock, say), name, say, save_note)
+    code = _loop(args, storage, study, config.space, objective, interrupt, _HostLock(host_lock, say), name, say, save_note)
     storage.engine.dispose()
     sys.exit(code)
 
 
-def _loop(args, storage, study, objective, interrupt, host_lock, name, say, save_note) -> int:
-    """Trials until the target, the deadline or a signal; a database outage is waited out for
-    up to DB_OUTAGE_S seconds (the trial in flight, if any, is failed by the heartbeat)."""
+def _loop(args, storage, study, space, objective, interrupt, host_lock, name, say, save_note) -> int:
+    """Trials until the target, the deadline, a signal or a repeat of a distiller because
+    ``space`` holds no other; a database outage is waited out for up to DB_OUTAGE_S seconds
+    (the trial in flight, if any, is failed by the heartbeat)."""
     failures = 0
     outage_since = None
     while not interrupt.stop and os.getppid() == args.parent_pid:
@@ -188,11 +189,30 @@ def _loop(args, storage, study, objective, interrupt, host_lock, name, say, save
             continue
         if interrupt.stop:
             return 130
+        if not failed and _space_exhausted(storage, study, trial, space):
+            say(f"worker {args.context.index}: every distiller of the study's [space] was tried (trial "
+                f"{trial.number} repeated one, and the seeded proxy scores a repeat the same); more trials "
+                "would only repeat them: create a study with a wider [space] to search further")
+            return 0
         failures = failures + 1 if failed else 0
         if failures >= MAX_CONSECUTIVE_FAILURES:
             say(f"worker {args.context.index}: stopping after {failures} failed trials in a row")
             return 1
     return 130 if interrupt.stop else 0
+
+
+def _space_exhausted(storage, study, trial, space) -> bool:
+    """Whether the finished ``trial`` repeated a distiller because ``space`` holds no other: the
+    sampler's lineage note says so, or the space is a single distiller (Optuna never asks a
+    sampler about a single choice) that an earlier trial tried."""
+    from kd_optuna.search.lineage import read_lineage
+    from kd_optuna.search.sampler import REPEAT_NOTE
+
+    note = read_lineage(storage.get_trial(optuna_private.trial_id(trial))).get("sampler_note")
+    if isinstance(note, str) and REPEAT_NOTE in note:
+        return True
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return space.size() == 1 and any(t.number != trial.number for t in finished)
 
 
 class _HostLock:

@@ -114,7 +114,8 @@ from kd_optuna.space import GENES, DistillerSpec, SearchSpace
 
 _CLASSICS = frozenset(classic_specs())
 _CLAIM_ROUNDS = 8
-_REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
+#: ``lineage:sampler_note`` of a trial proposed when every key of the space was seen: it repeats one.
+REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
 _REPEAT_DRAWN_NOTE = "no unseen setting in {} random draws; proposing a repeat"
 _MAX_PLANS = 4096
 
@@ -582,7 +583,7 @@ class EvolutionSampler(BaseSampler):
         lost: list[str] = []
         for _ in range(_CLAIM_ROUNDS):
             child, attrs, population = self._announce(study, trial, genome, lost)
-            repeat = attrs.get("sampler_note") in (_REPEAT_NOTE, _REPEAT_DRAWN_NOTE.format(self.max_tries))
+            repeat = attrs.get("sampler_note") in (REPEAT_NOTE, _REPEAT_DRAWN_NOTE.format(self.max_tries))
             if repeat or not self._claimed_elsewhere(study, trial, child.key):
                 break
             lost.append(child.key)
@@ -812,7 +813,7 @@ class EvolutionSampler(BaseSampler):
                 attrs["sampler_note"] = "random draws found nothing new; took an unseen spec"
                 return Candidate(unseen, "random")
         exhaustive = context.genes and not context.distributions
-        attrs["sampler_note"] = _REPEAT_NOTE if exhaustive else _REPEAT_DRAWN_NOTE.format(self.max_tries)
+        attrs["sampler_note"] = REPEAT_NOTE if exhaustive else _REPEAT_DRAWN_NOTE.format(self.max_tries)
         spec = random_spec(context.weights, context.rng) if context.genes else None
         return Candidate(spec, "random", extra=context.random_extra())
 
