@@ -109,6 +109,8 @@ def test_search_table_builds_the_sampler():
         ({"proxy": {"stepz": 3}}, ["stepz", "did you mean 'steps'?", "labels_per_class"]),
         ({"proxyy": {"steps": 3}}, ["proxyy", "did you mean 'proxy'?"]),
         ({"proxy": {"optimizer": "adamw2"}}, ["[proxy]", "adamw2"]),
+        ({"proxy": {"seeds": [0, 0]}}, ["[proxy]", "seeds", "distinct"]),
+        ({"proxy": {"confirm_seeds": [3, 3]}}, ["[proxy]", "confirm_seeds", "distinct"]),
         ({"space": {"distance": ["l3"]}}, ["distance", "l3", "l1"]),
         ({"space": {"colour": ["red"]}}, ["colour", "knowledge"]),
         ({"search": {"top_k": 0}}, ["[search]", "top_k"]),

@@ -197,6 +197,10 @@ class ProxySettings:
             raise InvalidProxySettings(
                 f"proxy confirm_seeds must be a list of integers ([] turns confirmation off), got {self.confirm_seeds!r}"
             )
+        for name in ("seeds", "confirm_seeds"):  # a seed run twice scores the same twice: no evidence, half the spread
+            seeds = getattr(self, name)
+            if len(set(seeds)) != len(seeds):
+                raise InvalidProxySettings(f"proxy {name} must be distinct seeds, got {list(seeds)!r}; remove the repeats")
         if not (isinstance(self.confirm_z, (int, float)) and not isinstance(self.confirm_z, bool) and self.confirm_z >= 0):
             raise InvalidProxySettings(f"proxy confirm_z must be a number >= 0, got {self.confirm_z!r}")
 
