@@ -91,3 +91,31 @@ def test_workers_sharing_a_gpu_each_get_a_share_of_its_memory(gpus):
     finally:
         torch.set_num_threads(before)
 
+
+
+@pytest.mark.parametrize("device, words", [("bogus", ["'bogus' is not a device", "cuda:N"]),
+                                           ("cuda:", ["is not a device"]),
+                                           ("cuda:2", ["cuda:0 to cuda:1"])])
+def test_a_device_torch_cannot_use_is_named_before_any_worker_starts(gpus, device, words):
+    gpus([140, 140])
+    with pytest.raises(KdOptunaError) as info:
+        WorkerContext(0, 1, device).torch_device()
+    assert all(word in str(info.value) for word in words)
+    devices.check_device("cuda:1")
+
+
+def test_a_cuda_device_without_cuda_is_named_with_the_fix(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(KdOptunaError, match="no CUDA device is visible; use --device cpu"):
+            devices.check_device(device)
+    devices.check_device("auto")
+    devices.check_device("cpu")
+
+
+def test_optimize_refuses_a_bad_device_before_opening_the_study(tmp_path, capsys):
+    from conftest import invoke_cli
+
+    code, _, err = invoke_cli(capsys, "optimize", "--storage", f"sqlite:///{tmp_path / 'none.db'}",
+                              "--n-trials", "1", "--device", "bogus")
+    assert code == 2 and err.count("\n") == 1 and "'bogus' is not a device" in err

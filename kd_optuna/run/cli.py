@@ -134,9 +134,10 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
 def optimize(study_name, storage, n_trials, timeout, n_workers, workers_per_gpu, device, threads, heartbeat, progress) -> None:
     """Run N worker processes on the study until it holds --n-trials finished trials."""
     from kd_optuna.run.workers import check_counts, optimize as run
-    from kd_optuna.train.devices import resolve_workers
+    from kd_optuna.train.devices import check_device, resolve_workers
 
     check_counts({"--n-trials": n_trials, "--n-workers": n_workers, "--threads": threads, "--heartbeat": heartbeat})
+    check_device(device)
     n_workers, line = resolve_workers(n_workers, workers_per_gpu, device)
     if line is not None:
         click.echo(f"kd-optuna: {line}", err=True)
@@ -520,9 +521,11 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
 
     from kd_optuna.distill.classics import CLASSICS
     from kd_optuna.run import compare as comparing
+    from kd_optuna.train.devices import check_device
     from kd_optuna.export.script import script_defaults
 
     chosen = comparing.parse_methods(methods)
+    check_device(device)
     storage_obj, study, config = _open(storage, study_name)
     spec = None
     if "searched" in chosen or from_study is not None or spec_text is not None or trial_choice != "best":

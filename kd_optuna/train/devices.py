@@ -33,6 +33,25 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def check_device(device: str) -> None:
+    """One-line KdOptunaError for a ``--device`` torch cannot use here: not a device name, or a
+    CUDA device that is not visible (``auto`` always passes: it falls back to the CPU)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise KdOptunaError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KdOptunaError(f"--device {device} but no CUDA device is visible; use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise KdOptunaError(f"--device {device} but the visible CUDA devices are cuda:0 to cuda:{count - 1}")
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkerContext:
     """What a worker knows of itself; ``torch_device()`` picks and configures its device."""
@@ -54,6 +73,7 @@ class WorkerContext:
         worker's memory share."""
         import torch
 
+        check_device(self.device)
         torch.set_num_threads(self.cpu_threads())
         if self.device in ("auto", "cuda"):
             if torch.cuda.is_available():
@@ -61,8 +81,6 @@ class WorkerContext:
                 device = f"cuda:{self.index % count}"
                 self._limit_memory(device, len(range(self.index % count, self.n_workers, count)))
                 return device
-            if self.device == "cuda":
-                raise KdOptunaError("--device cuda but no CUDA device is visible; use --device cpu")
             return "cpu"
         if self.device.startswith("cuda"):
             self._limit_memory(self.device, self.n_workers)
