@@ -115,6 +115,8 @@ def test_search_table_builds_the_sampler():
         ({"space": {"colour": ["red"]}}, ["colour", "knowledge"]),
         ({"search": {"top_k": 0}}, ["[search]", "top_k"]),
         ({"search": {"top_k": 2.5}}, ["search.top_k", "integer"]),
+        ({"search": {"seed": -1}}, ["[search]", "seed", "from 0"]),
+        ({"search": {"seed": 2**32}}, ["[search]", "seed", "from 0"]),
         ({"search": {"proposer": "oracle"}}, ["search.proposer", "random"]),
         ({"search": {"llm_url": "https://u:hunter2@h/v1"}}, ["llm_url", "KD_OPTUNA_LLM_API_KEY"]),
         ({"train": {"epochs": 0}}, ["train.epochs", "at least 1"]),

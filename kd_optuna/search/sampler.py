@@ -118,6 +118,8 @@ _CLAIM_ROUNDS = 8
 REPEAT_NOTE = "every distiller in the space was seen; proposing a repeat"
 _REPEAT_DRAWN_NOTE = "no unseen setting in {} random draws; proposing a repeat"
 _MAX_PLANS = 4096
+#: The largest ``seed``: numpy's 2**32 - 1 with room for the worker offsets of ``optimize``.
+MAX_SEED = 2**31 - 1
 
 
 class _DefaultProposer:
@@ -230,11 +232,16 @@ def _check_settings(
     max_tries: int,
     screen: int,
     mutation_scale: float,
+    seed: int | None = None,
 ) -> None:
     """Raise SamplerConfigError for the first ``EvolutionSampler`` setting out of range: a count
     below 1, a probability outside [0, 1], ``sample_ratio`` 0, a tournament that keeps all it
     draws (``round(sample_ratio * population_size) <= top_k`` with more than one member),
-    ``shrink_after`` below 0 or ``mutation_scale`` not above 0."""
+    ``shrink_after`` below 0, ``mutation_scale`` not above 0, or a ``seed`` outside
+    [0, MAX_SEED] (numpy's generators take [0, 2**32 - 1]; the sampler adds 1, and
+    ``kd-optuna optimize`` the worker's index)."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise SamplerConfigError(f"seed must be from 0 to {MAX_SEED}, got {seed}")
     if min(population_size, top_k, max_tries, reject_min, screen) < 1:
         raise SamplerConfigError(
             "population_size, top_k, max_tries, reject_min and screen must be at least 1"
@@ -325,7 +332,7 @@ class EvolutionSampler(BaseSampler):
         _check_settings(
             population_size, sample_ratio, top_k, mutation_prob=mutation_prob, crossover_prob=crossover_prob,
             shrink_after=shrink_after, reject_min=reject_min, reject_rate=reject_rate, max_tries=max_tries,
-            screen=screen, mutation_scale=mutation_scale,
+            screen=screen, mutation_scale=mutation_scale, seed=seed,
         )
         self.population_size = int(population_size)
         self.sample_ratio = float(sample_ratio)
