@@ -43,6 +43,7 @@ def test_mask_secrets_removes_raw_and_decoded_passwords_anywhere():
         ("sqlite://", ["in-memory"]),
         ("sqlite:///:memory:", ["in-memory"]),
         ("sqlite:////no/such/dir/x.db", ["/no/such/dir", "does not exist"]),
+        ("sqlite:////tmp", ["'/tmp' is a directory", "database file"]),
     ],
 )
 def test_bad_urls_are_refused_with_the_fix(url, words):

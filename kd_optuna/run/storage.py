@@ -100,6 +100,8 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
         parent = Path(database).expanduser().parent
         if not parent.is_dir():
             raise StorageError(f"storage {mask_url(url)!r}: directory {str(parent)!r} does not exist; create it first")
+        if Path(database).expanduser().is_dir():
+            raise StorageError(f"storage {mask_url(url)!r}: {database!r} is a directory; give the path of a database file in it")
     if backend == "postgresql":
         try:
             parsed.get_dialect().import_dbapi()
