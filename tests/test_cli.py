@@ -127,6 +127,18 @@ def test_best_without_completed_trials_and_unknown_or_foreign_studies(study_url,
     assert code == 2 and "--study-name" in err
 
 
+def test_best_and_export_of_a_study_whose_trials_were_all_rejected_say_so(study_url, capsys):
+    study = optuna.load_study(study_name="digits_tiny", storage=study_url)
+    spec = CLASSICS["sp"][0]
+    study.add_trial(optuna.trial.create_trial(
+        params=spec.to_params(), distributions={g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES},
+        state=optuna.trial.TrialState.PRUNED, user_attrs={"reject_reason": "exploding"}))
+    for command in ("best", "export"):
+        code, _, err = run(capsys, command, "--storage", study_url)
+        assert code == 2 and err.count("\n") == 1 and "1 finished trial(s) were rejected" in err and "--state pruned" in err
+    assert not Path("train_best.py").exists()
+
+
 def test_a_plain_optuna_study_of_the_same_name_is_named_as_such(study_url, tiny_config_path, capsys):
     plain = optuna.create_study(storage=study_url, study_name="plain")
     plain.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)

@@ -260,6 +260,12 @@ def best_trial(study, trial: str = "best"):
     if trial == "best":
         complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
         if not complete:
+            rejected = len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))
+            if rejected:
+                raise KdOptunaError(
+                    f"study {study.study_name!r} has no completed trial: its {rejected} finished trial(s) were rejected "
+                    "(why: `kd-optuna trials --state pruned`); run `kd-optuna optimize` with a larger --n-trials"
+                )
             raise KdOptunaError(f"study {study.study_name!r} has no completed trial yet; run `kd-optuna optimize` first")
         return min(complete, key=lambda t: t.value)
     try:
