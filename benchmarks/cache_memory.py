@@ -82,7 +82,8 @@ def child(args) -> dict:
     torch.set_num_threads(1)
     from kd_optuna.proxy.cache import cached_teacher as new_cached_teacher
     from kd_optuna.proxy.cache import state_dict_sha256
-    from kd_optuna.proxy.training import ProxyData, ProxySettings
+    from kd_optuna.proxy.settings import ProxySettings
+    from kd_optuna.proxy.views import ProxyData
 
     n, size = args.n, args.size
     generator = torch.Generator().manual_seed(0)

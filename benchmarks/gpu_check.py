@@ -40,7 +40,9 @@ import torch  # noqa: E402
 from kd_optuna.distill.classics import CLASSICS  # noqa: E402
 from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.models import build_model, tap_model  # noqa: E402
-from kd_optuna.proxy.training import ProxyData, ProxySettings, predict  # noqa: E402
+from kd_optuna.proxy.settings import ProxySettings  # noqa: E402
+from kd_optuna.proxy.views import ProxyData  # noqa: E402
+from kd_optuna.proxy.training import predict  # noqa: E402
 from kd_optuna.proxy.task import Task  # noqa: E402
 from kd_optuna.train.classifier import default_device  # noqa: E402
 

@@ -88,7 +88,7 @@ def synthetic_objective(config, worker, train: int, val: int):
     from kd_optuna.models import build_model, tap_model
     from kd_optuna.proxy.objective import Objective
     from kd_optuna.proxy.task import Task
-    from kd_optuna.proxy.training import ProxyData
+    from kd_optuna.proxy.views import ProxyData
 
     device = torch.device(worker.torch_device())
     g = torch.Generator().manual_seed(0)

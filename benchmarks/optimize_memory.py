@@ -187,7 +187,8 @@ from kd_optuna.data import load_dataset
 from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.models import build_model, tap_model
 from kd_optuna.proxy.task import Task
-from kd_optuna.proxy.training import ProxyData, ProxySettings
+from kd_optuna.proxy.settings import ProxySettings
+from kd_optuna.proxy.views import ProxyData
 from kd_optuna.run.config import TrainConfig
 mark("import torchvision, optuna, kd_optuna")
 splits = load_dataset("imagefolder", root=args["root"], image_size=args["crop"])

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kd_optuna.distill.classics import CLASSICS  # noqa: E402
 from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.models import build_model, tap_model  # noqa: E402
-from kd_optuna.proxy.training import ProxyData, ProxySettings  # noqa: E402
+from kd_optuna.proxy.settings import ProxySettings  # noqa: E402
+from kd_optuna.proxy.views import ProxyData  # noqa: E402
 from kd_optuna.proxy.task import Task  # noqa: E402
 
 

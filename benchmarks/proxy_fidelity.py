@@ -33,7 +33,7 @@ from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.run.config import load_config
 from kd_optuna.export.training import train_with_distiller
 from kd_optuna.export.script import script_defaults
-from kd_optuna.proxy.training import ProxySettings
+from kd_optuna.proxy.settings import ProxySettings
 from kd_optuna.space import GENES, DistillerSpec
 from kd_optuna.proxy.task import Task
 

@@ -314,7 +314,7 @@ def cache_saving(spec_names: list[str], proxy: dict[str, Any], threads: int) -> 
     """Proxy seconds (training + scoring) per trial with the live teacher and with the cache."""
     from kd_optuna.distill.classics import CLASSICS
     from kd_optuna.run.config import load_config
-    from kd_optuna.proxy.training import ProxySettings
+    from kd_optuna.proxy.settings import ProxySettings
     from kd_optuna.proxy.task import Task
 
     torch.set_num_threads(threads)
@@ -350,7 +350,8 @@ def cifar_trial_parts(steps: int, train_size: int, val_size: int, threads: int) 
     from kd_optuna.distill.classics import CLASSICS
     from kd_optuna.run.config import load_config
     from kd_optuna.models import build_model, tap_model
-    from kd_optuna.proxy.training import ProxyData, predict
+    from kd_optuna.proxy.views import ProxyData
+    from kd_optuna.proxy.training import predict
     from kd_optuna.proxy.task import Task
 
     torch.set_num_threads(threads)

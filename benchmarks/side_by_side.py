@@ -54,8 +54,9 @@ from torch.func import functional_call, stack_module_state, vmap  # noqa: E402
 
 from kd_optuna.distill.classics import CLASSICS  # noqa: E402
 from kd_optuna.proxy.metrics import calibrated_cross_entropy  # noqa: E402
+from kd_optuna.proxy.settings import ProxySettings  # noqa: E402
 from kd_optuna.proxy.training import (  # noqa: E402
-    ProxySettings, _proxy_batches, candidate_loss, memory_format, predict, step_inputs, train_student,
+    _proxy_batches, candidate_loss, memory_format, predict, step_inputs, train_student,
 )
 from kd_optuna.run.config import load_config  # noqa: E402
 from kd_optuna.train import engine  # noqa: E402

@@ -169,7 +169,7 @@ def tiny_digits_task(settings, seed: int):
     from kd_optuna.data import load_dataset
     from kd_optuna.models import tap_model
     from kd_optuna.models.digits import DigitsCNN
-    from kd_optuna.proxy.training import ProxyData
+    from kd_optuna.proxy.views import ProxyData
     from kd_optuna.proxy.task import Task
 
     splits = load_dataset("digits")

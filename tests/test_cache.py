@@ -18,7 +18,8 @@ from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.data import load_dataset
 from kd_optuna.models import tap_model
 from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.proxy.training import ProxyData, ProxySettings
+from kd_optuna.proxy.settings import ProxySettings
+from kd_optuna.proxy.views import ProxyData
 from kd_optuna.proxy.task import Task
 
 

@@ -14,7 +14,7 @@ from conftest import tiny_digits_task
 from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.proxy import confirmation
 from kd_optuna.proxy.objective import Objective
-from kd_optuna.proxy.training import InvalidProxySettings, ProxySettings
+from kd_optuna.proxy.settings import InvalidProxySettings, ProxySettings
 from kd_optuna.run.config import ConfigError, StudyConfig
 from kd_optuna.space import DistillerSpec
 

@@ -15,7 +15,8 @@ from kd_optuna.run.correlate import (
 from kd_optuna.data import load_dataset
 from kd_optuna.models import tap_model
 from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.proxy.training import ProxyData, ProxySettings
+from kd_optuna.proxy.settings import ProxySettings
+from kd_optuna.proxy.views import ProxyData
 from kd_optuna.space import DistillerSpec
 from kd_optuna.proxy.task import Task
 

@@ -232,7 +232,8 @@ def test_loaders_start_no_more_workers_than_cores_and_do_not_warn(tiny_imagefold
 def test_pixels_are_the_tensors_before_normalising_bit_for_bit(name, tiny_imagefolder, tiny_cifar100):
     """Issue 11.3: the proxy holds 8-bit train images as uint8 (a quarter of float32) and
     normalises each batch as ToTensor and Normalize did, to the same float32 values."""
-    from kd_optuna.proxy.training import ProxyData, ProxySettings
+    from kd_optuna.proxy.settings import ProxySettings
+    from kd_optuna.proxy.views import ProxyData
 
     if name == "imagefolder":
         splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)

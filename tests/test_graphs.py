@@ -17,7 +17,8 @@ from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.distill.loss import DistillerLoss
 from kd_optuna.train import engine
 from kd_optuna.train.graphs import GraphedStep
-from kd_optuna.proxy.training import ProxySettings, run_proxy
+from kd_optuna.proxy.settings import ProxySettings
+from kd_optuna.proxy.training import run_proxy
 
 from tests.test_proxy import tiny_task
 

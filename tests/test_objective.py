@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_digits_task
 from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.proxy.objective import Objective
-from kd_optuna.proxy.training import ProxySettings
+from kd_optuna.proxy.settings import ProxySettings
 from kd_optuna.proxy.rejection import Rejection
 from kd_optuna.space import GENES
 from kd_optuna.proxy.task import Task

@@ -7,12 +7,8 @@ from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.data import class_balanced_subset, load_dataset
 from kd_optuna.models import tap_model
 from kd_optuna.models.digits import DigitsCNN
-from kd_optuna.proxy.training import (
-    InvalidProxySettings,
-    ProxyData,
-    ProxySettings,
-    ViewPool,
-)
+from kd_optuna.proxy.settings import InvalidProxySettings, ProxySettings
+from kd_optuna.proxy.views import ProxyData, ViewPool
 from kd_optuna.proxy.task import Task
 
 
@@ -157,7 +153,7 @@ def test_labelled_kd_batches_give_the_distiller_the_true_labels():
 
 def test_a_long_recipe_is_capped_in_steps():
     from kd_optuna.run.config import TrainConfig
-    from kd_optuna.proxy.training import RECIPE_MAX_STEPS
+    from kd_optuna.proxy.settings import RECIPE_MAX_STEPS
 
     cifar = TrainConfig(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
                         milestones=(150, 180, 210), gamma=0.1)

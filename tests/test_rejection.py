@@ -6,7 +6,7 @@ from torch import nn
 from conftest import tiny_digits_task
 from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.errors import InvalidDistiller
-from kd_optuna.proxy.training import ProxySettings
+from kd_optuna.proxy.settings import ProxySettings
 from kd_optuna.proxy.rejection import REASONS, Rejection, check_repulsion, reject
 from kd_optuna.space import DistillerSpec
 

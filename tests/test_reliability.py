@@ -32,7 +32,8 @@ from kd_optuna.data import load_dataset
 from kd_optuna.models import build_model, tap_model
 from kd_optuna.models.digits import DigitsCNN
 from kd_optuna.proxy.objective import Objective
-from kd_optuna.proxy.training import ProxyData, ProxySettings
+from kd_optuna.proxy.settings import ProxySettings
+from kd_optuna.proxy.views import ProxyData
 from kd_optuna.run.storage import StorageError, open_storage, study_config
 from kd_optuna.proxy.task import Task
 

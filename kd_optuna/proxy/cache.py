@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kd_optuna.proxy.training import ProxyData
+from kd_optuna.proxy.views import ProxyData
 
 KNOWLEDGE = ("feat", "emb", "logit")
 FORMAT_VERSION = 2

@@ -30,7 +30,9 @@ from torch import Tensor, nn
 
 from kd_optuna.train.engine import Hooks, train_steps
 from kd_optuna.errors import InvalidDistiller, first_line
-from kd_optuna.proxy.training import ProxyData, ProxySettings, TeacherLookup, memory_format
+from kd_optuna.proxy.settings import ProxySettings
+from kd_optuna.proxy.views import ProxyData, TeacherLookup
+from kd_optuna.proxy.training import memory_format
 from kd_optuna.space import DistillerSpec
 
 REASONS = ("invalid", "repulsive", "non_finite", "exploding", "zero_gradient")

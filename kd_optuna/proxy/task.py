@@ -27,16 +27,9 @@ from kd_optuna.proxy.cache import (
 )
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.distill.loss import DistillerLoss
-from kd_optuna.proxy.training import (
-    NoDistillation,
-    ProxyData,
-    ProxyResult,
-    ProxySettings,
-    TeacherLookup,
-    TeacherReference,
-    live_teacher,
-    run_proxy,
-)
+from kd_optuna.proxy.settings import ProxySettings
+from kd_optuna.proxy.views import ProxyData, TeacherLookup, live_teacher
+from kd_optuna.proxy.training import NoDistillation, ProxyResult, TeacherReference, run_proxy
 from kd_optuna.proxy.rejection import Rejection, RejectionBatch, reject
 from kd_optuna.space import DistillerSpec, SearchSpace
 
@@ -54,7 +47,7 @@ class Task:
     """The teacher/student pair, proxy data and settings of one study, on one device.
 
     Args:
-        data: proxy tensors (kd_optuna.proxy.training.ProxyData), already on ``data.device``.
+        data: proxy tensors (kd_optuna.proxy.views.ProxyData), already on ``data.device``.
         teacher: the tapped teacher (forward -> {feat, emb, logit}), frozen here.
         new_student: returns a freshly initialised tapped student on the data's device
             (callers seed torch before calling it).

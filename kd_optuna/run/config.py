@@ -10,7 +10,7 @@ A config has these tables (every key but ``data.dataset``, ``teacher.model`` and
                                             (the dataset's recipe, kd_optuna.train.teachers.RECIPES:
                                             no key sets its epochs; [train] is the student's)
     [student]  model, nodes, num_classes
-    [proxy]    the fields of kd_optuna.proxy.training.ProxySettings
+    [proxy]    the fields of kd_optuna.proxy.settings.ProxySettings
     [space]    gene = [options]             narrows the search space (kd_optuna.space)
     [search]   the keyword arguments of kd_optuna.search.sampler.EvolutionSampler
     [train]    full-training defaults for `kd-optuna export` (seed F.1 / F.2)
@@ -161,7 +161,7 @@ class TrainConfig:
 
 
 def _proxy_settings_class() -> type:
-    from kd_optuna.proxy.training import ProxySettings
+    from kd_optuna.proxy.settings import ProxySettings
 
     return ProxySettings
 
