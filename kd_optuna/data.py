@@ -20,8 +20,9 @@ seeded and class-balanced; proxy training never touches it) and ``test``.
   horizontal flip; normalisation by the usual per-channel mean and std. 10% of the training set
   (class-balanced) is the validation split; the official test set is the test split.
 - ``imagefolder``: torchvision ``ImageFolder`` on ``root/train/<class>/*`` and ``root/val/<class>/*``
-  (the ImageNet layout); ``root/val`` is the test split and 10% of ``root/train`` the validation
-  split. Training: RandomResizedCrop(S) and flip; evaluation: resize to round(S * 256 / 224) and
+  (the ImageNet layout; images at any depth below a class folder, hidden files and folders such
+  as .DS_Store or .ipynb_checkpoints left out); ``root/val`` is the test split and 10% of
+  ``root/train`` the validation split. Training: RandomResizedCrop(S) and flip; evaluation: resize to round(S * 256 / 224) and
   centre crop S; ImageNet normalisation. ``image_size`` S is 224 (ImageNet's) unless given.
 
 ``root=None`` means ``$KD_OPTUNA_DATA`` or ``./data``. Splits depend only on ``seed``: use the same
@@ -34,6 +35,7 @@ the training augmentation to such a batch.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,26 +446,86 @@ def read_image(path: str):
         raise DataError(f"image file {path} cannot be read ({reason}); replace or remove it") from None
 
 
-def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) -> DatasetSplits:
-    import torchvision
-    from torchvision import transforms as T
+def _visible(name: str) -> bool:
+    """Whether a file or folder name is data: hidden ones (a leading dot: .DS_Store, macOS's
+    ._name.jpg companions, .ipynb_checkpoints, .git) are not."""
+    return not name.startswith(".")
 
+
+def image_folder_classes(folder: Path) -> list[str]:
+    """The class names of an image-folder split: the sorted names of ``folder``'s visible
+    sub-folders (symlinks to folders count)."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and _visible(entry.name))
+
+
+def _is_image_file(path: str, folder: str) -> bool:
+    """``path`` below ``folder`` has an image extension (any case) and no hidden part."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    parts = Path(os.path.relpath(path, folder)).parts
+    return all(_visible(part) for part in parts) and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
+class ImageFiles(Dataset):
+    """One split of an image folder: item i is (RGB PIL image, class index) of the i-th image
+    file below ``folder/<class>/`` (at any depth, hidden entries left out), in torchvision
+    ``ImageFolder``'s order. ``classes`` are the class folder names, ``targets`` the labels."""
+
+    def __init__(self, folder: Path, classes: list[str]):
+        from torchvision.datasets.folder import make_dataset
+
+        self.classes = classes
+        self.samples = make_dataset(str(folder), {c: i for i, c in enumerate(classes)},
+                                    is_valid_file=functools.partial(_is_image_file, folder=str(folder)),
+                                    allow_empty=True)
+        self.targets = [target for _, target in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, target = self.samples[i]
+        return read_image(path), target
+
+
+def open_image_folder(root: Path) -> tuple[ImageFiles, ImageFiles]:
+    """(train, val) of the image folder ``root`` after checking its layout without reading an
+    image: both split folders exist and hold the same class folders, each class has 2 or more
+    training images (a share is held out for validation) and 1 or more in val; else DataError
+    naming what is wrong and the fix."""
+    root = Path(root).expanduser()
     layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (the ImageNet layout)"
     for part in ("train", "val"):
         if not (root / part).is_dir():
             raise DataError(f"image folder {root / part} does not exist: {layout}")
-    try:
-        base_train = torchvision.datasets.ImageFolder(str(root / "train"), loader=read_image)
-        base_test = torchvision.datasets.ImageFolder(str(root / "val"), loader=read_image)
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"image folder {root} holds no usable images ({exc}); {layout}") from None
-    if base_train.classes != base_test.classes:
-        raise DataError(f"{root}/train and {root}/val must hold the same class folders; {layout}")
-    counts = torch.bincount(torch.as_tensor(base_train.targets, dtype=torch.long), minlength=len(base_train.classes))
-    few = [f"{name} ({int(n)})" for name, n in zip(base_train.classes, counts) if n < 2]
-    if few:
-        raise DataError(f"{root}/train: class folder(s) {', '.join(few)} hold fewer than 2 images; each class needs "
-                        "2 or more there (a share is held out for validation): add images or remove the folder")
+    train_classes, val_classes = image_folder_classes(root / "train"), image_folder_classes(root / "val")
+    if not train_classes:
+        raise DataError(f"image folder {root / 'train'} holds no class folders: {layout}")
+    only = {part: sorted(set(mine) - set(other)) for part, mine, other in
+            (("train", train_classes, val_classes), ("val", val_classes, train_classes))}
+    if any(only.values()):
+        held = "; ".join(f"only {root / part} has {', '.join(names)}" for part, names in only.items() if names)
+        raise DataError(f"{root}/train and {root}/val must hold the same class folders ({held}): "
+                        "add the missing ones or remove the extra ones")
+    train, val = ImageFiles(root / "train", train_classes), ImageFiles(root / "val", val_classes)
+    for part, split, least in (("train", train, 2), ("val", val, 1)):
+        counts = torch.bincount(torch.as_tensor(split.targets, dtype=torch.long), minlength=len(split.classes))
+        few = [f"{name} ({int(n)})" for name, n in zip(split.classes, counts) if n < least]
+        if few:
+            why = " (a share is held out for validation)" if part == "train" else ""
+            from torchvision.datasets.folder import IMG_EXTENSIONS
+
+            extensions = ", ".join(e.lstrip(".") for e in IMG_EXTENSIONS)
+            held = f"fewer than {least} images" if least > 1 else "no images"
+            raise DataError(f"{root}/{part}: class folder(s) {', '.join(few)} hold {held} ({extensions}); each class "
+                            f"needs {least} or more there{why}: add images or remove the folder")
+    return train, val
+
+
+def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) -> DatasetSplits:
+    from torchvision import transforms as T
+
+    base_train, base_test = open_image_folder(root)
 
     mean, std = IMAGENET_STATS
     normalise = [T.ToTensor(), T.Normalize(mean, std)]

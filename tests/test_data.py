@@ -157,6 +157,48 @@ def test_an_imagefolder_class_with_one_training_image_is_named_instead_of_losing
         load_dataset("imagefolder", root=tiny_imagefolder, image_size=32)
 
 
+def test_an_imagefolder_leaves_out_hidden_entries_and_reads_nested_and_uppercase_images(tiny_imagefolder):
+    """.ipynb_checkpoints is no class, macOS's ._name.png companions and .DS_Store are no images;
+    a nested folder's and an upper-case extension's images are."""
+    train = tiny_imagefolder / "train"
+    (train / ".ipynb_checkpoints").mkdir()
+    (train / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (train / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (train / "cat" / ".hidden").mkdir()
+    Image.new("RGB", (40, 40)).save(train / "cat" / ".hidden" / "x.png")
+    (train / "dog" / "more").mkdir()
+    Image.new("L", (40, 40), 90).save(train / "dog" / "more" / "nested.png")
+    Image.new("P", (40, 40)).save(train / "dog" / "PALETTE.PNG")
+    Image.new("RGBA", (40, 40)).convert("RGB").save(train / "dog" / "photo.JPG")
+    splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)
+    assert splits.classes == ["cat", "dog"]
+    assert len(splits.train) + len(splits.val) == 10 + 13
+    x, _ = splits.tensors("train")
+    assert x.shape == (len(splits.train), 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda root: (root / "val" / "dog").rename(root / "val" / "fish"),
+         ["must hold the same class folders", "train has dog", "val has fish", "add the missing ones"]),
+        (lambda root: [image.unlink() for image in (root / "val" / "dog").iterdir()],
+         ["val: class folder(s) dog (0) hold no images", "add images or remove the folder"]),
+        (lambda root: [(root / part / "zebra").mkdir() for part in ("train", "val")],
+         ["train: class folder(s) zebra (0) hold fewer than 2 images"]),
+    ],
+)
+def test_an_imagefolder_layout_error_is_named_before_any_image_is_read(tiny_imagefolder, change, words):
+    from kd_optuna.data import open_image_folder
+
+    change(tiny_imagefolder)
+    for opener in (lambda: open_image_folder(tiny_imagefolder), lambda: load_dataset("imagefolder", tiny_imagefolder)):
+        with pytest.raises(DataError) as raised:
+            opener()
+        for word in words:
+            assert word in str(raised.value), str(raised.value)
+
+
 def test_an_unreadable_image_file_is_named_with_the_fix(tiny_imagefolder):
     broken = tiny_imagefolder / "train" / "cat" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")

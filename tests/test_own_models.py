@@ -264,3 +264,37 @@ def test_a_bad_image_size_is_one_line_at_create_study(tmp_path, capsys, monkeypa
     for word in words:
         assert word in line, line
     assert optuna.get_all_study_names(url) == []
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda root: (root / "val" / "dog").rename(root / "val" / "fish"), ["train has dog", "val has fish"]),
+        (lambda root: (root / "val" / "dog").rename(root / "elsewhere"), ["train has dog"]),
+        (lambda root: [image.unlink() for image in (root / "val" / "dog").iterdir()], ["dog (0) hold no images"]),
+    ],
+)
+def test_an_image_folder_the_loader_would_refuse_is_refused_at_create_study(tmp_path, capsys, monkeypatch, change,
+                                                                            words):
+    monkeypatch.chdir(tmp_path)
+    root = image_folder(tmp_path / "images", per_class=2)
+    change(root)
+    config = tmp_path / "own.toml"
+    config.write_text(own_model_toml(root))
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    line = err.strip()
+    assert code == 2 and "\n" not in line and line.startswith("kd-optuna: error:"), err
+    for word in words:
+        assert word in line, line
+    assert optuna.get_all_study_names(url) == []
+
+
+def test_a_hidden_folder_in_an_image_folder_is_no_class_at_create_study(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = image_folder(tmp_path / "images", per_class=2)
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    config = tmp_path / "own.toml"
+    config.write_text(own_model_toml(root))
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", f"sqlite:///{tmp_path / 'kd.db'}")
+    assert code == 0, err

@@ -279,7 +279,8 @@ class StudyConfig:
         return cls.from_dict(data, source, check_models, proxy_from_recipe=False)
 
     def check_files(self) -> None:
-        """Check that the data root and the teacher checkpoint exist on this machine."""
+        """Check that the data root and the teacher checkpoint exist on this machine; an image
+        folder's layout is checked too (``kd_optuna.data.open_image_folder``: no image is read)."""
         info = DATASETS[self.data.dataset]
         if info.needs_root:
             if self.data.root:
@@ -294,13 +295,14 @@ class StudyConfig:
                 raise ConfigError(
                     f"{shown} is not a directory; put the {self.data.dataset} data there or fix the path{fix}"
                 )
-            train = root / "train"
-            if self.data.dataset == "imagefolder" and train.is_dir():
-                found = sum(1 for p in train.iterdir() if p.is_dir())
+            if self.data.dataset == "imagefolder":
+                from kd_optuna.data import open_image_folder
+
+                found = len(open_image_folder(root)[0].classes)
                 if found != self.num_classes:
                     raise ConfigError(
-                        f"{train} holds {found} class folders but the models have {self.num_classes} classes; "
-                        f"set teacher.num_classes and student.num_classes = {found}"
+                        f"{root / 'train'} holds {found} class folders but the models have {self.num_classes} "
+                        f"classes; set teacher.num_classes and student.num_classes = {found}"
                     )
         if self.teacher.checkpoint is not None:
             self.check_teacher_checkpoint()

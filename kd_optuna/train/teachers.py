@@ -29,7 +29,7 @@ from torch import nn
 
 from kd_optuna.train.checkpoints import CheckpointError, load_model, save_checkpoint
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.data import load_dataset
+from kd_optuna.data import image_folder_classes, load_dataset
 from kd_optuna.models import build_model
 from kd_optuna.train.engine import default_device, evaluate
 from kd_optuna.train.classifier import train_classifier
@@ -106,7 +106,7 @@ def teacher_identity(
         identity["root"] = str(resolved)
         folders = _data_folders(dataset, resolved)
     if dataset == "imagefolder" and folders[0].is_dir():
-        identity["classes"] = sorted(p.name for p in folders[0].iterdir() if p.is_dir())
+        identity["classes"] = image_folder_classes(folders[0])
     if image_size is not None:
         identity["image_size"] = int(image_size)
     identity["files"], identity["file_count"] = files_fingerprint(folders)
