@@ -101,6 +101,33 @@ def test_dataparallel_prefix_is_removed(tmp_path):
     assert set(load_state(path, "resnet8", 10)) == set(model.state_dict())
 
 
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda state: {f"model.{k}": v for k, v in state.items()},  # a module holding it as self.model
+        lambda state: {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3,
+                       "pytorch-lightning_version": "2.4.0"},  # a Lightning checkpoint
+        lambda state: {f"_orig_mod.{k}": v for k, v in state.items()},  # torch.compile
+        lambda state: {"state_dict": {f"module.model.{k}": v for k, v in state.items()}},  # DDP around a wrapper
+    ],
+)
+def test_wrapper_prefixes_are_removed(tmp_path, wrap):
+    model = build_model("resnet8", 10)
+    path = tmp_path / "wrapped.pth"
+    torch.save(wrap(model.state_dict()), path)
+    loaded, _ = load_model(path, "resnet8", 10)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_checkpoint_without_batchnorm_counters_loads(tmp_path):
+    """PyTorch before 0.4.1 saved no num_batches_tracked; load_state_dict fills them with 0, so do we."""
+    model = build_model("resnet8", 10)
+    path = tmp_path / "old.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    loaded, _ = load_model(path, "resnet8", 10)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_tampered_weights_fail_the_hash(tmp_path):
     path = save_checkpoint(tmp_path / "t.pt", build_model("digits_student", 10), model_name="digits_student",
                            num_classes=10, dataset="digits", accuracy=0.9)

@@ -9,8 +9,12 @@ version. ``load_state`` reads, always with ``torch.load(..., weights_only=True)`
 - the ``ckpt_epoch_240.pth`` layout of RepDistiller and mdistiller, ``{"model": state_dict, ...}``
   (our zoo uses their parameter names, so no conversion is needed),
 
-and, in every case, a ``module.`` prefix left by DataParallel is removed. The weights are then
-checked against ``build_model(model_name, num_classes)``; a mismatch names both architectures.
+and, in every case, the prefix a wrapper leaves on every key is removed (``module.``: DataParallel
+and DistributedDataParallel; ``model.``: a LightningModule or another module holding the model as
+``self.model``; ``_orig_mod.``: ``torch.compile``). The weights are then checked against
+``build_model(model_name, num_classes)``; a mismatch names both architectures. BatchNorm's
+``num_batches_tracked`` counters, absent from checkpoints of PyTorch before 0.4.1, are filled with
+0, as ``load_state_dict`` does for them.
 """
 
 from __future__ import annotations
@@ -121,9 +125,20 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(
             f"checkpoint {path} holds no state dict (expected {{name: tensor}}, {{'model': ...}} or our format)"
         )
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state, meta
+    return _unwrapped(state), meta
+
+
+#: Prefixes that wrappers put before every key of a model's state dict (module docstring).
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the wrapper prefixes shared by all its keys (``module.model.`` too)."""
+    while True:
+        shared = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        if shared is None:
+            return state
+        state = {k[len(shared):]: v for k, v in state.items()}
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -173,9 +188,11 @@ def _checked(path, state: dict, meta: dict | None, model_name: str, num_classes:
         held = f"{meta.get('model_name')} with {meta.get('num_classes')} classes"
         raise CheckpointError(f"checkpoint {path} holds {held}, but {wanted} was asked for")
     expected = _shapes(_on_meta(model_name, num_classes))
-    if set(expected) != set(state) or any(tuple(state[k].shape) != expected[k] for k in expected):
+    untracked = [k for k in expected if k.endswith(".num_batches_tracked") and k not in state]
+    filled = {**state, **{k: torch.tensor(0, dtype=torch.long) for k in untracked}}
+    if set(expected) != set(filled) or any(tuple(filled[k].shape) != expected[k] for k in expected):
         raise CheckpointError(f"checkpoint {path} holds {describe_architecture(state)}, but {wanted} was asked for")
-    return state
+    return filled
 
 
 def load_model(
