@@ -298,3 +298,18 @@ def test_a_hidden_folder_in_an_image_folder_is_no_class_at_create_study(tmp_path
     config.write_text(own_model_toml(root))
     code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", f"sqlite:///{tmp_path / 'kd.db'}")
     assert code == 0, err
+
+
+def test_a_torchvision_regnet_is_checked_and_its_checkpoint_loads(tmp_path):
+    """RegNet factories compute their widths with tensors, which the meta device cannot run:
+    they are checked on the CPU instead of being refused as unbuildable."""
+    from kd_optuna.run.config import StudyConfig
+    from kd_optuna.train.checkpoints import load_state
+
+    nodes = {"feat": "trunk_output", "emb": "flatten", "logit": "fc"}
+    data = {"data": {"dataset": "cifar10"}, "teacher": {"model": "resnet20"},
+            "student": {"model": "regnet_x_400mf", "nodes": nodes}}
+    assert StudyConfig.from_dict(data).student.model == "regnet_x_400mf"
+    path = tmp_path / "regnet.pth"
+    torch.save(build_model("regnet_x_400mf", 10).state_dict(), path)
+    assert set(load_state(path, "regnet_x_400mf", 10)) == set(build_model("regnet_x_400mf", 10).state_dict())

@@ -6,7 +6,7 @@
     knowledge_shapes(tapped, (3, 32, 32))           # {"feat": (64, 8, 8), "emb": (64,), "logit": (100,)}
 """
 
-from .registry import MODEL_NAMES, ModelEntry, UnknownModel, build_model, model_entry
+from .registry import MODEL_NAMES, ModelEntry, UnknownModel, build_model, build_model_skeleton, model_entry
 from .tap import KNOWLEDGE, TapError, TappedModel, check_nodes, knowledge_shapes, tap_model
 from .vit import MissingExtra
 
@@ -19,6 +19,7 @@ __all__ = [
     "TappedModel",
     "UnknownModel",
     "build_model",
+    "build_model_skeleton",
     "check_nodes",
     "knowledge_shapes",
     "model_entry",

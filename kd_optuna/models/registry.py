@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import KdOptunaError
@@ -162,3 +163,14 @@ def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     if not isinstance(num_classes, int) or num_classes < 1:
         raise KdOptunaError(f"num_classes must be a positive integer, got {num_classes!r}")
     return model_entry(name).factory(num_classes=num_classes, **kwargs)
+
+
+def build_model_skeleton(name: str, num_classes: int) -> nn.Module:
+    """``build_model(name, num_classes)`` on the meta device (shapes without weights: nothing
+    allocated), to check names and shapes; a factory that computes with tensors while it builds
+    (torchvision's RegNets derive their widths so) cannot run there and is built on the CPU."""
+    try:
+        with torch.device("meta"):
+            return build_model(name, num_classes)
+    except NotImplementedError:
+        return build_model(name, num_classes)

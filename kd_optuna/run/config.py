@@ -554,17 +554,14 @@ def _check_models(source: str, data: DataConfig, teacher: TeacherConfig, student
 
 
 def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int, input_shape: tuple) -> None:
-    """Trace ``part.model`` once, built on the meta device (no weights allocated, nothing
-    downloaded): its tap nodes must exist, and, where a meta forward runs, give a feature map,
-    a vector and ``num_classes`` logits on ``input_shape`` images."""
-    import torch
-
-    from kd_optuna.models import TapError, build_model, check_nodes, knowledge_shapes, tap_model
+    """Trace ``part.model`` once, built by ``build_model_skeleton`` (on the meta device where it
+    can be: no weights allocated; nothing downloaded): its tap nodes must exist, and, where a
+    forward runs, give a feature map, a vector and ``num_classes`` logits on ``input_shape`` images."""
+    from kd_optuna.models import TapError, build_model_skeleton, check_nodes, knowledge_shapes, tap_model
     from kd_optuna.models.tap import default_nodes, describe_nodes
 
     try:
-        with torch.device("meta"):
-            model = build_model(part.model, num_classes)
+        model = build_model_skeleton(part.model, num_classes)
     except KdOptunaError as exc:
         raise ConfigError(f"{source}: {role}.model = {part.model!r}: {_one_line(str(exc))}") from None
     except Exception as exc:

@@ -30,7 +30,7 @@ from torch import nn
 
 from kd_optuna import __version__
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.models import MODEL_NAMES, build_model
+from kd_optuna.models import MODEL_NAMES, build_model, build_model_skeleton
 
 FORMAT = "kd-optuna-checkpoint/1"
 
@@ -145,11 +145,6 @@ def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _on_meta(name: str, num_classes: int) -> nn.Module:
-    with torch.device("meta"):
-        return build_model(name, num_classes)
-
-
 def _class_count(expected: dict, state: dict) -> int | None:
     """The checkpoint's class count: dim 0 of the tensors whose shape differs from the
     expected model's in dim 0 only (the classifier), if that is all that differs."""
@@ -165,7 +160,7 @@ def describe_architecture(state: dict[str, torch.Tensor]) -> str:
     shapes (apart from the class count) match ``state``; else 'an unknown architecture'."""
     for name in MODEL_NAMES:
         try:
-            expected = _shapes(_on_meta(name, 1))
+            expected = _shapes(build_model_skeleton(name, 1))
         except KdOptunaError:
             continue
         if set(expected) != set(state):
@@ -187,7 +182,7 @@ def _checked(path, state: dict, meta: dict | None, model_name: str, num_classes:
     if meta is not None and (meta.get("model_name"), meta.get("num_classes")) != (model_name, num_classes):
         held = f"{meta.get('model_name')} with {meta.get('num_classes')} classes"
         raise CheckpointError(f"checkpoint {path} holds {held}, but {wanted} was asked for")
-    expected = _shapes(_on_meta(model_name, num_classes))
+    expected = _shapes(build_model_skeleton(model_name, num_classes))
     untracked = [k for k in expected if k.endswith(".num_batches_tracked") and k not in state]
     filled = {**state, **{k: torch.tensor(0, dtype=torch.long) for k in untracked}}
     if set(expected) != set(filled) or any(tuple(filled[k].shape) != expected[k] for k in expected):
