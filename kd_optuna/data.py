@@ -353,30 +353,58 @@ def random_crop_flip(padding: int, fill: Sequence[float]):
     return augment
 
 
+def _cifar_class(name: str):
+    import torchvision
+
+    return torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+
+
+def _cifar_files_problem(cls, folder: Path) -> str | None:
+    """What is wrong with the CIFAR copy in ``folder`` (``cls``: torchvision's CIFAR10 or
+    CIFAR100), naming the first missing or failing file; None when every file passes
+    torchvision's md5 check."""
+    from torchvision.datasets.utils import check_integrity
+
+    if not folder.is_dir():
+        return "is missing"
+    for filename, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+        if not (folder / filename).is_file():
+            return f"lacks its file {filename}"
+        if not check_integrity(str(folder / filename), md5):
+            return (f"has a {filename} that is truncated, corrupt or not the official release: it fails torchvision's "
+                    "md5 check, which refuses any other file (a self-made or re-pickled one too)")
+    return None
+
+
+def _cifar_error(name: str, root: Path, download: bool, download_hint: str, state: str) -> DataError:
+    cls = _cifar_class(name)
+    label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    fetch = "downloading did not fix it; delete the folder and try again, or" if download else f"{download_hint}, or"
+    return DataError(f"{label} at {root / cls.base_folder} {state}: {fetch} place the genuine files: extract "
+                     f"{cls.filename} from {cls.url} into {root}")
+
+
+def check_cifar(name: str, root: str | os.PathLike, download_hint: str = DOWNLOAD_HINT) -> None:
+    """DataError naming the missing or failing file of the ``name`` copy under ``root`` and the
+    fix (``download_hint`` or placing the genuine files), without unpickling anything."""
+    root = Path(root).expanduser()
+    problem = _cifar_files_problem(_cifar_class(name), root / _cifar_class(name).base_folder)
+    if problem is not None:
+        raise _cifar_error(name, root, False, download_hint, problem)
+
+
 def _open_cifar(name: str, root: Path, download: bool,
                 download_hint: str = DOWNLOAD_HINT) -> tuple[Dataset, Dataset]:
     """torchvision's (train, test) CIFAR-10 or CIFAR-100 under ``root``, downloaded there first if
     ``download``; a missing, corrupt or undownloadable copy is a DataError saying what to do
     (without ``download``: ``download_hint``, or placing the genuine files)."""
-    import torchvision
-
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    folder = root / cls.base_folder
+    cls = _cifar_class(name)
     label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
     try:
         return cls(str(root), train=True, download=download), cls(str(root), train=False, download=False)
     except RuntimeError:
-        if folder.exists():
-            state = ("is corrupt or not the official release: its files fail torchvision's md5 check, "
-                     "which refuses any other file (a self-made or re-pickled one too)")
-        else:
-            state = "is missing"
-        fetch = ("downloading did not fix it; delete the folder and try again, or"
-                 if download else f"{download_hint}, or")
-        raise DataError(
-            f"{label} at {folder} {state}: {fetch} place the genuine files: extract {cls.filename} "
-            f"from {cls.url} into {root}"
-        ) from None
+        state = _cifar_files_problem(cls, root / cls.base_folder) or "cannot be read"
+        raise _cifar_error(name, root, download, download_hint, state) from None
     except OSError as exc:
         raise DataError(f"could not download {label} into {root}: {exc}; copy {cls.filename} there by hand") from None
 

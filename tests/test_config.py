@@ -156,7 +156,7 @@ def test_missing_data_root_and_checkpoint_are_refused_by_check_files(tmp_path):
     data["teacher"], data["student"] = {"model": "resnet56"}, {"model": "resnet20"}
     with pytest.raises(ConfigError, match="data.root .* is not a directory"):
         StudyConfig.from_dict(data).check_files()
-    data["data"]["root"] = str(tmp_path)
+    data["data"]["root"], data["data"]["download"] = str(tmp_path), True  # the CIFAR files come later
     data["teacher"]["checkpoint"] = str(tmp_path / "teacher.pth")
     with pytest.raises(ConfigError, match="teacher.checkpoint .* is not a file"):
         StudyConfig.from_dict(data).check_files()

@@ -117,6 +117,37 @@ def test_cifar100_corrupt_file_is_a_one_line_error(tiny_cifar100):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda folder: (folder / "test").unlink(), ["lacks its file test"]),
+        (lambda folder: (folder / "meta").write_bytes((folder / "meta").read_bytes()[:-7]),
+         ["has a meta that is truncated, corrupt or not the official release"]),
+        (lambda folder: (folder / "train").write_bytes((folder / "train").read_bytes()[:100]),
+         ["has a train that is truncated"]),
+    ],
+)
+def test_a_damaged_cifar_copy_is_refused_at_create_study_naming_the_file(tiny_cifar100, capsys, monkeypatch, damage,
+                                                                        words):
+    import optuna
+    from conftest import invoke_cli
+
+    monkeypatch.chdir(tiny_cifar100)
+    damage(tiny_cifar100 / "cifar-100-python")
+    config = tiny_cifar100 / "c.toml"
+    config.write_text(f'[data]\ndataset = "cifar100"\nroot = "{tiny_cifar100}"\n[teacher]\nmodel = "resnet8"\n'
+                      '[student]\nmodel = "resnet8"\n')
+    url = f"sqlite:///{tiny_cifar100 / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    line = err.strip()
+    assert code == 2 and "\n" not in line and f"CIFAR-100 at {tiny_cifar100}/cifar-100-python" in line, err
+    for word in words + ["`download = true` under [data]", "place the genuine files"]:
+        assert word in line, line
+    assert optuna.get_all_study_names(url) == []
+    with pytest.raises(DataError, match=words[0]):
+        load_dataset("cifar100", root=tiny_cifar100)
+
+
 def test_missing_cifar_root_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(KdOptunaError) as info:
         load_dataset("cifar10", root=tmp_path / "absent")

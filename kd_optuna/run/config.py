@@ -280,7 +280,8 @@ class StudyConfig:
 
     def check_files(self) -> None:
         """Check that the data root and the teacher checkpoint exist on this machine; an image
-        folder's layout is checked too (``kd_optuna.data.open_image_folder``: no image is read)."""
+        folder's layout (``kd_optuna.data.open_image_folder``: no image is read) and a CIFAR copy's
+        files (``kd_optuna.data.check_cifar``: their md5, nothing unpickled) are checked too."""
         info = DATASETS[self.data.dataset]
         if info.needs_root:
             if self.data.root:
@@ -295,6 +296,10 @@ class StudyConfig:
                 raise ConfigError(
                     f"{shown} is not a directory; put the {self.data.dataset} data there or fix the path{fix}"
                 )
+            if self.data.dataset in ("cifar10", "cifar100") and not self.data.download:
+                from kd_optuna.data import check_cifar
+
+                check_cifar(self.data.dataset, root)
             if self.data.dataset == "imagefolder":
                 from kd_optuna.data import open_image_folder
 
