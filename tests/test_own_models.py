@@ -313,3 +313,19 @@ def test_a_torchvision_regnet_is_checked_and_its_checkpoint_loads(tmp_path):
     path = tmp_path / "regnet.pth"
     torch.save(build_model("regnet_x_400mf", 10).state_dict(), path)
     assert set(load_state(path, "regnet_x_400mf", 10)) == set(build_model("regnet_x_400mf", 10).state_dict())
+
+
+def test_a_relative_checkpoint_path_not_found_says_where_it_was_looked_for(tmp_path, capsys, monkeypatch):
+    """A checkpoint beside the config, named relative to it, is looked for in the working
+    directory: the message says so, with the directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conf").mkdir()
+    torch.save(build_model("digits_teacher", 10).state_dict(), tmp_path / "conf" / "teacher.pth")
+    config = tmp_path / "conf" / "d.toml"
+    config.write_text(open(_digits_toml(tmp_path, "teacher.pth")).read())
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    assert code == 2 and f"'teacher.pth' (read from the working directory {tmp_path};" in err, err
+    assert optuna.get_all_study_names(url) == []
+    config.write_text(open(_digits_toml(tmp_path, "conf/teacher.pth")).read())
+    assert invoke_cli(capsys, "create-study", str(config), "--storage", url)[0] == 0

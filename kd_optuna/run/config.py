@@ -290,7 +290,8 @@ class StudyConfig:
                 from kd_optuna.data import default_root
 
                 root = default_root()
-            shown = f"data.root = {self.data.root!r}" if self.data.root else f"the default data root {str(root)!r}"
+            shown = (f"data.root = {self.data.root!r}{_relative_note(self.data.root)}" if self.data.root
+                     else f"the default data root {str(root)!r}{_relative_note(root)}")
             fix = " or set data.download = true" if self.data.dataset != "imagefolder" else ""
             if not root.is_dir() and not self.data.download:
                 raise ConfigError(
@@ -318,7 +319,8 @@ class StudyConfig:
         path = Path(self.teacher.checkpoint).expanduser()
         if not path.is_file():
             raise ConfigError(
-                f"teacher.checkpoint = {self.teacher.checkpoint!r} is not a file; fix the path, or remove "
+                f"teacher.checkpoint = {self.teacher.checkpoint!r}{_relative_note(self.teacher.checkpoint)} "
+                "is not a file; fix the path, or remove "
                 "the key to let kd-optuna train a teacher"
             )
         from kd_optuna.train.checkpoints import CheckpointError, load_state
@@ -369,6 +371,14 @@ def load_config(path_or_name: str | Path) -> StudyConfig:
     if config.study.name is None:
         config = dataclasses.replace(config, study=StudySection(name=path.stem))
     return config
+
+
+def _relative_note(path: str | Path) -> str:
+    """For a relative path, where it was looked for: the working directory (not the config
+    file's folder: the stored config is read by commands run anywhere)."""
+    if Path(path).expanduser().is_absolute():
+        return ""
+    return f" (read from the working directory {Path.cwd()}; an absolute path works from any)"
 
 
 def _one_line(text: str) -> str:
