@@ -111,6 +111,15 @@ def test_unknown_model_name_says_what_is_accepted(tmp_path, capsys, monkeypatch)
     assert code == 2 and "mobilenet_v9" in err and "torchvision classifier" in err and "resnet56" in err
 
 
+@pytest.mark.parametrize("typo, meant", [("mobilenetv3_small", "mobilenet_v3_small"), ("WRN_40_2", "wrn_40_2"),
+                                         ("efficientnetb0", "efficientnet_b0")])
+def test_a_misspelt_model_name_names_the_close_ones(typo, meant):
+    from kd_optuna.models import UnknownModel, model_entry
+
+    with pytest.raises(UnknownModel, match=rf"unknown model '{typo}' \(did you mean [^)]*\b{meant}\b"):
+        model_entry(typo)
+
+
 def test_timm_model_with_nodes_is_accepted():
     pytest.importorskip("timm")
     from kd_optuna.run.config import StudyConfig

@@ -144,10 +144,26 @@ def model_entry(name: str) -> ModelEntry:
     if entry is None:
         timm_hint = "" if _timm_installed() else " (timm's too once `pip install timm` is done)"
         raise UnknownModel(
-            f"unknown model {name!r}; use a torchvision classifier name such as mobilenet_v3_small{timm_hint}, "
+            f"unknown model {name!r}{_close_matches(name)}; use a torchvision classifier name such as "
+            f"mobilenet_v3_small{timm_hint}, "
             f"or one of the zoo: {', '.join(MODEL_NAMES)}"
         )
     return entry
+
+
+def _close_matches(name: object) -> str:
+    """' (did you mean A, B?)' naming up to three known model names close to ``name``
+    (``difflib``'s ratio, case ignored), or ''."""
+    import difflib
+
+    known = [*MODEL_NAMES, *_torchvision_classifiers()]
+    if _timm_installed():
+        import timm
+
+        known += timm.list_models()
+    by_lower = {k.lower(): k for k in reversed(known)}
+    close = difflib.get_close_matches(str(name).lower(), list(by_lower), n=3, cutoff=0.75)
+    return f" (did you mean {', '.join(by_lower[c] for c in close)}?)" if close else ""
 
 
 def _timm_installed() -> bool:
