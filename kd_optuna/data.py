@@ -35,7 +35,6 @@ the training augmentation to such a batch.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -486,26 +485,41 @@ def image_folder_classes(folder: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and _visible(entry.name))
 
 
-def _is_image_file(path: str, folder: str) -> bool:
-    """``path`` below ``folder`` has an image extension (any case) and no hidden part."""
+def walk_once(top: str | os.PathLike):
+    """``os.walk(top, followlinks=True)`` (top-down) that enters each real folder once: a
+    symbolic link back to a folder already walked (a loop, or a second link to it) is not
+    followed again, where os.walk would repeat its files until the OS refuses the path."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        yield dirpath, dirnames, filenames
+
+
+def _image_files(class_folder: Path) -> list[str]:
+    """The image files below ``class_folder`` (any depth, extensions in any case, hidden files
+    and folders left out), in torchvision ``make_dataset``'s order: folders by path, then names."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-    parts = Path(os.path.relpath(path, folder)).parts
-    return all(_visible(part) for part in parts) and has_file_allowed_extension(path, IMG_EXTENSIONS)
+    found = []
+    for dirpath, dirnames, filenames in walk_once(class_folder):
+        dirnames[:] = [d for d in dirnames if _visible(d)]
+        names = sorted(f for f in filenames if _visible(f) and has_file_allowed_extension(f, IMG_EXTENSIONS))
+        found.append((dirpath, [os.path.join(dirpath, name) for name in names]))
+    return [path for _, paths in sorted(found) for path in paths]
 
 
 class ImageFiles(Dataset):
     """One split of an image folder: item i is (RGB PIL image, class index) of the i-th image
-    file below ``folder/<class>/`` (at any depth, hidden entries left out), in torchvision
-    ``ImageFolder``'s order. ``classes`` are the class folder names, ``targets`` the labels."""
+    file below ``folder/<class>/`` (:func:`_image_files`). ``classes`` are the class folder
+    names, ``targets`` the labels."""
 
     def __init__(self, folder: Path, classes: list[str]):
-        from torchvision.datasets.folder import make_dataset
-
         self.classes = classes
-        self.samples = make_dataset(str(folder), {c: i for i, c in enumerate(classes)},
-                                    is_valid_file=functools.partial(_is_image_file, folder=str(folder)),
-                                    allow_empty=True)
+        self.samples = [(path, index) for index, name in enumerate(classes) for path in _image_files(folder / name)]
         self.targets = [target for _, target in self.samples]
 
     def __len__(self) -> int:

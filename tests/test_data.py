@@ -208,6 +208,17 @@ def test_an_imagefolder_leaves_out_hidden_entries_and_reads_nested_and_uppercase
     assert x.shape == (len(splits.train), 3, 32, 32)
 
 
+def test_a_symlink_loop_in_an_imagefolder_is_walked_once(tiny_imagefolder):
+    """A class folder holding a link to itself: os.walk(followlinks=True) repeated its images
+    about 40 times (until ELOOP), and the teacher cache key's file walk raised that OSError."""
+    from kd_optuna.train.teachers import teacher_identity
+
+    (tiny_imagefolder / "train" / "dog" / "again").symlink_to(tiny_imagefolder / "train" / "dog")
+    splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)
+    assert (len(splits.train), len(splits.val)) == (16, 4)
+    assert teacher_identity("imagefolder", "resnet8", tiny_imagefolder)["file_count"] == 24
+
+
 @pytest.mark.parametrize(
     "change, words",
     [

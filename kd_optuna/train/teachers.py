@@ -65,14 +65,19 @@ def _data_folders(dataset: str, root: Path) -> list[Path]:
 
 def files_fingerprint(folders: list[Path]) -> tuple[str, int]:
     """(sha256, file count) over every file below ``folders``: relative path, size and mtime
-    (nanoseconds), in sorted order; a missing folder counts as absent. Reads no file."""
+    (nanoseconds), in sorted order; a missing folder counts as absent, a folder reached again
+    through a symbolic link (a loop) is not walked again. Reads no file."""
     digest = hashlib.sha256()
     count = 0
     for folder in folders:
         digest.update(f"{folder.name}|{folder.is_dir()}|".encode())
         stack = [folder] if folder.is_dir() else []
+        walked: set[str] = set()
         while stack:
             current = stack.pop()
+            if os.path.realpath(current) in walked:
+                continue
+            walked.add(os.path.realpath(current))
             with os.scandir(current) as entries:
                 listed = sorted(entries, key=lambda e: e.name)
             for entry in listed:
