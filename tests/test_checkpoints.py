@@ -128,6 +128,15 @@ def test_a_checkpoint_without_batchnorm_counters_loads(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_torchvision_model_with_another_class_count_is_named_not_unknown(tmp_path):
+    """mobilenet_v3_small is outside the zoo: its 1000-class weights read 'an unknown architecture'."""
+    path = tmp_path / "mnv3.pth"
+    torch.save(build_model("mobilenet_v3_small", 1000).state_dict(), path)
+    with pytest.raises(CheckpointError, match="holds mobilenet_v3_small with 1000 classes, but mobilenet_v3_small "
+                                              "with 3 classes was asked for"):
+        load_state(path, "mobilenet_v3_small", 3)
+
+
 def test_tampered_weights_fail_the_hash(tmp_path):
     path = save_checkpoint(tmp_path / "t.pt", build_model("digits_student", 10), model_name="digits_student",
                            num_classes=10, dataset="digits", accuracy=0.9)

@@ -155,10 +155,11 @@ def _class_count(expected: dict, state: dict) -> int | None:
     return None
 
 
-def describe_architecture(state: dict[str, torch.Tensor]) -> str:
-    """'<zoo name> with <K> classes' for the first registered model whose parameter names and
-    shapes (apart from the class count) match ``state``; else 'an unknown architecture'."""
-    for name in MODEL_NAMES:
+def describe_architecture(state: dict[str, torch.Tensor], asked: str | None = None) -> str:
+    """'<name> with <K> classes' for the first of ``asked`` (the model a caller wanted: any
+    torchvision or timm name too) and the zoo's models whose parameter names and shapes (apart
+    from the class count) match ``state``; else 'an unknown architecture'."""
+    for name in dict.fromkeys([asked, *MODEL_NAMES] if asked else MODEL_NAMES):
         try:
             expected = _shapes(build_model_skeleton(name, 1))
         except KdOptunaError:
@@ -186,7 +187,7 @@ def _checked(path, state: dict, meta: dict | None, model_name: str, num_classes:
     untracked = [k for k in expected if k.endswith(".num_batches_tracked") and k not in state]
     filled = {**state, **{k: torch.tensor(0, dtype=torch.long) for k in untracked}}
     if set(expected) != set(filled) or any(tuple(filled[k].shape) != expected[k] for k in expected):
-        raise CheckpointError(f"checkpoint {path} holds {describe_architecture(state)}, but {wanted} was asked for")
+        raise CheckpointError(f"checkpoint {path} holds {describe_architecture(state, model_name)}, but {wanted} was asked for")
     return filled
 
 
