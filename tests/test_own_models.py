@@ -338,3 +338,17 @@ def test_a_relative_checkpoint_path_not_found_says_where_it_was_looked_for(tmp_p
     assert optuna.get_all_study_names(url) == []
     config.write_text(open(_digits_toml(tmp_path, "conf/teacher.pth")).read())
     assert invoke_cli(capsys, "create-study", str(config), "--storage", url)[0] == 0
+
+
+@pytest.mark.slow
+def test_a_teacher_checkpoint_under_the_home_folder_runs_a_trial(tmp_path, capsys, monkeypatch):
+    """create-study expanded `~` in teacher.checkpoint, the workers did not: 'does not exist'."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save(build_model("digits_teacher", 10).state_dict(), tmp_path / "teacher.pth")
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    assert invoke_cli(capsys, "create-study", _digits_toml(tmp_path, "~/teacher.pth"), "--storage", url)[0] == 0
+    code, _, err = invoke_cli(capsys, "optimize", "--storage", url, "--n-trials", "1", "--device", "cpu",
+                              "--threads", "1", "--no-progress")
+    assert code == 0, err
+    assert optuna.load_study(study_name="digits_tiny", storage=url).best_trial.state.name == "COMPLETE"

@@ -101,8 +101,9 @@ def unreadable_reason(exc: BaseException) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state dict, our meta or None) from any supported layout, weights_only, hash verified."""
-    path = Path(path)
+    """(state dict, our meta or None) from any supported layout, weights_only, hash verified;
+    ``~`` in ``path`` is the home folder."""
+    path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
