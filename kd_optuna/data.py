@@ -378,6 +378,9 @@ def _cifar_files_problem(cls, folder: Path) -> str | None:
 def _cifar_error(name: str, root: Path, download: bool, download_hint: str, state: str) -> DataError:
     cls = _cifar_class(name)
     label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    if root.name == cls.base_folder and not (root / cls.base_folder).exists():
+        return DataError(f"{label}: the data root {root} is the {cls.base_folder} folder itself; give the folder "
+                         f"that holds it, {root.parent}")
     fetch = "downloading did not fix it; delete the folder and try again, or" if download else f"{download_hint}, or"
     return DataError(f"{label} at {root / cls.base_folder} {state}: {fetch} place the genuine files: extract "
                      f"{cls.filename} from {cls.url} into {root}")

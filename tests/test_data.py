@@ -148,6 +148,16 @@ def test_a_damaged_cifar_copy_is_refused_at_create_study_naming_the_file(tiny_ci
         load_dataset("cifar100", root=tiny_cifar100)
 
 
+def test_a_cifar_root_that_is_the_batches_folder_itself_names_its_parent(tiny_cifar100):
+    from kd_optuna.data import check_cifar
+
+    inner = tiny_cifar100 / "cifar-100-python"
+    for check in (lambda: check_cifar("cifar100", inner), lambda: load_dataset("cifar100", root=inner)):
+        with pytest.raises(DataError, match=f"root {inner} is the cifar-100-python folder itself; give the folder "
+                                            f"that holds it, {tiny_cifar100}$"):
+            check()
+
+
 def test_missing_cifar_root_names_the_path_and_the_fix(tmp_path):
     with pytest.raises(KdOptunaError) as info:
         load_dataset("cifar10", root=tmp_path / "absent")
