@@ -516,8 +516,8 @@ def _build(cls: type, table: Mapping[str, Any], source: str, section: str):
             raise ConfigError(f"{source}: {section}.{name} is missing; add `{name} = ...` under [{section}]")
     try:
         return cls(**values)
-    except KdOptunaError as exc:
-        raise ConfigError(f"{source}: [{section}] {_one_line(str(exc))}") from None
+    except KdOptunaError as exc:  # "proxy steps must be ..." reads "[proxy] steps must be ..."
+        raise ConfigError(f"{source}: [{section}] {_one_line(str(exc)).removeprefix(section + ' ')}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: [{section}] {_one_line(str(exc))}; fix the value") from None
 
