@@ -54,6 +54,9 @@ name = "packing"
 [data]
 dataset = "cifar100"
 root = {root!r}
+# the trials train on CIFAR-shaped random data (synthetic_objective): create-study must not ask
+# for the genuine files' md5 there, and nothing here downloads
+download = true
 
 [teacher]
 model = "resnet56"
