@@ -119,6 +119,27 @@ def test_wrapper_prefixes_are_removed(tmp_path, wrap):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+class _HoldsModel(torch.nn.Module):
+    """A model whose own state dict keys all start with ``model.``."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.model = torch.nn.Linear(4, num_classes)
+
+
+def test_a_model_whose_own_keys_start_with_a_wrapper_prefix_loads_as_saved(tmp_path, monkeypatch):
+    from kd_optuna.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "holds_model", registry.ModelEntry(_HoldsModel, None, (4,)))
+    model = _HoldsModel(3)
+    path = tmp_path / "own.pth"
+    torch.save(model.state_dict(), path)
+    loaded, _ = load_model(path, "holds_model", 3)
+    assert torch.equal(loaded.model.weight, model.model.weight)
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    assert torch.equal(load_model(path, "holds_model", 3)[0].model.weight, model.model.weight)
+
+
 def test_a_checkpoint_without_batchnorm_counters_loads(tmp_path):
     """PyTorch before 0.4.1 saved no num_batches_tracked; load_state_dict fills them with 0, so do we."""
     model = build_model("resnet8", 10)

@@ -9,10 +9,11 @@ version. ``load_state`` reads, always with ``torch.load(..., weights_only=True)`
 - the ``ckpt_epoch_240.pth`` layout of RepDistiller and mdistiller, ``{"model": state_dict, ...}``
   (our zoo uses their parameter names, so no conversion is needed),
 
-and, in every case, the prefix a wrapper leaves on every key is removed (``module.``: DataParallel
-and DistributedDataParallel; ``model.``: a LightningModule or another module holding the model as
-``self.model``; ``_orig_mod.``: ``torch.compile``). The weights are then checked against
-``build_model(model_name, num_classes)``; a mismatch names both architectures. BatchNorm's
+and, in every case, the weights are checked against ``build_model(model_name, num_classes)``, as
+saved and then without each prefix a wrapper leaves on every key (``module.``: DataParallel and
+DistributedDataParallel; ``model.``: a LightningModule or another module holding the model as
+``self.model``; ``_orig_mod.``: ``torch.compile``), so a model whose own keys start so loads as
+saved; a mismatch names both architectures. BatchNorm's
 ``num_batches_tracked`` counters, absent from checkpoints of PyTorch before 0.4.1, are filled with
 0, as ``load_state_dict`` does for them.
 """
@@ -126,20 +127,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(
             f"checkpoint {path} holds no state dict (expected {{name: tensor}}, {{'model': ...}} or our format)"
         )
-    return _unwrapped(state), meta
+    return state, meta
 
 
 #: Prefixes that wrappers put before every key of a model's state dict (module docstring).
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
 
 
-def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` without the wrapper prefixes shared by all its keys (``module.model.`` too)."""
+def _unwrappings(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """``state``, then ``state`` without each further wrapper prefix shared by all its keys
+    (``module.model.`` gives three): the readings of a checkpoint, the model's own keys first."""
+    readings = [state]
     while True:
-        shared = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)
+        shared = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in readings[-1])), None)
         if shared is None:
-            return state
-        state = {k[len(shared):]: v for k, v in state.items()}
+            return readings
+        readings.append({k[len(shared):]: v for k, v in readings[-1].items()})
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -185,11 +188,14 @@ def _checked(path, state: dict, meta: dict | None, model_name: str, num_classes:
         held = f"{meta.get('model_name')} with {meta.get('num_classes')} classes"
         raise CheckpointError(f"checkpoint {path} holds {held}, but {wanted} was asked for")
     expected = _shapes(build_model_skeleton(model_name, num_classes))
-    untracked = [k for k in expected if k.endswith(".num_batches_tracked") and k not in state]
-    filled = {**state, **{k: torch.tensor(0, dtype=torch.long) for k in untracked}}
-    if set(expected) != set(filled) or any(tuple(filled[k].shape) != expected[k] for k in expected):
-        raise CheckpointError(f"checkpoint {path} holds {describe_architecture(state, model_name)}, but {wanted} was asked for")
-    return filled
+    readings = _unwrappings(state)
+    for reading in readings:
+        untracked = [k for k in expected if k.endswith(".num_batches_tracked") and k not in reading]
+        filled = {**reading, **{k: torch.tensor(0, dtype=torch.long) for k in untracked}}
+        if set(expected) == set(filled) and all(tuple(filled[k].shape) == expected[k] for k in expected):
+            return filled
+    held = describe_architecture(readings[-1], model_name)
+    raise CheckpointError(f"checkpoint {path} holds {held}, but {wanted} was asked for")
 
 
 def load_model(
