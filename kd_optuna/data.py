@@ -538,6 +538,8 @@ def open_image_folder(root: Path) -> tuple[ImageFiles, ImageFiles]:
     image: both split folders exist and hold the same class folders, each class has 2 or more
     training images (a share is held out for validation) and 1 or more in val; else DataError
     naming what is wrong and the fix."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     root = Path(root).expanduser()
     layout = f"expected {root}/train/<class>/<image> and {root}/val/<class>/<image> (the ImageNet layout)"
     for part in ("train", "val"):
@@ -558,8 +560,6 @@ def open_image_folder(root: Path) -> tuple[ImageFiles, ImageFiles]:
         few = [f"{name} ({int(n)})" for name, n in zip(split.classes, counts) if n < least]
         if few:
             why = " (a share is held out for validation)" if part == "train" else ""
-            from torchvision.datasets.folder import IMG_EXTENSIONS
-
             extensions = ", ".join(e.lstrip(".") for e in IMG_EXTENSIONS)
             held = f"fewer than {least} images" if least > 1 else "no images"
             raise DataError(f"{root}/{part}: class folder(s) {', '.join(few)} hold {held} ({extensions}); each class "

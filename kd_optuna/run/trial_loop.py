@@ -211,8 +211,10 @@ def _space_exhausted(storage, study, trial, space) -> bool:
     note = read_lineage(storage.get_trial(optuna_private.trial_id(trial))).get("sampler_note")
     if isinstance(note, str) and REPEAT_NOTE in note:
         return True
+    if space.size() != 1:
+        return False
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    return space.size() == 1 and any(t.number != trial.number for t in finished)
+    return any(t.number != trial.number for t in finished)
 
 
 class _HostLock:
