@@ -285,3 +285,38 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
         assert len(errors) == 1 and words in errors[0] and "Traceback" not in run.stderr, (args, run.stderr)
         assert "weights_only=False" not in run.stderr and "study config" not in run.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".kd_optuna_cache/*bogus*"))
+
+
+def _digits_recipe(tmp_path, **changes):
+    recipe = dict(epochs=1, batch_size=128, lr=0.05, momentum=0.9, weight_decay=5e-4, milestones=[], gamma=0.1,
+                  num_workers=0, seed=0, dataset="digits", data_root=None, download=False, teacher="digits_student",
+                  teacher_checkpoint=None, student="digits_student", device="cpu", max_steps=2,
+                  cache_dir=str(tmp_path / "cache"), progress=False, output_dir=str(tmp_path / "run"))
+    return {**recipe, **changes}
+
+
+def test_a_second_run_into_a_folder_being_trained_into_is_refused_and_changes_nothing(tmp_path):
+    """Two runs into one folder overwrote each other's ``last.pt`` epoch by epoch (or crashed on
+    the shared temporary file); the second is now refused before it loads anything."""
+    from kd_optuna.errors import KdOptunaError
+    from kd_optuna.export.training import train_with_distiller
+    from kd_optuna.files import file_lock
+
+    run = tmp_path / "run"
+    with file_lock(run / ".lock"):
+        with pytest.raises(KdOptunaError, match=r"another run is training into .*run; wait for it .* another --output-dir"):
+            train_with_distiller(CLASSICS["kd"][0].to_params(), **_digits_recipe(tmp_path))
+    assert [p.name for p in run.iterdir()] == [".lock"] and not (tmp_path / "cache").exists()
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_and_a_file_is_not_a_run_folder(tmp_path):
+    from kd_optuna.errors import KdOptunaError
+    from kd_optuna.export.training import train_with_distiller
+
+    with pytest.raises(KdOptunaError, match="digits_studnet"):
+        train_with_distiller(CLASSICS["kd"][0].to_params(), **_digits_recipe(tmp_path, student="digits_studnet"))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(KdOptunaError, match="--output-dir .*run is a file"):
+        train_with_distiller(CLASSICS["kd"][0].to_params(), **_digits_recipe(tmp_path))
+    assert (tmp_path / "run").read_text() == "notes"

@@ -14,14 +14,14 @@ The script itself is written by :mod:`kd_optuna.export.script`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 from pathlib import Path
-from typing import Any
-
-from kd_optuna.errors import KdOptunaError
+from typing import Any, Iterator
 
 from kd_optuna.distill.baselines import METHOD_DESCRIPTIONS
+from kd_optuna.errors import KdOptunaError
+from kd_optuna.files import LockHeld, atomic_save, file_lock
 
 #: ``--method`` choices: the term added to the student's cross-entropy.
 METHODS: dict[str, str] = {
@@ -70,36 +70,56 @@ def train_with_distiller(
 
     _check_arguments(epochs, batch_size, method, max_steps)
     _check_image_size(dataset, image_size)
-    spec = DistillerSpec.from_params(spec_params)
-    target = torch.device(WorkerContext(0, 1, device).torch_device())
-    torch.manual_seed(seed)
-    hint = {} if download_hint is None else {"download_hint": download_hint}
-    splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size, **hint)
-    num_classes = splits.num_classes
-    _check_model_names(student, None if method == "dml" else teacher, num_classes)
-    tapped_teacher = None if method == "dml" else _frozen_teacher(
-        teacher, num_classes, target, checkpoint=teacher_checkpoint, nodes=teacher_nodes,
-        dataset=dataset, data_root=data_root, download=download, image_size=image_size, cache_dir=cache_dir)
-    tapped_student = tap_model(build_model(student, num_classes), student, nodes=student_nodes).to(target)
-    sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
-    term = build_method_term(
-        method, spec, tapped_student, tapped_teacher, tuple(splits.input_shape),
-        num_data=len(splits.train), student_name=student, num_classes=num_classes, sgd=sgd, device=target,
-        epochs=epochs,
-    )
-    optimizer, scheduler = _milestone_sgd(list(tapped_student.parameters()) + list(term.parameters()), **sgd)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    loaders = (_indexed_loader(splits, batch_size, num_workers, seed),
-               splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0))
-    run = _FullTraining(tapped_student, tapped_teacher, term, optimizer, scheduler, loaders, spec=spec, method=method,
-                        out=out, device=target, seed=seed, epochs=epochs, progress=progress,
-                        meta={"model_name": student, "num_classes": num_classes, "dataset": dataset})
-    start_epoch = run.resume() if resume else 0
-    test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
-    train_epochs(optimizer, run.epoch_batches, run.loss, epochs=epochs, first_epoch=start_epoch,
-                 max_steps=max_steps, hooks=run.hooks())
-    return run.results(test_loader)
+    with _only_run_in(Path(output_dir)):
+        spec = DistillerSpec.from_params(spec_params)
+        target = torch.device(WorkerContext(0, 1, device).torch_device())
+        torch.manual_seed(seed)
+        hint = {} if download_hint is None else {"download_hint": download_hint}
+        splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size, **hint)
+        num_classes = splits.num_classes
+        _check_model_names(student, None if method == "dml" else teacher, num_classes)
+        tapped_teacher = None if method == "dml" else _frozen_teacher(
+            teacher, num_classes, target, checkpoint=teacher_checkpoint, nodes=teacher_nodes,
+            dataset=dataset, data_root=data_root, download=download, image_size=image_size, cache_dir=cache_dir)
+        tapped_student = tap_model(build_model(student, num_classes), student, nodes=student_nodes).to(target)
+        sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
+        term = build_method_term(
+            method, spec, tapped_student, tapped_teacher, tuple(splits.input_shape),
+            num_data=len(splits.train), student_name=student, num_classes=num_classes, sgd=sgd, device=target,
+            epochs=epochs,
+        )
+        optimizer, scheduler = _milestone_sgd(list(tapped_student.parameters()) + list(term.parameters()), **sgd)
+        loaders = (_indexed_loader(splits, batch_size, num_workers, seed),
+                   splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0))
+        run = _FullTraining(tapped_student, tapped_teacher, term, optimizer, scheduler, loaders, spec=spec, method=method,
+                            out=Path(output_dir), device=target, seed=seed, epochs=epochs, progress=progress,
+                            meta={"model_name": student, "num_classes": num_classes, "dataset": dataset})
+        test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
+        start_epoch = run.resume() if resume else 0
+        train_epochs(optimizer, run.epoch_batches, run.loss, epochs=epochs, first_epoch=start_epoch,
+                     max_steps=max_steps, hooks=run.hooks())
+        return run.results(test_loader)
+
+
+@contextlib.contextmanager
+def _only_run_in(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` for the run, so that a second run into ``out`` (whose checkpoints
+    would overwrite this one's, epoch by epoch) is refused instead of mixing the two. A folder
+    this run created and left holding nothing but the lock (it failed first) is removed."""
+    if out.exists() and not out.is_dir():
+        raise KdOptunaError(f"--output-dir {out} is a file; give a folder for the run's checkpoints")
+    lock = out / ".lock"
+    created = not out.exists()
+    try:
+        with file_lock(lock, wait=False):
+            try:
+                yield
+            finally:
+                if created and [p.name for p in out.iterdir()] == [lock.name]:
+                    lock.unlink()
+                    out.rmdir()
+    except LockHeld:
+        raise KdOptunaError(f"another run is training into {out}; wait for it to finish or give another --output-dir") from None
 
 
 def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int | None) -> None:
@@ -286,7 +306,7 @@ class _FullTraining:
                 f"epoch {epoch + 1}/{self.epochs}: loss {means['loss']:.4f} (CE {means['ce']:.4f} + {self.method} "
                 f"{means['term']:.4f})  val top-1 {100 * val_top1:.2f}%"
             )
-        _save_atomic(self.last_path, {
+        atomic_save({
             "spec": self.spec.to_json(),
             "method": self.method,
             "student": self.student.model.state_dict(),
@@ -296,7 +316,7 @@ class _FullTraining:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "history": self.history,
-        })
+        }, self.last_path)
 
     def _save_best(self, epoch: int, val_top1: float) -> None:
         from kd_optuna.train.checkpoints import save_checkpoint
@@ -497,9 +517,3 @@ def _top1(tapped, loader, device) -> float:
     return evaluate(tapped, loader, device=device, output="logit").accuracy
 
 
-def _save_atomic(path: Path, payload: dict) -> None:
-    import torch
-
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)

@@ -242,7 +242,7 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
     """
     import re
 
-    from kd_optuna.proxy.cache import file_lock
+    from kd_optuna.files import file_lock
     from kd_optuna.train.checkpoints import CheckpointError, read_checkpoint
     from kd_optuna.train.teachers import teacher_identity, teacher_key, train_teacher
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from kd_optuna import __version__
 from kd_optuna.errors import KdOptunaError
+from kd_optuna.files import atomic_save
 from kd_optuna.models import MODEL_NAMES, build_model, build_model_skeleton
 
 FORMAT = "kd-optuna-checkpoint/1"
@@ -72,11 +73,7 @@ def save_checkpoint(
         "version": __version__,
         **(extra or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, partial)
-    os.replace(partial, path)
-    return path
+    return atomic_save({"format": FORMAT, "state_dict": state, "meta": meta}, path)
 
 
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
