@@ -553,3 +553,27 @@ def test_titles_fit_a_half_width_dashboard_card_and_lineage_labels_leave_nodes_c
     assert marks["mode"] == "markers" and "mutated: %{text}" in marks["hovertemplate"]
     nodes = [t for t in lineage["data"] if t.get("mode") == "markers+text"]
     assert {text for t in nodes for text in t["text"]} <= {"", *(f"#{i}" for i in range(1, 7))}
+
+
+def test_commands_shown_for_a_study_name_with_spaces_run_as_pasted(tmp_path, capsys, monkeypatch):
+    """The note's and the report's commands, pasted into a shell, name the study and storage
+    they were written for, whatever spaces, slashes or quotes those hold."""
+    import shlex
+
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
+    folder = tmp_path / "my runs"
+    folder.mkdir()
+    url = f"sqlite:///{folder / 'a b.db'}"
+    name = "kd search/ü 'v2'"
+    story_study(url, with_compare=False, name=name)
+    told = story.build(optuna.load_study(study_name=name, storage=url))
+    for _, command in told.commands:
+        args = shlex.split(command)
+        assert args[args.index("--study-name") + 1] == name and args[args.index("--storage") + 1] == url
+    space = next(command for _, command in told.commands if command.startswith("kd-optuna space"))
+    code, _, stderr = invoke_cli(capsys, *shlex.split(space)[1:])
+    assert code == 0, stderr
+    code, _, stderr = invoke_cli(capsys, "create-study", "digits", "--study-name", name, "--storage", url)
+    assert code == 2
+    suggested = re.search(r"`(kd-optuna optimize [^`]*)`", stderr).group(1)
+    assert shlex.split(suggested)[3] == name

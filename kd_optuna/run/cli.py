@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -101,7 +102,7 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
         if not skip_if_exists:
             raise StorageError(
                 f"study {name!r} already exists with {held}; continue it with "
-                f"`kd-optuna optimize --study-name {name} --n-trials N` (N counts the study's total), "
+                f"`kd-optuna optimize --study-name {shlex.quote(name)} --n-trials N` (N counts the study's total), "
                 "or pass --skip-if-exists to keep it, or give another --study-name"
             )
         click.echo(f"study {name!r} exists with {held}; kept it and its stored config")

@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shlex
 from typing import Any, Mapping, Sequence
 
 from kd_optuna import optuna_private
@@ -204,7 +205,7 @@ def build(study, config=None, trials: Sequence[Any] | None = None) -> Story:
     if compare_fig is not None:
         figures["compare"] = compare_fig
     url = storage_url(study)
-    flags = f"--study-name {study.study_name} --storage {url}"
+    flags = f"--study-name {shlex.quote(study.study_name)} --storage {shlex.quote(url)}"
     best_number = leaders[0].number if leaders else "best"
     commands = [
         ("export the best distiller to a training script", f"kd-optuna export {flags} --trial {best_number} -o train_best.py"),
