@@ -459,6 +459,20 @@ def dashboard(storage: str, host: str, port: int, artifact_dir: str | None) -> N
     run_server(rdb, host=host, port=port, artifact_store=store)
 
 
+def _output_file(output: str) -> Path:
+    """``-o OUTPUT`` as the path of a file in a folder that exists; a blank name, a missing
+    folder or a file where the folder should be raise KdOptunaError before anything is read."""
+    path = Path(output)
+    if not output.strip() or path.name in ("", ".", ".."):
+        raise KdOptunaError(f"-o {output!r} names no file; give a file name")
+    folder = path.parent
+    if not folder.exists():
+        raise KdOptunaError(f"directory {str(folder)!r} does not exist; create it or choose another -o")
+    if not folder.is_dir():
+        raise KdOptunaError(f"{str(folder)!r} is a file, not a directory; choose another -o")
+    return path
+
+
 @cli.command()
 @_study_option
 @_storage_option
@@ -467,10 +481,9 @@ def report(study_name, storage, output) -> None:
     """Write the study's figures and tables as one self-contained HTML page (no network needed)."""
     from kd_optuna.run.report import write_report
 
+    target = _output_file(output)
     _, study, config = _open(storage, study_name)
-    if Path(output).parent and not Path(output).parent.is_dir():
-        raise KdOptunaError(f"directory {str(Path(output).parent)!r} does not exist; create it or choose another -o")
-    path = write_report(Path(output), study, config)
+    path = write_report(target, study, config)
     click.echo(f"wrote {path}: open it in a browser")
 
 
@@ -483,9 +496,10 @@ def export(study_name, storage, trial_choice, output) -> None:
     """Write a script that trains the student with the trial's distiller on the full data."""
     from kd_optuna.export.script import write_script
 
+    target = _output_file(output)
     _, study, config = _open(storage, study_name)
     trial = best_trial(study, trial_choice)
-    path = write_script(Path(output), study.study_name, trial, config)
+    path = write_script(target, study.study_name, trial, config)
     click.echo(f"wrote {path}: run `python {path} --help`")
 
 
