@@ -201,6 +201,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_dashboard_on_a_port_in_use_says_so_before_it_claims_to_listen(study_url, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = run(capsys, "dashboard", "--storage", study_url, "--port", str(port))
+    assert code == 2 and err.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in err and "--port" in err
+    assert "http://" not in out
+    for args, words in ((["--port", "99999"], ["--port", "99999"]), (["--host", "192.0.2.1"], ["192.0.2.1", "--host"])):
+        code, out, err = run(capsys, "dashboard", "--storage", study_url, *args)
+        assert code == 2 and err.count("\n") == 1 and "http://" not in out and all(w in err for w in words)
+
+
 @pytest.mark.slow
 def test_dashboard_serves_the_study_on_loopback(study_url, tmp_path):
     add_trials(study_url, "digits_tiny")

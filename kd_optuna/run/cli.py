@@ -438,7 +438,7 @@ def _best_distinct(study, n: int):
 @cli.command()
 @_storage_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; the dashboard has no login.")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--artifact-dir", default=None, envvar="KD_OPTUNA_ARTIFACT_DIR",
               help="Artifact store of the studies' exported scripts [default: DB.artifacts/ beside a sqlite:///DB; "
                    "env KD_OPTUNA_ARTIFACT_DIR].")
@@ -450,6 +450,7 @@ def dashboard(storage: str, host: str, port: int, artifact_dir: str | None) -> N
     from kd_optuna.run.artifacts import artifact_dir as default_artifact_dir, artifact_store
 
     rdb = open_storage(storage, heartbeat_interval=None, must_exist=True)
+    _check_listen_address(host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"warning: the dashboard on {host} is open to the network without a login", err=True)
     store = artifact_store(default_artifact_dir(storage, artifact_dir), create=True)
@@ -457,6 +458,27 @@ def dashboard(storage: str, host: str, port: int, artifact_dir: str | None) -> N
         click.echo("note: no artifact store (give --artifact-dir); exported scripts are not downloadable", err=True)
     click.echo(f"dashboard of {mask_url(storage)} on http://{host}:{port}/ (Ctrl-C to stop)")
     run_server(rdb, host=host, port=port, artifact_store=store)
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """Bind ``host:port`` once as the dashboard's server will (bottle's WSGIRefServer: IPv6 for
+    a host with a colon, address reuse on); a port in use or an address this machine does not
+    have raises KdOptunaError, before the dashboard says where it listens."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except socket.gaierror:
+            raise KdOptunaError(f"--host {host!r} is not an address of this machine; give one such as 127.0.0.1") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise KdOptunaError(f"port {port} on {host} is in use (another dashboard?); give another --port") from None
+            raise KdOptunaError(f"cannot listen on {host}:{port} ({exc.strerror}); give an address of this machine "
+                                "with --host, or another --port") from None
 
 
 def _output_file(output: str) -> Path:
