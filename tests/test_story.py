@@ -577,3 +577,23 @@ def test_commands_shown_for_a_study_name_with_spaces_run_as_pasted(tmp_path, cap
     assert code == 2
     suggested = re.search(r"`(kd-optuna optimize [^`]*)`", stderr).group(1)
     assert shlex.split(suggested)[3] == name
+
+
+def test_note_and_report_count_every_trial_the_same_way(tmp_path, capsys, monkeypatch):
+    """A study with running, queued and plainly pruned trials beside completed, rejected and
+    failed ones: the note's and the report's trial counts add up to the total and agree."""
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    config = study_config(study)
+    study.add_trial(_trial_of(config, _vary(CLASSICS["kd"][0], magnitude=5), state=TrialState.FAIL))
+    study.add_trial(_trial_of(config, _vary(CLASSICS["kd"][0], magnitude=50), state=TrialState.PRUNED))
+    study.enqueue_trial(CLASSICS["kd"][0].to_params())
+    study.ask()
+    study.enqueue_trial(_vary(CLASSICS["kd"][0], temperature=1).to_params())
+    line = "12: 6 completed, 2 rejected by the loss check, 1 failed, 1 pruned, 1 running, 1 waiting"
+    note = story.refresh(study).note
+    assert f"- **trials**: {line}" in note, note.splitlines()[:8]
+    out = tmp_path / "report.html"
+    assert invoke_cli(capsys, "report", "--storage", url, "-o", str(out))[0] == 0
+    assert f"<td>trials</td><td>{line}</td>" in out.read_text(encoding="utf-8")

@@ -56,9 +56,7 @@ def html_page(study, config=None) -> str:
     story.artifact = stories._recorded_artifact(study)
     parts = [f"<h1>kd-optuna study <code>{html.escape(story.study_name)}</code></h1>",
              f"<p>storage <code>{html.escape(story.storage)}</code></p>"]
-    c = story.counts
-    task = list(story.task) + [("trials", f"{c.get('trials', 0)}: {c.get('completed', 0)} completed, "
-                                          f"{c.get('rejected', 0)} rejected by the loss check, {c.get('failed', 0)} failed")]
+    task = list(story.task) + [("trials", stories.trials_line(story.counts))]
     parts.append(_table(["", ""], task))
     parts.append("<h2>Best distillers</h2>")
     if story.best:

@@ -221,6 +221,15 @@ def build(study, config=None, trials: Sequence[Any] | None = None) -> Story:
     )
 
 
+def trials_line(counts: Mapping[str, int]) -> str:
+    """The study's trials by outcome (:attr:`Story.counts`), parts that add up to the total, e.g.
+    ``12: 8 completed, 2 rejected by the loss check, 1 failed, 1 waiting``; pruned (without a
+    rejection), running and waiting only when there are some."""
+    text = (f"{counts.get('trials', 0)}: {counts.get('completed', 0)} completed, {counts.get('rejected', 0)} rejected "
+            f"by the loss check, {counts.get('failed', 0)} failed")
+    return text + "".join(f", {counts[k]} {k}" for k in ("pruned", "running", "waiting") if counts.get(k))
+
+
 def _md_cell(value: Any) -> str:
     return fmt(value).replace("|", "\\|").replace("\n", " ")
 
@@ -230,10 +239,7 @@ def note_text(story: Story) -> str:
     lines = [f"# kd-optuna study `{story.study_name}`", ""]
     for name, value in story.task:
         lines.append(f"- **{name}**: {value}")
-    c = story.counts
-    lines.append(f"- **trials**: {c.get('trials', 0)}: {c.get('completed', 0)} completed, {c.get('rejected', 0)} rejected "
-                 f"by the loss check, {c.get('failed', 0)} failed" +
-                 (f", {c['running']} running" if c.get("running") else ""))
+    lines.append(f"- **trials**: {trials_line(story.counts)}")
     lines += ["", "## Best distillers", ""]
     if story.best:
         lines += ["| # | trial | score | formula | val_ce | cka_gap | val_acc | origin |", "|---:|---:|---:|---|---:|---:|---:|---|"]
