@@ -597,3 +597,14 @@ def test_note_and_report_count_every_trial_the_same_way(tmp_path, capsys, monkey
     out = tmp_path / "report.html"
     assert invoke_cli(capsys, "report", "--storage", url, "-o", str(out))[0] == 0
     assert f"<td>trials</td><td>{line}</td>" in out.read_text(encoding="utf-8")
+
+
+def test_more_trials_command_adds_a_hundred_finished_trials(tmp_path):
+    """--n-trials counts the study's finished trials (completed and pruned), so the command
+    the story shows for more trials asks for 100 more of those, whatever failed or waits."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)  # 8 finished
+    study.add_trial(_trial_of(study_config(study), _vary(CLASSICS["kd"][0], magnitude=5), state=TrialState.FAIL))
+    study.enqueue_trial(CLASSICS["kd"][0].to_params())
+    command = next(c for _, c in story.build(study).commands if c.startswith("kd-optuna optimize"))
+    assert command.endswith("--n-trials 108")

@@ -207,12 +207,13 @@ def build(study, config=None, trials: Sequence[Any] | None = None) -> Story:
     url = storage_url(study)
     flags = f"--study-name {shlex.quote(study.study_name)} --storage {shlex.quote(url)}"
     best_number = leaders[0].number if leaders else "best"
+    finished = sum(counts.get(k, 0) for k in ("completed", "rejected", "pruned"))  # what --n-trials counts
     commands = [
         ("export the best distiller to a training script", f"kd-optuna export {flags} --trial {best_number} -o train_best.py"),
         ("train it against the baselines over seeds", f"kd-optuna compare {flags} --methods searched,kd,dkd,kd+ls,dkd+ls --seeds 5"),
         ("this page as one HTML file", f"kd-optuna report {flags} -o report.html"),
         ("the shrinkage weights in force", f"kd-optuna space {flags}"),
-        ("more trials", f"kd-optuna optimize {flags} --n-trials {len(trials) + 100}"),
+        ("100 more trials", f"kd-optuna optimize {flags} --n-trials {finished + 100}"),
     ]
     return Story(
         study_name=study.study_name, storage=url, task=_task(config), counts=counts,
