@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import re
+import socket
 from dataclasses import asdict
 from pathlib import Path
 
@@ -608,3 +609,19 @@ def test_more_trials_command_adds_a_hundred_finished_trials(tmp_path):
     study.enqueue_trial(CLASSICS["kd"][0].to_params())
     command = next(c for _, c in story.build(study).commands if c.startswith("kd-optuna optimize"))
     assert command.endswith("--n-trials 108")
+
+
+def test_an_artifact_dir_that_is_a_file_is_named_with_the_fix(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    story_study(url, with_compare=False)
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    for where in ("notes.txt", "notes.txt/scripts"):
+        code, out, err = invoke_cli(capsys, "dashboard", "--storage", url, "--port", port,
+                                    "--artifact-dir", str(tmp_path / where))
+        assert code == 2 and err.count("\n") == 1 and repr(str(tmp_path / where)) in err and "--artifact-dir" in err
+        assert "http://" not in out
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"

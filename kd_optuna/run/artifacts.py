@@ -48,13 +48,21 @@ def artifact_dir(storage: Any, explicit: str | os.PathLike | None = None) -> Pat
 
 
 def artifact_store(directory: Path | None, create: bool = False):
-    """optuna's FileSystemArtifactStore on ``directory`` (made when ``create``), or None."""
+    """optuna's FileSystemArtifactStore on ``directory`` (made when ``create``), or None; a
+    ``directory`` that is a file or cannot be made raises KdOptunaError naming it."""
     from optuna.artifacts import FileSystemArtifactStore
+
+    from kd_optuna.errors import KdOptunaError
 
     if directory is None:
         return None
     if create:
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            what = "is a file" if directory.exists() else f"cannot be made ({exc.strerror})"
+            raise KdOptunaError(f"artifact directory {str(directory)!r} {what}; give another --artifact-dir "
+                                f"or {ARTIFACT_DIR_ENV}") from None
     elif not directory.is_dir():
         return None
     return FileSystemArtifactStore(str(directory))
