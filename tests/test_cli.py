@@ -127,6 +127,21 @@ def test_best_without_completed_trials_and_unknown_or_foreign_studies(study_url,
     assert code == 2 and "--study-name" in err
 
 
+def test_trials_of_a_python_objective_show_the_formula_the_report_shows(study_url, capsys):
+    """A user's own objective (README "In Python") records no formula or spec attrs: trials
+    and best still show the distiller's formula and key, as the report and dashboard do."""
+    study = optuna.load_study(study_name="digits_tiny", storage=study_url)
+    spec = CLASSICS["at"][0]
+    study.add_trial(optuna.trial.create_trial(
+        params=spec.to_params(), distributions={g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES},
+        value=0.25))
+    code, out, err = run(capsys, "trials", "--storage", study_url)
+    assert code == 0 and spec.formula() in out, err
+    code, out, err = run(capsys, "best", "--storage", study_url)
+    rows = dict(line.split(None, 1) for line in out.splitlines()[2:] if " " in line)
+    assert code == 0 and rows["formula"].strip() == spec.formula() and rows["spec"].strip() == spec.key, err
+
+
 def test_best_and_export_of_a_study_whose_trials_were_all_rejected_say_so(study_url, capsys):
     study = optuna.load_study(study_name="digits_tiny", storage=study_url)
     spec = CLASSICS["sp"][0]

@@ -179,12 +179,14 @@ def _refresh_story(study, config=None) -> None:
 
 
 def _trial_row(trial) -> dict[str, Any]:
+    from kd_optuna.run.study_view import formula_of
+
     attrs = trial.user_attrs
     return {
         "number": trial.number,
         "state": trial.state.name,
         "value": trial.value,
-        "formula": attrs.get("formula"),
+        "formula": formula_of(trial),
         "val_acc": attrs.get("val_acc"),
         "val_ce": attrs.get("val_ce"),
         "reject_reason": attrs.get("reject_reason") or attrs.get("fail_reason"),
@@ -291,9 +293,11 @@ def best(study_name, storage, fmt) -> None:
     trial = best_trial(study)
     record = _trial_record(trial)
     if fmt == "table":
+        from kd_optuna.run.study_view import formula_of, key_of
+
         attrs = trial.user_attrs
         rows = [{"key": "trial", "value": trial.number}, {"key": "score", "value": trial.value},
-                {"key": "formula", "value": attrs.get("formula")}, {"key": "spec", "value": attrs.get("spec")}]
+                {"key": "formula", "value": formula_of(trial)}, {"key": "spec", "value": key_of(trial)}]
         rows += [{"key": k, "value": attrs[k]} for k in ("val_acc", "val_ce", "sharpness_gap", "cka_gap", "proxy_seconds") if k in attrs]
         rows += [{"key": k, "value": v} for k, v in trial.params.items()]
         rows += [{"key": "canonical form", "value": note} for note in record["canonical_notes"]]
