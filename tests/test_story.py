@@ -625,3 +625,19 @@ def test_an_artifact_dir_that_is_a_file_is_named_with_the_fix(tmp_path, capsys, 
         assert code == 2 and err.count("\n") == 1 and repr(str(tmp_path / where)) in err and "--artifact-dir" in err
         assert "http://" not in out
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_report_does_not_call_a_former_best_s_script_the_best_s(tmp_path, capsys, monkeypatch):
+    """Trials finished since the last refresh (a Python objective, an interrupted optimize):
+    the report names the stored script for what it is, not as the best trial's."""
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    assert story.refresh(study).artifact["trial"] == 5
+    out = tmp_path / "report.html"
+    assert invoke_cli(capsys, "report", "--storage", url, "-o", str(out))[0] == 0
+    assert "The best trial's script is stored with the study: <code>train_trial5.py</code>" in out.read_text(encoding="utf-8")
+    study.add_trial(_trial_of(study_config(study), _vary(CLASSICS["kd"][0], magnitude=5), 0.05))
+    assert invoke_cli(capsys, "report", "--storage", url, "-o", str(out))[0] == 0
+    page = out.read_text(encoding="utf-8")
+    assert '<td class="num">8</td>' in page and "The best trial's script" not in page and "train_trial5.py" in page

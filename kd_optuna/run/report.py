@@ -69,8 +69,14 @@ def html_page(study, config=None) -> str:
     else:
         parts.append("<p>No completed trial yet.</p>")
     if story.artifact:
-        parts.append(f"<p>The best trial's script is stored with the study: <code>{html.escape(story.artifact['filename'])}"
-                     f"</code> under trial {story.artifact['trial']}'s artifacts in <code>kd-optuna dashboard</code>.</p>")
+        a = story.artifact
+        stored = (f"<code>{html.escape(str(a.get('filename')))}</code> under trial {html.escape(str(a.get('trial')))}'s "
+                  "artifacts in <code>kd-optuna dashboard</code>")
+        if story.best and a.get("trial") == story.best[0]["trial"]:
+            parts.append(f"<p>The best trial's script is stored with the study: {stored}.</p>")
+        else:
+            parts.append(f"<p>The study stores the script of its best trial at the last refresh (optimize or compare): "
+                         f"{stored}; <code>kd-optuna export</code> writes the current best's.</p>")
     tried = [r for r in story.classics if r["trial"] is not None]
     if tried:
         best = story.best[0]["score"] if story.best else None
