@@ -229,6 +229,19 @@ def test_dashboard_on_a_port_in_use_says_so_before_it_claims_to_listen(study_url
         assert code == 2 and err.count("\n") == 1 and "http://" not in out and all(w in err for w in words)
 
 
+def test_dashboard_on_ipv6_loopback_prints_a_url_a_browser_opens(study_url, capsys, monkeypatch):
+    import optuna_dashboard
+
+    served = []
+    monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port, **kw: served.append((host, port)))
+    with socket.socket(socket.AF_INET6) as free:
+        free.bind(("::1", 0))
+        port = free.getsockname()[1]
+    code, out, err = run(capsys, "dashboard", "--storage", study_url, "--host", "::1", "--port", str(port))
+    assert code == 0 and served == [("::1", port)], err
+    assert f"http://[::1]:{port}/" in out
+
+
 @pytest.mark.slow
 def test_dashboard_serves_the_study_on_loopback(study_url, tmp_path):
     add_trials(study_url, "digits_tiny")

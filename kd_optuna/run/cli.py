@@ -460,7 +460,8 @@ def dashboard(storage: str, host: str, port: int, artifact_dir: str | None) -> N
     store = artifact_store(default_artifact_dir(storage, artifact_dir), create=True)
     if store is None:
         click.echo("note: no artifact store (give --artifact-dir); exported scripts are not downloadable", err=True)
-    click.echo(f"dashboard of {mask_url(storage)} on http://{host}:{port}/ (Ctrl-C to stop)")
+    shown_host = f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+    click.echo(f"dashboard of {mask_url(storage)} on http://{shown_host}:{port}/ (Ctrl-C to stop)")
     run_server(rdb, host=host, port=port, artifact_store=store)
 
 
