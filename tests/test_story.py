@@ -641,3 +641,46 @@ def test_report_does_not_call_a_former_best_s_script_the_best_s(tmp_path, capsys
     assert invoke_cli(capsys, "report", "--storage", url, "-o", str(out))[0] == 0
     page = out.read_text(encoding="utf-8")
     assert '<td class="num">8</td>' in page and "The best trial's script" not in page and "train_trial5.py" in page
+
+
+def test_two_reports_into_one_file_at_once_both_write_a_whole_page(tmp_path, monkeypatch):
+    """A second `kd-optuna report` into the same file finishes while the first is about to
+    put its page in place: both succeed, the file is one whole page, no partial file is left."""
+    import os
+
+    from kd_optuna.run import report
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    out = tmp_path / "report.html"
+    real_replace = os.replace
+
+    def replace_after_another_report(src, dst):
+        monkeypatch.setattr(os, "replace", real_replace)
+        report.write_report(out, study)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_after_another_report)
+    report.write_report(out, study)
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>") and page.count("<html") == 1
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("report")] == ["report.html"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any file the user writes, not mkstemp's 0600
+
+
+def test_report_into_a_folder_it_cannot_write_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    story_study(url, with_compare=False)
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "report.html.x.partial"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    code, _, err = invoke_cli(capsys, "report", "--storage", url, "-o", str(tmp_path / "report.html"))
+    assert code == 2 and err.count("\n") == 1 and repr(str(tmp_path / "report.html")) in err and "-o" in err
+    assert ".partial" not in err and not list(tmp_path.glob("report*"))

@@ -112,12 +112,40 @@ def html_page(study, config=None) -> str:
 
 
 def write_report(path, study, config=None):
-    """Write :func:`html_page` to ``path`` (via a partial file); return the path."""
+    """Write :func:`html_page` to ``path``; return the path.
+
+    The page goes to a partial file of its own beside ``path`` (``NAME.XXXX.partial``), then
+    replaces ``path`` at once: a browser, or another ``kd-optuna report`` into the same file at
+    the same moment, never sees half a page, and an error leaves no partial file behind (a
+    folder that cannot be written raises KdOptunaError naming ``path``).
+    """
     import os
+    import tempfile
     from pathlib import Path
 
+    from kd_optuna.errors import KdOptunaError
+
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(html_page(study, config), encoding="utf-8")
-    os.replace(partial, path)
+    text = html_page(study, config)
+    partial = None
+    try:
+        handle, partial = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(partial, 0o666 & ~_umask())
+        os.replace(partial, path)
+    except BaseException as exc:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise KdOptunaError(f"cannot write {str(path)!r} ({exc.strerror or exc}); choose another -o") from None
+        raise
     return path
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
