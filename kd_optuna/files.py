@@ -27,24 +27,30 @@ class LockHeld(Exception):
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *, mode: int | None = None) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then replace ``path`` with it.
 
-    ``mode`` (for example ``0o755``) is set before the move. On any error the temporary file is
-    removed and ``path`` is left as it was. Returns ``path``.
+    The file gets ``mode`` (for example ``0o755``; default: ``0o666`` less the umask, what
+    ``open`` gives) before the move. On any error the temporary file is removed and ``path`` is
+    left as it was. Returns ``path``.
     """
     path = Path(path)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        if mode is not None:
-            os.chmod(temp, mode)
+        os.chmod(temp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> Path:

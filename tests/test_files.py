@@ -60,3 +60,14 @@ def test_a_held_lock_is_refused_at_once_without_wait_and_free_after(tmp_path):
         assert held.value.path == lock
     with file_lock(lock, wait=False):
         pass
+
+
+def test_a_written_file_has_the_permissions_open_gives_not_mkstemps_0600(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        atomic_save({"w": torch.zeros(1)}, tmp_path / "best_student.pt")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "best_student.pt").stat().st_mode & 0o777 == 0o644

@@ -112,40 +112,13 @@ def html_page(study, config=None) -> str:
 
 
 def write_report(path, study, config=None):
-    """Write :func:`html_page` to ``path``; return the path.
-
-    The page goes to a partial file of its own beside ``path`` (``NAME.XXXX.partial``), then
-    replaces ``path`` at once: a browser, or another ``kd-optuna report`` into the same file at
-    the same moment, never sees half a page, and an error leaves no partial file behind (a
-    folder that cannot be written raises KdOptunaError naming ``path``).
-    """
-    import os
-    import tempfile
-    from pathlib import Path
-
+    """Write :func:`html_page` to ``path`` with :func:`kd_optuna.files.atomic_write_text`: a
+    browser, or another ``kd-optuna report`` into the same file at the same moment, never sees
+    half a page; a folder that cannot be written raises KdOptunaError naming ``path``."""
     from kd_optuna.errors import KdOptunaError
+    from kd_optuna.files import atomic_write_text
 
-    path = Path(path)
-    text = html_page(study, config)
-    partial = None
     try:
-        handle, partial = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(partial, 0o666 & ~_umask())
-        os.replace(partial, path)
-    except BaseException as exc:
-        if partial is not None:
-            Path(partial).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise KdOptunaError(f"cannot write {str(path)!r} ({exc.strerror or exc}); choose another -o") from None
-        raise
-    return path
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        return atomic_write_text(path, html_page(study, config))
+    except OSError as exc:
+        raise KdOptunaError(f"cannot write {str(path)!r} ({exc.strerror or exc}); choose another -o") from None
