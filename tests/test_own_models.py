@@ -352,3 +352,33 @@ def test_a_teacher_checkpoint_under_the_home_folder_runs_a_trial(tmp_path, capsy
                               "--threads", "1", "--no-progress")
     assert code == 0, err
     assert optuna.load_study(study_name="digits_tiny", storage=url).best_trial.state.name == "COMPLETE"
+
+
+def test_a_teacher_that_train_teacher_put_in_the_cache_is_reused_for_a_prefixed_model_name(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """`kd-optuna train-teacher` without -o wrote teacher-imagefolder-torchvision:NAME.pt, the
+    search looked for teacher-imagefolder-torchvision_NAME.pt and trained the teacher again."""
+    from pathlib import Path
+
+    from kd_optuna.proxy.task import cached_teacher_checkpoint
+    from kd_optuna.run.config import load_config
+    from kd_optuna.train import teachers
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(teachers.RECIPES, "imagefolder", {**teachers.RECIPES["imagefolder"], "epochs": 1})
+    config = tmp_path / "own.toml"
+    text = own_model_toml(image_folder(tmp_path / "images", per_class=2))
+    config.write_text(text.replace('model = "mobilenet_v3_small"\nnum_classes = 2\nnodes',
+                                   'model = "torchvision:mobilenet_v3_small"\nnum_classes = 2\nnodes', 1)
+                      .replace('root = ', 'image_size = 32\nroot = ', 1))
+    code, out, err = invoke_cli(capsys, "train-teacher", str(config), "--device", "cpu")
+    assert code == 0, err
+
+    def train_again(*args, **kwargs):
+        raise AssertionError(f"trained the teacher again into {args[2]}")
+
+    monkeypatch.setattr(teachers, "train_teacher", train_again)
+    data = load_config(str(config)).data
+    found = cached_teacher_checkpoint("imagefolder", "torchvision:mobilenet_v3_small", Path(".kd_optuna_cache"),
+                                      data.root, image_size=data.image_size)
+    assert str(found) in out

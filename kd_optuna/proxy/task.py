@@ -222,6 +222,16 @@ class Task:
         )
 
 
+def unkeyed_teacher_path(cache_dir: Path, dataset: str, model_name: str) -> Path:
+    """``cache_dir/teacher-<dataset>-<model>.pt``, where ``kd-optuna train-teacher`` without
+    ``-o`` writes; the model name with each character outside ``[A-Za-z0-9_.-]`` as ``_``
+    (``torchvision:resnet18`` -> ``torchvision_resnet18``), as in the keyed names beside it."""
+    import re
+
+    safe_model = re.sub(r"[^\w.-]", "_", model_name)
+    return Path(cache_dir) / f"teacher-{dataset}-{safe_model}.pt"
+
+
 def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, root=None,
                               download: bool = False, device: str | None = None, *, seed: int = 0,
                               image_size: int | None = None, training: Mapping[str, Any] | None = None,
@@ -240,8 +250,6 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
     trains it (train_teacher writes it atomically). ``progress``: an epoch bar on stderr while
     training.
     """
-    import re
-
     from kd_optuna.files import file_lock
     from kd_optuna.train.checkpoints import CheckpointError, read_checkpoint
     from kd_optuna.train.teachers import teacher_identity, teacher_key, train_teacher
@@ -253,9 +261,8 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
         load_dataset(dataset, root=root, download=True, seed=seed)
     identity = teacher_identity(dataset, model_name, root, seed=seed, image_size=image_size, **overrides)
     key = teacher_key(identity)
-    safe_model = re.sub(r"[^\w.-]", "_", model_name)
-    path = Path(cache_dir) / f"teacher-{dataset}-{safe_model}-{key[:16]}.pt"
-    legacy = Path(cache_dir) / f"teacher-{dataset}-{safe_model}.pt"
+    legacy = unkeyed_teacher_path(cache_dir, dataset, model_name)
+    path = legacy.with_name(f"{legacy.stem}-{key[:16]}.pt")
     if "root" in identity:
         source = f"{dataset} from {identity['root']} ({identity['file_count']} files)"
     else:

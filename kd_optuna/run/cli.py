@@ -330,6 +330,7 @@ def space(study_name, storage, fmt) -> None:
 @click.option("--device", default="auto", show_default=True)
 def train_teacher(config: str, output: str | None, epochs: int | None, device: str) -> None:
     """Train the teacher of CONFIG with its dataset's recipe and save the checkpoint."""
+    from kd_optuna.proxy.task import unkeyed_teacher_path
     from kd_optuna.run.config import load_config
     from kd_optuna.train.devices import WorkerContext
     from kd_optuna.train.teachers import train_teacher as train
@@ -338,7 +339,8 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
     check_counts({"--epochs": epochs})
     loaded = load_config(config)
     loaded.check_files()
-    path = Path(output) if output else Path(".kd_optuna_cache") / f"teacher-{loaded.data.dataset}-{loaded.teacher.model}.pt"
+    path = Path(output) if output else unkeyed_teacher_path(Path(".kd_optuna_cache"), loaded.data.dataset,
+                                                            loaded.teacher.model)
     overrides = {"epochs": epochs} if epochs else {}
     report = train(
         loaded.data.dataset, loaded.teacher.model, path, root=loaded.data.root, download=loaded.data.download,
