@@ -113,6 +113,21 @@ def test_a_cuda_device_without_cuda_is_named_with_the_fix(monkeypatch):
     devices.check_device("cpu")
 
 
+@pytest.mark.parametrize("device", ["mps", "meta", "xpu:0"])
+def test_a_device_type_kd_optuna_does_not_train_on_is_one_line_in_every_command(device, tmp_path, capsys):
+    """--device mps on a Linux torch (or meta, xpu) passed the check: train-teacher and compare
+    ended in a traceback (PyTorch is not linked with support for mps devices / Cannot copy out
+    of meta tensor), optimize after loading the teacher."""
+    from conftest import invoke_cli
+
+    with pytest.raises(KdOptunaError, match="use auto, cpu, cuda or cuda:N"):
+        devices.check_device(device)
+    code, out, err = invoke_cli(capsys, "train-teacher", "digits", "--epochs", "1", "--device", device,
+                                "-o", str(tmp_path / "t.pt"))
+    assert code == 2 and err.startswith(f"kd-optuna: error: --device {device}") and len(err.splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_optimize_refuses_a_bad_device_before_opening_the_study(tmp_path, capsys):
     from conftest import invoke_cli
 

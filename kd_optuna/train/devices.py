@@ -34,7 +34,8 @@ def cpu_cores() -> int:
 
 
 def check_device(device: str) -> None:
-    """One-line KdOptunaError for a ``--device`` torch cannot use here: not a device name, or a
+    """One-line KdOptunaError for a ``--device`` torch cannot use here: not a device name, a
+    type other than cpu and cuda (kd-optuna trains on nothing else: mps, meta, xpu, ...), or a
     CUDA device that is not visible (``auto`` always passes: it falls back to the CPU)."""
     import torch
 
@@ -44,6 +45,8 @@ def check_device(device: str) -> None:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         raise KdOptunaError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise KdOptunaError(f"--device {device}: kd-optuna trains on the CPU or CUDA GPUs only; use auto, cpu, cuda or cuda:N")
     if parsed.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
