@@ -366,3 +366,22 @@ def _equal(a, b) -> bool:
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     return a == b
+
+
+def test_a_teacher_output_that_cannot_be_written_is_refused_before_the_training(tmp_path, capsys, monkeypatch):
+    """`train-teacher -o PATH` with PATH unwritable (here: below a file) trained the whole recipe
+    and then failed to save: a raw torch error or an OSError, exit 1, the training lost."""
+    from conftest import invoke_cli
+    from kd_optuna.train import classifier, teachers
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained a teacher it cannot save")
+
+    monkeypatch.setattr(teachers, "train_classifier", no_training)
+    monkeypatch.setattr(classifier, "train_classifier", no_training)
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    out = tmp_path / "notes.txt" / "teacher.pt"
+    code, _, err = invoke_cli(capsys, "train-teacher", "digits", "-o", str(out), "--device", "cpu")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot write the checkpoint {out}" in err and "choose another path" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

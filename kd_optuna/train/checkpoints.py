@@ -76,6 +76,22 @@ def save_checkpoint(
     return atomic_save({"format": FORMAT, "state_dict": state, "meta": meta}, path)
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """CheckpointError unless ``save_checkpoint`` can write ``path``: its folder is made and a
+    file of a unique name beside it (never another writer's ``.partial``) is created and
+    removed. For a caller to learn before training, not after."""
+    import tempfile
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".probe"):
+            pass
+    except OSError as exc:
+        reason = f"{type(exc).__name__}: {exc.strerror or exc}"
+        raise CheckpointError(f"cannot write the checkpoint {path} ({reason}); choose another path") from None
+
+
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _RESAVE = "where the model is defined, save only its weights: torch.save(model.state_dict(), path)"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_optuna.train.checkpoints import CheckpointError, load_model, save_checkpoint
+from kd_optuna.train.checkpoints import CheckpointError, check_writable, load_model, save_checkpoint
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.data import image_folder_classes, load_dataset
 from kd_optuna.models import build_model
@@ -152,7 +152,8 @@ def train_teacher(
 ) -> TeacherReport:
     """Train ``model_name`` on ``dataset`` with its recipe (``overrides`` replace recipe entries
     and reach ``train_classifier``: epochs, lr, bf16, channels_last, num_threads, ...), evaluate
-    it on the test split and save a checkpoint at ``out_path``. ``image_size``: an image
+    it on the test split and save a checkpoint at ``out_path`` (checked writable before the
+    training starts). ``image_size``: an image
     folder's crop (``kd_optuna.data.load_dataset``).
 
     The caller's random state (torch's CPU generator and the training device's) is left as it
@@ -162,6 +163,7 @@ def train_teacher(
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise KdOptunaError(f"unknown teacher training setting(s) {', '.join(unknown)}; use: {', '.join(sorted(allowed))}")
+    check_writable(out_path)
     splits = load_dataset(dataset, root=root, download=download, seed=seed, image_size=image_size)
     identity = teacher_identity(dataset, model_name, root, seed=seed, image_size=image_size, **overrides)
     device = default_device(device)
