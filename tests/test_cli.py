@@ -422,3 +422,32 @@ def test_ctrl_c_on_optimize_then_the_same_command_reruns_the_interrupted_trials(
         reruns = [t for t in complete if t.system_attrs.get("failed_trial") == trial.number]
         assert len(reruns) == 1 and reruns[0].params == trial.params
     assert not [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+
+
+def test_json_output_is_strict_json_when_a_metric_is_not_finite(tmp_path, capsys):
+    """A trial attr that is NaN or infinite (a sharpness gap that overflowed, say) came out of
+    `trials -f json` and `best -f json` as NaN / Infinity, which is no JSON; it is null now."""
+    from conftest import create_kd_study
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url, "s", "digits")
+
+    def objective(trial):
+        from kd_optuna.space import suggest_distiller
+
+        suggest_distiller(trial)
+        trial.set_user_attr("sharpness_gap", float("nan"))
+        trial.set_user_attr("cka_gap", float("inf"))
+        return 0.5
+
+    study.optimize(objective, n_trials=1)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    for command in ("trials", "best"):
+        code, out, err = invoke_cli(capsys, command, "--storage", url, "-f", "json")
+        assert code == 0, err
+        record = json.loads(out, parse_constant=refuse)
+        attrs = (record[0] if command == "trials" else record)["user_attrs"]
+        assert attrs["sharpness_gap"] is None and attrs["cka_gap"] is None

@@ -142,3 +142,33 @@ def test_compare_help_lists_every_method_and_bad_methods_exit_2(capsys):
     assert code == 0 and all(name in out for name in METHODS)
     code, _, err = invoke_cli(capsys, "compare", "--storage", "sqlite:///:memory:", "--methods", "kd,bogus")
     assert code == 2 and "bogus" in err and len(err.strip().splitlines()) == 1
+
+
+def _strict_json(text):
+    """json.loads as JSON (RFC 8259) reads it: NaN, Infinity and -Infinity are no numbers."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_compare_json_of_one_seed_is_strict_json(tmp_path, capsys, monkeypatch):
+    """`compare --seeds 1 -f json` printed "low": -Infinity, "high": Infinity (one seed has no
+    interval), which JavaScript's, Go's and Rust's JSON readers refuse; it is null now."""
+    from conftest import create_kd_study, invoke_cli
+    from kd_optuna.run import cli
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url, "s", "digits")
+    from kd_optuna.space import suggest_distiller
+
+    study.enqueue_trial(KD)
+    study.optimize(lambda trial: suggest_distiller(trial).magnitude, n_trials=1)
+    monkeypatch.setattr(cli, "_train_missing_teacher", lambda *a: None)
+    monkeypatch.setattr(compare, "run_compare", lambda study, jobs, **k: [_run("searched", 0, 90.0), _run("kd", 0, 89.5)])
+    code, out, err = invoke_cli(capsys, "compare", "--storage", url, "--methods", "searched,kd", "--seeds", "1",
+                                "--no-progress", "-f", "json")
+    assert code == 0, err
+    assert _strict_json(out)["searched_minus"]["kd"] == {"n": 1, "mean": 0.5, "low": None, "high": None, "wins": 1}

@@ -215,9 +215,21 @@ def _trial_record(trial) -> dict[str, Any]:
     }
 
 
+def _finite_or_none(data: Any) -> Any:
+    """``data`` with each NaN or infinite float as None: JSON (RFC 8259) has no NaN or Infinity,
+    and the JSON readers of JavaScript, Go or Rust refuse Python's spelling of them."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: _finite_or_none(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite_or_none(value) for value in data]
+    return data
+
+
 def _emit(data: Any, fmt: str, table_rows: Sequence[dict[str, Any]] | None = None) -> None:
     if fmt == "json":
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(_finite_or_none(data), indent=2, default=str, allow_nan=False))
     elif fmt == "yaml":
         import yaml
 
@@ -605,7 +617,7 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     summaries, gains = comparing.summarise(runs)
     _refresh_story(study, config)
     if fmt == "json":
-        click.echo(json.dumps(comparing.as_json(runs, summaries, gains), indent=2))
+        _emit(comparing.as_json(runs, summaries, gains), "json")
     else:
         if "searched" in chosen:
             click.echo(f"searched: {spec.formula()}")
