@@ -97,3 +97,32 @@ def test_readme_steps_run_in_order_after_make_demo(tmp_path, monkeypatch, capsys
     assert (f"the study already holds {held + 2} finished trials >= --n-trials 2; --n-trials counts the study's "
             f"total, so give a larger one to add trials (e.g. --n-trials {held + 4} adds 2)") in err
     assert _finished(url) == held + 2
+
+
+def test_the_demos_next_command_adds_100_trials_to_what_the_study_holds(tmp_path, monkeypatch, capsys):
+    """The demo ended by its time limit after 1 of its 40 trials printed `--n-trials 140`
+    (its target + 100), which would run 139 trials, not the 100 more it offers."""
+    import torch
+
+    from conftest import tiny_digits_toml
+    from kd_optuna.distill.classics import CLASSICS
+    from kd_optuna.models import build_model
+    from kd_optuna.run import demo, workers
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_model("digits_teacher", 10).state_dict(), tmp_path / "teacher.pt")
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_digits_toml().replace('model = "digits_teacher"\n',
+                                                 f'model = "digits_teacher"\ncheckpoint = "{tmp_path / "teacher.pt"}"\n'))
+
+    def one_trial_then_the_time_limit(storage, study_name, n_trials, **kwargs):
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        study.add_trial(optuna.trial.create_trial(
+            params=CLASSICS["kd"][0].to_params(), value=0.5, user_attrs={"formula": "kd"},
+            distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in CLASSICS["kd"][0].to_params().items()}))
+        return workers.summarize(study)
+
+    monkeypatch.setattr(workers, "optimize", one_trial_then_the_time_limit)
+    assert demo.run(storage=f"sqlite:///{tmp_path / 'kd.db'}", n_trials=40, config=str(config)) == 0
+    out = capsys.readouterr().out
+    assert "--study-name digits --n-trials 101 --n-workers 2" in out, out
