@@ -105,3 +105,24 @@ def test_the_exported_training_is_the_final(tmp_path):
     value = exported_training(recipe)(kd, 3)
     again = train_with_distiller(kd.to_params(), **{**recipe, "seed": 3}, progress=False)["final_top1"]
     assert value == again and 0.0 <= value <= 1.0
+
+
+def test_correlate_trains_a_missing_teacher_with_its_progress_bar(tmp_path, capsys, monkeypatch):
+    """optimize and compare train a missing teacher with an epoch bar; correlate trained it
+    silently inside the task (on CIFAR, 240 epochs without a sign of life)."""
+    from conftest import invoke_cli, tiny_digits_toml
+    from kd_optuna.errors import KdOptunaError
+    from kd_optuna.train import teachers
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(teachers.RECIPES, "digits", {**teachers.RECIPES["digits"], "epochs": 1})
+
+    def stop(*args, **kwargs):
+        raise KdOptunaError("the task is built after the teacher")
+
+    monkeypatch.setattr(Task, "from_config", stop)
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_digits_toml())
+    code, _, err = invoke_cli(capsys, "correlate", str(config), "--device", "cpu", "--threads", "1")
+    assert code == 2 and "the task is built after the teacher" in err
+    assert "teacher digits_teacher" in err and "1/1 [" in err and "epoch" in err, err

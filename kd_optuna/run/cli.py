@@ -397,6 +397,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
     else:
         loaded = load_config(config)
     loaded.check_files()
+    _train_missing_teacher(loaded, device, threads, progress=True)
     target = WorkerContext(0, 1, device).torch_device()
     task = Task.from_config(loaded, device=target)
     recipe = {**script_defaults(loaded), "device": str(target)}
