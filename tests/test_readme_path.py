@@ -99,9 +99,10 @@ def test_readme_steps_run_in_order_after_make_demo(tmp_path, monkeypatch, capsys
     assert _finished(url) == held + 2
 
 
-def test_the_demos_next_command_adds_100_trials_to_what_the_study_holds(tmp_path, monkeypatch, capsys):
-    """The demo ended by its time limit after 1 of its 40 trials printed `--n-trials 140`
-    (its target + 100), which would run 139 trials, not the 100 more it offers."""
+
+def _demo_ended_by(optimize_end, tmp_path, monkeypatch, capsys) -> tuple[int, str, str]:
+    """``demo.run`` on the tiny config, a random teacher checkpoint and ``optimize`` replaced
+    by one KD trial, then the Summary that ``optimize_end`` makes of it; (code, out, err)."""
     import torch
 
     from conftest import tiny_digits_toml
@@ -114,15 +115,32 @@ def test_the_demos_next_command_adds_100_trials_to_what_the_study_holds(tmp_path
     config = tmp_path / "tiny.toml"
     config.write_text(tiny_digits_toml().replace('model = "digits_teacher"\n',
                                                  f'model = "digits_teacher"\ncheckpoint = "{tmp_path / "teacher.pt"}"\n'))
+    kd = CLASSICS["kd"][0].to_params()
 
-    def one_trial_then_the_time_limit(storage, study_name, n_trials, **kwargs):
+    def one_trial(storage, study_name, n_trials, **kwargs):
         study = optuna.load_study(study_name=study_name, storage=storage)
         study.add_trial(optuna.trial.create_trial(
-            params=CLASSICS["kd"][0].to_params(), value=0.5, user_attrs={"formula": "kd"},
-            distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in CLASSICS["kd"][0].to_params().items()}))
-        return workers.summarize(study)
+            params=kd, value=0.5, user_attrs={"formula": "kd"},
+            distributions={k: optuna.distributions.CategoricalDistribution([v]) for k, v in kd.items()}))
+        return optimize_end(workers.summarize(study))
 
-    monkeypatch.setattr(workers, "optimize", one_trial_then_the_time_limit)
-    assert demo.run(storage=f"sqlite:///{tmp_path / 'kd.db'}", n_trials=40, config=str(config)) == 0
-    out = capsys.readouterr().out
-    assert "--study-name digits --n-trials 101 --n-workers 2" in out, out
+    monkeypatch.setattr(workers, "optimize", one_trial)
+    code = demo.run(storage=f"sqlite:///{tmp_path / 'kd.db'}", n_trials=40, config=str(config))
+    return (code, *capsys.readouterr())
+
+
+def test_the_demos_next_command_adds_100_trials_to_what_the_study_holds(tmp_path, monkeypatch, capsys):
+    """The demo ended by its time limit after 1 of its 40 trials printed `--n-trials 140`
+    (its target + 100), which would run 139 trials, not the 100 more it offers."""
+    code, out, err = _demo_ended_by(lambda summary: summary, tmp_path, monkeypatch, capsys)
+    assert code == 0 and "--study-name digits --n-trials 101 --n-workers 2" in out, out
+
+
+def test_a_demo_stopped_by_ctrl_c_says_so_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C printed the same lines as a finished demo (best distillers, next steps) and
+    nothing of the interruption; `kd-optuna optimize` says it and how to resume."""
+    import dataclasses
+
+    code, out, err = _demo_ended_by(lambda summary: dataclasses.replace(summary, interrupted=True, waiting=2),
+                                    tmp_path, monkeypatch, capsys)
+    assert code == 130 and "interrupted; run `make demo` again to resume (its 2 queued trials run first)" in err, err

@@ -71,7 +71,11 @@ def run(storage: str = DEFAULT_STORAGE, n_trials: int = DEMO_TRIALS, timeout: fl
     click.echo(f"  kd-optuna dashboard --storage {storage}          # then open http://127.0.0.1:8080/")
     click.echo(f"  kd-optuna export --storage {storage} --study-name {STUDY} -o train_best.py && python train_best.py --help")
     click.echo(f"  kd-optuna optimize --storage {storage} --study-name {STUDY} --n-trials {summary.finished + 100} --n-workers 2")
-    return 130 if summary.interrupted else 0
+    if summary.interrupted:
+        queued = f" (its {summary.waiting} queued trials run first)" if summary.waiting else ""
+        click.echo(f"interrupted; run `make demo` again to resume{queued}", err=True)
+        return 130
+    return 0
 
 
 def main() -> None:
