@@ -385,3 +385,20 @@ def test_a_teacher_output_that_cannot_be_written_is_refused_before_the_training(
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"cannot write the checkpoint {out}" in err and "choose another path" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_teacher_output_under_the_home_folder_is_written_where_the_config_line_reads_it(tmp_path, capsys,
+                                                                                          monkeypatch):
+    """`train-teacher --output=~/t.pt` (no shell expands ~ after =) wrote ./~/t.pt and said
+    `checkpoint = '~/t.pt'`, which the workers read as $HOME/t.pt: 'does not exist'."""
+    from conftest import invoke_cli
+    from kd_optuna.train.checkpoints import read_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    code, out, err = invoke_cli(capsys, "train-teacher", "digits", "--output=~/t.pt", "--epochs", "1",
+                                "--device", "cpu")
+    assert code == 0, err
+    assert not (tmp_path / "~").exists()
+    assert read_checkpoint("~/t.pt")[1]["epochs"] == 1
+    assert f"checkpoint = '{tmp_path / 'home' / 't.pt'}'" in out

@@ -61,8 +61,9 @@ def save_checkpoint(
     accuracy: float,
     extra: dict | None = None,
 ) -> Path:
-    """Write ``model``'s state dict and metadata to ``path`` (atomically); return the path."""
-    path = Path(path)
+    """Write ``model``'s state dict and metadata to ``path`` (atomically; ``~`` is the home
+    folder, as for ``read_checkpoint``); return the path."""
+    path = Path(path).expanduser()
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     meta = {
         "model_name": model_name,
@@ -82,7 +83,7 @@ def check_writable(path: str | os.PathLike) -> None:
     removed. For a caller to learn before training, not after."""
     import tempfile
 
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".probe"):
