@@ -172,3 +172,34 @@ def test_compare_json_of_one_seed_is_strict_json(tmp_path, capsys, monkeypatch):
                                 "--no-progress", "-f", "json")
     assert code == 0, err
     assert _strict_json(out)["searched_minus"]["kd"] == {"n": 1, "mean": 0.5, "low": None, "high": None, "wins": 1}
+
+
+def test_compare_spec_takes_a_file_or_json_and_names_a_missing_file(tmp_path, capsys, monkeypatch):
+    """`--spec best.json` with no such file read "not a distiller spec (Expecting value: line 1
+    column 1 (char 0))": the message now says the file does not exist; a binary file given by
+    mistake was a UnicodeDecodeError traceback."""
+    from conftest import create_kd_study, invoke_cli
+    from kd_optuna.run import cli
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_kd_study(url, "s", "digits")
+    monkeypatch.setattr(cli, "_train_missing_teacher", lambda *a: None)
+    trained = []
+
+    def record(study, jobs, **kwargs):
+        trained.extend(dict(job.spec_params) for job in jobs)
+        return [_run("searched", 0, 90.0)]
+
+    monkeypatch.setattr(compare, "run_compare", record)
+    args = ("compare", "--storage", url, "--methods", "searched", "--seeds", "1", "--no-progress")
+    code, _, err = invoke_cli(capsys, *args, "--spec", "best.json")
+    assert code == 2 and len(err.splitlines()) == 1 and "--spec 'best.json': no such file" in err, err
+    (tmp_path / "teacher.pt").write_bytes(b"PK\x03\x04\xff\xfe")
+    code, _, err = invoke_cli(capsys, *args, "--spec", "teacher.pt")
+    assert code == 2 and len(err.splitlines()) == 1 and "--spec: not a distiller spec" in err, err
+    (tmp_path / "best.json").write_text(json.dumps(KD))
+    for given in ("best.json", json.dumps(KD)):
+        code, out, err = invoke_cli(capsys, *args, "--spec", given)
+        assert code == 0, err
+    assert trained == [KD, KD]

@@ -645,8 +645,12 @@ def _searched_spec(storage_obj, storage_url, study, trial_choice, from_study, sp
     if from_study is not None and spec_text is not None:
         raise KdOptunaError("give --from-study or --spec, not both")
     if spec_text is not None:
-        text = Path(spec_text).read_text(encoding="utf-8") if Path(spec_text).is_file() else spec_text
+        is_file = Path(spec_text).is_file()
+        if not is_file and not spec_text.lstrip().startswith("{"):
+            raise KdOptunaError(f"--spec {spec_text!r}: no such file, nor a JSON object; give a file holding the "
+                                "spec or the object itself, e.g. --spec '{\"knowledge\": \"logit\", ...}'")
         try:
+            text = Path(spec_text).read_text(encoding="utf-8") if is_file else spec_text
             return DistillerSpec.from_params(json.loads(text))
         except (json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
             raise KdOptunaError(f"--spec: not a distiller spec ({' '.join(str(exc).split())[:120]}); "
