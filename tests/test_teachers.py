@@ -402,3 +402,23 @@ def test_a_teacher_output_under_the_home_folder_is_written_where_the_config_line
     assert not (tmp_path / "~").exists()
     assert read_checkpoint("~/t.pt")[1]["epochs"] == 1
     assert f"checkpoint = '{tmp_path / 'home' / 't.pt'}'" in out
+
+
+def test_train_teacher_without_o_refuses_a_config_whose_teacher_has_a_checkpoint(tmp_path, capsys, monkeypatch):
+    """Without -o the teacher goes to the cache, 'the cache the search reads' (--help); a study
+    whose [teacher] names a checkpoint never reads it, so the training was lost."""
+    from conftest import invoke_cli, tiny_digits_toml
+    from kd_optuna.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(build_model("digits_teacher", 10).state_dict(), tmp_path / "mine.pt")
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_digits_toml().replace('model = "digits_teacher"\n',
+                                                 'model = "digits_teacher"\ncheckpoint = "mine.pt"\n'))
+    code, _, err = invoke_cli(capsys, "train-teacher", str(config), "--epochs", "1", "--device", "cpu")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "teacher.checkpoint = 'mine.pt'" in err and "give -o PATH" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.pt", "tiny.toml"]
+    code, out, err = invoke_cli(capsys, "train-teacher", str(config), "--epochs", "1", "--device", "cpu",
+                                "-o", "other.pt")
+    assert code == 0 and "checkpoint = 'other.pt'" in out, err

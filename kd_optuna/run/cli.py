@@ -351,6 +351,11 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
     check_counts({"--epochs": epochs})
     loaded = load_config(config)
     loaded.check_files()
+    if output is None and loaded.teacher.checkpoint is not None:
+        raise KdOptunaError(
+            f"{config}: teacher.checkpoint = {loaded.teacher.checkpoint!r} is what the search reads, never the cache; "
+            "to train another teacher give -o PATH and set checkpoint = PATH"
+        )
     path = Path(output) if output else unkeyed_teacher_path(Path(".kd_optuna_cache"), loaded.data.dataset,
                                                             loaded.teacher.model)
     overrides = {"epochs": epochs} if epochs else {}
