@@ -422,3 +422,20 @@ def test_train_teacher_without_o_refuses_a_config_whose_teacher_has_a_checkpoint
     code, out, err = invoke_cli(capsys, "train-teacher", str(config), "--epochs", "1", "--device", "cpu",
                                 "-o", "other.pt")
     assert code == 0 and "checkpoint = 'other.pt'" in out, err
+
+
+def test_train_teacher_makes_the_checkpoint_its_config_names(tmp_path, capsys, monkeypatch):
+    """With checkpoint = "new.pt" set first (README's two steps in the other order),
+    `train-teacher CONFIG -o new.pt` refused: 'teacher.checkpoint = new.pt is not a file; fix
+    the path, or remove the key', the file it was asked to make."""
+    from conftest import invoke_cli, tiny_digits_toml
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_digits_toml().replace('model = "digits_teacher"\n',
+                                                 'model = "digits_teacher"\ncheckpoint = "new.pt"\n'))
+    code, out, err = invoke_cli(capsys, "train-teacher", str(config), "--epochs", "1", "--device", "cpu",
+                                "-o", "new.pt")
+    assert code == 0, err
+    code, out, err = invoke_cli(capsys, "create-study", str(config), "--storage", f"sqlite:///{tmp_path / 's.db'}")
+    assert code == 0, err

@@ -350,7 +350,7 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
 
     check_counts({"--epochs": epochs})
     loaded = load_config(config)
-    loaded.check_files()
+    loaded.check_data()  # not the teacher checkpoint: -o may be the one to (re)make
     if output is None and loaded.teacher.checkpoint is not None:
         raise KdOptunaError(
             f"{config}: teacher.checkpoint = {loaded.teacher.checkpoint!r} is what the search reads, never the cache; "

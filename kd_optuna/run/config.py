@@ -279,9 +279,15 @@ class StudyConfig:
         return cls.from_dict(data, source, check_models, proxy_from_recipe=False)
 
     def check_files(self) -> None:
-        """Check that the data root and the teacher checkpoint exist on this machine; an image
-        folder's layout (``kd_optuna.data.open_image_folder``: no image is read) and a CIFAR copy's
-        files (``kd_optuna.data.check_cifar``: their md5, nothing unpickled) are checked too."""
+        """Check that the data (``check_data``) and the teacher checkpoint exist on this machine."""
+        self.check_data()
+        if self.teacher.checkpoint is not None:
+            self.check_teacher_checkpoint()
+
+    def check_data(self) -> None:
+        """Check that the data root exists on this machine; an image folder's layout
+        (``kd_optuna.data.open_image_folder``: no image is read) and a CIFAR copy's files
+        (``kd_optuna.data.check_cifar``: their md5, nothing unpickled) are checked too."""
         info = DATASETS[self.data.dataset]
         if info.needs_root:
             if self.data.root:
@@ -310,8 +316,6 @@ class StudyConfig:
                         f"{root / 'train'} holds {found} class folders but the models have {self.num_classes} "
                         f"classes; set teacher.num_classes and student.num_classes = {found}"
                     )
-        if self.teacher.checkpoint is not None:
-            self.check_teacher_checkpoint()
 
     def check_teacher_checkpoint(self) -> None:
         """The teacher checkpoint exists, loads with ``torch.load(weights_only=True)`` and holds
