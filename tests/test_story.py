@@ -684,3 +684,17 @@ def test_report_into_a_folder_it_cannot_write_is_one_line_naming_the_file(tmp_pa
     code, _, err = invoke_cli(capsys, "report", "--storage", url, "-o", str(tmp_path / "report.html"))
     assert code == 2 and err.count("\n") == 1 and repr(str(tmp_path / "report.html")) in err and "-o" in err
     assert ".partial" not in err and not list(tmp_path.glob("report*"))
+
+
+def test_the_lineage_follows_the_best_the_tables_list_and_says_when_none_is_scored():
+    import optuna
+
+    from kd_optuna.run import figures as story_figures
+    from kd_optuna.run.study_view import TOP, best_distinct
+
+    study = optuna.create_study()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=12)
+    leaders, _ = story_figures.lineage(study.trials)
+    assert [t.number for t in leaders] == [t.number for t in best_distinct(study.trials, TOP)]
+    empty = story_figures.lineage_figure([])
+    assert "no trial scored yet" in empty.layout.title.text

@@ -12,12 +12,11 @@ import math
 from typing import Any, Mapping, Sequence
 
 from kd_optuna.run.study_view import (
-    as_int, best_distinct, classic_scores, fmt, formula_of, is_scored, mutated_of, outcome_of,
+    TOP, as_int, best_distinct, classic_scores, fmt, formula_of, is_scored, mutated_of, outcome_of,
 )
 from kd_optuna.search.lineage import read_lineage
 from kd_optuna.space import GENES
 
-_LINEAGE_TOP = 6
 _LINEAGE_MAX_NODES = 80
 _PALETTE = {
     "classic": "#1f77b4", "warm_start": "#17becf", "random": "#7f7f7f", "mutation": "#2ca02c",
@@ -314,7 +313,7 @@ def _rho_text(trial) -> str:
     return f"rho's contest: {contest.get('winner', '?')} won" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def lineage(trials: Sequence[Any], top: int = _LINEAGE_TOP, max_nodes: int = _LINEAGE_MAX_NODES) -> tuple[list[Any], list[Any]]:
+def lineage(trials: Sequence[Any], top: int = TOP, max_nodes: int = _LINEAGE_MAX_NODES) -> tuple[list[Any], list[Any]]:
     """(top distillers, every trial of their family tree: them and their ancestors)."""
     by_number = {t.number: t for t in trials}
     leaders = best_distinct(trials, top)
@@ -334,7 +333,7 @@ def lineage(trials: Sequence[Any], top: int = _LINEAGE_TOP, max_nodes: int = _LI
     return leaders, sorted(family.values(), key=lambda t: t.number)
 
 
-def lineage_figure(trials: Sequence[Any], top: int = _LINEAGE_TOP):
+def lineage_figure(trials: Sequence[Any], top: int = TOP):
     """The family tree of the top distillers at (trial number, score)."""
     import plotly.graph_objects as go
 
@@ -390,7 +389,8 @@ def lineage_figure(trials: Sequence[Any], top: int = _LINEAGE_TOP):
                     "line": {"width": [2 if t.number in rank else 0 for t in members], "color": "#000000"}},
             hovertext=hover, hoverinfo="text",
         ))
-    title, annotations, top = _title(f"Lineage of the {len(leaders)} best distillers",
+    named = f"Lineage of the {len(leaders)} best distillers" if leaders else "Lineage: no trial scored yet"
+    title, annotations, top = _title(named,
                                      "#rank of the best; line: parent to child; dotted: crossover's second parent; "
                                      "hover a node for its trial, a ◆ mid-edge for the mutated genes")
     figure.update_layout(title=title, annotations=annotations, xaxis_title="trial", yaxis_title="score",
