@@ -16,7 +16,7 @@ from kd_optuna._moved import MOVED
 PACKAGE = Path(__file__).resolve().parents[1] / "kd_optuna"
 
 #: Bottom first: a unit may import from the units before it, never from one after it.
-LAYERS = ["errors", "optuna_private", "ops", "space", "distill", "models", "data", "train",
+LAYERS = ["errors", "optuna_private", "files", "ops", "space", "distill", "models", "data", "train",
           "search", "proxy", "export", "run"]
 
 
