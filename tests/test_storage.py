@@ -158,3 +158,68 @@ def test_optuna_s_wrapped_database_errors_are_described_by_their_cause_masked():
         raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from cause
     except DATABASE_ERRORS as exc:
         assert describe_error(exc, url) == "password *** refused"
+
+
+@pytest.fixture
+def read_only():
+    """``read_only(directory)`` makes ``directory`` unwritable for this process: mode 555, or,
+    as root (whom modes do not stop), a read-only bind mount of it; skips where neither can."""
+    import os
+    import subprocess
+
+    made: list[Path] = []
+    mounted: list[Path] = []
+
+    def make(directory: Path) -> None:
+        made.append(directory)
+        directory.chmod(0o555)
+        if os.access(directory, os.W_OK):
+            done = subprocess.run(["mount", "--bind", "-o", "ro", str(directory), str(directory)], capture_output=True)
+            if done.returncode == 0:
+                mounted.append(directory)
+                subprocess.run(["mount", "-o", "remount,ro,bind", str(directory)], capture_output=True)
+        if os.access(directory, os.W_OK):
+            pytest.skip("cannot make a directory read-only here (root without mount)")
+
+    yield make
+    for directory in mounted:
+        subprocess.run(["umount", "--lazy", str(directory)], capture_output=True)
+    for directory in made:
+        directory.chmod(0o755)
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_a_sqlite_study_in_a_read_only_directory_is_refused_at_once_by_writing_commands(
+    tmp_path, read_only, capsys, journal
+):
+    import sqlite3
+
+    from kd_optuna.run.cli import main
+
+    create_kd_study(f"sqlite:///{tmp_path / 'made.db'}", name="s")
+    directory = tmp_path / "archive"
+    directory.mkdir()
+    url = f"sqlite:///{directory / 's.db'}"
+    with sqlite3.connect(tmp_path / "made.db") as made, sqlite3.connect(directory / "s.db") as copy:
+        made.backup(copy)
+        copy.execute(f"PRAGMA journal_mode = {journal}")
+    copy.close()
+    read_only(directory)
+    before = sorted(p.name for p in directory.iterdir())
+    for args in (["optimize", "--n-trials", "3", "--no-progress"], ["create-study", "digits", "--study-name", "t"],
+                 ["compare", "--methods", "kd", "--seeds", "1"]):
+        with pytest.raises(SystemExit) as info:
+            main([*args, "--storage", url])
+        assert info.value.code == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "read-only" in line and "writable directory" in line, line
+    assert sorted(p.name for p in directory.iterdir()) == before
+
+
+def test_create_study_refuses_a_new_sqlite_file_in_a_read_only_directory(tmp_path, read_only):
+    directory = tmp_path / "ro"
+    directory.mkdir()
+    read_only(directory)
+    with pytest.raises(StorageError, match="directory .* is read-only"):
+        open_storage(f"sqlite:///{directory / 'new.db'}", heartbeat_interval=None, writable=True)
+    assert not (directory / "new.db").exists()

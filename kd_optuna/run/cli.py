@@ -54,11 +54,11 @@ def cli() -> None:
     """Search the best knowledge-distillation loss for a teacher/student pair (KD-Zero on Optuna)."""
 
 
-def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None):
-    """(storage, study, config) for a kd-optuna study."""
+def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None, writable: bool = False):
+    """(storage, study, config) for a kd-optuna study; ``writable`` for a command that writes it."""
     from kd_optuna.run.storage import StorageError, load_study, open_storage, study_config, study_names
 
-    storage = open_storage(storage_url, heartbeat_interval=heartbeat, must_exist=True)
+    storage = open_storage(storage_url, heartbeat_interval=heartbeat, must_exist=True, writable=writable)
     if study_name is None:
         names = study_names(storage)
         if len(names) != 1:
@@ -87,7 +87,7 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
     loaded.check_files()
     name = study_name or loaded.name
     loaded = dataclasses.replace(loaded, study=StudySection(name=name))
-    rdb = open_storage(storage, heartbeat_interval=None)
+    rdb = open_storage(storage, heartbeat_interval=None, writable=True)
     if name in study_names(rdb):
         from kd_optuna.run.summary import summarize
 
@@ -142,7 +142,7 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, workers_per_gpu,
     n_workers, line = resolve_workers(n_workers, workers_per_gpu, device)
     if line is not None:
         click.echo(f"kd-optuna: {line}", err=True)
-    _, study, _ = _open(storage, study_name)
+    _, study, _ = _open(storage, study_name, writable=True)
     summary = run(
         storage, study.study_name, n_trials, n_workers=n_workers, timeout=timeout, device=device, threads=threads,
         heartbeat_interval=heartbeat, progress=progress,
@@ -594,7 +594,7 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
 
     chosen = comparing.parse_methods(methods)
     check_device(device)
-    storage_obj, study, config = _open(storage, study_name)
+    storage_obj, study, config = _open(storage, study_name, writable=True)
     spec = None
     if "searched" in chosen or from_study is not None or spec_text is not None or trial_choice != "best":
         spec = _searched_spec(storage_obj, storage, study, trial_choice, from_study, spec_text)

@@ -8,6 +8,8 @@ SQLite under several worker processes: every connection waits up to ``SQLITE_TIM
 a lock instead of failing with "database is locked", and the database runs in WAL mode
 (readers do not block the writer). WAL needs a local filesystem: a SQLite file on NFS, SMB or
 another network filesystem (read from ``/proc/mounts``) gets a warning that names PostgreSQL.
+A command that writes the study refuses a SQLite file it could not write (read-only file,
+directory or filesystem) at once, instead of failing its first commit.
 
 With a heartbeat, a RUNNING trial whose worker has not written a heartbeat for
 ``grace_period`` seconds is failed by the next worker that asks for a trial, and
@@ -18,6 +20,7 @@ next ``ask`` runs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import urllib.parse
 import warnings
@@ -169,6 +172,19 @@ def _warn_if_network_filesystem(database: str, url: str) -> None:
         )
 
 
+def sqlite_read_only_reason(database: str) -> str | None:
+    """Why this process cannot write the SQLite ``database`` (a read-only file, or a read-only
+    directory, where SQLite cannot create the journal and WAL files it writes beside the
+    file), or None when it can."""
+    path = Path(database).expanduser()
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"the file {str(path)!r} is read-only"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return (f"its directory {str(path.parent)!r} is read-only (SQLite writes its journal and "
+                "WAL files beside the database)")
+    return None
+
+
 def open_storage(
     url: str = DEFAULT_STORAGE,
     heartbeat_interval: int | None = DEFAULT_HEARTBEAT_S,
@@ -176,19 +192,26 @@ def open_storage(
     max_retry: int | None = DEFAULT_MAX_RETRY,
     must_exist: bool = False,
     check_filesystem: bool = True,
+    writable: bool = False,
 ) -> optuna.storages.RDBStorage:
     """An RDBStorage for ``url``; with ``heartbeat_interval`` (seconds) a heartbeat whose stale
     trials are failed after ``grace_period`` (default 2 x interval) and retried ``max_retry`` times.
     ``must_exist``: a SQLite file that is not there raises StorageError instead of being created.
     ``check_filesystem``: warn when a SQLite file is on a network filesystem (workers, whose
-    parent has warned, pass False)."""
+    parent has warned, pass False). ``writable``: a SQLite file this process cannot write raises
+    StorageError saying why (commands that write the study)."""
     parsed = check_url(url)
-    if must_exist and parsed.get_backend_name() == "sqlite" and not Path(parsed.database).expanduser().is_file():
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if must_exist and sqlite and not Path(parsed.database).expanduser().is_file():
         raise StorageError(
             f"no database file {parsed.database!r}; create a study first with `kd-optuna create-study CONFIG`"
             " or give --storage"
         )
-    if check_filesystem and parsed.get_backend_name() == "sqlite":
+    read_only = sqlite_read_only_reason(parsed.database) if sqlite else None
+    fix = "copy the database to a writable directory (or make it writable), or give another --storage"
+    if writable and read_only:
+        raise StorageError(f"storage {mask_url(url)} cannot be written: {read_only}; {fix}")
+    if check_filesystem and sqlite:
         _warn_if_network_filesystem(parsed.database, url)
     engine_url = resolve_url(url)
     engine_kwargs: dict[str, Any] = {}
@@ -208,8 +231,9 @@ def open_storage(
         try:
             storage = optuna.storages.RDBStorage(engine_url, engine_kwargs=engine_kwargs, **heartbeat)
         except (SQLAlchemyError, OSError, ImportError, RuntimeError, ValueError) as exc:
-            raise StorageError(f"cannot open storage {mask_url(url)}: {describe_error(exc, url)}") from None
-    if parsed.get_backend_name() == "sqlite":
+            hint = f"; {read_only}: {fix}" if read_only else ""
+            raise StorageError(f"cannot open storage {mask_url(url)}: {describe_error(exc, url)}{hint}") from None
+    if sqlite:
         event.listen(storage.engine, "connect", _on_sqlite_connect)
         storage.engine.dispose()
     return storage

@@ -81,7 +81,7 @@ def optimize(
         raise KdOptunaError("--n-trials, --n-workers and --threads must be at least 1")
     if timeout is not None and timeout <= 0:
         raise KdOptunaError("--timeout must be a positive number of seconds")
-    storage = open_storage(storage_url, heartbeat_interval, grace_period)
+    storage = open_storage(storage_url, heartbeat_interval, grace_period, writable=True)
     study = load_study(storage, study_name, storage_url)
     config = study_config(study)
     config.check_files()
