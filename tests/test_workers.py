@@ -446,3 +446,42 @@ def test_a_worker_that_keeps_dying_is_restarted_three_times_and_its_trial_retrie
     assert [t.state for t in trials] == [TrialState.FAIL] * 4  # the trial and its 3 retries, then no more
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 1
     assert summary.finished == 0 and "killed by SIGKILL" in summary.describe()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_sqlite_file_deleted_or_replaced_under_running_workers_stops_them_with_one_line(tmp_path, how):
+    """Workers keep writing into an unlinked SQLite file without an error: optimize notices
+    the file is gone, stops them and says so, instead of reporting trials nobody can read."""
+    import shutil
+
+    from kd_optuna.run.storage import StorageError
+
+    path = tmp_path / "s.db"
+    url = f"sqlite:///{path}"
+    study = create_kd_study(url)
+    pids = []
+
+    def remove_after_a_trial():
+        deadline = time.time() + 120
+        while time.time() < deadline and not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            time.sleep(0.2)
+        if how == "replaced":
+            shutil.copy(path, tmp_path / "copy.db")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        if how == "replaced":
+            (tmp_path / "copy.db").rename(path)
+
+    remover = threading.Thread(target=remove_after_a_trial, daemon=True)
+    remover.start()
+    with pytest.raises(StorageError) as info:
+        optimize(url, "s", 60, n_workers=1, objective_factory=TrivialObjective(sleep_s=0.2), progress=False,
+                 on_start=pids.extend)
+    remover.join()
+    message = str(info.value)
+    assert f"{path}" in message and ("deleted or moved" if how == "deleted" else "replaced") in message
+    assert "workers were stopped" in message and "\n" not in message
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert path.exists() == (how == "replaced")

@@ -239,6 +239,38 @@ def open_storage(
     return storage
 
 
+class SqliteFileWatch:
+    """Whether the SQLite file of ``url`` is still the file that was there when the watch began.
+
+    A database file deleted, moved or replaced under running workers raises no error: their open
+    connections go on writing into the unlinked file, and every trial written since is lost
+    with it. :meth:`lost` says so; for another backend it is always None.
+    """
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self._path = Path(parsed.database).expanduser() if parsed.get_backend_name() == "sqlite" else None
+        self._identity = self._stat()
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self._path is None:
+            return None
+        try:
+            status = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def lost(self) -> str | None:
+        """``the SQLite file 'x.db' was deleted or moved`` (or ``replaced by another file``), or None."""
+        if self._identity is None:
+            return None
+        now = self._stat()
+        if now == self._identity:
+            return None
+        return f"the SQLite file {str(self._path)!r} was {'deleted or moved' if now is None else 'replaced by another file'}"
+
+
 def describe_error(exc: BaseException, url: str) -> str:
     """One masked line for a database error: its first line, without SQL or parameters.
     Optuna's StorageInternalError is described by the driver error it wraps."""

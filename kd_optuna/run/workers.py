@@ -13,6 +13,9 @@ is reported on stderr and in the summary with its index, pid and how it ended; i
 trial is failed and queued again at once, and the worker is restarted in its slot, at most
 MAX_RESTARTS times per slot. A worker that stops for a reason it said itself (exit 1 or 2: a
 broken setup, the database unreachable) is not restarted; its own message is shown.
+
+A SQLite file deleted, moved or replaced while the workers run (they would go on writing into
+the unlinked file without an error) stops them, and optimize raises StorageError saying so.
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ from kd_optuna import optuna_private
 from kd_optuna.run.config import StudyConfig
 from kd_optuna.train.devices import WorkerContext
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.run.storage import DATABASE_ERRORS, describe_error, load_study, open_storage, study_config
+from kd_optuna.run.storage import (
+    DATABASE_ERRORS,
+    SqliteFileWatch,
+    StorageError,
+    describe_error,
+    load_study,
+    open_storage,
+    study_config,
+)
 from kd_optuna.run.summary import (  # noqa: F401 - Summary, REASON_ATTR: imported from here by callers
     FAIL_REASON_ATTR,
     INTERRUPTED,
@@ -82,6 +93,7 @@ def optimize(
     if timeout is not None and timeout <= 0:
         raise KdOptunaError("--timeout must be a positive number of seconds")
     storage = open_storage(storage_url, heartbeat_interval, grace_period, writable=True)
+    database_file = SqliteFileWatch(storage_url)
     study = load_study(storage, study_name, storage_url)
     config = study_config(study)
     config.check_files()
@@ -105,7 +117,7 @@ def optimize(
     bar = _progress_bar(n_trials, progress)
     interrupted = False
     try:
-        _watch(pool, study, storage, deadline, n_trials, bar)
+        _watch(pool, study, storage, deadline, n_trials, bar, database_file)
     except KeyboardInterrupt:
         interrupted = True
         _stop_workers(pool.processes)
@@ -186,11 +198,20 @@ class _Pool:
                 self.report_death(index, process, None, None)
 
 
-def _watch(pool: _Pool, study, storage, deadline: float | None, n_trials: int, bar) -> None:
+def _watch(pool: _Pool, study, storage, deadline: float | None, n_trials: int, bar,
+           database_file: SqliteFileWatch) -> None:
     """Until no worker is alive: show their messages and the progress, refresh the dashboard
-    story, and fail the trial of a dead worker and restart it (see :func:`_may_restart`)."""
+    story, and fail the trial of a dead worker and restart it (see :func:`_may_restart`). A lost
+    database file stops the workers and raises StorageError."""
     refresh_story = _story_refresher(study, bar)
     while True:
+        lost = database_file.lost()
+        if lost is not None:
+            _stop_workers(pool.processes)
+            raise StorageError(
+                f"{lost} while optimize ran, and the trials written since went with it; the workers were "
+                "stopped: restore the file (or create the study again) and run optimize again"
+            )
         pool.drain(bar)
         for index, process in pool.newly_dead():
             replacement = None
