@@ -345,6 +345,39 @@ def test_ctrl_c_to_the_parent_queues_the_interrupted_trials_and_resume_runs_thei
     assert not [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_parent_alone_stops_the_workers_as_ctrl_c_does(tmp_path):
+    """``kill PID``, ``timeout`` and container stops send SIGTERM to the parent only: it stops
+    its workers, their trials are failed as interrupted and queued again, nothing is left."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    script = tmp_path / "run.py"
+    script.write_text(_RESUME_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=4, sleep=60.0))
+    process = subprocess.Popen([sys.executable, str(script)], start_new_session=True, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    running = []
+    while time.time() < deadline and len(running) < 2:
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if len(t.params) == 8]
+        time.sleep(0.2)
+    assert len(running) == 2
+    process.terminate()
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 130, err
+    assert "2 failed (2 interrupted), 2 queued to run again" in out
+    assert "Traceback" not in err and "leaked" not in err
+    group_left = b"?"
+    for _ in range(50):  # multiprocessing's resource tracker leaves when the parent has
+        group_left = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).stdout
+        if not group_left:
+            break
+        time.sleep(0.2)
+    assert group_left == b""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running)
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+
+
 def _kill_first_worker_when_both_run(url: str, pids_box: list, killed: list) -> None:
     storage = open_storage(url, heartbeat_interval=None)
     study = optuna.load_study(study_name="s", storage=storage)

@@ -6,7 +6,8 @@ the dashboard story, and returns the study's summary (``kd_optuna.run.summary``)
 
 Ctrl-C (SIGINT) or SIGTERM: each worker fails its running trial, queues a copy with the same
 params and stops (see ``kd_optuna.run.trial_loop``); the parent waits for them, then fails and
-queues again any trial its workers left RUNNING.
+queues again any trial its workers left RUNNING. SIGTERM to the parent alone (``kill PID``,
+``timeout``, a container or job scheduler stopping it) stops the workers the same way.
 
 A worker that dies (a signal such as SIGKILL from the OOM killer, or an unexpected exit code)
 is reported on stderr and in the summary with its index, pid and how it ended; its running
@@ -20,12 +21,14 @@ the unlinked file without an error) stops them, and optimize raises StorageError
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -116,14 +119,15 @@ def optimize(
         on_start([p.pid for p in pool.slots])
     bar = _progress_bar(n_trials, progress)
     interrupted = False
-    try:
-        _watch(pool, study, storage, deadline, n_trials, bar, database_file)
-    except KeyboardInterrupt:
-        interrupted = True
-        _stop_workers(pool.processes)
-    finally:
-        _wind_down(pool, study, storage, storage_url, bar)
-    pool.close(report_late_deaths=not interrupted)
+    with _terminate_as_interrupt():
+        try:
+            _watch(pool, study, storage, deadline, n_trials, bar, database_file)
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop_workers(pool.processes)
+        finally:
+            _wind_down(pool, study, storage, storage_url, bar)
+        pool.close(report_late_deaths=not interrupted)
     summary = summarize(study)
     summary.interrupted = interrupted or any(p.exitcode == 130 for p in pool.slots)
     summary.worker_errors = pool.errors
@@ -328,6 +332,28 @@ def _update_bar(bar, study: optuna.Study) -> None:
         bar.set_postfix_str(postfix, refresh=False)
         bar.refresh()
         bar._kd_shown = (*shown, time.time())
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Within: the first SIGTERM raises KeyboardInterrupt, as Ctrl-C does, and later ones are
+    ignored; the previous handler is back afterwards. Python takes signals in the main thread
+    only, so elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def interrupt(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stop_workers(processes, wait_s: float = 20.0) -> None:
