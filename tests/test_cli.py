@@ -142,6 +142,16 @@ def test_trials_of_a_python_objective_show_the_formula_the_report_shows(study_ur
     assert code == 0 and rows["formula"].strip() == spec.formula() and rows["spec"].strip() == spec.key, err
 
 
+def test_a_storage_without_studies_says_to_create_one_not_to_name_one(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(storage=url, study_name="gone")
+    optuna.delete_study(study_name="gone", storage=url)
+    for command in ("best", "trials", "optimize"):
+        args = [command, "--storage", url] + (["--n-trials", "2"] if command == "optimize" else [])
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "no study in" in err and "create-study" in err and "--study-name" not in err, err
+
+
 def test_best_and_export_of_a_study_whose_trials_were_all_rejected_say_so(study_url, capsys):
     study = optuna.load_study(study_name="digits_tiny", storage=study_url)
     spec = CLASSICS["sp"][0]

@@ -56,14 +56,15 @@ def cli() -> None:
 
 def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None, writable: bool = False):
     """(storage, study, config) for a kd-optuna study; ``writable`` for a command that writes it."""
-    from kd_optuna.run.storage import StorageError, load_study, open_storage, study_config, study_names
+    from kd_optuna.run.storage import StorageError, load_study, mask_url, open_storage, study_config, study_names
 
     storage = open_storage(storage_url, heartbeat_interval=heartbeat, must_exist=True, writable=writable)
     if study_name is None:
         names = study_names(storage)
+        if not names:
+            raise StorageError(f"no study in {mask_url(storage_url)}; create one with `kd-optuna create-study CONFIG`")
         if len(names) != 1:
-            shown = ", ".join(repr(n) for n in names) if names else "none"
-            raise StorageError(f"give --study-name (studies in the storage: {shown})")
+            raise StorageError(f"give --study-name (studies in the storage: {', '.join(repr(n) for n in names)})")
         study_name = names[0]
     study = load_study(storage, study_name, storage_url)
     return storage, study, study_config(study)
