@@ -223,3 +223,18 @@ def test_create_study_refuses_a_new_sqlite_file_in_a_read_only_directory(tmp_pat
     with pytest.raises(StorageError, match="directory .* is read-only"):
         open_storage(f"sqlite:///{directory / 'new.db'}", heartbeat_interval=None, writable=True)
     assert not (directory / "new.db").exists()
+
+
+def test_a_raw_at_sign_in_a_password_is_refused_and_no_piece_of_the_password_shows(capsys):
+    from kd_optuna.run.cli import main
+
+    url = "postgresql://kd:S3cr@t/x:y%z@127.0.0.1:1/kd"
+    assert mask_url(url) == "postgresql://kd:***@127.0.0.1:1/kd"
+    with pytest.raises(StorageError, match="%40") as info:
+        check_url(url)
+    assert "t/x" not in str(info.value) and "y%z" not in str(info.value)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trials", "--storage", url])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and "%40" in err
+    assert "S3cr" not in err and "t/x" not in err and "y%z" not in err

@@ -48,7 +48,9 @@ NETWORK_FILESYSTEMS = frozenset({
     "beegfs", "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "fuse.s3fs", "fuse.gcsfuse", "fuse.rclone",
 })
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>[^@\s]*)(?P<at>@)")
+#: ``scheme://user:PASSWORD@``, the password running to the last ``@`` of the URL: a raw ``@`` in
+#: a password (which should be %40) must not leave the rest of it in plain sight.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<password>\S*)(?P<at>@)")
 
 
 #: What a storage call raises when the database cannot be reached or refuses a commit: the
@@ -86,6 +88,11 @@ def mask_secrets(text: str, *urls: str) -> str:
 def check_url(url: str) -> sqlalchemy.engine.URL:
     """Parse ``url``; a malformed or unsupported URL raises StorageError saying what to give."""
     hint = "give e.g. sqlite:///kd_optuna.db or postgresql://user@host:5432/db"
+    if str(url).partition("://")[2].count("@") > 1:
+        raise StorageError(
+            f"storage {mask_url(url)!r} holds '@' more than once: percent-encode an '@' in the user name or "
+            "password as %40 (and a '%' as %25)"
+        )
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError, TypeError):
