@@ -186,6 +186,8 @@ def test_a_plain_optuna_study_of_the_same_name_is_named_as_such(study_url, tiny_
         (["optimize", "--n-trials", "3", "--n-workers", "2", "--workers-per-gpu", "2"], ["--n-workers", "not both"]),
         (["optimize", "--n-trials", "3", "--workers-per-gpu", "zero"], ["--workers-per-gpu", "'zero'"]),
         (["optimize", "--n-trials", "many"], ["many"]),
+        (["optimize", "--n-trials", "3", "--timeout", "nan"], ["--timeout", "positive"]),
+        (["optimize", "--n-trials", "3", "--timeout", "-5"], ["--timeout", "positive"]),
         (["trials", "-f", "xml"], ["xml"]),
         (["export", "--trial", "seven"], ["--trial"]),
         (["report", "-o", ""], ["-o ''", "no file"]),

@@ -93,7 +93,7 @@ def optimize(
     teacher there, with a progress bar)."""
     if n_trials < 1 or n_workers < 1 or (threads is not None and threads < 1):
         raise KdOptunaError("--n-trials, --n-workers and --threads must be at least 1")
-    if timeout is not None and timeout <= 0:
+    if timeout is not None and not timeout > 0:  # NaN too: no deadline would ever pass
         raise KdOptunaError("--timeout must be a positive number of seconds")
     storage = open_storage(storage_url, heartbeat_interval, grace_period, writable=True)
     database_file = SqliteFileWatch(storage_url)
