@@ -65,6 +65,14 @@ def test_unreachable_server_error_is_masked():
     assert "TopSecret99" not in str(info.value) and "***" in str(info.value)
 
 
+def test_a_sqlite_path_under_the_home_directory_opens_there(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    create_kd_study("sqlite:///~/home.db", name="h")
+    assert (tmp_path / "home.db").is_file() and not (tmp_path / "~").exists()
+    assert load_study(open_storage("sqlite:///~/home.db", must_exist=True), "h", "sqlite:///~/home.db").study_name == "h"
+
+
 def test_heartbeat_and_retry_are_configured(tmp_path):
     storage = open_storage(f"sqlite:///{tmp_path / 'h.db'}", heartbeat_interval=3, grace_period=7)
     assert storage.get_heartbeat_interval() == 3 and storage.grace_period == 7

@@ -129,9 +129,14 @@ def check_url(url: str) -> sqlalchemy.engine.URL:
 
 
 def resolve_url(url: str) -> str:
-    """``url`` as given, except ``postgresql://`` names the installed driver (psycopg or psycopg2)."""
+    """``url`` as given, except ``postgresql://`` names the installed driver (psycopg or psycopg2),
+    and a SQLite path starting with ``~`` names the home directory, as :func:`check_url` and the
+    artifact store read it (SQLite itself would look for a folder named ``~``)."""
     parsed = check_url(url)
-    if parsed.drivername != make_url(url).drivername:
+    if parsed.get_backend_name() == "sqlite" and parsed.database.startswith("~"):
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
+    given = make_url(url)
+    if (parsed.drivername, parsed.database) != (given.drivername, given.database):
         return parsed.render_as_string(hide_password=False)
     return url
 
