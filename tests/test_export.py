@@ -226,6 +226,44 @@ def test_resume_continues_the_same_method_and_refuses_another(exported_at_script
     assert exit_info.value.code == 2 and "written by --method dml" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_last_checkpoint_it_cannot_use_in_one_line(exported_at_script, tmp_path, capsys):
+    """An empty or truncated last.pt, one of another tool, or one of another student: exit 2, one
+    line saying how to start over, never a traceback; nothing in the folder is changed."""
+    import torch
+
+    from kd_optuna.models import build_model
+
+    script = _script_module(exported_at_script)
+    student = build_model("digits_student", 10).state_dict()
+    other = build_model("digits_teacher", 10).state_dict()
+    spec = json.dumps(CLASSICS["at"][0].to_params(), sort_keys=True)
+    state = {"spec": spec, "method": "searched", "student": other, "distiller": {}, "optimizer": {},
+             "epoch": 1, "best_top1": 0.5, "best_epoch": 1, "history": []}
+    cases = {
+        b"": "cannot be read",
+        b"PK\x03\x04 truncated": "cannot be read",
+        "not ours": "is not a checkpoint of this training (it lacks spec, student, distiller",
+        "other student": "holds weights that do not fit this run's student",
+    }
+    for content, words in cases.items():
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        if content == "not ours":
+            torch.save(student, folder / "last.pt")
+        elif content == "other student":
+            torch.save(state, folder / "last.pt")
+        else:
+            (folder / "last.pt").write_bytes(content)
+        before = (folder / "last.pt").read_bytes()
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--resume", "--epochs", "2", "--max-steps", "1", "--batch-size", "16", "--device", "cpu",
+                         "--output-dir", str(folder), "--no-progress"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, (content, err)
+        assert err.count("\n") == 1 and words in err and "run without --resume to start over" in err, (content, err)
+        assert [p.name for p in folder.iterdir()] == ["last.pt"] and (folder / "last.pt").read_bytes() == before
+
+
 def test_in_memory_batches_are_the_data_loaders_batches():
     """The tensor fast path yields exactly what DataLoader(shuffle, generator) over the split does."""
     import torch

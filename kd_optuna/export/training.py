@@ -190,6 +190,10 @@ def _milestone_sgd(params: list, *, lr: float, momentum: float, weight_decay: fl
     return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
 
 
+#: What ``last.pt`` holds (written at each epoch's end by :meth:`_FullTraining.epoch_end`).
+_LAST_KEYS = ("spec", "student", "distiller", "optimizer", "epoch", "best_top1", "best_epoch", "history")
+
+
 class _FullTraining:
     """The state and engine hooks of :func:`train_with_distiller`: the batches and loss of an
     epoch, the running means, and at each epoch's end the lr schedule, val top-1, the best
@@ -225,12 +229,26 @@ class _FullTraining:
         return Hooks(epoch_start=self.epoch_start, after_loss=self.check, after_step=self.add, epoch_end=self.epoch_end)
 
     def resume(self) -> int:
-        """Load ``last.pt`` into the models, term, optimiser and schedules; the epoch to start at."""
+        """Load ``last.pt`` into the models, term, optimiser and schedules; the epoch to start at.
+
+        A ``last.pt`` that cannot be read (empty, truncated, not ours) or whose weights do not fit
+        this run's student, teacher or dataset is refused in one line, saying how to start over."""
         import torch
+
+        from kd_optuna.train.checkpoints import LOAD_ERRORS
 
         if not self.last_path.is_file():
             raise KdOptunaError(f"--resume: no checkpoint {self.last_path}; run without --resume first")
-        state = torch.load(self.last_path, map_location=self.device, weights_only=True)
+        start_over = "run without --resume to start over, or give another --output-dir"
+        try:
+            state = torch.load(self.last_path, map_location=self.device, weights_only=True)
+        except LOAD_ERRORS as exc:
+            raise KdOptunaError(f"--resume: {self.last_path} cannot be read ({type(exc).__name__}: it is empty, "
+                                f"truncated or not a training checkpoint); {start_over}") from None
+        missing = [key for key in _LAST_KEYS if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise KdOptunaError(f"--resume: {self.last_path} is not a checkpoint of this training "
+                                f"(it lacks {', '.join(missing)}); {start_over}")
         if state.get("method", "searched") != self.method:
             raise KdOptunaError(
                 f"--resume: {self.last_path} was written by --method {state.get('method', 'searched')}; "
@@ -238,9 +256,14 @@ class _FullTraining:
             )
         if self.method == "searched" and state.get("spec") != self.spec.to_json():
             raise KdOptunaError(f"--resume: {self.last_path} was written for another distiller; use another --output-dir")
-        self.student.model.load_state_dict(state["student"])
-        self.term.load_state_dict(state["distiller"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.student.model.load_state_dict(state["student"])
+            self.term.load_state_dict(state["distiller"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise KdOptunaError(f"--resume: {self.last_path} holds weights that do not fit this run's student, "
+                                f"teacher or dataset ({type(exc).__name__}); use the settings it was trained "
+                                f"with, or {start_over}") from None
         self.scheduler.last_epoch = int(state["epoch"])
         self.term.resume_schedule(int(state["epoch"]))
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])

@@ -93,6 +93,11 @@ def check_writable(path: str | os.PathLike) -> None:
         raise CheckpointError(f"cannot write the checkpoint {path} ({reason}); choose another path") from None
 
 
+#: What ``torch.load(weights_only=True)`` raises for a file that is not a readable checkpoint of
+#: weights (truncated, empty, another format, pickled objects): :func:`unreadable_reason` says which.
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError,
+               IndexError, KeyError, TypeError)
+
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 _RESAVE = "where the model is defined, save only its weights: torch.save(model.state_dict(), path)"
 
@@ -123,8 +128,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, ImportError,
-            IndexError, KeyError, TypeError) as exc:
+    except LOAD_ERRORS as exc:
         raise CheckpointError(f"checkpoint {path} {unreadable_reason(exc)}") from None
     meta = None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
