@@ -164,6 +164,27 @@ def test_main_calls_train_with_distiller_once_with_every_setting_as_a_keyword(tm
     assert "distiller: dml" in out and "final top-1: 50.00%" in out and "best val top-1: 75.00% (epoch 2" in out
 
 
+def test_ctrl_c_ends_the_script_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
+    import kd_optuna.export.training
+
+    def interrupted(spec_params, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kd_optuna.export.training, "train_with_distiller", interrupted)
+    main = _load(_digits_text(), tmp_path).main
+    run = tmp_path / "run"
+    for held, words in ((False, "no epoch had finished, so run it again as it was"),
+                        (True, f"add --resume to continue from the last finished epoch ({run / 'last.pt'})")):
+        if held:
+            run.mkdir()
+            (run / "last.pt").write_bytes(b"")
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--output-dir", str(run)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 130
+        assert err.count("\n") == 1 and "interrupted; " + words in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("evil", HOSTILE)
 def test_hostile_study_names_paths_and_nodes_stay_inert_string_literals(evil, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

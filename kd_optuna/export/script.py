@@ -76,6 +76,7 @@ with SGD and the CE + distiller loss, saves a checkpoint each epoch and prints t
 
 import argparse
 import json
+import os
 import sys
 
 # -- the distiller ---------------------------------------------------------------------------
@@ -197,6 +198,12 @@ $keywords
         text = " ".join(error_message(error).split()) or type(error).__name__
         print("{}: error: {}".format(sys.argv[0], text), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        last = os.path.join(args.output_dir, "last.pt")
+        then = ("add --resume to continue from the last finished epoch ({})".format(last) if os.path.isfile(last)
+                else "no epoch had finished, so run it again as it was")
+        print("{}: interrupted; {}".format(sys.argv[0], then), file=sys.stderr)
+        sys.exit(130)
     print("final top-1: {:.2f}% (test, last epoch)  best val top-1: {:.2f}% (epoch {}, kept in --output-dir)".format(
         100 * result["final_top1"], 100 * result["best_val_top1"], result["best_epoch"]))
 
