@@ -226,6 +226,24 @@ def test_resume_continues_the_same_method_and_refuses_another(exported_at_script
     assert exit_info.value.code == 2 and "written by --method dml" in capsys.readouterr().err
 
 
+def test_running_the_script_again_into_the_same_folder_keeps_the_earlier_run(exported_at_script, tmp_path, capsys):
+    """Without --resume, a folder holding a run is refused before anything loads, both files kept."""
+    script = _script_module(exported_at_script)
+    common = ["--epochs", "1", "--max-steps", "1", "--batch-size", "16", "--device", "cpu",
+              "--output-dir", str(tmp_path), "--no-progress"]
+    script.main(common)
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"last.pt", "best_student.pt"}
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(common + ["--seed", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"--output-dir {tmp_path} holds an earlier run (last.pt, best_student.pt)" in err
+    assert "add --resume to continue it, or give another --output-dir" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_resume_refuses_a_last_checkpoint_it_cannot_use_in_one_line(exported_at_script, tmp_path, capsys):
     """An empty or truncated last.pt, one of another tool, or one of another student: exit 2, one
     line saying how to start over, never a traceback; nothing in the folder is changed."""

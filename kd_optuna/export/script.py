@@ -172,7 +172,8 @@ $flags
          + " (default: %(default)s)")
     flag("--max-steps", type=positive_int, default=None,
          help="smoke test / debugging: stop each epoch after this many batches")
-    flag("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    flag("--resume", action="store_true",
+         help="continue from the last checkpoint in --output-dir (without it, a folder holding a run is refused)")
     flag("--no-progress", action="store_true", help="hide the per-epoch progress bars")
     return parser.parse_args(argv)
 
@@ -191,6 +192,7 @@ $keywords
             method=args.method,
             max_steps=args.max_steps,
             resume=args.resume,
+            overwrite=False,
             progress=not args.no_progress,
             download_hint="run it again with --download true",
         )

@@ -42,7 +42,8 @@ def train_with_distiller(
     dataset: str, data_root: str | None, download: bool, image_size: int | None = None,
     teacher: str, teacher_checkpoint: str | None, student: str,
     device: str, output_dir: str,
-    method: str = "searched", max_steps: int | None = None, resume: bool = False, progress: bool = True,
+    method: str = "searched", max_steps: int | None = None, resume: bool = False, overwrite: bool = True,
+    progress: bool = True,
     cache_dir: str = ".kd_optuna_cache", split_seed: int = 0,
     teacher_nodes: dict[str, str] | None = None, student_nodes: dict[str, str] | None = None,
     download_hint: str | None = None,
@@ -56,6 +57,8 @@ def train_with_distiller(
     (smoke tests) ends each epoch after that many batches. Writes ``output_dir/last.pt``
     (everything to resume) and ``output_dir/best_student.pt`` (our checkpoint format), both
     atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
+    ``overwrite=False`` (the exported script) refuses, before anything is loaded, to start a
+    fresh run in an ``output_dir`` that holds one, which the new run would replace epoch by epoch.
     ``download_hint``: how the caller's user asks for the dataset's download, said when it is
     missing (None: the study config's ``download = true``; the exported script gives its flag).
     ``image_size``: an image folder's crop (``kd_optuna.data.load_dataset``; None: 224).
@@ -71,6 +74,8 @@ def train_with_distiller(
     _check_arguments(epochs, batch_size, method, max_steps)
     _check_image_size(dataset, image_size)
     with _only_run_in(Path(output_dir)):
+        if not (resume or overwrite):
+            _check_no_earlier_run(Path(output_dir))
         spec = DistillerSpec.from_params(spec_params)
         target = torch.device(WorkerContext(0, 1, device).torch_device())
         torch.manual_seed(seed)
@@ -129,6 +134,15 @@ def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int |
         raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if max_steps is not None and max_steps < 1:
         raise KdOptunaError(f"--max-steps {max_steps}: give a positive number of batches or leave it out")
+
+
+def _check_no_earlier_run(out: Path) -> None:
+    held = [name for name in ("last.pt", "best_student.pt") if (out / name).exists()]
+    if held:
+        raise KdOptunaError(
+            f"--output-dir {out} holds an earlier run ({', '.join(held)}), which a fresh run would replace: "
+            "add --resume to continue it, or give another --output-dir (or delete it) to start over"
+        )
 
 
 def _check_image_size(dataset: str, image_size: int | None) -> None:
