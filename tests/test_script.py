@@ -164,6 +164,13 @@ def test_main_calls_train_with_distiller_once_with_every_setting_as_a_keyword(tm
     assert "distiller: dml" in out and "final top-1: 50.00%" in out and "best val top-1: 75.00% (epoch 2" in out
 
 
+def test_help_says_which_split_each_printed_top1_is_on(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _load(_digits_text(), tmp_path).main(["--help"])
+    words = " ".join(capsys.readouterr().out.split())
+    assert "the last epoch's test top-1 and the best val top-1" in words and "best test top-1" not in words
+
+
 def test_ctrl_c_ends_the_script_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
     import kd_optuna.export.training
 

@@ -162,7 +162,7 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     parser = Parser(
         description="Train the student with the distiller of a kd-optuna trial on the full data; "
-        "prints the final and best test top-1.",
+        "prints the last epoch's test top-1 and the best val top-1 (whose student is best_student.pt).",
     )
     flag = parser.add_argument
 $flags

@@ -1,9 +1,10 @@
 """Full training with a distiller: the function the exported script calls (seed F.1 / F.2).
 
 SGD with momentum, lr x ``gamma`` at each milestone epoch, loss ``CE(student logits, labels) +
-distiller(student, teacher, labels)`` on the train split, top-1 on the test split after each
-epoch, a checkpoint of student, distiller adapters, optimiser and scheduler each epoch
-(``resume`` continues from it), the best student (by val top-1) kept apart.
+distiller(student, teacher, labels)`` on the train split, top-1 on the val split after each
+epoch (on the test split once, after the last), a checkpoint of student, distiller adapters,
+optimiser and scheduler each epoch (``resume`` continues from it), the best student (by val
+top-1) kept apart.
 
 ``method`` swaps the distiller for a reference method on the same settings (:data:`METHODS`):
 ``searched`` (the trial's spec, the default), ``kd`` (Hinton's KD as a spec), ``pkt``, ``rkd``,
