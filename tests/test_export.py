@@ -244,6 +244,23 @@ def test_running_the_script_again_into_the_same_folder_keeps_the_earlier_run(exp
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_an_output_dir_that_is_a_file_is_refused_before_anything_loads(exported_at_script, tmp_path, capsys,
+                                                                         monkeypatch):
+    import kd_optuna.data
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded before --output-dir was checked")
+
+    monkeypatch.setattr(kd_optuna.data, "load_dataset", no_data)
+    (tmp_path / "a_file").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        _script_module(exported_at_script).main(["--device", "cpu", "--output-dir", str(tmp_path / "a_file")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"--output-dir {tmp_path / 'a_file'} is a file; give a folder" in err
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
 def test_resume_refuses_a_last_checkpoint_it_cannot_use_in_one_line(exported_at_script, tmp_path, capsys):
     """An empty or truncated last.pt, one of another tool, or one of another student: exit 2, one
     line saying how to start over, never a traceback; nothing in the folder is changed."""
