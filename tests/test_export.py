@@ -299,6 +299,27 @@ def test_resume_refuses_a_last_checkpoint_it_cannot_use_in_one_line(exported_at_
         assert [p.name for p in folder.iterdir()] == ["last.pt"] and (folder / "last.pt").read_bytes() == before
 
 
+def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(exported_at_script, tmp_path, capsys):
+    """With a random transform (mask: a fresh mask each step from torch's generator), stopping
+    after epoch 1 and resuming gives the weights of one run straight to epoch 2."""
+    import torch
+
+    from kd_optuna.space import DistillerSpec
+
+    params = {**CLASSICS["fitnets"][0].to_params(), "transform1": "mask"}
+    config = digits_config(checkpoint=str(exported_at_script.parent / "teacher.pt"))
+    script = _script_module(write_script(tmp_path / "masked.py", "s", completed_trial(DistillerSpec.from_params(params)),
+                                         config))
+    common = ["--max-steps", "2", "--batch-size", "16", "--device", "cpu", "--no-progress"]
+    script.main(common + ["--epochs", "2", "--output-dir", str(tmp_path / "straight")])
+    script.main(common + ["--epochs", "1", "--output-dir", str(tmp_path / "resumed")])
+    script.main(common + ["--epochs", "2", "--output-dir", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert straight["history"] == resumed["history"]
+    for part in ("student", "distiller"):
+        assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
+
+
 def test_in_memory_batches_are_the_data_loaders_batches():
     """The tensor fast path yields exactly what DataLoader(shuffle, generator) over the split does."""
     import torch

@@ -283,6 +283,7 @@ class _FullTraining:
         self.term.resume_schedule(int(state["epoch"]))
         self.best_top1, self.best_epoch = float(state["best_top1"]), int(state["best_epoch"])
         self.history = list(state["history"])
+        self._restore_random_state(state)
         return int(state["epoch"])
 
     def epoch_start(self, epoch: int) -> None:
@@ -354,7 +355,28 @@ class _FullTraining:
             "best_top1": self.best_top1,
             "best_epoch": self.best_epoch,
             "history": self.history,
+            **self._random_state(),
         }, self.last_path)
+
+    def _random_state(self) -> dict[str, Any]:
+        """torch's global generator (and the device's, on CUDA) as the next epoch will find it:
+        augmentations, dropout and random transforms (``mask``, ``drop``) draw from it."""
+        import torch
+
+        state = {"rng_state": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda_rng_state"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _restore_random_state(self, state: dict) -> None:
+        """Put back what :meth:`_random_state` saved, so a resumed run draws what an uninterrupted
+        one would (a ``last.pt`` without it, from before it was saved, leaves the generators)."""
+        import torch
+
+        if "rng_state" in state:
+            torch.set_rng_state(state["rng_state"].cpu())
+        if "cuda_rng_state" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng_state"].cpu(), self.device)
 
     def _save_best(self, epoch: int, val_top1: float) -> None:
         from kd_optuna.train.checkpoints import save_checkpoint
