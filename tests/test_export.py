@@ -320,6 +320,37 @@ def test_a_resumed_run_draws_what_an_uninterrupted_one_draws(exported_at_script,
         assert all(torch.equal(straight[part][k], resumed[part][k]) for k in straight[part]), part
 
 
+class _RandomlyAugmented:
+    """Items (x, y) where x is drawn from torch's generator, as a random crop or flip draws."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        import torch
+
+        return torch.rand(3), i % 2
+
+
+def test_an_epochs_augmentations_in_loader_workers_depend_on_the_seed_and_epoch_alone():
+    """Epoch 1 of a loader that ran epoch 0 draws what a fresh loader (a resumed run) draws in epoch 1."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from kd_optuna.export.training import _indexed_loader
+
+    def epoch(loader, number):
+        loader.generator.manual_seed(3 + number)
+        return [x for x, _, _ in loader]
+
+    splits = SimpleNamespace(train=_RandomlyAugmented(), augmentation="crop_flip")
+    straight = _indexed_loader(splits, 4, 2, seed=3)
+    epoch(straight, 0)
+    resumed = _indexed_loader(splits, 4, 2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(epoch(straight, 1), epoch(resumed, 1), strict=True))
+
+
 def test_in_memory_batches_are_the_data_loaders_batches():
     """The tensor fast path yields exactly what DataLoader(shuffle, generator) over the split does."""
     import torch

@@ -553,7 +553,12 @@ class _TensorBatches:
 
 
 def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
-    """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index)."""
+    """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index).
+
+    Its workers are not persistent: each epoch starts them afresh with a base seed drawn from
+    the generator that the epoch reseeded (``seed + epoch``), so epoch e's order and augmentations
+    depend on (seed, e) alone, the same in a resumed run as in an uninterrupted one (persistent
+    workers carried their generators on from epoch to epoch, which a resumed run cannot redo)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -566,7 +571,6 @@ def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
     )
 
 
