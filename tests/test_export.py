@@ -224,6 +224,9 @@ def test_resume_continues_the_same_method_and_refuses_another(exported_at_script
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--method", "crd", "--epochs", "3", "--resume"] + common)
     assert exit_info.value.code == 2 and "written by --method dml" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # weights of epoch 2 are not what --epochs 1 asks for
+        script.main(["--method", "dml", "--epochs", "1", "--resume"] + common)
+    assert exit_info.value.code == 2 and "is at epoch 2, past --epochs 1; give --epochs 2 or more" in capsys.readouterr().err
 
 
 def test_running_the_script_again_into_the_same_folder_keeps_the_earlier_run(exported_at_script, tmp_path, capsys):

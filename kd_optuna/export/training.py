@@ -271,6 +271,9 @@ class _FullTraining:
             )
         if self.method == "searched" and state.get("spec") != self.spec.to_json():
             raise KdOptunaError(f"--resume: {self.last_path} was written for another distiller; use another --output-dir")
+        if int(state["epoch"]) > self.epochs:
+            raise KdOptunaError(f"--resume: {self.last_path} is at epoch {int(state['epoch'])}, past --epochs "
+                                f"{self.epochs}; give --epochs {int(state['epoch'])} or more")
         try:
             self.student.model.load_state_dict(state["student"])
             self.term.load_state_dict(state["distiller"])
