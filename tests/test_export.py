@@ -264,6 +264,16 @@ def test_an_output_dir_that_is_a_file_is_refused_before_anything_loads(exported_
     assert (tmp_path / "a_file").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1)])
+def test_a_seed_torch_cannot_take_is_refused_in_one_line(exported_at_script, seed, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _script_module(exported_at_script).main(["--seed=" + seed, "--device", "cpu", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"--seed {seed} is outside torch's 64-bit seed range; give a seed from 0 to 2**63 - 1" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_resume_refuses_a_last_checkpoint_it_cannot_use_in_one_line(exported_at_script, tmp_path, capsys):
     """An empty or truncated last.pt, one of another tool, or one of another student: exit 2, one
     line saying how to start over, never a traceback; nothing in the folder is changed."""

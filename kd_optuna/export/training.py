@@ -72,7 +72,7 @@ def train_with_distiller(
     from kd_optuna.train.devices import WorkerContext
     from kd_optuna.train.engine import train_epochs
 
-    _check_arguments(epochs, batch_size, method, max_steps)
+    _check_arguments(epochs, batch_size, method, max_steps, seed)
     _check_image_size(dataset, image_size)
     with _only_run_in(Path(output_dir)):
         if not (resume or overwrite):
@@ -128,9 +128,11 @@ def _only_run_in(out: Path) -> Iterator[None]:
         raise KdOptunaError(f"another run is training into {out}; wait for it to finish or give another --output-dir") from None
 
 
-def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int | None) -> None:
+def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int | None, seed: int) -> None:
     if epochs < 1 or batch_size < 1:
         raise KdOptunaError("--epochs and --batch-size must be at least 1")
+    if not -2**63 <= seed <= 2**64 - 1 - epochs:  # torch seeds with seed, and epoch e's loader with seed + e
+        raise KdOptunaError(f"--seed {seed} is outside torch's 64-bit seed range; give a seed from 0 to 2**63 - 1")
     if method not in METHODS:
         raise KdOptunaError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
     if max_steps is not None and max_steps < 1:
