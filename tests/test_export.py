@@ -85,6 +85,21 @@ def test_export_refuses_a_missing_directory(tmp_path):
         write_script(tmp_path / "no" / "x.py", "s", completed_trial(CLASSICS["kd"][0]), digits_config())
 
 
+def test_export_to_a_path_it_cannot_write_names_that_path_and_leaves_nothing(tmp_path, capsys):
+    from conftest import invoke_cli
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="minimize")
+    study.set_user_attr(CONFIG_ATTR, digits_config().to_json())
+    study.add_trial(completed_trial(CLASSICS["kd"][0]))
+    (tmp_path / "a_file").write_text("")
+    target = tmp_path / "a_file" / "train_best.py"
+    code, _, err = invoke_cli(capsys, "export", "--storage", url, "-o", str(target))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"cannot write {target} (Not a directory); choose another -o" in err and ".partial" not in err
+    assert (tmp_path / "a_file").read_text() == "" and not list(tmp_path.glob("**/*.py*"))
+
+
 @pytest.mark.slow
 def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
     import torch

@@ -348,9 +348,14 @@ def write_script(path: Path, study_name: str, trial: Any, config: Any) -> Path:
     if path.parent and not path.parent.exists():
         raise KdOptunaError(f"directory {str(path.parent)!r} does not exist; create it or choose another -o")
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    path.chmod(0o755)
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+        path.chmod(0o755)
+    except OSError as exc:
+        if partial.is_file():
+            partial.unlink()
+        raise KdOptunaError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); choose another -o") from None
     return path
 
 
