@@ -171,6 +171,16 @@ def test_help_says_which_split_each_printed_top1_is_on(tmp_path, capsys):
     assert "the last epoch's test top-1 and the best val top-1" in words and "best test top-1" not in words
 
 
+def test_a_python_without_kd_optuna_is_told_so_in_one_line(tmp_path):
+    path = tmp_path / "train_best.py"
+    path.write_text(_digits_text(), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-S", "-E", str(path), "--epochs", "1"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert "cannot import kd_optuna, which trains the student; install kd-optuna into it" in run.stderr
+
+
 def test_ctrl_c_ends_the_script_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
     import kd_optuna.export.training
 

@@ -181,8 +181,16 @@ $flags
 # -- the training ----------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    from kd_optuna.errors import KdOptunaError, error_message
-    from kd_optuna.export import train_with_distiller
+    try:
+        from kd_optuna.errors import KdOptunaError, error_message
+        from kd_optuna.export import train_with_distiller
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "kd_optuna":
+            raise
+        print("{}: error: this Python ({}) cannot import kd_optuna, which trains the student; install kd-optuna "
+              "into it (pip install -e the kd-optuna folder) or run the script with the Python that has it".format(
+                  sys.argv[0], sys.executable), file=sys.stderr)
+        sys.exit(2)
 
     print("distiller:", FORMULA if args.method == "searched" else args.method)
     try:
