@@ -181,6 +181,12 @@ def test_a_python_without_kd_optuna_is_told_so_in_one_line(tmp_path):
     assert "cannot import kd_optuna, which trains the student; install kd-optuna into it" in run.stderr
 
 
+def test_the_dataset_flag_names_every_dataset_a_study_can_use():
+    from kd_optuna.data import DATASET_NAMES
+
+    assert "digits_hard" in DATASET_NAMES and all(name in SETTINGS["dataset"][1] for name in DATASET_NAMES)
+
+
 def test_ctrl_c_ends_the_script_with_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
     import kd_optuna.export.training
 

@@ -20,6 +20,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from kd_optuna.data import DATASET_NAMES
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.export.training import METHODS
 
@@ -36,7 +37,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "gamma": ("positive_float", "learning-rate decay factor"),
     "num_workers": ("non_negative_int", "data-loader worker processes"),
     "seed": ("int", "random seed"),
-    "dataset": ("str", "dataset name (digits, cifar10, cifar100, imagefolder)"),
+    "dataset": ("str", f"dataset name ({', '.join(DATASET_NAMES)})"),
     "data_root": ("str_or_none", "data directory"),
     "image_size": ("positive_int_or_none", "imagefolder's square crop in pixels (none: 224)"),
     "download": ("bool", "download the dataset if missing (true/false)"),
