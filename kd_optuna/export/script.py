@@ -15,7 +15,6 @@ script valid and inert and comes back as the same string.
 from __future__ import annotations
 
 import math
-import os
 import string
 from pathlib import Path
 from typing import Any
@@ -356,15 +355,11 @@ def write_script(path: Path, study_name: str, trial: Any, config: Any) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise KdOptunaError(f"directory {str(path.parent)!r} does not exist; create it or choose another -o")
-    partial = path.with_name(path.name + ".partial")
+    from kd_optuna.files import atomic_write_text
+
     try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-        path.chmod(0o755)
+        return atomic_write_text(path, text, mode=0o755)
     except OSError as exc:
-        if partial.is_file():
-            partial.unlink()
         raise KdOptunaError(f"cannot write {path} ({exc.strerror or type(exc).__name__}); choose another -o") from None
-    return path
 
 
