@@ -110,8 +110,9 @@ def train_with_distiller(
 @contextlib.contextmanager
 def _only_run_in(out: Path) -> Iterator[None]:
     """Hold ``out/.lock`` for the run, so that a second run into ``out`` (whose checkpoints
-    would overwrite this one's, epoch by epoch) is refused instead of mixing the two. A folder
-    this run created and left holding nothing but the lock (it failed first) is removed."""
+    would overwrite this one's, epoch by epoch) is refused instead of mixing the two. The lock
+    file is removed when the run ends, and so is a folder this run created and left empty (it
+    failed first)."""
     if out.exists() and not out.is_dir():
         raise KdOptunaError(f"--output-dir {out} is a file; give a folder for the run's checkpoints")
     lock = out / ".lock"
@@ -121,8 +122,8 @@ def _only_run_in(out: Path) -> Iterator[None]:
             try:
                 yield
             finally:
-                if created and [p.name for p in out.iterdir()] == [lock.name]:
-                    lock.unlink()
+                lock.unlink(missing_ok=True)
+                if created and not any(out.iterdir()):
                     out.rmdir()
     except LockHeld:
         raise KdOptunaError(f"another run is training into {out}; wait for it to finish or give another --output-dir") from None
