@@ -144,3 +144,19 @@ def test_a_demo_stopped_by_ctrl_c_says_so_and_how_to_resume(tmp_path, monkeypatc
     code, out, err = _demo_ended_by(lambda summary: dataclasses.replace(summary, interrupted=True, waiting=2),
                                     tmp_path, monkeypatch, capsys)
     assert code == 130 and "interrupted; run `make demo` again to resume (its 2 queued trials run first)" in err, err
+
+
+def test_the_in_python_example_runs_as_pasted_with_fewer_steps(monkeypatch, tmp_path):
+    """README "In Python" runs as it stands (it once used names it never defined); here with 3
+    teacher steps, 2 per candidate and 3 trials instead of 100, 40 and 12."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```python\n(.*?)```", text.split("## In Python", 1)[1], re.S).group(1)
+    for full, short in (("steps=100", "steps=3"), ("range(40)", "range(2)"), ("n_trials=12", "n_trials=3")):
+        assert block.count(full) == 1, full
+        block = block.replace(full, short)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md:In Python", "exec"), namespace)
+    study = namespace["study"]
+    assert len(study.trials) == 3 and study.best_trial.params["knowledge"] in ("logit", "emb")
+    assert 0.0 <= study.best_value <= 1.0
