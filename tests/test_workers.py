@@ -256,13 +256,7 @@ def run_interrupt_scenario(url: str, tmp_path: Path) -> None:
     assert _states(study).get(TrialState.RUNNING, 0) == 4
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert process.wait(timeout=60) == 130
-    group_left = b"?"
-    for _ in range(50):  # multiprocessing's resource tracker leaves when the parent has
-        group_left = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).stdout
-        if not group_left:
-            break
-        time.sleep(0.2)
-    assert group_left == b""
+    assert _process_group_left(process.pid) == b""
     states = _states(study)
     assert states.get(TrialState.RUNNING, 0) == 0 and states.get(TrialState.FAIL, 0) == 4
     script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=8, sleep=0.0))
@@ -366,16 +360,22 @@ def test_sigterm_to_the_parent_alone_stops_the_workers_as_ctrl_c_does(tmp_path):
     assert process.returncode == 130, err
     assert "2 failed (2 interrupted), 2 queued to run again" in out
     assert "Traceback" not in err and "leaked" not in err
-    group_left = b"?"
-    for _ in range(50):  # multiprocessing's resource tracker leaves when the parent has
-        group_left = subprocess.run(["pgrep", "-g", str(process.pid)], capture_output=True).stdout
-        if not group_left:
-            break
-        time.sleep(0.2)
-    assert group_left == b""
+    assert _process_group_left(process.pid) == b""
     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     assert sorted(t.number for t in failed) == sorted(t.number for t in running)
     assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+
+
+def _process_group_left(group: int) -> bytes:
+    """pgrep's list of the processes still in ``group``, waited for up to 10 s to be empty
+    (multiprocessing's resource tracker leaves when the parent has)."""
+    left = b"?"
+    for _ in range(50):
+        left = subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout
+        if not left:
+            break
+        time.sleep(0.2)
+    return left
 
 
 def _kill_first_worker_when_both_run(url: str, pids_box: list, killed: list) -> None:
