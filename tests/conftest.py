@@ -196,3 +196,18 @@ def pg_server():
 def pg_url(pg_server):
     """A fresh, empty database on the private server for one test."""
     yield pg_server.new_database()
+
+
+def process_group_left(pgid: int) -> bytes:
+    """The pids still in process group ``pgid``, waited for up to 10 s to be empty
+    (multiprocessing's resource tracker leaves after the parent)."""
+    import subprocess
+    import time
+
+    left = b"?"
+    for _ in range(50):
+        left = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).stdout
+        if not left:
+            break
+        time.sleep(0.2)
+    return left

@@ -22,7 +22,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from conftest import default_sigint, tiny_digits_toml
+from conftest import default_sigint, process_group_left, tiny_digits_toml
 from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.space import FULL_OPTIONS, GENES
 
@@ -116,18 +116,6 @@ def _wait_for_running(study, process, count: int, timeout: float = 300.0) -> lis
     raise AssertionError(f"optimize never ran {count} trials at once: {out}{err}")
 
 
-def _group_left(pgid: int) -> bytes:
-    """The pids still in process group ``pgid`` (multiprocessing's resource tracker leaves
-    after the parent): empty once all are gone."""
-    left = b"?"
-    for _ in range(50):
-        left = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).stdout
-        if not left:
-            break
-        time.sleep(0.2)
-    return left
-
-
 @pytest.mark.slow
 def test_ctrl_c_to_the_process_group_stops_optimize_and_the_same_command_reruns_the_interrupted_trials(tmp_path):
     """Issue 11.6 as a terminal's Ctrl-C does it: SIGINT to the parent and both workers at once
@@ -142,7 +130,7 @@ def test_ctrl_c_to_the_process_group_stops_optimize_and_the_same_command_reruns_
     os.killpg(process.pid, signal.SIGINT)  # the whole foreground group, as a terminal's Ctrl-C
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
-    assert _group_left(process.pid) == b""
+    assert process_group_left(process.pid) == b""
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     trials = study.get_trials(deepcopy=False)
     interrupted = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") == "interrupted"]

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import TrivialObjective, create_kd_study, default_sigint, run_worker_in_process
+from conftest import TrivialObjective, create_kd_study, default_sigint, process_group_left, run_worker_in_process
 from kd_optuna import optuna_private
 from kd_optuna.run.storage import open_storage
 from kd_optuna.run.story import trial_note
@@ -256,7 +256,7 @@ def run_interrupt_scenario(url: str, tmp_path: Path) -> None:
     assert _states(study).get(TrialState.RUNNING, 0) == 4
     os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     assert process.wait(timeout=60) == 130
-    assert _process_group_left(process.pid) == b""
+    assert process_group_left(process.pid) == b""
     states = _states(study)
     assert states.get(TrialState.RUNNING, 0) == 0 and states.get(TrialState.FAIL, 0) == 4
     script.write_text(_INTERRUPT_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=8, sleep=0.0))
@@ -309,12 +309,7 @@ def test_ctrl_c_to_the_parent_queues_the_interrupted_trials_and_resume_runs_thei
     script.write_text(_RESUME_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=4, sleep=60.0))
     process = subprocess.Popen(default_sigint([sys.executable, str(script)]), start_new_session=True, cwd=tmp_path,
                                stdout=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    running = []
-    while time.time() < deadline and len(running) < 2:
-        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if len(t.params) == 8]
-        time.sleep(0.2)
-    assert len(running) == 2
+    running = _two_trials_running(study)
     os.kill(process.pid, signal.SIGINT)  # the parent only; it stops its workers
     out, _ = process.communicate(timeout=90)
     assert process.returncode == 130
@@ -349,33 +344,27 @@ def test_sigterm_to_the_parent_alone_stops_the_workers_as_ctrl_c_does(tmp_path):
     script.write_text(_RESUME_SCRIPT.format(tests=str(TESTS), repo=str(REPO), url=url, n=4, sleep=60.0))
     process = subprocess.Popen([sys.executable, str(script)], start_new_session=True, cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = _two_trials_running(study)
+    process.terminate()
+    out, err = process.communicate(timeout=90)
+    assert process.returncode == 130, err
+    assert "2 failed (2 interrupted), 2 queued to run again" in out
+    assert "Traceback" not in err and "leaked" not in err
+    assert process_group_left(process.pid) == b""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    assert sorted(t.number for t in failed) == sorted(t.number for t in running)
+    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
+
+
+def _two_trials_running(study) -> list:
+    """The two RUNNING trials with all 8 params suggested, waited for up to 120 s."""
     deadline = time.time() + 120
     running = []
     while time.time() < deadline and len(running) < 2:
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if len(t.params) == 8]
         time.sleep(0.2)
     assert len(running) == 2
-    process.terminate()
-    out, err = process.communicate(timeout=90)
-    assert process.returncode == 130, err
-    assert "2 failed (2 interrupted), 2 queued to run again" in out
-    assert "Traceback" not in err and "leaked" not in err
-    assert _process_group_left(process.pid) == b""
-    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    assert sorted(t.number for t in failed) == sorted(t.number for t in running)
-    assert all(t.user_attrs["fail_reason"] == "interrupted" for t in failed)
-
-
-def _process_group_left(group: int) -> bytes:
-    """pgrep's list of the processes still in ``group``, waited for up to 10 s to be empty
-    (multiprocessing's resource tracker leaves when the parent has)."""
-    left = b"?"
-    for _ in range(50):
-        left = subprocess.run(["pgrep", "-g", str(group)], capture_output=True).stdout
-        if not left:
-            break
-        time.sleep(0.2)
-    return left
+    return running
 
 
 def _kill_first_worker_when_both_run(url: str, pids_box: list, killed: list) -> None:
