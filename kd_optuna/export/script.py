@@ -21,6 +21,7 @@ from typing import Any
 
 from kd_optuna.data import DATASET_NAMES
 from kd_optuna.errors import KdOptunaError
+from kd_optuna.files import atomic_write_text
 from kd_optuna.export.training import METHODS
 
 #: The script's settings, in flag order: name -> (type, help). Each is the module-level
@@ -355,8 +356,6 @@ def write_script(path: Path, study_name: str, trial: Any, config: Any) -> Path:
     path = Path(path)
     if path.parent and not path.parent.exists():
         raise KdOptunaError(f"directory {str(path.parent)!r} does not exist; create it or choose another -o")
-    from kd_optuna.files import atomic_write_text
-
     try:
         return atomic_write_text(path, text, mode=0o755)
     except OSError as exc:

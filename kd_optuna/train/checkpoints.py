@@ -79,8 +79,8 @@ def save_checkpoint(
 
 def check_writable(path: str | os.PathLike) -> None:
     """CheckpointError unless ``save_checkpoint`` can write ``path``: its folder is made and a
-    file of a unique name beside it (never another writer's ``.partial``) is created and
-    removed. For a caller to learn before training, not after."""
+    file of a unique name beside it is created and removed. For a caller to learn before
+    training, not after."""
     import tempfile
 
     path = Path(path).expanduser()
