@@ -255,6 +255,34 @@ def test_write_script_keeps_a_hostile_study_name_and_file_name_inert(tmp_path):
     assert os.access(normal, os.X_OK)
 
 
+def test_exported_script_finds_relative_config_paths_from_any_directory(tmp_path, monkeypatch):
+    """The config's relative paths are read from the working directory; the script is run
+    elsewhere, so export writes those that exist there as absolute paths and keeps the rest."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from kd_optuna.space import FULL_OPTIONS, GENES
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "teacher.pt").write_bytes(b"weights")
+    spec = CLASSICS["kd"][0]
+    trial = optuna.trial.create_trial(
+        params=spec.to_params(), distributions={g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES},
+        value=0.5,
+    )
+    digits = load_config("digits").to_dict()
+    config = StudyConfig.from_dict(digits | {"data": digits["data"] | {"root": "data"},
+                                             "teacher": digits["teacher"] | {"checkpoint": "teacher.pt"}})
+    module = _load(write_script(tmp_path / "train.py", "s", trial, config).read_text(), tmp_path)
+    assert module.DATA_ROOT == str(tmp_path.resolve() / "data")
+    assert module.TEACHER_CHECKPOINT == str(tmp_path.resolve() / "teacher.pt")
+
+    missing = StudyConfig.from_dict(digits | {"data": digits["data"] | {"root": "elsewhere/data"}})
+    module = _load(write_script(tmp_path / "train2.py", "s", trial, missing).read_text(), tmp_path, "second")
+    assert module.DATA_ROOT == "elsewhere/data"
+
+
 @pytest.mark.parametrize("gene", ["transform1", "distance", "temperature"])
 def test_genes_that_are_not_options_are_refused_so_the_formula_comment_is_the_specs_own(gene):
     params = CLASSICS["kd"][0].to_params() | {gene: HOSTILE[0]}

@@ -341,6 +341,21 @@ def script_defaults(config: Any) -> dict[str, Any]:
     }
 
 
+def anchored_paths(defaults: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` with a relative ``data_root`` or ``teacher_checkpoint`` that exists from the
+    working directory made absolute, so that the script finds them wherever it is run (the
+    config's relative paths are read from the working directory of each command; a path that
+    is not there now is kept as written)."""
+    anchored = dict(defaults)
+    for name in ("data_root", "teacher_checkpoint"):
+        value = anchored.get(name)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            found = Path(value).expanduser()
+            if found.exists():
+                anchored[name] = str(found.resolve())
+    return anchored
+
+
 def write_script(path: Path, study_name: str, trial: Any, config: Any) -> Path:
     """Write the training script of ``trial`` (a completed FrozenTrial) to ``path``."""
     from kd_optuna.space import DistillerSpec
@@ -351,7 +366,7 @@ def write_script(path: Path, study_name: str, trial: Any, config: Any) -> Path:
         "trial": trial.number,
         "score": trial.value,
     }
-    text = script_text(spec.to_params(), script_defaults(config), source, script_name=Path(path).name)
+    text = script_text(spec.to_params(), anchored_paths(script_defaults(config)), source, script_name=Path(path).name)
     compile(text, str(path), "exec")
     path = Path(path)
     if path.parent and not path.parent.exists():
