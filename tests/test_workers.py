@@ -92,6 +92,28 @@ def test_two_workers_stop_exactly_at_n_trials_with_a_note_per_trial(tmp_path):
     assert again.finished == 12 and len(study.get_trials(deepcopy=False)) == 12
 
 
+def test_timeout_counts_the_search_not_the_teacher_trained_before_it(tmp_path, monkeypatch):
+    """The workers' deadline is --timeout seconds after the teacher (``before_workers``) is ready."""
+    import kd_optuna.run.workers as workers
+
+    class Started(Exception):
+        pass
+
+    class RecordingPool:
+        def __init__(self, worker_args, n_workers):
+            self.deadline = worker_args(0).deadline
+            raise Started(self)
+
+    monkeypatch.setattr(workers, "_Pool", RecordingPool)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_kd_study(url)
+    ready = []
+    with pytest.raises(Started) as started:
+        optimize(url, "s", 3, n_workers=1, timeout=60.0, objective_factory=TrivialObjective(), progress=False,
+                 before_workers=lambda config: (time.sleep(0.5), ready.append(time.time())))
+    assert started.value.args[0].deadline >= ready[0] + 60.0
+
+
 def test_trial_note_lists_rejection_reason():
     trial = optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={"reject_reason": "nan", "formula": "f(x)"})
     note = trial_note(trial, TrialState.PRUNED, None)

@@ -125,7 +125,7 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
 @_study_option
 @_storage_option
 @click.option("--n-trials", type=int, required=True, help="Finished trials the study should hold (all workers together).")
-@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds.")
+@click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds of search (a teacher trained first is not counted).")
 @click.option("--n-workers", type=int, default=None, help="Worker processes on this machine [default: 1].")
 @click.option("--workers-per-gpu", default=None, metavar="K|auto",
               help="K worker processes on each visible GPU (auto: as many as its free memory and the cores allow); instead of --n-workers.")

@@ -90,7 +90,7 @@ def optimize(
     ``timeout`` seconds pass, or Ctrl-C; returns the study's summary. ``threads``: torch CPU
     threads per worker (None: the cores split evenly). ``before_workers(config)`` runs once
     here when there are trials to run, before any worker starts (the CLI trains a missing
-    teacher there, with a progress bar)."""
+    teacher there, with a progress bar); ``timeout`` counts from its end."""
     if n_trials < 1 or n_workers < 1 or (threads is not None and threads < 1):
         raise KdOptunaError("--n-trials, --n-workers and --threads must be at least 1")
     if timeout is not None and not timeout > 0:  # NaN too: no deadline would ever pass
@@ -100,7 +100,6 @@ def optimize(
     study = load_study(storage, study_name, storage_url)
     config = study_config(study)
     config.check_files()
-    deadline = None if timeout is None else time.time() + timeout
     if _finished(storage, study) >= n_trials:
         summary = summarize(study)
         summary.target_met_before = True
@@ -108,6 +107,7 @@ def optimize(
         return summary
     if before_workers is not None:
         before_workers(config)
+    deadline = None if timeout is None else time.time() + timeout
 
     def worker_args(index: int) -> WorkerArgs:
         context = WorkerContext(index, n_workers, device, threads)
