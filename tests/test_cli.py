@@ -383,7 +383,7 @@ def test_correlate_from_a_study_shows_a_progress_bar_per_candidate(study_url, ca
     """Issue 11.9: `kd-optuna correlate` shows a tqdm bar over its candidates on stderr."""
     study = optuna.load_study(study_name="digits_tiny", storage=study_url)
     distributions = {g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}
-    for value, name in ((0.4, "kd"), (0.45, "fitnets")):
+    for value, name in ((0.4, "kd"), (0.45, "fitnets"), (0.5, "at")):
         spec = CLASSICS[name][0]
         study.add_trial(optuna.trial.create_trial(
             params=spec.to_params(), distributions=distributions, value=value,
@@ -392,8 +392,11 @@ def test_correlate_from_a_study_shows_a_progress_bar_per_candidate(study_url, ca
     code, out, err = run(capsys, "correlate", "--from-study", "digits_tiny", "--storage", study_url,
                          "--final-seeds", "1", "--epochs", "1", "--threads", "1", "-f", "json")
     assert code == 0, err
-    assert len(json.loads(out)["candidates"]) == 2
-    assert "correlate:" in err and "2/2" in err and "candidate" in err
+    assert len(json.loads(out)["candidates"]) == 3
+    assert "correlate:" in err and "3/3" in err and "candidate" in err
+    kept = [key for key in optuna.load_study(study_name="digits_tiny", storage=study_url).user_attrs
+            if key.startswith("kd_optuna:compare:")]
+    assert len(kept) == 3  # one final training per candidate, kept for a repeated correlate and for compare
 
 
 @pytest.mark.slow

@@ -84,18 +84,18 @@ def test_the_teacher_reuse_line_is_said_once_by_optimize_with_two_workers_and_on
 
     study = optuna.load_study(study_name=STUDY, storage=url)
     distributions = {g: CategoricalDistribution(list(FULL_OPTIONS[g])) for g in GENES}
-    for value, name in ((0.004, "kd"), (0.0045, "fitnets")):  # the best two: correlate's candidates
+    for value, name in ((0.004, "kd"), (0.0045, "fitnets"), (0.0046, "at")):  # the best three: correlate's candidates
         spec = CLASSICS[name][0]
         study.add_trial(optuna.trial.create_trial(
             params=spec.to_params(), distributions=distributions, value=value,
             user_attrs={"formula": spec.formula(), "spec": spec.key, "val_ce": value, "val_acc": 0.9,
                         "sharpness_gap": value / 10, "cka_gap": value / 5, "val_ce_raw": value}))
-    run = subprocess.run([*KD, "correlate", "--from-study", STUDY, "--storage", url, "--n-candidates", "2",
+    run = subprocess.run([*KD, "correlate", "--from-study", STUDY, "--storage", url, "--n-candidates", "3",
                           "--final-seeds", "2", "--epochs", "1", "--threads", "1", "-f", "json"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     assert '"candidates"' in run.stdout and "correlate:" in run.stderr
-    assert _teacher_lines(run.stderr) == [said], run.stderr  # 2 candidates x 2 seeds load it 5 times in all
+    assert _teacher_lines(run.stderr) == [said], run.stderr  # 3 candidates x 2 seeds load it 7 times in all
 
     run = subprocess.run([*KD, "compare", "--study-name", STUDY, "--storage", url, "--methods", "kd,dkd", "--seeds", "1",
                           "--epochs", "1", "--n-workers", "2", "--threads", "1", "-f", "json"],

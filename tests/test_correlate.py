@@ -74,21 +74,32 @@ def test_correlate_runs_end_to_end_on_a_tiny_task():
 def test_given_candidates_keep_their_metrics_and_vanilla_kd_is_the_reference():
     task = _tiny_task()
     spec = DistillerSpec("logit", "no", "no", "no", "l2", "no", 1, 1)
+    other = DistillerSpec("logit", "no", "no", "no", "l1", "no", 1, 1)
     metrics = {"val_ce": 0.5, "val_ce_raw": 0.6, "val_acc": 0.8, "sharpness_gap": 0.0, "cka_gap": 0.1}
-    finals = {CLASSICS["kd"][0].key: 0.9, spec.key: 0.85}
+    finals = {CLASSICS["kd"][0].key: 0.9, spec.key: 0.85, other.key: 0.8}
     seen = []
 
     def final(candidate, seed):
         seen.append((candidate.key, seed))
         return finals[candidate.key]
 
-    result = correlate(task, final, candidates=[("trial3", spec, metrics)], final_seeds=(0, 1))
-    assert [c.name for c in result.candidates] == ["kd", "trial3"]
+    result = correlate(task, final, candidates=[("trial3", spec, metrics), ("trial5", other, metrics)],
+                       final_seeds=(0, 1))
+    assert [c.name for c in result.candidates] == ["kd", "trial3", "trial5"]
     assert result.candidates[1].proxy == metrics and result.candidates[1].final_acc == 0.85
     assert sorted(seen) == sorted((k, s) for k in finals for s in (0, 1))
 
 
-def test_the_exported_training_is_the_final(tmp_path):
+def test_two_distillers_are_refused_since_their_rank_correlation_is_always_one():
+    from kd_optuna.errors import KdOptunaError
+
+    spec = DistillerSpec("logit", "no", "no", "no", "l2", "no", 1, 1)
+    metrics = {"val_ce": 0.5, "val_ce_raw": 0.6, "val_acc": 0.8, "sharpness_gap": 0.0, "cka_gap": 0.1}
+    with pytest.raises(KdOptunaError, match="at least 3 distinct distillers"):
+        correlate(_tiny_task(), lambda spec, seed: 0.5, candidates=[("trial3", spec, metrics)])
+
+
+def test_the_exported_training_is_the_final(tmp_path, monkeypatch):
     """One epoch of the real recipe on digits: what the exported script reports, last epoch on test."""
     from kd_optuna.train.checkpoints import save_checkpoint
     from kd_optuna.export.training import train_with_distiller
@@ -105,6 +116,25 @@ def test_the_exported_training_is_the_final(tmp_path):
     value = exported_training(recipe)(kd, 3)
     again = train_with_distiller(kd.to_params(), **{**recipe, "seed": 3}, progress=False)["final_top1"]
     assert value == again and 0.0 <= value <= 1.0
+
+    # a kept run is read back, not trained again; another seed or recipe is trained
+    from kd_optuna.run.compare import FileRuns
+
+    runs = FileRuns(tmp_path / "runs.json")
+    first = exported_training(recipe, runs=runs)(kd, 3)
+    assert first == pytest.approx(value) and len(runs._read()) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    import kd_optuna.export.training
+
+    monkeypatch.setattr(kd_optuna.export.training, "train_with_distiller", refuse)
+    assert exported_training(recipe, runs=FileRuns(tmp_path / "runs.json"))(kd, 3) == pytest.approx(value)
+    with pytest.raises(AssertionError, match="trained again"):
+        exported_training(recipe, runs=runs)(kd, 4)
+    with pytest.raises(AssertionError, match="trained again"):
+        exported_training({**recipe, "lr": 0.01}, runs=runs)(kd, 3)
 
 
 def test_correlate_trains_a_missing_teacher_with_its_progress_bar(tmp_path, capsys, monkeypatch):

@@ -373,7 +373,7 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
 @click.argument("config", required=False)
 @click.option("--from-study", default=None, help="Correlate this study's best distinct trials (in --storage), on its config.")
 @_storage_option
-@click.option("--n-candidates", type=click.IntRange(min=2), default=10, show_default=True, help="Distillers to compare.")
+@click.option("--n-candidates", type=click.IntRange(min=3), default=10, show_default=True, help="Distillers to compare.")
 @click.option("--final-seeds", type=click.IntRange(min=1), default=2, show_default=True, help="Seeds of each final training.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the [train] epochs of the final training.")
 @click.option("--top-margin", type=float, default=2.0, show_default=True, help="Top candidates: final top-1 within this many points of vanilla KD's.")
@@ -386,7 +386,9 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
 
     The final training is the exported script's (the [train] recipe, last-epoch test top-1),
     so the table says how well the proxy ranks what a user gets; its rows for the top
-    candidates say how well it orders the head of the list.
+    candidates say how well it orders the head of the list. Each final training is kept as it
+    finishes (in the study with --from-study, else in .kd_optuna_cache/correlate-runs.json):
+    an interrupted or repeated correlate trains only what it lacks.
     """
     from kd_optuna.run.config import load_config
     from kd_optuna.run.correlate import correlate as run, exported_training, format_table
@@ -396,12 +398,16 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
 
     if (config is None) == (from_study is None):
         raise KdOptunaError("give a CONFIG or --from-study NAME (one of them)")
+    from kd_optuna.run.compare import FileRuns, StudyRuns
+
     candidates = None
     if from_study is not None:
-        _, study, loaded = _open(storage, from_study)
+        _, study, loaded = _open(storage, from_study, writable=True)
         candidates = _best_distinct(study, n_candidates)
+        runs = StudyRuns(study)
     else:
         loaded = load_config(config)
+        runs = FileRuns(Path(".kd_optuna_cache") / "correlate-runs.json")
     loaded.check_files()
     _train_missing_teacher(loaded, device, threads, progress=True)
     target = WorkerContext(0, 1, device).torch_device()
@@ -425,7 +431,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
         bar.update(1)
 
     try:
-        result = run(task, exported_training(recipe, threads), n_candidates=n_candidates,
+        result = run(task, exported_training(recipe, threads, runs), n_candidates=n_candidates,
                      final_seeds=tuple(range(final_seeds)), seed=seed, threads=threads, candidates=candidates,
                      top_margin=top_margin, progress=on_candidate,
                      final_name=f"exported training, {recipe['epochs']} epochs")
@@ -455,8 +461,12 @@ def _best_distinct(study, n: int):
         chosen.append((f"trial{trial.number}", spec, metrics))
         if len(chosen) == n:
             break
-    if len(chosen) < 2:
-        raise KdOptunaError(f"study {study.study_name!r} has {len(chosen)} scored distinct trial(s); run optimize first")
+    from kd_optuna.distill.classics import CLASSICS
+
+    with_kd = len(chosen) + all(spec.key != CLASSICS["kd"][0].key for _, spec, _ in chosen)
+    if with_kd < 3:
+        raise KdOptunaError(f"study {study.study_name!r} has {len(chosen)} scored distinct trial(s) and correlate needs "
+                            "3 distillers with vanilla KD; run optimize for more")
     return chosen
 
 

@@ -106,6 +106,47 @@ def recorded_runs(user_attrs: Mapping[str, Any]) -> dict[str, Run]:
     return runs
 
 
+class StudyRuns:
+    """The runs recorded in ``study``: its user attrs ``kd_optuna:compare:<digest>``."""
+
+    def __init__(self, study: Any):
+        self.study = study
+
+    def get(self, digest: str) -> Run | None:
+        return recorded_runs(self.study.user_attrs).get(digest)
+
+    def put(self, digest: str, run: Run) -> None:
+        self.study.set_user_attr(RUN_ATTR_PREFIX + digest, asdict(run))
+
+
+class FileRuns:
+    """Runs recorded in the JSON file ``path`` ({digest: Run fields}), for runs without a study
+    (``correlate CONFIG``): rewritten whole under a lock at each run, so commands run side by
+    side add to it without losing one; an unreadable file counts as empty."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, digest: str) -> Run | None:
+        return recorded_runs({RUN_ATTR_PREFIX + k: v for k, v in self._read().items()}).get(digest)
+
+    def put(self, digest: str, run: Run) -> None:
+        from kd_optuna.files import atomic_write_text, file_lock
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            data = self._read()
+            data[digest] = asdict(run)
+            atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
+
+
 def _run_job(job: Job, device: str, threads: int) -> Run:
     import time
 
@@ -171,7 +212,7 @@ def run_compare(
                 for future in concurrent.futures.as_completed(futures):
                     run = future.result()
                     digest = futures[future]
-                    study.set_user_attr(RUN_ATTR_PREFIX + digest, asdict(run))
+                    StudyRuns(study).put(digest, run)
                     results[digest] = run
                     if on_run is not None:
                         on_run(run, False)

@@ -25,11 +25,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from scipy import stats
 
 from kd_optuna.distill.classics import CLASSICS
+from kd_optuna.errors import KdOptunaError
 from kd_optuna.space import GENES, DistillerSpec
 from kd_optuna.proxy.task import Task
 
@@ -83,19 +85,34 @@ FinalTraining = Callable[[DistillerSpec, int], float]
 """(spec, seed) -> the final top-1 accuracy in [0, 1] of a student trained with that distiller."""
 
 
-def exported_training(recipe: dict, threads: int | None = None) -> FinalTraining:
+def exported_training(recipe: dict, threads: int | None = None, runs: Any = None) -> FinalTraining:
     """The exported script's training (``kd_optuna.export.training.train_with_distiller``) under
-    ``recipe`` (``script.script_defaults(config)``), one seed: its last-epoch test top-1."""
+    ``recipe`` (``script.script_defaults(config)``), one seed: its last-epoch test top-1.
+
+    ``runs`` (``compare.StudyRuns`` or ``compare.FileRuns``) keeps each finished training under
+    its ``compare.Job("searched", seed, spec, recipe)`` digest: an interrupted or repeated
+    correlate trains only what it lacks, and a run ``compare`` stored for the same distiller,
+    seed and recipe is reused."""
     import tempfile
 
     from kd_optuna.export.training import train_with_distiller
+    from kd_optuna.run.compare import Job, Run
 
     def final(spec: DistillerSpec, seed: int) -> float:
+        digest = Job("searched", seed, spec.to_params(), recipe).digest()
+        stored = runs.get(digest) if runs is not None else None
+        if stored is not None:
+            return stored.top1 / 100
         if threads is not None:
             torch.set_num_threads(threads)
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kd_optuna_correlate_") as out:
             settings = {**recipe, "seed": seed, "output_dir": out, "num_workers": 0}
-            return train_with_distiller(spec.to_params(), **settings, progress=False)["final_top1"]
+            result = train_with_distiller(spec.to_params(), **settings, progress=False)
+        if runs is not None:
+            runs.put(digest, Run("searched", seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
+                                 int(recipe["epochs"]), spec.key, time.perf_counter() - start))
+        return result["final_top1"]
 
     return final
 
@@ -204,6 +221,9 @@ def correlate(
     kd = CLASSICS["kd"][0]
     if all(spec.key != kd.key for _, spec, _ in candidates):
         candidates = [("kd", kd, None)] + list(candidates)
+    if len(candidates) < 3:
+        raise KdOptunaError(f"correlate needs at least 3 distinct distillers (vanilla KD included) and has "
+                            f"{len(candidates)}; a rank correlation of two is always +-1")
     done = []
     for name, spec, metrics in candidates:
         t0 = time.perf_counter()
