@@ -138,6 +138,15 @@ def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert [h["epoch"] for h in state["history"]] == [1, 2]
     assert (tmp_path / "run" / "best_student.pt").is_file()
+    # the student whose test top-1 is printed is kept, in the format a teacher checkpoint has
+    from kd_optuna.train.checkpoints import read_checkpoint
+
+    weights, meta = read_checkpoint(tmp_path / "run" / "last_student.pt")
+    printed = float(second.stdout.split("final top-1: ")[1].split("%")[0])
+    assert meta["epoch"] == 2 and meta["chosen_on"] == "last epoch"
+    assert 100 * meta["accuracy"] == pytest.approx(printed, abs=0.006)
+    last_state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["student"]
+    assert all(torch.equal(weights[name], last_state[name].cpu()) for name in last_state)
 
 
 @pytest.fixture(scope="module")
@@ -257,12 +266,12 @@ def test_running_the_script_again_into_the_same_folder_keeps_the_earlier_run(exp
     script.main(common)
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert set(before) == {"last.pt", "best_student.pt"}
+    assert set(before) == {"last.pt", "best_student.pt", "last_student.pt"}
     with pytest.raises(SystemExit) as exit_info:
         script.main(common + ["--seed", "1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert f"--output-dir {tmp_path} holds an earlier run (last.pt, best_student.pt)" in err
+    assert f"--output-dir {tmp_path} holds an earlier run (last.pt, best_student.pt, last_student.pt)" in err
     assert "add --resume to continue it, or give another --output-dir" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
@@ -282,6 +291,20 @@ def test_an_output_dir_that_is_a_file_is_refused_before_anything_loads(exported_
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert f"--output-dir {tmp_path / 'a_file'} is a file; give a folder" in err
     assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_milestones_below_one_are_refused_and_ones_past_the_epochs_are_said(exported_at_script, tmp_path, capsys,
+                                                                           caplog):
+    """--epochs 3 with the default 150,180,210 would train at a constant lr without a word."""
+    script = _script_module(exported_at_script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--milestones", "0,2", "--device", "cpu", "--output-dir", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "--milestones 0,2: give positive epochs below --epochs" in err and not (tmp_path / "refused").exists()
+    script.main(["--epochs", "2", "--milestones", "1,5", "--max-steps", "1", "--batch-size", "16", "--device", "cpu",
+                 "--output-dir", str(tmp_path / "run"), "--no-progress"])
+    assert "--milestones 1,5: 5 is not before the last of --epochs 2, so the lr never decays there" in caplog.text
 
 
 @pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1)])

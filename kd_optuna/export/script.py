@@ -163,7 +163,8 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv=None):
     parser = Parser(
         description="Train the student with the distiller of a kd-optuna trial on the full data; "
-        "prints the last epoch's test top-1 and the best val top-1 (whose student is best_student.pt).",
+        "prints the last epoch's test top-1 (its student is last_student.pt) and the best val top-1 "
+        "(its student is best_student.pt).",
     )
     flag = parser.add_argument
 $flags

@@ -16,6 +16,7 @@ The script itself is written by :mod:`kd_optuna.export.script`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,8 @@ from typing import Any, Iterator
 from kd_optuna.distill.baselines import METHOD_DESCRIPTIONS
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.files import LockHeld, atomic_save, file_lock
+
+log = logging.getLogger(__name__)
 
 #: ``--method`` choices: the term added to the student's cross-entropy.
 METHODS: dict[str, str] = {
@@ -56,8 +59,9 @@ def train_with_distiller(
     emb, logit} of student and (frozen, eval-mode) teacher, or for ``dml`` the peer's KL term
     (the peer steps first); SGD step; then the lr schedule; then test top-1. ``max_steps``
     (smoke tests) ends each epoch after that many batches. Writes ``output_dir/last.pt``
-    (everything to resume) and ``output_dir/best_student.pt`` (our checkpoint format), both
-    atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
+    (everything to resume), ``output_dir/best_student.pt`` (the best val top-1) and, at the
+    end, ``output_dir/last_student.pt`` (the student whose test top-1 is returned), the two
+    students in our checkpoint format, all atomically. The history holds per epoch the mean ``loss``, ``ce`` and ``term``.
     ``overwrite=False`` (the exported script) refuses, before anything is loaded, to start a
     fresh run in an ``output_dir`` that holds one, which the new run would replace epoch by epoch.
     ``download_hint``: how the caller's user asks for the dataset's download, said when it is
@@ -73,6 +77,7 @@ def train_with_distiller(
     from kd_optuna.train.engine import train_epochs
 
     _check_arguments(epochs, batch_size, method, max_steps, seed)
+    _check_milestones(milestones, epochs)
     _check_image_size(dataset, image_size)
     with _only_run_in(Path(output_dir)):
         if not (resume or overwrite):
@@ -95,7 +100,7 @@ def train_with_distiller(
             epochs=epochs,
         )
         optimizer, scheduler = _milestone_sgd(list(tapped_student.parameters()) + list(term.parameters()), **sgd)
-        loaders = (_indexed_loader(splits, batch_size, num_workers, seed),
+        loaders = (_indexed_loader(splits, batch_size, num_workers, seed, pin_memory=target.type == "cuda"),
                    splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0))
         run = _FullTraining(tapped_student, tapped_teacher, term, optimizer, scheduler, loaders, spec=spec, method=method,
                             out=Path(output_dir), device=target, seed=seed, epochs=epochs, progress=progress,
@@ -140,8 +145,23 @@ def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int |
         raise KdOptunaError(f"--max-steps {max_steps}: give a positive number of batches or leave it out")
 
 
+def _check_milestones(milestones: list[int], epochs: int) -> None:
+    """A milestone below 1 is refused; one at or past ``epochs`` (the lr is multiplied by gamma
+    after epoch m, so it would never apply) is said in one line, as a user who shortened
+    ``--epochs`` and kept the default milestones trains at a constant lr without knowing it."""
+    shown = ",".join(str(m) for m in milestones)
+    if any(m < 1 for m in milestones):
+        raise KdOptunaError(f"--milestones {shown}: give positive epochs below --epochs {epochs} (the lr is "
+                            "multiplied by --gamma after each), or none")
+    late = [m for m in milestones if m >= epochs]
+    if late:
+        log.warning("note: --milestones %s: %s %s not before the last of --epochs %d, so the lr never decays there; "
+                    "give --milestones below %d", shown, ", ".join(map(str, late)),
+                    "is" if len(late) == 1 else "are", epochs, epochs)
+
+
 def _check_no_earlier_run(out: Path) -> None:
-    held = [name for name in ("last.pt", "best_student.pt") if (out / name).exists()]
+    held = [name for name in ("last.pt", "best_student.pt", "last_student.pt") if (out / name).exists()]
     if held:
         raise KdOptunaError(
             f"--output-dir {out} holds an earlier run ({', '.join(held)}), which a fresh run would replace: "
@@ -233,10 +253,19 @@ class _FullTraining:
 
     def results(self, test_loader) -> dict[str, Any]:
         """What :func:`train_with_distiller` returns: the student's top-1 on ``test_loader`` now
-        (``final_top1``), the last and best val top-1, the best epoch and the history."""
+        (``final_top1``), the last and best val top-1, the best epoch and the history. The
+        student now, whose test top-1 is reported, is saved as ``last_student.pt``."""
+        from kd_optuna.train.checkpoints import save_checkpoint
+
         history = self.history
+        final_top1 = _top1(self.student, test_loader, self.device)
+        save_checkpoint(
+            self.out / "last_student.pt", self.student.model, **self.meta, accuracy=final_top1,
+            extra={"distiller": self.spec.key if self.method == "searched" else self.method,
+                   "epoch": history[-1]["epoch"] if history else 0, "chosen_on": "last epoch", "accuracy_on": "test"},
+        )
         return {
-            "final_top1": _top1(self.student, test_loader, self.device),
+            "final_top1": final_top1,
             "final_val_top1": history[-1]["val_top1"] if history else None,
             "best_val_top1": self.best_top1, "best_epoch": self.best_epoch, "history": history,
         }
@@ -558,8 +587,9 @@ class _TensorBatches:
             yield self.images[index], self.labels[index], index
 
 
-def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
-    """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index).
+def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False):
+    """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index);
+    ``pin_memory`` when the batches go to a GPU.
 
     Its workers are not persistent: each epoch starts them afresh with a base seed drawn from
     the generator that the epoch reseeded (``seed + epoch``), so epoch e's order and augmentations
@@ -576,7 +606,7 @@ def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int):
         shuffle=True,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=pin_memory,
     )
 
 
