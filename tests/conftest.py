@@ -108,7 +108,7 @@ def run_worker_in_process(url: str, n_trials: int, factory, deadline: float | No
     (exit code, messages). The signal handlers it installs are restored."""
     import os
     import signal
-    import threading
+    import tempfile
 
     from kd_optuna.run import workers
 
@@ -117,8 +117,8 @@ def run_worker_in_process(url: str, n_trials: int, factory, deadline: float | No
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     messages = WorkerMessages()
     try:
-        with pytest.raises(SystemExit) as exit_info:
-            workers.worker_main(args, threading.Lock(), messages)
+        with tempfile.TemporaryDirectory() as folder, pytest.raises(SystemExit) as exit_info:
+            workers.worker_main(args, os.path.join(folder, "host.lock"), messages)
     finally:
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])

@@ -286,20 +286,41 @@ def run_interrupt_scenario(url: str, tmp_path: Path) -> None:
     assert _states(study).get(TrialState.COMPLETE, 0) == 8
 
 
-def test_a_lock_left_held_by_a_dead_worker_is_dropped_with_a_message(monkeypatch):
+def test_a_worker_killed_inside_the_host_lock_leaves_it_free(tmp_path, monkeypatch):
+    """The kernel drops a killed process's flock: the next worker takes the lock at once."""
     import kd_optuna.run.trial_loop as trial_loop
 
-    monkeypatch.setattr(trial_loop, "LOCK_TIMEOUT_S", 0.1)
-    lock = threading.Lock()
-    lock.acquire()  # its holder "died"
+    monkeypatch.setattr(trial_loop, "LOCK_TIMEOUT_S", 600)
+    path = tmp_path / "host.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from kd_optuna.files import file_lock\n"
+         "with file_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)", str(path)],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait(timeout=30)
     said = []
-    host_lock = trial_loop._HostLock(lock, said.append)
-    with host_lock:
+    with trial_loop._HostLock(str(path), said.append):
         pass
-    with host_lock:
-        pass
+    assert said == []
+
+
+def test_a_host_lock_held_too_long_by_a_live_worker_is_dropped_with_a_message(tmp_path, monkeypatch):
+    import kd_optuna.run.trial_loop as trial_loop
+    from kd_optuna.files import file_lock
+
+    monkeypatch.setattr(trial_loop, "LOCK_TIMEOUT_S", 0.1)
+    path = str(tmp_path / "host.lock")
+    said = []
+    host_lock = trial_loop._HostLock(path, said.append)
+    with file_lock(path):  # a stuck holder
+        with host_lock:
+            pass
+        with host_lock:
+            pass
     assert len(said) == 1 and "without it" in said[0]
-    free = trial_loop._HostLock(threading.Lock(), said.append)
+    free = trial_loop._HostLock(path, said.append)
     with free:
         pass
     assert len(said) == 1

@@ -50,6 +50,7 @@ MAX_CONSECUTIVE_FAILURES = 5
 POLL_S = 0.5
 DB_OUTAGE_S = 120
 LOCK_TIMEOUT_S = 300
+LOCK_POLL_S = 0.005
 
 
 ObjectiveFactory = Callable[[StudyConfig, WorkerContext], Callable[[optuna.Trial], float]]
@@ -126,8 +127,9 @@ class WorkerArgs:
     parent_pid: int
 
 
-def worker_main(args: WorkerArgs, host_lock: Any, messages: Any) -> None:
-    """Entry point of one worker process; its exit code says how it ended (0, 1, 2, 130)."""
+def worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
+    """Entry point of one worker process; its exit code says how it ended (0, 1, 2, 130).
+    ``host_lock``: the path of the lock file the workers of this host share."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -220,27 +222,39 @@ def _space_exhausted(storage, study, trial, space) -> bool:
 
 
 class _HostLock:
-    """The per-host lock around count-and-ask. A worker killed while holding it would block the
-    others forever, so waiting longer than LOCK_TIMEOUT_S drops the lock for good (the trial
-    target may then be exceeded by a trial or two) and says so."""
+    """The per-host lock around count-and-ask: an exclusive ``flock`` on the file ``path``
+    (``kd_optuna.files.file_lock``), which the kernel releases when its holder dies, so a
+    worker killed inside it blocks no one. A holder alive but stuck for LOCK_TIMEOUT_S drops
+    the lock for good (the trial target may then be exceeded by a trial or two), said once."""
 
-    def __init__(self, lock: Any, say: Callable[[str], None]):
-        self._lock = lock
+    def __init__(self, path: str, say: Callable[[str], None]):
+        self._path = path
         self._say = say
         self._broken = False
-        self._held = False
+        self._held: Any = None
 
     def __enter__(self) -> None:
-        if not self._broken:
-            self._held = self._lock.acquire(timeout=LOCK_TIMEOUT_S)
-            if not self._held:
-                self._broken = True
-                self._say(f"the host lock was held for over {LOCK_TIMEOUT_S} s (a worker killed inside it?); going on without it")
+        from kd_optuna.files import LockHeld, file_lock
+
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while not self._broken:
+            lock = file_lock(self._path, wait=False)
+            try:
+                lock.__enter__()
+            except LockHeld:
+                if time.monotonic() >= deadline:
+                    self._broken = True
+                    self._say(f"the host lock was held for over {LOCK_TIMEOUT_S} s (a worker stuck inside it?); "
+                              "going on without it")
+                time.sleep(LOCK_POLL_S)
+            else:
+                self._held = lock
+                return
 
     def __exit__(self, *exc: Any) -> None:
-        if self._held:
-            self._held = False
-            self._lock.release()
+        if self._held is not None:
+            lock, self._held = self._held, None
+            lock.__exit__(None, None, None)
 
 
 def _next_trial(args, storage, study, host_lock):

@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Mapping
@@ -143,7 +144,8 @@ class _Pool:
 
     def __init__(self, worker_args: Callable[[int], WorkerArgs], n_workers: int) -> None:
         self._ctx = multiprocessing.get_context("spawn")
-        self._host_lock = self._ctx.Lock()
+        handle, self._host_lock = tempfile.mkstemp(prefix="kd_optuna_host_", suffix=".lock")
+        os.close(handle)
         self._messages = self._ctx.Queue()
         self._worker_args = worker_args
         self.slots = [self._start(index) for index in range(n_workers)]
@@ -197,6 +199,8 @@ class _Pool:
         not stopped by us: ``report_late_deaths`` is False after Ctrl-C)."""
         self._messages.close()
         self._messages.join_thread()
+        with contextlib.suppress(OSError):
+            os.unlink(self._host_lock)
         if report_late_deaths:
             for index, process in self.newly_dead():
                 self.report_death(index, process, None, None)
