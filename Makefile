@@ -17,11 +17,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m kd_optuna.run.demo
 
+# pytest-xdist: one test process per core, at most 4 (each test may start workers of its own)
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .kd_optuna_cache
