@@ -85,6 +85,33 @@ def test_export_refuses_a_missing_directory(tmp_path):
         write_script(tmp_path / "no" / "x.py", "s", completed_trial(CLASSICS["kd"][0]), digits_config())
 
 
+def test_export_gives_the_script_the_teacher_the_search_used(tmp_path, monkeypatch, capsys):
+    """A config without a checkpoint searched with the teacher cached in the working directory;
+    the script, run from any folder, must distil from it instead of training another."""
+    from conftest import invoke_cli
+    from kd_optuna.models import build_model
+    from kd_optuna.train.checkpoints import save_checkpoint
+    from kd_optuna.train.teachers import teacher_identity, teacher_key
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=url, study_name="s", direction="minimize")
+    study.set_user_attr(CONFIG_ATTR, digits_config().to_json())
+    study.add_trial(completed_trial(CLASSICS["kd"][0]))
+    monkeypatch.chdir(tmp_path)
+    code, out, err = invoke_cli(capsys, "export", "--storage", url, "-o", "none.py")
+    assert code == 0, err
+    assert _script_module(tmp_path / "none.py").TEACHER_CHECKPOINT is None and "teacher" not in out
+
+    key = teacher_key(teacher_identity("digits", "digits_teacher"))
+    cached = tmp_path / ".kd_optuna_cache" / f"teacher-digits-digits_teacher-{key[:16]}.pt"
+    save_checkpoint(cached, build_model("digits_teacher", 10), model_name="digits_teacher", num_classes=10,
+                    dataset="digits", accuracy=0.1, extra={"cache_key": key})
+    code, out, err = invoke_cli(capsys, "export", "--storage", url, "-o", "cached.py")
+    assert code == 0, err
+    assert _script_module(tmp_path / "cached.py").TEACHER_CHECKPOINT == str(cached.resolve())
+    assert f"it distils from the search's teacher {cached.resolve()}" in out
+
+
 def test_export_to_a_path_it_cannot_write_names_that_path_and_leaves_nothing(tmp_path, capsys):
     from conftest import invoke_cli
 

@@ -357,8 +357,9 @@ def anchored_paths(defaults: dict[str, Any]) -> dict[str, Any]:
     return anchored
 
 
-def write_script(path: Path, study_name: str, trial: Any, config: Any) -> Path:
-    """Write the training script of ``trial`` (a completed FrozenTrial) to ``path``."""
+def write_script(path: Path, study_name: str, trial: Any, config: Any, teacher_checkpoint: str | None = None) -> Path:
+    """Write the training script of ``trial`` (a completed FrozenTrial) to ``path``;
+    ``teacher_checkpoint`` (the search's cached teacher) stands for a config that names none."""
     from kd_optuna.space import DistillerSpec
 
     spec = DistillerSpec.from_params(trial.params)
@@ -367,7 +368,10 @@ def write_script(path: Path, study_name: str, trial: Any, config: Any) -> Path:
         "trial": trial.number,
         "score": trial.value,
     }
-    text = script_text(spec.to_params(), anchored_paths(script_defaults(config)), source, script_name=Path(path).name)
+    defaults = script_defaults(config)
+    if defaults["teacher_checkpoint"] is None:
+        defaults["teacher_checkpoint"] = teacher_checkpoint
+    text = script_text(spec.to_params(), anchored_paths(defaults), source, script_name=Path(path).name)
     compile(text, str(path), "exec")
     path = Path(path)
     if path.parent and not path.parent.exists():

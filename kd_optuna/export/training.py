@@ -82,6 +82,7 @@ def train_with_distiller(
     with _only_run_in(Path(output_dir)):
         if not (resume or overwrite):
             _check_no_earlier_run(Path(output_dir))
+        _say_late_milestones(milestones, epochs)
         spec = DistillerSpec.from_params(spec_params)
         target = torch.device(WorkerContext(0, 1, device).torch_device())
         torch.manual_seed(seed)
@@ -146,17 +147,19 @@ def _check_arguments(epochs: int, batch_size: int, method: str, max_steps: int |
 
 
 def _check_milestones(milestones: list[int], epochs: int) -> None:
-    """A milestone below 1 is refused; one at or past ``epochs`` (the lr is multiplied by gamma
-    after epoch m, so it would never apply) is said in one line, as a user who shortened
-    ``--epochs`` and kept the default milestones trains at a constant lr without knowing it."""
-    shown = ",".join(str(m) for m in milestones)
     if any(m < 1 for m in milestones):
-        raise KdOptunaError(f"--milestones {shown}: give positive epochs below --epochs {epochs} (the lr is "
-                            "multiplied by --gamma after each), or none")
+        raise KdOptunaError(f"--milestones {','.join(map(str, milestones))}: give positive epochs below --epochs "
+                            f"{epochs} (the lr is multiplied by --gamma after each), or none")
+
+
+def _say_late_milestones(milestones: list[int], epochs: int) -> None:
+    """Say in one line which milestones are at or past ``epochs``: the lr is multiplied by gamma
+    after epoch m, so they never apply, and a user who shortened ``--epochs`` and kept the
+    default milestones would train at a constant lr without knowing it."""
     late = [m for m in milestones if m >= epochs]
     if late:
         log.warning("note: --milestones %s: %s %s not before the last of --epochs %d, so the lr never decays there; "
-                    "give --milestones below %d", shown, ", ".join(map(str, late)),
+                    "give --milestones below %d", ",".join(map(str, milestones)), ", ".join(map(str, late)),
                     "is" if len(late) == 1 else "are", epochs, epochs)
 
 

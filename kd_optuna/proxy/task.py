@@ -12,6 +12,7 @@ are computed on first use and then shared by every trial of the worker.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -251,44 +252,29 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
     training.
     """
     from kd_optuna.files import file_lock
-    from kd_optuna.train.checkpoints import CheckpointError, read_checkpoint
-    from kd_optuna.train.teachers import teacher_identity, teacher_key, train_teacher
+    from kd_optuna.train.teachers import train_teacher
 
     overrides = dict(training or {})
     if download:
         from kd_optuna.data import load_dataset
 
         load_dataset(dataset, root=root, download=True, seed=seed)
-    identity = teacher_identity(dataset, model_name, root, seed=seed, image_size=image_size, **overrides)
-    key = teacher_key(identity)
-    legacy = unkeyed_teacher_path(cache_dir, dataset, model_name)
-    path = legacy.with_name(f"{legacy.stem}-{key[:16]}.pt")
-    if "root" in identity:
-        source = f"{dataset} from {identity['root']} ({identity['file_count']} files)"
-    else:
-        source = f"{dataset} (embedded data)"
+    cached = _CachedTeacher(dataset, model_name, cache_dir, root, seed, image_size, overrides)
+    path, legacy = cached.path, cached.legacy
 
     def reuse(found: Path) -> Path:
         if _first_mention(found):
-            log.warning("reusing the cached teacher %s, trained on %s with seed %d: %s", model_name, source, seed, found)
+            log.warning("reusing the cached teacher %s, trained on %s with seed %d: %s", model_name, cached.source,
+                        seed, found)
         return found
 
-    def legacy_matches() -> bool:
-        if not legacy.is_file():
-            return False
-        try:
-            _, meta = read_checkpoint(legacy)
-        except CheckpointError:
-            return False
-        return (meta or {}).get("cache_key") == key
-
-    if path.exists():
-        return reuse(path)
-    if legacy_matches():
-        return reuse(legacy)
+    found = cached.find()
+    if found is not None:
+        return reuse(found)
     with file_lock(path.with_name(path.name + ".lock")):
         if path.exists():
             return reuse(path)
+        source = cached.source
         if legacy.is_file():
             log.warning("not reusing %s: it was not trained on %s with this recipe and seed %d", legacy, source, seed)
         log.warning("no teacher checkpoint given: training %s on %s with seed %d into %s", model_name, source, seed, path)
@@ -296,6 +282,56 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
                       seed=seed, image_size=image_size, **overrides)
         _first_mention(path)  # trained here: its later loads in this command need no line
     return path
+
+
+@dataclasses.dataclass
+class _CachedTeacher:
+    """Where :func:`cached_teacher_checkpoint` keeps the teacher of these settings: ``path``
+    (named by the key of ``teacher_identity``) or, from before the key, ``legacy``."""
+
+    dataset: str
+    model_name: str
+    cache_dir: Path
+    root: Any
+    seed: int
+    image_size: int | None
+    overrides: dict
+
+    def __post_init__(self) -> None:
+        from kd_optuna.train.teachers import teacher_identity, teacher_key
+
+        identity = teacher_identity(self.dataset, self.model_name, self.root, seed=self.seed,
+                                    image_size=self.image_size, **self.overrides)
+        self.key = teacher_key(identity)
+        self.legacy = unkeyed_teacher_path(Path(self.cache_dir), self.dataset, self.model_name)
+        self.path = self.legacy.with_name(f"{self.legacy.stem}-{self.key[:16]}.pt")
+        self.source = (f"{self.dataset} from {identity['root']} ({identity['file_count']} files)" if "root" in identity
+                       else f"{self.dataset} (embedded data)")
+
+    def find(self) -> Path | None:
+        """The checkpoint trained with these settings, if the cache holds one."""
+        from kd_optuna.train.checkpoints import CheckpointError, read_checkpoint
+
+        if self.path.exists():
+            return self.path
+        if not self.legacy.is_file():
+            return None
+        try:
+            _, meta = read_checkpoint(self.legacy)
+        except CheckpointError:
+            return None
+        return self.legacy if (meta or {}).get("cache_key") == self.key else None
+
+
+def find_config_teacher(config: Any, cache_dir: Path) -> Path | None:
+    """The cached teacher a study config's search used (:func:`config_teacher_checkpoint`),
+    if ``cache_dir`` holds it; nothing is trained or downloaded."""
+    data = config.data
+    try:
+        return _CachedTeacher(data.dataset, config.teacher.model, Path(cache_dir), data.root, 0, data.image_size,
+                              {}).find()
+    except (KdOptunaError, OSError):
+        return None
 
 
 #: The teacher checkpoints this command has already named, as absolute paths joined by

@@ -551,14 +551,22 @@ def report(study_name, storage, output) -> None:
 @click.option("--trial", "trial_choice", default="best", show_default=True, help="'best' or a trial number.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="train_best.py", show_default=True)
 def export(study_name, storage, trial_choice, output) -> None:
-    """Write a script that trains the student with the trial's distiller on the full data."""
+    """Write a script that trains the student with the trial's distiller on the full data.
+
+    A config without a teacher checkpoint searched with the teacher kd-optuna trained into
+    .kd_optuna_cache here: the script is given its absolute path, so that it distils from the
+    same teacher wherever it is run, instead of training another."""
     from kd_optuna.export.script import write_script
+    from kd_optuna.proxy.task import find_config_teacher
 
     target = _output_file(output)
     _, study, config = _open(storage, study_name)
     trial = best_trial(study, trial_choice)
-    path = write_script(target, study.study_name, trial, config)
+    cached = find_config_teacher(config, Path(".kd_optuna_cache")) if config.teacher.checkpoint is None else None
+    path = write_script(target, study.study_name, trial, config, str(cached.resolve()) if cached else None)
     click.echo(f"wrote {path}: run `python {path} --help`")
+    if cached is not None:
+        click.echo(f"it distils from the search's teacher {cached.resolve()}")
 
 
 class _CompareCommand(click.Command):
