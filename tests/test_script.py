@@ -168,7 +168,8 @@ def test_help_says_which_split_each_printed_top1_is_on(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _load(_digits_text(), tmp_path).main(["--help"])
     words = " ".join(capsys.readouterr().out.split())
-    assert "the last epoch's test top-1 and the best val top-1" in words and "best test top-1" not in words
+    assert "the last epoch's test top-1 (its student is last_student.pt) and the best val top-1 (its student is " \
+           "best_student.pt)" in words and "best test top-1" not in words
 
 
 def test_a_python_without_kd_optuna_is_told_so_in_one_line(tmp_path):
