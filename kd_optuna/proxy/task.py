@@ -274,10 +274,11 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
     with file_lock(path.with_name(path.name + ".lock")):
         if path.exists():
             return reuse(path)
-        source = cached.source
         if legacy.is_file():
-            log.warning("not reusing %s: it was not trained on %s with this recipe and seed %d", legacy, source, seed)
-        log.warning("no teacher checkpoint given: training %s on %s with seed %d into %s", model_name, source, seed, path)
+            log.warning("not reusing %s: it was not trained on %s with this recipe and seed %d", legacy, cached.source,
+                        seed)
+        log.warning("no teacher checkpoint given: training %s on %s with seed %d into %s", model_name, cached.source,
+                    seed, path)
         train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=progress,
                       seed=seed, image_size=image_size, **overrides)
         _first_mention(path)  # trained here: its later loads in this command need no line

@@ -390,6 +390,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
     finishes (in the study with --from-study, else in .kd_optuna_cache/correlate-runs.json):
     an interrupted or repeated correlate trains only what it lacks.
     """
+    from kd_optuna.run.compare import FileRuns, StudyRuns
     from kd_optuna.run.config import load_config
     from kd_optuna.run.correlate import correlate as run, exported_training, format_table
     from kd_optuna.train.devices import WorkerContext
@@ -398,8 +399,6 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
 
     if (config is None) == (from_study is None):
         raise KdOptunaError("give a CONFIG or --from-study NAME (one of them)")
-    from kd_optuna.run.compare import FileRuns, StudyRuns
-
     candidates = None
     if from_study is not None:
         _, study, loaded = _open(storage, from_study, writable=True)
@@ -447,6 +446,7 @@ def _best_distinct(study, n: int):
     """[(name, spec, proxy metrics)] of the ``n`` best COMPLETE trials with distinct canonical keys."""
     from optuna.trial import TrialState
 
+    from kd_optuna.distill.classics import CLASSICS
     from kd_optuna.run.correlate import METRICS
     from kd_optuna.space import DistillerSpec
 
@@ -461,8 +461,6 @@ def _best_distinct(study, n: int):
         chosen.append((f"trial{trial.number}", spec, metrics))
         if len(chosen) == n:
             break
-    from kd_optuna.distill.classics import CLASSICS
-
     with_kd = len(chosen) + all(spec.key != CLASSICS["kd"][0].key for _, spec, _ in chosen)
     if with_kd < 3:
         raise KdOptunaError(f"study {study.study_name!r} has {len(chosen)} scored distinct trial(s) and correlate needs "
