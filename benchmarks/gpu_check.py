@@ -94,7 +94,9 @@ def build_data(settings: ProxySettings, device: torch.device, train: int, val: i
 
 
 def time_variant(variant: Variant, data: ProxyData, teacher, settings: ProxySettings, outputs, reference,
-                 repeats: int) -> dict:
+                 repeats: int, warm_up: bool = True) -> dict:
+    """One variant's timed trials; ``warm_up``: a shorter trial first (kernels, allocator), which
+    ``--quick`` leaves out: it checks the logic, and its times are not figures."""
     device = data.device
     settings = dataclasses.replace(settings, channels_last=variant.channels_last)
 
@@ -107,8 +109,9 @@ def time_variant(variant: Variant, data: ProxyData, teacher, settings: ProxySett
     task.reference = reference
     spec = CLASSICS["kd"][0]
     with autocast(device, variant.bf16):
-        warm = min(2, settings.steps)
-        task.run(spec, dataclasses.replace(settings, steps=warm, report_every=warm))  # warm-up: kernels, allocator
+        if warm_up:
+            warm = min(2, settings.steps)
+            task.run(spec, dataclasses.replace(settings, steps=warm, report_every=warm))
         task.rejection_batch
         student = new_student().to(memory_format=torch.channels_last if variant.channels_last else torch.contiguous_format)
         predict(student, data.val_x, settings.eval_batch_size)
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for variant in VARIANTS:
-        row = time_variant(variant, data, teacher, settings, outputs, reference, repeats)
+        row = time_variant(variant, data, teacher, settings, outputs, reference, repeats, warm_up=not args.quick)
         plain = rows[0] if rows else row
         diff, metric = max((abs(row["metrics"][k] - plain["metrics"][k]), k) for k in row["metrics"])
         row["ratio"] = row["batch_s"] / plain["batch_s"] if plain["batch_s"] > 0 else float("nan")
