@@ -350,10 +350,9 @@ def anchored_paths(defaults: dict[str, Any]) -> dict[str, Any]:
     anchored = dict(defaults)
     for name in ("data_root", "teacher_checkpoint"):
         value = anchored.get(name)
-        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            found = Path(value).expanduser()
-            if found.exists():
-                anchored[name] = str(found.resolve())
+        found = Path(value).expanduser() if isinstance(value, str) and value else None
+        if found is not None and not found.is_absolute() and found.exists():
+            anchored[name] = str(found.resolve())
     return anchored
 
 

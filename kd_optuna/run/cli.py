@@ -373,7 +373,8 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
 @click.argument("config", required=False)
 @click.option("--from-study", default=None, help="Correlate this study's best distinct trials (in --storage), on its config.")
 @_storage_option
-@click.option("--n-candidates", type=click.IntRange(min=3), default=10, show_default=True, help="Distillers to compare.")
+@click.option("--n-candidates", type=click.IntRange(min=3), default=10, show_default=True,  # correlate.MIN_CANDIDATES
+              help="Distillers to compare.")
 @click.option("--final-seeds", type=click.IntRange(min=1), default=2, show_default=True, help="Seeds of each final training.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the [train] epochs of the final training.")
 @click.option("--top-margin", type=float, default=2.0, show_default=True, help="Top candidates: final top-1 within this many points of vanilla KD's.")
@@ -392,7 +393,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
     """
     from kd_optuna.run.compare import FileRuns, StudyRuns
     from kd_optuna.run.config import load_config
-    from kd_optuna.run.correlate import correlate as run, exported_training, format_table
+    from kd_optuna.run.correlate import correlate as run, exported_training, format_table, with_vanilla_kd
     from kd_optuna.train.devices import WorkerContext
     from kd_optuna.export.script import script_defaults
     from kd_optuna.proxy.task import Task
@@ -416,11 +417,8 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
         recipe.update(epochs=epochs, milestones=[m for m in recipe["milestones"] if m < epochs])
     from tqdm.auto import tqdm
 
-    from kd_optuna.distill.classics import CLASSICS
-
     # one step per candidate; vanilla KD is added to a study's candidates when they lack it
-    total = n_candidates if candidates is None else len(candidates) + all(
-        spec.key != CLASSICS["kd"][0].key for _, spec, _ in candidates)
+    total = n_candidates if candidates is None else len(with_vanilla_kd(candidates))
     bar = tqdm(total=total, desc="correlate", unit="candidate", file=sys.stderr, dynamic_ncols=True)
 
     def on_candidate(line: str) -> None:
@@ -446,8 +444,7 @@ def _best_distinct(study, n: int):
     """[(name, spec, proxy metrics)] of the ``n`` best COMPLETE trials with distinct canonical keys."""
     from optuna.trial import TrialState
 
-    from kd_optuna.distill.classics import CLASSICS
-    from kd_optuna.run.correlate import METRICS
+    from kd_optuna.run.correlate import METRICS, MIN_CANDIDATES, with_vanilla_kd
     from kd_optuna.space import DistillerSpec
 
     chosen, keys = [], set()
@@ -461,10 +458,9 @@ def _best_distinct(study, n: int):
         chosen.append((f"trial{trial.number}", spec, metrics))
         if len(chosen) == n:
             break
-    with_kd = len(chosen) + all(spec.key != CLASSICS["kd"][0].key for _, spec, _ in chosen)
-    if with_kd < 3:
+    if len(with_vanilla_kd(chosen)) < MIN_CANDIDATES:
         raise KdOptunaError(f"study {study.study_name!r} has {len(chosen)} scored distinct trial(s) and correlate needs "
-                            "3 distillers with vanilla KD; run optimize for more")
+                            f"{MIN_CANDIDATES} distillers with vanilla KD; run optimize for more")
     return chosen
 
 
@@ -561,10 +557,11 @@ def export(study_name, storage, trial_choice, output) -> None:
     _, study, config = _open(storage, study_name)
     trial = best_trial(study, trial_choice)
     cached = find_config_teacher(config, Path(".kd_optuna_cache")) if config.teacher.checkpoint is None else None
-    path = write_script(target, study.study_name, trial, config, str(cached.resolve()) if cached else None)
+    teacher = str(cached.resolve()) if cached is not None else None
+    path = write_script(target, study.study_name, trial, config, teacher)
     click.echo(f"wrote {path}: run `python {path} --help`")
-    if cached is not None:
-        click.echo(f"it distils from the search's teacher {cached.resolve()}")
+    if teacher is not None:
+        click.echo(f"it distils from the search's teacher {teacher}")
 
 
 class _CompareCommand(click.Command):

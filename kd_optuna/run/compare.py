@@ -94,16 +94,21 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def _as_run(value: Any) -> Run | None:
+    """The Run a stored record holds, or None for one that is not (another version's)."""
+    if not isinstance(value, Mapping):
+        return None
+    try:
+        return Run(**value)
+    except TypeError:
+        return None
+
+
 def recorded_runs(user_attrs: Mapping[str, Any]) -> dict[str, Run]:
     """digest -> Run of every compare run stored in a study's user attrs."""
-    runs = {}
-    for key, value in user_attrs.items():
-        if key.startswith(RUN_ATTR_PREFIX) and isinstance(value, Mapping):
-            try:
-                runs[key[len(RUN_ATTR_PREFIX):]] = Run(**value)
-            except TypeError:
-                continue
-    return runs
+    runs = {key[len(RUN_ATTR_PREFIX):]: _as_run(value) for key, value in user_attrs.items()
+            if key.startswith(RUN_ATTR_PREFIX)}
+    return {digest: run for digest, run in runs.items() if run is not None}
 
 
 class StudyRuns:
@@ -113,7 +118,7 @@ class StudyRuns:
         self.study = study
 
     def get(self, digest: str) -> Run | None:
-        return recorded_runs(self.study.user_attrs).get(digest)
+        return _as_run(self.study.user_attrs.get(RUN_ATTR_PREFIX + digest))
 
     def put(self, digest: str, run: Run) -> None:
         self.study.set_user_attr(RUN_ATTR_PREFIX + digest, asdict(run))
@@ -135,7 +140,7 @@ class FileRuns:
         return data if isinstance(data, dict) else {}
 
     def get(self, digest: str) -> Run | None:
-        return recorded_runs({RUN_ATTR_PREFIX + k: v for k, v in self._read().items()}).get(digest)
+        return _as_run(self._read().get(digest))
 
     def put(self, digest: str, run: Run) -> None:
         from kd_optuna.files import atomic_write_text, file_lock

@@ -81,6 +81,9 @@ class CorrelationResult:
     top_names: list[str] = field(default_factory=list)
 
 
+#: The fewest distillers a rank correlation says something about (of two it is always +-1).
+MIN_CANDIDATES = 3
+
 FinalTraining = Callable[[DistillerSpec, int], float]
 """(spec, seed) -> the final top-1 accuracy in [0, 1] of a student trained with that distiller."""
 
@@ -192,6 +195,15 @@ def correlation_table(candidates: list[Candidate]) -> tuple[dict[str, float], di
     return spearman, kendall
 
 
+def with_vanilla_kd(candidates: list) -> list:
+    """``candidates`` [(name, spec, metrics)] with vanilla KD first when absent: the reference
+    of the top list."""
+    kd = CLASSICS["kd"][0]
+    if any(spec.key == kd.key for _, spec, _ in candidates):
+        return list(candidates)
+    return [("kd", kd, None)] + list(candidates)
+
+
 def correlate(
     task: Task,
     final: FinalTraining,
@@ -219,11 +231,10 @@ def correlate(
         drawn, rejected = draw_candidates(task, n_candidates, classics, seed)
         candidates = [(name, spec, None) for name, spec in drawn]
     kd = CLASSICS["kd"][0]
-    if all(spec.key != kd.key for _, spec, _ in candidates):
-        candidates = [("kd", kd, None)] + list(candidates)
-    if len(candidates) < 3:
-        raise KdOptunaError(f"correlate needs at least 3 distinct distillers (vanilla KD included) and has "
-                            f"{len(candidates)}; a rank correlation of two is always +-1")
+    candidates = with_vanilla_kd(candidates)
+    if len(candidates) < MIN_CANDIDATES:
+        raise KdOptunaError(f"correlate needs at least {MIN_CANDIDATES} distinct distillers (vanilla KD included) "
+                            f"and has {len(candidates)}; a rank correlation of two is always +-1")
     done = []
     for name, spec, metrics in candidates:
         t0 = time.perf_counter()

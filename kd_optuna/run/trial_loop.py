@@ -23,6 +23,7 @@ a storage call. Exit codes: 0 done, 1 or 2 stopped with its own message, 130 int
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -231,30 +232,31 @@ class _HostLock:
         self._path = path
         self._say = say
         self._broken = False
-        self._held: Any = None
+        self._held: contextlib.ExitStack | None = None
 
     def __enter__(self) -> None:
         from kd_optuna.files import LockHeld, file_lock
 
         deadline = time.monotonic() + LOCK_TIMEOUT_S
         while not self._broken:
-            lock = file_lock(self._path, wait=False)
+            held = contextlib.ExitStack()
             try:
-                lock.__enter__()
+                held.enter_context(file_lock(self._path, wait=False))
             except LockHeld:
-                if time.monotonic() >= deadline:
-                    self._broken = True
-                    self._say(f"the host lock was held for over {LOCK_TIMEOUT_S} s (a worker stuck inside it?); "
-                              "going on without it")
-                time.sleep(LOCK_POLL_S)
+                if time.monotonic() < deadline:
+                    time.sleep(LOCK_POLL_S)
+                    continue
+                self._broken = True
+                self._say(f"the host lock was held for over {LOCK_TIMEOUT_S} s (a worker stuck inside it?); "
+                          "going on without it")
             else:
-                self._held = lock
+                self._held = held
                 return
 
     def __exit__(self, *exc: Any) -> None:
         if self._held is not None:
-            lock, self._held = self._held, None
-            lock.__exit__(None, None, None)
+            held, self._held = self._held, None
+            held.close()
 
 
 def _next_trial(args, storage, study, host_lock):
