@@ -6,8 +6,8 @@ seeded and class-balanced; proxy training never touches it) and ``test``.
 - ``digits``: scikit-learn's bundled handwritten digits (1797 images of 8x8, 10 classes), no
   download. Pixels (0..16) are scaled to [0, 1], upscaled to 16x16 by bilinear interpolation
   (align_corners=False) and normalised by the dataset's pixel mean and std: inputs are
-  (1, 16, 16). A class-balanced 20% (360 images) is the test split, 25% of the rest (360) the
-  validation split, 1077 images train. No augmentation.
+  (1, 16, 16). A class-balanced 20% (359 images) is the test split, 25% of the rest (359) the
+  validation split, 1079 images train. No augmentation.
 - ``digits_hard``: the same images and splits, made harder once and for all (independently of
   ``seed``, by a generator seeded with ``HARD_DIGITS_SEED``): Gaussian pixel noise of std 0.2
   and one 4x4 square set to 0 at a random place, both in [0, 1] pixel units before
@@ -136,7 +136,8 @@ class DatasetSplits:
         self, split: str, batch_size: int, *, shuffle: bool | None = None, num_workers: int = 0, seed: int = 0
     ) -> DataLoader:
         """A DataLoader over ``split``; the train split shuffles (seeded) and augments by default.
-        ``num_workers`` is capped at the cores this process may use (``usable_cores()``)."""
+        ``num_workers`` is capped at the cores this process may use (``usable_cores()``). A
+        shuffled loader is a training pass: it drops a last batch of one image (:func:`lone_last_batch`)."""
         dataset = {"train": self.train, "val": self.val, "test": self.test}[_check_split(split)]
         num_workers = min(num_workers, usable_cores())
         shuffle = split == "train" if shuffle is None else shuffle
@@ -147,9 +148,20 @@ class DatasetSplits:
             shuffle=shuffle,
             num_workers=num_workers,
             generator=generator,
+            drop_last=shuffle and lone_last_batch(len(dataset), batch_size),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=num_workers > 0,
         )
+
+
+def lone_last_batch(n_items: int, batch_size: int) -> bool:
+    """Whether cutting ``n_items`` into batches of ``batch_size`` leaves a last batch of one item.
+
+    Training passes drop that batch: BatchNorm cannot normalise one image in train mode where a
+    feature map is 1x1 (MobileNetV3's squeeze-excitation raises "Expected more than 1 value per
+    channel"), and one image's step is noise. Only that batch, and never the only one: any other
+    remainder is trained on."""
+    return n_items > batch_size and n_items % batch_size == 1
 
 
 def _stacked(dataset: Dataset, idx: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
@@ -245,7 +257,7 @@ def load_dataset(
     """Load ``name`` (one of DATASET_NAMES) as seeded train / val / test splits.
 
     ``val_fraction`` is the class-balanced share of the training set held out as ``val`` for
-    cifar10/cifar100/imagefolder (digits uses its fixed 360/360 split); ``image_size`` is the
+    cifar10/cifar100/imagefolder (digits uses its fixed 359/359 split); ``image_size`` is the
     square crop of imagefolder (None: ``IMAGEFOLDER_SIZE``); the other datasets have one size.
     A missing or corrupt root raises DataError naming the path and the fix; ``download_hint``
     is how the caller's user asks for the download (the study config's key by default; the

@@ -322,6 +322,20 @@ def test_loaders_start_no_more_workers_than_cores_and_do_not_warn(tiny_imagefold
     assert splits.loader("val", 4, num_workers=0).num_workers == 0
 
 
+def test_a_training_pass_drops_a_last_batch_of_one_image_and_nothing_else(tiny_imagefolder):
+    """16 train images in batches of 5 leave one image: BatchNorm cannot train on it (1x1 maps
+    raise "Expected more than 1 value per channel"), so the shuffled pass drops it; batches of 6
+    leave 4, which are trained on; evaluation passes keep every image."""
+    from kd_optuna.data import lone_last_batch
+
+    splits = load_dataset("imagefolder", root=tiny_imagefolder, val_fraction=0.2, image_size=32)
+    assert [len(y) for _, y in splits.loader("train", 5)] == [5, 5, 5]
+    assert [len(y) for _, y in splits.loader("train", 6)] == [6, 6, 4]
+    assert [len(y) for _, y in splits.loader("train", 5, shuffle=False)] == [5, 5, 5, 1]
+    assert [lone_last_batch(n, 4) for n in (1, 4, 5, 6, 9)] == [False, False, True, False, True]
+    assert not lone_last_batch(7, 1)
+
+
 @pytest.mark.parametrize("name", ["imagefolder", "cifar100"])
 def test_pixels_are_the_tensors_before_normalising_bit_for_bit(name, tiny_imagefolder, tiny_cifar100):
     """Issue 11.3: the proxy holds 8-bit train images as uint8 (a quarter of float32) and

@@ -43,6 +43,18 @@ def test_training_on_a_dataloader_with_adam_and_augmentation_hook():
     assert sum(calls) == len(y)
 
 
+def test_a_batch_norm_model_trains_where_the_last_batch_would_hold_one_row():
+    """33 rows in batches of 32: the lone last row is dropped (BatchNorm raises on one row in
+    train mode), each epoch is one step, and the schedule counts one step an epoch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    x, y = separable(33)
+    seen = []
+    train_classifier(model, (x, y), epochs=2, batch_size=32, device="cpu", progress=False,
+                     augment=lambda xb, g: seen.append(len(xb)) or xb)
+    assert seen == [32, 32]
+
+
 def test_same_seed_gives_the_same_weights():
     x, y = separable()
     weights = []

@@ -567,32 +567,35 @@ class _TensorBatches:
 
     Each epoch one int64 draw (the DataLoader iterator's base seed), then ``order =
     randperm(N, generator)``; batch b is ``(x[order[bB:(b+1)B]], y[...], order[...])``: the
-    same draws and the same batches as ``DataLoader(shuffle=True, generator=generator)``
-    gives, without collating item by item (for un-augmented data already in memory, such as
-    digits).
+    same draws and the same batches as ``DataLoader(shuffle=True, generator=generator,
+    drop_last=lone_last_batch(N, B))`` gives, without collating item by item (for un-augmented
+    data already in memory, such as digits).
     """
 
     def __init__(self, dataset: Any, batch_size: int, generator: Any):
+        from kd_optuna.data import lone_last_batch
+
         self.images, self.labels = dataset.tensors
         self.batch_size = batch_size
         self.generator = generator
+        self.end = len(self.labels) - lone_last_batch(len(self.labels), batch_size)
 
     def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch_size)
+        return -(-self.end // self.batch_size)
 
     def __iter__(self):
         import torch
 
         torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # DataLoader's base seed
         order = torch.randperm(len(self.labels), generator=self.generator)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(0, self.end, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.images[index], self.labels[index], index
 
 
 def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int, pin_memory: bool = False):
-    """The train loader of ``splits.loader`` (shuffled, seeded, augmented) yielding (x, y, index);
-    ``pin_memory`` when the batches go to a GPU.
+    """The train loader of ``splits.loader`` (shuffled, seeded, augmented, a last batch of one
+    image dropped) yielding (x, y, index); ``pin_memory`` when the batches go to a GPU.
 
     Its workers are not persistent: each epoch starts them afresh with a base seed drawn from
     the generator that the epoch reseeded (``seed + epoch``), so epoch e's order and augmentations
@@ -600,6 +603,8 @@ def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int, p
     workers carried their generators on from epoch to epoch, which a resumed run cannot redo)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
+
+    from kd_optuna.data import lone_last_batch
 
     if isinstance(splits.train, TensorDataset) and splits.augmentation == "none":
         return _TensorBatches(splits.train, batch_size, torch.Generator().manual_seed(seed))
@@ -609,6 +614,7 @@ def _indexed_loader(splits: Any, batch_size: int, num_workers: int, seed: int, p
         shuffle=True,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
+        drop_last=lone_last_batch(len(splits.train), batch_size),
         pin_memory=pin_memory,
     )
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kd_optuna.data import lone_last_batch
 from kd_optuna.train.engine import Hooks, batches, default_device, evaluate, lr_factor, make_optimizer, torch_threads, train_epochs
 from kd_optuna.errors import KdOptunaError
 
@@ -124,7 +125,7 @@ def _train(model, train_data, recipe: ClassifierRecipe, *, augment, step_loss, e
         model.to(memory_format=torch.channels_last)
     if isinstance(train_data, tuple):
         train_data = (train_data[0].to(device), train_data[1].to(device))
-        steps_per_epoch = math.ceil(len(train_data[1]) / r.batch_size)
+        steps_per_epoch = math.ceil(len(train_data[1]) / r.batch_size) - lone_last_batch(len(train_data[1]), r.batch_size)
         aug_generator = torch.Generator(device=device).manual_seed(r.seed)
     else:
         steps_per_epoch = len(train_data)  # type: ignore[arg-type]

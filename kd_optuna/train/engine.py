@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from kd_optuna.data import lone_last_batch
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.train.graphs import optimizer_step
 
@@ -166,12 +167,14 @@ def train_epochs(
 
 def batches(data, batch_size: int, device: torch.device, generator: torch.Generator | None = None):
     """(x, y) batches of ``data``: a tensor pair (x (N, ...), y (N,)) cut in ``batch_size`` rows,
-    in the order randperm(N, generator) when a generator is given, else 0..N-1; or the batches of
-    any iterable of (x, y), moved to ``device``."""
+    in the order randperm(N, generator) when a generator is given (a training pass: a last batch
+    of one row is dropped, :func:`~kd_optuna.data.lone_last_batch`), else 0..N-1; or the batches
+    of any iterable of (x, y), moved to ``device``."""
     if isinstance(data, tuple):
         x, y = data
         order = torch.randperm(len(y), generator=generator) if generator is not None else torch.arange(len(y))
-        for start in range(0, len(y), batch_size):
+        end = len(y) - 1 if generator is not None and lone_last_batch(len(y), batch_size) else len(y)
+        for start in range(0, end, batch_size):
             idx = order[start : start + batch_size].to(x.device)
             yield x[idx], y[idx]
     else:
