@@ -6,7 +6,8 @@
 Each variant is a real ``kd-optuna optimize`` (``kd_optuna.run.workers.optimize``: spawned worker
 processes, the study's EvolutionSampler, a SQLite study, heartbeats) on a fresh study of the
 ``cifar100_resnet56_resnet20`` config with ``[proxy] steps`` and ``cuda_graph`` set, run for
-``--window`` seconds. Only the data differ from a user's run: CIFAR-shaped random tensors (45,000
+``--window`` seconds (or, with ``--trials N``, for N trials: a check of the logic that a loaded
+machine cannot starve of its second trial). Only the data differ from a user's run: CIFAR-shaped random tensors (45,000
 train and 5,000 val images, 100 classes) and an untrained resnet56 teacher with the BN
 statistics of one batch, built in each worker by the objective factory below, because a
 machine without network has no CIFAR-100 (and only the times matter).
@@ -164,7 +165,8 @@ def run_variant(workdir: Path, workers: int, graph: bool, args) -> dict:
     device = "cpu" if args.cpu else "auto"
     start = time.time()
     with MemoryPoll() as memory:
-        summary = optimize(url, "packing", 1_000_000, n_workers=workers, timeout=args.window, device=device,
+        summary = optimize(url, "packing", args.trials or 1_000_000, n_workers=workers,
+                           timeout=None if args.trials else args.window, device=device,
                            threads=args.threads, objective_factory=factory, progress=False)
     wall = time.time() - start
     for line in summary.worker_errors + summary.worker_deaths:
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny data, 4 steps, 3 variants: checks the logic")
     parser.add_argument("--steps", type=int, default=None, help="proxy steps per trial (default 300; quick 4)")
     parser.add_argument("--window", type=float, default=None, help="seconds each variant starts trials (default 40; quick 30)")
+    parser.add_argument("--trials", type=int, default=None,
+                        help="run each variant for this many trials instead of --window seconds (a logic check)")
     parser.add_argument("--variants", default=None, help="e.g. 1e,1g,4g,8g: workers and e(ager) or g(raph)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     if args.variants:
         variants = [(int(v[:-1]), v[-1] == "g") for v in args.variants.split(",")]
+    per_variant = f"{args.trials} trials per variant" if args.trials else f"{args.window:.0f} s per variant"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     on_gpu = torch.cuda.is_available() and not args.cpu
     device = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"gpu packing; {date}; device: {device}; torch {torch.__version__}; optuna {optuna.__version__}; "
           f"Python {platform.python_version()}")
     print(f"resnet56 -> resnet20 proxy trials ({args.steps} steps, the CIFAR-100 study's recipe), CIFAR-shaped random "
-          f"data ({args.train} train, {args.val} val), EvolutionSampler on SQLite, {args.window:.0f} s per variant\n",
+          f"data ({args.train} train, {args.val} val), EvolutionSampler on SQLite, {per_variant}\n",
           flush=True)
     print("| variant | evals/h | ratio | completed/h | median trial s | min per 2,000 evals | peak MiB (all) "
           "| steps | vanilla KD val_ce / acc | max diff vs first |")
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{2000 / best['evals_per_hour'] * 60:.1f} min for 2,000 evaluations")
     if args.json:
         Path(args.json).write_text(json.dumps({"date": date, "device": device, "steps": args.steps,
-                                               "window_s": args.window, "rows": rows}, indent=2))
+                                               "window_s": None if args.trials else args.window,
+                                               "trials": args.trials, "rows": rows}, indent=2))
     return rows
 
 
