@@ -191,6 +191,24 @@ def test_a_trial_scored_at_chance_is_said_once(task, monkeypatch, caplog):
     assert not caplog.records
 
 
+def test_a_trial_that_classifies_every_validation_image_is_said_once(task, monkeypatch, caplog):
+    """Its calibrated CE is about 0 whatever the distiller (1e-13 on a 3-class image folder):
+    such trials cannot be ranked, and the user is told why; a trial that misses one is not said."""
+    import dataclasses
+
+    real = task.run(CLASSICS["kd"][0])
+    assert real.val_acc < 1.0
+    perfect = dataclasses.replace(real, val_ce=1.8e-13, score=1.8e-13, val_acc=1.0)
+    results = iter([real, perfect, perfect])
+    monkeypatch.setattr(task, "run", lambda spec, report=None: next(results))
+    study = study_with(CLASSICS["kd"][0].to_params(), CLASSICS["kd_ls"][0].to_params(), CLASSICS["fitnets"][0].to_params())
+    with caplog.at_level("WARNING", logger="kd_optuna.proxy.objective"):
+        study.optimize(Objective(task), n_trials=3)
+    said = [r.getMessage() for r in caplog.records if r.name == "kd_optuna.proxy.objective"]
+    assert len(said) == 1 and said[0].startswith(f"trial 1 classified all {task.data.val_y.shape[0]} validation images")
+    assert "1.8e-13" in said[0] and "cannot tell" in said[0]
+
+
 def test_a_trial_at_chance_after_one_that_learned_is_the_distiller_and_nothing_is_said(task, monkeypatch, caplog):
     """A distiller that stops its student learning scores ln K in a healthy study: advice to
     train the proxy longer would be wrong there."""

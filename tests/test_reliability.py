@@ -364,5 +364,5 @@ def test_a_database_error_inside_an_optuna_call_is_waited_out_not_fatal(tmp_path
     code, messages = run_worker_in_process(url, 3, TrivialObjective())
     assert code == 0
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.COMPLETE] * 3
-    ((_, said),) = messages
-    assert "database error, retrying: server closed the connection unexpectedly" in said
+    ((_, said, kind),) = messages
+    assert kind == "error" and "database error, retrying: server closed the connection unexpectedly" in said

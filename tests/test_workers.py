@@ -48,6 +48,24 @@ def test_one_worker_in_process_reaches_the_target_and_writes_notes(tmp_path):
         assert trial.user_attrs["formula"] in note and f"{trial.value:.6g}" in note
 
 
+def test_a_workers_warnings_go_to_the_parent_as_notes_not_errors(tmp_path, capfd):
+    """A worker's kd_optuna warning (a trial at chance, the cached teacher) is sent to the parent,
+    which writes it on a line of its own (it broke into the progress bar's line when the worker
+    wrote it to stderr), and is not an error: it never becomes "workers stopped early"."""
+    import logging
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_kd_study(url)
+    handlers = list(logging.getLogger("kd_optuna").handlers)
+    code, messages = run_worker_in_process(url, 2, TrivialObjective(warn=True))
+    assert code == 0 and messages == [(0, "trial 0 says a word", "note"), (0, "trial 1 says a word", "note")]
+    assert logging.getLogger("kd_optuna").handlers == handlers
+    summary = optimize(url, "s", 3, n_workers=1, objective_factory=TrivialObjective(warn=True))
+    assert summary.finished == 3 and summary.worker_errors == []
+    out, err = capfd.readouterr()
+    assert "trial 2 says a word" in err.replace("\r", "\n").splitlines() and not out
+
+
 _ONE_KD = {"knowledge": ["logit"], "transform1": ["no"], "transform2": ["no"], "transform3": ["no"],
            "distance": ["kl"], "calibration": ["no"], "temperature": [4], "magnitude": [1]}
 

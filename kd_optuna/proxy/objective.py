@@ -29,6 +29,12 @@ of the study has scored better is said once per worker, with the proxy's steps a
 change: such trials all score the same and the search cannot tell their distillers apart.
 Once some trial has beaten chance, a trial at chance is a distiller that stopped its student
 learning, which the search handles by its score, and nothing is said.
+
+The other end is said too, once per worker: a trial whose student classified every validation
+image correctly. Its calibrated CE shrinks towards 0 as the fitted temperature does (to 1e-13
+and below at T = 1e-3), so every such trial scores about 0, ordered by its smallest logit margin
+alone, and the search cannot tell their distillers apart: the task is too easy for its
+validation split.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class Objective:
         self.task = task
         self.threads = threads
         self._said_chance = False
+        self._said_separated = False
         self._chance_beaten = False
 
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
@@ -115,6 +122,7 @@ class Objective:
         if result.step_mode != "eager":
             trial.set_user_attr("step_mode", result.step_mode)
         self._say_chance(trial, result)
+        self._say_separated(trial, result)
         return result.score
 
     def _confirm(self, trial: optuna.trial.BaseTrial, spec, result: ProxyResult) -> ProxyResult:
@@ -147,6 +155,18 @@ class Objective:
             "every such trial scores the same. Train the proxy longer ([proxy] epochs or steps) or check the "
             "teacher and the data (said once per worker)",
             trial.number, result.val_ce, classes, result.val_acc, proxy.steps, proxy.batch_size,
+        )
+
+    def _say_separated(self, trial: optuna.trial.BaseTrial, result) -> None:
+        if self._said_separated or result.val_acc < 1.0 or self.task.proxy.score_ce == 0:
+            return
+        self._said_separated = True
+        log.warning(
+            "trial %d classified all %d validation images correctly (calibrated val CE %.2g): such a student's "
+            "calibrated CE shrinks to about 0, so every trial that does so scores about 0 and the search cannot tell "
+            "their distillers apart. Search on a task its student does not solve: more or harder images "
+            "(said once per worker)",
+            trial.number, self.task.data.val_y.shape[0], result.val_ce,
         )
 
     def _beaten_in(self, trial: optuna.trial.BaseTrial, classes: int) -> bool:

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime
 import gc
+import logging
 import os
 import signal
 import socket
@@ -128,9 +129,36 @@ class WorkerArgs:
     parent_pid: int
 
 
+class _NotesToParent(logging.Handler):
+    """kd_optuna's warnings in a worker (a trial at chance, the cached teacher reused) sent to
+    the parent as ``(index, text, "note")``, which writes them above its progress bar: written
+    to the worker's stderr they broke into the bar's line."""
+
+    def __init__(self, messages: Any, index: int, storage_url: str):
+        super().__init__(logging.WARNING)
+        self.messages, self.index, self.storage_url = messages, index, storage_url
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.put((self.index, mask_secrets(record.getMessage(), self.storage_url), "note"))
+        except Exception:
+            self.handleError(record)
+
+
 def worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
     """Entry point of one worker process; its exit code says how it ended (0, 1, 2, 130).
-    ``host_lock``: the path of the lock file the workers of this host share."""
+    ``host_lock``: the path of the lock file the workers of this host share. ``messages``
+    receives ``(index, text, kind)``: kind "error" for why the worker stopped or a trial
+    failed, "note" for kd_optuna's warnings."""
+    notes = _NotesToParent(messages, args.context.index, args.storage_url)
+    logging.getLogger("kd_optuna").addHandler(notes)
+    try:
+        _worker_main(args, host_lock, messages)
+    finally:
+        logging.getLogger("kd_optuna").removeHandler(notes)
+
+
+def _worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
@@ -138,7 +166,7 @@ def worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
 
     def say(text_: str) -> None:
-        messages.put((args.context.index, mask_secrets(text_, args.storage_url)))
+        messages.put((args.context.index, mask_secrets(text_, args.storage_url), "error"))
 
     try:
         from optuna_dashboard import save_note  # imported once here, not inside a trial

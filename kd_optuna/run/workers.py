@@ -22,7 +22,6 @@ the unlinked file without an error) stops them, and optimize raises StorageError
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
 import signal
@@ -182,17 +181,15 @@ class _Pool:
         return any(p.is_alive() for p in self.slots)
 
     def drain(self, bar) -> None:
-        """Show the workers' messages (above the bar, else as warnings) and keep them."""
+        """Show the workers' messages on stderr (above the bar) and keep their errors."""
         while True:
             try:
-                _, text_ = self._messages.get_nowait()
+                _, text_, kind = self._messages.get_nowait()
             except Exception:
                 return
-            self.errors.append(text_)
-            if bar is not None:
-                bar.write(text_)
-            else:
-                logging.getLogger("kd_optuna").warning(text_)
+            if kind == "error":
+                self.errors.append(text_)
+            _say(text_, bar)
 
     def close(self, report_late_deaths: bool) -> None:
         """Close the message queue; report a worker that died after the last look (and was
