@@ -115,6 +115,20 @@ def test_trials_best_and_space_in_every_format(study_url, capsys):
     assert set(weights) == set(GENES) and weights["distance"]["kl"] == 1.0
 
 
+def test_space_wraps_a_genes_options_to_the_terminal_under_their_column(study_url, capsys, monkeypatch):
+    """A transform gene's 41 options were one line of 450 characters."""
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "space", "--storage", study_url)
+    lines = out.splitlines()
+    assert code == 0 and max(map(len, lines)) <= 80, out
+    column = lines[0].index("options")
+    at = next(i for i, line in enumerate(lines) if line.startswith("transform1"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("transform2"))
+    assert end > at + 1 and all(line[:column].strip() == "" and line[column] != " " for line in lines[at + 1 : end]), out
+    listed = " ".join(line[column:] for line in lines[at:end]).split()
+    assert listed == [f"{o}:1.00" for o in FULL_OPTIONS["transform1"]], out
+
+
 def test_best_without_completed_trials_and_unknown_or_foreign_studies(study_url, capsys):
     code, _, err = run(capsys, "best", "--storage", study_url)
     assert code == 2 and "no completed trial" in err

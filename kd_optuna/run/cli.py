@@ -21,7 +21,9 @@ import dataclasses
 import json
 import math
 import shlex
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -239,22 +241,34 @@ def _emit(data: Any, fmt: str, table_rows: Sequence[dict[str, Any]] | None = Non
         click.echo(_table(table_rows if table_rows is not None else data))
 
 
-def _cell(value: Any) -> str:
+class _Lines(tuple):
+    """A table cell's text already cut into lines (``_table`` writes them under each other)."""
+
+
+def _cell(value: Any) -> list[str]:
+    """A value's lines in a table cell: one line, whitespace runs made one space, but for _Lines."""
     if value is None:
-        return ""
+        return [""]
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.5g}"
-    return " ".join(str(value).split())
+        return ["nan" if math.isnan(value) else f"{value:.5g}"]
+    if isinstance(value, _Lines):
+        return list(value) or [""]
+    return [" ".join(str(value).split())]
 
 
 def _table(rows: Sequence[dict[str, Any]]) -> str:
+    """Left-aligned columns under a header; a cell of several _Lines makes its row that tall."""
     if not rows:
         return "(none)"
     columns = list(rows[0])
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    widths = [max(len(c), *(len(line) for r in cells for line in r[i])) for i, c in enumerate(columns)]
     line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+    lines = [line(columns), line(["-" * w for w in widths])]
+    for row in cells:
+        height = max(map(len, row))
+        lines += [line([c[i] if i < len(c) else "" for c in row]) for i in range(height)]
+    return "\n".join(lines)
 
 
 @cli.command()
@@ -328,8 +342,10 @@ def space(study_name, storage, fmt) -> None:
     _, study, config = _open(storage, study_name)
     weights = config.make_sampler(with_llm=False).space_weights(study)
     data = {gene: {str(option): weight for option, weight in options.items()} for gene, options in weights.items()}
+    gene_width = max(len("gene"), *map(len, data))
+    width = max(40, shutil.get_terminal_size().columns - gene_width - 2)
     rows = [
-        {"gene": gene, "options": " ".join(f"{o}:{w:.2f}" for o, w in options.items())}
+        {"gene": gene, "options": _Lines(textwrap.wrap(" ".join(f"{o}:{w:.2f}" for o, w in options.items()), width))}
         for gene, options in data.items()
     ]
     _emit(data, fmt, rows)
