@@ -141,6 +141,24 @@ def test_best_without_completed_trials_and_unknown_or_foreign_studies(study_url,
     assert code == 2 and "--study-name" in err
 
 
+def test_trials_and_best_read_a_study_whose_stored_config_this_version_cannot(study_url, capsys):
+    """A study made by another kd-optuna version (a config key this one does not know): its
+    trials are plain Optuna trials and are listed; what needs the config says so in one line."""
+    from kd_optuna.run.config import CONFIG_ATTR
+
+    add_trials(study_url, "digits_tiny")
+    study = optuna.load_study(study_name="digits_tiny", storage=study_url)
+    stored = json.loads(study.user_attrs[CONFIG_ATTR])
+    stored["proxy"]["a_setting_from_the_future"] = 1
+    study.set_user_attr(CONFIG_ATTR, json.dumps(stored))
+    code, out, err = run(capsys, "trials", "--storage", study_url, "-f", "json")
+    assert code == 0 and [r["state"] for r in json.loads(out)] == ["COMPLETE", "COMPLETE", "PRUNED"], err
+    code, out, err = run(capsys, "best", "--storage", study_url)
+    assert code == 0 and CLASSICS["at"][0].formula() in out, err
+    code, _, err = run(capsys, "space", "--storage", study_url)
+    assert code == 2 and err.count("\n") == 1 and "a_setting_from_the_future" in err, err
+
+
 def test_trials_of_a_python_objective_show_the_formula_the_report_shows(study_url, capsys):
     """A user's own objective (README "In Python") records no formula or spec attrs: trials
     and best still show the distiller's formula and key, as the report and dashboard do."""

@@ -56,9 +56,14 @@ def cli() -> None:
     """Search the best knowledge-distillation loss for a teacher/student pair (KD-Zero on Optuna)."""
 
 
-def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None, writable: bool = False):
-    """(storage, study, config) for a kd-optuna study; ``writable`` for a command that writes it."""
-    from kd_optuna.run.storage import StorageError, load_study, mask_url, open_storage, study_config, study_names
+def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None, writable: bool = False,
+          read_config: bool = True):
+    """(storage, study, config) for a kd-optuna study; ``writable`` for a command that writes it.
+    Without ``read_config`` the config is None and only said to exist: a command that reads the
+    trials alone (trials, best) also serves a study whose stored config this version cannot read."""
+    from kd_optuna.run.storage import (
+        StorageError, load_study, mask_url, open_storage, stored_config_text, study_config, study_names,
+    )
 
     storage = open_storage(storage_url, heartbeat_interval=heartbeat, must_exist=True, writable=writable)
     if study_name is None:
@@ -69,6 +74,9 @@ def _open(storage_url: str, study_name: str | None, heartbeat: int | None = None
             raise StorageError(f"give --study-name (studies in the storage: {', '.join(repr(n) for n in names)})")
         study_name = names[0]
     study = load_study(storage, study_name, storage_url)
+    if not read_config:
+        stored_config_text(study)
+        return storage, study, None
     return storage, study, study_config(study)
 
 
@@ -278,7 +286,7 @@ def _table(rows: Sequence[dict[str, Any]]) -> str:
 @click.option("--state", "states", multiple=True, type=click.Choice(["COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"], case_sensitive=False), help="Only trials in these states.")
 def trials(study_name, storage, fmt, states) -> None:
     """List the study's trials: state, score, formula, accuracy, rejection reason."""
-    _, study, _ = _open(storage, study_name)
+    _, study, _ = _open(storage, study_name, read_config=False)
     chosen = [t for t in study.get_trials(deepcopy=False) if not states or t.state.name in {s.upper() for s in states}]
     _emit([_trial_record(t) for t in chosen], fmt, [_trial_row(t) for t in chosen])
 
@@ -316,7 +324,7 @@ def best_trial(study, trial: str = "best"):
 @_format_option
 def best(study_name, storage, fmt) -> None:
     """Show the best distiller found so far."""
-    _, study, _ = _open(storage, study_name)
+    _, study, _ = _open(storage, study_name, read_config=False)
     trial = best_trial(study)
     record = _trial_record(trial)
     if fmt == "table":

@@ -318,14 +318,22 @@ def load_study(storage: optuna.storages.BaseStorage, study_name: str, url: str, 
         ) from None
 
 
-def study_config(study: optuna.Study) -> StudyConfig:
-    """The config create-study stored in ``study``; a study without one raises StorageError."""
+def stored_config_text(study: optuna.Study) -> str:
+    """The JSON of the config create-study stored in ``study``, unread; a study without one
+    (plain Optuna) raises StorageError."""
     text = study.user_attrs.get(CONFIG_ATTR)
     if text is None:
         raise StorageError(
             f"study {study.study_name!r} has no kd-optuna config (was it created by plain Optuna?); "
             "create a study with `kd-optuna create-study CONFIG --study-name NAME`"
         )
+    return text
+
+
+def study_config(study: optuna.Study) -> StudyConfig:
+    """The config create-study stored in ``study``; a study without one, or with one this
+    version cannot read, raises StorageError."""
+    text = stored_config_text(study)
     try:
         return StudyConfig.from_json(text, source=f"config stored in study {study.study_name!r}", check_models=False)
     except ConfigError as exc:
