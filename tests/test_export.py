@@ -519,6 +519,20 @@ def test_a_second_run_into_a_folder_being_trained_into_is_refused_and_changes_no
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_device_the_machine_lacks_is_the_only_line_said(tmp_path, caplog):
+    """The late-milestones note came before the error that stopped the run."""
+    import torch
+
+    from kd_optuna.errors import KdOptunaError
+    from kd_optuna.export.training import train_with_distiller
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with caplog.at_level("WARNING"), pytest.raises(KdOptunaError, match="--device cuda:7 but"):
+        train_with_distiller(CLASSICS["kd"][0].to_params(), **_digits_recipe(tmp_path, device="cuda:7", milestones=[5]))
+    assert not caplog.records and not (tmp_path / "run").exists()
+
+
 def test_a_run_that_fails_before_writing_leaves_no_folder_and_a_file_is_not_a_run_folder(tmp_path):
     from kd_optuna.errors import KdOptunaError
     from kd_optuna.export.training import train_with_distiller

@@ -82,9 +82,9 @@ def train_with_distiller(
     with _only_run_in(Path(output_dir)):
         if not (resume or overwrite):
             _check_no_earlier_run(Path(output_dir))
+        target = torch.device(WorkerContext(0, 1, device).torch_device())
         _say_late_milestones(milestones, epochs)
         spec = DistillerSpec.from_params(spec_params)
-        target = torch.device(WorkerContext(0, 1, device).torch_device())
         torch.manual_seed(seed)
         hint = {} if download_hint is None else {"download_hint": download_hint}
         splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size, **hint)
