@@ -112,10 +112,11 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
         with tempfile.TemporaryDirectory(prefix="kd_optuna_correlate_") as out:
             settings = {**recipe, "seed": seed, "output_dir": out, "num_workers": 0}
             result = train_with_distiller(spec.to_params(), **settings, progress=False)
+        run = Run("searched", seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
+                  int(recipe["epochs"]), spec.key, time.perf_counter() - start)
         if runs is not None:
-            runs.put(digest, Run("searched", seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
-                                 int(recipe["epochs"]), spec.key, time.perf_counter() - start))
-        return result["final_top1"]
+            runs.put(digest, run)
+        return run.top1 / 100  # as a kept run gives it: (100 x) / 100 may differ from x in its last bit
 
     return final
 
@@ -176,10 +177,15 @@ def _std(values: list[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
 
 
+#: Decimals of a final accuracy (in [0, 1]) that ranking reads: below them is float rounding.
+ACC_DIGITS = 9
+
+
 def correlation_table(candidates: list[Candidate]) -> tuple[dict[str, float], dict[str, float]]:
     """Spearman and Kendall of each combination's -score with the final accuracies (NaN where
-    either side is constant)."""
-    accs = [c.final_acc for c in candidates]
+    either side is constant). Accuracies are ratios of counts: they are ranked rounded to
+    ACC_DIGITS decimals, so that two equal ones that float arithmetic left a bit apart tie."""
+    accs = [round(c.final_acc, ACC_DIGITS) for c in candidates]
     z = {m: _zscores([_metric(c, m) for c in candidates]) for m in METRICS}
     spearman, kendall = {}, {}
     rows = {name: [-sum(z[m][i] for m in members) for i in range(len(candidates))]
