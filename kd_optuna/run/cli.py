@@ -455,7 +455,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
         result = run(task, exported_training(recipe, threads, runs), n_candidates=n_candidates,
                      final_seeds=tuple(range(final_seeds)), seed=seed, threads=threads, candidates=candidates,
                      top_margin=top_margin, progress=on_candidate,
-                     final_name=f"exported training, {recipe['epochs']} epochs")
+                     final_name=f"exported training, {recipe['epochs']} epoch{'s' if recipe['epochs'] != 1 else ''}")
     finally:
         bar.close()
     if fmt == "table":

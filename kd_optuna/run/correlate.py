@@ -275,7 +275,7 @@ def format_table(result: CorrelationResult) -> str:
 
     lines = [
         f"Correlation of proxy metrics with final accuracy, {result.task}, {len(result.candidates)} candidates "
-        f"(proxy {result.proxy_steps} steps; final: {result.final}, {len(result.final_seeds)} seeds, "
+        f"(proxy {result.proxy_steps} steps; final: {result.final}, {len(result.final_seeds)} seed{'s' if len(result.final_seeds) != 1 else ''}, "
         f"last-epoch test top-1; {result.seconds / 60:.1f} min)",
         "",
         "| | " + " | ".join(columns) + " |",
