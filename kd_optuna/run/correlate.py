@@ -273,9 +273,10 @@ def format_table(result: CorrelationResult) -> str:
     def row(label: str, values: dict[str, float]) -> str:
         return f"| {label} | " + " | ".join(f"{values.get(c, math.nan):.3f}" for c in columns) + " |"
 
+    seeds = len(result.final_seeds)
     lines = [
         f"Correlation of proxy metrics with final accuracy, {result.task}, {len(result.candidates)} candidates "
-        f"(proxy {result.proxy_steps} steps; final: {result.final}, {len(result.final_seeds)} seed{'s' if len(result.final_seeds) != 1 else ''}, "
+        f"(proxy {result.proxy_steps} steps; final: {result.final}, {seeds} seed{'s' if seeds != 1 else ''}, "
         f"last-epoch test top-1; {result.seconds / 60:.1f} min)",
         "",
         "| | " + " | ".join(columns) + " |",
