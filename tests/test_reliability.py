@@ -209,15 +209,17 @@ def test_code_in_a_study_is_shown_never_run(tmp_path, capsys, monkeypatch):
         assert "\n" not in str(info.value)
     outputs = []
     for args in (
-        ["trials", "--study-name", "as_code"],
+        ["space", "--study-name", "as_code"],
         ["optimize", "--study-name", "as_pickle", "--n-trials", "1", "--no-progress"],
         ["trials", "--study-name", HOSTILE, "-f", "json"],
         ["best", "--study-name", HOSTILE],
+        ["trials", "--study-name", "as_code", "-f", "json"],  # lists the trials without reading the config
     ):
         outputs.append(run_cli(capsys, *args, "--storage", url))
     assert [code for code, _ in outputs[:2]] == [2, 2]
     assert all(text.strip().count("\n") == 0 for _, text in outputs[:2])
     assert json.loads(outputs[2][1])[0]["user_attrs"]["formula"] == HOSTILE
+    assert outputs[4][0] == 0 and json.loads(outputs[4][1]) == []
     assert not list(tmp_path.rglob(SENTINEL))
 
 
