@@ -29,14 +29,6 @@ def default_sigint(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", reset, *argv]
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked slow first, each group in its collected order. Under pytest-xdist the test
-    processes then start the long ones (30-120 s processes of their own) early and the short
-    ones fill in around them, instead of ending on a tail of long tests that one process runs
-    while the other idles."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tests run on tiny tensors: one torch thread is faster, and far faster on a busy machine."""
