@@ -134,15 +134,20 @@ class _NotesToParent(logging.Handler):
     the parent as ``(index, text, "note")``, which writes them above its progress bar: written
     to the worker's stderr they broke into the bar's line."""
 
-    def __init__(self, messages: Any, index: int, storage_url: str):
+    def __init__(self, messages: Any, args: WorkerArgs):
         super().__init__(logging.WARNING)
-        self.messages, self.index, self.storage_url = messages, index, storage_url
+        self.messages, self.args = messages, args
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self.messages.put((self.index, mask_secrets(record.getMessage(), self.storage_url), "note"))
+            self.messages.put(_message(self.args, record.getMessage(), "note"))
         except Exception:
             self.handleError(record)
+
+
+def _message(args: WorkerArgs, text_: str, kind: str) -> tuple[int, str, str]:
+    """What a worker sends its parent: (worker index, text with the storage's secrets masked, kind)."""
+    return args.context.index, mask_secrets(text_, args.storage_url), kind
 
 
 def worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
@@ -150,7 +155,7 @@ def worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
     ``host_lock``: the path of the lock file the workers of this host share. ``messages``
     receives ``(index, text, kind)``: kind "error" for why the worker stopped or a trial
     failed, "note" for kd_optuna's warnings."""
-    notes = _NotesToParent(messages, args.context.index, args.storage_url)
+    notes = _NotesToParent(messages, args)
     logging.getLogger("kd_optuna").addHandler(notes)
     try:
         _worker_main(args, host_lock, messages)
@@ -166,7 +171,7 @@ def _worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
     name = f"{socket.gethostname()}:{os.getpid()}"
 
     def say(text_: str) -> None:
-        messages.put((args.context.index, mask_secrets(text_, args.storage_url), "error"))
+        messages.put(_message(args, text_, "error"))
 
     try:
         from optuna_dashboard import save_note  # imported once here, not inside a trial
