@@ -457,7 +457,11 @@ def test_in_memory_batches_are_the_data_loaders_batches(batch_size, batches):
 
 
 @pytest.mark.slow
-def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path):
+def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """Each bad flag: exit 2, one error line naming the flag and the fix, no traceback, nothing
+    written. The garbage checkpoint runs the script as a process (torch.load's own warnings reach
+    its stderr there); the other cases call the script's main(argv) in this process, the same code
+    path after the interpreter starts, without importing torch twelve more times."""
     import torch
 
     from kd_optuna.train.checkpoints import save_checkpoint
@@ -469,9 +473,22 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
     script = write_script(tmp_path / "train_best.py", "s", completed_trial(CLASSICS["kd"][0]),
                           digits_config(checkpoint=str(teacher_path)))
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    common = ["--device", "cpu", "--no-progress", "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+
+    def one_error_line(args, stderr):
+        errors = [line for line in stderr.splitlines() if "error" in line]
+        assert len(errors) == 1 and "Traceback" not in stderr, (args, stderr)
+        assert "weights_only=False" not in stderr and "study config" not in stderr
+        return errors[0]
+
+    args = ("--teacher-checkpoint", str(tmp_path / "garbage.pt"))
+    run = subprocess.run([sys.executable, str(script), *common, *args],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, (args, run.stderr)
+    assert "not a PyTorch checkpoint" in one_error_line(args, run.stderr)
+
     cases = {
         ("--teacher-checkpoint", str(tmp_path / "missing.pt")): "does not exist",
-        ("--teacher-checkpoint", str(tmp_path / "garbage.pt")): "not a PyTorch checkpoint",
         # the script's own switch, not the study config's `download = true` under [data] (Issue 11)
         ("--dataset", "cifar100", "--data-root", str(tmp_path)):
             "CIFAR-100 at {}/cifar-100-python is missing: run it again with --download true, or place".format(tmp_path),
@@ -486,14 +503,14 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
         ("--image-size", "0"): "--image-size: expected a positive integer",
         ("--image-size", "64"): "--image-size crops imagefolder images; digits images have one size",
     }
+    monkeypatch.chdir(tmp_path)
+    main = _script_module(script).main
+    capsys.readouterr()
     for args, words in cases.items():
-        run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--no-progress", "--max-steps", "1",
-                              "--output-dir", str(tmp_path / "out"), *args],
-                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
-        assert run.returncode == 2, (args, run.stderr)
-        errors = [line for line in run.stderr.splitlines() if "error" in line]
-        assert len(errors) == 1 and words in errors[0] and "Traceback" not in run.stderr, (args, run.stderr)
-        assert "weights_only=False" not in run.stderr and "study config" not in run.stderr
+        with pytest.raises(SystemExit) as stopped:
+            main([*common, *args])
+        assert stopped.value.code == 2, (args, capsys.readouterr().err)
+        assert words in one_error_line(args, capsys.readouterr().err), args
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".kd_optuna_cache/*bogus*"))
 
 
