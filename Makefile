@@ -10,6 +10,9 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# the editable install compiles nothing, and PYTHONDONTWRITEBYTECODE (set on some machines)
+	# keeps Python from caching it: each worker process would compile kd_optuna again
+	$(BIN)/python -m compileall -q kd_optuna > /dev/null
 	touch $(STAMP)
 
 venv: $(STAMP)
