@@ -6,7 +6,7 @@
 The device is the project's default (``kd_optuna.train.classifier.default_device``: the first CUDA
 GPU when one is present, else the CPU), so nothing needs a flag on a GPU; ``--cpu`` forces the
 CPU. Data: random CIFAR-shaped tensors (3 x 32 x 32, 100 classes; 45,000 train and 5,000 val
-images like kd_optuna's CIFAR-100 split; ``--quick``: 64 and 32, batches of 8), untrained resnet56 teacher
+images like kd_optuna's CIFAR-100 split; ``--quick``: 64 and 32 of 16 x 16, batches of 8), untrained resnet56 teacher
 (its BN statistics settled on a batch) and resnet20 students: only the times matter.
 
 Eight variants: teacher-output cache on/off x bf16 autocast on/off x channels_last on/off. For
@@ -86,10 +86,10 @@ def settled_teacher(device: torch.device, images: torch.Tensor) -> torch.nn.Modu
     return tap_model(model.eval(), "resnet56")
 
 
-def build_data(settings: ProxySettings, device: torch.device, train: int, val: int) -> ProxyData:
+def build_data(settings: ProxySettings, device: torch.device, train: int, val: int, size: int = 32) -> ProxyData:
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(train, 3, 32, 32, generator=g), torch.arange(train) % 100
-    vx, vy = torch.randn(val, 3, 32, 32, generator=g), torch.arange(val) % 100
+    x, y = torch.randn(train, 3, size, size, generator=g), torch.arange(train) % 100
+    vx, vy = torch.randn(val, 3, size, size, generator=g), torch.arange(val) % 100
     return ProxyData.build(x, y, vx, vy, settings, device, num_classes=100)
 
 
@@ -166,11 +166,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"gpu check; {date}; device: {name} (project default: {default_device()}); torch {torch.__version__}; "
           f"Python {platform.python_version()}")
-    print(f"resnet56 -> resnet20, CIFAR-shaped random data ({train} train, {val} val), vanilla KD, {steps} steps "
+    size = 16 if args.quick else 32  # quick: a CPU without bf16 kernels took 6 s a bf16 step at 32 px
+    print(f"resnet56 -> resnet20, CIFAR-shaped random data ({train} train, {val} val, {size} px), vanilla KD, {steps} steps "
           f"(validation every {settings.report_every}), batch {settings.batch_size} + {settings.label_batch_size} "
           f"labelled, {repeats} timed trial(s) per variant\n", flush=True)
 
-    data = build_data(settings, device, train, val)
+    data = build_data(settings, device, train, val, size)
     teacher = settled_teacher(device, data.train_x[:256])
     probe = Task(data, teacher, lambda: tap_model(build_model("resnet20", 100), "resnet20").to(device), settings,
                  cache_dir=None)
