@@ -63,7 +63,7 @@ from kd_optuna.train import engine  # noqa: E402
 from kd_optuna.train.graphs import CudaGraphs, GraphedStep  # noqa: E402
 
 
-def synthetic_task(device: torch.device, train: int, val: int, settings: ProxySettings):
+def synthetic_task(device: torch.device, train: int, val: int, settings: ProxySettings, size: int = 32):
     """The GPU check's task (``benchmarks/gpu_check.py``): random CIFAR-shaped data, an
     untrained resnet56 teacher with settled BatchNorm statistics, resnet20 students, in memory."""
     from gpu_check import build_data, settled_teacher  # benchmarks/, this script's folder
@@ -71,7 +71,7 @@ def synthetic_task(device: torch.device, train: int, val: int, settings: ProxySe
     from kd_optuna.models import build_model, tap_model
     from kd_optuna.proxy.task import Task
 
-    data = build_data(settings, device, train, val)
+    data = build_data(settings, device, train, val, size)
     teacher = settled_teacher(device, data.train_x[:256])
 
     def new_student():
@@ -205,7 +205,7 @@ def seed_noise(task, spec, settings) -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--quick", action="store_true", help="tiny data, 4 steps, K = 1 and 2: checks the logic")
+    parser.add_argument("--quick", action="store_true", help="tiny data (16 px), 4 steps, K = 1 and 2: checks the logic")
     parser.add_argument("--steps", type=int, default=None, help="proxy steps per candidate (default 100; quick 4)")
     parser.add_argument("--ks", default=None, help="candidates side by side, e.g. 1,4,16 (default; quick 1,2)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row, medians (default 3; quick 1)")
@@ -221,12 +221,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     study = load_config("cifar100_resnet56_resnet20").proxy  # the CIFAR-100 study's proxy recipe, shortened
     settings = dataclasses.replace(study, steps=steps, epochs=0.0, report_every=steps, confirm_seeds=(),
                                    sharpness_size=32 if args.quick else study.sharpness_size)
-    task = synthetic_task(device, train, val, settings)
+    size = 16 if args.quick else 32
+    task = synthetic_task(device, train, val, settings, size)
     safe = [spec for spec, _ in CLASSICS.values() if task.make_distiller(spec).graph_safe]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"side by side; {date}; device: {name}; torch {torch.__version__}; Python {platform.python_version()}")
-    print(f"resnet56 -> resnet20 proxy students, {steps} steps of batch {settings.batch_size}, CIFAR-shaped random data ({train} train), "
+    print(f"resnet56 -> resnet20 proxy students, {steps} steps of batch {settings.batch_size}, CIFAR-shaped random data ({train} train, {size} px), "
           f"candidates cycling through {len(safe)} graph-safe classic distillers; medians of {repeats}\n", flush=True)
     noise = seed_noise(task, safe[0], settings)
     train_side_by_side(*fresh(task, safe[:1], 0), task.data, task.teacher_outputs, settings, 0, False)  # warm-up
