@@ -438,11 +438,12 @@ def test_ctrl_c_on_optimize_then_the_same_command_reruns_the_interrupted_trials(
     from optuna.trial import TrialState
 
     config = tmp_path / "slow_tiny.toml"
-    config.write_text(tiny_digits_toml().replace("\nsteps = 4\n", "\nsteps = 400\n"))
+    config.write_text(tiny_digits_toml().replace("\nsteps = 4\n", "\nsteps = 200\n"))
     url = f"sqlite:///{tmp_path / 'kd.db'}"
     kd = [sys.executable, "-m", "kd_optuna.run.cli"]
     assert subprocess.run([*kd, "create-study", str(config), "--storage", url], cwd=tmp_path, timeout=120).returncode == 0
-    command = [*kd, "optimize", "--storage", url, "--n-trials", "4", "--n-workers", "2", "--no-progress"]
+    # two trials, both running at the Ctrl-C: the same command then trains just the interrupted ones
+    command = [*kd, "optimize", "--storage", url, "--n-trials", "2", "--n-workers", "2", "--no-progress"]
     process = subprocess.Popen(default_sigint(command), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, start_new_session=True)
     study = optuna.load_study(study_name="digits_tiny", storage=url)
@@ -464,7 +465,8 @@ def test_ctrl_c_on_optimize_then_the_same_command_reruns_the_interrupted_trials(
 
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(complete) == 2
     for trial in interrupted:
         reruns = [t for t in complete if t.system_attrs.get("failed_trial") == trial.number]
         assert len(reruns) == 1 and reruns[0].params == trial.params
