@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -288,17 +289,39 @@ def corrupt_digits(images: torch.Tensor) -> torch.Tensor:
     return noisy.masked_fill(square, 0.0)
 
 
-def _digits(seed: int, hard: bool = False) -> DatasetSplits:
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: images (1797, 8, 8) float64 in [0, 16] and labels (1797,) int,
+    as ``sklearn.datasets.load_digits`` gives them.
+
+    Read from the package's data file (``datasets/data/digits.csv.gz``: 64 pixels then the
+    label on each row) without importing scikit-learn, whose import (SciPy with it) took 1.7 s
+    of each worker's start; where that file is not found, ``load_digits`` reads it.
+    """
+    import gzip
+    import importlib.util
+
+    package = importlib.util.find_spec("sklearn")
+    locations = list(package.submodule_search_locations or []) if package is not None else []
+    path = Path(locations[0], "datasets", "data", "digits.csv.gz") if locations else None
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as rows:
+            data = np.loadtxt(rows, delimiter=",")
+        return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return bunch.images, bunch.target
+
+
+def _digits(seed: int, hard: bool = False) -> DatasetSplits:
+    pixels, targets = digits_arrays()
+    images = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0
     images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     if hard:
         images = corrupt_digits(images)
     mean, std = images.mean().item(), images.std().item()
     images = (images - mean) / std
-    labels = torch.as_tensor(bunch.target, dtype=torch.long)
+    labels = torch.as_tensor(targets, dtype=torch.long)
 
     test_idx = class_balanced_subset(labels, fraction=0.2, seed=seed)
     rest = _complement(len(labels), test_idx)

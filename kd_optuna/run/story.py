@@ -298,7 +298,7 @@ def name_objective(study) -> None:
 
 def write_note(study, config=None, story: Story | None = None) -> str:
     """Save the study note (with the compare table when the study holds runs); return it."""
-    from optuna_dashboard import save_note
+    from kd_optuna.run.dashboard_writers import save_note
 
     story = build(study, config) if story is None else story
     if story.artifact is None:
@@ -330,7 +330,7 @@ def refresh(study, config=None, *, artifact_dir_path: str | os.PathLike | None =
     from the workers. ``artifact_dir_path`` overrides :func:`artifact_dir`; a storage without
     one (PostgreSQL without ``KD_OPTUNA_ARTIFACT_DIR``) gets no artifact.
     """
-    from optuna_dashboard import save_plotly_graph_object
+    from kd_optuna.run.dashboard_writers import save_plotly_graph_object
 
     story = build(study, config)
     if config is None:

@@ -174,7 +174,7 @@ def _worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
         messages.put(_message(args, text_, "error"))
 
     try:
-        from optuna_dashboard import save_note  # imported once here, not inside a trial
+        from kd_optuna.run.dashboard_writers import save_note  # loaded once here, not inside a trial
 
         storage = open_storage(args.storage_url, args.heartbeat_interval, args.grace_period, check_filesystem=False)
         study = load_study(storage, args.study_name, args.storage_url)
