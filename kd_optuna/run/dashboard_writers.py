@@ -1,7 +1,7 @@
 """optuna-dashboard's writers of notes and figures, loaded without its web application.
 
 ``import optuna_dashboard`` runs the package's ``__init__``, which imports its server and,
-through ``optuna.importance``, scikit-learn and SciPy: 2.6 s of every worker's start
+through ``optuna.importance``, scikit-learn and SciPy: 2.5 s of every worker's start
 (BENCHMARKS.md "Worker start") for two functions that need only Optuna. :func:`writer` loads
 the one file of the installed package that holds the function (``_note.py``,
 ``_custom_plot_data.py``) under a name of its own, so what is stored is exactly what
@@ -45,7 +45,7 @@ def _standalone(module: str, name: str) -> Callable[..., Any] | None:
     loaded = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(loaded)
-    except (OSError, ImportError):  # the file is gone, or it imports its package now
+    except Exception:  # the file is gone or imports its package now: the package's own import follows
         return None
     return getattr(loaded, name, None)
 
