@@ -85,12 +85,6 @@ def timed(command: list[str], env: dict, cwd: Path) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def old_tree(rev: str, into: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
 def teacher_checkpoint(path: Path) -> Path:
     import torch
 
@@ -112,6 +106,8 @@ def optimize_once(tree: Path, env: dict, work: Path, checkpoint: Path, trials: i
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from optimize_memory import old_tree  # benchmarks/, this script's folder: REV's tree by git archive
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old-rev", required=True, help="the git revision to compare with")
     parser.add_argument("--repeats", type=int, default=5)
