@@ -72,13 +72,14 @@ def make_image_folder(root: Path, n_train: int, size: int, seed: int = 0) -> Pat
     return root
 
 
-def teacher_checkpoint(path: Path, model: str) -> Path:
+def teacher_checkpoint(path: Path, model: str, num_classes: int = CLASSES) -> Path:
+    """``model`` with random weights (seed 0) saved as a state dict at ``path``."""
     import torch
 
     from kd_optuna.models import build_model
 
     torch.manual_seed(0)
-    torch.save(build_model(model, CLASSES).state_dict(), path)
+    torch.save(build_model(model, num_classes).state_dict(), path)
     return path
 
 

@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     study = load_config("cifar100_resnet56_resnet20").proxy  # the CIFAR-100 study's proxy recipe, shortened
     settings = dataclasses.replace(study, steps=steps, epochs=0.0, report_every=steps, confirm_seeds=(),
                                    sharpness_size=32 if args.quick else study.sharpness_size)
-    size = 16 if args.quick else 32
+    from gpu_check import QUICK_SIZE  # benchmarks/, this script's folder
+
+    size = QUICK_SIZE if args.quick else 32
     task = synthetic_task(device, train, val, settings, size)
     safe = [spec for spec, _ in CLASSICS.values() if task.make_distiller(spec).graph_safe]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"

@@ -85,16 +85,6 @@ def timed(command: list[str], env: dict, cwd: Path) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def teacher_checkpoint(path: Path) -> Path:
-    import torch
-
-    from kd_optuna.models import build_model
-
-    torch.manual_seed(0)
-    torch.save(build_model("digits_teacher", 10).state_dict(), path)
-    return path
-
-
 def optimize_once(tree: Path, env: dict, work: Path, checkpoint: Path, trials: int, workers: int) -> tuple[float, float]:
     work.mkdir(parents=True)
     (work / "study.toml").write_text(CONFIG.format(checkpoint=checkpoint))
@@ -106,7 +96,7 @@ def optimize_once(tree: Path, env: dict, work: Path, checkpoint: Path, trials: i
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from optimize_memory import old_tree  # benchmarks/, this script's folder: REV's tree by git archive
+    from optimize_memory import old_tree, teacher_checkpoint  # benchmarks/, this script's folder
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old-rev", required=True, help="the git revision to compare with")
@@ -120,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         tmp = Path(tmp)
         trees = {"old": old_tree(args.old_rev, Path(tempfile.mkdtemp(dir=tmp))), "new": REPO}
         envs = {name: dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1") for name, tree in trees.items()}
-        checkpoint = teacher_checkpoint(tmp / "teacher.pt")
+        checkpoint = teacher_checkpoint(tmp / "teacher.pt", "digits_teacher", num_classes=10)
         runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for repeat in range(args.repeats + 1):  # the first round warms the page cache and is not counted
             for name in ("old", "new"):
