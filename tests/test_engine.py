@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from kd_optuna.train.engine import Hooks, eval_outputs, evaluate, lr_factor, make_optimizer, train_epochs, train_steps
+from kd_optuna.train.engine import Hooks, eval_outputs, evaluate, make_optimizer, train_epochs, train_steps
+from kd_optuna.train.schedule import lr_factor
 from kd_optuna.errors import KdOptunaError, first_line
 
 

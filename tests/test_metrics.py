@@ -5,16 +5,15 @@ import torch
 from torch import nn
 
 from kd_optuna.proxy.metrics import (
-    ScoreWeights,
     accuracy,
     adaptive_sharpness,
     calibrated_cross_entropy,
     cka_gap,
-    combined_score,
     cross_entropy,
     fit_temperature,
     linear_cka,
 )
+from kd_optuna.proxy.score import ScoreWeights, combined_score
 
 
 def _randn(*shape, seed=0):

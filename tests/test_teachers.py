@@ -8,7 +8,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from kd_optuna.train.checkpoints import load_model
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.train.teachers import load_or_train_teacher, train_teacher
-from kd_optuna.train.engine import default_device, evaluate, lr_factor
+from kd_optuna.train.engine import default_device, evaluate
+from kd_optuna.train.schedule import lr_factor
 from kd_optuna.train.classifier import train_classifier
 from test_data import tiny_cifar100  # noqa: F401  (fixture)
 

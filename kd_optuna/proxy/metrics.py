@@ -1,4 +1,4 @@
-"""Scoring a proxy student: validation CE, accuracy, sharpness gap, CKA gap, and the score.
+"""Measuring a proxy student: validation CE, accuracy, sharpness gap and CKA gap.
 
 Every function here is deterministic for fixed inputs (a seed is an argument where randomness
 enters) and reads held-out data only; none knows of Optuna or of other trials.
@@ -11,14 +11,14 @@ enters) and reads held-out data only; none knows of Optuna or of other trials.
                   e = rho * |w|^2 * g / || |w| * g || one normalised (ASAM-style) ascent step.
     sharpness_gap student sharpness - teacher sharpness (same data, same rho).
     cka_gap       1 - linear_cka(student emb (N, Ds), teacher emb (N, Dt)).
-    score         combined_score(metrics, weights): sum of weight * metric; lower is better.
+
+The score that combines them is :mod:`kd_optuna.proxy.score`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -196,27 +196,3 @@ def _chunked_loss_and_grads(model: nn.Module, inputs: Tensor, labels: Tensor, pa
         loss = loss + part.detach()
         grads = [g if p is None else (p if g is None else g + p) for g, p in zip(grads, parts)]
     return loss, grads
-
-
-@dataclass(frozen=True)
-class ScoreWeights:
-    """Weights of the combined score ``ce * val_ce + sharpness * |sharpness_gap| + cka * cka_gap``."""
-
-    ce: float = 1.0
-    sharpness: float = 0.0
-    cka: float = 0.0
-
-
-def combined_score(metrics: Mapping[str, float], weights: ScoreWeights) -> float:
-    """The trial value, lower is better: a fixed weighted sum of the trial's own metrics.
-
-    ``metrics`` needs ``val_ce``, ``sharpness_gap``, ``cka_gap``. The sharpness gap enters by
-    its size (a student flatter or sharper than its teacher both count). Nothing here depends
-    on other trials, so one seed's score is the same whatever finished before it; how many
-    seeds a trial runs does depend on the study's best (:mod:`kd_optuna.proxy.confirmation`).
-    """
-    return (
-        weights.ce * float(metrics["val_ce"])
-        + weights.sharpness * abs(float(metrics["sharpness_gap"]))
-        + weights.cka * float(metrics["cka_gap"])
-    )

@@ -8,16 +8,16 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kd_optuna.errors import KdOptunaError
-from kd_optuna.proxy.metrics import ScoreWeights
-from kd_optuna.train import engine
+from kd_optuna.proxy.score import ScoreWeights
+from kd_optuna.train.schedule import SCHEDULES, lr_factor
+
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = engine.SCHEDULES
 AUGMENTS = ("none", "shift", "shift_flip")
 KD_SOURCES = ("train", "labelled")
 CACHE_DTYPES = ("float16", "float32")
@@ -237,6 +237,8 @@ class ProxySettings:
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
         """The proxy's optimiser over ``params``: SGD is Nesterov when ``nesterov`` and momentum > 0."""
+        from kd_optuna.train import engine
+
         return engine.make_optimizer(self.optimizer, params, lr=self.lr, momentum=self.momentum,
                                      weight_decay=self.weight_decay, nesterov=self.nesterov and self.momentum > 0)
 
@@ -244,7 +246,7 @@ class ProxySettings:
         """Multiplier of ``lr`` at ``step``: 0.5 * (1 + cos(pi * step / steps)) for cosine,
         gamma ** #{m in milestones : m * steps <= step} for step, else 1."""
         milestones = [m * self.steps for m in self.milestones]
-        return engine.lr_factor(self.schedule, step, self.steps, 1, milestones, self.gamma)
+        return lr_factor(self.schedule, step, self.steps, 1, milestones, self.gamma)
 
     def data_key(self) -> dict[str, object]:
         """The settings that decide the proxy data and views (what the teacher cache depends on)."""

@@ -46,15 +46,14 @@ from kd_optuna.train import engine
 from kd_optuna.train.graphs import CudaGraphs, GraphBackend, GraphedStep
 from kd_optuna.proxy.metrics import (
     EVAL_ACTIVATIONS,
-    ScoreWeights,
     accuracy,
     adaptive_sharpness,
     calibrated_cross_entropy,
     cka_gap,
-    combined_score,
     cross_entropy,
     rows_within,
 )
+from kd_optuna.proxy.score import ScoreWeights, combined_score
 
 
 class NoDistillation(nn.Module):

@@ -22,7 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from kd_optuna.data import lone_last_batch
-from kd_optuna.train.engine import Hooks, batches, default_device, evaluate, lr_factor, make_optimizer, torch_threads, train_epochs
+from kd_optuna.train.engine import Hooks, batches, default_device, evaluate, make_optimizer, torch_threads, train_epochs
+from kd_optuna.train.schedule import lr_factor
 from kd_optuna.errors import KdOptunaError
 
 __all__ = ["TrainResult", "default_device", "train_classifier"]  # default_device: task.py, benchmarks

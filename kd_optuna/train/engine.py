@@ -1,4 +1,4 @@
-"""The training engine every training in kd-optuna runs on: optimiser, schedule, steps, evaluation.
+"""The training engine every training in kd-optuna runs on: optimiser, steps, evaluation.
 
 One step of :func:`train_steps` on a batch b (whatever the caller's ``batches`` yield)::
 
@@ -19,7 +19,6 @@ rejection steps (:mod:`kd_optuna.proxy.rejection`) and full training (:mod:`kd_o
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +31,6 @@ from kd_optuna.data import lone_last_batch
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.train.graphs import optimizer_step
 
-SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
@@ -66,29 +64,6 @@ def make_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise KdOptunaError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
-
-
-def lr_factor(
-    schedule: str, step: int, total_steps: int, steps_per_epoch: int = 1, milestones=(), gamma: float = 0.1,
-    warmup_steps: int = 0,
-) -> float:
-    """Multiplier of the base learning rate at optimiser step ``step`` (0-based) of ``total_steps``.
-
-    Warm-up (step + 1) / warmup_steps; then cosine 0.5 (1 + cos(pi (step - w) / max(1, T - w))),
-    step gamma ** #{m in milestones : step // steps_per_epoch >= m} (milestones in epochs of
-    ``steps_per_epoch`` steps; with 1 they are in steps), or constant 1.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
-    if schedule == "step":
-        epoch = step // max(1, steps_per_epoch)
-        return gamma ** sum(epoch >= m for m in milestones)
-    if schedule == "constant":
-        return 1.0
-    raise KdOptunaError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 
 @dataclass
