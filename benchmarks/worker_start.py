@@ -1,4 +1,5 @@
-"""What a worker process costs before its first trial, and a small optimize as a whole, against another revision.
+"""What a worker process costs before its first trial, a small optimize as a whole, and the commands that
+read a study, against another revision.
 
     python benchmarks/worker_start.py --old-rev HEAD~3 [--repeats 5] [--trials 4] [--workers 2]
 
@@ -12,6 +13,7 @@ Rows, each a median of ``--repeats`` fresh processes, the two trees alternating 
   teacher checkpoint, so no teacher is trained) in a fresh folder, then ``kd-optuna optimize
   --n-trials T --n-workers W --threads 1 --no-progress``: the wall and CPU seconds of the
   optimize (its workers included).
+- "space", "trials": ``kd-optuna space`` and ``kd-optuna trials`` on that study afterwards.
 
 Prints the medians of each tree and the ratio new / old of the medians.
 """
@@ -85,14 +87,19 @@ def timed(command: list[str], env: dict, cwd: Path) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def optimize_once(tree: Path, env: dict, work: Path, checkpoint: Path, trials: int, workers: int) -> tuple[float, float]:
+def study_commands(env: dict, work: Path, checkpoint: Path, trials: int, workers: int) -> dict[str, tuple[float, float]]:
+    """(wall s, CPU s) of optimize, space and trials on a new study in ``work``."""
     work.mkdir(parents=True)
     (work / "study.toml").write_text(CONFIG.format(checkpoint=checkpoint))
     cli = [sys.executable, "-m", "kd_optuna.run.cli"]
     url = f"sqlite:///{work / 'kd.db'}"
     timed([*cli, "create-study", "study.toml", "--storage", url], env, work)
-    return timed([*cli, "optimize", "--storage", url, "--n-trials", str(trials), "--n-workers", str(workers),
-                  "--threads", "1", "--no-progress"], env, work)
+    return {
+        "optimize": timed([*cli, "optimize", "--storage", url, "--n-trials", str(trials), "--n-workers", str(workers),
+                           "--threads", "1", "--no-progress"], env, work),
+        "space": timed([*cli, "space", "--storage", url], env, work),
+        "trials": timed([*cli, "trials", "--storage", url], env, work),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,17 +122,16 @@ def main(argv: list[str] | None = None) -> dict:
         for repeat in range(args.repeats + 1):  # the first round warms the page cache and is not counted
             for name in ("old", "new"):
                 start = timed([sys.executable, "-c", WORKER_START], envs[name], tmp)
-                whole = optimize_once(trees[name], envs[name], tmp / f"{name}{repeat}", checkpoint,
-                                      args.trials, args.workers)
+                commands = study_commands(envs[name], tmp / f"{name}{repeat}", checkpoint, args.trials, args.workers)
                 if repeat:
-                    runs.setdefault(("worker start", name), []).append(start)
-                    runs.setdefault(("optimize", name), []).append(whole)
+                    for row, seconds in {"worker start": start, **commands}.items():
+                        runs.setdefault((row, name), []).append(seconds)
     print(f"old: {args.old_rev}; new: this checkout; medians of {args.repeats}; optimize: {args.trials} trials, "
           f"{args.workers} workers\n")
     print("| row | old wall s | new wall s | new/old wall | old CPU s | new CPU s | new/old CPU |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     result = {}
-    for row in ("worker start", "optimize"):
+    for row in ("worker start", "optimize", "space", "trials"):
         old = [statistics.median(v) for v in zip(*runs[(row, "old")])]
         new = [statistics.median(v) for v in zip(*runs[(row, "new")])]
         result[row] = {"old": old, "new": new}
