@@ -60,6 +60,9 @@ DIGITS_SIZE = 16
 IMAGEFOLDER_SIZE = 224
 #: The smallest such crop: CIFAR's 32 px, what the zoo's smallest models take.
 MIN_IMAGE_SIZE = 32
+#: The class-balanced share of CIFAR's and an image folder's train images held out as the val
+#: split when a study gives no ``[data] val_fraction`` (digits has its own fixed split).
+VAL_FRACTION = 0.1
 HARD_DIGITS_SEED = 2024
 HARD_DIGITS_NOISE = 0.2
 HARD_DIGITS_OCCLUSION = 4
@@ -236,6 +239,26 @@ def _complement(n: int, indices: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(keep).flatten()
 
 
+def held_out_split(labels: torch.Tensor, val_fraction: float, seed: int, classes: Sequence[str],
+                   where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, val indices) of train images with labels (N,): per class c,
+    max(1, round(val_fraction * n_c)) of its n_c images held out (``class_balanced_subset``).
+
+    A class left without a train image raises DataError naming the classes of ``where`` and the fix.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    val_idx = class_balanced_subset(labels, fraction=val_fraction, seed=seed)
+    train_idx = _complement(len(labels), val_idx)
+    kept = torch.bincount(labels[train_idx], minlength=len(classes))
+    empty = [name for name, n in zip(classes, kept.tolist()) if n == 0]
+    if empty:
+        listed = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(f"val_fraction {val_fraction} holds out every train image of {where} class(es) {listed}: "
+                        "give a smaller val_fraction or add train images")
+    return train_idx, val_idx
+
+
 def default_root() -> Path:
     return Path(os.environ.get("KD_OPTUNA_DATA", "data"))
 
@@ -251,20 +274,22 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     *,
-    val_fraction: float = 0.1,
+    val_fraction: float | None = None,
     image_size: int | None = None,
     download_hint: str = DOWNLOAD_HINT,
 ) -> DatasetSplits:
     """Load ``name`` (one of DATASET_NAMES) as seeded train / val / test splits.
 
     ``val_fraction`` is the class-balanced share of the training set held out as ``val`` for
-    cifar10/cifar100/imagefolder (digits uses its fixed 359/359 split); ``image_size`` is the
+    cifar10/cifar100/imagefolder (None: ``VAL_FRACTION``; digits uses its fixed 359/359 split and
+    ignores it); ``image_size`` is the
     square crop of imagefolder (None: ``IMAGEFOLDER_SIZE``); the other datasets have one size.
     A missing or corrupt root raises DataError naming the path and the fix; ``download_hint``
     is how the caller's user asks for the download (the study config's key by default; the
     exported script gives its ``--download true`` flag).
     """
     root = default_root() if root is None else Path(root)
+    val_fraction = VAL_FRACTION if val_fraction is None else val_fraction
     if name in ("digits", "digits_hard"):
         return _digits(seed, hard=name == "digits_hard")
     if name in CIFAR_STATS:
@@ -456,8 +481,7 @@ def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float
     train_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalise])
     eval_transform = T.Compose(normalise)
     train_labels_all = torch.as_tensor(base_train.targets, dtype=torch.long)
-    val_idx = class_balanced_subset(train_labels_all, fraction=val_fraction, seed=seed)
-    train_idx = _complement(len(train_labels_all), val_idx)
+    train_idx, val_idx = held_out_split(train_labels_all, val_fraction, seed, base_train.classes, name)
     sources = {"train": (base_train, train_idx), "val": (base_train, val_idx), "test": (base_test, None)}
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
@@ -614,8 +638,7 @@ def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) ->
     eval_transform = T.Compose([T.Resize(resize), T.CenterCrop(image_size), *normalise])
     pixel_transform = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
     train_labels_all = torch.as_tensor(base_train.targets, dtype=torch.long)
-    val_idx = class_balanced_subset(train_labels_all, fraction=val_fraction, seed=seed)
-    train_idx = _complement(len(train_labels_all), val_idx)
+    train_idx, val_idx = held_out_split(train_labels_all, val_fraction, seed, base_train.classes, str(root / "train"))
     sources = {"train": (base_train, train_idx), "val": (base_train, val_idx), "test": (base_test, None)}
     test_labels = torch.as_tensor(base_test.targets, dtype=torch.long)
     return DatasetSplits(

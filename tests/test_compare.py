@@ -57,10 +57,11 @@ def test_the_digest_names_what_decides_a_run():
 
 
 def test_a_setting_added_later_keeps_the_digest_of_runs_stored_before_it_at_its_old_value():
-    recipe = {"epochs": 2, "lr": 0.05, "dataset": "imagefolder"}  # a recipe stored before [data] image_size
+    recipe = {"epochs": 2, "lr": 0.05, "dataset": "imagefolder"}  # stored before [data] image_size and val_fraction
     before = compare.Job("searched", 0, KD, recipe).digest()
-    assert compare.Job("searched", 0, KD, {**recipe, "image_size": None}).digest() == before
+    assert compare.Job("searched", 0, KD, {**recipe, "image_size": None, "val_fraction": None}).digest() == before
     assert compare.Job("searched", 0, KD, {**recipe, "image_size": 64}).digest() != before
+    assert compare.Job("searched", 0, KD, {**recipe, "val_fraction": 0.2}).digest() != before
 
 
 @pytest.mark.slow

@@ -502,6 +502,9 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
         ("--student-nodes", "[1]"): "--student-nodes: expected JSON",
         ("--image-size", "0"): "--image-size: expected a positive integer",
         ("--image-size", "64"): "--image-size crops imagefolder images; digits images have one size",
+        ("--val-fraction", "1"): "--val-fraction: expected a number between 0 and 1 (exclusive), or none",
+        ("--val-fraction", "x"): "--val-fraction: expected a number between 0 and 1 (exclusive), or none",
+        ("--val-fraction", "0.2"): "--val-fraction holds out part of CIFAR's or an image folder's train split; digits",
     }
     monkeypatch.chdir(tmp_path)
     main = _script_module(script).main

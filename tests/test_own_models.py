@@ -193,6 +193,8 @@ def _mixed_image_folder(root):
 @pytest.mark.slow
 def test_an_image_folder_at_image_size_32_runs_with_cifar_models_from_search_to_exported_script(tmp_path, capsys,
                                                                                                monkeypatch):
+    """With its own crop and val share: the search, its cached teacher and the exported script
+    (which finds that same teacher) all take them from the config."""
     import subprocess
     import sys
 
@@ -205,7 +207,8 @@ def test_an_image_folder_at_image_size_32_runs_with_cifar_models_from_search_to_
     proxy = "\n".join(f"{k} = {v!r}".replace("'", '"') for k, v in small.items())
     config = tmp_path / "small.toml"
     config.write_text(
-        f'[study]\nname = "small"\n\n[data]\ndataset = "imagefolder"\nroot = "{root}"\nimage_size = 32\n\n'
+        f'[study]\nname = "small"\n\n[data]\ndataset = "imagefolder"\nroot = "{root}"\nimage_size = 32\n'
+        'val_fraction = 0.25\n\n'
         '[teacher]\nmodel = "resnet8"\nnum_classes = 2\n\n[student]\nmodel = "resnet8"\nnum_classes = 2\n\n'
         f"[proxy]\n{proxy}\n\n[train]\nepochs = 1\nbatch_size = 8\nnum_workers = 0\n"
     )
@@ -224,6 +227,7 @@ def test_an_image_folder_at_image_size_32_runs_with_cifar_models_from_search_to_
 
     assert invoke_cli(capsys, "export", "--storage", url, "--trial", "best", "-o", "train_small.py")[0] == 0
     assert "IMAGE_SIZE = 32" in (tmp_path / "train_small.py").read_text()
+    assert "VAL_FRACTION = 0.25" in (tmp_path / "train_small.py").read_text()
     env = {**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[1])}
     run = subprocess.run([sys.executable, "train_small.py", "--device", "cpu", "--no-progress", "--max-steps", "1",
                           "--output-dir", "out"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -19,7 +19,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from kd_optuna.data import DATASET_NAMES
+from kd_optuna.data import DATASET_NAMES, VAL_FRACTION
 from kd_optuna.errors import KdOptunaError
 from kd_optuna.files import atomic_write_text
 from kd_optuna.export.training import METHODS
@@ -40,6 +40,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "dataset": ("str", f"dataset name ({', '.join(DATASET_NAMES)})"),
     "data_root": ("str_or_none", "data directory"),
     "image_size": ("positive_int_or_none", "imagefolder's square crop in pixels (none: 224)"),
+    "val_fraction": ("fraction_or_none", f"share of cifar's or imagefolder's train images held out as val (none: {VAL_FRACTION})"),
     "download": ("bool", "download the dataset if missing (true/false)"),
     "teacher": ("str", "teacher model name"),
     "teacher_checkpoint": ("str_or_none", "teacher checkpoint (none: train one, cached)"),
@@ -56,6 +57,7 @@ _PARSERS = {
     "str_or_none": "str_or_none", "nodes": "nodes", "positive_int": "positive_int",
     "non_negative_int": "non_negative_int", "positive_float": "positive_float",
     "non_negative_float": "non_negative_float", "positive_int_or_none": "positive_int_or_none",
+    "fraction_or_none": "fraction_or_none",
 }
 
 # The template is filled by string.Template in one pass: $name markers, $$ for a dollar sign.
@@ -153,6 +155,18 @@ non_negative_float = number(float, 0.0, False, "a number >= 0")
 
 def positive_int_or_none(text):
     return None if text.lower() in ("", "none") else positive_int(text)
+
+
+def fraction_or_none(text):
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError("expected a number between 0 and 1 (exclusive), or none")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -331,6 +345,7 @@ def script_defaults(config: Any) -> dict[str, Any]:
         "dataset": config.data.dataset,
         "data_root": config.data.root,
         "image_size": config.data.image_size,
+        "val_fraction": config.data.val_fraction,
         "download": config.data.download,
         "teacher": config.teacher.model,
         "teacher_checkpoint": config.teacher.checkpoint,

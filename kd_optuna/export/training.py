@@ -44,6 +44,7 @@ def train_with_distiller(
     epochs: int, batch_size: int, lr: float, momentum: float, weight_decay: float, milestones: list[int], gamma: float,
     num_workers: int, seed: int,
     dataset: str, data_root: str | None, download: bool, image_size: int | None = None,
+    val_fraction: float | None = None,
     teacher: str, teacher_checkpoint: str | None, student: str,
     device: str, output_dir: str,
     method: str = "searched", max_steps: int | None = None, resume: bool = False, overwrite: bool = True,
@@ -66,7 +67,9 @@ def train_with_distiller(
     fresh run in an ``output_dir`` that holds one, which the new run would replace epoch by epoch.
     ``download_hint``: how the caller's user asks for the dataset's download, said when it is
     missing (None: the study config's ``download = true``; the exported script gives its flag).
-    ``image_size``: an image folder's crop (``kd_optuna.data.load_dataset``; None: 224).
+    ``image_size``: an image folder's crop (``kd_optuna.data.load_dataset``; None: 224);
+    ``val_fraction``: the share of CIFAR's or an image folder's train images held out as val, for
+    picking ``best_student.pt`` (None: ``kd_optuna.data.VAL_FRACTION``).
     """
     import torch
 
@@ -79,6 +82,7 @@ def train_with_distiller(
     _check_arguments(epochs, batch_size, method, max_steps, seed)
     _check_milestones(milestones, epochs)
     _check_image_size(dataset, image_size)
+    _check_val_fraction(dataset, val_fraction)
     with _only_run_in(Path(output_dir)):
         if not (resume or overwrite):
             _check_no_earlier_run(Path(output_dir))
@@ -87,12 +91,14 @@ def train_with_distiller(
         spec = DistillerSpec.from_params(spec_params)
         torch.manual_seed(seed)
         hint = {} if download_hint is None else {"download_hint": download_hint}
-        splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size, **hint)
+        splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size,
+                              val_fraction=val_fraction, **hint)
         num_classes = splits.num_classes
         _check_model_names(student, None if method == "dml" else teacher, num_classes)
         tapped_teacher = None if method == "dml" else _frozen_teacher(
             teacher, num_classes, target, checkpoint=teacher_checkpoint, nodes=teacher_nodes,
-            dataset=dataset, data_root=data_root, download=download, image_size=image_size, cache_dir=cache_dir)
+            dataset=dataset, data_root=data_root, download=download, image_size=image_size, val_fraction=val_fraction,
+            cache_dir=cache_dir)
         tapped_student = tap_model(build_model(student, num_classes), student, nodes=student_nodes).to(target)
         sgd = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "milestones": milestones, "gamma": gamma}
         term = build_method_term(
@@ -183,6 +189,19 @@ def _check_image_size(dataset: str, image_size: int | None) -> None:
         raise KdOptunaError(f"--image-size {image_size}: give at least {MIN_IMAGE_SIZE} pixels, or none for 224")
 
 
+def _check_val_fraction(dataset: str, val_fraction: float | None) -> None:
+    from kd_optuna.data import VAL_FRACTION
+
+    if val_fraction is None:
+        return
+    if dataset.startswith("digits"):
+        raise KdOptunaError(f"--val-fraction holds out part of CIFAR's or an image folder's train split; {dataset} "
+                            "has a fixed val split: give --val-fraction none")
+    if not 0.0 < val_fraction < 1.0:
+        raise KdOptunaError(f"--val-fraction {val_fraction}: give a number between 0 and 1 (exclusive), "
+                            f"or none for {VAL_FRACTION}")
+
+
 def _check_model_names(student: str, teacher: str | None, num_classes: int) -> None:
     """Build ``student`` and ``teacher`` (None: no teacher) once and drop them, so an unknown name
     fails before a teacher is trained; the global torch RNG is left as it was."""
@@ -198,7 +217,7 @@ def _check_model_names(student: str, teacher: str | None, num_classes: int) -> N
 
 def _frozen_teacher(teacher: str, num_classes: int, device: Any, *, checkpoint: str | None,
                     nodes: dict[str, str] | None, dataset: str, data_root: str | None, download: bool,
-                    image_size: int | None, cache_dir: str) -> Any:
+                    image_size: int | None, val_fraction: float | None, cache_dir: str) -> Any:
     """The tapped ``teacher`` in eval mode without gradients, on ``device``, loaded from
     ``checkpoint``; with none, from the teacher cache in ``cache_dir`` (trained there first if
     missing, on ``dataset``)."""
@@ -210,7 +229,7 @@ def _frozen_teacher(teacher: str, num_classes: int, device: Any, *, checkpoint: 
 
         checkpoint = str(cached_teacher_checkpoint(
             dataset, teacher, Path(cache_dir), root=data_root, download=download, device=str(device),
-            image_size=image_size,
+            image_size=image_size, val_fraction=val_fraction,
         ))
     model, _ = load_model(checkpoint, teacher, num_classes, device)
     tapped = tap_model(model, teacher, nodes=nodes).to(device).eval()

@@ -198,7 +198,7 @@ class Task:
 
         target = default_device(device)
         splits = load_dataset(config.data.dataset, root=config.data.root, download=config.data.download,
-                              image_size=config.data.image_size)
+                              image_size=config.data.image_size, val_fraction=config.data.val_fraction)
         num_classes = splits.num_classes
         settings: ProxySettings = config.proxy
         if splits.has_pixels:  # 8-bit images stay uint8 on the device: a quarter of float32
@@ -235,13 +235,14 @@ def unkeyed_teacher_path(cache_dir: Path, dataset: str, model_name: str) -> Path
 
 def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, root=None,
                               download: bool = False, device: str | None = None, *, seed: int = 0,
-                              image_size: int | None = None, training: Mapping[str, Any] | None = None,
+                              image_size: int | None = None, val_fraction: float | None = None,
+                              training: Mapping[str, Any] | None = None,
                               progress: bool = False) -> Path:
     """A teacher trained with ``kd_optuna.train.teachers.train_teacher``, once per cache folder and key.
 
     The checkpoint is ``cache_dir/teacher-<dataset>-<model>-<key>.pt``, ``key`` naming all
     that changes the weights (``kd_optuna.train.teachers.teacher_identity``: data root and a
-    fingerprint of its files, class folders and ``image_size``, model, recipe with the
+    fingerprint of its files, class folders, ``image_size`` and ``val_fraction``, model, recipe with the
     ``training`` overrides, ``seed``), so a study on other data never gets another study's
     teacher. A checkpoint at the older name ``teacher-<dataset>-<model>.pt`` (what
     ``kd-optuna train-teacher`` writes) is reused only when its metadata records the same key. A reuse says so in one line, with
@@ -259,7 +260,7 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
         from kd_optuna.data import load_dataset
 
         load_dataset(dataset, root=root, download=True, seed=seed)
-    cached = _CachedTeacher(dataset, model_name, cache_dir, root, seed, image_size, overrides)
+    cached = _CachedTeacher(dataset, model_name, cache_dir, root, seed, image_size, val_fraction, overrides)
     path, legacy = cached.path, cached.legacy
 
     def reuse(found: Path) -> Path:
@@ -280,7 +281,7 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
         log.warning("no teacher checkpoint given: training %s on %s with seed %d into %s", model_name, cached.source,
                     seed, path)
         train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=progress,
-                      seed=seed, image_size=image_size, **overrides)
+                      seed=seed, image_size=image_size, val_fraction=val_fraction, **overrides)
         _first_mention(path)  # trained here: its later loads in this command need no line
     return path
 
@@ -296,13 +297,14 @@ class _CachedTeacher:
     root: Any
     seed: int
     image_size: int | None
+    val_fraction: float | None
     overrides: dict
 
     def __post_init__(self) -> None:
         from kd_optuna.train.teachers import teacher_identity, teacher_key
 
         identity = teacher_identity(self.dataset, self.model_name, self.root, seed=self.seed,
-                                    image_size=self.image_size, **self.overrides)
+                                    image_size=self.image_size, val_fraction=self.val_fraction, **self.overrides)
         self.key = teacher_key(identity)
         self.legacy = unkeyed_teacher_path(Path(self.cache_dir), self.dataset, self.model_name)
         self.path = self.legacy.with_name(f"{self.legacy.stem}-{self.key[:16]}.pt")
@@ -330,7 +332,7 @@ def find_config_teacher(config: Any, cache_dir: Path) -> Path | None:
     data = config.data
     try:
         return _CachedTeacher(data.dataset, config.teacher.model, Path(cache_dir), data.root, 0, data.image_size,
-                              {}).find()
+                              data.val_fraction, {}).find()
     except (KdOptunaError, OSError):
         return None
 
@@ -356,7 +358,7 @@ def config_teacher_checkpoint(config: Any, cache_dir: Path, device: str | None =
     """:func:`cached_teacher_checkpoint` of a study config's ``[teacher]`` on its ``[data]``."""
     data = config.data
     return cached_teacher_checkpoint(data.dataset, config.teacher.model, cache_dir, data.root, data.download, device,
-                                     image_size=data.image_size, progress=progress)
+                                     image_size=data.image_size, val_fraction=data.val_fraction, progress=progress)
 
 
 def _load_teacher(config: Any, num_classes: int, device: torch.device, cache_dir: Path) -> nn.Module:

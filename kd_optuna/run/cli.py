@@ -386,7 +386,8 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
     overrides = {"epochs": epochs} if epochs else {}
     report = train(
         loaded.data.dataset, loaded.teacher.model, path, root=loaded.data.root, download=loaded.data.download,
-        image_size=loaded.data.image_size, device=WorkerContext(0, 1, device).torch_device(), **overrides,
+        image_size=loaded.data.image_size, val_fraction=loaded.data.val_fraction,
+        device=WorkerContext(0, 1, device).torch_device(), **overrides,
     )
     click.echo(f"teacher {loaded.teacher.model} saved to {report.path}: test top-1 {report.test_accuracy:.2%}")
     if output:

@@ -47,7 +47,7 @@ class Run:
 
 #: Recipe settings added after compare runs were first stored, with the value every earlier run
 #: had: left out of a run's digest at that value, so that a stored run keeps its digest.
-_LATER_SETTINGS = {"image_size": None}
+_LATER_SETTINGS = {"image_size": None, "val_fraction": None}
 
 
 @dataclass(frozen=True)

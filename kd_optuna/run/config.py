@@ -6,6 +6,7 @@ A config has these tables (every key but ``data.dataset``, ``teacher.model`` and
     [study]    name                         the study name create-study uses by default
     [data]     dataset, root, download      digits | cifar10 | cifar100 | imagefolder (ImageNet)
                image_size                   imagefolder only: the square crop (default 224)
+               val_fraction                 cifar/imagefolder: share of train held out as val (0.1)
     [teacher]  model, checkpoint, nodes, num_classes     checkpoint absent: train one, cache it
                                             (the dataset's recipe, kd_optuna.train.teachers.RECIPES:
                                             no key sets its epochs; [train] is the student's)
@@ -89,12 +90,15 @@ class StudySection:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """``image_size``: imagefolder's square crop S, images (3, S, S); None is 224."""
+    """``image_size``: imagefolder's square crop S, images (3, S, S); None is 224.
+    ``val_fraction``: the class-balanced share of CIFAR's or the image folder's train images held
+    out as the val split, in (0, 1); None is ``kd_optuna.data.VAL_FRACTION`` (0.1)."""
 
     dataset: str
     root: str | None = None
     download: bool = False
     image_size: int | None = None
+    val_fraction: float | None = None
 
     def __post_init__(self) -> None:
         if self.image_size is not None:
@@ -102,6 +106,8 @@ class DataConfig:
 
             if self.image_size < MIN_IMAGE_SIZE:
                 raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} pixels, got {self.image_size}")
+        if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -233,6 +239,11 @@ class StudyConfig:
                 f"{source}: data.image_size sets the crop of imagefolder images; {dataset_config.dataset} images are "
                 f"{DATASETS[dataset_config.dataset].input_shape}: remove the key"
             )
+        if dataset_config.val_fraction is not None and dataset_config.dataset.startswith("digits"):
+            raise ConfigError(
+                f"{source}: data.val_fraction sets how much of CIFAR's or an image folder's train split is held out; "
+                f"{dataset_config.dataset} has a fixed val split: remove the key"
+            )
         teacher = _build(TeacherConfig, data["teacher"], source, "teacher")
         student = _build(StudentConfig, data["student"], source, "student")
         if check_models:
@@ -286,7 +297,8 @@ class StudyConfig:
 
     def check_data(self) -> None:
         """Check that the data root exists on this machine; an image folder's layout
-        (``kd_optuna.data.open_image_folder``: no image is read) and a CIFAR copy's files
+        (``kd_optuna.data.open_image_folder``: no image is read) and that its val share leaves
+        each class a train image, and a CIFAR copy's files
         (``kd_optuna.data.check_cifar``: their md5, nothing unpickled) are checked too."""
         info = DATASETS[self.data.dataset]
         if info.needs_root:
@@ -308,14 +320,18 @@ class StudyConfig:
 
                 check_cifar(self.data.dataset, root)
             if self.data.dataset == "imagefolder":
-                from kd_optuna.data import open_image_folder
+                import torch
 
-                found = len(open_image_folder(root)[0].classes)
-                if found != self.num_classes:
+                from kd_optuna.data import VAL_FRACTION, held_out_split, open_image_folder
+
+                train = open_image_folder(root)[0]
+                if len(train.classes) != self.num_classes:
                     raise ConfigError(
-                        f"{root / 'train'} holds {found} class folders but the models have {self.num_classes} "
-                        f"classes; set teacher.num_classes and student.num_classes = {found}"
+                        f"{root / 'train'} holds {len(train.classes)} class folders but the models have "
+                        f"{self.num_classes} classes; set teacher.num_classes and student.num_classes = {len(train.classes)}"
                     )
+                held_out_split(torch.as_tensor(train.targets, dtype=torch.long), self.data.val_fraction or VAL_FRACTION,
+                               0, train.classes, str(root / "train"))
 
     def check_teacher_checkpoint(self) -> None:
         """The teacher checkpoint exists, loads with ``torch.load(weights_only=True)`` and holds

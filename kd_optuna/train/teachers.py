@@ -10,8 +10,8 @@ split's, and its metadata also records the validation accuracy and the split see
 A teacher trained without a given checkpoint is cached under a name holding ``teacher_key``
 of ``teacher_identity(...)``: everything that changes its weights: the dataset, the data root
 (resolved) with a fingerprint of its files (relative names, sizes and modification times:
-cheap, no file is read), the class folders and the crop size of an image folder, the model, the recipe with its
-overrides and the seed. The key is also written into the checkpoint's metadata (``cache_key``),
+cheap, no file is read), the class folders and the crop size of an image folder, the share of
+train images held out as val, the model, the recipe with its overrides and the seed. The key is also written into the checkpoint's metadata (``cache_key``),
 so a file found under another name is reused only if it was trained for the same key.
 """
 
@@ -93,11 +93,12 @@ def files_fingerprint(folders: list[Path]) -> tuple[str, int]:
 
 def teacher_identity(
     dataset: str, model_name: str, root: str | os.PathLike | None = None, *, seed: int = 0,
-    image_size: int | None = None, **overrides
+    image_size: int | None = None, val_fraction: float | None = None, **overrides
 ) -> dict:
     """What a trained teacher's weights depend on, as plain data (see the module docstring);
-    ``image_size`` None (the dataset's one size, 224 for imagefolder) adds nothing."""
-    from kd_optuna.data import default_root
+    ``image_size`` None (the dataset's one size, 224 for imagefolder) and ``val_fraction`` None
+    or ``VAL_FRACTION`` (the default share held out) add nothing, so those keys stay as they were."""
+    from kd_optuna.data import VAL_FRACTION, default_root
 
     if dataset not in RECIPES:
         raise KdOptunaError(f"no teacher recipe for dataset {dataset!r}; use one of: {', '.join(RECIPES)}")
@@ -114,6 +115,8 @@ def teacher_identity(
         identity["classes"] = image_folder_classes(folders[0])
     if image_size is not None:
         identity["image_size"] = int(image_size)
+    if val_fraction is not None and float(val_fraction) != VAL_FRACTION and not dataset.startswith("digits"):
+        identity["val_fraction"] = float(val_fraction)
     identity["files"], identity["file_count"] = files_fingerprint(folders)
     return identity
 
@@ -145,6 +148,7 @@ def train_teacher(
     download: bool = False,
     seed: int = 0,
     image_size: int | None = None,
+    val_fraction: float | None = None,
     device: str | torch.device | None = None,
     num_workers: int = 4,
     progress: bool = True,
@@ -154,7 +158,8 @@ def train_teacher(
     and reach ``train_classifier``: epochs, lr, bf16, channels_last, num_threads, ...), evaluate
     it on the test split and save a checkpoint at ``out_path`` (checked writable before the
     training starts). ``image_size``: an image
-    folder's crop (``kd_optuna.data.load_dataset``).
+    folder's crop; ``val_fraction``: the share of train images held out as val
+    (``kd_optuna.data.load_dataset``).
 
     The caller's random state (torch's CPU generator and the training device's) is left as it
     was: whatever the caller builds or draws next (a student's initial weights) is the same
@@ -164,8 +169,10 @@ def train_teacher(
     if unknown:
         raise KdOptunaError(f"unknown teacher training setting(s) {', '.join(unknown)}; use: {', '.join(sorted(allowed))}")
     check_writable(out_path)
-    splits = load_dataset(dataset, root=root, download=download, seed=seed, image_size=image_size)
-    identity = teacher_identity(dataset, model_name, root, seed=seed, image_size=image_size, **overrides)
+    splits = load_dataset(dataset, root=root, download=download, seed=seed, image_size=image_size,
+                          val_fraction=val_fraction)
+    identity = teacher_identity(dataset, model_name, root, seed=seed, image_size=image_size, val_fraction=val_fraction,
+                                **overrides)
     device = default_device(device)
     recipe = {**RECIPES[dataset], **overrides}
     if dataset.startswith("digits") and device.type == "cpu":
