@@ -96,6 +96,16 @@ def invoke_cli(capsys, *args: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def refused_at_create_study(capsys, config, url: str) -> str:
+    """The one error line with which ``kd-optuna create-study CONFIG`` refuses ``config``: exit
+    2, no traceback, and no study written to ``url``."""
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    line = err.strip()
+    assert code == 2 and "\n" not in line and line.startswith("kd-optuna: error:"), err
+    assert optuna.get_all_study_names(url) == []
+    return line
+
+
 class WorkerMessages(list):
     """Stands for the queue a worker sends its messages to its parent on."""
 

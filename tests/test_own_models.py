@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_PROXY, invoke_cli
+from conftest import TINY_PROXY, invoke_cli, refused_at_create_study
 from kd_optuna.models import build_model, tap_model
 
 MOBILENET_NODES = '{ feat = "features", emb = "flatten", logit = "classifier.3" }'
@@ -270,13 +270,9 @@ def test_a_bad_image_size_is_one_line_at_create_study(tmp_path, capsys, monkeypa
     config = tmp_path / "bad.toml"
     config.write_text(f'[data]\n{data.replace("ROOT", str(root))}\n\n[teacher]\nmodel = "resnet8"\n'
                       '\n[student]\nmodel = "resnet8"\n')
-    url = f"sqlite:///{tmp_path / 'kd.db'}"
-    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url, "--study-name", "bad")
-    line = err.strip()
-    assert code == 2 and "\n" not in line and line.startswith("kd-optuna: error:"), err
+    line = refused_at_create_study(capsys, config, f"sqlite:///{tmp_path / 'kd.db'}")
     for word in words:
         assert word in line, line
-    assert optuna.get_all_study_names(url) == []
 
 
 @pytest.mark.parametrize(
@@ -294,13 +290,9 @@ def test_an_image_folder_the_loader_would_refuse_is_refused_at_create_study(tmp_
     change(root)
     config = tmp_path / "own.toml"
     config.write_text(own_model_toml(root))
-    url = f"sqlite:///{tmp_path / 'kd.db'}"
-    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
-    line = err.strip()
-    assert code == 2 and "\n" not in line and line.startswith("kd-optuna: error:"), err
+    line = refused_at_create_study(capsys, config, f"sqlite:///{tmp_path / 'kd.db'}")
     for word in words:
         assert word in line, line
-    assert optuna.get_all_study_names(url) == []
 
 
 def test_a_hidden_folder_in_an_image_folder_is_no_class_at_create_study(tmp_path, capsys, monkeypatch):
