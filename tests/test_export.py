@@ -473,7 +473,8 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
     script = write_script(tmp_path / "train_best.py", "s", completed_trial(CLASSICS["kd"][0]),
                           digits_config(checkpoint=str(teacher_path)))
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
-    common = ["--device", "cpu", "--no-progress", "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+    # the folder and a parent it lacks, as with the default kd_optuna_runs/best
+    common = ["--device", "cpu", "--no-progress", "--max-steps", "1", "--output-dir", str(tmp_path / "runs" / "out")]
 
     def one_error_line(args, stderr):
         errors = [line for line in stderr.splitlines() if "error" in line]
@@ -514,7 +515,7 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
             main([*common, *args])
         assert stopped.value.code == 2, (args, capsys.readouterr().err)
         assert words in one_error_line(args, capsys.readouterr().err), args
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".kd_optuna_cache/*bogus*"))
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.glob(".kd_optuna_cache/*bogus*"))
 
 
 def _digits_recipe(tmp_path, **changes):

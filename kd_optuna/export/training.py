@@ -16,6 +16,7 @@ The script itself is written by :mod:`kd_optuna.export.script`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -123,20 +124,23 @@ def train_with_distiller(
 def _only_run_in(out: Path) -> Iterator[None]:
     """Hold ``out/.lock`` for the run, so that a second run into ``out`` (whose checkpoints
     would overwrite this one's, epoch by epoch) is refused instead of mixing the two. The lock
-    file is removed when the run ends, and so is a folder this run created and left empty (it
+    file is removed when the run ends, and so are the folders this run created (``out`` and
+    its missing parents, such as the default ``kd_optuna_runs/``) where it left them empty (it
     failed first)."""
     if out.exists() and not out.is_dir():
         raise KdOptunaError(f"--output-dir {out} is a file; give a folder for the run's checkpoints")
     lock = out / ".lock"
-    created = not out.exists()
+    created = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.absolute().parents)))
     try:
         with file_lock(lock, wait=False):
             try:
                 yield
             finally:
                 lock.unlink(missing_ok=True)
-                if created and not any(out.iterdir()):
-                    out.rmdir()
+                for folder in created:  # the deepest first
+                    if any(folder.iterdir()):
+                        break
+                    folder.rmdir()
     except LockHeld:
         raise KdOptunaError(f"another run is training into {out}; wait for it to finish or give another --output-dir") from None
 
