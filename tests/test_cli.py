@@ -229,6 +229,7 @@ def test_a_plain_optuna_study_of_the_same_name_is_named_as_such(study_url, tiny_
     "args, words",
     [
         (["optimize", "--n-trials", "0"], ["--n-trials", "at least 1"]),
+        (["optimize"], ["give --n-trials N", "--timeout SECONDS", "or both"]),
         (["optimize", "--n-trials", "3", "--n-workers", "-2"], ["--n-workers"]),
         (["optimize", "--n-trials", "3", "--threads", "0"], ["--threads", "at least 1"]),
         (["optimize", "--n-trials", "3", "--n-workers", "2", "--workers-per-gpu", "2"], ["--n-workers", "not both"]),

@@ -132,6 +132,31 @@ def test_timeout_counts_the_search_not_the_teacher_trained_before_it(tmp_path, m
     assert started.value.args[0].deadline >= ready[0] + 60.0
 
 
+def test_without_a_target_a_worker_runs_trials_until_the_deadline(tmp_path):
+    """--timeout alone, as ``study.optimize(timeout=...)``: no trial count stops the worker, the deadline does."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    deadline = time.time() + 1.5
+    code, _ = run_worker_in_process(url, None, TrivialObjective(sleep_s=0.1), deadline=deadline)
+    ended = time.time()
+    trials = study.get_trials(deepcopy=False)
+    assert code == 0 and ended >= deadline
+    assert len(trials) >= 2 and {t.state for t in trials} == {TrialState.COMPLETE}
+
+
+def test_optimize_without_a_target_runs_its_workers_until_the_timeout(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url)
+    with pytest.raises(Exception, match="--n-trials N .*--timeout SECONDS"):
+        optimize(url, "s", None, objective_factory=TrivialObjective(), progress=False)
+    summary = optimize(url, "s", None, n_workers=2, timeout=8.0, objective_factory=TrivialObjective(sleep_s=0.1),
+                       progress=True)
+    trials = study.get_trials(deepcopy=False)
+    assert not summary.interrupted and not summary.worker_errors and not summary.worker_deaths
+    assert summary.finished == len(trials) and {t.state for t in trials} <= {TrialState.COMPLETE}
+    assert "trials" in capsys.readouterr().err  # the progress bar, without a total
+
+
 def test_trial_note_lists_rejection_reason():
     trial = optuna.trial.create_trial(state=TrialState.PRUNED, user_attrs={"reject_reason": "nan", "formula": "f(x)"})
     note = trial_note(trial, TrialState.PRUNED, None)

@@ -134,7 +134,8 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
 @cli.command()
 @_study_option
 @_storage_option
-@click.option("--n-trials", type=int, required=True, help="Finished trials the study should hold (all workers together).")
+@click.option("--n-trials", type=int, default=None,
+              help="Finished trials the study should hold (all workers together) [default: no target, search until --timeout].")
 @click.option("--timeout", type=float, default=None, help="Stop starting trials after this many seconds of search (a teacher trained first is not counted).")
 @click.option("--n-workers", type=int, default=None, help="Worker processes on this machine [default: 1].")
 @click.option("--workers-per-gpu", default=None, metavar="K|auto",
@@ -144,7 +145,7 @@ def create_study(config: str, study_name: str | None, storage: str, skip_if_exis
 @click.option("--heartbeat", type=int, default=20, show_default=True, help="Heartbeat interval in seconds; a trial silent for twice that is failed and retried.")
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
 def optimize(study_name, storage, n_trials, timeout, n_workers, workers_per_gpu, device, threads, heartbeat, progress) -> None:
-    """Run N worker processes on the study until it holds --n-trials finished trials."""
+    """Run N worker processes on the study until it holds --n-trials finished trials, or --timeout seconds pass."""
     from kd_optuna.run.workers import check_counts, optimize as run
     from kd_optuna.train.devices import check_device, resolve_workers
 
@@ -172,9 +173,10 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, workers_per_gpu,
         queued = f" (its {summary.waiting} queued trials run first)" if summary.waiting else ""
         click.echo(f"interrupted; run the same command to resume{queued}", err=True)
         sys.exit(130)
-    if summary.worker_errors and summary.finished < n_trials:
+    short = n_trials is None or summary.finished < n_trials
+    if summary.worker_errors and short:
         raise KdOptunaError(f"workers stopped early: {summary.worker_errors[-1]}")
-    if summary.worker_deaths and summary.finished < n_trials and "its slot was restarted" in summary.worker_deaths[-1]:
+    if summary.worker_deaths and short and "its slot was restarted" in summary.worker_deaths[-1]:
         raise KdOptunaError(f"workers died before the target: {summary.worker_deaths[-1]}")
 
 

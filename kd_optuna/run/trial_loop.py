@@ -6,6 +6,7 @@ builds its objective and loops::
 
     under the host lock: fail stale trials; if finished >= n_trials: stop
                          if finished + running < n_trials: ask (a WAITING retry first)
+                         (n_trials None: no target, ask; the deadline stops the loop)
     run the objective under a heartbeat; write the dashboard note; tell
 
 where *finished* counts COMPLETE and PRUNED trials of the whole study, so ``n_trials`` is the
@@ -120,7 +121,7 @@ class _Interrupt:
 class WorkerArgs:
     storage_url: str
     study_name: str
-    n_trials: int
+    n_trials: int | None
     deadline: float | None
     context: WorkerContext
     heartbeat_interval: int | None
@@ -305,9 +306,9 @@ def _next_trial(args, storage, study, host_lock):
             _fail_unclaimed(storage, study)
         counts = count_states(storage, optuna_private.study_id(study))
         finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        if finished >= args.n_trials:
+        if args.n_trials is not None and finished >= args.n_trials:
             return None, True
-        if finished + counts[TrialState.RUNNING] < args.n_trials:
+        if args.n_trials is None or finished + counts[TrialState.RUNNING] < args.n_trials:
             trial = study.ask()
             if storage.get_heartbeat_interval() is not None:
                 storage.record_heartbeat(optuna_private.trial_id(trial))

@@ -74,7 +74,7 @@ _OWN_EXITS = (0, 1, 2, 130)
 def optimize(
     storage_url: str,
     study_name: str,
-    n_trials: int,
+    n_trials: int | None,
     n_workers: int = 1,
     timeout: float | None = None,
     device: str = "auto",
@@ -87,20 +87,24 @@ def optimize(
     before_workers: Callable[[StudyConfig], None] | None = None,
 ) -> Summary:
     """Run ``n_workers`` processes on the study until it holds ``n_trials`` finished trials,
-    ``timeout`` seconds pass, or Ctrl-C; returns the study's summary. ``threads``: torch CPU
+    ``timeout`` seconds pass, or Ctrl-C; returns the study's summary. ``n_trials`` None: no
+    target, as in ``optuna.Study.optimize`` (a ``timeout`` is then needed). ``threads``: torch CPU
     threads per worker (None: the cores split evenly). ``before_workers(config)`` runs once
     here when there are trials to run, before any worker starts (the CLI trains a missing
     teacher there, with a progress bar); ``timeout`` counts from its end."""
-    if n_trials < 1 or n_workers < 1 or (threads is not None and threads < 1):
+    if (n_trials is not None and n_trials < 1) or n_workers < 1 or (threads is not None and threads < 1):
         raise KdOptunaError("--n-trials, --n-workers and --threads must be at least 1")
     if timeout is not None and not timeout > 0:  # NaN too: no deadline would ever pass
         raise KdOptunaError("--timeout must be a positive number of seconds")
+    if n_trials is None and timeout is None:
+        raise KdOptunaError("give --n-trials N (finished trials the study should hold), --timeout SECONDS "
+                            "(how long to search), or both")
     storage = open_storage(storage_url, heartbeat_interval, grace_period, writable=True)
     database_file = SqliteFileWatch(storage_url)
     study = load_study(storage, study_name, storage_url)
     config = study_config(study)
     config.check_files()
-    if _finished(storage, study) >= n_trials:
+    if n_trials is not None and _finished(storage, study) >= n_trials:
         summary = summarize(study)
         summary.target_met_before = True
         storage.engine.dispose()
@@ -203,7 +207,7 @@ class _Pool:
                 self.report_death(index, process, None, None)
 
 
-def _watch(pool: _Pool, study, storage, deadline: float | None, n_trials: int, bar,
+def _watch(pool: _Pool, study, storage, deadline: float | None, n_trials: int | None, bar,
            database_file: SqliteFileWatch) -> None:
     """Until no worker is alive: show their messages and the progress, refresh the dashboard
     story, and fail the trial of a dead worker and restart it (see :func:`_may_restart`). A lost
@@ -266,7 +270,7 @@ def how_it_ended(exitcode: int | None) -> str:
 def _may_restart(index, process, restarts, study, storage, deadline, n_trials) -> bool:
     """A worker died: fail and queue again its running trial now (not a grace period later);
     whether to start a replacement in its slot: not when the slot used its MAX_RESTARTS, the
-    deadline passed or the target is met."""
+    deadline passed or the target (if any) is met."""
     try:
         _fail_orphans(study, storage, [process], reason=f"its worker {how_it_ended(process.exitcode)}")
         finished = _finished(storage, study)
@@ -274,7 +278,7 @@ def _may_restart(index, process, restarts, study, storage, deadline, n_trials) -
         finished = None
     if restarts[index] >= MAX_RESTARTS or (deadline is not None and time.time() >= deadline):
         return False
-    return finished is None or finished < n_trials
+    return finished is None or n_trials is None or finished < n_trials
 
 
 def _death_line(index: int, process, replacement, restarted: int) -> str:
@@ -307,7 +311,7 @@ def _story_refresher(study, bar):
     return PeriodicRefresh(study, on_error=lambda message: _say(f"kd-optuna: {message}", bar))
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int | None, enabled: bool):
     if not enabled:
         return None
     from tqdm import tqdm
@@ -326,7 +330,7 @@ def _update_bar(bar, study: optuna.Study) -> None:
         return
     best = "-" if summary.best_value is None else f"{summary.best_value:.4g}"
     postfix = f"rejected={summary.rejected} failed={summary.failed} best={best} {summary.best_formula or '-'}"
-    shown = (min(summary.finished, bar.total), postfix)
+    shown = (summary.finished if bar.total is None else min(summary.finished, bar.total), postfix)
     last = getattr(bar, "_kd_shown", (None, None, 0.0))
     if shown != last[:2] or time.time() - last[2] > 10:
         bar.n = shown[0]
