@@ -177,7 +177,8 @@ def optimize(study_name, storage, n_trials, timeout, n_workers, workers_per_gpu,
     if summary.worker_errors and short:
         raise KdOptunaError(f"workers stopped early: {summary.worker_errors[-1]}")
     if summary.worker_deaths and short and "its slot was restarted" in summary.worker_deaths[-1]:
-        raise KdOptunaError(f"workers died before the target: {summary.worker_deaths[-1]}")
+        end = "the timeout" if n_trials is None else "the target"
+        raise KdOptunaError(f"workers died before {end}: {summary.worker_deaths[-1]}")
 
 
 def _refresh_story(study, config=None) -> None:
