@@ -34,8 +34,11 @@ def test_paired_gain_is_the_t_interval_of_the_seedwise_differences():
 
 def test_only_shared_seeds_are_paired():
     runs = [_run("searched", 0, 90.0), _run("searched", 1, 92.0), _run("dkd", 1, 91.0), _run("dkd", 2, 80.0)]
-    _, (gain,) = compare.summarise(runs)
+    summaries, gains = compare.summarise(runs)
+    (gain,) = gains
     assert gain.n == 1 and gain.mean == pytest.approx(1.0)
+    # one shared seed has no interval: the table says so rather than printing [-inf, +inf]
+    assert "| dkd | 2 | 85.50 +- 7.78 | +1.00 (one seed: no interval) | 1/1 |" in compare.format_table(summaries, gains)
 
 
 def test_unknown_methods_are_refused_with_the_list():

@@ -278,13 +278,15 @@ def summarise(runs: Sequence[Run]) -> tuple[list[MethodSummary], list[PairedGain
 
 
 def format_table(summaries: Sequence[MethodSummary], gains: Sequence[PairedGain]) -> str:
-    """A markdown table: method, seeds, mean +- std, and searched's paired gain over it."""
+    """A markdown table: method, seeds, mean +- std, and searched's paired gain over it (its 95%
+    interval needs two or more shared seeds)."""
     gain_of = {g.method: g for g in gains}
     lines = ["| method | seeds | top-1 (last epoch, test) | searched - method, paired [95% interval] | searched wins |",
              "|---|---:|---:|---:|---:|"]
     for s in summaries:
         g = gain_of.get(s.method)
-        gain = f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" if g else ""
+        gain = "" if g is None else (f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" if g.n > 1 else
+                                     f"{g.mean:+.2f} (one seed: no interval)")
         wins = f"{g.wins}/{g.n}" if g else ""
         lines.append(f"| {s.method} | {s.n} | {s.mean:.2f} +- {s.std:.2f} | {gain} | {wins} |")
     return "\n".join(lines)
