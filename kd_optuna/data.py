@@ -61,8 +61,10 @@ IMAGEFOLDER_SIZE = 224
 #: The smallest such crop: CIFAR's 32 px, what the zoo's smallest models take.
 MIN_IMAGE_SIZE = 32
 #: The class-balanced share of CIFAR's and an image folder's train images held out as the val
-#: split when a study gives no ``[data] val_fraction`` (digits has its own fixed split).
+#: split when a study gives no ``[data] val_fraction``.
 VAL_FRACTION = 0.1
+#: The datasets whose val split is fixed (359/359 of the 1,797 digits), which a val_fraction cannot change.
+FIXED_SPLIT_DATASETS = ("digits", "digits_hard")
 HARD_DIGITS_SEED = 2024
 HARD_DIGITS_NOISE = 0.2
 HARD_DIGITS_OCCLUSION = 4
@@ -290,7 +292,7 @@ def load_dataset(
     """
     root = default_root() if root is None else Path(root)
     val_fraction = VAL_FRACTION if val_fraction is None else val_fraction
-    if name in ("digits", "digits_hard"):
+    if name in FIXED_SPLIT_DATASETS:
         return _digits(seed, hard=name == "digits_hard")
     if name in CIFAR_STATS:
         return _cifar(name, root, download, seed, val_fraction, download_hint)

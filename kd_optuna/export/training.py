@@ -195,7 +195,9 @@ def _check_image_size(dataset: str, image_size: int | None) -> None:
 
 def _check_val_fraction(dataset: str, val_fraction: float | None) -> None:
     """Digits' fixed split would silently ignore a val_fraction; its range is the data's check."""
-    if val_fraction is not None and dataset.startswith("digits"):
+    from kd_optuna.data import FIXED_SPLIT_DATASETS
+
+    if val_fraction is not None and dataset in FIXED_SPLIT_DATASETS:
         raise KdOptunaError(f"--val-fraction holds out part of CIFAR's or an image folder's train split; {dataset} "
                             "has a fixed val split: give --val-fraction none")
 

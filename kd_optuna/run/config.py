@@ -239,7 +239,7 @@ class StudyConfig:
                 f"{source}: data.image_size sets the crop of imagefolder images; {dataset_config.dataset} images are "
                 f"{DATASETS[dataset_config.dataset].input_shape}: remove the key"
             )
-        if dataset_config.val_fraction is not None and dataset_config.dataset.startswith("digits"):
+        if dataset_config.val_fraction is not None and DATASETS[dataset_config.dataset].family == "digits":
             raise ConfigError(
                 f"{source}: data.val_fraction sets how much of CIFAR's or an image folder's train split is held out; "
                 f"{dataset_config.dataset} has a fixed val split: remove the key"

@@ -111,12 +111,12 @@ def teacher_identity(
         resolved = Path(default_root() if root is None else root).expanduser().resolve()
         identity["root"] = str(resolved)
         folders = _data_folders(dataset, resolved)
+        if val_fraction is not None and float(val_fraction) != VAL_FRACTION:
+            identity["val_fraction"] = float(val_fraction)
     if dataset == "imagefolder" and folders[0].is_dir():
         identity["classes"] = image_folder_classes(folders[0])
     if image_size is not None:
         identity["image_size"] = int(image_size)
-    if val_fraction is not None and float(val_fraction) != VAL_FRACTION and not dataset.startswith("digits"):
-        identity["val_fraction"] = float(val_fraction)
     identity["files"], identity["file_count"] = files_fingerprint(folders)
     return identity
 
