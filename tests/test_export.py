@@ -158,6 +158,8 @@ def test_exported_script_trains_one_epoch_then_resumes(tmp_path):
     first = subprocess.run(common + ["--epochs", "1"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     assert "final top-1" in first.stdout and "best val top-1" in first.stdout
+    # --no-progress hides the bars only: a log still gets each epoch's line
+    assert "epoch 1/1: loss " in first.stdout and "val top-1 " in first.stdout
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and json.loads(state["spec"]) == CLASSICS["kd"][0].to_params()
     second = subprocess.run(common + ["--epochs", "2", "--resume"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)

@@ -190,7 +190,7 @@ $flags
          help="smoke test / debugging: stop each epoch after this many batches")
     flag("--resume", action="store_true",
          help="continue from the last checkpoint in --output-dir (without it, a folder holding a run is refused)")
-    flag("--no-progress", action="store_true", help="hide the per-epoch progress bars")
+    flag("--no-progress", action="store_true", help="hide the progress bars (each epoch's summary line is still printed)")
     return parser.parse_args(argv)
 
 

@@ -49,7 +49,7 @@ def train_with_distiller(
     teacher: str, teacher_checkpoint: str | None, student: str,
     device: str, output_dir: str,
     method: str = "searched", max_steps: int | None = None, resume: bool = False, overwrite: bool = True,
-    progress: bool = True,
+    progress: bool = True, epoch_lines: bool = True,
     cache_dir: str = ".kd_optuna_cache", split_seed: int = 0,
     teacher_nodes: dict[str, str] | None = None, student_nodes: dict[str, str] | None = None,
     download_hint: str | None = None,
@@ -71,6 +71,9 @@ def train_with_distiller(
     ``image_size``: an image folder's crop (``kd_optuna.data.load_dataset``; None: 224);
     ``val_fraction``: the share of CIFAR's or an image folder's train images held out as val, for
     picking ``best_student.pt`` (None: ``kd_optuna.data.VAL_FRACTION``).
+    ``progress`` draws each epoch's progress bar; ``epoch_lines`` prints, after each epoch, its
+    mean loss split into CE and the term, and the val top-1 (the exported script keeps them
+    without the bars, for logs; ``compare`` and ``correlate`` print their own lines instead).
     """
     import torch
 
@@ -112,6 +115,7 @@ def train_with_distiller(
                    splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0))
         run = _FullTraining(tapped_student, tapped_teacher, term, optimizer, scheduler, loaders, spec=spec, method=method,
                             out=Path(output_dir), device=target, seed=seed, epochs=epochs, progress=progress,
+                            epoch_lines=epoch_lines,
                             meta={"model_name": student, "num_classes": num_classes, "dataset": dataset})
         test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
         start_epoch = run.resume() if resume else 0
@@ -260,12 +264,12 @@ class _FullTraining:
     student and ``last.pt`` (which :meth:`resume` reads back)."""
 
     def __init__(self, student, teacher, term, optimizer, scheduler, loaders, *, spec, method, out, device, seed,
-                 epochs, progress, meta):
+                 epochs, progress, epoch_lines, meta):
         self.student, self.teacher, self.term = student, teacher, term
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.val_loader = loaders
         self.spec, self.method, self.out, self.device, self.seed = spec, method, out, device, seed
-        self.epochs, self.progress, self.meta = epochs, progress, meta
+        self.epochs, self.progress, self.epoch_lines, self.meta = epochs, progress, epoch_lines, meta
         self.best_top1, self.best_epoch, self.history = -1.0, 0, []
         self.epoch, self.bar, self.totals, self.seen, self.parts = 0, None, {}, 0, ()
 
@@ -395,7 +399,7 @@ class _FullTraining:
             self._save_best(epoch, val_top1)
         means = {name: total / max(1, self.seen) for name, total in self.totals.items()}
         self.history.append({"epoch": epoch + 1, **means, "val_top1": val_top1})
-        if self.progress:
+        if self.epoch_lines:
             from tqdm.auto import tqdm
 
             tqdm.write(

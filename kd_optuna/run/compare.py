@@ -164,7 +164,7 @@ def _run_job(job: Job, device: str, threads: int) -> Run:
     result = train_with_distiller(
         dict(job.spec_params), **{**job.recipe, "seed": job.seed, "device": device,
                                   "output_dir": os.path.join(job.recipe["output_dir"], f"{job.method}-seed{job.seed}")},
-        method=job.method, progress=False,
+        method=job.method, progress=False, epoch_lines=False,
     )
     return Run(job.method, job.seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
                int(job.recipe["epochs"]), job.distiller, time.perf_counter() - start)

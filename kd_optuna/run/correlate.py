@@ -111,7 +111,7 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kd_optuna_correlate_") as out:
             settings = {**recipe, "seed": seed, "output_dir": out, "num_workers": 0}
-            result = train_with_distiller(spec.to_params(), **settings, progress=False)
+            result = train_with_distiller(spec.to_params(), **settings, progress=False, epoch_lines=False)
         run = Run("searched", seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
                   int(recipe["epochs"]), spec.key, time.perf_counter() - start)
         if runs is not None:
