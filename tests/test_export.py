@@ -528,6 +528,24 @@ def _digits_recipe(tmp_path, **changes):
     return {**recipe, **changes}
 
 
+def test_a_student_left_with_stale_batch_norm_statistics_is_said(tmp_path, capsys):
+    """A training too short for the student's BatchNorm momentum (MobileNetV3's 0.01 needs 459
+    steps) leaves eval mode normalising by the statistics' start: the top-1 printed is then at
+    chance while the student classifies in train mode. The run says so, and says nothing when
+    the statistics moved."""
+    from kd_optuna.export.training import train_with_distiller
+
+    short = dict(_digits_recipe(tmp_path, output_dir=str(tmp_path / "short")), epoch_lines=True)
+    train_with_distiller(CLASSICS["kd"][0].to_params(), **short)
+    out = capsys.readouterr().out
+    assert ("note: after 2 steps the student's BatchNorm running statistics (momentum 0.1) still hold 81% "
+            "of their initial values" in out and "train for at least 44 steps (--epochs)" in out), out
+    longer = dict(short, output_dir=str(tmp_path / "longer"), max_steps=None, epochs=5, batch_size=64)
+    result = train_with_distiller(CLASSICS["kd"][0].to_params(), **longer)
+    out = capsys.readouterr().out
+    assert len(result["history"]) == 5 and "epoch 5/5: loss " in out and "note:" not in out, out
+
+
 def test_a_second_run_into_a_folder_being_trained_into_is_refused_and_changes_nothing(tmp_path):
     """Two runs into one folder overwrote each other's ``last.pt`` epoch by epoch (or crashed on
     the shared temporary file); the second is now refused before it loads anything."""

@@ -187,7 +187,7 @@ def test_a_short_proxy_is_scored_with_fresh_batch_norm_statistics(monkeypatch):
     eval-mode student normalised by the running statistics a short proxy never moved from their
     start (torchvision's MobileNetV3: momentum 0.01), so it scored at chance, or with logits of
     1e6 and more, while it classified well in train mode."""
-    from kd_optuna.proxy import training
+    from kd_optuna.train import batch_norm
 
     settings = ProxySettings(labels_per_class=0, label_batch_size=0, steps=30, batch_size=64, optimizer="sgd",
                              lr=0.1, schedule="constant", report_every=15, sharpness_size=32)
@@ -195,14 +195,15 @@ def test_a_short_proxy_is_scored_with_fresh_batch_norm_statistics(monkeypatch):
     fixed = task.run(None)
     assert fixed.val_acc > 0.5 and fixed.val_ce < 1.5, fixed
     with monkeypatch.context() as patch:
-        patch.setattr(training, "BN_STALE_WEIGHT", 1.0)  # never stale: the scoring before the fix
+        patch.setattr(batch_norm, "BN_STALE_WEIGHT", 1.0)  # never stale: the scoring before the fix
         stale = task.run(None)
     assert stale.val_acc < 0.3 and stale.val_ce > 2.2 and stale.val_ce_raw > 5, stale  # chance: ln 10 = 2.303
     assert task.run(None).metrics() == fixed.metrics()  # deterministic, and the student left as it was
 
 
 def test_fresh_batch_norm_recomputes_only_stale_statistics_and_restores_them():
-    from kd_optuna.proxy.training import BN_STALE_WEIGHT, fresh_batch_norm, stale_batch_norm
+    from kd_optuna.proxy.training import fresh_batch_norm
+    from kd_optuna.train.batch_norm import BN_STALE_WEIGHT, stale_batch_norm
 
     settings = dataclasses.replace(FAST, batch_size=32)
     task = _shifted_digits_task(settings)

@@ -285,6 +285,8 @@ class _FullTraining:
 
         history = self.history
         final_top1 = _top1(self.student, test_loader, self.device)
+        if self.epoch_lines:
+            self._say_stale_batch_norm()
         save_checkpoint(
             self.out / "last_student.pt", self.student.model, **self.meta, accuracy=final_top1,
             extra={"distiller": self.spec.key if self.method == "searched" else self.method,
@@ -295,6 +297,23 @@ class _FullTraining:
             "final_val_top1": history[-1]["val_top1"] if history else None,
             "best_val_top1": self.best_top1, "best_epoch": self.best_epoch, "history": history,
         }
+
+    def _say_stale_batch_norm(self) -> None:
+        """A line when the student's eval-mode top-1 reads BatchNorm statistics that the training
+        left near their start (``kd_optuna.train.batch_norm``): too few steps for the momentum."""
+        from tqdm.auto import tqdm
+
+        from kd_optuna.train.batch_norm import BN_STALE_WEIGHT, stalest, start_weight, steps_to_fresh
+
+        layer = stalest(self.student)
+        if layer is None or start_weight(layer) <= BN_STALE_WEIGHT or layer.momentum is None:
+            return
+        tqdm.write(
+            f"note: after {int(layer.num_batches_tracked)} steps the student's BatchNorm running statistics "
+            f"(momentum {layer.momentum:g}) still hold {100 * start_weight(layer):.0f}% of their initial values, "
+            f"so its eval-mode top-1 reads statistics the training barely moved; train for at least "
+            f"{steps_to_fresh(layer.momentum)} steps (--epochs)"
+        )
 
     def hooks(self):
         from kd_optuna.train.engine import Hooks

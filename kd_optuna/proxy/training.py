@@ -43,6 +43,7 @@ from kd_optuna.errors import InvalidDistiller
 from kd_optuna.proxy.settings import ProxySettings
 from kd_optuna.proxy.views import ProxyData, TeacherLookup
 from kd_optuna.train import engine
+from kd_optuna.train.batch_norm import batch_norms, stale_batch_norm
 from kd_optuna.train.graphs import CudaGraphs, GraphBackend, GraphedStep
 from kd_optuna.proxy.metrics import (
     EVAL_ACTIVATIONS,
@@ -131,38 +132,16 @@ def memory_format(settings: ProxySettings) -> torch.memory_format:
     return torch.channels_last if settings.channels_last else torch.contiguous_format
 
 
-#: Eval-mode BatchNorm normalises by running statistics, an exponential average (momentum m)
-#: that starts at mean 0 and variance 1: after S training batches the start still weighs
-#: (1 - m) ** S. Above this weight the statistics are stale (m = 0.1: fewer than 44 steps;
-#: torchvision's MobileNetV3 and EfficientNets use m = 0.01: fewer than 459) and
-#: :func:`fresh_batch_norm` recomputes them before the student is scored.
-BN_STALE_WEIGHT = 0.01
-#: At most this many KD-pool images (a seeded sample, un-augmented) recompute them.
+#: At most this many KD-pool images (a seeded sample, un-augmented) recompute stale BatchNorm
+#: statistics (:func:`fresh_batch_norm`).
 BN_REFRESH_IMAGES = 1024
-
-
-def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
-
-
-def stale_batch_norm(model: nn.Module) -> bool:
-    """Whether a BatchNorm layer of ``model`` still holds more than BN_STALE_WEIGHT of its
-    initial running statistics (from ``num_batches_tracked`` and its momentum; a cumulative
-    average, momentum None, is stale only before its first batch)."""
-    for layer in _batch_norms(model):
-        tracked = int(layer.num_batches_tracked)
-        remaining = float(tracked == 0) if layer.momentum is None else (1.0 - layer.momentum) ** tracked
-        if remaining > BN_STALE_WEIGHT:
-            return True
-    return False
 
 
 @contextlib.contextmanager
 def fresh_batch_norm(model: nn.Module, data: "ProxyData", settings: ProxySettings):
     """Inside, ``model`` is in eval mode with BatchNorm statistics that describe its current
     weights; yields whether they were recomputed. Short proxies leave them stale
-    (:func:`stale_batch_norm`): the eval-mode student then computes with mean 0 / variance 1
+    (:func:`kd_optuna.train.batch_norm.stale_batch_norm`): the eval-mode student then computes with mean 0 / variance 1
     where its layers have other statistics, and scores at chance or with logits of 1e6 and more
     while it classifies well in train mode. Stale statistics are recomputed as a cumulative
     average over batches of ``settings.batch_size`` from at most BN_REFRESH_IMAGES pool images
@@ -171,7 +150,7 @@ def fresh_batch_norm(model: nn.Module, data: "ProxyData", settings: ProxySetting
     restored, so training goes on exactly as without it. Statistics that are not stale are
     used as they are."""
     was_training = model.training
-    layers = _batch_norms(model)
+    layers = batch_norms(model)
     if not stale_batch_norm(model) or data.pool.shape[0] < 2:
         model.eval()
         try:
