@@ -380,6 +380,7 @@ def test_train_teacher_writes_a_checkpoint_that_loads(tmp_path, tiny_config_path
     code, stdout, err = run(capsys, "train-teacher", str(tiny_config_path), "-o", str(out), "--epochs", "1", "--device", "cpu")
     assert code == 0, err
     assert "test top-1" in stdout and str(out) in stdout
+    assert "note: after " in stdout and "steps (--epochs)" in stdout  # one epoch leaves the BatchNorm statistics stale
     model, meta = load_model(out)
     assert meta["model_name"] == "digits_teacher" and meta["epochs"] == 1
 

@@ -303,17 +303,11 @@ class _FullTraining:
         left near their start (``kd_optuna.train.batch_norm``): too few steps for the momentum."""
         from tqdm.auto import tqdm
 
-        from kd_optuna.train.batch_norm import BN_STALE_WEIGHT, stalest, start_weight, steps_to_fresh
+        from kd_optuna.train.batch_norm import stale_note
 
-        layer = stalest(self.student)
-        if layer is None or start_weight(layer) <= BN_STALE_WEIGHT or layer.momentum is None:
-            return
-        tqdm.write(
-            f"note: after {int(layer.num_batches_tracked)} steps the student's BatchNorm running statistics "
-            f"(momentum {layer.momentum:g}) still hold {100 * start_weight(layer):.0f}% of their initial values, "
-            f"so its eval-mode top-1 reads statistics the training barely moved; train for at least "
-            f"{steps_to_fresh(layer.momentum)} steps (--epochs)"
-        )
+        note = stale_note(self.student, "the student's")
+        if note is not None:
+            tqdm.write(f"note: {note} (--epochs)")
 
     def hooks(self):
         from kd_optuna.train.engine import Hooks

@@ -51,3 +51,16 @@ def steps_to_fresh(momentum: float) -> int:
     """Training batches after which momentum ``momentum`` leaves at most BN_STALE_WEIGHT of
     the start: ``ceil(log(BN_STALE_WEIGHT) / log(1 - momentum))``."""
     return math.ceil(math.log(BN_STALE_WEIGHT) / math.log(1.0 - momentum))
+
+
+def stale_note(model: nn.Module, whose: str) -> str | None:
+    """A sentence for the user when ``model``'s BatchNorm statistics are stale after its training
+    (``whose``: "the student's"), naming the steps, the momentum, the weight left and the steps
+    that would freshen them; None when they are not."""
+    layer = stalest(model)
+    if layer is None or layer.momentum is None or start_weight(layer) <= BN_STALE_WEIGHT:
+        return None
+    return (f"after {int(layer.num_batches_tracked)} steps {whose} BatchNorm running statistics (momentum "
+            f"{layer.momentum:g}) still hold {100 * start_weight(layer):.0f}% of their initial values, so its "
+            f"eval-mode top-1 reads statistics the training barely moved; train for at least "
+            f"{steps_to_fresh(layer.momentum)} steps")

@@ -33,6 +33,7 @@ from kd_optuna.data import image_folder_classes, load_dataset
 from kd_optuna.models import build_model
 from kd_optuna.train.engine import default_device, evaluate
 from kd_optuna.train.classifier import train_classifier
+from kd_optuna.train.batch_norm import stale_note
 
 RECIPES: dict[str, dict] = {
     "digits": dict(epochs=15, batch_size=64, optimizer="sgd", lr=0.1, weight_decay=5e-4, schedule="cosine"),
@@ -128,7 +129,9 @@ def teacher_key(identity: dict) -> str:
 
 @dataclass
 class TeacherReport:
-    """Where the checkpoint went, its test and validation accuracy, and the training time."""
+    """Where the checkpoint went, its test and validation accuracy, and the training time;
+    ``note``: a training too short for its BatchNorm statistics
+    (:func:`kd_optuna.train.batch_norm.stale_note`), or None."""
 
     path: Path
     model_name: str
@@ -137,6 +140,7 @@ class TeacherReport:
     val_accuracy: float
     seconds: float
     epochs: int
+    note: str | None = None
 
 
 def train_teacher(
@@ -206,7 +210,8 @@ def train_teacher(
                    "cache_key": teacher_key(identity), "data_root": identity.get("root"),
                    "data_files": identity["file_count"]},
         )
-    return TeacherReport(path, model_name, dataset, test.accuracy, val.accuracy, result.seconds, recipe["epochs"])
+    return TeacherReport(path, model_name, dataset, test.accuracy, val.accuracy, result.seconds, recipe["epochs"],
+                         stale_note(model, "the teacher's"))
 
 
 def load_or_train_teacher(
