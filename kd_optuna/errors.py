@@ -24,6 +24,15 @@ class InvalidDistiller(KdOptunaError):
         self.reason = reason
 
 
+class TrainingDiverged(KdOptunaError):
+    """The full training's loss became non-finite. ``reason`` says when ("the loss became nan
+    in epoch 2"); the message adds the fix. ``kd-optuna compare`` records it as the run's outcome."""
+
+    def __init__(self, reason: str, fix: str = "lower --lr"):
+        super().__init__(f"{reason}; {fix}")
+        self.reason = reason
+
+
 def error_message(error: BaseException) -> str:
     """``str(error)``, stripped. An exception that torch re-raised from a DataLoader worker reads
     "Caught T in DataLoader worker process N.", the worker's traceback, then

@@ -1,5 +1,6 @@
 """`kd-optuna compare`: methods x seeds on the full recipe, stored runs, paired statistics."""
 
+import dataclasses
 import json
 
 import optuna
@@ -39,6 +40,37 @@ def test_only_shared_seeds_are_paired():
     assert gain.n == 1 and gain.mean == pytest.approx(1.0)
     # one shared seed has no interval: the table says so rather than printing [-inf, +inf]
     assert "| dkd | 2 | 85.50 +- 7.78 | +1.00 (one seed: no interval) | 1/1 |" in compare.format_table(summaries, gains)
+
+
+def test_a_diverged_run_counts_in_no_mean_and_its_seed_is_named():
+    nan = compare.Run("dkd", 1, None, None, 1, "dkd", 0.0, diverged="the loss became nan in epoch 2")
+    runs = [_run("searched", 0, 90.0), _run("searched", 1, 92.0), _run("dkd", 0, 89.0), nan,
+            compare.Run("crd", 0, None, None, 1, "crd", 0.0, diverged="the loss became inf in epoch 1")]
+    summaries, gains = compare.summarise(runs)
+    by_name = {s.method: s for s in summaries}
+    assert by_name["dkd"].n == 1 and by_name["dkd"].mean == 89.0 and by_name["dkd"].diverged == (1,)
+    assert by_name["crd"].n == 0 and by_name["crd"].diverged == (0,)
+    assert [(g.method, g.n, g.mean) for g in gains] == [("dkd", 1, 1.0)]
+    table = compare.format_table(summaries, gains)
+    assert "| dkd | 1 | 89.00 +- 0.00; diverged on seed 1 | +1.00 (one seed: no interval) | 1/1 |" in table
+    assert "| crd | 0 | diverged on seed 0 |  |  |" in table
+    as_json = compare.as_json(runs, summaries, gains)
+    assert as_json["methods"]["crd"] == {"n": 0, "mean": None, "std": None, "diverged_seeds": [0]}
+    assert as_json["runs"][3]["diverged"] == "the loss became nan in epoch 2" and as_json["runs"][3]["top1"] is None
+
+
+def test_a_run_that_diverges_is_recorded_as_diverged_not_raised(tmp_path):
+    """A method that the study's lr makes diverge is an outcome of the comparison: the other
+    runs go on, and the stored record keeps a repeated compare from training it again."""
+    from kd_optuna.export.script import script_defaults
+    from kd_optuna.run.config import load_config
+
+    recipe = {**script_defaults(load_config("digits")), "epochs": 1, "milestones": [], "lr": 1e12, "num_workers": 0,
+              "output_dir": str(tmp_path / "runs")}
+    run = compare._run_job(compare.Job("dml", 0, KD, recipe), "cpu", 1)  # dml: no teacher to train
+    assert run.top1 is None and run.val_top1 is None and run.method == "dml" and run.epochs == 1
+    assert run.diverged.startswith("the loss became ") and run.diverged.endswith(" in epoch 1")
+    assert compare._as_run(dataclasses.asdict(run)) == run
 
 
 def test_unknown_methods_are_refused_with_the_list():
@@ -120,7 +152,7 @@ def test_baselines_compare_on_a_study_without_a_completed_trial(tmp_path, capsys
                                 "--epochs", "1", "--no-progress", "-f", "json")
     assert code == 0, err
     assert json.loads(out)["runs"] == [{"method": "kd", "seed": 0, "top1": 51.5, "val_top1": 50.0, "epochs": 1,
-                                        "distiller": "kd"}]
+                                        "distiller": "kd", "diverged": None}]
     code, _, err = invoke_cli(capsys, "compare", "--storage", url, "--methods", "searched,kd", "--seeds", "1")
     assert code == 2 and "no completed trial" in err
 
@@ -207,3 +239,28 @@ def test_compare_spec_takes_a_file_or_json_and_names_a_missing_file(tmp_path, ca
         code, out, err = invoke_cli(capsys, *args, "--spec", given)
         assert code == 0, err
     assert trained == [KD, KD]
+
+
+def test_compare_lr_overrides_the_study_recipe_and_prints_each_diverged_run(tmp_path, capsys, monkeypatch):
+    from conftest import create_kd_study, invoke_cli
+    from kd_optuna.run import cli
+
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    create_kd_study(url, "s", "digits")
+    monkeypatch.setattr(cli, "_train_missing_teacher", lambda *a: None)
+    recipes = []
+
+    def record(study, jobs, **kwargs):
+        recipes.extend(job.recipe for job in jobs)
+        return [compare.Run("kd", 0, None, None, 1, "kd", 0.0, diverged="the loss became nan in epoch 3")]
+
+    monkeypatch.setattr(compare, "run_compare", record)
+    args = ("compare", "--storage", url, "--methods", "kd", "--seeds", "1", "--no-progress")
+    code, out, err = invoke_cli(capsys, *args, "--lr", "0.001")
+    assert code == 0, err
+    assert recipes[0]["lr"] == 0.001
+    assert "| kd | 0 | diverged on seed 0 |  |  |" in out
+    assert "kd seed 0: the loss became nan in epoch 3; recorded as diverged (a lower --lr may train it)" in out
+    code, _, err = invoke_cli(capsys, *args, "--lr", "0")
+    assert code == 2 and "--lr" in err

@@ -95,6 +95,43 @@ def test_given_candidates_keep_their_metrics_and_vanilla_kd_is_the_reference():
     assert sorted(seen) == sorted((k, s) for k in finals for s in (0, 1))
 
 
+def test_a_distiller_whose_final_training_diverges_is_left_out_and_said():
+    """A drawn distiller can make the full recipe's loss non-finite: it has no accuracy to rank,
+    so it is left out of the correlation with a line, and the others are still measured."""
+    from kd_optuna.errors import KdOptunaError, TrainingDiverged
+
+    task = _tiny_task()
+    metrics = {"val_ce": 0.5, "val_ce_raw": 0.6, "val_acc": 0.8, "sharpness_gap": 0.0, "cka_gap": 0.1}
+    specs = [DistillerSpec("logit", "no", "no", "no", d, "no", 1, 1) for d in ("l2", "l1", "kl", "cos")]
+    wild = specs[1]
+
+    def final(spec, seed):
+        if spec.key == wild.key and seed == 1:
+            raise TrainingDiverged("the loss became nan in epoch 2")
+        return 0.8 + 0.01 * specs.index(spec) if spec in specs else 0.9
+
+    lines = []
+    result = correlate(task, final, candidates=[(f"trial{i}", s, metrics) for i, s in enumerate(specs)],
+                       final_seeds=(0, 1), progress=lines.append)
+    assert [c.name for c in result.candidates] == ["kd", "trial0", "trial2", "trial3"]
+    assert result.diverged == {"trial1": f"`{wild.key}` (seed 1: the loss became nan in epoch 2)"}
+    assert any("trial1" in line and "diverged (seed 1: the loss became nan in epoch 2), left out" in line
+               for line in lines)
+    assert f"left out, their final training diverged (no accuracy to rank): trial1 `{wild.key}`" in format_table(result)
+
+    with pytest.raises(KdOptunaError, match="vanilla KD's final training .* diverged .*give a lower --lr"):
+        correlate(task, lambda spec, seed: (_ for _ in ()).throw(TrainingDiverged("the loss became inf in epoch 1")),
+                  candidates=[(f"trial{i}", s, metrics) for i, s in enumerate(specs)])
+
+    def only_kd_trains(spec, seed):
+        if spec.key == CLASSICS["kd"][0].key or spec.key == specs[0].key:
+            return 0.9
+        raise TrainingDiverged("the loss became nan in epoch 1")
+
+    with pytest.raises(KdOptunaError, match="of 3 of the 5 distillers diverged, which leaves 2, fewer than the 3"):
+        correlate(task, only_kd_trains, candidates=[(f"trial{i}", s, metrics) for i, s in enumerate(specs)])
+
+
 def test_two_distillers_are_refused_since_their_rank_correlation_is_always_one():
     from kd_optuna.errors import KdOptunaError
 

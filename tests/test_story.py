@@ -81,6 +81,8 @@ def story_study(url: str, with_compare: bool = True, name: str = "s", old_names:
                 run = compare.Run(method, seed, base + seed * 0.5, base, 1,
                                   grandchild.key if method == "searched" else method, 1.0)
                 study.set_user_attr(f"{compare.RUN_ATTR_PREFIX}{method}{seed}", asdict(run))
+        diverged = compare.Run("dkd", 0, None, None, 1, "dkd", 1.0, diverged="the loss became nan in epoch 1")
+        study.set_user_attr(f"{compare.RUN_ATTR_PREFIX}dkd0", asdict(diverged))
     return study
 
 
@@ -161,7 +163,7 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     assert {t["name"] for t in rejections["data"]} == {"completed (6)", "rejected: nan_loss (1)",
                                                         "rejected: not_decreasing (1)"}
     compare_box = figures["kd_optuna_compare"]
-    assert {t["name"] for t in compare_box["data"]} == {"searched", "kd"}
+    assert {t["name"]: len(t["y"]) for t in compare_box["data"]} == {"searched": 3, "kd": 3, "dkd": 0}
 
     assert detail["objective_names"] == [story.OBJECTIVE_NAME]
     columns = {a["key"]: a["sortable"] for a in detail["union_user_attrs"]}
@@ -175,6 +177,7 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
     assert "| kd | 0 | 0.3 | -0.09 |" in note and "| sp | 3 | rejected: not_decreasing |" in note
     assert "## kd-optuna compare" in note and "| searched | 3 | 75.50 +- 0.50 |  |  |" in note
     assert "| kd | 3 | 73.50 +- 0.50 | +2.00 [+2.00, +2.00] | 3/3 |" in note
+    assert "| dkd | 0 | diverged on seed 0 |  |  |" in note
     assert f"kd-optuna export --study-name s --storage {url} --trial 5 -o train_best.py" in note
     assert "kd-optuna compare --study-name s" in note and "kd-optuna report --study-name s" in note
     assert refreshed.artifact["url"] in note

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kd_optuna.distill.baselines import METHOD_DESCRIPTIONS
-from kd_optuna.errors import KdOptunaError
+from kd_optuna.errors import KdOptunaError, TrainingDiverged
 from kd_optuna.files import LockHeld, atomic_save, file_lock
 
 log = logging.getLogger(__name__)
@@ -395,7 +395,7 @@ class _FullTraining:
 
     def check(self, step: int, loss) -> None:
         if not math.isfinite(loss.item()):
-            raise KdOptunaError(f"the loss became {loss.item()} in epoch {self.epoch + 1}; lower --lr")
+            raise TrainingDiverged(f"the loss became {loss.item()} in epoch {self.epoch + 1}")
 
     def add(self, step: int, loss, batch) -> None:
         for name, value in (("loss", loss), ("ce", self.parts[0]), ("term", self.parts[1])):

@@ -407,12 +407,15 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
               help="Distillers to compare.")
 @click.option("--final-seeds", type=click.IntRange(min=1), default=2, show_default=True, help="Seeds of each final training.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the [train] epochs of the final training.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Override the [train] lr of the final training (for a recipe under which a method diverges).")
 @click.option("--top-margin", type=float, default=2.0, show_default=True, help="Top candidates: final top-1 within this many points of vanilla KD's.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (1 is fastest on a busy machine).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random candidates.")
 @click.option("--device", default="auto", show_default=True)
 @_format_option
-def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, top_margin, threads, seed, device, fmt) -> None:
+def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, lr, top_margin, threads, seed, device,
+              fmt) -> None:
     """Reproduce Table 1: rank correlation of each proxy metric with the real final training.
 
     The final training is the exported script's (the [train] recipe, last-epoch test top-1),
@@ -445,6 +448,8 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, to
     recipe = {**script_defaults(loaded), "device": str(target)}
     if epochs is not None:
         recipe.update(epochs=epochs, milestones=[m for m in recipe["milestones"] if m < epochs])
+    if lr is not None:
+        recipe["lr"] = lr
     from tqdm.auto import tqdm
 
     # one step per candidate; vanilla KD is added to a study's candidates when they lack it
@@ -612,6 +617,8 @@ class _CompareCommand(click.Command):
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True,
               help="Seeds 0..N-1, the same for every method.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the study's [train] epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Override the study's [train] lr (for a recipe under which a method diverges).")
 @click.option("--n-workers", type=click.IntRange(min=1), default=1, show_default=True, help="Runs trained at once.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, or a device such as cuda:1.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per worker [default: the cores split evenly].")
@@ -621,7 +628,7 @@ class _CompareCommand(click.Command):
 @click.option("--output-dir", default=None, help="Where runs keep checkpoints [default: kd_optuna_runs/compare/STUDY].")
 @click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
-def compare(study_name, storage, methods, seeds, epochs, n_workers, device, threads, trial_choice, from_study,
+def compare(study_name, storage, methods, seeds, epochs, lr, n_workers, device, threads, trial_choice, from_study,
             spec_text, output_dir, fmt, progress) -> None:
     """Train each method x seed with the study's full recipe; paired gains of the searched distiller.
 
@@ -650,6 +657,8 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
     if epochs is not None:
         recipe["epochs"] = epochs
         recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]
+    if lr is not None:
+        recipe["lr"] = lr
     jobs = [comparing.Job(method, seed, spec_params, recipe) for method in chosen for seed in range(seeds)]
     recorded = comparing.recorded_runs(study.user_attrs)
     if any(job.digest() not in recorded for job in jobs):
@@ -658,7 +667,8 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
 
     def on_run(run, reused) -> None:
         bar.update(1)
-        bar.set_postfix_str(f"{run.method} seed {run.seed}: {run.top1:.2f}%{' (stored)' if reused else ''}")
+        outcome = "diverged" if run.top1 is None else f"{run.top1:.2f}%"
+        bar.set_postfix_str(f"{run.method} seed {run.seed}: {outcome}{' (stored)' if reused else ''}")
 
     try:
         runs = comparing.run_compare(study, jobs, n_workers=n_workers, device=device, threads=threads, on_run=on_run)
@@ -672,6 +682,10 @@ def compare(study_name, storage, methods, seeds, epochs, n_workers, device, thre
         if "searched" in chosen:
             click.echo(f"searched: {spec.formula()}")
         click.echo(comparing.format_table(summaries, gains))
+        for run in runs:
+            if run.diverged is not None:
+                click.echo(f"{run.method} seed {run.seed}: {run.diverged}; recorded as diverged (a lower --lr may "
+                           "train it)")
 
 
 def _train_missing_teacher(config, device: str, threads: int | None, progress: bool) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from kd_optuna.errors import KdOptunaError
+from kd_optuna.errors import KdOptunaError, TrainingDiverged
 
 #: Prefix of the study user attrs that hold compare runs.
 RUN_ATTR_PREFIX = "kd_optuna:compare:"
@@ -34,15 +34,18 @@ RUN_ATTR_PREFIX = "kd_optuna:compare:"
 
 @dataclass(frozen=True)
 class Run:
-    """One finished run: ``top1`` and ``val_top1`` in percent at the last epoch."""
+    """One finished run: ``top1`` and ``val_top1`` in percent at the last epoch; for a run whose
+    loss became non-finite, None and ``diverged`` saying when (a seeded run diverges again, so
+    it is an outcome to record, not a run to retry)."""
 
     method: str
     seed: int
-    top1: float
-    val_top1: float
+    top1: float | None
+    val_top1: float | None
     epochs: int
     distiller: str
     seconds: float
+    diverged: str | None = None
 
 
 #: Recipe settings added after compare runs were first stored, with the value every earlier run
@@ -161,11 +164,15 @@ def _run_job(job: Job, device: str, threads: int) -> Run:
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    result = train_with_distiller(
-        dict(job.spec_params), **{**job.recipe, "seed": job.seed, "device": device,
-                                  "output_dir": os.path.join(job.recipe["output_dir"], f"{job.method}-seed{job.seed}")},
-        method=job.method, progress=False, epoch_lines=False,
-    )
+    try:
+        result = train_with_distiller(
+            dict(job.spec_params), **{**job.recipe, "seed": job.seed, "device": device,
+                                      "output_dir": os.path.join(job.recipe["output_dir"], f"{job.method}-seed{job.seed}")},
+            method=job.method, progress=False, epoch_lines=False,
+        )
+    except TrainingDiverged as error:
+        return Run(job.method, job.seed, None, None, int(job.recipe["epochs"]), job.distiller,
+                   time.perf_counter() - start, diverged=error.reason)
     return Run(job.method, job.seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
                int(job.recipe["epochs"]), job.distiller, time.perf_counter() - start)
 
@@ -230,10 +237,13 @@ def run_compare(
 
 @dataclass(frozen=True)
 class MethodSummary:
+    """Top-1 mean and std over the ``n`` seeds that finished, and the seeds that ``diverged``."""
+
     method: str
     n: int
     mean: float
     std: float
+    diverged: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -255,13 +265,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(runs: Sequence[Run]) -> tuple[list[MethodSummary], list[PairedGain]]:
-    """Per-method mean/std of top-1, and searched's paired gain over each other method."""
+    """Per-method mean/std of top-1, and searched's paired gain over each other method, over
+    the seeds that finished (a diverged run is listed in its method's ``diverged``)."""
     from scipy import stats
 
     by_method: dict[str, dict[int, float]] = {}
+    diverged: dict[str, list[int]] = {}
     for run in runs:
-        by_method.setdefault(run.method, {})[run.seed] = run.top1
-    summaries = [MethodSummary(m, len(v), *_mean_std(list(v.values()))) for m, v in by_method.items()]
+        by_method.setdefault(run.method, {})
+        if run.top1 is None:
+            diverged.setdefault(run.method, []).append(run.seed)
+        else:
+            by_method[run.method][run.seed] = run.top1
+    summaries = [MethodSummary(m, len(v), *(_mean_std(list(v.values())) if v else (math.nan, math.nan)),
+                               diverged=tuple(sorted(diverged.get(m, ())))) for m, v in by_method.items()]
     gains = []
     searched = by_method.get("searched", {})
     for method, values in by_method.items():
@@ -279,7 +296,8 @@ def summarise(runs: Sequence[Run]) -> tuple[list[MethodSummary], list[PairedGain
 
 def format_table(summaries: Sequence[MethodSummary], gains: Sequence[PairedGain]) -> str:
     """A markdown table: method, seeds, mean +- std, and searched's paired gain over it (its 95%
-    interval needs two or more shared seeds)."""
+    interval needs two or more shared seeds). Seeds whose training diverged are named in the
+    top-1 cell and count in no mean."""
     gain_of = {g.method: g for g in gains}
     lines = ["| method | seeds | top-1 (last epoch, test) | searched - method, paired [95% interval] | searched wins |",
              "|---|---:|---:|---:|---:|"]
@@ -288,15 +306,20 @@ def format_table(summaries: Sequence[MethodSummary], gains: Sequence[PairedGain]
         gain = "" if g is None else (f"{g.mean:+.2f} [{g.low:+.2f}, {g.high:+.2f}]" if g.n > 1 else
                                      f"{g.mean:+.2f} (one seed: no interval)")
         wins = f"{g.wins}/{g.n}" if g else ""
-        lines.append(f"| {s.method} | {s.n} | {s.mean:.2f} +- {s.std:.2f} | {gain} | {wins} |")
+        top1 = f"{s.mean:.2f} +- {s.std:.2f}" if s.n else ""
+        if s.diverged:
+            seeds = ", ".join(map(str, s.diverged))
+            top1 = f"{top1}{'; ' if top1 else ''}diverged on seed{'s' if len(s.diverged) > 1 else ''} {seeds}"
+        lines.append(f"| {s.method} | {s.n} | {top1} | {gain} | {wins} |")
     return "\n".join(lines)
 
 
 def as_json(runs: Sequence[Run], summaries, gains) -> dict[str, Any]:
     return {
         "runs": [{"method": r.method, "seed": r.seed, "top1": r.top1, "val_top1": r.val_top1,
-                  "epochs": r.epochs, "distiller": r.distiller} for r in runs],
-        "methods": {s.method: {"n": s.n, "mean": s.mean, "std": s.std} for s in summaries},
+                  "epochs": r.epochs, "distiller": r.distiller, "diverged": r.diverged} for r in runs],
+        "methods": {s.method: {"n": s.n, "mean": s.mean if s.n else None, "std": s.std if s.n else None,
+                               "diverged_seeds": list(s.diverged)} for s in summaries},
         "searched_minus": {g.method: {"n": g.n, "mean": g.mean, "low": g.low, "high": g.high, "wins": g.wins}
                            for g in gains},
     }

@@ -31,7 +31,7 @@ import torch
 from scipy import stats
 
 from kd_optuna.distill.classics import CLASSICS
-from kd_optuna.errors import KdOptunaError
+from kd_optuna.errors import KdOptunaError, TrainingDiverged
 from kd_optuna.space import GENES, DistillerSpec
 from kd_optuna.proxy.task import Task
 
@@ -79,6 +79,7 @@ class CorrelationResult:
     top_spearman: dict[str, float] = field(default_factory=dict)
     top_kendall: dict[str, float] = field(default_factory=dict)
     top_names: list[str] = field(default_factory=list)
+    diverged: dict[str, str] = field(default_factory=dict)
 
 
 #: The fewest distillers a rank correlation says something about (of two it is always +-1).
@@ -104,6 +105,8 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
     def final(spec: DistillerSpec, seed: int) -> float:
         digest = Job("searched", seed, spec.to_params(), recipe).digest()
         stored = runs.get(digest) if runs is not None else None
+        if stored is not None and stored.diverged is not None:
+            raise TrainingDiverged(stored.diverged)
         if stored is not None:
             return stored.top1 / 100
         if threads is not None:
@@ -111,7 +114,13 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kd_optuna_correlate_") as out:
             settings = {**recipe, "seed": seed, "output_dir": out, "num_workers": 0}
-            result = train_with_distiller(spec.to_params(), **settings, progress=False, epoch_lines=False)
+            try:
+                result = train_with_distiller(spec.to_params(), **settings, progress=False, epoch_lines=False)
+            except TrainingDiverged as error:
+                if runs is not None:
+                    runs.put(digest, Run("searched", seed, None, None, int(recipe["epochs"]), spec.key,
+                                         time.perf_counter() - start, diverged=error.reason))
+                raise
         run = Run("searched", seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
                   int(recipe["epochs"]), spec.key, time.perf_counter() - start)
         if runs is not None:
@@ -210,6 +219,14 @@ def with_vanilla_kd(candidates: list) -> list:
     return [("kd", kd, None)] + list(candidates)
 
 
+def _final_or_diverged(final: FinalTraining, spec: DistillerSpec, seed: int) -> float:
+    """``final(spec, seed)``; a divergence names the seed."""
+    try:
+        return final(spec, seed)
+    except TrainingDiverged as error:
+        raise TrainingDiverged(f"seed {seed}: {error.reason}") from None
+
+
 def correlate(
     task: Task,
     final: FinalTraining,
@@ -241,17 +258,30 @@ def correlate(
     if len(candidates) < MIN_CANDIDATES:
         raise KdOptunaError(f"correlate needs at least {MIN_CANDIDATES} distinct distillers (vanilla KD included) "
                             f"and has {len(candidates)}; a rank correlation of two is always +-1")
-    done = []
+    done, diverged = [], {}
     for name, spec, metrics in candidates:
         t0 = time.perf_counter()
         proxy = metrics if metrics is not None else task.run(spec).metrics()
         t1 = time.perf_counter()
-        accs = [final(spec, s) for s in final_seeds]
+        try:
+            accs = [_final_or_diverged(final, spec, s) for s in final_seeds]
+        except TrainingDiverged as error:
+            if spec.key == kd.key:
+                raise KdOptunaError(f"vanilla KD's final training ({final_name}) diverged ({error.reason}), and "
+                                    "correlate measures the candidates against it; give a lower --lr") from None
+            diverged[name] = f"`{spec.key}` ({error.reason})"
+            say(f"{name:10s} {spec.key:44s} val_ce {proxy['val_ce']:.4f}: its final training diverged "
+                f"({error.reason}), left out of the correlation")
+            continue
         t2 = time.perf_counter()
         mean = sum(accs) / len(accs)
         done.append(Candidate(name, spec, dict(proxy), mean, _std(accs) if len(accs) > 1 else 0.0, t1 - t0, t2 - t1))
         say(f"{name:10s} {spec.key:44s} val_ce {proxy['val_ce']:.4f} proxy acc {proxy['val_acc']:.4f} "
             f"final acc {mean:.4f} ({t1 - t0:.1f} s + {t2 - t1:.1f} s)")
+    if len(done) < MIN_CANDIDATES:
+        raise KdOptunaError(f"the final training ({final_name}) of {len(diverged)} of the {len(candidates)} distillers "
+                            f"diverged, which leaves {len(done)}, fewer than the {MIN_CANDIDATES} a rank correlation "
+                            "needs; give a lower --lr, or more candidates")
     spearman, kendall = correlation_table(done)
     kd_final = next(c.final_acc for c in done if c.spec.key == kd.key)
     top = [c for c in done if c.final_acc >= kd_final - top_margin / 100]
@@ -263,7 +293,7 @@ def correlate(
         weights[key] = ce_std / other if other > 0 else 0.0
     return CorrelationResult(task.name, done, spearman, kendall, weights, task.proxy.steps, final_name,
                              tuple(final_seeds), time.perf_counter() - start, rejected, top_margin,
-                             top_spearman, top_kendall, [c.name for c in top])
+                             top_spearman, top_kendall, [c.name for c in top], diverged)
 
 
 def format_table(result: CorrelationResult) -> str:
@@ -299,4 +329,7 @@ def format_table(result: CorrelationResult) -> str:
             f"| {c.name} | `{c.spec.key}` | {c.proxy['val_ce']:.4f} | {c.proxy['sharpness_gap']:+.4f} | "
             f"{c.proxy['cka_gap']:.4f} | {c.proxy['val_acc']:.4f} | {c.final_acc:.4f} +- {c.final_acc_std:.4f} |"
         )
+    if result.diverged:
+        lines += ["", "left out, their final training diverged (no accuracy to rank): "
+                  + "; ".join(f"{name} {why}" for name, why in result.diverged.items())]
     return "\n".join(lines)

@@ -442,12 +442,13 @@ def rejection_figure(trials: Sequence[Any], bins: int = 25):
 
 
 def compare_figure(runs: Sequence[Any], summaries: Sequence[Any]):
-    """kd-optuna compare's runs: last-epoch test top-1 per method, each point a seed."""
+    """kd-optuna compare's runs: last-epoch test top-1 per method, each point a seed (a diverged
+    run has no top-1 and no point)."""
     import plotly.graph_objects as go
 
     figure = go.Figure()
     for s in summaries:
-        figure.add_trace(go.Box(y=[r.top1 for r in runs if r.method == s.method], name=s.method,
+        figure.add_trace(go.Box(y=[r.top1 for r in runs if r.method == s.method and r.top1 is not None], name=s.method,
                                 boxpoints="all", jitter=0.3))
     title, annotations, top = _title("kd-optuna compare: top-1 per method", "test top-1 at the last epoch; each point a seed")
     figure.update_layout(title=title, annotations=annotations, yaxis_title="top-1 (%)", template="plotly_white",
