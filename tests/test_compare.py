@@ -260,6 +260,8 @@ def test_compare_lr_overrides_the_study_recipe_and_prints_each_diverged_run(tmp_
     code, out, err = invoke_cli(capsys, *args, "--lr", "0.001")
     assert code == 0, err
     assert recipes[0]["lr"] == 0.001
+    last = optuna.load_study(study_name="s", storage=url).user_attrs[compare.LAST_ATTR]
+    assert last["overrides"] == {"lr": 0.001} and len(last["digests"]) == 1  # what the study's story shows
     assert "| kd | 0 | diverged on seed 0 |  |  |" in out
     assert "kd seed 0: the loss became nan in epoch 3; recorded as diverged (a lower --lr may train it)" in out
     code, _, err = invoke_cli(capsys, *args, "--lr", "0")

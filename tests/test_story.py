@@ -243,6 +243,40 @@ def test_note_follows_a_new_best_and_compare_writes_it(tmp_path, monkeypatch):
     assert f"searched distiller: `{elsewhere.formula()}`" in story.refresh(study).note
 
 
+def test_the_story_shows_the_last_compare_not_a_mix_of_every_stored_run(tmp_path, monkeypatch):
+    """The study keeps the runs of every compare (other --epochs, other --lr, other searched
+    distillers) and of correlate --from-study, all under one prefix. The note's table pooled
+    them: a "searched" row of several distillers, seeds of two recipes paired. It now shows the
+    runs the last compare was made of, and says how they were trained."""
+    monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = story_study(url, with_compare=False)
+    best = DistillerSpec.from_params(study.trials[5].params)
+    other = _vary(best, magnitude=0.01)
+    recipe = {"epochs": 30, "lr": 0.05}
+    shorter = {"epochs": 1, "lr": 0.001}
+    jobs = {}
+    for method, spec, top1, seed, rec in (("searched", best, 80.0, 0, recipe), ("kd", best, 78.0, 0, recipe),
+                                         ("searched", best, 40.0, 0, shorter), ("kd", best, 45.0, 0, shorter),
+                                         ("searched", other, 10.0, 1, recipe)):  # correlate's
+        job = compare.Job(method, seed, spec.to_params(), rec)
+        jobs[(method, spec.key, seed, top1)] = job
+        run = compare.Run(method, seed, top1, top1, rec["epochs"], job.distiller, 1.0)
+        study.set_user_attr(compare.RUN_ATTR_PREFIX + job.digest(), asdict(run))
+    last = [job for (method, key, seed, top1), job in jobs.items() if top1 in (40.0, 45.0)]
+    compare.remember_last(study, last, {"epochs": 1, "lr": 0.001})
+    note = story.refresh(study).note
+    assert "| searched | 1 | 40.00 +- 0.00 |  |  |" in note and "| kd | 1 | 45.00 +- 0.00 | -5.00" in note
+    assert "80.00" not in note and "10.00" not in note and other.formula() not in note
+    assert "Each run: the study's [train] recipe with --epochs 1 --lr 0.001, one seed" in note
+    compare.remember_last(study, [job for job in jobs.values() if job.recipe is recipe and job.spec_params == best.to_params()], {})
+    refreshed = story.refresh(study)
+    assert "| kd | 1 | 78.00 +- 0.00 | +2.00" in refreshed.note and "40.00" not in refreshed.note
+    assert "Each run: the study's [train] recipe, one seed" in refreshed.note
+    figure = json.loads(story.build(study).figures["compare"].to_json())
+    assert {t["name"]: t["y"] for t in figure["data"]} == {"searched": [80.0], "kd": [78.0]}
+
+
 def test_postgres_like_storage_without_artifact_dir_gets_none(tmp_path, monkeypatch):
     monkeypatch.delenv(story_artifacts.ARTIFACT_DIR_ENV, raising=False)
     assert story_artifacts.artifact_dir("postgresql://u:p@h/db") is None

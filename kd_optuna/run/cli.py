@@ -654,11 +654,10 @@ def compare(study_name, storage, methods, seeds, epochs, lr, n_workers, device, 
     spec_params = (spec or CLASSICS["kd"][0]).to_params()
     recipe = {**script_defaults(config), "num_workers": 0,
               "output_dir": output_dir or str(comparing.default_output_dir(study.study_name))}
+    overrides = {name: value for name, value in (("epochs", epochs), ("lr", lr)) if value is not None}
     if epochs is not None:
-        recipe["epochs"] = epochs
         recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]
-    if lr is not None:
-        recipe["lr"] = lr
+    recipe.update(overrides)
     jobs = [comparing.Job(method, seed, spec_params, recipe) for method in chosen for seed in range(seeds)]
     recorded = comparing.recorded_runs(study.user_attrs)
     if any(job.digest() not in recorded for job in jobs):
@@ -675,6 +674,7 @@ def compare(study_name, storage, methods, seeds, epochs, lr, n_workers, device, 
     finally:
         bar.close()
     summaries, gains = comparing.summarise(runs)
+    comparing.remember_last(study, jobs, overrides)
     _refresh_story(study, config)
     if fmt == "json":
         _emit(comparing.as_json(runs, summaries, gains), "json")

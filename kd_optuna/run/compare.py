@@ -30,6 +30,9 @@ from kd_optuna.errors import KdOptunaError, TrainingDiverged
 
 #: Prefix of the study user attrs that hold compare runs.
 RUN_ATTR_PREFIX = "kd_optuna:compare:"
+#: The study user attr naming the runs of the last compare and its recipe overrides
+#: (:func:`remember_last`): what the study's story shows.
+LAST_ATTR = "kd_optuna:compare_last"
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,26 @@ def run_compare(
                     future.cancel()
                 raise
     return [results[digest] for digest in digests]
+
+
+def remember_last(study: Any, jobs: Sequence[Job], overrides: Mapping[str, Any]) -> None:
+    """Record in ``study`` which runs the compare that just ended was made of, and the
+    settings it gave over the study's ``[train]`` recipe (``{"epochs": 1}``; ``{}`` for none).
+    The study keeps every run of every compare (and correlate's), under other recipes and
+    other searched distillers too; the story shows this compare's table, not a mix of them."""
+    study.set_user_attr(LAST_ATTR, {"digests": [job.digest() for job in jobs], "overrides": dict(overrides)})
+
+
+def last_compare(user_attrs: Mapping[str, Any]) -> tuple[list[Run], dict[str, Any]] | None:
+    """The runs of the last compare that :func:`remember_last` recorded, in its job order, and
+    its overrides; None when the study has no such record (one compared before it existed)."""
+    last = user_attrs.get(LAST_ATTR)
+    if not isinstance(last, Mapping) or not isinstance(last.get("digests"), list):
+        return None
+    recorded = recorded_runs(user_attrs)
+    overrides = last.get("overrides")
+    return ([recorded[d] for d in last["digests"] if isinstance(d, str) and d in recorded],
+            dict(overrides) if isinstance(overrides, Mapping) else {})
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ def html_page(study, config=None) -> str:
         if story.compare_formula:
             parts.append(f"<p>searched distiller: <code>{html.escape(story.compare_formula)}</code></p>")
         parts.append(_markdown_table(story.compare_table))
+        parts.append(f"<p>Each run: {html.escape(story.compare_recipe)}, one seed, the same for every method.</p>")
     parts.append("<h2>Figures</h2>")
     first = True
     for name in _FIGURE_ORDER:

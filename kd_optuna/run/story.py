@@ -24,13 +24,14 @@ shrank away, the family tree of the best distillers, why trials were rejected, a
     the proposer and rho's contest (``predictor``);
   - ``kd_optuna_rejections``: trials per outcome (completed, each ``reject_reason``,
     failed) in bins of consecutive trial numbers;
-  - ``kd_optuna_compare``: top-1 per method and seed, when the study holds compare runs;
+  - ``kd_optuna_compare``: top-1 per method and seed of the last ``kd-optuna compare``
+    (``kd_optuna.run.compare.last_compare``), when the study holds compare runs;
 
   each titled to fit a half-width dashboard card;
 
 - the objective named ``score (lower is better)`` (``set_objective_names``, i.e. ``study.set_metric_names``);
 - the study note (markdown): the task, teacher and student, the best distillers with formula
-  and metrics, the classics' scores, the compare table when there are runs, and the commands
+  and metrics, the classics' scores, the last compare's table and recipe, and the commands
   that export, compare and report;
 - the best trial's exported script as an artifact of that trial (``kd_optuna.run.artifacts``;
   optuna's ``FileSystemArtifactStore`` in :func:`artifact_dir`: ``x.db.artifacts/`` beside
@@ -98,6 +99,7 @@ class Story:
     weights_source: str
     figures: dict[str, Any]
     artifact: dict[str, Any] | None = None
+    compare_recipe: str = "the study's [train] recipe"
 
 
 def storage_url(study) -> str:
@@ -148,12 +150,16 @@ def _best_row(rank: int, trial) -> dict[str, Any]:
     return row
 
 
-def _compare(study, trials) -> tuple[str | None, str | None, Any]:
+def _compare(study, trials) -> tuple[str | None, str | None, Any, dict[str, Any] | None]:
+    """The last compare's table, searched formula, figure and recipe overrides
+    (:func:`kd_optuna.run.compare.last_compare`); for a study compared before that was
+    recorded, every stored run, overrides unknown (None)."""
     from kd_optuna.run import compare
 
-    runs = list(compare.recorded_runs(study.user_attrs).values())
+    last = compare.last_compare(study.user_attrs)
+    runs, overrides = last if last is not None else (list(compare.recorded_runs(study.user_attrs).values()), None)
     if not runs:
-        return None, None, None
+        return None, None, None, None
     runs.sort(key=lambda r: (r.method != "searched", r.method, r.seed))
     summaries, gains = compare.summarise(runs)
     keys = {r.distiller for r in runs if r.method == "searched"}
@@ -162,7 +168,18 @@ def _compare(study, trials) -> tuple[str | None, str | None, Any]:
         key = sorted(keys)[0]
         trial = next((t for t in trials if key_of(t) == key), None)
         formula = formula_of(trial) if trial is not None else _formula_of_key(key)
-    return compare.format_table(summaries, gains), formula, compare_figure(runs, summaries)
+    return compare.format_table(summaries, gains), formula, compare_figure(runs, summaries), overrides
+
+
+def _recipe_words(overrides: Mapping[str, Any] | None) -> str:
+    """How the compare runs were trained: ``the study's [train] recipe`` and the flags that
+    changed it (``with --epochs 1 --lr 0.005``); for runs without that record, the recipe
+    of each run as stored."""
+    if overrides is None:
+        return "the [train] recipe each run was stored with"
+    given = " ".join(f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}"
+                     for name, value in sorted(overrides.items()))
+    return "the study's [train] recipe" + (f" with {given}" if given else "")
 
 
 def _formula_of_key(key: str) -> str:
@@ -195,7 +212,7 @@ def build(study, config=None, trials: Sequence[Any] | None = None) -> Story:
     leaders = best_distinct(trials, TOP)
     classics = classic_scores(trials)
     weights, source = gene_weights(study, config, trials)
-    table, compare_formula, compare_fig = _compare(study, trials)
+    table, compare_formula, compare_fig, compare_overrides = _compare(study, trials)
     figures = {
         "progress": progress_figure(trials, classics),
         "genes": genes_figure(trials, weights, source),
@@ -219,6 +236,7 @@ def build(study, config=None, trials: Sequence[Any] | None = None) -> Story:
         study_name=study.study_name, storage=url, task=_task(config), counts=counts,
         best=[_best_row(i + 1, t) for i, t in enumerate(leaders)], classics=classics, commands=commands,
         compare_table=table, compare_formula=compare_formula, weights_source=source, figures=figures,
+        compare_recipe=_recipe_words(compare_overrides),
     )
 
 
@@ -267,7 +285,7 @@ def note_text(story: Story) -> str:
         if story.compare_formula:
             lines += [f"searched distiller: `{story.compare_formula}`", ""]
         lines += [story.compare_table, "",
-                  "Each run: the study's [train] recipe, one seed, the same for every method."]
+                  f"Each run: {story.compare_recipe}, one seed, the same for every method."]
     lines += ["", "## Commands", ""]
     for what, command in story.commands:
         lines += [f"{what}:", "", f"    {command}", ""]
