@@ -210,24 +210,33 @@ def test_compare_json_of_one_seed_is_strict_json(tmp_path, capsys, monkeypatch):
     assert _strict_json(out)["searched_minus"]["kd"] == {"n": 1, "mean": 0.5, "low": None, "high": None, "wins": 1}
 
 
-def test_compare_spec_takes_a_file_or_json_and_names_a_missing_file(tmp_path, capsys, monkeypatch):
-    """`--spec best.json` with no such file read "not a distiller spec (Expecting value: line 1
-    column 1 (char 0))": the message now says the file does not exist; a binary file given by
-    mistake was a UnicodeDecodeError traceback."""
-    from conftest import create_kd_study, invoke_cli
+def _compare_without_training(tmp_path, monkeypatch, runs):
+    """A digits study in ``tmp_path`` whose ``compare`` trains nothing: it returns ``runs`` and
+    appends the jobs it was given to the list returned with the study's URL."""
+    from conftest import create_kd_study
     from kd_optuna.run import cli
 
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path / 's.db'}"
     create_kd_study(url, "s", "digits")
     monkeypatch.setattr(cli, "_train_missing_teacher", lambda *a: None)
-    trained = []
+    given = []
 
     def record(study, jobs, **kwargs):
-        trained.extend(dict(job.spec_params) for job in jobs)
-        return [_run("searched", 0, 90.0)]
+        given.extend(jobs)
+        return runs
 
     monkeypatch.setattr(compare, "run_compare", record)
+    return url, given
+
+
+def test_compare_spec_takes_a_file_or_json_and_names_a_missing_file(tmp_path, capsys, monkeypatch):
+    """`--spec best.json` with no such file read "not a distiller spec (Expecting value: line 1
+    column 1 (char 0))": the message now says the file does not exist; a binary file given by
+    mistake was a UnicodeDecodeError traceback."""
+    from conftest import invoke_cli
+
+    url, jobs = _compare_without_training(tmp_path, monkeypatch, [_run("searched", 0, 90.0)])
     args = ("compare", "--storage", url, "--methods", "searched", "--seeds", "1", "--no-progress")
     code, _, err = invoke_cli(capsys, *args, "--spec", "best.json")
     assert code == 2 and len(err.splitlines()) == 1 and "--spec 'best.json': no such file" in err, err
@@ -238,28 +247,18 @@ def test_compare_spec_takes_a_file_or_json_and_names_a_missing_file(tmp_path, ca
     for given in ("best.json", json.dumps(KD)):
         code, out, err = invoke_cli(capsys, *args, "--spec", given)
         assert code == 0, err
-    assert trained == [KD, KD]
+    assert [dict(job.spec_params) for job in jobs] == [KD, KD]
 
 
 def test_compare_lr_overrides_the_study_recipe_and_prints_each_diverged_run(tmp_path, capsys, monkeypatch):
-    from conftest import create_kd_study, invoke_cli
-    from kd_optuna.run import cli
+    from conftest import invoke_cli
 
-    monkeypatch.chdir(tmp_path)
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    create_kd_study(url, "s", "digits")
-    monkeypatch.setattr(cli, "_train_missing_teacher", lambda *a: None)
-    recipes = []
-
-    def record(study, jobs, **kwargs):
-        recipes.extend(job.recipe for job in jobs)
-        return [compare.Run("kd", 0, None, None, 1, "kd", 0.0, diverged="the loss became nan in epoch 3")]
-
-    monkeypatch.setattr(compare, "run_compare", record)
+    diverged = compare.Run("kd", 0, None, None, 1, "kd", 0.0, diverged="the loss became nan in epoch 3")
+    url, jobs = _compare_without_training(tmp_path, monkeypatch, [diverged])
     args = ("compare", "--storage", url, "--methods", "kd", "--seeds", "1", "--no-progress")
     code, out, err = invoke_cli(capsys, *args, "--lr", "0.001")
     assert code == 0, err
-    assert recipes[0]["lr"] == 0.001
+    assert jobs[0].recipe["lr"] == 0.001
     last = optuna.load_study(study_name="s", storage=url).user_attrs[compare.LAST_ATTR]
     assert last["overrides"] == {"lr": 0.001} and len(last["digests"]) == 1  # what the study's story shows
     assert "| kd | 0 | diverged on seed 0 |  |  |" in out
