@@ -159,6 +159,7 @@ def test_a_missing_teacher_is_trained_once_per_cache_folder(tmp_path, monkeypatc
         calls.append((dataset, model_name))
         save_checkpoint(out_path, build_model(model_name, 10), model_name=model_name, num_classes=10,
                         dataset=dataset, accuracy=0.5)
+        return teachers.TeacherReport(out_path, model_name, dataset, 0.5, 0.5, 0.0, 1)
 
     monkeypatch.setattr(teachers, "train_teacher", fake_train)
     first = cached_teacher_checkpoint("digits", "digits_teacher", tmp_path)

@@ -265,6 +265,7 @@ def test_a_teacher_at_the_old_name_is_reused_only_for_its_own_key(tmp_path, monk
         calls.append(out_path)
         save_checkpoint(out_path, build_model(model_name, 2), model_name=model_name, num_classes=2,
                         dataset=dataset, accuracy=0.5)
+        return teachers.TeacherReport(out_path, model_name, dataset, 0.5, 0.5, 0.0, 1)
 
     save_checkpoint(legacy, build_model("resnet18", 2), model_name="resnet18", num_classes=2, dataset="imagefolder",
                     accuracy=0.5)
@@ -344,7 +345,12 @@ def test_a_teachers_epochs_are_its_datasets_recipe_not_train_epochs_as_the_readm
     with caplog.at_level(logging.WARNING, logger="kd_optuna"):
         path = cached_teacher_checkpoint("digits", "digits_teacher", Path(".kd_optuna_cache"))
     assert path != legacy and len(trained) == 1 and "epochs" not in trained[0]  # the recipe's 15
-    assert any("not reusing" in r.getMessage() and str(legacy) in r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("not reusing" in line and str(legacy) in line for line in said)
+    # what was trained is said, and here (1 epoch: 17 steps) that its BatchNorm statistics are stale
+    assert any(line.startswith("trained the teacher digits_teacher: test top-1 ") for line in said), said
+    assert any(line.startswith("note: after 17 steps the teacher's BatchNorm") and "train-teacher CONFIG --epochs N"
+               in line for line in said), said
 
 
 def test_training_a_teacher_leaves_the_callers_random_state_as_it_was(tmp_path):

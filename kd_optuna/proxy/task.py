@@ -280,8 +280,15 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
                         seed)
         log.warning("no teacher checkpoint given: training %s on %s with seed %d into %s", model_name, cached.source,
                     seed, path)
-        train_teacher(dataset, model_name, path, root=root, download=download, device=device, progress=progress,
-                      seed=seed, image_size=image_size, val_fraction=val_fraction, **overrides)
+        report = train_teacher(dataset, model_name, path, root=root, download=download, device=device,
+                               progress=progress, seed=seed, image_size=image_size, val_fraction=val_fraction,
+                               **overrides)
+        log.warning("trained the teacher %s: test top-1 %.2f%%, val top-1 %.2f%%", model_name,
+                    100 * report.test_accuracy, 100 * report.val_accuracy)
+        if report.note is not None:
+            log.warning("note: %s; the search distils from it as it is, so train one longer with `kd-optuna "
+                        "train-teacher CONFIG --epochs N -o teacher.pt` and give checkpoint = \"teacher.pt\" "
+                        "under [teacher]", report.note)
         _first_mention(path)  # trained here: its later loads in this command need no line
     return path
 
