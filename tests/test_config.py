@@ -178,6 +178,19 @@ def test_study_name_defaults_to_the_file_name(tmp_path):
     assert load_config(path).name == "my_pair"
 
 
+def test_a_proxy_given_both_steps_and_epochs_is_refused_since_epochs_would_win(tmp_path):
+    """Both set the proxy's length; epochs (passes over the KD pool) silently decided it. A
+    config's own dict, which holds every field, is not a user's table and round-trips."""
+    path = tmp_path / "both.toml"
+    assert TINY_PROXY["steps"] == 4
+    path.write_text(tiny_digits_toml().replace("[proxy]\n", "[proxy]\nepochs = 2\n", 1))
+    with pytest.raises(ConfigError, match=r"both\.toml: \[proxy\] steps = 4 and epochs = 2 both set the proxy's length"):
+        load_config(path)
+    path.write_text(tiny_digits_toml().replace("[proxy]\n", "[proxy]\nepochs = 0\n", 1))
+    config = load_config(path)
+    assert config.proxy.steps == 4 and StudyConfig.from_dict(config.to_dict(), check_models=False) == config
+
+
 _toml_value = st.one_of(
     st.integers(-3, 10**6), st.floats(allow_nan=True), st.booleans(), st.text(max_size=8),
     st.lists(st.integers(-2, 300), max_size=3), st.lists(st.text(max_size=5), max_size=3),

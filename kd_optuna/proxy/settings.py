@@ -191,8 +191,8 @@ class ProxySettings:
         ``epochs_fraction`` x ``epochs`` epochs (at most ``RECIPE_MAX_STEPS`` steps), the
         milestones at the same fractions of the run, and confirms a trial that may beat the
         study's best on the ``RECIPE_CONFIRM_SEEDS`` seeds after the highest of ``seeds``.
-        Any key of ``table`` overrides the recipe's value; a table that sets ``steps`` trains that
-        many steps (setting ``epochs`` > 0 too is refused), and one that sets ``labels_per_class`` or
+        Any key of ``table`` overrides the recipe's value; a table that sets ``steps`` (and not
+        ``epochs``) trains that many steps, and one that sets ``labels_per_class`` or
         ``kd_source`` keeps the separate labelled batch of ``label_batch_size``.
         """
         recipe: dict[str, object] = {
@@ -203,11 +203,6 @@ class ProxySettings:
             "milestones": tuple(m / train.epochs for m in train.milestones if 0 < m < train.epochs),
             "gamma": float(train.gamma),
         }
-        if "steps" in table and table.get("epochs"):
-            raise InvalidProxySettings(
-                f"proxy steps = {table['steps']!r} and epochs = {table['epochs']!r} both set the proxy's length, "
-                "and epochs (passes over the KD pool) would win; give one of them"
-            )
         if "steps" in table and "epochs" not in table:
             recipe["epochs"] = 0.0
         if "labels_per_class" in table or "kd_source" in table:

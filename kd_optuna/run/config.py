@@ -387,6 +387,10 @@ def load_config(path_or_name: str | Path) -> StudyConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: TOML syntax error: {_one_line(str(exc))}; fix the syntax") from None
+    proxy = data.get("proxy")
+    if isinstance(proxy, dict) and "steps" in proxy and proxy.get("epochs"):
+        raise ConfigError(f"{path}: [proxy] steps = {proxy['steps']!r} and epochs = {proxy['epochs']!r} both set the "
+                          "proxy's length, and epochs (passes over the KD pool) would win; give one of them")
     config = StudyConfig.from_dict(data, str(path))
     if config.study.name is None:
         config = dataclasses.replace(config, study=StudySection(name=path.stem))
