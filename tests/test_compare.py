@@ -71,6 +71,10 @@ def test_a_run_that_diverges_is_recorded_as_diverged_not_raised(tmp_path):
     assert run.top1 is None and run.val_top1 is None and run.method == "dml" and run.epochs == 1
     assert run.diverged.startswith("the loss became ") and run.diverged.endswith(" in epoch 1")
     assert compare._as_run(dataclasses.asdict(run)) == run
+    # at a sane lr one epoch trains, and its 17 steps leave the BatchNorm statistics stale: the run says so
+    trained = compare._run_job(compare.Job("dml", 0, KD, {**recipe, "lr": 0.05}), "cpu", 1)
+    assert trained.diverged is None and 0 <= trained.top1 <= 100
+    assert trained.stale_batch_norm.startswith("after 17 steps the student's BatchNorm running statistics")
 
 
 def test_unknown_methods_are_refused_with_the_list():
@@ -254,14 +258,16 @@ def test_compare_lr_overrides_the_study_recipe_and_prints_each_diverged_run(tmp_
     from conftest import invoke_cli
 
     diverged = compare.Run("kd", 0, None, None, 1, "kd", 0.0, diverged="the loss became nan in epoch 3")
-    url, jobs = _compare_without_training(tmp_path, monkeypatch, [diverged])
+    short = compare.Run("kd", 1, 50.0, 50.0, 1, "kd", 0.0, stale_batch_norm="after 3 steps the student's BatchNorm …")
+    url, jobs = _compare_without_training(tmp_path, monkeypatch, [diverged, short])
     args = ("compare", "--storage", url, "--methods", "kd", "--seeds", "1", "--no-progress")
     code, out, err = invoke_cli(capsys, *args, "--lr", "0.001")
     assert code == 0, err
     assert jobs[0].recipe["lr"] == 0.001
     last = optuna.load_study(study_name="s", storage=url).user_attrs[compare.LAST_ATTR]
     assert last["overrides"] == {"lr": 0.001} and len(last["digests"]) == 1  # what the study's story shows
-    assert "| kd | 0 | diverged on seed 0 |  |  |" in out
+    assert "| kd | 1 | 50.00 +- 0.00; diverged on seed 0 |  |  |" in out
     assert "kd seed 0: the loss became nan in epoch 3; recorded as diverged (a lower --lr may train it)" in out
+    assert "note: 1 of the 2 runs, for example kd seed 1: after 3 steps the student's BatchNorm … (--epochs)" in out
     code, _, err = invoke_cli(capsys, *args, "--lr", "0")
     assert code == 2 and "--lr" in err

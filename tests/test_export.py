@@ -536,7 +536,8 @@ def test_a_student_left_with_stale_batch_norm_statistics_is_said(tmp_path, capsy
     from kd_optuna.export.training import train_with_distiller
 
     short = dict(_digits_recipe(tmp_path, output_dir=str(tmp_path / "short")), epoch_lines=True)
-    train_with_distiller(CLASSICS["kd"][0].to_params(), **short)
+    result = train_with_distiller(CLASSICS["kd"][0].to_params(), **short)
+    assert result["stale_batch_norm"].startswith("after 2 steps the student's BatchNorm")
     out = capsys.readouterr().out
     assert ("note: after 2 steps the student's BatchNorm running statistics (momentum 0.1) still hold 81% "
             "of their initial values" in out and "train for at least 44 steps (--epochs)" in out), out
@@ -544,6 +545,7 @@ def test_a_student_left_with_stale_batch_norm_statistics_is_said(tmp_path, capsy
     result = train_with_distiller(CLASSICS["kd"][0].to_params(), **longer)
     out = capsys.readouterr().out
     assert len(result["history"]) == 5 and "epoch 5/5: loss " in out and "note:" not in out, out
+    assert result["stale_batch_norm"] is None
 
 
 def test_a_second_run_into_a_folder_being_trained_into_is_refused_and_changes_nothing(tmp_path):

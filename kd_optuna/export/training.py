@@ -279,14 +279,21 @@ class _FullTraining:
 
     def results(self, test_loader) -> dict[str, Any]:
         """What :func:`train_with_distiller` returns: the student's top-1 on ``test_loader`` now
-        (``final_top1``), the last and best val top-1, the best epoch and the history. The
+        (``final_top1``), the last and best val top-1, the best epoch, the history, and
+        ``stale_batch_norm``: a sentence when the training was too short for the student's
+        BatchNorm statistics (:func:`kd_optuna.train.batch_norm.stale_note`), else None. The
         student now, whose test top-1 is reported, is saved as ``last_student.pt``."""
         from kd_optuna.train.checkpoints import save_checkpoint
 
+        from kd_optuna.train.batch_norm import stale_note
+
         history = self.history
         final_top1 = _top1(self.student, test_loader, self.device)
-        if self.epoch_lines:
-            self._say_stale_batch_norm()
+        note = stale_note(self.student, "the student's")
+        if self.epoch_lines and note is not None:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"note: {note} (--epochs)")
         save_checkpoint(
             self.out / "last_student.pt", self.student.model, **self.meta, accuracy=final_top1,
             extra={"distiller": self.spec.key if self.method == "searched" else self.method,
@@ -296,18 +303,8 @@ class _FullTraining:
             "final_top1": final_top1,
             "final_val_top1": history[-1]["val_top1"] if history else None,
             "best_val_top1": self.best_top1, "best_epoch": self.best_epoch, "history": history,
+            "stale_batch_norm": note,
         }
-
-    def _say_stale_batch_norm(self) -> None:
-        """A line when the student's eval-mode top-1 reads BatchNorm statistics that the training
-        left near their start (``kd_optuna.train.batch_norm``): too few steps for the momentum."""
-        from tqdm.auto import tqdm
-
-        from kd_optuna.train.batch_norm import stale_note
-
-        note = stale_note(self.student, "the student's")
-        if note is not None:
-            tqdm.write(f"note: {note} (--epochs)")
 
     def hooks(self):
         from kd_optuna.train.engine import Hooks

@@ -686,6 +686,10 @@ def compare(study_name, storage, methods, seeds, epochs, lr, n_workers, device, 
             if run.diverged is not None:
                 click.echo(f"{run.method} seed {run.seed}: {run.diverged}; recorded as diverged (a lower --lr may "
                            "train it)")
+        stale = [run for run in runs if run.stale_batch_norm is not None]
+        if stale:
+            click.echo(f"note: {len(stale)} of the {len(runs)} runs, for example {stale[0].method} seed "
+                       f"{stale[0].seed}: {stale[0].stale_batch_norm} (--epochs)")
 
 
 def _train_missing_teacher(config, device: str, threads: int | None, progress: bool) -> None:

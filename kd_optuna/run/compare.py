@@ -39,7 +39,8 @@ LAST_ATTR = "kd_optuna:compare_last"
 class Run:
     """One finished run: ``top1`` and ``val_top1`` in percent at the last epoch; for a run whose
     loss became non-finite, None and ``diverged`` saying when (a seeded run diverges again, so
-    it is an outcome to record, not a run to retry)."""
+    it is an outcome to record, not a run to retry). ``stale_batch_norm``: the training was too
+    short for the student's BatchNorm statistics, which its top-1 reads (the sentence to say)."""
 
     method: str
     seed: int
@@ -49,6 +50,7 @@ class Run:
     distiller: str
     seconds: float
     diverged: str | None = None
+    stale_batch_norm: str | None = None
 
 
 #: Recipe settings added after compare runs were first stored, with the value every earlier run
@@ -177,7 +179,8 @@ def _run_job(job: Job, device: str, threads: int) -> Run:
         return Run(job.method, job.seed, None, None, int(job.recipe["epochs"]), job.distiller,
                    time.perf_counter() - start, diverged=error.reason)
     return Run(job.method, job.seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
-               int(job.recipe["epochs"]), job.distiller, time.perf_counter() - start)
+               int(job.recipe["epochs"]), job.distiller, time.perf_counter() - start,
+               stale_batch_norm=result["stale_batch_norm"])
 
 
 def _devices(device: str, n_workers: int) -> list[str]:

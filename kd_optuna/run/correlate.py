@@ -20,6 +20,7 @@ weights (ProxySettings.score_*) under which the three metrics count equally, in 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -34,6 +35,8 @@ from kd_optuna.distill.classics import CLASSICS
 from kd_optuna.errors import KdOptunaError, TrainingDiverged
 from kd_optuna.space import GENES, DistillerSpec
 from kd_optuna.proxy.task import Task
+
+log = logging.getLogger(__name__)
 
 METRICS = ("val_ce", "sharpness_gap", "cka_gap")
 COMBINATIONS: dict[str, tuple[str, ...]] = {
@@ -102,6 +105,8 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
     from kd_optuna.export.training import train_with_distiller
     from kd_optuna.run.compare import Job, Run
 
+    said_stale: list[str] = []
+
     def final(spec: DistillerSpec, seed: int) -> float:
         digest = Job("searched", seed, spec.to_params(), recipe).digest()
         stored = runs.get(digest) if runs is not None else None
@@ -122,7 +127,12 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
                                          time.perf_counter() - start, diverged=error.reason))
                 raise
         run = Run("searched", seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
-                  int(recipe["epochs"]), spec.key, time.perf_counter() - start)
+                  int(recipe["epochs"]), spec.key, time.perf_counter() - start,
+                  stale_batch_norm=result["stale_batch_norm"])
+        if run.stale_batch_norm is not None and not said_stale:
+            said_stale.append(spec.key)
+            log.warning("note: %s, seed %d: %s (--epochs); its final accuracy is what correlate ranks", spec.key,
+                        seed, run.stale_batch_norm)
         if runs is not None:
             runs.put(digest, run)
         return run.top1 / 100  # as a kept run gives it: (100 x) / 100 may differ from x in its last bit
