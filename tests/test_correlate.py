@@ -118,6 +118,10 @@ def test_a_distiller_whose_final_training_diverges_is_left_out_and_said():
     assert any("trial1" in line and "diverged (seed 1: the loss became nan in epoch 2), left out" in line
                for line in lines)
     assert f"left out, their final training diverged (no accuracy to rank): trial1 `{wild.key}`" in format_table(result)
+    assert "nan: every candidate" not in format_table(result)
+    tied = correlate(task, lambda spec, seed: 1 / 3, candidates=[(f"trial{i}", s, metrics) for i, s in enumerate(specs)])
+    assert all(v != v for v in tied.spearman.values())
+    assert "nan: every candidate's final accuracy is 0.3333, so there is no order to correlate with" in format_table(tied)
 
     with pytest.raises(KdOptunaError, match="vanilla KD's final training .* diverged .*give a lower --lr"):
         correlate(task, lambda spec, seed: (_ for _ in ()).throw(TrainingDiverged("the loss became inf in epoch 1")),

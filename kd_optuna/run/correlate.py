@@ -306,6 +306,15 @@ def correlate(
                              top_spearman, top_kendall, [c.name for c in top], diverged)
 
 
+def _tied_note(result: CorrelationResult) -> list[str]:
+    """Why every correlation is nan when the candidates' final accuracies are all equal."""
+    finals = {c.final_acc for c in result.candidates}
+    if len(finals) != 1:
+        return []
+    return [f"nan: every candidate's final accuracy is {finals.pop():.4f}, so there is no order to correlate with; "
+            "train longer (--epochs), at another --lr, or on a task the student does not solve at once", ""]
+
+
 def format_table(result: CorrelationResult) -> str:
     """Seed Table 1's layout (plus raw CE and proxy accuracy), over all and the top candidates."""
     columns = list(COMBINATIONS) + list(EXTRAS)
@@ -327,6 +336,7 @@ def format_table(result: CorrelationResult) -> str:
         row(f"Kendall, top {len(result.top_names)}", result.top_kendall),
         "| seed Table 1 | " + " | ".join(f"{v:.3f}" for v in SEED_TABLE_1) + " | | |",
         "",
+        *_tied_note(result),
         f"top: the {len(result.top_names)} candidates within {result.top_margin:g} points of vanilla KD's final accuracy",
         "suggested score weights (equal standardised weight): "
         + ", ".join(f"{k} = {v:.3g}" for k, v in result.suggested_weights.items()),
