@@ -156,7 +156,7 @@ def test_baselines_compare_on_a_study_without_a_completed_trial(tmp_path, capsys
                                 "--epochs", "1", "--no-progress", "-f", "json")
     assert code == 0, err
     assert json.loads(out)["runs"] == [{"method": "kd", "seed": 0, "top1": 51.5, "val_top1": 50.0, "epochs": 1,
-                                        "distiller": "kd", "diverged": None}]
+                                        "distiller": "kd", "diverged": None, "stale_batch_norm": None}]
     code, _, err = invoke_cli(capsys, "compare", "--storage", url, "--methods", "searched,kd", "--seeds", "1")
     assert code == 2 and "no completed trial" in err
 

@@ -343,7 +343,8 @@ def format_table(summaries: Sequence[MethodSummary], gains: Sequence[PairedGain]
 def as_json(runs: Sequence[Run], summaries, gains) -> dict[str, Any]:
     return {
         "runs": [{"method": r.method, "seed": r.seed, "top1": r.top1, "val_top1": r.val_top1,
-                  "epochs": r.epochs, "distiller": r.distiller, "diverged": r.diverged} for r in runs],
+                  "epochs": r.epochs, "distiller": r.distiller, "diverged": r.diverged,
+                  "stale_batch_norm": r.stale_batch_norm} for r in runs],
         "methods": {s.method: {"n": s.n, "mean": s.mean if s.n else None, "std": s.std if s.n else None,
                                "diverged_seeds": list(s.diverged)} for s in summaries},
         "searched_minus": {g.method: {"n": g.n, "mean": g.mean, "low": g.low, "high": g.high, "wins": g.wins}
