@@ -218,6 +218,7 @@ $keywords
             resume=args.resume,
             overwrite=False,
             progress=not args.no_progress,
+            epoch_lines=True,
             download_hint="run it again with --download true",
         )
     except (KdOptunaError, OSError) as error:

@@ -49,7 +49,7 @@ def train_with_distiller(
     teacher: str, teacher_checkpoint: str | None, student: str,
     device: str, output_dir: str,
     method: str = "searched", max_steps: int | None = None, resume: bool = False, overwrite: bool = True,
-    progress: bool = True, epoch_lines: bool = True,
+    progress: bool = True, epoch_lines: bool | None = None,
     cache_dir: str = ".kd_optuna_cache", split_seed: int = 0,
     teacher_nodes: dict[str, str] | None = None, student_nodes: dict[str, str] | None = None,
     download_hint: str | None = None,
@@ -71,9 +71,9 @@ def train_with_distiller(
     ``image_size``: an image folder's crop (``kd_optuna.data.load_dataset``; None: 224);
     ``val_fraction``: the share of CIFAR's or an image folder's train images held out as val, for
     picking ``best_student.pt`` (None: ``kd_optuna.data.VAL_FRACTION``).
-    ``progress`` draws each epoch's progress bar; ``epoch_lines`` prints, after each epoch, its
-    mean loss split into CE and the term, and the val top-1 (the exported script keeps them
-    without the bars, for logs; ``compare`` and ``correlate`` print their own lines instead).
+    ``progress`` draws each epoch's progress bar; ``epoch_lines`` (None: as ``progress``) prints,
+    after each epoch, its mean loss split into CE and the term, and the val top-1, and at the end
+    a stale-BatchNorm note (the exported script keeps them without the bars, for logs).
     """
     import torch
 
@@ -115,7 +115,7 @@ def train_with_distiller(
                    splits.loader("val", max(batch_size, 256), shuffle=False, num_workers=0))
         run = _FullTraining(tapped_student, tapped_teacher, term, optimizer, scheduler, loaders, spec=spec, method=method,
                             out=Path(output_dir), device=target, seed=seed, epochs=epochs, progress=progress,
-                            epoch_lines=epoch_lines,
+                            epoch_lines=progress if epoch_lines is None else epoch_lines,
                             meta={"model_name": student, "num_classes": num_classes, "dataset": dataset})
         test_loader = splits.loader("test", max(batch_size, 256), shuffle=False, num_workers=0)
         start_epoch = run.resume() if resume else 0

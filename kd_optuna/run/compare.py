@@ -173,7 +173,7 @@ def _run_job(job: Job, device: str, threads: int) -> Run:
         result = train_with_distiller(
             dict(job.spec_params), **{**job.recipe, "seed": job.seed, "device": device,
                                       "output_dir": os.path.join(job.recipe["output_dir"], f"{job.method}-seed{job.seed}")},
-            method=job.method, progress=False, epoch_lines=False,
+            method=job.method, progress=False,
         )
     except TrainingDiverged as error:
         return Run(job.method, job.seed, None, None, int(job.recipe["epochs"]), job.distiller,

@@ -120,7 +120,7 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
         with tempfile.TemporaryDirectory(prefix="kd_optuna_correlate_") as out:
             settings = {**recipe, "seed": seed, "output_dir": out, "num_workers": 0}
             try:
-                result = train_with_distiller(spec.to_params(), **settings, progress=False, epoch_lines=False)
+                result = train_with_distiller(spec.to_params(), **settings, progress=False)
             except TrainingDiverged as error:
                 if runs is not None:
                     runs.put(digest, Run("searched", seed, None, None, int(recipe["epochs"]), spec.key,
