@@ -144,14 +144,14 @@ def test_train_teacher_writes_a_loadable_checkpoint(tmp_path):
     assert meta["dataset"] == "digits" and meta["model_name"] == "digits_student"
     assert meta["accuracy"] == report.test_accuracy and meta["split_seed"] == 0
     # one epoch of 64-image batches is 17 steps: the statistics (momentum 0.1) still hold 0.9 ** 17 = 17% of their start
-    assert report.note.startswith("after 17 steps the teacher's BatchNorm running statistics (momentum 0.1) still "
-                                  "hold 17% of their initial values"), report.note
+    assert report.stale_batch_norm.startswith("after 17 steps the teacher's BatchNorm running statistics (momentum 0.1) still "
+                                  "hold 17% of their initial values"), report.stale_batch_norm
 
 
 @pytest.mark.slow
 def test_digits_teacher_reaches_97_percent(tmp_path):
     report = train_teacher("digits", "digits_teacher", tmp_path / "teacher.pt", progress=False, device="cpu")
-    assert report.test_accuracy >= 0.97 and report.note is None
+    assert report.test_accuracy >= 0.97 and report.stale_batch_norm is None
 
 
 def test_load_or_train_teacher_trains_once_then_loads(tmp_path):

@@ -285,10 +285,10 @@ def cached_teacher_checkpoint(dataset: str, model_name: str, cache_dir: Path, ro
                                **overrides)
         log.warning("trained the teacher %s: test top-1 %.2f%%, val top-1 %.2f%%", model_name,
                     100 * report.test_accuracy, 100 * report.val_accuracy)
-        if report.note is not None:
+        if report.stale_batch_norm is not None:
             log.warning("note: %s; the search distils from it as it is, so train one longer with `kd-optuna "
                         "train-teacher CONFIG --epochs N -o teacher.pt` and give checkpoint = \"teacher.pt\" "
-                        "under [teacher]", report.note)
+                        "under [teacher]", report.stale_batch_norm)
         _first_mention(path)  # trained here: its later loads in this command need no line
     return path
 

@@ -393,8 +393,8 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
         device=WorkerContext(0, 1, device).torch_device(), **overrides,
     )
     click.echo(f"teacher {loaded.teacher.model} saved to {report.path}: test top-1 {report.test_accuracy:.2%}")
-    if report.note is not None:
-        click.echo(f"note: {report.note} (--epochs)")
+    if report.stale_batch_norm is not None:
+        click.echo(f"note: {report.stale_batch_norm} (--epochs)")
     if output:
         click.echo(f"use it with `checkpoint = {str(report.path)!r}` under [teacher]")
 

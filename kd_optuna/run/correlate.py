@@ -105,9 +105,10 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
     from kd_optuna.export.training import train_with_distiller
     from kd_optuna.run.compare import Job, Run
 
-    said_stale: list[str] = []
+    said_stale = False
 
     def final(spec: DistillerSpec, seed: int) -> float:
+        nonlocal said_stale
         digest = Job("searched", seed, spec.to_params(), recipe).digest()
         stored = runs.get(digest) if runs is not None else None
         if stored is not None and stored.diverged is not None:
@@ -130,7 +131,7 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
                   int(recipe["epochs"]), spec.key, time.perf_counter() - start,
                   stale_batch_norm=result["stale_batch_norm"])
         if run.stale_batch_norm is not None and not said_stale:
-            said_stale.append(spec.key)
+            said_stale = True
             log.warning("note: %s, seed %d: %s (--epochs); its final accuracy is what correlate ranks", spec.key,
                         seed, run.stale_batch_norm)
         if runs is not None:

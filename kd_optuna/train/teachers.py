@@ -130,7 +130,7 @@ def teacher_key(identity: dict) -> str:
 @dataclass
 class TeacherReport:
     """Where the checkpoint went, its test and validation accuracy, and the training time;
-    ``note``: a training too short for its BatchNorm statistics
+    ``stale_batch_norm``: the sentence for a training too short for its BatchNorm statistics
     (:func:`kd_optuna.train.batch_norm.stale_note`), or None."""
 
     path: Path
@@ -140,7 +140,7 @@ class TeacherReport:
     val_accuracy: float
     seconds: float
     epochs: int
-    note: str | None = None
+    stale_batch_norm: str | None = None
 
 
 def train_teacher(
