@@ -143,6 +143,7 @@ def test_main_calls_train_with_distiller_once_with_every_setting_as_a_keyword(tm
     keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
     assert keywords == {**{n: f"args.{n}" for n in SETTINGS}, "method": "args.method", "max_steps": "args.max_steps",
                         "resume": "args.resume", "overwrite": "False", "progress": "not args.no_progress",
+                        "epoch_lines": "True",  # a log gets each epoch's line, bars or not
                         "download_hint": "'run it again with --download true'"}  # the script's own flag
     assert set(keywords) <= set(inspect.signature(train_with_distiller).parameters)
 
@@ -159,7 +160,7 @@ def test_main_calls_train_with_distiller_once_with_every_setting_as_a_keyword(tm
     assert spec_params == spec.to_params()
     expected = {**defaults, "epochs": 3, "milestones": [1, 2]}
     assert kwargs == {**expected, "method": "dml", "max_steps": 4, "resume": False, "overwrite": False, "progress": True,
-                      "download_hint": "run it again with --download true"}
+                      "epoch_lines": True, "download_hint": "run it again with --download true"}
     out = capsys.readouterr().out
     assert "distiller: dml" in out and "final top-1: 50.00%" in out and "best val top-1: 75.00% (epoch 2" in out
 
