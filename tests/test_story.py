@@ -164,6 +164,7 @@ def test_dashboard_shows_the_story(tmp_path, monkeypatch):
                                                         "rejected: not_decreasing (1)"}
     compare_box = figures["kd_optuna_compare"]
     assert {t["name"]: len(t["y"]) for t in compare_box["data"]} == {"searched": 3, "kd": 3, "dkd": 0}
+    assert "diverged, no top-1: dkd (seed 0)" in _subtitle(compare_box)  # an empty box has no legend entry
 
     assert detail["objective_names"] == [story.OBJECTIVE_NAME]
     columns = {a["key"]: a["sortable"] for a in detail["union_user_attrs"]}
@@ -537,6 +538,26 @@ def test_progress_range_holds_the_best_so_far_and_marks_a_classic_off_scale(tmp_
     assert "kd_ls" not in off["text"]
     assert "2 high scores above the range" in _subtitle(figure)  # vanilla KD and the diverged one
     assert any(t["name"].startswith("vanilla KD (trial 1): 3.2") for t in figure["data"])  # its legend entry stays
+
+
+def test_lineage_range_leaves_out_a_diverged_ancestor_and_says_so(tmp_path):
+    """A proxy student that diverged scored 2.3e13 in a study of scores near 0.5; as the parent
+    of the best distillers it sat in their lineage and flattened every other node onto 0."""
+    study = story_study(f"sqlite:///{tmp_path / 's.db'}", with_compare=False)
+    config = study_config(study)
+    kd_ls = CLASSICS["kd_ls"][0]
+    wild = _vary(kd_ls, distance="l2")
+    study.add_trial(_trial(config, wild, 2.3e13, proposer="mutation", parent=0, mutated=["distance"]))
+    parent = study.trials[-1].number
+    temperatures = list(config.space.options["temperature"])
+    for i in range(4):
+        study.add_trial(_trial(config, _vary(wild, temperature=temperatures[i]), 0.1 + 0.01 * i, proposer="mutation",
+                               parent=parent, mutated=["temperature"]))
+    figure = json.loads(story.build(study).figures["lineage"].to_json())
+    low, high = figure["layout"]["yaxis"]["range"]
+    nodes = [y for t in figure["data"] if t.get("mode") == "markers+text" for y in t["y"]]
+    assert 2.3e13 in nodes and high < 10 and all(low <= y <= high for y in nodes if y != 2.3e13)
+    assert "1 high score above the range" in _subtitle(figure)
 
 
 def test_gene_figure_keeps_every_box_and_label_in_view(tmp_path):

@@ -390,11 +390,15 @@ def lineage_figure(trials: Sequence[Any], top: int = TOP):
             hovertext=hover, hoverinfo="text",
         ))
     named = f"Lineage of the {len(leaders)} best distillers" if leaders else "Lineage: no trial scored yet"
-    title, annotations, top = _title(named,
-                                     "#rank of the best; line: parent to child; dotted: crossover's second parent; "
-                                     "hover a node for its trial, a ◆ mid-edge for the mutated genes")
+    focus, above = _focus([t.value for t in family if is_scored(t)])
+    notes = ["#rank of the best; line: parent to child; dotted: crossover's second parent; "
+             "hover a node for its trial, a ◆ mid-edge for the mutated genes"]
+    if above:
+        notes.append(f"{above} high score{'s' if above > 1 else ''} above the range")
+    title, annotations, top = _title(named, *notes)
     figure.update_layout(title=title, annotations=annotations, xaxis_title="trial", yaxis_title="score",
-                         template="plotly_white", legend={"font": {"size": 10}}, margin={"t": top, "r": 10, "l": 60, "b": 50})
+                         template="plotly_white", legend={"font": {"size": 10}}, yaxis={"range": focus} if focus else {},
+                         margin={"t": top, "r": 10, "l": 60, "b": 50})
     return figure
 
 
@@ -450,7 +454,12 @@ def compare_figure(runs: Sequence[Any], summaries: Sequence[Any]):
     for s in summaries:
         figure.add_trace(go.Box(y=[r.top1 for r in runs if r.method == s.method and r.top1 is not None], name=s.method,
                                 boxpoints="all", jitter=0.3))
-    title, annotations, top = _title("kd-optuna compare: top-1 per method", "test top-1 at the last epoch; each point a seed")
+    notes = ["test top-1 at the last epoch; each point a seed"]
+    diverged = [f"{s.method} (seed{'s' if len(s.diverged) > 1 else ''} {', '.join(map(str, s.diverged))})"
+                for s in summaries if s.diverged]
+    if diverged:
+        notes.append("diverged, no top-1: " + ", ".join(diverged))
+    title, annotations, top = _title("kd-optuna compare: top-1 per method", *notes)
     figure.update_layout(title=title, annotations=annotations, yaxis_title="top-1 (%)", template="plotly_white",
                          margin={"t": top, "r": 10, "l": 60, "b": 50})
     return figure
