@@ -424,7 +424,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, lr
     finishes (in the study with --from-study, else in .kd_optuna_cache/correlate-runs.json):
     an interrupted or repeated correlate trains only what it lacks.
     """
-    from kd_optuna.run.compare import FileRuns, StudyRuns
+    from kd_optuna.run.compare import FileRuns, StudyRuns, override_recipe
     from kd_optuna.run.config import load_config
     from kd_optuna.run.correlate import correlate as run, exported_training, format_table, with_vanilla_kd
     from kd_optuna.train.devices import WorkerContext
@@ -446,10 +446,7 @@ def correlate(config, from_study, storage, n_candidates, final_seeds, epochs, lr
     target = WorkerContext(0, 1, device).torch_device()
     task = Task.from_config(loaded, device=target)
     recipe = {**script_defaults(loaded), "device": str(target)}
-    if epochs is not None:
-        recipe.update(epochs=epochs, milestones=[m for m in recipe["milestones"] if m < epochs])
-    if lr is not None:
-        recipe["lr"] = lr
+    override_recipe(recipe, epochs, lr)
     from tqdm.auto import tqdm
 
     # one step per candidate; vanilla KD is added to a study's candidates when they lack it
@@ -654,10 +651,7 @@ def compare(study_name, storage, methods, seeds, epochs, lr, n_workers, device, 
     spec_params = (spec or CLASSICS["kd"][0]).to_params()
     recipe = {**script_defaults(config), "num_workers": 0,
               "output_dir": output_dir or str(comparing.default_output_dir(study.study_name))}
-    overrides = {name: value for name, value in (("epochs", epochs), ("lr", lr)) if value is not None}
-    if epochs is not None:
-        recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]
-    recipe.update(overrides)
+    overrides = comparing.override_recipe(recipe, epochs, lr)
     jobs = [comparing.Job(method, seed, spec_params, recipe) for method in chosen for seed in range(seeds)]
     recorded = comparing.recorded_runs(study.user_attrs)
     if any(job.digest() not in recorded for job in jobs):

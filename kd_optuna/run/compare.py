@@ -160,27 +160,40 @@ class FileRuns:
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True))
 
 
-def _run_job(job: Job, device: str, threads: int) -> Run:
+def trained_run(method: str, spec_params: Mapping[str, Any], settings: Mapping[str, Any], distiller: str) -> Run:
+    """One training of ``train_with_distiller(spec_params, **settings, method=method)`` (settings:
+    the recipe with its ``seed`` and ``output_dir``) as a Run, a diverged one included."""
     import time
-
-    import torch
 
     from kd_optuna.export.training import train_with_distiller
 
-    torch.set_num_threads(threads)
+    seed, epochs = int(settings["seed"]), int(settings["epochs"])
     start = time.perf_counter()
     try:
-        result = train_with_distiller(
-            dict(job.spec_params), **{**job.recipe, "seed": job.seed, "device": device,
-                                      "output_dir": os.path.join(job.recipe["output_dir"], f"{job.method}-seed{job.seed}")},
-            method=job.method, progress=False,
-        )
+        result = train_with_distiller(dict(spec_params), **settings, method=method, progress=False)
     except TrainingDiverged as error:
-        return Run(job.method, job.seed, None, None, int(job.recipe["epochs"]), job.distiller,
-                   time.perf_counter() - start, diverged=error.reason)
-    return Run(job.method, job.seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
-               int(job.recipe["epochs"]), job.distiller, time.perf_counter() - start,
-               stale_batch_norm=result["stale_batch_norm"])
+        return Run(method, seed, None, None, epochs, distiller, time.perf_counter() - start, diverged=error.reason)
+    return Run(method, seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0), epochs, distiller,
+               time.perf_counter() - start, stale_batch_norm=result["stale_batch_norm"])
+
+
+def _run_job(job: Job, device: str, threads: int) -> Run:
+    import torch
+
+    torch.set_num_threads(threads)
+    output_dir = os.path.join(job.recipe["output_dir"], f"{job.method}-seed{job.seed}")
+    return trained_run(job.method, job.spec_params,
+                       {**job.recipe, "seed": job.seed, "device": device, "output_dir": output_dir}, job.distiller)
+
+
+def override_recipe(recipe: dict[str, Any], epochs: int | None, lr: float | None) -> dict[str, Any]:
+    """Apply ``--epochs`` and ``--lr`` to ``recipe`` in place (milestones past the new epochs
+    dropped); return what was given, ``{}`` for neither (what :func:`remember_last` records)."""
+    overrides = {name: value for name, value in (("epochs", epochs), ("lr", lr)) if value is not None}
+    if epochs is not None:
+        recipe["milestones"] = [m for m in recipe["milestones"] if m < epochs]
+    recipe.update(overrides)
+    return overrides
 
 
 def _devices(device: str, n_workers: int) -> list[str]:

@@ -102,8 +102,7 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
     seed and recipe is reused."""
     import tempfile
 
-    from kd_optuna.export.training import train_with_distiller
-    from kd_optuna.run.compare import Job, Run
+    from kd_optuna.run.compare import Job, trained_run
 
     said_stale = False
 
@@ -117,25 +116,17 @@ def exported_training(recipe: dict, threads: int | None = None, runs: Any = None
             return stored.top1 / 100
         if threads is not None:
             torch.set_num_threads(threads)
-        start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="kd_optuna_correlate_") as out:
-            settings = {**recipe, "seed": seed, "output_dir": out, "num_workers": 0}
-            try:
-                result = train_with_distiller(spec.to_params(), **settings, progress=False)
-            except TrainingDiverged as error:
-                if runs is not None:
-                    runs.put(digest, Run("searched", seed, None, None, int(recipe["epochs"]), spec.key,
-                                         time.perf_counter() - start, diverged=error.reason))
-                raise
-        run = Run("searched", seed, 100 * result["final_top1"], 100 * (result["final_val_top1"] or 0.0),
-                  int(recipe["epochs"]), spec.key, time.perf_counter() - start,
-                  stale_batch_norm=result["stale_batch_norm"])
+            run = trained_run("searched", spec.to_params(),
+                              {**recipe, "seed": seed, "output_dir": out, "num_workers": 0}, spec.key)
+        if runs is not None:
+            runs.put(digest, run)
+        if run.diverged is not None:
+            raise TrainingDiverged(run.diverged)
         if run.stale_batch_norm is not None and not said_stale:
             said_stale = True
             log.warning("note: %s, seed %d: %s (--epochs); its final accuracy is what correlate ranks", spec.key,
                         seed, run.stale_batch_norm)
-        if runs is not None:
-            runs.put(digest, run)
         return run.top1 / 100  # as a kept run gives it: (100 x) / 100 may differ from x in its last bit
 
     return final
