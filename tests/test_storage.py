@@ -97,6 +97,28 @@ def test_must_exist_does_not_create_a_sqlite_file(tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("name", ["s.db", "a dir#1/s.db"])
+def test_an_open_existing_sqlite_file_deleted_later_is_not_recreated_empty(tmp_path, name):
+    """A worker that reconnects after the study's file was deleted gets an error, not a new
+    empty database where the study was (which the deleted-file watch would then read as the
+    study replaced, and which the user would find instead of the error)."""
+    import sqlalchemy
+
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    url = f"sqlite:///{path}"
+    create_kd_study(url, name="s")
+    storage = open_storage(url, heartbeat_interval=None, must_exist=True)
+    assert load_study(storage, "s", url).study_name == "s"
+    storage.engine.dispose()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="unable to open database file"):
+        with storage.engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    assert not path.exists()
+
+
 def test_unknown_study_lists_the_studies_there(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     create_kd_study(url, name="mine")

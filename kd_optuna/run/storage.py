@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 import urllib.parse
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,18 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _open_existing_sqlite(path: Path) -> Callable[[], sqlite3.Connection]:
+    """A connection factory for the existing SQLite file ``path``: SQLite's ``mode=rw`` URI opens
+    it for writing and fails ("unable to open database file") where it is gone, where a plain
+    open would create an empty database in its place."""
+    uri = f"file:{urllib.parse.quote(str(path.absolute()))}?mode=rw"
+
+    def connect() -> sqlite3.Connection:
+        return sqlite3.connect(uri, uri=True, timeout=SQLITE_TIMEOUT_S, check_same_thread=False)
+
+    return connect
+
+
 def filesystem_type(path: Path, mounts: str | None = None) -> str | None:
     """The type of the filesystem that holds ``path`` (``ext4``, ``nfs4``...), from the
     ``mounts`` table (``/proc/mounts`` by default); None where it cannot be told."""
@@ -208,7 +222,9 @@ def open_storage(
 ) -> optuna.storages.RDBStorage:
     """An RDBStorage for ``url``; with ``heartbeat_interval`` (seconds) a heartbeat whose stale
     trials are failed after ``grace_period`` (default 2 x interval) and retried ``max_retry`` times.
-    ``must_exist``: a SQLite file that is not there raises StorageError instead of being created.
+    ``must_exist``: a SQLite file that is not there raises StorageError instead of being created,
+    and every connection opens it read-write without creating it (:func:`_open_existing_sqlite`),
+    so a file deleted under running workers is not replaced by an empty one.
     ``check_filesystem``: warn when a SQLite file is on a network filesystem (workers, whose
     parent has warned, pass False). ``writable``: a SQLite file this process cannot write raises
     StorageError saying why (commands that write the study)."""
@@ -227,7 +243,9 @@ def open_storage(
         _warn_if_network_filesystem(parsed.database, url)
     engine_url = resolve_url(url)
     engine_kwargs: dict[str, Any] = {}
-    if parsed.get_backend_name() == "sqlite":
+    if sqlite and must_exist:
+        engine_kwargs["creator"] = _open_existing_sqlite(Path(parsed.database).expanduser())
+    elif sqlite:
         engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
     else:
         engine_kwargs["pool_pre_ping"] = True

@@ -177,7 +177,8 @@ def _worker_main(args: WorkerArgs, host_lock: str, messages: Any) -> None:
     try:
         from kd_optuna.run.dashboard_writers import save_note  # loaded once here, not inside a trial
 
-        storage = open_storage(args.storage_url, args.heartbeat_interval, args.grace_period, check_filesystem=False)
+        storage = open_storage(args.storage_url, args.heartbeat_interval, args.grace_period, must_exist=True,
+                               check_filesystem=False)
         study = load_study(storage, args.study_name, args.storage_url)
         config = study_config(study)
         seed = config.search.get("seed")

@@ -99,7 +99,7 @@ def optimize(
     if n_trials is None and timeout is None:
         raise KdOptunaError("give --n-trials N (finished trials the study should hold), --timeout SECONDS "
                             "(how long to search), or both")
-    storage = open_storage(storage_url, heartbeat_interval, grace_period, writable=True)
+    storage = open_storage(storage_url, heartbeat_interval, grace_period, must_exist=True, writable=True)
     database_file = SqliteFileWatch(storage_url)
     study = load_study(storage, study_name, storage_url)
     config = study_config(study)
