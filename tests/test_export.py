@@ -336,6 +336,32 @@ def test_milestones_below_one_are_refused_and_ones_past_the_epochs_are_said(expo
     assert "--milestones 1,5: 5 is not before the last of --epochs 2, so the lr never decays there" in caplog.text
 
 
+@pytest.mark.parametrize("flag, model, words", [
+    ("--student", "resnet8", "--student resnet8 takes (3, 32, 32) inputs but digits images are (1, 16, 16); "
+                             "give a digits model with --student"),
+    ("--teacher", "mobilenet_v3_small", "--teacher mobilenet_v3_small takes 3-channel images but digits images"),
+])
+def test_a_model_that_cannot_take_the_dataset_s_images_is_one_line(exported_at_script, tmp_path, capsys, flag, model,
+                                                                   words):
+    """Before: a traceback of the first convolution's RuntimeError."""
+    with pytest.raises(SystemExit) as exit_info:
+        _script_module(exported_at_script).main([flag, model, "--device", "cpu", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_image_folder_crop_a_vit_cannot_take_is_named_with_the_error(tmp_path):
+    from kd_optuna.errors import KdOptunaError
+    from kd_optuna.export.training import _check_models
+
+    with pytest.raises(KdOptunaError, match=r"--student vit_tiny_cifar cannot take imagefolder images of \(3, 64, 64\) "
+                                            r"\(AssertionError: .*\); give a model for 3-channel images with --student "
+                                            r"or another --image-size"):
+        _check_models("vit_tiny_cifar", "resnet8", 3, "imagefolder", (3, 64, 64))
+    _check_models("resnet8", "vit_tiny_cifar", 3, "imagefolder", (3, 32, 32))
+
+
 @pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1)])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(exported_at_script, seed, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -276,6 +276,45 @@ def test_a_bad_image_size_is_one_line_at_create_study(tmp_path, capsys, monkeypa
 
 
 @pytest.mark.parametrize(
+    "data, student, words",
+    [
+        ('dataset = "digits_hard"', "resnet8", ["student.model = 'resnet8' takes (3, 32, 32) inputs",
+                                               "digits_hard images are (1, 16, 16)", "pick a digits_hard model"]),
+        ('dataset = "digits_hard"', "mobilenet_v3_small", ["(torchvision) takes 3-channel images"]),
+        ('dataset = "imagefolder"\nroot = "ROOT"\nimage_size = 32', "digits_student",
+         ["takes 1-channel images but imagefolder images are (3, 32, 32)", "pick a model for 3-channel images"]),
+        ('dataset = "imagefolder"\nroot = "ROOT"\nimage_size = 64', "vit_tiny_cifar",
+         ["cannot take imagefolder images of (3, 64, 64)", "AssertionError", "or another [data] image_size"]),
+    ],
+)
+def test_a_student_that_cannot_take_the_images_is_one_line_at_create_study(tmp_path, capsys, monkeypatch, data,
+                                                                          student, words):
+    """Before: a zoo model on an image folder was not checked, and the workers failed to start
+    with the forward's RuntimeError or a ViT's AssertionError."""
+    monkeypatch.chdir(tmp_path)
+    root = image_folder(tmp_path / "images", per_class=1)
+    teacher = "digits_teacher" if "digits" in data else "resnet8"
+    classes = "" if "digits" in data else "num_classes = 2\n"
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[data]\n{data.replace("ROOT", str(root))}\n\n[teacher]\nmodel = "{teacher}"\n{classes}'
+                      f'\n[student]\nmodel = "{student}"\n{classes}')
+    line = refused_at_create_study(capsys, config, f"sqlite:///{tmp_path / 'kd.db'}")
+    for word in words:
+        assert word in line, line
+
+
+@pytest.mark.parametrize("student, size", [("resnet8", 64), ("vgg8", 48), ("vit_tiny_cifar", 32)])
+def test_zoo_students_that_take_an_image_folder_s_size_are_accepted(tmp_path, capsys, monkeypatch, student, size):
+    monkeypatch.chdir(tmp_path)
+    root = image_folder(tmp_path / "images", per_class=2)
+    config = tmp_path / "ok.toml"
+    config.write_text(f'[data]\ndataset = "imagefolder"\nroot = "{root}"\nimage_size = {size}\n\n'
+                      f'[teacher]\nmodel = "resnet8"\nnum_classes = 2\n\n[student]\nmodel = "{student}"\nnum_classes = 2\n')
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", f"sqlite:///{tmp_path / 'kd.db'}")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(
     "change, words",
     [
         (lambda root: (root / "val" / "dog").rename(root / "val" / "fish"), ["train has dog", "val has fish"]),

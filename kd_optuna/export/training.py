@@ -98,7 +98,8 @@ def train_with_distiller(
         splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size,
                               val_fraction=val_fraction, **hint)
         num_classes = splits.num_classes
-        _check_model_names(student, None if method == "dml" else teacher, num_classes)
+        _check_models(student, None if method == "dml" else teacher, num_classes, dataset,
+                      tuple(splits.input_shape))
         tapped_teacher = None if method == "dml" else _frozen_teacher(
             teacher, num_classes, target, checkpoint=teacher_checkpoint, nodes=teacher_nodes,
             dataset=dataset, data_root=data_root, download=download, image_size=image_size, val_fraction=val_fraction,
@@ -206,17 +207,32 @@ def _check_val_fraction(dataset: str, val_fraction: float | None) -> None:
                             "has a fixed val split: give --val-fraction none")
 
 
-def _check_model_names(student: str, teacher: str | None, num_classes: int) -> None:
-    """Build ``student`` and ``teacher`` (None: no teacher) once and drop them, so an unknown name
-    fails before a teacher is trained; the global torch RNG is left as it was."""
+def _check_models(student: str, teacher: str | None, num_classes: int, dataset: str,
+                  input_shape: tuple[int, int, int]) -> None:
+    """Build ``student`` and ``teacher`` (None: no teacher) once, run a batch of two blank
+    ``input_shape`` images through each and drop them, so an unknown name, or a model that
+    cannot take the dataset's images (``--student resnet8`` on digits), fails in one line
+    before a teacher is trained; the global torch RNG is left as it was."""
     import torch
 
-    from kd_optuna.models import build_model
+    from kd_optuna.models import build_model, forward_error, input_mismatch
 
+    any_size = dataset == "imagefolder"  # crops of any size; the other datasets have one
+    wanted = f"a model for {input_shape[0]}-channel images" if any_size else f"a {dataset} model"
     with torch.random.fork_rng(devices=[]):
-        build_model(student, num_classes)
-        if teacher is not None:
-            build_model(teacher, num_classes)
+        for flag, name in (("--student", student), ("--teacher", teacher)):
+            if name is None:
+                continue
+            model = build_model(name, num_classes)
+            mismatch = input_mismatch(name, input_shape, any_size)
+            if mismatch:
+                raise KdOptunaError(f"{flag} {name} {mismatch} but {dataset} images are {tuple(input_shape)}; "
+                                    f"give {wanted} with {flag}")
+            error = forward_error(model, input_shape)
+            if error:
+                other_size = " or another --image-size" if any_size else ""
+                raise KdOptunaError(f"{flag} {name} cannot take {dataset} images of {tuple(input_shape)} ({error}); "
+                                    f"give {wanted} with {flag}{other_size}")
 
 
 def _frozen_teacher(teacher: str, num_classes: int, device: Any, *, checkpoint: str | None,

@@ -6,7 +6,16 @@
     knowledge_shapes(tapped, (3, 32, 32))           # {"feat": (64, 8, 8), "emb": (64,), "logit": (100,)}
 """
 
-from .registry import MODEL_NAMES, ModelEntry, UnknownModel, build_model, build_model_skeleton, model_entry
+from .registry import (
+    MODEL_NAMES,
+    ModelEntry,
+    UnknownModel,
+    build_model,
+    build_model_skeleton,
+    forward_error,
+    input_mismatch,
+    model_entry,
+)
 from .tap import KNOWLEDGE, TapError, TappedModel, check_nodes, knowledge_shapes, tap_model
 from .vit import MissingExtra
 
@@ -21,6 +30,8 @@ __all__ = [
     "build_model",
     "build_model_skeleton",
     "check_nodes",
+    "forward_error",
+    "input_mismatch",
     "knowledge_shapes",
     "model_entry",
     "tap_model",

@@ -174,6 +174,38 @@ def _timm_installed() -> bool:
     return True
 
 
+def input_mismatch(name: str, input_shape: tuple[int, int, int], any_size: bool) -> str | None:
+    """What model ``name`` takes that ``input_shape`` (C, H, W) images are not, read from its
+    registry entry (``takes (3, 32, 32) inputs``, ``takes 3-channel images``), or None where it
+    may take them. A torchvision or timm classifier takes 3-channel images of any size; a zoo
+    model its own shape, or with ``any_size`` (an image folder's crops) its own channels, the
+    size left to :func:`forward_error` (a ViT's patch grid is fixed, a ResNet pools any size)."""
+    entry = model_entry(name)
+    if entry.input_shape is None:
+        return None if input_shape[0] == 3 else "takes 3-channel images"
+    if any_size:
+        return None if input_shape[0] == entry.input_shape[0] else f"takes {entry.input_shape[0]}-channel images"
+    return None if tuple(entry.input_shape) == tuple(input_shape) else f"takes {tuple(entry.input_shape)} inputs"
+
+
+@torch.no_grad()
+def forward_error(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    """``Type: first line`` of what one eval-mode forward of a zero batch (2, *input_shape)
+    through ``model`` raises, or None when it runs; the model's mode is restored."""
+    was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    model.eval()
+    try:
+        model(torch.zeros((2, *input_shape), device=device))
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
+    finally:
+        model.train(was_training)
+    return None
+
+
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """A freshly initialised model ``name`` with ``num_classes`` outputs; kwargs go to its factory."""
     if not isinstance(num_classes, int) or num_classes < 1:

@@ -547,7 +547,7 @@ def _build(cls: type, table: Mapping[str, Any], source: str, section: str):
 
 
 def _check_models(source: str, data: DataConfig, teacher: TeacherConfig, student: StudentConfig) -> None:
-    from kd_optuna.models import UnknownModel, model_entry
+    from kd_optuna.models import UnknownModel, input_mismatch, model_entry
 
     dataset, input_shape = data.dataset, data.input_shape
     info = DATASETS[dataset]
@@ -557,17 +557,13 @@ def _check_models(source: str, data: DataConfig, teacher: TeacherConfig, student
             entry = entries[role] = model_entry(part.model)
         except UnknownModel as exc:
             raise ConfigError(f"{source}: {role}.model = {part.model!r} is not a known model: {exc}") from None
-        if entry.input_shape is None:
-            if input_shape[0] != 3:
-                raise ConfigError(
-                    f"{source}: {role}.model = {part.model!r} ({entry.source}) takes 3-channel images but {dataset} "
-                    f"images are {input_shape}; pick a {dataset} model"
-                )
-        elif info.family != "imagenet" and tuple(entry.input_shape) != input_shape:
-            raise ConfigError(
-                f"{source}: {role}.model = {part.model!r} takes {tuple(entry.input_shape)} inputs but {dataset} images are "
-                f"{input_shape}; pick a {dataset} model"
-            )
+        any_size = info.family == "imagenet"
+        mismatch = input_mismatch(part.model, input_shape, any_size)
+        if mismatch:
+            library = "" if entry.source == "zoo" else f" ({entry.source})"
+            wanted = f"a model for {input_shape[0]}-channel images" if any_size else f"a {dataset} model"
+            raise ConfigError(f"{source}: {role}.model = {part.model!r}{library} {mismatch} but {dataset} images are "
+                              f"{input_shape}; pick {wanted}")
         if part.num_classes is not None and part.num_classes < 1:
             raise ConfigError(f"{source}: {role}.num_classes must be at least 1, got {part.num_classes}")
         if part.num_classes is not None and info.family != "imagenet" and part.num_classes != info.num_classes:
@@ -588,15 +584,27 @@ def _check_models(source: str, data: DataConfig, teacher: TeacherConfig, student
             "a distiller needs the same classes on both sides"
         )
     for role, part in (("teacher", teacher), ("student", student)):
-        if part.nodes is not None or entries[role].source != "zoo":
-            _check_tap(source, role, part, entries[role].source, t_classes, input_shape)
+        entry = entries[role]
+        if part.nodes is not None or entry.source != "zoo" or tuple(entry.input_shape) != input_shape:
+            _check_tap(source, role, part, entry.source, t_classes, input_shape, dataset)
 
 
-def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int, input_shape: tuple) -> None:
+def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int, input_shape: tuple,
+               dataset: str) -> None:
     """Trace ``part.model`` once, built by ``build_model_skeleton`` (on the meta device where it
     can be: no weights allocated; nothing downloaded): its tap nodes must exist, and, where a
-    forward runs, give a feature map, a vector and ``num_classes`` logits on ``input_shape`` images."""
-    from kd_optuna.models import TapError, build_model_skeleton, check_nodes, knowledge_shapes, tap_model
+    forward runs, give a feature map, a vector and ``num_classes`` logits on ``input_shape`` images.
+    Where the meta forward fails, one on the CPU tells an op without a meta kernel (checked on
+    first use) from images the model cannot take (a ViT's fixed patch grid at another size)."""
+    from kd_optuna.models import (
+        TapError,
+        build_model,
+        build_model_skeleton,
+        check_nodes,
+        forward_error,
+        knowledge_shapes,
+        tap_model,
+    )
     from kd_optuna.models.tap import default_nodes, describe_nodes
 
     try:
@@ -623,8 +631,13 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
         raise ConfigError(f"{source}: {role}.nodes: {_one_line(str(exc))}") from None
     try:
         shapes = knowledge_shapes(tapped, input_shape)
-    except Exception:  # an op without a meta kernel: the nodes exist, the shapes are checked on first use
-        return
+    except Exception:
+        error = forward_error(tap_model(build_model(part.model, num_classes), part.model, nodes=nodes), input_shape)
+        if error is None:  # an op without a meta kernel: the nodes exist, the shapes are checked on first use
+            return
+        other_size = " or another [data] image_size" if dataset == "imagefolder" else ""
+        raise ConfigError(f"{source}: {role}.model = {part.model!r} cannot take {dataset} images of {input_shape} "
+                          f"({error}); pick a model for them{other_size}")
     wanted = {"feat": 3, "emb": 1}
     for key, rank in wanted.items():
         if len(shapes[key]) != rank:
