@@ -362,6 +362,19 @@ def test_an_image_folder_crop_a_vit_cannot_take_is_named_with_the_error(tmp_path
     _check_models("resnet8", "vit_tiny_cifar", 3, "imagefolder", (3, 32, 32))
 
 
+def test_another_student_with_the_exported_nodes_is_told_to_give_its_own():
+    """The script of a mobilenet_v3_small study keeps its nodes as the --student-nodes default:
+    ``--student resnet18`` alone lacks them, and the line names the flag (it named ``nodes=``)."""
+    from kd_optuna.errors import KdOptunaError
+    from kd_optuna.export.training import _check_models
+
+    mobilenet = {"feat": "features", "emb": "flatten", "logit": "classifier.3"}
+    with pytest.raises(KdOptunaError, match=r"^--student resnet18: tap node\(s\) features, classifier.3 not in .*; "
+                                            r"give its nodes with --student-nodes '.*' \(or --student-nodes none"):
+        _check_models("resnet18", None, 3, "imagefolder", (3, 32, 32), student_nodes=mobilenet)
+    _check_models("resnet18", None, 3, "imagefolder", (3, 32, 32))
+
+
 @pytest.mark.parametrize("seed", [str(2**64), str(-2**63 - 1)])
 def test_a_seed_torch_cannot_take_is_refused_in_one_line(exported_at_script, seed, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -99,7 +99,7 @@ def train_with_distiller(
                               val_fraction=val_fraction, **hint)
         num_classes = splits.num_classes
         _check_models(student, None if method == "dml" else teacher, num_classes, dataset,
-                      tuple(splits.input_shape))
+                      tuple(splits.input_shape), student_nodes, teacher_nodes)
         tapped_teacher = None if method == "dml" else _frozen_teacher(
             teacher, num_classes, target, checkpoint=teacher_checkpoint, nodes=teacher_nodes,
             dataset=dataset, data_root=data_root, download=download, image_size=image_size, val_fraction=val_fraction,
@@ -208,19 +208,21 @@ def _check_val_fraction(dataset: str, val_fraction: float | None) -> None:
 
 
 def _check_models(student: str, teacher: str | None, num_classes: int, dataset: str,
-                  input_shape: tuple[int, int, int]) -> None:
+                  input_shape: tuple[int, int, int], student_nodes: dict[str, str] | None = None,
+                  teacher_nodes: dict[str, str] | None = None) -> None:
     """Build ``student`` and ``teacher`` (None: no teacher) once, run a batch of two blank
-    ``input_shape`` images through each and drop them, so an unknown name, or a model that
-    cannot take the dataset's images (``--student resnet8`` on digits), fails in one line
-    before a teacher is trained; the global torch RNG is left as it was."""
+    ``input_shape`` images through each, tap it and drop it, so an unknown name, a model that
+    cannot take the dataset's images (``--student resnet8`` on digits) or tap nodes it lacks
+    (``--student resnet18`` with a MobileNet's ``--student-nodes``) fail in one line before a
+    teacher is trained; the global torch RNG is left as it was."""
     import torch
 
-    from kd_optuna.models import build_model, forward_error, input_mismatch
+    from kd_optuna.models import TapError, build_model, forward_error, input_mismatch, tap_model
 
     any_size = dataset == "imagefolder"  # crops of any size; the other datasets have one
     wanted = f"a model for {input_shape[0]}-channel images" if any_size else f"a {dataset} model"
     with torch.random.fork_rng(devices=[]):
-        for flag, name in (("--student", student), ("--teacher", teacher)):
+        for flag, name, nodes in (("--student", student, student_nodes), ("--teacher", teacher, teacher_nodes)):
             if name is None:
                 continue
             model = build_model(name, num_classes)
@@ -233,6 +235,12 @@ def _check_models(student: str, teacher: str | None, num_classes: int, dataset: 
                 other_size = " or another --image-size" if any_size else ""
                 raise KdOptunaError(f"{flag} {name} cannot take {dataset} images of {tuple(input_shape)} ({error}); "
                                     f"give {wanted} with {flag}{other_size}")
+            try:
+                tap_model(model, name, nodes=nodes)
+            except TapError as exc:
+                example = '{"feat": "...", "emb": "...", "logit": "..."}'
+                raise KdOptunaError(f"{flag} {name}: {exc}; give its nodes with {flag}-nodes '{example}' "
+                                    f"(or {flag}-nodes none where kd-optuna knows them)") from None
 
 
 def _frozen_teacher(teacher: str, num_classes: int, device: Any, *, checkpoint: str | None,
