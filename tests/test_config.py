@@ -111,6 +111,8 @@ def test_search_table_builds_the_sampler():
         ({"proxy": {"optimizer": "adamw2"}}, ["[proxy]", "adamw2"]),
         ({"proxy": {"seeds": [0, 0]}}, ["[proxy] seeds must be distinct seeds"]),
         ({"proxy": {"steps": 0}}, ["[proxy] steps must be an integer >= 1, got 0"]),
+        ({"proxy": {"views": 10**30}}, ["proxy.views = 1000000000000000000000000000000 does not fit in 64 bits"]),
+        ({"train": {"milestones": [2**63]}}, ["train.milestones[0]", "64 bits"]),
         ({"proxy": {"confirm_seeds": [3, 3]}}, ["[proxy]", "confirm_seeds", "distinct"]),
         ({"space": {"distance": ["l3"]}}, ["distance", "l3", "l1"]),
         ({"space": {"colour": ["red"]}}, ["colour", "knowledge"]),

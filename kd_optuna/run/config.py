@@ -497,6 +497,8 @@ def _check_scalar(source: str, key: str, value: Any, hint: type) -> Any:
         raise ConfigError(f"{source}: {key} must be true or false, got {_kind(value)} {value!r}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2**63 <= value < 2**63:  # TOML's integers; torch, numpy and SQLite take no more
+                raise ConfigError(f"{source}: {key} = {value} does not fit in 64 bits; give a smaller integer")
             return value
         raise ConfigError(f"{source}: {key} must be an integer, got {_kind(value)} {value!r}")
     if hint is float:
