@@ -134,6 +134,24 @@ def test_study_created_by_plain_optuna_is_refused(tmp_path):
         study_config(study)
 
 
+def test_a_stored_config_this_version_cannot_read_says_so(tmp_path):
+    """A study created by a newer kd-optuna holds keys this one lacks: the line says why."""
+    import json
+
+    from kd_optuna.run.config import CONFIG_ATTR
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = create_kd_study(url, name="s")
+    stored = json.loads(study.user_attrs[CONFIG_ATTR])
+    stored["proxy"]["future_knob"] = 3
+    study.set_user_attr(CONFIG_ATTR, json.dumps(stored))
+    with pytest.raises(StorageError) as info:
+        study_config(load_study(open_storage(url), "s", url))
+    message = str(info.value)
+    assert "unknown key 'future_knob'" in message and "created by another version?" in message
+    assert "\n" not in message
+
+
 def test_stored_config_is_read_back(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     create_kd_study(url, name="s")

@@ -35,6 +35,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from kd_optuna import __version__
 from kd_optuna.run.config import CONFIG_ATTR, ConfigError, StudyConfig
 from kd_optuna.errors import KdOptunaError
 
@@ -355,4 +356,7 @@ def study_config(study: optuna.Study) -> StudyConfig:
     try:
         return StudyConfig.from_json(text, source=f"config stored in study {study.study_name!r}", check_models=False)
     except ConfigError as exc:
-        raise StorageError(str(exc)) from None
+        raise StorageError(
+            f"{exc}; this kd-optuna {__version__} cannot read it: was the study created by another version? "
+            "run that version on it, or create the study again with this one"
+        ) from None
