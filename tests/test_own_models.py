@@ -80,19 +80,22 @@ def test_torchvision_model_outside_the_zoo_runs_a_trial(tmp_path, teacher_file, 
 
 
 @pytest.mark.parametrize(
-    "nodes, words",
+    "student, nodes, words",
     [
-        ('{ feat = "features", emb = "flaten", logit = "classifier.3" }',
+        ("mobilenet_v3_small", '{ feat = "features", emb = "flaten", logit = "classifier.3" }',
          ["student.nodes", "emb node 'flaten'", "flatten", "classifier.3", "features"]),
-        ('{ feat = "features", emb = "flatten", logit = "classifier.0" }',
+        ("mobilenet_v3_small", '{ feat = "features", emb = "flatten", logit = "classifier.0" }',
          ["student.nodes.logit", "classifier.0", "2 class logits"]),
-        (None, ["student.model = 'mobilenet_v3_small'", "outside the zoo", "nodes = {", "classifier.3"]),
+        ("shufflenet_v2_x0_5", None,  # pooled by x.mean([2, 3]), which no module gives
+         ["student.model = 'shufflenet_v2_x0_5'", "outside the zoo", "could not be read off its forward",
+          "nodes = {", "conv5"]),
     ],
 )
-def test_wrong_or_missing_nodes_are_one_line_at_create_study(tmp_path, capsys, monkeypatch, nodes, words):
+def test_wrong_or_missing_nodes_are_one_line_at_create_study(tmp_path, capsys, monkeypatch, student, nodes, words):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "own.toml"
-    config.write_text(own_model_toml(image_folder(tmp_path / "images", per_class=1), student_nodes=nodes))
+    config.write_text(own_model_toml(image_folder(tmp_path / "images", per_class=1), student_nodes=nodes,
+                                     student=student))
     url = f"sqlite:///{tmp_path / 'kd.db'}"
     code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
     assert code == 2
@@ -101,6 +104,22 @@ def test_wrong_or_missing_nodes_are_one_line_at_create_study(tmp_path, capsys, m
     for word in words:
         assert word in line, line
     assert optuna.get_all_study_names(url) == []
+
+
+def test_a_cnn_classifier_without_nodes_gets_those_read_off_its_forward_kept_in_the_study(tmp_path, capsys,
+                                                                                       monkeypatch, caplog):
+    from kd_optuna.run.storage import load_study, open_storage, study_config
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "own.toml"
+    config.write_text(own_model_toml(image_folder(tmp_path / "images", per_class=2), student_nodes=None))
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    assert code == 0, err
+    assert ("student.model = 'mobilenet_v3_small' taps nodes = { feat = \"features\", emb = \"classifier.1\", "
+            "logit = \"classifier.3\" }, read off its forward") in caplog.text
+    stored = study_config(load_study(open_storage(url), "own", url)).student
+    assert stored.nodes == {"feat": "features", "emb": "classifier.1", "logit": "classifier.3"}
 
 
 def test_unknown_model_name_says_what_is_accepted(tmp_path, capsys, monkeypatch):

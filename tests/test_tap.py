@@ -129,9 +129,68 @@ def test_user_model_with_user_nodes_and_pooled_emb_flattened():
     assert out["feat"].shape == (3, 8, 8, 8) and out["emb"].shape == (3, 8) and out["logit"].shape == (3, 4)
 
 
-def test_model_without_known_nodes_asks_for_them():
-    with pytest.raises(TapError, match="nodes="):
-        tap_model(Custom())
+class MeanPooled(Custom):
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))  # the pooled vector is no module's output
+
+
+class SharedActivation(Custom):
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = self.body[1]
+
+    def forward(self, x):
+        h = self.act(self.conv2(self.body(x)))  # the ReLU runs twice: its path names two graph nodes
+        return self.head(self.pool(h).flatten(1))
+
+
+@pytest.mark.parametrize("model", [MeanPooled, SharedActivation])
+def test_model_whose_nodes_cannot_be_read_off_its_forward_asks_for_them(model):
+    with pytest.raises(TapError, match="or read off its forward: pass nodes="):
+        tap_model(model())
+
+
+@pytest.mark.parametrize("model, mechanism", [(Custom, "fx"), (Untraceable, "hooks")])
+def test_a_cnn_classifier_s_nodes_are_read_off_its_forward(model, mechanism):
+    from kd_optuna.models.inferred_nodes import infer_nodes
+
+    model = model().eval()
+    assert infer_nodes(model) == {"feat": "body", "emb": "pool", "logit": "head"}
+    tapped = tap_model(model)
+    assert tapped.mechanism == mechanism
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = tapped(x)
+        torch.testing.assert_close(out["logit"], model(x))
+        torch.testing.assert_close(out["emb"], model.pool(model.body(x)).flatten(1))
+
+
+@pytest.mark.parametrize("name, nodes", [
+    ("mobilenet_v3_small", {"feat": "features", "emb": "classifier.1", "logit": "classifier.3"}),
+    ("efficientnet_b0", {"feat": "features", "emb": "avgpool", "logit": "classifier.1"}),
+    ("regnet_x_400mf", {"feat": "trunk_output", "emb": "avgpool", "logit": "fc"}),
+    ("convnext_tiny", {"feat": "features", "emb": "classifier.0", "logit": "classifier.2"}),  # LayerNorm after the pool
+    ("timm:resnet10t", {"feat": "layer4", "emb": "global_pool.pool", "logit": "fc"}),
+    ("timm:regnetx_002", {"feat": "final_conv", "emb": "head.global_pool.pool", "logit": "head.flatten"}),
+])
+def test_library_cnn_nodes_read_off_the_forward(name, nodes):
+    """The last feature map, the vector the classifier layer reads (a 1x1-convolution head's
+    too), and the returned logits; the model's state and mode are left as they were."""
+    from kd_optuna.models.inferred_nodes import infer_nodes
+
+    if name.startswith("timm:"):
+        pytest.importorskip("timm")
+    model = build_model(name, 3).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert infer_nodes(model) == nodes
+    assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    tapped = tap_model(model, name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = tapped(x)
+        torch.testing.assert_close(out["logit"], model(x))
+    assert out["feat"].dim() == 4 and out["feat"].shape[-2:] == (2, 2) and out["emb"].dim() == 2
 
 
 def test_untraceable_model_falls_back_to_hooks():

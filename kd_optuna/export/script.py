@@ -44,9 +44,11 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "download": ("bool", "download the dataset if missing (true/false)"),
     "teacher": ("str", "teacher model name"),
     "teacher_checkpoint": ("str_or_none", "teacher checkpoint (none: train one, cached)"),
-    "teacher_nodes": ("nodes", "the teacher's feat/emb/logit nodes as JSON (none: the zoo's)"),
+    "teacher_nodes": ("nodes", "the teacher's feat/emb/logit nodes as JSON "
+                            "(none: the zoo's, or read off the model's forward)"),
     "student": ("str", "student model name"),
-    "student_nodes": ("nodes", "the student's feat/emb/logit nodes as JSON (none: the zoo's)"),
+    "student_nodes": ("nodes", "the student's feat/emb/logit nodes as JSON "
+                            "(none: the zoo's, or read off the model's forward)"),
     "device": ("str", "auto, cpu, cuda or cuda:N"),
     "output_dir": ("str", "where checkpoints go"),
 }

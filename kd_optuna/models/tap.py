@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import KdOptunaError
+from .inferred_nodes import infer_nodes
 from .registry import model_entry
 from .vit import tokens_to_map
 
@@ -38,7 +39,9 @@ def _is_timm_vit(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "norm", "head"))
 
 
-def _default_nodes(model: nn.Module) -> dict[str, str] | None:
+def known_nodes(model: nn.Module) -> dict[str, str] | None:
+    """The tap nodes of a model a rule knows: zoo ``tap_nodes``, torchvision ResNet and
+    MobileNetV2, timm ViT; else None."""
     nodes = getattr(model, "tap_nodes", None)
     if nodes is not None:
         return dict(nodes)
@@ -83,9 +86,10 @@ def describe_nodes(model: nn.Module) -> str:
 
 
 def default_nodes(model: nn.Module) -> dict[str, str] | None:
-    """The tap nodes ``model`` is recognised by (zoo ``tap_nodes``, torchvision ResNet /
-    MobileNetV2, timm ViT), or None when a config must name them."""
-    return _default_nodes(model)
+    """The tap nodes ``model`` is recognised by (:func:`known_nodes`), else those read off its
+    forward (:func:`kd_optuna.models.inferred_nodes.infer_nodes`: CNN classifiers), or None
+    when a config must name them."""
+    return known_nodes(model) or infer_nodes(model)
 
 
 def _present(node: str, graph: list[str]) -> bool:
@@ -209,7 +213,8 @@ def tap_model(
 
     Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
     the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 and timm
-    Vision Transformers are recognised). ``nodes`` needs the keys feat, emb, logit; values are
+    Vision Transformers are recognised; other CNN classifiers' nodes are read off one forward,
+    :mod:`kd_optuna.models.inferred_nodes`). ``nodes`` needs the keys feat, emb, logit; values are
     torch.fx node names as listed by ``torchvision.models.feature_extraction.get_graph_node_names``
     (a module path names the last node inside it). A wrong name raises TapError listing the
     available nodes. On a timm ViT, a token ``feat`` (N, P + h*w, D) becomes the patch grid
@@ -226,12 +231,12 @@ def tap_model(
         if entry.feat_transform is not None:
             feat_transform = entry.feat_transform(model)
     if nodes is None:
-        nodes = _default_nodes(model)
+        nodes = default_nodes(model)
     if feat_transform is None and _is_timm_vit(model):
         feat_transform = tokens_to_map(int(model.num_prefix_tokens))
     if nodes is None:
         raise TapError(
-            f"no known tap nodes for {type(model).__name__}: pass nodes={{'feat': ..., 'emb': ..., "
+            f"no tap nodes known for {type(model).__name__} or read off its forward: pass nodes={{'feat': ..., 'emb': ..., "
             f"'logit': ...}}; {_available_nodes(_graph_nodes(model))}"
         )
     missing = [k for k in KNOWLEDGE if k not in nodes]

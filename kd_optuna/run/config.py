@@ -29,6 +29,7 @@ import difflib
 import importlib.resources
 import inspect
 import json
+import logging
 import re
 import sys
 import typing
@@ -247,7 +248,7 @@ class StudyConfig:
         teacher = _build(TeacherConfig, data["teacher"], source, "teacher")
         student = _build(StudentConfig, data["student"], source, "student")
         if check_models:
-            _check_models(source, dataset_config, teacher, student)
+            teacher, student = _check_models(source, dataset_config, teacher, student)
         proxy_table = data.get("proxy", {})
         proxy = _build(_proxy_settings_class(), proxy_table, source, "proxy")
         space = _build_space(source, data.get("space", {}))
@@ -548,7 +549,11 @@ def _build(cls: type, table: Mapping[str, Any], source: str, section: str):
         raise ConfigError(f"{source}: [{section}] {_one_line(str(exc))}; fix the value") from None
 
 
-def _check_models(source: str, data: DataConfig, teacher: TeacherConfig, student: StudentConfig) -> None:
+def _check_models(source: str, data: DataConfig, teacher: TeacherConfig,
+                  student: StudentConfig) -> tuple[TeacherConfig, StudentConfig]:
+    """``teacher`` and ``student`` checked against the dataset and each other; a model outside
+    the zoo's and the tap's rules comes back with the nodes read off its forward (kept in the
+    config, so the study's workers and exported script tap what was checked here)."""
     from kd_optuna.models import UnknownModel, input_mismatch, model_entry
 
     dataset, input_shape = data.dataset, data.input_shape
@@ -585,19 +590,25 @@ def _check_models(source: str, data: DataConfig, teacher: TeacherConfig, student
             f"{source}: teacher.num_classes = {t_classes} but student.num_classes = {s_classes}; "
             "a distiller needs the same classes on both sides"
         )
+    checked = {}
     for role, part in (("teacher", teacher), ("student", student)):
         entry = entries[role]
+        inferred = None
         if part.nodes is not None or entry.source != "zoo" or tuple(entry.input_shape) != input_shape:
-            _check_tap(source, role, part, entry.source, t_classes, input_shape, dataset)
+            inferred = _check_tap(source, role, part, entry.source, t_classes, input_shape, dataset)
+        checked[role] = part if inferred is None else dataclasses.replace(part, nodes=inferred)
+    return checked["teacher"], checked["student"]
 
 
 def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int, input_shape: tuple,
-               dataset: str) -> None:
+               dataset: str) -> dict[str, str] | None:
     """Trace ``part.model`` once, built by ``build_model_skeleton`` (on the meta device where it
     can be: no weights allocated; nothing downloaded): its tap nodes must exist, and, where a
     forward runs, give a feature map, a vector and ``num_classes`` logits on ``input_shape`` images.
     Where the meta forward fails, one on the CPU tells an op without a meta kernel (checked on
-    first use) from images the model cannot take (a ViT's fixed patch grid at another size)."""
+    first use) from images the model cannot take (a ViT's fixed patch grid at another size).
+    Returns the nodes read off the model's forward where the config names none and no rule
+    knows the model (said in a note), else None."""
     from kd_optuna.models import (
         TapError,
         build_model,
@@ -607,7 +618,7 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
         knowledge_shapes,
         tap_model,
     )
-    from kd_optuna.models.tap import default_nodes, describe_nodes
+    from kd_optuna.models.tap import default_nodes, describe_nodes, known_nodes
 
     try:
         model = build_model_skeleton(part.model, num_classes)
@@ -619,12 +630,15 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
             f"({type(exc).__name__}: {_one_line(str(exc))[:200]})"
         ) from None
     nodes = part.nodes
-    if nodes is None and default_nodes(model) is None:
-        raise ConfigError(
-            f"{source}: {role}.model = {part.model!r} is a {library} model outside the zoo: name its tap nodes under "
-            f"[{role}] as nodes = {{ feat = \"...\", emb = \"...\", logit = \"...\" }}; "
-            f"{describe_nodes(model)}"
-        )
+    inferred = None
+    if nodes is None and known_nodes(model) is None:
+        nodes = inferred = default_nodes(model)
+        if nodes is None:
+            raise ConfigError(
+                f"{source}: {role}.model = {part.model!r} is a {library} model outside the zoo whose tap nodes could "
+                f"not be read off its forward: name them under [{role}] as "
+                f"nodes = {{ feat = \"...\", emb = \"...\", logit = \"...\" }}; {describe_nodes(model)}"
+            )
     try:
         if nodes is not None:
             check_nodes(model, nodes)
@@ -636,7 +650,7 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
     except Exception:
         error = forward_error(tap_model(build_model(part.model, num_classes), part.model, nodes=nodes), input_shape)
         if error is None:  # an op without a meta kernel: the nodes exist, the shapes are checked on first use
-            return
+            return _said_inferred(source, role, part.model, inferred)
         other_size = " or another [data] image_size" if dataset == "imagefolder" else ""
         raise ConfigError(f"{source}: {role}.model = {part.model!r} cannot take {dataset} images of {input_shape} "
                           f"({error}); pick a model for them{other_size}")
@@ -653,6 +667,17 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
             f"{source}: {role}.nodes.logit = {tapped.nodes['logit']!r} gives per-image shape {shapes['logit']}, "
             f"not the {num_classes} class logits; name the classifier's last layer"
         )
+    return _said_inferred(source, role, part.model, inferred)
+
+
+def _said_inferred(source: str, role: str, model: str, nodes: dict[str, str] | None) -> dict[str, str] | None:
+    """``nodes``, after a note naming them when the tap read them off the model's forward."""
+    if nodes is not None:
+        listed = ", ".join(f'{key} = "{nodes[key]}"' for key in KNOWLEDGE_NODES)
+        logging.getLogger("kd_optuna").warning(
+            "note: %s: %s.model = %r taps nodes = { %s }, read off its forward; name others under [%s] to change them",
+            source, role, model, listed, role)
+    return nodes
 
 
 def _build_space(source: str, table: Mapping[str, Any]) -> SearchSpace:
