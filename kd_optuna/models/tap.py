@@ -36,7 +36,9 @@ class TapError(KdOptunaError, ValueError):
 
 
 def _is_timm_vit(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "norm", "head"))
+    """timm's VisionTransformer and its kin (DeiT, ...), whose tap the ViT rule names; CaiT and
+    others with these attributes but no ``fc_norm`` are not."""
+    return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "norm", "fc_norm", "head"))
 
 
 def known_nodes(model: nn.Module) -> dict[str, str] | None:
