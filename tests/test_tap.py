@@ -268,3 +268,13 @@ def test_vit_without_timm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)
     with pytest.raises(MissingExtra, match="pip install timm"):
         build_model("vit_tiny_cifar", 10)
+
+
+def test_a_timm_cait_is_not_taken_for_a_vit_and_asks_for_nodes():
+    """CaiT has patch_embed, norm and head but no fc_norm: the ViT rule named fc_norm, and a
+    config that named no node failed on 'tap node(s) fc_norm not in Cait's graph'."""
+    pytest.importorskip("timm")
+    from kd_optuna.models import build_model_skeleton
+
+    with pytest.raises(TapError, match="no tap nodes known for Cait or read off its forward"):
+        tap_model(build_model_skeleton("timm:cait_xxs24_224", 3))
