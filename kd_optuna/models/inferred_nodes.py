@@ -19,6 +19,8 @@ are tap nodes: a path names the last graph node inside that module.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 from torch import nn
 
@@ -32,30 +34,40 @@ _PASS_THROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Ide
 _POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.LPPool2d)
 
 
+class _Call(NamedTuple):
+    """One module's forward, recorded when it returned."""
+
+    path: str
+    module: nn.Module
+    input: torch.Tensor
+    output: torch.Tensor
+
+
 def infer_nodes(model: nn.Module) -> dict[str, str] | None:
     """``{"feat", "emb", "logit"}`` module paths of ``model`` read off one forward (module
     docstring), or None where its forward is not shaped so; the model's mode, parameters,
     buffers and the global RNG are left as they were."""
     for size in PROBE_SIZES:
-        finished = _finished_modules(model, (3, size, size))
-        nodes = None if finished is None else _nodes(*finished)
+        forward = _record_forward(model, (3, size, size))
+        nodes = None if forward is None else _nodes(*forward)
         if nodes is not None:
             return nodes
     return None
 
 
-def _finished_modules(model: nn.Module, input_shape: tuple[int, int, int]):
-    """``(records, output)``: per module, in the order they finish, ``(path, module, input,
-    output)`` for tensor inputs and outputs; and the model's output. None when the forward fails."""
-    records: list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]] = []
+def _record_forward(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list[_Call], Any] | None:
+    """The modules' calls with a tensor input and output, in the order they returned, and the
+    model's output, for one eval-mode forward of a blank batch (2, *input_shape); None when the
+    forward fails."""
+    calls: list[_Call] = []
 
-    def record(path):
+    def recorder(path):
         def hook(module, inputs, output):
             if inputs and isinstance(inputs[0], torch.Tensor) and isinstance(output, torch.Tensor):
-                records.append((path, module, inputs[0], output))
+                calls.append(_Call(path, module, inputs[0], output))
         return hook
 
-    handles = [m.register_forward_hook(record(path)) for path, m in model.named_modules() if path]
+    handles = [m.register_forward_hook(recorder(path)) for path, m in model.named_modules() if path]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     was_training = model.training
@@ -69,40 +81,44 @@ def _finished_modules(model: nn.Module, input_shape: tuple[int, int, int]):
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return records, output
+    return calls, output
 
 
 def _per_image(tensor: torch.Tensor) -> int:
     return tensor[0].numel()
 
 
-def _feature_map(module: nn.Module, output: torch.Tensor) -> bool:
-    """Whether ``output`` is a feature map the network computed: (N, C, H, W) larger than 1x1
+def _feature_map(call: _Call) -> bool:
+    """Whether the call gave a feature map the network computed: (N, C, H, W) larger than 1x1
     (a pooled map is 1x1), not the output of a pooling layer (an adaptive one may only
     resample the map: VGG's 7x7)."""
-    return output.dim() == 4 and output.shape[-2:] != (1, 1) and not isinstance(module, _POOLING)
+    return call.output.dim() == 4 and call.output.shape[-2:] != (1, 1) and not isinstance(call.module, _POOLING)
 
 
-def _nodes(records, output) -> dict[str, str] | None:
+def _last(calls: list[_Call], test) -> int | None:
+    """The index of the last call that passes ``test``, or None."""
+    return next((i for i in range(len(calls) - 1, -1, -1) if test(calls[i])), None)
+
+
+def _nodes(calls: list[_Call], output: Any) -> dict[str, str] | None:
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
         return None
-    leaves = [r for r in records if not any(True for _ in r[1].children())]
-    logit_at = next((i for i in range(len(leaves) - 1, -1, -1) if leaves[i][3] is output), None)
+    leaves = [c for c in calls if next(c.module.children(), None) is None]
+    logit_at = _last(leaves, lambda c: c.output is output)
     if logit_at is None:
         return None
-    classifier_at = next((i for i in range(logit_at, -1, -1) if not isinstance(leaves[i][1], _PASS_THROUGH)), None)
+    classifier_at = _last(leaves[:logit_at + 1], lambda c: not isinstance(c.module, _PASS_THROUGH))
     if classifier_at is None:
         return None
-    classifier_input = leaves[classifier_at][2]
-    emb = next((r for r in reversed(leaves[:classifier_at]) if not isinstance(r[1], _PASS_THROUGH)), None)
-    if emb is None or _per_image(emb[3]) != _per_image(classifier_input):
+    emb_at = _last(leaves[:classifier_at], lambda c: not isinstance(c.module, _PASS_THROUGH))
+    if emb_at is None or _per_image(leaves[emb_at].output) != _per_image(leaves[classifier_at].input):
         return None
-    emb_at = next(i for i, r in enumerate(records) if r[3] is emb[3] and r[0] == emb[0])
-    feat = next((r for r in reversed(records[:emb_at]) if _feature_map(r[1], r[3])), None)
-    if feat is None:
+    emb = leaves[emb_at]
+    feat_at = _last(calls[:next(i for i, c in enumerate(calls) if c is emb)], _feature_map)
+    if feat_at is None:
         return None
-    nodes = {"feat": feat[0], "emb": emb[0], "logit": leaves[logit_at][0]}
-    calls = [r[0] for r in records]
-    if any(calls.count(path) > 1 for path in nodes.values()):  # a module called twice names two graph nodes
+    nodes = {"feat": calls[feat_at].path, "emb": emb.path, "logit": leaves[logit_at].path}
+    paths = [c.path for c in calls]
+    if any(paths.count(path) > 1 for path in nodes.values()):  # a module called twice names two graph nodes
         return None
     return nodes
