@@ -616,6 +616,7 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
         check_nodes,
         forward_error,
         knowledge_shapes,
+        model_entry,
         tap_model,
     )
     from kd_optuna.models.tap import default_nodes, describe_nodes, known_nodes
@@ -631,7 +632,7 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
         ) from None
     nodes = part.nodes
     inferred = None
-    if nodes is None and known_nodes(model) is None:
+    if nodes is None and model_entry(part.model).nodes is None and known_nodes(model) is None:
         nodes = inferred = default_nodes(model)
         if nodes is None:
             raise ConfigError(
