@@ -104,6 +104,25 @@ def test_non_finite_training_is_pruned_with_a_reason(task, monkeypatch):
     assert trial.user_attrs["reject_reason"] == "non_finite"
 
 
+def test_a_non_finite_score_after_a_finite_training_is_a_rejection_said_once(task, monkeypatch, caplog):
+    """A proxy lr too high for its student leaves the training loss finite and the eval-mode
+    logits overflowed: the score was NaN, and Optuna failed the trial with 'the objective
+    returned NaN'."""
+    import dataclasses
+
+    finite = task.run(CLASSICS["kd"][0])
+    overflowed = dataclasses.replace(finite, val_ce=math.nan, score=math.nan)
+    monkeypatch.setattr(task, "run", lambda spec, **kwargs: overflowed)
+    study = study_with(CLASSICS["kd"][0].to_params(), CLASSICS["fitnets"][0].to_params())
+    study.optimize(Objective(task), n_trials=2)
+    for trial in study.trials:
+        assert trial.state == optuna.trial.TrialState.PRUNED
+        assert trial.user_attrs["reject_reason"] == "non_finite"
+        assert "eval-mode logits overflowed" in trial.user_attrs["reject_detail"]
+    said = [r.getMessage() for r in caplog.records if "trains too fast for this student" in r.getMessage()]
+    assert len(said) == 1 and f"lower [proxy] lr (now {task.proxy.lr:g}" in said[0]
+
+
 def test_params_are_the_public_gene_names(task):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     study.optimize(Objective(task), n_trials=1)

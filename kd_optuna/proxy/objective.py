@@ -5,7 +5,8 @@ User attrs written on every trial (fixed names, read by the sampler and the dash
 
     spec, formula                     canonical key and readable formula
     rejection_seconds                 time of the rejection protocol
-    reject_reason, reject_detail      when rejected or non-finite in training (trial pruned)
+    reject_reason, reject_detail      when rejected, or non-finite in training or scoring
+                                      (trial pruned)
     val_ce, val_ce_raw, val_acc,      the proxy metrics (kd_optuna.proxy.training.ProxyResult),
     sharpness_gap, cka_gap            averaged over the proxy seeds the trial ran
     proxy_seeds, seed_scores          those seeds: ``seeds``, then the ``confirm_seeds`` that
@@ -29,6 +30,11 @@ of the study has scored better is said once per worker, with the proxy's steps a
 change: such trials all score the same and the search cannot tell their distillers apart.
 Once some trial has beaten chance, a trial at chance is a distiller that stopped its student
 learning, which the search handles by its score, and nothing is said.
+
+A proxy student whose training loss stayed finite but whose validation CE is not (its
+eval-mode logits overflowed: a proxy lr too high for its student) is rejected as ``non_finite``
+like a loss that overflowed in training, and said once per worker with the proxy's lr; before,
+the trial returned NaN and Optuna failed it with "the objective returned NaN".
 
 The other end is said too, once per worker: a trial whose student classified every validation
 image correctly. Its calibrated CE shrinks towards 0 as the fitted temperature does (to 1e-13
@@ -74,6 +80,7 @@ class Objective:
         self.threads = threads
         self._said_chance = False
         self._said_separated = False
+        self._said_non_finite = False
         self._chance_beaten = False
 
     def __call__(self, trial: optuna.trial.BaseTrial) -> float:
@@ -111,6 +118,8 @@ class Objective:
             trial.set_user_attr("reject_reason", "non_finite")
             trial.set_user_attr("reject_detail", error.reason)
             raise optuna.TrialPruned(f"rejected (non_finite): {error.reason}") from None
+        if not math.isfinite(result.score):
+            self._reject_non_finite_score(trial, result)
         weights = self.task.proxy.score_weights
         trial.set_user_attr("proxy_seeds", list(result.seeds))
         trial.set_user_attr(SEED_SCORES_ATTR, result.seed_scores(weights))
@@ -142,6 +151,21 @@ class Objective:
             more = self.task.run(spec, dataclasses.replace(proxy, seeds=(seed,), confirm_seeds=()))
             result = result.joined(more, weights, proxy.steps)
         return result
+
+    def _reject_non_finite_score(self, trial: optuna.trial.BaseTrial, result: ProxyResult) -> None:
+        detail = (f"validation CE {result.val_ce} after a finite training loss: the proxy student's eval-mode "
+                  "logits overflowed")
+        trial.set_user_attr("reject_reason", "non_finite")
+        trial.set_user_attr("reject_detail", detail)
+        if not self._said_non_finite:
+            self._said_non_finite = True
+            proxy = self.task.proxy
+            log.warning(
+                "trial %d: %s, and it was rejected; if many trials say so, the proxy trains too fast for this "
+                "student: lower [proxy] lr (now %g, %d steps of batch %d) (said once per worker)",
+                trial.number, detail, proxy.lr, proxy.steps, proxy.batch_size,
+            )
+        raise optuna.TrialPruned(f"rejected (non_finite): {detail}")
 
     def _say_chance(self, trial: optuna.trial.BaseTrial, result) -> None:
         classes = self.task.data.num_classes
