@@ -174,11 +174,11 @@ class Objective:
         self._said_chance = True
         proxy = self.task.proxy
         log.warning(
-            "trial %d scored at chance: calibrated val CE %.4f = ln %d (validation accuracy %.2f); its proxy "
-            "student, %d steps of batch %d, predicts the validation labels no better than a uniform guess, and "
-            "every such trial scores the same. Train the proxy longer ([proxy] epochs or steps) or check the "
-            "teacher and the data (said once per worker)",
-            trial.number, result.val_ce, classes, result.val_acc, proxy.steps, proxy.batch_size,
+            "trial %d scored at chance: calibrated val CE %.4f, at or above ln %d = %.4f (validation accuracy "
+            "%.2f); its proxy student, %d steps of batch %d, predicts the validation labels no better than a "
+            "uniform guess, and every such trial scores about the same. Train the proxy longer ([proxy] epochs or "
+            "steps) or check the teacher and the data (said once per worker)",
+            trial.number, result.val_ce, classes, math.log(classes), result.val_acc, proxy.steps, proxy.batch_size,
         )
 
     def _say_separated(self, trial: optuna.trial.BaseTrial, result) -> None:
