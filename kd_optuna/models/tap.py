@@ -238,8 +238,8 @@ def tap_model(
         feat_transform = tokens_to_map(int(model.num_prefix_tokens))
     if nodes is None:
         raise TapError(
-            f"no tap nodes known for {type(model).__name__} or read off its forward: pass nodes={{'feat': ..., 'emb': ..., "
-            f"'logit': ...}}; {_available_nodes(_graph_nodes(model))}"
+            f"no tap nodes known for {type(model).__name__} or read off its forward: "
+            f"pass nodes={{'feat': ..., 'emb': ..., 'logit': ...}}; {_available_nodes(_graph_nodes(model))}"
         )
     missing = [k for k in KNOWLEDGE if k not in nodes]
     if missing:
