@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .registry import blank_forward
+
 #: The blank images the forward reads: stride-32 networks keep a 2x2 map, which tells a
 #: feature map from a pooled one; a model that cannot take them, or names nothing at that
 #: size (AlexNet's map is 1x1 there), is tried at 224.
@@ -68,17 +70,12 @@ def _record_forward(model: nn.Module, input_shape: tuple[int, int, int]) -> tupl
         return hook
 
     handles = [m.register_forward_hook(recorder(path)) for path, m in model.named_modules() if path]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            output = model(torch.zeros((2, *input_shape), device=device))
+        with torch.random.fork_rng(devices=[]):
+            output = blank_forward(model, input_shape)
     except Exception:
         return None
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return calls, output

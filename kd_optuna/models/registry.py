@@ -189,20 +189,26 @@ def input_mismatch(name: str, input_shape: tuple[int, int, int], any_size: bool)
 
 
 @torch.no_grad()
-def forward_error(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
-    """``Type: first line`` of what one eval-mode forward of a zero batch (2, *input_shape)
-    through ``model`` raises, or None when it runs; the model's mode is restored."""
+def blank_forward(model: nn.Module, input_shape: tuple[int, ...]):
+    """``model``'s output for a zero batch (2, *input_shape) on its device, in eval mode
+    without gradients; its mode is restored whatever the forward raises."""
     was_training = model.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     model.eval()
     try:
-        model(torch.zeros((2, *input_shape), device=device))
+        return model(torch.zeros((2, *input_shape), device=device))
+    finally:
+        model.train(was_training)
+
+
+def forward_error(model: nn.Module, input_shape: tuple[int, ...]) -> str | None:
+    """``Type: first line`` of what :func:`blank_forward` raises, or None when it runs."""
+    try:
+        blank_forward(model, input_shape)
     except Exception as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
-    finally:
-        model.train(was_training)
     return None
 
 
