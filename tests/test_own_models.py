@@ -86,9 +86,9 @@ def test_torchvision_model_outside_the_zoo_runs_a_trial(tmp_path, teacher_file, 
          ["student.nodes", "emb node 'flaten'", "flatten", "classifier.3", "features"]),
         ("mobilenet_v3_small", '{ feat = "features", emb = "flatten", logit = "classifier.0" }',
          ["student.nodes.logit", "classifier.0", "2 class logits"]),
-        ("shufflenet_v2_x0_5", None,  # pooled by x.mean([2, 3]), which no module gives
-         ["student.model = 'shufflenet_v2_x0_5'", "outside the zoo", "could not be read off its forward",
-          "nodes = {", "conv5"]),
+        ("squeezenet1_0", None,  # a convolution gives class maps, pooled into logits: no embedding
+         ["student.model = 'squeezenet1_0'", "outside the zoo", "could not be read off its forward",
+          "nodes = {", "classifier"]),
     ],
 )
 def test_wrong_or_missing_nodes_are_one_line_at_create_study(tmp_path, capsys, monkeypatch, student, nodes, words):

@@ -145,10 +145,64 @@ class SharedActivation(Custom):
         return self.head(self.pool(h).flatten(1))
 
 
-@pytest.mark.parametrize("model", [MeanPooled, SharedActivation])
+class UntraceableMeanPooled(Untraceable):
+    def forward(self, x):
+        h = self.body(x)
+        if h.sum() > -1e9:  # no torch.fx graph, and the pooled vector is no module's output
+            h = h * 1.0
+        return self.head(h.mean((2, 3)))
+
+
+class ConvolutionHead(Custom):
+    """SqueezeNet's shape: a convolution gives the class maps, pooled into the logits; no
+    vector embedding exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.pool(self.head(self.body(x))).flatten(1)
+
+
+class TupleOutput(Custom):
+    def forward(self, x):
+        h = self.pool(self.body(x)).flatten(1)
+        return self.head(h), h
+
+
+class ModeDependentPooling(Custom):
+    def forward(self, x):
+        h = self.body(x)
+        h = self.pool(h).flatten(1) if self.training else h.mean((2, 3))  # "mean" is in the eval graph only
+        return self.head(h)
+
+
+@pytest.mark.parametrize("model", [UntraceableMeanPooled, ConvolutionHead, TupleOutput, ModeDependentPooling])
 def test_model_whose_nodes_cannot_be_read_off_its_forward_asks_for_them(model):
     with pytest.raises(TapError, match="or read off its forward: pass nodes="):
         tap_model(model())
+
+
+@pytest.mark.parametrize("model, nodes", [
+    (MeanPooled, {"feat": "body.1", "emb": "mean", "logit": "head"}),
+    (SharedActivation, {"feat": "body.1_1", "emb": "pool", "logit": "head"}),  # the second call of body.1
+])
+def test_a_classifier_pooled_by_a_function_or_with_a_shared_module_is_read_off_its_graph(model, nodes):
+    """Where no module gives the pooled vector, or a module runs twice, the nodes are
+    torch.fx graph nodes: the tapped tensors are the model's own."""
+    from kd_optuna.models.inferred_nodes import infer_nodes
+
+    model = model().eval()
+    assert infer_nodes(model) == nodes
+    tapped = tap_model(model)
+    assert tapped.mechanism == "fx"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = tapped(x)
+        torch.testing.assert_close(out["logit"], model(x))
+        torch.testing.assert_close(out["emb"], out["feat"].mean((2, 3)))
+    assert out["feat"].shape == (2, 8, 8, 8)
 
 
 @pytest.mark.parametrize("model, mechanism", [(Custom, "fx"), (Untraceable, "hooks")])
@@ -173,6 +227,9 @@ def test_a_cnn_classifier_s_nodes_are_read_off_its_forward(model, mechanism):
     ("convnext_tiny", {"feat": "features", "emb": "classifier.0", "logit": "classifier.2"}),  # LayerNorm after the pool
     ("timm:resnet10t", {"feat": "layer4", "emb": "global_pool.pool", "logit": "fc"}),
     ("timm:regnetx_002", {"feat": "final_conv", "emb": "head.global_pool.pool", "logit": "head.flatten"}),
+    ("densenet121", {"feat": "relu", "emb": "adaptive_avg_pool2d", "logit": "classifier"}),  # pooled by functions
+    ("shufflenet_v2_x0_5", {"feat": "conv5.2", "emb": "mean", "logit": "fc"}),
+    ("mnasnet0_5", {"feat": "layers.16", "emb": "mean", "logit": "classifier.1"}),
 ])
 def test_library_cnn_nodes_read_off_the_forward(name, nodes):
     """The last feature map, the vector the classifier layer reads (a 1x1-convolution head's

@@ -12,9 +12,16 @@ global pooling -> [flatten] -> [head layers] -> linear``, it names
 - ``feat``: the last module before ``emb`` that gives a feature map (N, C, H, W) larger than
   1x1 and is no pooling layer, e.g. ``layer4``, ``features``.
 
-Where the forward ends in something else (a functional op after the classifier, a tuple, a
-pooled vector no module gives) it names nothing and a config must name the nodes. Module paths
-are tap nodes: a path names the last graph node inside that module.
+Module paths are tap nodes: a path names the last graph node inside that module.
+
+Where no module gives one of them (a vector pooled by a function, ``x.mean((2, 3))``, a
+functional op after the classifier layer), the same three are read off the model's torch.fx
+graph, named as ``create_feature_extractor`` names its nodes, by following each op's tensor
+input back from the returned node: ``logit`` is that node, ``emb`` the vector the linear (or
+1x1-convolution) classifier reads, flatten and dropout skipped, and ``feat`` the last map
+larger than 1x1 that the vector was pooled from. DenseNet, ShuffleNetV2 and MNASNet are read
+so. Where neither reading fits (a tuple output, a token sequence, no linear classifier) it
+names nothing and a config must name the nodes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .registry import blank_forward
 
@@ -46,13 +54,18 @@ class _Call(NamedTuple):
 
 
 def infer_nodes(model: nn.Module) -> dict[str, str] | None:
-    """``{"feat", "emb", "logit"}`` module paths of ``model`` read off one forward (module
-    docstring), or None where its forward is not shaped so; the model's mode, parameters,
-    buffers and the global RNG are left as they were."""
+    """``{"feat", "emb", "logit"}`` tap nodes of ``model`` read off one forward, module paths
+    first, else torch.fx graph nodes (module docstring), or None where its forward is not
+    shaped so; the model's mode, parameters, buffers and the global RNG are left as they were."""
     for size in PROBE_SIZES:
         forward = _record_forward(model, (3, size, size))
         nodes = None if forward is None else _nodes(*forward)
         if nodes is not None:
+            return nodes
+    for size in PROBE_SIZES:
+        traced = _traced_forward(model, (3, size, size))
+        nodes = None if traced is None else _graph_nodes(model, *traced)
+        if nodes is not None and _in_both_graphs(model, nodes.values()):
             return nodes
     return None
 
@@ -89,7 +102,12 @@ def _feature_map(call: _Call) -> bool:
     """Whether the call gave a feature map the network computed: (N, C, H, W) larger than 1x1
     (a pooled map is 1x1), not the output of a pooling layer (an adaptive one may only
     resample the map: VGG's 7x7)."""
-    return call.output.dim() == 4 and call.output.shape[-2:] != (1, 1) and not isinstance(call.module, _POOLING)
+    return _feature_map_value(call.output) and not isinstance(call.module, _POOLING)
+
+
+def _feature_map_value(value) -> bool:
+    """(N, C, H, W) larger than 1x1."""
+    return isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2:] != (1, 1)
 
 
 def _last(calls: list[_Call], test) -> int | None:
@@ -119,3 +137,130 @@ def _nodes(calls: list[_Call], output: Any) -> dict[str, str] | None:
     if any(paths.count(path) > 1 for path in nodes.values()):  # a module called twice names two graph nodes
         return None
     return nodes
+
+
+def _op_module_types() -> list[type]:
+    """torchvision.ops' modules, which its feature extractor keeps whole (leaf modules)."""
+    import torchvision
+
+    return [t for t in vars(torchvision.ops).values() if isinstance(t, type) and issubclass(t, nn.Module)]
+
+
+def _traced_forward(model: nn.Module, input_shape: tuple[int, int, int]):
+    """``(graph, qualified names, values)`` of ``model``'s eval-mode torch.fx graph, named as
+    ``create_feature_extractor`` names its nodes, and each node's value in one forward of a
+    blank batch (2, *input_shape); None when torch.fx cannot trace or run it."""
+    import math
+
+    import torchvision
+    from torch import fx
+    from torchvision.models.feature_extraction import NodePathTracer
+
+    values: dict[Any, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            values[node] = super().run_node(node)
+            return values[node]
+
+    was_training = model.training
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    model.eval()
+    try:
+        tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=_op_module_types())
+        graph = tracer.trace(model)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            Recorder(fx.GraphModule(tracer.root, graph)).run(torch.zeros((2, *input_shape), device=device))
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
+    return graph, tracer.node_to_qualname, values
+
+
+_PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, F.dropout)
+_PASS_THROUGH_METHODS = ("flatten", "view", "reshape", "squeeze", "contiguous")
+_POOLING_FUNCTIONS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d)
+
+
+def _module(model: nn.Module, node) -> nn.Module | None:
+    return model.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _passes_through(model: nn.Module, node) -> bool:
+    """Whether ``node`` only reshapes or drops (flatten, view, dropout, ...)."""
+    if node.op == "call_module":
+        return isinstance(_module(model, node), _PASS_THROUGH)
+    if node.op == "call_function":
+        return node.target in _PASS_THROUGH_FUNCTIONS
+    return node.op == "call_method" and node.target in _PASS_THROUGH_METHODS
+
+
+def _pools(model: nn.Module, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(_module(model, node), _POOLING)
+    return node.op == "call_function" and node.target in _POOLING_FUNCTIONS
+
+
+def _is_classifier_layer(model: nn.Module, node) -> bool:
+    """A linear layer (module or ``F.linear``) or a 1x1 convolution."""
+    module = _module(model, node)
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1)
+    return isinstance(module, nn.Linear) or (node.op == "call_function" and node.target is F.linear)
+
+
+def _first_input(node):
+    """The node whose value ``node`` reads first (its tensor argument), or None."""
+    from torch import fx
+
+    return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+
+
+def _before_pass_through(model: nn.Module, node):
+    while node is not None and _passes_through(model, node):
+        node = _first_input(node)
+    return node
+
+
+def _is_vector(value) -> bool:
+    """(N, D) or a pooled (N, D, 1, 1)."""
+    return isinstance(value, torch.Tensor) and (
+        value.dim() == 2 or (value.dim() == 4 and value.shape[-2:] == (1, 1))
+    )
+
+
+def _graph_nodes(model: nn.Module, graph, names: dict, values: dict) -> dict[str, str] | None:
+    """The nodes of a classifier ``... -> feature map -> pooling (module or function) -> vector
+    ops -> linear``: ``logit`` the returned node, ``emb`` what the classifier layer reads,
+    ``feat`` the last map larger than 1x1 that the vector was pooled from, following each
+    op's tensor input back."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    logit = output.args[0]
+    if logit not in names or not isinstance(values.get(logit), torch.Tensor) or values[logit].dim() != 2:
+        return None
+    classifier = _before_pass_through(model, logit)
+    if classifier is None or not _is_classifier_layer(model, classifier):
+        return None
+    emb = _before_pass_through(model, _first_input(classifier))
+    if emb is None or emb not in names or not _is_vector(values.get(emb)):
+        return None
+    feat = emb
+    while feat is not None and (_is_vector(values.get(feat)) or _pools(model, feat)):
+        feat = _first_input(feat)
+    if feat is None or feat not in names or not _feature_map_value(values.get(feat)):
+        return None
+    return {"feat": names[feat], "emb": names[emb], "logit": names[logit]}
+
+
+def _in_both_graphs(model: nn.Module, nodes) -> bool:
+    """Whether the train-mode graph has the nodes read off the eval-mode one (the tap's
+    extractor traces both)."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        train, evaluation = get_graph_node_names(model, suppress_diff_warning=True)
+    except Exception:
+        return False
+    return all(n in train and n in evaluation for n in nodes)

@@ -62,7 +62,7 @@ def _graph_nodes(model: nn.Module) -> list[str]:
     from torchvision.models.feature_extraction import get_graph_node_names
 
     try:
-        return get_graph_node_names(model)[1]
+        return get_graph_node_names(model, suppress_diff_warning=True)[1]
     except Exception:
         return [n for n, _ in model.named_modules() if n]
 
@@ -105,7 +105,7 @@ def check_nodes(model: nn.Module, nodes: Mapping[str, str]) -> None:
     from torchvision.models.feature_extraction import get_graph_node_names
 
     try:
-        train, evaluation = get_graph_node_names(model)
+        train, evaluation = get_graph_node_names(model, suppress_diff_warning=True)
         graph = list(dict.fromkeys(evaluation + train))
         kind = "graph"
     except Exception:
