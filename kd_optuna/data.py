@@ -242,11 +242,12 @@ def _complement(n: int, indices: torch.Tensor) -> torch.Tensor:
 
 
 def held_out_split(labels: torch.Tensor, val_fraction: float, seed: int, classes: Sequence[str],
-                   where: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   where: str, key: str = "val_fraction") -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, val indices) of train images with labels (N,): per class c,
     max(1, round(val_fraction * n_c)) of its n_c images held out (``class_balanced_subset``).
 
-    A class left without a train image raises DataError naming the classes of ``where`` and the fix.
+    A class left without a train image raises DataError naming the classes of ``where`` and the
+    fix, with ``key`` the name the caller's user gives the fraction by.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -256,8 +257,8 @@ def held_out_split(labels: torch.Tensor, val_fraction: float, seed: int, classes
     empty = [name for name, n in zip(classes, kept.tolist()) if n == 0]
     if empty:
         listed = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise DataError(f"val_fraction {val_fraction} holds out every train image of {where} class(es) {listed}: "
-                        "give a smaller val_fraction or add train images")
+        raise DataError(f"{key} {val_fraction} holds out every train image of {where} class(es) {listed}: "
+                        f"give a smaller {key} or add train images")
     return train_idx, val_idx
 
 
@@ -279,6 +280,7 @@ def load_dataset(
     val_fraction: float | None = None,
     image_size: int | None = None,
     download_hint: str = DOWNLOAD_HINT,
+    val_fraction_key: str = "val_fraction",
 ) -> DatasetSplits:
     """Load ``name`` (one of DATASET_NAMES) as seeded train / val / test splits.
 
@@ -288,16 +290,17 @@ def load_dataset(
     square crop of imagefolder (None: ``IMAGEFOLDER_SIZE``); the other datasets have one size.
     A missing or corrupt root raises DataError naming the path and the fix; ``download_hint``
     is how the caller's user asks for the download (the study config's key by default; the
-    exported script gives its ``--download true`` flag).
+    exported script gives its ``--download true`` flag), and ``val_fraction_key`` what they call
+    the held-out share (the script: ``--val-fraction``).
     """
     root = default_root() if root is None else Path(root)
     val_fraction = VAL_FRACTION if val_fraction is None else val_fraction
     if name in FIXED_SPLIT_DATASETS:
         return _digits(seed, hard=name == "digits_hard")
     if name in CIFAR_STATS:
-        return _cifar(name, root, download, seed, val_fraction, download_hint)
+        return _cifar(name, root, download, seed, val_fraction, download_hint, val_fraction_key)
     if name == "imagefolder":
-        return _imagefolder(root, seed, val_fraction, image_size or IMAGEFOLDER_SIZE)
+        return _imagefolder(root, seed, val_fraction, image_size or IMAGEFOLDER_SIZE, val_fraction_key)
     raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
 
 
@@ -474,7 +477,7 @@ def _open_cifar(name: str, root: Path, download: bool,
 
 
 def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float,
-           download_hint: str = DOWNLOAD_HINT) -> DatasetSplits:
+           download_hint: str = DOWNLOAD_HINT, val_fraction_key: str = "val_fraction") -> DatasetSplits:
     from torchvision import transforms as T
 
     base_train, base_test = _open_cifar(name, root, download, download_hint)
@@ -483,7 +486,8 @@ def _cifar(name: str, root: Path, download: bool, seed: int, val_fraction: float
     train_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalise])
     eval_transform = T.Compose(normalise)
     train_labels_all = torch.as_tensor(base_train.targets, dtype=torch.long)
-    train_idx, val_idx = held_out_split(train_labels_all, val_fraction, seed, base_train.classes, name)
+    train_idx, val_idx = held_out_split(train_labels_all, val_fraction, seed, base_train.classes, name,
+                                        val_fraction_key)
     sources = {"train": (base_train, train_idx), "val": (base_train, val_idx), "test": (base_test, None)}
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
@@ -628,7 +632,8 @@ def open_image_folder(root: Path) -> tuple[ImageFiles, ImageFiles]:
     return train, val
 
 
-def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) -> DatasetSplits:
+def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int,
+                 val_fraction_key: str = "val_fraction") -> DatasetSplits:
     from torchvision import transforms as T
 
     base_train, base_test = open_image_folder(root)
@@ -640,7 +645,8 @@ def _imagefolder(root: Path, seed: int, val_fraction: float, image_size: int) ->
     eval_transform = T.Compose([T.Resize(resize), T.CenterCrop(image_size), *normalise])
     pixel_transform = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
     train_labels_all = torch.as_tensor(base_train.targets, dtype=torch.long)
-    train_idx, val_idx = held_out_split(train_labels_all, val_fraction, seed, base_train.classes, str(root / "train"))
+    train_idx, val_idx = held_out_split(train_labels_all, val_fraction, seed, base_train.classes, str(root / "train"),
+                                        val_fraction_key)
     sources = {"train": (base_train, train_idx), "val": (base_train, val_idx), "test": (base_test, None)}
     test_labels = torch.as_tensor(base_test.targets, dtype=torch.long)
     return DatasetSplits(

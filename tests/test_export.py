@@ -514,6 +514,13 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
     script = write_script(tmp_path / "train_best.py", "s", completed_trial(CLASSICS["kd"][0]),
                           digits_config(checkpoint=str(teacher_path)))
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        for part in ("train", "val"):
+            (tmp_path / "two" / part / name).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8)).save(tmp_path / "two" / part / name / f"{i}.png")
     # the folder and a parent it lacks, as with the default kd_optuna_runs/best
     common = ["--device", "cpu", "--no-progress", "--max-steps", "1", "--output-dir", str(tmp_path / "runs" / "out")]
 
@@ -547,6 +554,9 @@ def test_the_exported_script_answers_bad_input_with_one_line_and_exit_2(tmp_path
         ("--val-fraction", "1"): "--val-fraction: expected a number between 0 and 1 (exclusive), or none",
         ("--val-fraction", "x"): "--val-fraction: expected a number between 0 and 1 (exclusive), or none",
         ("--val-fraction", "0.2"): "--val-fraction holds out part of CIFAR's or an image folder's train split; digits",
+        ("--dataset", "imagefolder", "--data-root", str(tmp_path / "two"), "--val-fraction", "0.9"):
+            "--val-fraction 0.9 holds out every train image of {} class(es) cat, dog: give a smaller --val-fraction "
+            "or add train images".format(tmp_path / "two" / "train"),
     }
     monkeypatch.chdir(tmp_path)
     main = _script_module(script).main

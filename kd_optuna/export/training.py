@@ -96,7 +96,7 @@ def train_with_distiller(
         torch.manual_seed(seed)
         hint = {} if download_hint is None else {"download_hint": download_hint}
         splits = load_dataset(dataset, root=data_root, download=download, seed=split_seed, image_size=image_size,
-                              val_fraction=val_fraction, **hint)
+                              val_fraction=val_fraction, val_fraction_key="--val-fraction", **hint)
         num_classes = splits.num_classes
         _check_models(student, None if method == "dml" else teacher, num_classes, dataset,
                       tuple(splits.input_shape), student_nodes, teacher_nodes)
