@@ -310,6 +310,25 @@ def test_a_timm_vit_is_recognised_and_its_tokens_become_a_grid():
     torch.testing.assert_close(patches, model.patch_embed.proj(x), msg="grid keeps each patch at its place")
 
 
+def test_a_torchvision_vit_is_recognised_and_its_tokens_become_a_grid():
+    """feat: the encoder's patch tokens as the grid (class token dropped, each patch at its
+    place); emb: the class token the heads read."""
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+    tapped = tap_model(model)
+    assert tapped.nodes["feat"] == "encoder" and tapped.nodes["logit"] == "heads"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = tapped(x)
+        tokens = model.encoder(torch.cat([model.class_token.expand(2, -1, -1), model._process_input(x)], dim=1))
+        torch.testing.assert_close(out["logit"], model(x))
+    torch.testing.assert_close(out["emb"], tokens[:, 0])
+    assert out["feat"].shape == (2, 32, 4, 4)
+    torch.testing.assert_close(out["feat"][:, :, 1, 2], tokens[:, 1 + 1 * 4 + 2])
+
+
 def test_input_size_lets_a_cifar_teacher_read_larger_images():
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10).eval()

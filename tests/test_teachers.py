@@ -333,6 +333,8 @@ def test_a_teachers_epochs_are_its_datasets_recipe_not_train_epochs_as_the_readm
     code, out, err = invoke_cli(capsys, "train-teacher", str(config), "--epochs", "1")
     assert code == 0, err
     legacy = Path(".kd_optuna_cache") / "teacher-digits-digits_teacher.pt"
+    assert ("note: the search reuses a cached teacher only when it was trained for the recipe's 15 epochs; to search "
+            f"with this one, set `checkpoint = '{legacy}'` under [teacher]") in out, out
     assert read_checkpoint(legacy)[1]["epochs"] == 1
     trained = []
 

@@ -41,9 +41,28 @@ def _is_timm_vit(model: nn.Module) -> bool:
     return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "norm", "fc_norm", "head"))
 
 
+def _vit_prefix_tokens(model: nn.Module) -> int | None:
+    """The prefix (class) tokens before the patch tokens of a Vision Transformer whose token
+    ``feat`` the tap turns into the patch grid: timm's ViT and kin, torchvision's (one class
+    token); None for other models."""
+    if _is_timm_vit(model):
+        return int(model.num_prefix_tokens)
+    import torchvision
+
+    return 1 if isinstance(model, torchvision.models.VisionTransformer) else None
+
+
+def _torchvision_vit_class_token(model: nn.Module) -> str:
+    """The graph node of torchvision's ``x[:, 0]``, the class token that ``heads`` reads: the
+    node after the encoder's last."""
+    names = _graph_nodes(model)
+    last_encoder = max(i for i, n in enumerate(names) if n == "encoder" or n.startswith("encoder."))
+    return names[last_encoder + 1]
+
+
 def known_nodes(model: nn.Module) -> dict[str, str] | None:
-    """The tap nodes of a model a rule knows: zoo ``tap_nodes``, torchvision ResNet and
-    MobileNetV2, timm ViT; else None."""
+    """The tap nodes of a model a rule knows: zoo ``tap_nodes``, torchvision ResNet,
+    MobileNetV2 and ViT, timm ViT; else None."""
     nodes = getattr(model, "tap_nodes", None)
     if nodes is not None:
         return dict(nodes)
@@ -51,6 +70,8 @@ def known_nodes(model: nn.Module) -> dict[str, str] | None:
         return {"feat": "norm", "emb": "fc_norm", "logit": "head"}
     import torchvision
 
+    if isinstance(model, torchvision.models.VisionTransformer):
+        return {"feat": "encoder", "emb": _torchvision_vit_class_token(model), "logit": "heads"}
     if isinstance(model, torchvision.models.ResNet):
         return {"feat": "layer4", "emb": "flatten", "logit": "fc"}
     if isinstance(model, torchvision.models.MobileNetV2):
@@ -215,12 +236,12 @@ def tap_model(
 
     Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
     the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 and timm
-    Vision Transformers are recognised; other CNN classifiers' nodes are read off one forward,
+    and torchvision Vision Transformers are recognised; other CNN classifiers' nodes are read off one forward,
     :mod:`kd_optuna.models.inferred_nodes`). ``nodes`` needs the keys feat, emb, logit; values are
     torch.fx node names as listed by ``torchvision.models.feature_extraction.get_graph_node_names``
     (a module path names the last node inside it). A wrong name raises TapError listing the
-    available nodes. On a timm ViT, a token ``feat`` (N, P + h*w, D) becomes the patch grid
-    (N, D, h, w).
+    available nodes. On a timm or torchvision ViT, a token ``feat`` (N, P + h*w, D) becomes the
+    patch grid (N, D, h, w).
     ``input_size`` resizes inputs (bilinear, antialiased) to that (H, W) before the model, so a
     32x32 CIFAR teacher can sit beside a 224x224 ViT student (seed F.3).
     """
@@ -234,8 +255,9 @@ def tap_model(
             feat_transform = entry.feat_transform(model)
     if nodes is None:
         nodes = default_nodes(model)
-    if feat_transform is None and _is_timm_vit(model):
-        feat_transform = tokens_to_map(int(model.num_prefix_tokens))
+    prefix_tokens = _vit_prefix_tokens(model)
+    if feat_transform is None and prefix_tokens is not None:
+        feat_transform = tokens_to_map(prefix_tokens)
     if nodes is None:
         raise TapError(
             f"no tap nodes known for {type(model).__name__} or read off its forward: "

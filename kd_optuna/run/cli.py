@@ -373,6 +373,7 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
     from kd_optuna.proxy.task import unkeyed_teacher_path
     from kd_optuna.run.config import load_config
     from kd_optuna.train.devices import WorkerContext
+    from kd_optuna.train.teachers import RECIPES
     from kd_optuna.train.teachers import train_teacher as train
     from kd_optuna.run.workers import check_counts
 
@@ -395,8 +396,13 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
     click.echo(f"teacher {loaded.teacher.model} saved to {report.path}: test top-1 {report.test_accuracy:.2%}")
     if report.stale_batch_norm is not None:
         click.echo(f"note: {report.stale_batch_norm} (--epochs)")
+    recipe_epochs = RECIPES[loaded.data.dataset]["epochs"]
     if output:
         click.echo(f"use it with `checkpoint = {str(report.path)!r}` under [teacher]")
+    elif epochs not in (None, recipe_epochs):
+        click.echo(f"note: the search reuses a cached teacher only when it was trained for the recipe's "
+                   f"{recipe_epochs} epochs; to search with this one, set `checkpoint = {str(report.path)!r}` "
+                   "under [teacher]")
 
 
 @cli.command()
