@@ -122,6 +122,22 @@ def test_a_cnn_classifier_without_nodes_gets_those_read_off_its_forward_kept_in_
     assert stored.nodes == {"feat": "features", "emb": "classifier.1", "logit": "classifier.3"}
 
 
+def test_a_model_built_for_one_image_size_has_its_nodes_read_on_the_study_s_images(tmp_path, capsys, monkeypatch,
+                                                                                    caplog):
+    """timm's botnet26t_256 takes 256 px images only: its nodes are read on [data] image_size."""
+    pytest.importorskip("timm")
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "own.toml"
+    toml = own_model_toml(image_folder(tmp_path / "images", per_class=2), student_nodes=None,
+                          student="timm:botnet26t_256")
+    config.write_text(toml.replace('dataset = "imagefolder"', 'dataset = "imagefolder"\nimage_size = 256'))
+    url = f"sqlite:///{tmp_path / 'kd.db'}"
+    code, _, err = invoke_cli(capsys, "create-study", str(config), "--storage", url)
+    assert code == 0, err
+    assert ("student.model = 'timm:botnet26t_256' taps nodes = { feat = \"final_conv\", emb = \"head.global_pool.pool\", "
+            "logit = \"head.flatten\" }, read off its forward") in caplog.text
+
+
 def test_unknown_model_name_says_what_is_accepted(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "own.toml"

@@ -184,6 +184,19 @@ def test_model_whose_nodes_cannot_be_read_off_its_forward_asks_for_them(model):
         tap_model(model())
 
 
+class OneSize(Custom):
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 40, "built for 40 px images")
+        return super().forward(x)
+
+
+def test_a_model_built_for_one_size_has_its_nodes_read_on_the_images_it_will_read():
+    from kd_optuna.models.inferred_nodes import infer_nodes
+
+    assert infer_nodes(OneSize()) is None
+    assert infer_nodes(OneSize(), (3, 40, 40)) == {"feat": "body", "emb": "pool", "logit": "head"}
+
+
 @pytest.mark.parametrize("model, nodes", [
     (MeanPooled, {"feat": "body.1", "emb": "mean", "logit": "head"}),
     (SharedActivation, {"feat": "body.1_1", "emb": "pool", "logit": "head"}),  # the second call of body.1

@@ -36,7 +36,8 @@ from .registry import blank_forward
 
 #: The blank images the forward reads: stride-32 networks keep a 2x2 map, which tells a
 #: feature map from a pooled one; a model that cannot take them, or names nothing at that
-#: size (AlexNet's map is 1x1 there), is tried at 224.
+#: size (AlexNet's map is 1x1 there), is tried at 224, and then on the images it will read
+#: (a model built for one size only: timm's ``botnet26t_256``).
 PROBE_SIZES = (64, 224)
 
 #: Layers that only reshape or drop: the classifier layer and ``emb`` are looked for past them.
@@ -53,17 +54,21 @@ class _Call(NamedTuple):
     output: torch.Tensor
 
 
-def infer_nodes(model: nn.Module) -> dict[str, str] | None:
+def infer_nodes(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> dict[str, str] | None:
     """``{"feat", "emb", "logit"}`` tap nodes of ``model`` read off one forward, module paths
     first, else torch.fx graph nodes (module docstring), or None where its forward is not
-    shaped so; the model's mode, parameters, buffers and the global RNG are left as they were."""
-    for size in PROBE_SIZES:
-        forward = _record_forward(model, (3, size, size))
+    shaped so; the model's mode, parameters, buffers and the global RNG are left as they were.
+    ``input_shape`` (C, H, W): the images it will read, the last probe (``PROBE_SIZES``)."""
+    shapes = [(3, size, size) for size in PROBE_SIZES]
+    if input_shape is not None and tuple(input_shape) not in shapes:
+        shapes.append(tuple(input_shape))
+    for shape in shapes:
+        forward = _record_forward(model, shape)
         nodes = None if forward is None else _nodes(*forward)
         if nodes is not None:
             return nodes
-    for size in PROBE_SIZES:
-        traced = _traced_forward(model, (3, size, size))
+    for shape in shapes:
+        traced = _traced_forward(model, shape)
         nodes = None if traced is None else _graph_nodes(model, *traced)
         if nodes is not None and _in_both_graphs(model, nodes.values()):
             return nodes

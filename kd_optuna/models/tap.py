@@ -108,11 +108,11 @@ def describe_nodes(model: nn.Module) -> str:
     return _available_nodes([n for n in _graph_nodes(model) if n != "x"])
 
 
-def default_nodes(model: nn.Module) -> dict[str, str] | None:
+def default_nodes(model: nn.Module, input_shape: tuple[int, int, int] | None = None) -> dict[str, str] | None:
     """The tap nodes ``model`` is recognised by (:func:`known_nodes`), else those read off its
-    forward (:func:`kd_optuna.models.inferred_nodes.infer_nodes`: CNN classifiers), or None
-    when a config must name them."""
-    return known_nodes(model) or infer_nodes(model)
+    forward (:func:`kd_optuna.models.inferred_nodes.infer_nodes`: CNN classifiers; last on
+    ``input_shape`` images), or None when a config must name them."""
+    return known_nodes(model) or infer_nodes(model, input_shape)
 
 
 def _present(node: str, graph: list[str]) -> bool:

@@ -633,7 +633,7 @@ def _check_tap(source: str, role: str, part: Any, library: str, num_classes: int
     nodes = part.nodes
     inferred = None
     if nodes is None and model_entry(part.model).nodes is None and known_nodes(model) is None:
-        nodes = inferred = default_nodes(model)
+        nodes = inferred = default_nodes(model, input_shape)
         if nodes is None:
             raise ConfigError(
                 f"{source}: {role}.model = {part.model!r} is a {library} model outside the zoo whose tap nodes could "
