@@ -190,6 +190,21 @@ class OneSize(Custom):
         return super().forward(x)
 
 
+class FixedGrid(Custom):
+    def forward(self, x):
+        return self.head(self.pool(self.body(x).reshape(x.shape[0], 8, 4, 4)).flatten(1))  # 4x4 images only
+
+
+def test_a_tapped_forward_that_fails_raises_without_printing_the_traced_code(capfd):
+    """torch.fx's GraphModule.__call__ printed its generated code to stderr, 20 lines a failing
+    forward, before the one-line error create-study gives for a model that cannot take the images."""
+    tapped = tap_model(FixedGrid(), nodes={"feat": "body", "emb": "pool", "logit": "head"})
+    assert tapped.mechanism == "fx" and tapped(torch.randn(2, 3, 4, 4))["logit"].shape == (2, 4)
+    with pytest.raises(RuntimeError, match="is invalid for input of size"):
+        tapped(torch.randn(2, 3, 8, 8))
+    assert capfd.readouterr().err == ""
+
+
 def test_a_model_built_for_one_size_has_its_nodes_read_on_the_images_it_will_read():
     from kd_optuna.models.inferred_nodes import infer_nodes
 

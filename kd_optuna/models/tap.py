@@ -216,7 +216,7 @@ class TappedModel(nn.Module):
             self._extractor.train(self.model.training)
         if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
-        raw = self._extractor(x)
+        raw = self._extractor.forward(x)  # not __call__: fx's prints the generated code of a failing op to stderr
         out = {k: raw[self.nodes[k]] for k in KNOWLEDGE}
         if self._feat_transform is not None:
             out["feat"] = self._feat_transform(out["feat"])
