@@ -210,6 +210,9 @@ def test_a_model_built_for_one_size_has_its_nodes_read_on_the_images_it_will_rea
 
     assert infer_nodes(OneSize()) is None
     assert infer_nodes(OneSize(), (3, 40, 40)) == {"feat": "body", "emb": "pool", "logit": "head"}
+    declared = OneSize()
+    declared.pretrained_cfg = {"input_size": (3, 40, 40)}  # as timm's models say the size they were built for
+    assert infer_nodes(declared) == {"feat": "body", "emb": "pool", "logit": "head"}
 
 
 @pytest.mark.parametrize("model, nodes", [

@@ -37,7 +37,7 @@ from .registry import blank_forward
 #: The blank images the forward reads: stride-32 networks keep a 2x2 map, which tells a
 #: feature map from a pooled one; a model that cannot take them, or names nothing at that
 #: size (AlexNet's map is 1x1 there), is tried at 224, and then on the images it will read
-#: (a model built for one size only: timm's ``botnet26t_256``).
+#: and at the size it declares (a model built for one size only: timm's ``botnet26t_256``).
 PROBE_SIZES = (64, 224)
 
 #: Layers that only reshape or drop: the classifier layer and ``emb`` are looked for past them.
@@ -58,10 +58,11 @@ def infer_nodes(model: nn.Module, input_shape: tuple[int, int, int] | None = Non
     """``{"feat", "emb", "logit"}`` tap nodes of ``model`` read off one forward, module paths
     first, else torch.fx graph nodes (module docstring), or None where its forward is not
     shaped so; the model's mode, parameters, buffers and the global RNG are left as they were.
-    ``input_shape`` (C, H, W): the images it will read, the last probe (``PROBE_SIZES``)."""
+    ``input_shape`` (C, H, W): the images it will read, probed after ``PROBE_SIZES``."""
     shapes = [(3, size, size) for size in PROBE_SIZES]
-    if input_shape is not None and tuple(input_shape) not in shapes:
-        shapes.append(tuple(input_shape))
+    for shape in (input_shape, _declared_input_shape(model)):
+        if shape is not None and tuple(shape) not in shapes:
+            shapes.append(tuple(shape))
     for shape in shapes:
         forward = _record_forward(model, shape)
         nodes = None if forward is None else _nodes(*forward)
@@ -73,6 +74,13 @@ def infer_nodes(model: nn.Module, input_shape: tuple[int, int, int] | None = Non
         if nodes is not None and _in_both_graphs(model, nodes.values()):
             return nodes
     return None
+
+
+def _declared_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
+    """The (C, H, W) a timm model was built for (its ``pretrained_cfg``), e.g. (3, 256, 256)."""
+    config = getattr(model, "pretrained_cfg", None)
+    size = config.get("input_size") if isinstance(config, dict) else None
+    return tuple(size) if isinstance(size, (tuple, list)) and len(size) == 3 else None
 
 
 def _record_forward(model: nn.Module, input_shape: tuple[int, int, int]) -> tuple[list[_Call], Any] | None:
