@@ -171,6 +171,11 @@ class TupleOutput(Custom):
         return self.head(h), h
 
 
+class DictOutput(Custom):
+    def forward(self, x):
+        return {"logits": self.head(self.body(x).mean((2, 3)))}
+
+
 class ModeDependentPooling(Custom):
     def forward(self, x):
         h = self.body(x)
@@ -178,7 +183,8 @@ class ModeDependentPooling(Custom):
         return self.head(h)
 
 
-@pytest.mark.parametrize("model", [UntraceableMeanPooled, ConvolutionHead, TupleOutput, ModeDependentPooling])
+@pytest.mark.parametrize("model", [UntraceableMeanPooled, ConvolutionHead, TupleOutput, DictOutput,
+                                   ModeDependentPooling])
 def test_model_whose_nodes_cannot_be_read_off_its_forward_asks_for_them(model):
     with pytest.raises(TapError, match="or read off its forward: pass nodes="):
         tap_model(model())

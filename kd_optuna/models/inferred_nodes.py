@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.nn import functional as F
 
 from .registry import blank_forward
@@ -166,7 +166,6 @@ def _traced_forward(model: nn.Module, input_shape: tuple[int, int, int]):
     import math
 
     import torchvision
-    from torch import fx
     from torchvision.models.feature_extraction import NodePathTracer
 
     values: dict[Any, Any] = {}
@@ -226,8 +225,6 @@ def _is_classifier_layer(model: nn.Module, node) -> bool:
 
 def _first_input(node):
     """The node whose value ``node`` reads first (its tensor argument), or None."""
-    from torch import fx
-
     return node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
 
 
@@ -251,7 +248,7 @@ def _graph_nodes(model: nn.Module, graph, names: dict, values: dict) -> dict[str
     op's tensor input back."""
     output = next(n for n in graph.nodes if n.op == "output")
     logit = output.args[0]
-    if logit not in names or not isinstance(values.get(logit), torch.Tensor) or values[logit].dim() != 2:
+    if not isinstance(logit, fx.Node) or logit not in names or not isinstance(values.get(logit), torch.Tensor) or values[logit].dim() != 2:
         return None
     classifier = _before_pass_through(model, logit)
     if classifier is None or not _is_classifier_layer(model, classifier):
