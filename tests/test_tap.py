@@ -391,3 +391,30 @@ def test_a_timm_cait_is_not_taken_for_a_vit_and_asks_for_nodes():
 
     with pytest.raises(TapError, match="no tap nodes known for Cait or read off its forward"):
         tap_model(build_model_skeleton("timm:cait_xxs24_224", 3))
+
+
+def test_timm_token_models_outside_the_vit_rule_ask_for_nodes_and_their_token_feat_becomes_a_grid():
+    """Distilled DeiT matched the ViT rule, whose fc_norm its head never calls and whose head is
+    not its output (the mean of head and head_dist): create-study failed on 'fc_norm not in its
+    graph'. It now asks; with the nodes named, its tokens (two prefix tokens) and CaiT's become
+    the patch grid, as a ViT's do."""
+    pytest.importorskip("timm")
+    from timm.models.cait import Cait
+    from timm.models.deit import VisionTransformerDistilled
+
+    small = dict(img_size=16, patch_size=4, embed_dim=32, num_heads=2, num_classes=5)
+    distilled = VisionTransformerDistilled(depth=1, **small).eval()
+    with pytest.raises(TapError, match="no tap nodes known for VisionTransformerDistilled or read off its forward"):
+        tap_model(distilled)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        out = tap_model(distilled, nodes={"feat": "norm", "emb": "getitem_2", "logit": "truediv"})(x)
+        torch.testing.assert_close(out["logit"], distilled(x))
+        tokens = distilled.forward_features(x)
+    torch.testing.assert_close(out["emb"], tokens[:, 0])
+    torch.testing.assert_close(out["feat"][:, :, 1, 2], tokens[:, 2 + 1 * 4 + 2])
+    cait = Cait(depth=1, depth_token_only=1, **small).eval()
+    with torch.no_grad():
+        out = tap_model(cait, nodes={"feat": "norm", "emb": "head_drop", "logit": "head"})(x)
+        torch.testing.assert_close(out["logit"], cait(x))
+    assert out["feat"].shape == (2, 32, 4, 4)

@@ -35,17 +35,24 @@ class TapError(KdOptunaError, ValueError):
     """Tap node names that the model's graph does not have, or a model with no known nodes."""
 
 
+def _is_timm_token_model(model: nn.Module) -> bool:
+    """A timm transformer with patch tokens behind ``num_prefix_tokens`` class (and
+    distillation) tokens: ViT, DeiT, CaiT..."""
+    return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "head"))
+
+
 def _is_timm_vit(model: nn.Module) -> bool:
-    """timm's VisionTransformer and its kin (DeiT, ...), whose tap the ViT rule names; CaiT and
-    others with these attributes but no ``fc_norm`` are not."""
-    return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "norm", "fc_norm", "head"))
+    """timm's VisionTransformer and its kin (DeiT, ...), whose tap the ViT rule names; CaiT
+    (no ``fc_norm``) and distilled DeiT (its output averages ``head`` and ``head_dist``) are not."""
+    return _is_timm_token_model(model) and all(hasattr(model, a) for a in ("norm", "fc_norm")) and not hasattr(
+        model, "head_dist")
 
 
 def _vit_prefix_tokens(model: nn.Module) -> int | None:
     """The prefix (class) tokens before the patch tokens of a Vision Transformer whose token
-    ``feat`` the tap turns into the patch grid: timm's ViT and kin, torchvision's (one class
-    token); None for other models."""
-    if _is_timm_vit(model):
+    ``feat`` the tap turns into the patch grid: timm's token models, torchvision's ViT (one
+    class token); None for other models."""
+    if _is_timm_token_model(model):
         return int(model.num_prefix_tokens)
     import torchvision
 
