@@ -59,10 +59,15 @@ def _vit_prefix_tokens(model: nn.Module) -> int | None:
     return 1 if isinstance(model, torchvision.models.VisionTransformer) else None
 
 
-def _torchvision_vit_class_token(model: nn.Module) -> str:
+def _torchvision_vit_class_token(model: nn.Module) -> str | None:
     """The graph node of torchvision's ``x[:, 0]``, the class token that ``heads`` reads: the
-    node after the encoder's last."""
-    names = _graph_nodes(model)
+    node after the encoder's last; None where torch.fx cannot trace the model."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    try:
+        names = get_graph_node_names(model, suppress_diff_warning=True)[1]
+    except Exception:
+        return None
     last_encoder = max(i for i, n in enumerate(names) if n == "encoder" or n.startswith("encoder."))
     return names[last_encoder + 1]
 
@@ -78,7 +83,8 @@ def known_nodes(model: nn.Module) -> dict[str, str] | None:
     import torchvision
 
     if isinstance(model, torchvision.models.VisionTransformer):
-        return {"feat": "encoder", "emb": _torchvision_vit_class_token(model), "logit": "heads"}
+        class_token = _torchvision_vit_class_token(model)
+        return None if class_token is None else {"feat": "encoder", "emb": class_token, "logit": "heads"}
     if isinstance(model, torchvision.models.ResNet):
         return {"feat": "layer4", "emb": "flatten", "logit": "fc"}
     if isinstance(model, torchvision.models.MobileNetV2):
@@ -242,13 +248,13 @@ def tap_model(
     """Wrap ``model`` so that one forward pass returns ``{feat, emb, logit}``.
 
     Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
-    the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 and timm
-    and torchvision Vision Transformers are recognised; other CNN classifiers' nodes are read off one forward,
+    the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 / ViT and
+    timm ViT are recognised; other CNN classifiers' nodes are read off one forward,
     :mod:`kd_optuna.models.inferred_nodes`). ``nodes`` needs the keys feat, emb, logit; values are
     torch.fx node names as listed by ``torchvision.models.feature_extraction.get_graph_node_names``
     (a module path names the last node inside it). A wrong name raises TapError listing the
-    available nodes. On a timm or torchvision ViT, a token ``feat`` (N, P + h*w, D) becomes the
-    patch grid (N, D, h, w).
+    available nodes. On a timm token model (ViT, DeiT, CaiT...) or a torchvision ViT, a token
+    ``feat`` (N, P + h*w, D) becomes the patch grid (N, D, h, w).
     ``input_size`` resizes inputs (bilinear, antialiased) to that (H, W) before the model, so a
     32x32 CIFAR teacher can sit beside a 224x224 ViT student (seed F.3).
     """

@@ -373,8 +373,7 @@ def train_teacher(config: str, output: str | None, epochs: int | None, device: s
     from kd_optuna.proxy.task import unkeyed_teacher_path
     from kd_optuna.run.config import load_config
     from kd_optuna.train.devices import WorkerContext
-    from kd_optuna.train.teachers import RECIPES
-    from kd_optuna.train.teachers import train_teacher as train
+    from kd_optuna.train.teachers import RECIPES, train_teacher as train
     from kd_optuna.run.workers import check_counts
 
     check_counts({"--epochs": epochs})
