@@ -383,14 +383,19 @@ def test_vit_without_timm_is_a_clear_error(monkeypatch):
         build_model("vit_tiny_cifar", 10)
 
 
-def test_a_timm_cait_is_not_taken_for_a_vit_and_asks_for_nodes():
+def test_a_timm_cait_is_not_taken_for_a_vit_and_its_class_token_and_patch_grid_are_read_off_its_graph():
     """CaiT has patch_embed, norm and head but no fc_norm: the ViT rule named fc_norm, and a
-    config that named no node failed on 'tap node(s) fc_norm not in Cait's graph'."""
+    config that named no node failed on 'tap node(s) fc_norm not in Cait's graph'. Its class
+    token (x[:, 0]) is now read off its graph as emb, and its tokens as the feat grid."""
     pytest.importorskip("timm")
     from kd_optuna.models import build_model_skeleton
+    from kd_optuna.models.inferred_nodes import infer_nodes
+    from kd_optuna.models.tap import known_nodes
 
-    with pytest.raises(TapError, match="no tap nodes known for Cait or read off its forward"):
-        tap_model(build_model_skeleton("timm:cait_xxs24_224", 3))
+    model = build_model_skeleton("timm:cait_xxs24_224", 3)
+    assert known_nodes(model) is None
+    assert infer_nodes(model) == {"feat": "norm", "emb": "getitem_1", "logit": "head"}
+    assert knowledge_shapes(tap_model(model), (3, 224, 224)) == {"feat": (192, 14, 14), "emb": (192,), "logit": (3,)}
 
 
 def test_timm_token_models_outside_the_vit_rule_ask_for_nodes_and_their_token_feat_becomes_a_grid():

@@ -19,13 +19,15 @@ functional op after the classifier layer), the same three are read off the model
 graph, named as ``create_feature_extractor`` names its nodes, by following each op's tensor
 input back from the returned node: ``logit`` is that node, ``emb`` the vector the linear (or
 1x1-convolution) classifier reads, flatten and dropout skipped, and ``feat`` the last map
-larger than 1x1 that the vector was pooled from. DenseNet, ShuffleNetV2 and MNASNet are read
-so. Where neither reading fits (a tuple output, a token sequence, no linear classifier) it
-names nothing and a config must name the nodes.
+larger than 1x1 that the vector was pooled from, or a timm token model's (N, P + h*w, D)
+tokens, which the tap reads as the patch grid. DenseNet, ShuffleNetV2, MNASNet, CaiT and XCiT
+are read so. Where neither reading fits (a tuple output, no linear classifier) it names
+nothing and a config must name the nodes.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -33,6 +35,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .registry import blank_forward
+from .vit import timm_prefix_tokens
 
 #: The blank images the forward reads: stride-32 networks keep a 2x2 map, which tells a
 #: feature map from a pooled one; a model that cannot take them, or names nothing at that
@@ -163,8 +166,6 @@ def _traced_forward(model: nn.Module, input_shape: tuple[int, int, int]):
     """``(graph, qualified names, values)`` of ``model``'s eval-mode torch.fx graph, named as
     ``create_feature_extractor`` names its nodes, and each node's value in one forward of a
     blank batch (2, *input_shape); None when torch.fx cannot trace or run it."""
-    import math
-
     import torchvision
     from torchvision.models.feature_extraction import NodePathTracer
 
@@ -259,9 +260,21 @@ def _graph_nodes(model: nn.Module, graph, names: dict, values: dict) -> dict[str
     feat = emb
     while feat is not None and (_is_vector(values.get(feat)) or _pools(model, feat)):
         feat = _first_input(feat)
-    if feat is None or feat not in names or not _feature_map_value(values.get(feat)):
+    if feat is None or feat not in names:
+        return None
+    if not (_feature_map_value(values[feat]) or _patch_tokens(model, values[feat], _per_image(values[emb]))):
         return None
     return {"feat": names[feat], "emb": names[emb], "logit": names[logit]}
+
+
+def _patch_tokens(model: nn.Module, value, width: int) -> bool:
+    """Whether ``value`` is a timm token model's (N, P + h*w, width) tokens, which the tap
+    reads as the (N, width, h, w) patch grid (``tokens_to_map``): CaiT, XCiT, TNT."""
+    prefix = timm_prefix_tokens(model)
+    if prefix is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[-1] != width:
+        return False
+    patches = value.shape[1] - prefix
+    return patches > 1 and math.isqrt(patches) ** 2 == patches
 
 
 def _in_both_graphs(model: nn.Module, nodes) -> bool:

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from ..errors import KdOptunaError
 from .inferred_nodes import infer_nodes
 from .registry import model_entry
-from .vit import tokens_to_map
+from .vit import timm_prefix_tokens, tokens_to_map
 
 KNOWLEDGE = ("feat", "emb", "logit")
 
@@ -35,25 +35,20 @@ class TapError(KdOptunaError, ValueError):
     """Tap node names that the model's graph does not have, or a model with no known nodes."""
 
 
-def _is_timm_token_model(model: nn.Module) -> bool:
-    """A timm transformer with patch tokens behind ``num_prefix_tokens`` class (and
-    distillation) tokens: ViT, DeiT, CaiT..."""
-    return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "head"))
-
-
 def _is_timm_vit(model: nn.Module) -> bool:
     """timm's VisionTransformer and its kin (DeiT, ...), whose tap the ViT rule names; CaiT
     (no ``fc_norm``) and distilled DeiT (its output averages ``head`` and ``head_dist``) are not."""
-    return _is_timm_token_model(model) and all(hasattr(model, a) for a in ("norm", "fc_norm")) and not hasattr(
-        model, "head_dist")
+    has_rule_nodes = all(hasattr(model, a) for a in ("norm", "fc_norm"))
+    return timm_prefix_tokens(model) is not None and has_rule_nodes and not hasattr(model, "head_dist")
 
 
 def _vit_prefix_tokens(model: nn.Module) -> int | None:
     """The prefix (class) tokens before the patch tokens of a Vision Transformer whose token
     ``feat`` the tap turns into the patch grid: timm's token models, torchvision's ViT (one
     class token); None for other models."""
-    if _is_timm_token_model(model):
-        return int(model.num_prefix_tokens)
+    prefix_tokens = timm_prefix_tokens(model)
+    if prefix_tokens is not None:
+        return prefix_tokens
     import torchvision
 
     return 1 if isinstance(model, torchvision.models.VisionTransformer) else None

@@ -47,6 +47,14 @@ def deit_tiny(num_classes: int = 100, **kwargs) -> nn.Module:
     return vit_tiny_cifar(num_classes, **settings)
 
 
+def timm_prefix_tokens(model: nn.Module) -> int | None:
+    """The class (and distillation) tokens before the patch tokens of a timm token model (ViT,
+    DeiT, CaiT, XCiT...: ``patch_embed``, ``num_prefix_tokens`` and ``head``), else None."""
+    if all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "head")):
+        return int(model.num_prefix_tokens)
+    return None
+
+
 def tokens_to_map(prefix_tokens: int):
     """(N, P + h*w, D) tokens -> (N, D, h, w) patch grid in timm's row-major patch order,
     dropping the P prefix (class) tokens; a node without prefix tokens, (N, h*w, D), is
