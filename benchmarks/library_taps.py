@@ -2,8 +2,10 @@
 
 For every torchvision classifier (and, with timm installed and ``--timm N``, the first N timm
 models of ``timm.list_models()``), build the model on the meta device (no weights), take its
-tap nodes from a rule (``known_nodes``) or read off its forward (``infer_nodes``), tap it and
-check the knowledge shapes on 3 x 64 x 64 and 3 x 224 x 224 images: ``feat`` (C, H, W),
+tap nodes from a rule (``known_nodes``) or read off its forward (``infer_nodes``: ``read`` where
+all three are module paths, ``graph`` where one is a torch.fx graph node), tap it and
+check the knowledge shapes on 3 x 64 x 64 and 3 x 224 x 224 images (and at the size a timm
+model declares, ``pretrained_cfg["input_size"]``): ``feat`` (C, H, W),
 ``emb`` (D,), ``logit`` (K,). A model left without nodes is listed (its config must name
 them); a tapped model whose shapes fail the check is a fault, and the script exits 1.
 
@@ -27,14 +29,16 @@ CLASSES = 7
 
 
 def check(name: str) -> tuple[str, str]:
-    """(``rule``, ``read``, ``none``, ``unbuilt`` or ``FAULT``, detail) for model ``name``."""
+    """(``rule``, ``read``, ``graph``, ``none``, ``unbuilt`` or ``FAULT``, detail) for model ``name``."""
     try:
         model = build_model_skeleton(name, CLASSES)
     except Exception as exc:
         return "unbuilt", f"{type(exc).__name__}"
     nodes, how = known_nodes(model), "rule"
     if nodes is None:
-        nodes, how = infer_nodes(model), "read"
+        nodes = infer_nodes(model)
+        modules = dict(model.named_modules())
+        how = "read" if nodes is not None and all(n in modules for n in nodes.values()) else "graph"
     if nodes is None:
         return "none", ""
     try:
@@ -42,7 +46,8 @@ def check(name: str) -> tuple[str, str]:
     except Exception as exc:
         return "FAULT", f"{nodes} ({how}) cannot be tapped: {type(exc).__name__}: {str(exc)[:160]}"
     sizes = []
-    for side in (64, 224):
+    declared = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")  # timm: the size it was built for
+    for side in dict.fromkeys((64, 224, *(declared[-1:] if declared else ()))):
         try:
             shapes = knowledge_shapes(tapped, (3, side, side))
         except Exception:
@@ -70,7 +75,7 @@ def main() -> int:
         tally.setdefault(how, []).append(name)
         print(f"{how:8s} {name:32s} {detail}", flush=True)
     print()
-    for how in ("rule", "read", "none", "unbuilt", "FAULT"):
+    for how in ("rule", "read", "graph", "none", "unbuilt", "FAULT"):
         print(f"{how:8s} {len(tally.get(how, [])):4d} of {len(names)}")
     print("left without nodes:", ", ".join(tally.get("none", [])) or "none")
     return 1 if tally.get("FAULT") else 0
