@@ -162,34 +162,40 @@ def _op_module_types() -> list[type]:
     return [t for t in vars(torchvision.ops).values() if isinstance(t, type) and issubclass(t, nn.Module)]
 
 
-def _traced_forward(model: nn.Module, input_shape: tuple[int, int, int]):
-    """``(graph, qualified names, values)`` of ``model``'s eval-mode torch.fx graph, named as
-    ``create_feature_extractor`` names its nodes, and each node's value in one forward of a
-    blank batch (2, *input_shape); None when torch.fx cannot trace or run it."""
-    import torchvision
-    from torchvision.models.feature_extraction import NodePathTracer
+class _GraphRecorder(nn.Module):
+    """``model`` run through its torch.fx graph, traced in the mode it is in and named as
+    ``create_feature_extractor`` names its nodes: forward(x) -> (graph, qualified names,
+    each node's value)."""
 
-    values: dict[Any, Any] = {}
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, node):
-            values[node] = super().run_node(node)
-            return values[node]
+    def forward(self, x: torch.Tensor):
+        import torchvision
+        from torchvision.models.feature_extraction import NodePathTracer
 
-    was_training = model.training
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    model.eval()
-    try:
         tracer = NodePathTracer(autowrap_modules=(math, torchvision.ops), leaf_modules=_op_module_types())
-        graph = tracer.trace(model)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            Recorder(fx.GraphModule(tracer.root, graph)).run(torch.zeros((2, *input_shape), device=device))
+        graph = tracer.trace(self.model)
+        values: dict[fx.Node, Any] = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, node):
+                values[node] = super().run_node(node)
+                return values[node]
+
+        Recorder(fx.GraphModule(tracer.root, graph)).run(x)
+        return graph, tracer.node_to_qualname, values
+
+
+def _traced_forward(model: nn.Module, input_shape: tuple[int, int, int]):
+    """``_GraphRecorder``'s eval-mode reading of a blank batch (2, *input_shape), or None when
+    torch.fx cannot trace or run the model."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return blank_forward(_GraphRecorder(model), input_shape)
     except Exception:
         return None
-    finally:
-        model.train(was_training)
-    return graph, tracer.node_to_qualname, values
 
 
 _PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, F.dropout)
