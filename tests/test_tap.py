@@ -347,15 +347,15 @@ def test_a_timm_vit_is_recognised_and_its_tokens_become_a_grid():
     torch.testing.assert_close(patches, model.patch_embed.proj(x), msg="grid keeps each patch at its place")
 
 
-def test_a_torchvision_vit_is_recognised_and_its_tokens_become_a_grid():
+def test_a_torchvision_vit_s_nodes_are_read_off_its_graph_and_its_tokens_become_a_grid():
     """feat: the encoder's patch tokens as the grid (class token dropped, each patch at its
-    place); emb: the class token the heads read."""
+    place); emb: the class token the heads read; read at the ViT's own image_size."""
     import torchvision
 
     model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=1, num_heads=2,
                                                  hidden_dim=32, mlp_dim=64, num_classes=10).eval()
     tapped = tap_model(model)
-    assert tapped.nodes["feat"] == "encoder" and tapped.nodes["logit"] == "heads"
+    assert tapped.nodes["feat"] == "encoder.ln" and tapped.nodes["logit"] == "heads.head"
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         out = tapped(x)

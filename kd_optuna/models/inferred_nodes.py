@@ -19,9 +19,9 @@ functional op after the classifier layer), the same three are read off the model
 graph, named as ``create_feature_extractor`` names its nodes, by following each op's tensor
 input back from the returned node: ``logit`` is that node, ``emb`` the vector the linear (or
 1x1-convolution) classifier reads, flatten and dropout skipped, and ``feat`` the last map
-larger than 1x1 that the vector was pooled from, or a timm token model's (N, P + h*w, D)
-tokens, which the tap reads as the patch grid. DenseNet, ShuffleNetV2, MNASNet, CaiT and XCiT
-are read so. Where neither reading fits (a tuple output, no linear classifier) it names
+larger than 1x1 that the vector was pooled from, or a token model's (N, P + h*w, D) tokens,
+which the tap reads as the patch grid. DenseNet, ShuffleNetV2, MNASNet, torchvision's ViT,
+CaiT and XCiT are read so. Where neither reading fits (a tuple output, no linear classifier) it names
 nothing and a config must name the nodes.
 """
 
@@ -35,7 +35,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .registry import blank_forward
-from .vit import timm_prefix_tokens
+from .vit import prefix_tokens
 
 #: The blank images the forward reads: stride-32 networks keep a 2x2 map, which tells a
 #: feature map from a pooled one; a model that cannot take them, or names nothing at that
@@ -80,7 +80,12 @@ def infer_nodes(model: nn.Module, input_shape: tuple[int, int, int] | None = Non
 
 
 def _declared_input_shape(model: nn.Module) -> tuple[int, int, int] | None:
-    """The (C, H, W) a timm model was built for (its ``pretrained_cfg``), e.g. (3, 256, 256)."""
+    """The (C, H, W) a model says it was built for: a timm model's ``pretrained_cfg``, e.g.
+    (3, 256, 256), or a torchvision ViT's ``image_size``."""
+    import torchvision
+
+    if isinstance(model, torchvision.models.VisionTransformer):
+        return (3, model.image_size, model.image_size)
     config = getattr(model, "pretrained_cfg", None)
     size = config.get("input_size") if isinstance(config, dict) else None
     return tuple(size) if isinstance(size, (tuple, list)) and len(size) == 3 else None
@@ -274,9 +279,9 @@ def _graph_nodes(model: nn.Module, graph, names: dict, values: dict) -> dict[str
 
 
 def _patch_tokens(model: nn.Module, value, width: int) -> bool:
-    """Whether ``value`` is a timm token model's (N, P + h*w, width) tokens, which the tap
-    reads as the (N, width, h, w) patch grid (``tokens_to_map``): CaiT, XCiT, TNT."""
-    prefix = timm_prefix_tokens(model)
+    """Whether ``value`` is a token model's (N, P + h*w, width) tokens, which the tap reads as
+    the (N, width, h, w) patch grid (``tokens_to_map``): torchvision's ViT, CaiT, XCiT."""
+    prefix = prefix_tokens(model)
     if prefix is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[-1] != width:
         return False
     patches = value.shape[1] - prefix

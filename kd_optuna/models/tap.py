@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from ..errors import KdOptunaError
 from .inferred_nodes import infer_nodes
 from .registry import model_entry
-from .vit import timm_prefix_tokens, tokens_to_map
+from .vit import is_timm_token_model, prefix_tokens, tokens_to_map
 
 KNOWLEDGE = ("feat", "emb", "logit")
 
@@ -39,37 +39,12 @@ def _is_timm_vit(model: nn.Module) -> bool:
     """timm's VisionTransformer and its kin (DeiT, ...), whose tap the ViT rule names; CaiT
     (no ``fc_norm``) and distilled DeiT (its output averages ``head`` and ``head_dist``) are not."""
     has_rule_nodes = all(hasattr(model, a) for a in ("norm", "fc_norm"))
-    return timm_prefix_tokens(model) is not None and has_rule_nodes and not hasattr(model, "head_dist")
-
-
-def _vit_prefix_tokens(model: nn.Module) -> int | None:
-    """The prefix (class) tokens before the patch tokens of a Vision Transformer whose token
-    ``feat`` the tap turns into the patch grid: timm's token models, torchvision's ViT (one
-    class token); None for other models."""
-    prefix_tokens = timm_prefix_tokens(model)
-    if prefix_tokens is not None:
-        return prefix_tokens
-    import torchvision
-
-    return 1 if isinstance(model, torchvision.models.VisionTransformer) else None
-
-
-def _torchvision_vit_class_token(model: nn.Module) -> str | None:
-    """The graph node of torchvision's ``x[:, 0]``, the class token that ``heads`` reads: the
-    node after the encoder's last; None where torch.fx cannot trace the model."""
-    from torchvision.models.feature_extraction import get_graph_node_names
-
-    try:
-        names = get_graph_node_names(model, suppress_diff_warning=True)[1]
-    except Exception:
-        return None
-    last_encoder = max(i for i, n in enumerate(names) if n == "encoder" or n.startswith("encoder."))
-    return names[last_encoder + 1]
+    return is_timm_token_model(model) and has_rule_nodes and not hasattr(model, "head_dist")
 
 
 def known_nodes(model: nn.Module) -> dict[str, str] | None:
-    """The tap nodes of a model a rule knows: zoo ``tap_nodes``, torchvision ResNet,
-    MobileNetV2 and ViT, timm ViT; else None."""
+    """The tap nodes of a model a rule knows: zoo ``tap_nodes``, torchvision ResNet and
+    MobileNetV2, timm ViT; else None."""
     nodes = getattr(model, "tap_nodes", None)
     if nodes is not None:
         return dict(nodes)
@@ -77,9 +52,6 @@ def known_nodes(model: nn.Module) -> dict[str, str] | None:
         return {"feat": "norm", "emb": "fc_norm", "logit": "head"}
     import torchvision
 
-    if isinstance(model, torchvision.models.VisionTransformer):
-        class_token = _torchvision_vit_class_token(model)
-        return None if class_token is None else {"feat": "encoder", "emb": class_token, "logit": "heads"}
     if isinstance(model, torchvision.models.ResNet):
         return {"feat": "layer4", "emb": "flatten", "logit": "fc"}
     if isinstance(model, torchvision.models.MobileNetV2):
@@ -243,8 +215,8 @@ def tap_model(
     """Wrap ``model`` so that one forward pass returns ``{feat, emb, logit}``.
 
     Node names come from ``nodes`` if given, else from the registry entry ``name``, else from
-    the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 / ViT and
-    timm ViT are recognised; other CNN classifiers' nodes are read off one forward,
+    the model itself (zoo models carry ``tap_nodes``; torchvision ResNet / MobileNetV2 and timm
+    ViT are recognised; other classifiers' nodes are read off one forward,
     :mod:`kd_optuna.models.inferred_nodes`). ``nodes`` needs the keys feat, emb, logit; values are
     torch.fx node names as listed by ``torchvision.models.feature_extraction.get_graph_node_names``
     (a module path names the last node inside it). A wrong name raises TapError listing the
@@ -263,9 +235,9 @@ def tap_model(
             feat_transform = entry.feat_transform(model)
     if nodes is None:
         nodes = default_nodes(model)
-    prefix_tokens = _vit_prefix_tokens(model)
-    if feat_transform is None and prefix_tokens is not None:
-        feat_transform = tokens_to_map(prefix_tokens)
+    prefix = prefix_tokens(model)
+    if feat_transform is None and prefix is not None:
+        feat_transform = tokens_to_map(prefix)
     if nodes is None:
         raise TapError(
             f"no tap nodes known for {type(model).__name__} or read off its forward: "

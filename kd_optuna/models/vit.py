@@ -47,12 +47,21 @@ def deit_tiny(num_classes: int = 100, **kwargs) -> nn.Module:
     return vit_tiny_cifar(num_classes, **settings)
 
 
-def timm_prefix_tokens(model: nn.Module) -> int | None:
-    """The class (and distillation) tokens before the patch tokens of a timm token model (ViT,
-    DeiT, CaiT, XCiT...: ``patch_embed``, ``num_prefix_tokens`` and ``head``), else None."""
-    if all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "head")):
+def is_timm_token_model(model: nn.Module) -> bool:
+    """A timm transformer with patch tokens behind ``num_prefix_tokens`` class (and
+    distillation) tokens: ViT, DeiT, CaiT, XCiT..."""
+    return all(hasattr(model, a) for a in ("patch_embed", "num_prefix_tokens", "head"))
+
+
+def prefix_tokens(model: nn.Module) -> int | None:
+    """The class (and distillation) tokens before the patch tokens of a token model whose
+    tokens the tap reads as the patch grid: a timm token model's ``num_prefix_tokens``,
+    torchvision's ViT's one class token; None for other models."""
+    if is_timm_token_model(model):
         return int(model.num_prefix_tokens)
-    return None
+    import torchvision
+
+    return 1 if isinstance(model, torchvision.models.VisionTransformer) else None
 
 
 def tokens_to_map(prefix_tokens: int):
