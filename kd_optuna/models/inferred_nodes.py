@@ -35,7 +35,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from .registry import blank_forward
-from .vit import prefix_tokens
+from .vit import prefix_tokens, tokens_to_map
 
 #: The blank images the forward reads: stride-32 networks keep a 2x2 map, which tells a
 #: feature map from a pooled one; a model that cannot take them, or names nothing at that
@@ -260,7 +260,9 @@ def _graph_nodes(model: nn.Module, graph, names: dict, values: dict) -> dict[str
     op's tensor input back."""
     output = next(n for n in graph.nodes if n.op == "output")
     logit = output.args[0]
-    if not isinstance(logit, fx.Node) or logit not in names or not isinstance(values.get(logit), torch.Tensor) or values[logit].dim() != 2:
+    if not isinstance(logit, fx.Node) or logit not in names:
+        return None
+    if not isinstance(values.get(logit), torch.Tensor) or values[logit].dim() != 2:
         return None
     classifier = _before_pass_through(model, logit)
     if classifier is None or not _is_classifier_layer(model, classifier):
@@ -282,10 +284,10 @@ def _patch_tokens(model: nn.Module, value, width: int) -> bool:
     """Whether ``value`` is a token model's (N, P + h*w, width) tokens, which the tap reads as
     the (N, width, h, w) patch grid (``tokens_to_map``): torchvision's ViT, CaiT, XCiT."""
     prefix = prefix_tokens(model)
-    if prefix is None or not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[-1] != width:
+    if prefix is None or not isinstance(value, torch.Tensor) or value.dim() != 3:
         return False
-    patches = value.shape[1] - prefix
-    return patches > 1 and math.isqrt(patches) ** 2 == patches
+    grid = tokens_to_map(prefix)(value)
+    return _feature_map_value(grid) and grid.shape[1] == width
 
 
 def _in_both_graphs(model: nn.Module, nodes) -> bool:
